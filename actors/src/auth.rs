@@ -1,0 +1,436 @@
+//! `AuthActor`: the agent registry, login challenges and session tokens.
+//! It owns the registry in memory (loaded from its store at start) and the
+//! pending nonces; signature work goes to the signer pool.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture,
+    ResponseFuture, WrapFuture,
+};
+use serde::Serialize;
+
+use crate::backpressure::Overloaded;
+use crate::domain::{
+    now_unix, random_hex, AgentName, DevicePublicKey, ErrorCode, OmniAccount, Principal,
+};
+use crate::signer::{
+    SessionClaims, SignSession, SignerError, SignerPool, VerifyDeviceSignature, VerifySessionToken,
+};
+use crate::storage::{AgentStore, StorageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("the agent is disabled")]
+    Forbidden,
+    #[error("an agent with this {0} already exists")]
+    Conflict(&'static str),
+    #[error("no such agent")]
+    NotFound,
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AuthError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Unauthorized(_) => ErrorCode::Unauthorized,
+            Self::Forbidden => ErrorCode::Forbidden,
+            Self::Conflict(_) => ErrorCode::Conflict,
+            Self::NotFound => ErrorCode::NotFound,
+            Self::Overloaded(_) => ErrorCode::Overloaded,
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<SignerError> for AuthError {
+    fn from(e: SignerError) -> Self {
+        match e {
+            SignerError::InvalidToken => Self::Unauthorized("invalid session token"),
+            SignerError::BadSignature => Self::Unauthorized("login signature does not verify"),
+            SignerError::Signing(e) => Self::Internal(e),
+        }
+    }
+}
+
+impl From<StorageError> for AuthError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Conflict => Self::Conflict("name"),
+            StorageError::Backend(e) => Self::Internal(e),
+        }
+    }
+}
+
+/// A registered agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AgentRecord {
+    pub name: AgentName,
+    pub public_key: DevicePublicKey,
+    pub omni_account: OmniAccount,
+    pub enabled: bool,
+    pub created_at: u64,
+}
+
+impl AgentRecord {
+    pub fn new(
+        name: AgentName,
+        public_key: DevicePublicKey,
+        enabled: bool,
+        created_at: u64,
+    ) -> Self {
+        Self {
+            omni_account: OmniAccount::of_device_key(&public_key),
+            name,
+            public_key,
+            enabled,
+            created_at,
+        }
+    }
+}
+
+/// What the device must sign to log in.
+#[derive(Clone, Debug, Serialize)]
+pub struct Challenge {
+    pub nonce: String,
+    pub message: String,
+    pub expires_at: u64,
+}
+
+/// A signed session token and who it is for.
+#[derive(Clone, Debug, Serialize)]
+pub struct Session {
+    pub session_token: String,
+    pub expires_at: u64,
+    pub omni_account: OmniAccount,
+    pub agent: AgentName,
+}
+
+/// Issue a single-use login nonce. Unknown keys get one too (no enumeration).
+#[derive(Message)]
+#[rtype(result = "Result<Challenge, AuthError>")]
+pub struct IssueChallenge {
+    pub public_key: DevicePublicKey,
+}
+
+/// Consume a nonce and, if the device signed its message, open a session.
+#[derive(Message)]
+#[rtype(result = "Result<Session, AuthError>")]
+pub struct VerifyLogin {
+    pub public_key: DevicePublicKey,
+    pub nonce: String,
+    pub signature: [u8; 64],
+}
+
+/// Turn a bearer session token into the principal it belongs to.
+#[derive(Message)]
+#[rtype(result = "Result<Principal, AuthError>")]
+pub struct VerifySession {
+    pub token: String,
+}
+
+/// Add an agent to the registry (durable before it answers).
+#[derive(Message)]
+#[rtype(result = "Result<AgentRecord, AuthError>")]
+pub struct RegisterAgent {
+    pub name: AgentName,
+    pub public_key: DevicePublicKey,
+    pub enabled: bool,
+}
+
+/// All registered agents, by name.
+#[derive(Message)]
+#[rtype(result = "Vec<AgentRecord>")]
+pub struct ListAgents;
+
+/// Remove an agent; its sessions stop working at once.
+#[derive(Message)]
+#[rtype(result = "Result<(), AuthError>")]
+pub struct RemoveAgent {
+    pub name: AgentName,
+}
+
+/// Tuning of the AuthActor, from config.
+#[derive(Clone, Debug)]
+pub struct AuthSettings {
+    /// Bound of the mailbox; beyond it senders wait, then get 503.
+    pub mailbox_capacity: usize,
+    /// `iss` of session JWTs and part of the signed login message.
+    pub issuer: String,
+    /// `aud` of session JWTs.
+    pub session_audience: String,
+    /// How long a session token lives.
+    pub session_ttl: Duration,
+    /// How long a login nonce may wait for its signature.
+    pub nonce_ttl: Duration,
+    /// Cap on unanswered nonces, so a flood cannot grow memory.
+    pub max_pending_nonces: usize,
+}
+
+/// A nonce waiting for its signature.
+struct PendingLogin {
+    public_key: DevicePublicKey,
+    message: String,
+    expires_at: u64,
+}
+
+pub struct AuthActor {
+    settings: AuthSettings,
+    /// Durable registry; written off the actor thread.
+    store: Arc<dyn AgentStore>,
+    /// Crypto work (session signing and checks, login signatures).
+    signer: SignerPool,
+    /// Live agents by name: the registry every session check reads.
+    agents: HashMap<AgentName, AgentRecord>,
+    /// Device key → agent name, for login.
+    names_by_key: HashMap<DevicePublicKey, AgentName>,
+    /// Names and keys of registrations still being written, so two
+    /// concurrent registrations cannot both claim one.
+    reserved: HashSet<String>,
+    /// Nonces issued and not yet used or expired.
+    nonces: HashMap<String, PendingLogin>,
+}
+
+impl AuthActor {
+    /// Loads the registry from `store`.
+    pub fn new(
+        settings: AuthSettings,
+        store: Arc<dyn AgentStore>,
+        signer: SignerPool,
+    ) -> Result<Self, StorageError> {
+        let mut actor = Self {
+            settings,
+            store,
+            signer,
+            agents: HashMap::new(),
+            names_by_key: HashMap::new(),
+            reserved: HashSet::new(),
+            nonces: HashMap::new(),
+        };
+        for agent in actor.store.load_all()? {
+            actor.add_live(agent);
+        }
+        Ok(actor)
+    }
+
+    fn add_live(&mut self, agent: AgentRecord) {
+        self.names_by_key
+            .insert(agent.public_key, agent.name.clone());
+        self.agents.insert(agent.name.clone(), agent);
+    }
+
+    fn purge_expired_nonces(&mut self) {
+        let now = now_unix();
+        self.nonces.retain(|_, p| p.expires_at > now);
+    }
+
+    /// The principal a verified session names, if its agent still may act.
+    fn principal_for(&self, claims: &SessionClaims) -> Result<Principal, AuthError> {
+        let agent = AgentName::parse(&claims.agent)
+            .ok()
+            .and_then(|name| self.agents.get(&name))
+            .filter(|a| a.public_key.to_hex() == claims.device_key)
+            .ok_or(AuthError::Unauthorized(
+                "the session's agent is not registered",
+            ))?;
+        if !agent.enabled {
+            return Err(AuthError::Forbidden);
+        }
+        Ok(Principal {
+            omni_account: agent.omni_account.clone(),
+            agent: agent.name.clone(),
+            device_key: agent.public_key,
+        })
+    }
+}
+
+impl Actor for AuthActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.settings.mailbox_capacity);
+        ctx.run_interval(self.settings.nonce_ttl, |actor, _| {
+            actor.purge_expired_nonces()
+        });
+    }
+}
+
+impl Handler<IssueChallenge> for AuthActor {
+    type Result = Result<Challenge, AuthError>;
+
+    /// Stores the nonce with the exact message the device must sign.
+    fn handle(&mut self, msg: IssueChallenge, _: &mut Self::Context) -> Self::Result {
+        if self.nonces.len() >= self.settings.max_pending_nonces {
+            self.purge_expired_nonces();
+            if self.nonces.len() >= self.settings.max_pending_nonces {
+                return Err(Overloaded("login nonce store").into());
+            }
+        }
+        let nonce = random_hex(24);
+        let expires_at = now_unix() + self.settings.nonce_ttl.as_secs();
+        let message = format!(
+            "agentkeys login\nissuer: {}\npublic_key: {}\nnonce: {}\nexpires_at: {}",
+            self.settings.issuer,
+            msg.public_key.to_hex(),
+            nonce,
+            expires_at
+        );
+        self.nonces.insert(
+            nonce.clone(),
+            PendingLogin {
+                public_key: msg.public_key,
+                message: message.clone(),
+                expires_at,
+            },
+        );
+        Ok(Challenge {
+            nonce,
+            message,
+            expires_at,
+        })
+    }
+}
+
+impl Handler<VerifyLogin> for AuthActor {
+    type Result = ResponseFuture<Result<Session, AuthError>>;
+
+    /// The nonce is spent by any attempt, right or wrong.
+    fn handle(&mut self, msg: VerifyLogin, _: &mut Self::Context) -> Self::Result {
+        let pending = self.nonces.remove(&msg.nonce);
+        let agent = self
+            .names_by_key
+            .get(&msg.public_key)
+            .and_then(|name| self.agents.get(name))
+            .cloned();
+        let signer = self.signer.clone();
+        let settings = self.settings.clone();
+        Box::pin(async move {
+            let pending = pending
+                .filter(|p| p.public_key == msg.public_key && p.expires_at > now_unix())
+                .ok_or(AuthError::Unauthorized("unknown, used or expired nonce"))?;
+            signer
+                .call(VerifyDeviceSignature {
+                    key: msg.public_key,
+                    message: pending.message,
+                    signature: msg.signature,
+                })
+                .await??;
+            let agent = agent.ok_or(AuthError::Unauthorized("login signature does not verify"))?;
+            if !agent.enabled {
+                return Err(AuthError::Forbidden);
+            }
+            let now = now_unix();
+            let claims = SessionClaims {
+                iss: settings.issuer,
+                aud: settings.session_audience,
+                sub: agent.omni_account.to_string(),
+                agent: agent.name.as_str().to_owned(),
+                device_key: agent.public_key.to_hex(),
+                iat: now,
+                exp: now + settings.session_ttl.as_secs(),
+                jti: random_hex(16),
+            };
+            let expires_at = claims.exp;
+            let session_token = signer.call(SignSession(claims)).await??;
+            Ok(Session {
+                session_token,
+                expires_at,
+                omni_account: agent.omni_account,
+                agent: agent.name,
+            })
+        })
+    }
+}
+
+impl Handler<VerifySession> for AuthActor {
+    type Result = ResponseActFuture<Self, Result<Principal, AuthError>>;
+
+    /// Signature on the pool, then the registry check here.
+    fn handle(&mut self, msg: VerifySession, _: &mut Self::Context) -> Self::Result {
+        let signer = self.signer.clone();
+        Box::pin(
+            async move { signer.call(VerifySessionToken(msg.token)).await }
+                .into_actor(self)
+                .map(|verified, actor, _| actor.principal_for(&verified??)),
+        )
+    }
+}
+
+impl Handler<RegisterAgent> for AuthActor {
+    type Result = ResponseActFuture<Self, Result<AgentRecord, AuthError>>;
+
+    /// Reserves name and key here, writes on a blocking thread, then goes live.
+    fn handle(&mut self, msg: RegisterAgent, _: &mut Self::Context) -> Self::Result {
+        let name_key = format!("name:{}", msg.name.as_str());
+        let device_key = format!("key:{}", msg.public_key.to_hex());
+        let conflict = if self.agents.contains_key(&msg.name) || self.reserved.contains(&name_key) {
+            Some("name")
+        } else if self.names_by_key.contains_key(&msg.public_key)
+            || self.reserved.contains(&device_key)
+        {
+            Some("public_key")
+        } else {
+            None
+        };
+        if let Some(what) = conflict {
+            return Box::pin(actix::fut::ready(Err(AuthError::Conflict(what))));
+        }
+        self.reserved.insert(name_key.clone());
+        self.reserved.insert(device_key.clone());
+        let record = AgentRecord::new(msg.name, msg.public_key, msg.enabled, now_unix());
+        let store = self.store.clone();
+        let written = record.clone();
+        Box::pin(
+            async move { tokio::task::spawn_blocking(move || store.insert(&written)).await }
+                .into_actor(self)
+                .map(move |result, actor, _| {
+                    actor.reserved.remove(&name_key);
+                    actor.reserved.remove(&device_key);
+                    result.map_err(|e| AuthError::Internal(e.to_string()))??;
+                    actor.add_live(record.clone());
+                    Ok(record)
+                }),
+        )
+    }
+}
+
+impl Handler<ListAgents> for AuthActor {
+    type Result = Vec<AgentRecord>;
+
+    fn handle(&mut self, _: ListAgents, _: &mut Self::Context) -> Self::Result {
+        let mut agents: Vec<_> = self.agents.values().cloned().collect();
+        agents.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        agents
+    }
+}
+
+impl Handler<RemoveAgent> for AuthActor {
+    type Result = ResponseActFuture<Self, Result<(), AuthError>>;
+
+    /// Durable first, then the agent leaves the live registry.
+    fn handle(&mut self, msg: RemoveAgent, _: &mut Self::Context) -> Self::Result {
+        if !self.agents.contains_key(&msg.name) {
+            return Box::pin(actix::fut::ready(Err(AuthError::NotFound)));
+        }
+        let store = self.store.clone();
+        let name = msg.name.clone();
+        Box::pin(
+            async move { tokio::task::spawn_blocking(move || store.remove(&name)).await }
+                .into_actor(self)
+                .map(move |result, actor, _| {
+                    result.map_err(|e| AuthError::Internal(e.to_string()))??;
+                    if let Some(agent) = actor.agents.remove(&msg.name) {
+                        actor.names_by_key.remove(&agent.public_key);
+                    }
+                    Ok(())
+                }),
+        )
+    }
+}

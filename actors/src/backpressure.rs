@@ -1,0 +1,32 @@
+//! Bounded request/response sends. A mailbox that stays full past the send
+//! timeout is backpressure, reported as [`Overloaded`] (HTTP 503), never an
+//! unbounded wait.
+
+use std::time::Duration;
+
+use actix::dev::ToEnvelope;
+use actix::{Actor, Addr, Handler, Message};
+
+/// An actor's mailbox or pool could not take the request in time.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+#[error("the {0} is overloaded")]
+pub struct Overloaded(pub &'static str);
+
+/// Sends `msg` and waits for the answer, at most `timeout` in all.
+pub async fn ask<A, M>(
+    addr: &Addr<A>,
+    msg: M,
+    timeout: Duration,
+    actor: &'static str,
+) -> Result<M::Result, Overloaded>
+where
+    A: Actor + Handler<M>,
+    A::Context: ToEnvelope<A, M>,
+    M: Message + Send + 'static,
+    M::Result: Send,
+{
+    addr.send(msg)
+        .timeout(timeout)
+        .await
+        .map_err(|_| Overloaded(actor))
+}

@@ -1,0 +1,311 @@
+//! Validated values: every actor receives only these, never raw strings,
+//! so no actor re-checks its input.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+/// The stable, machine-readable error codes of the wire contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    GrantDenied,
+    GrantExhausted,
+    NotFound,
+    Conflict,
+    RateLimited,
+    AuditUnavailable,
+    Overloaded,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears in the `error` field of a response body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::GrantDenied => "grant_denied",
+            Self::GrantExhausted => "grant_exhausted",
+            Self::NotFound => "not_found",
+            Self::Conflict => "conflict",
+            Self::RateLimited => "rate_limited",
+            Self::AuditUnavailable => "audit_unavailable",
+            Self::Overloaded => "overloaded",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// Why a value was refused at the edge; the text is safe to show the caller.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct InvalidInput(pub String);
+
+fn invalid(msg: impl Into<String>) -> InvalidInput {
+    InvalidInput(msg.into())
+}
+
+/// Seconds since the Unix epoch, the unit of every time on the wire.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Lowercase hex SHA-256: how secrets are stored and logged.
+pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
+    hex::encode(Sha256::digest(bytes.as_ref()))
+}
+
+/// Fresh random bytes from the OS generator, hex encoded (nonces, ids).
+pub fn random_hex(len: usize) -> String {
+    let mut buf = vec![0u8; len];
+    aws_lc_rs::rand::fill(&mut buf).expect("the system random generator failed");
+    hex::encode(buf)
+}
+
+/// An agent's Ed25519 device public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DevicePublicKey([u8; 32]);
+
+impl DevicePublicKey {
+    /// 64 hex characters encoding a valid Ed25519 point.
+    pub fn parse(text: &str) -> Result<Self, InvalidInput> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes)
+            .map_err(|_| invalid("public_key must be 64 hex characters"))?;
+        ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+            .map_err(|_| invalid("public_key is not a valid Ed25519 key"))?;
+        Ok(Self(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for DevicePublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DevicePublicKey({})", self.to_hex())
+    }
+}
+
+impl Serialize for DevicePublicKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+/// The stable anchor of an identity:
+/// hex(SHA-256("agentkeys" ‖ identity type ‖ identity value)).
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize)]
+#[serde(transparent)]
+pub struct OmniAccount(String);
+
+impl OmniAccount {
+    /// The account of a device key: type `ed25519`, value the lowercase hex key.
+    pub fn of_device_key(key: &DevicePublicKey) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"agentkeys");
+        hasher.update(b"ed25519");
+        hasher.update(key.to_hex().as_bytes());
+        Self(hex::encode(hasher.finalize()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OmniAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An agent's name as the operator registered it.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize)]
+#[serde(transparent)]
+pub struct AgentName(String);
+
+impl AgentName {
+    /// 1 to 64 characters of `[A-Za-z0-9._-]`.
+    pub fn parse(text: &str) -> Result<Self, InvalidInput> {
+        let ok = (1..=64).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(invalid("name must be 1-64 characters of [A-Za-z0-9._-]"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The cloud service an intent is for (`s3`, `secretsmanager`, ...).
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize)]
+#[serde(transparent)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    /// 1 to 63 characters of `[a-z0-9-]`, starting with a letter or digit.
+    pub fn parse(text: &str) -> Result<Self, InvalidInput> {
+        let bytes = text.as_bytes();
+        let ok = (1..=63).contains(&bytes.len())
+            && bytes[0].is_ascii_alphanumeric()
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+        if ok {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(invalid("service must be 1-63 characters of [a-z0-9-]"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A `/`-separated path of `[A-Za-z0-9._-]` segments, the scope of an intent.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize)]
+#[serde(transparent)]
+pub struct ScopePath(String);
+
+impl ScopePath {
+    /// At most this many bytes, so the value fits an AWS session tag.
+    pub const MAX_BYTES: usize = 256;
+
+    /// No leading `/`, no empty, `.` or `..` segment; one trailing `/` allowed.
+    pub fn parse(text: &str) -> Result<Self, InvalidInput> {
+        if text.is_empty() || text.len() > Self::MAX_BYTES {
+            return Err(invalid("scope_path must be 1-256 bytes"));
+        }
+        let body = text.strip_suffix('/').unwrap_or(text);
+        for segment in body.split('/') {
+            if segment.is_empty() {
+                return Err(invalid("scope_path has an empty segment or a leading /"));
+            }
+            if segment == "." || segment == ".." {
+                return Err(invalid("scope_path may not contain . or .. segments"));
+            }
+            if !segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            {
+                return Err(invalid("scope_path segments are [A-Za-z0-9._-]"));
+            }
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    /// The scope every agent may use without a grant: `bots/<omni>/`.
+    pub fn agent_default(account: &OmniAccount) -> Self {
+        Self(format!("bots/{account}/"))
+    }
+
+    /// True when `self` equals `prefix` or lies under it by whole segments.
+    pub fn is_within(&self, prefix: &ScopePath) -> bool {
+        let base = prefix.0.trim_end_matches('/');
+        match self.0.strip_prefix(base) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/'),
+            None => false,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Who a verified session belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub omni_account: OmniAccount,
+    pub agent: AgentName,
+    pub device_key: DevicePublicKey,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_path_accepts_the_documented_shape() {
+        for ok in ["bots/abc/credentials/", "a", "a/b.c/d_e-f", "x/"] {
+            assert!(ScopePath::parse(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn scope_path_rejects_traversal_empty_segments_and_foreign_bytes() {
+        let long = "a".repeat(257);
+        for bad in [
+            "", "/a", "a//b", "a/../b", "..", "a/./b", "a/b c", "a/é", "a\\b", "a//", &long,
+        ] {
+            assert!(ScopePath::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn scope_containment_respects_whole_segments() {
+        let p = |s| ScopePath::parse(s).unwrap();
+        assert!(p("bots/x/cred/").is_within(&p("bots/x/cred/")));
+        assert!(p("bots/x/cred/deeper").is_within(&p("bots/x/cred/")));
+        assert!(p("bots/x/cred").is_within(&p("bots/x/cred/")));
+        assert!(!p("bots/x/credX/").is_within(&p("bots/x/cred/")));
+        assert!(!p("bots/y/").is_within(&p("bots/x/")));
+    }
+
+    #[test]
+    fn omni_account_is_the_documented_hash() {
+        let key = DevicePublicKey::parse(&hex::encode(
+            ed25519_dalek::SigningKey::from_bytes(&[7u8; 32])
+                .verifying_key()
+                .to_bytes(),
+        ))
+        .unwrap();
+        let expected = sha256_hex(format!("agentkeysed25519{}", key.to_hex()));
+        assert_eq!(OmniAccount::of_device_key(&key).as_str(), expected);
+    }
+
+    #[test]
+    fn device_key_must_be_hex_of_a_curve_point() {
+        assert!(DevicePublicKey::parse("zz").is_err());
+        assert!(DevicePublicKey::parse(&"0".repeat(63)).is_err());
+        let valid = hex::encode(
+            ed25519_dalek::SigningKey::from_bytes(&[1u8; 32])
+                .verifying_key()
+                .to_bytes(),
+        );
+        assert!(DevicePublicKey::parse(&valid).is_ok());
+        assert!(DevicePublicKey::parse(&valid.to_uppercase()).is_ok());
+    }
+
+    #[test]
+    fn names_and_services_follow_their_grammar() {
+        assert!(AgentName::parse("ci-bot.01").is_ok());
+        assert!(AgentName::parse("").is_err());
+        assert!(AgentName::parse("a b").is_err());
+        assert!(ServiceName::parse("s3").is_ok());
+        assert!(ServiceName::parse("S3").is_err());
+        assert!(ServiceName::parse("-s3").is_err());
+    }
+}

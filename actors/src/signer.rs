@@ -1,0 +1,323 @@
+//! `SignerActor`: every signature the broker makes or checks. CPU-bound, so
+//! it runs as a `SyncArbiter` pool; the pool's queue is unbounded, so
+//! [`SignerPool`] admits work through a semaphore sized from config.
+
+use std::collections::BTreeMap;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
+use ed25519_dalek::{Signature, VerifyingKey};
+use jsonwebtoken::{Algorithm, Header, Validation};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::backpressure::{ask, Overloaded};
+use crate::domain::{DevicePublicKey, ErrorCode, InvalidInput};
+use crate::keys::KeyMaterial;
+
+/// The `typ` of session JWTs, so one is never taken for an OIDC JWT.
+pub const SESSION_TYP: &str = "agentkeys-session+jwt";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignerError {
+    #[error("the token is not a valid session token")]
+    InvalidToken,
+    #[error("the signature does not verify")]
+    BadSignature,
+    #[error("signing failed: {0}")]
+    Signing(String),
+}
+
+impl SignerError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidToken | Self::BadSignature => ErrorCode::Unauthorized,
+            Self::Signing(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Claims of a session JWT (EdDSA, audience = the broker's session audience).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionClaims {
+    pub iss: String,
+    pub aud: String,
+    /// The OmniAccount.
+    pub sub: String,
+    pub agent: String,
+    /// Lowercase hex device public key.
+    pub device_key: String,
+    pub iat: u64,
+    pub exp: u64,
+    pub jti: String,
+}
+
+/// AWS session tags as STS reads them from a web identity token.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct AwsSessionTags {
+    /// Each value is a one-element array, as STS requires.
+    pub principal_tags: BTreeMap<String, [String; 1]>,
+    pub transitive_tag_keys: Vec<String>,
+}
+
+impl AwsSessionTags {
+    const MAX_TAGS: usize = 50;
+    const MAX_KEY: usize = 128;
+    const MAX_VALUE: usize = 256;
+
+    /// Builds transitive tags, refusing anything STS would reject.
+    pub fn transitive(tags: &[(&str, &str)]) -> Result<Self, InvalidInput> {
+        if tags.len() > Self::MAX_TAGS {
+            return Err(InvalidInput("more than 50 session tags".into()));
+        }
+        let mut principal_tags = BTreeMap::new();
+        for (key, value) in tags {
+            let key_ok = (1..=Self::MAX_KEY).contains(&key.chars().count()) && tag_chars(key);
+            let value_ok = value.chars().count() <= Self::MAX_VALUE && tag_chars(value);
+            if !key_ok || !value_ok {
+                return Err(InvalidInput(format!(
+                    "session tag {key} is outside AWS limits"
+                )));
+            }
+            principal_tags.insert((*key).to_owned(), [(*value).to_owned()]);
+        }
+        let transitive_tag_keys = principal_tags.keys().cloned().collect();
+        Ok(Self {
+            principal_tags,
+            transitive_tag_keys,
+        })
+    }
+}
+
+/// AWS tag characters: `[\p{L}\p{Z}\p{N}_.:/=+\-@]`.
+fn tag_chars(text: &str) -> bool {
+    text.chars().all(|c| {
+        c.is_alphabetic()
+            || c.is_numeric()
+            || c.is_whitespace()
+            || matches!(c, '_' | '.' | ':' | '/' | '=' | '+' | '-' | '@')
+    })
+}
+
+/// Claims of an OIDC JWT, as AWS STS and the bucket policy see them.
+#[derive(Clone, Debug, Serialize)]
+pub struct OidcClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+    pub jti: String,
+    pub agentkeys_actor_omni: String,
+    pub agentkeys_agent: String,
+    pub agentkeys_grant_id: Option<String>,
+    pub agentkeys_service: String,
+    pub agentkeys_scope_path: String,
+    #[serde(rename = "https://aws.amazon.com/tags")]
+    pub aws_tags: AwsSessionTags,
+}
+
+/// Sign OIDC claims with the current ES256 key.
+#[derive(Message)]
+#[rtype(result = "Result<String, SignerError>")]
+pub struct SignOidc(pub OidcClaims);
+
+/// Sign session claims with the Ed25519 session key.
+#[derive(Message)]
+#[rtype(result = "Result<String, SignerError>")]
+pub struct SignSession(pub SessionClaims);
+
+/// Check a session JWT's signature, kind, issuer, audience and expiry.
+#[derive(Message)]
+#[rtype(result = "Result<SessionClaims, SignerError>")]
+pub struct VerifySessionToken(pub String);
+
+/// Check a device's Ed25519 signature over a login message.
+#[derive(Message)]
+#[rtype(result = "Result<(), SignerError>")]
+pub struct VerifyDeviceSignature {
+    pub key: DevicePublicKey,
+    pub message: String,
+    pub signature: [u8; 64],
+}
+
+/// The JWKS document: public OIDC keys only.
+#[derive(Message)]
+#[rtype(result = "Arc<String>")]
+pub struct PublishedKeySet;
+
+/// One worker of the signing pool; all workers share the same keys.
+pub struct SignerActor {
+    keys: Arc<KeyMaterial>,
+    session_validation: Arc<Validation>,
+    jwks: Arc<String>,
+}
+
+impl Actor for SignerActor {
+    type Context = SyncContext<Self>;
+}
+
+impl Handler<SignOidc> for SignerActor {
+    type Result = Result<String, SignerError>;
+
+    /// ES256 with the key's `kid`, `typ: JWT`.
+    fn handle(&mut self, msg: SignOidc, _: &mut Self::Context) -> Self::Result {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.keys.oidc.kid.clone());
+        jsonwebtoken::encode(&header, &msg.0, &self.keys.oidc.encoding)
+            .map_err(|e| SignerError::Signing(e.to_string()))
+    }
+}
+
+impl Handler<SignSession> for SignerActor {
+    type Result = Result<String, SignerError>;
+
+    /// EdDSA with the session `kid` and `typ`.
+    fn handle(&mut self, msg: SignSession, _: &mut Self::Context) -> Self::Result {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.keys.session.kid.clone());
+        header.typ = Some(SESSION_TYP.to_owned());
+        jsonwebtoken::encode(&header, &msg.0, &self.keys.session.encoding)
+            .map_err(|e| SignerError::Signing(e.to_string()))
+    }
+}
+
+impl Handler<VerifySessionToken> for SignerActor {
+    type Result = Result<SessionClaims, SignerError>;
+
+    /// Only EdDSA is accepted, so `alg: none` and OIDC JWTs fail here.
+    fn handle(&mut self, msg: VerifySessionToken, _: &mut Self::Context) -> Self::Result {
+        let data = jsonwebtoken::decode::<SessionClaims>(
+            &msg.0,
+            &self.keys.session.decoding,
+            &self.session_validation,
+        )
+        .map_err(|_| SignerError::InvalidToken)?;
+        let header_ok = data.header.typ.as_deref() == Some(SESSION_TYP)
+            && data.header.kid.as_deref() == Some(self.keys.session.kid.as_str());
+        if header_ok {
+            Ok(data.claims)
+        } else {
+            Err(SignerError::InvalidToken)
+        }
+    }
+}
+
+impl Handler<VerifyDeviceSignature> for SignerActor {
+    type Result = Result<(), SignerError>;
+
+    /// Strict verification: no malleable or small-order signatures.
+    fn handle(&mut self, msg: VerifyDeviceSignature, _: &mut Self::Context) -> Self::Result {
+        let key =
+            VerifyingKey::from_bytes(msg.key.as_bytes()).map_err(|_| SignerError::BadSignature)?;
+        key.verify_strict(
+            msg.message.as_bytes(),
+            &Signature::from_bytes(&msg.signature),
+        )
+        .map_err(|_| SignerError::BadSignature)
+    }
+}
+
+impl Handler<PublishedKeySet> for SignerActor {
+    type Result = Arc<String>;
+
+    /// Rendered once at start; the key set does not change while running.
+    fn handle(&mut self, _: PublishedKeySet, _: &mut Self::Context) -> Self::Result {
+        self.jwks.clone()
+    }
+}
+
+/// Sizing of the signing pool, from config.
+#[derive(Clone, Debug)]
+pub struct SignerPoolSettings {
+    /// Worker threads; signing is CPU-bound, so about one per core.
+    pub threads: usize,
+    /// Requests admitted to the pool at once; beyond it callers get 503.
+    pub max_queued: usize,
+    /// How long a caller waits for a worker's answer before giving up.
+    pub timeout: Duration,
+    /// `iss` of session JWTs.
+    pub issuer: String,
+    /// `aud` of session JWTs, distinct from any OIDC audience.
+    pub session_audience: String,
+}
+
+/// The handle callers use: admission first, then a bounded send.
+#[derive(Clone)]
+pub struct SignerPool {
+    addr: Addr<SignerActor>,
+    /// Bounds the pool's otherwise unbounded queue.
+    admission: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl SignerPool {
+    /// Starts the pool's threads; must run inside an actix system.
+    pub fn start(keys: Arc<KeyMaterial>, settings: &SignerPoolSettings) -> Self {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[&settings.issuer]);
+        validation.set_audience(&[&settings.session_audience]);
+        validation.required_spec_claims =
+            HashSet::from(["exp", "iss", "aud", "sub"].map(String::from));
+        validation.leeway = 0;
+        let session_validation = Arc::new(validation);
+        let jwks = Arc::new(serde_json::json!({ "keys": [keys.oidc.jwk] }).to_string());
+        let addr = SyncArbiter::start(settings.threads.max(1), move || SignerActor {
+            keys: keys.clone(),
+            session_validation: session_validation.clone(),
+            jwks: jwks.clone(),
+        });
+        Self {
+            addr,
+            admission: Arc::new(Semaphore::new(settings.max_queued.max(1))),
+            timeout: settings.timeout,
+        }
+    }
+
+    /// Runs `msg` on a worker, or fails fast with `Overloaded` when full.
+    pub async fn call<M>(&self, msg: M) -> Result<M::Result, Overloaded>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        SignerActor: Handler<M>,
+    {
+        let _permit = self
+            .admission
+            .try_acquire()
+            .map_err(|_| Overloaded("signer pool"))?;
+        ask(&self.addr, msg, self.timeout, "signer pool").await
+    }
+
+    pub fn connected(&self) -> bool {
+        self.addr.connected()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_tags_obey_aws_limits() {
+        let ok =
+            AwsSessionTags::transitive(&[("agentkeys_scope_path", "bots/a-b/c_d.e/")]).unwrap();
+        assert_eq!(
+            ok.principal_tags["agentkeys_scope_path"],
+            ["bots/a-b/c_d.e/".to_owned()]
+        );
+        assert_eq!(
+            ok.transitive_tag_keys,
+            vec!["agentkeys_scope_path".to_owned()]
+        );
+        let long = "v".repeat(257);
+        assert!(AwsSessionTags::transitive(&[("k", &long)]).is_err());
+        assert!(AwsSessionTags::transitive(&[("k", "a*b")]).is_err());
+        assert!(AwsSessionTags::transitive(&[("", "v")]).is_err());
+        let many: Vec<(String, String)> = (0..51).map(|i| (format!("k{i}"), "v".into())).collect();
+        let refs: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert!(AwsSessionTags::transitive(&refs).is_err());
+    }
+}

@@ -1,0 +1,118 @@
+//! The one error type at the HTTP edge: every failure becomes
+//! `{"error": <stable code>, "message": <text>}` with its status, mapped in
+//! a single match.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use agentkeys_actors::auth::AuthError;
+use agentkeys_actors::backpressure::Overloaded;
+use agentkeys_actors::domain::{ErrorCode, InvalidInput};
+use agentkeys_actors::mint::MintError;
+use serde_json::json;
+
+/// How long an overloaded caller should wait before trying again.
+const OVERLOADED_RETRY_AFTER_SECONDS: u64 = 1;
+
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let retry_after = matches!(code, ErrorCode::Overloaded | ErrorCode::AuditUnavailable)
+            .then_some(OVERLOADED_RETRY_AFTER_SECONDS);
+        Self {
+            code,
+            message: message.into(),
+            retry_after,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unauthorized, message)
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    /// Internal details go to the log only; the caller gets a fixed text.
+    fn internal(detail: &str) -> Self {
+        tracing::error!(detail, "internal error");
+        Self::new(ErrorCode::Internal, "internal error")
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self.code {
+            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden | ErrorCode::GrantDenied | ErrorCode::GrantExhausted => {
+                StatusCode::FORBIDDEN
+            }
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::AuditUnavailable | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if let Some(seconds) = self.retry_after {
+            response.insert_header((header::RETRY_AFTER, seconds.to_string()));
+        }
+        response.json(json!({ "error": self.code.as_str(), "message": self.message }))
+    }
+}
+
+impl From<MintError> for ApiError {
+    fn from(e: MintError) -> Self {
+        match e {
+            MintError::Auth(e) => e.into(),
+            MintError::RateLimited { retry_after } => Self {
+                code: ErrorCode::RateLimited,
+                message: "the account is over its rate".into(),
+                retry_after: Some(retry_after.as_secs().max(1)),
+            },
+            MintError::Internal(detail) => Self::internal(&detail),
+            other => Self::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Internal(detail) => Self::internal(&detail),
+            other => Self::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<Overloaded> for ApiError {
+    fn from(e: Overloaded) -> Self {
+        Self::new(ErrorCode::Overloaded, e.to_string())
+    }
+}
+
+impl From<InvalidInput> for ApiError {
+    fn from(e: InvalidInput) -> Self {
+        Self::bad_request(e.0)
+    }
+}

@@ -1,0 +1,16 @@
+//! agentkeys-broker: the HTTP front end of the credential broker.
+//!
+//! # Layout
+//! - [`settings`]: the typed, layered config (file + `AGENTKEYS__*` env).
+//! - [`startup`]: builds the actors and the server; `main` and tests share it.
+//! - [`routes`]: one file per area (oidc, auth, mint, admin, health).
+//! - [`error`]: the one HTTP error type and its status mapping.
+//! - [`admin_token`]: the operator's bearer token.
+//! - [`telemetry`]: tracing setup.
+
+pub mod admin_token;
+pub mod error;
+pub mod routes;
+pub mod settings;
+pub mod startup;
+pub mod telemetry;

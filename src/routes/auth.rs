@@ -1,0 +1,71 @@
+//! Agent login: a challenge for the device key, then its signature.
+
+use actix_web::{post, web, HttpResponse};
+use agentkeys_actors::auth::{IssueChallenge, VerifyLogin};
+use agentkeys_actors::backpressure::ask;
+use agentkeys_actors::domain::DevicePublicKey;
+use serde::Deserialize;
+
+use crate::error::ApiError;
+use crate::startup::BrokerState;
+
+/// Longest nonce we could have issued; anything longer is not ours.
+const MAX_NONCE_LEN: usize = 128;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(challenge).service(verify);
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChallengeBody {
+    public_key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyBody {
+    public_key: String,
+    nonce: String,
+    signature: String,
+}
+
+#[post("/v1/auth/challenge")]
+async fn challenge(
+    state: web::Data<BrokerState>,
+    body: web::Json<ChallengeBody>,
+) -> Result<HttpResponse, ApiError> {
+    let public_key = DevicePublicKey::parse(&body.public_key)?;
+    let auth = &state.pipeline.auth;
+    let timeout = state.pipeline.policy.send_timeout;
+    let challenge = ask(auth, IssueChallenge { public_key }, timeout, "auth actor").await??;
+    Ok(HttpResponse::Ok().json(challenge))
+}
+
+#[tracing::instrument(skip_all, fields(omni_account, agent))]
+#[post("/v1/auth/verify")]
+async fn verify(
+    state: web::Data<BrokerState>,
+    body: web::Json<VerifyBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let public_key = DevicePublicKey::parse(&body.public_key)?;
+    let mut signature = [0u8; 64];
+    hex::decode_to_slice(&body.signature, &mut signature)
+        .map_err(|_| ApiError::bad_request("signature must be 128 hex characters"))?;
+    if body.nonce.is_empty() || body.nonce.len() > MAX_NONCE_LEN {
+        return Err(ApiError::bad_request("nonce must be 1-128 characters"));
+    }
+    let login = VerifyLogin {
+        public_key,
+        nonce: body.nonce,
+        signature,
+    };
+    let timeout = state.pipeline.policy.send_timeout;
+    let session = ask(&state.pipeline.auth, login, timeout, "auth actor").await??;
+    let span = tracing::Span::current();
+    span.record("omni_account", session.omni_account.as_str());
+    span.record("agent", session.agent.as_str());
+    tracing::info!("session issued");
+    Ok(HttpResponse::Ok().json(session))
+}

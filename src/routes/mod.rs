@@ -1,0 +1,56 @@
+//! The HTTP front end: parses and validates, then asks the actors. No
+//! policy lives here. One file per area.
+
+mod admin;
+mod auth;
+mod health;
+mod mint;
+mod oidc;
+
+use actix_web::{error::JsonPayloadError, web, HttpRequest, HttpResponse};
+
+use crate::error::ApiError;
+
+/// Registers every route; anything else is a JSON 404. There is
+/// deliberately no `/v1/mint-aws-creds`: the broker holds no cloud principal.
+pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(max_body_bytes)
+            .error_handler(json_error),
+    )
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|e, _| ApiError::bad_request(e.to_string()).into()),
+    )
+    .app_data(
+        web::QueryConfig::default()
+            .error_handler(|e, _| ApiError::bad_request(e.to_string()).into()),
+    )
+    .configure(oidc::configure)
+    .configure(auth::configure)
+    .configure(mint::configure)
+    .configure(admin::configure)
+    .configure(health::configure)
+    .default_service(web::to(not_found));
+}
+
+/// Malformed, mistyped, unknown-field and oversize bodies are all 400.
+fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+    let message = match &error {
+        JsonPayloadError::OverflowKnownLength { limit, .. }
+        | JsonPayloadError::Overflow { limit } => {
+            format!("body larger than {limit} bytes")
+        }
+        JsonPayloadError::ContentType => "Content-Type must be application/json".to_owned(),
+        other => format!("invalid JSON body: {other}"),
+    };
+    ApiError::bad_request(message).into()
+}
+
+async fn not_found() -> HttpResponse {
+    actix_web::ResponseError::error_response(&ApiError::new(
+        agentkeys_actors::domain::ErrorCode::NotFound,
+        "no such route",
+    ))
+}

@@ -1,0 +1,295 @@
+//! One typed settings tree, layered: built-in defaults → the config file →
+//! environment variables `AGENTKEYS__<SECTION>__<KEY>`.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything an operator can tune. Unknown keys are an error, so a typo
+/// never silently falls back to a default.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub storage: StorageSettings,
+    pub oidc: OidcSettings,
+    pub auth: AuthSettings,
+    pub rate_limit: RateLimitSettings,
+    pub mint: MintSettings,
+    pub actors: ActorSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address and port to listen on; port 0 picks a free one.
+    pub bind: String,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// How long a graceful shutdown waits for requests in flight.
+    pub shutdown_timeout_seconds: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            workers: 0,
+            max_body_bytes: 16 * 1024,
+            shutdown_timeout_seconds: 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// Holds the redb files, the signing keys and the admin token.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OidcSettings {
+    /// The issuer URL, exactly as registered with AWS (`iss`, discovery).
+    pub issuer: String,
+    /// Audiences a mint may ask for; the first is the default.
+    pub audiences: Vec<String>,
+}
+
+impl Default for OidcSettings {
+    fn default() -> Self {
+        Self {
+            issuer: "http://127.0.0.1:8080".into(),
+            audiences: vec!["sts.amazonaws.com".into()],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Lifetime of a session token.
+    pub session_ttl_seconds: u64,
+    /// Lifetime of a login nonce.
+    pub nonce_ttl_seconds: u64,
+    /// Cap on nonces waiting for a signature.
+    pub max_pending_nonces: usize,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            session_ttl_seconds: 900,
+            nonce_ttl_seconds: 60,
+            max_pending_nonces: 100_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Sustained mints per second per account.
+    pub per_second: u32,
+    /// Mints an idle account may make at once.
+    pub burst: u32,
+    /// How often idle accounts are forgotten.
+    pub sweep_interval_seconds: u64,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            per_second: 50,
+            burst: 100,
+            sweep_interval_seconds: 60,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MintSettings {
+    /// Service of a mint that names no intent.
+    pub default_service: String,
+    /// JWT lifetime when the request names none.
+    pub default_ttl_seconds: u64,
+    /// Cap on any JWT's lifetime.
+    pub max_ttl_seconds: u64,
+}
+
+impl Default for MintSettings {
+    fn default() -> Self {
+        Self {
+            default_service: "s3".into(),
+            default_ttl_seconds: 300,
+            max_ttl_seconds: 3600,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActorSettings {
+    /// Longest wait for an actor's answer before the caller gets 503.
+    pub send_timeout_ms: u64,
+    /// Mailbox bound of the AuthActor (every mint passes through it).
+    pub auth_mailbox: usize,
+    /// Mailbox bound of the RateLimitActor.
+    pub rate_limit_mailbox: usize,
+    /// Mailbox bound of the GrantActor.
+    pub grant_mailbox: usize,
+    /// Mailbox bound of the AuditActor.
+    pub audit_mailbox: usize,
+    /// Most audit records in one group commit.
+    pub audit_max_batch: usize,
+    /// Signing threads; 0 means one per core.
+    pub signer_threads: usize,
+    /// Signing requests admitted at once; beyond it callers get 503.
+    pub signer_max_queued: usize,
+}
+
+impl Default for ActorSettings {
+    fn default() -> Self {
+        Self {
+            send_timeout_ms: 2000,
+            auth_mailbox: 4096,
+            rate_limit_mailbox: 4096,
+            grant_mailbox: 4096,
+            audit_mailbox: 8192,
+            audit_max_batch: 1024,
+            signer_threads: 0,
+            signer_max_queued: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// File holding the admin token; unset: `admin.token` in the data
+    /// directory, generated on first start.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// A tracing filter (`info`, `agentkeys=debug,actix_web=warn`);
+    /// `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("config: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// The file read when `--config` is not given; optional.
+pub const DEFAULT_CONFIG: &str = "config/default.toml";
+
+impl Settings {
+    /// Defaults, then `file` (required when named), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let source = match file {
+            Some(path) => config::File::from(path).required(true),
+            None => config::File::from(Path::new(DEFAULT_CONFIG)).required(false),
+        };
+        let settings: Settings = config::Config::builder()
+            .add_source(source)
+            .add_source(
+                config::Environment::with_prefix("AGENTKEYS")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("oidc.audiences")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Refuses values that would start a broken broker.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |m: &str| Err(SettingsError::Invalid(m.to_owned()));
+        let issuer = &self.oidc.issuer;
+        if !(issuer.starts_with("https://") || issuer.starts_with("http://"))
+            || issuer.ends_with('/')
+        {
+            return invalid("oidc.issuer must be an http(s) URL without a trailing /");
+        }
+        if self.oidc.audiences.is_empty() || self.oidc.audiences.iter().any(String::is_empty) {
+            return invalid("oidc.audiences must list at least one audience");
+        }
+        if self.rate_limit.per_second == 0 || self.rate_limit.burst == 0 {
+            return invalid("rate_limit.per_second and rate_limit.burst must be at least 1");
+        }
+        if self.mint.default_ttl_seconds == 0
+            || self.mint.default_ttl_seconds > self.mint.max_ttl_seconds
+        {
+            return invalid("mint.default_ttl_seconds must be 1..=mint.max_ttl_seconds");
+        }
+        if agentkeys_actors::domain::ServiceName::parse(&self.mint.default_service).is_err() {
+            return invalid("mint.default_service must be 1-63 characters of [a-z0-9-]");
+        }
+        let zero_capacity = [
+            self.actors.auth_mailbox,
+            self.actors.rate_limit_mailbox,
+            self.actors.grant_mailbox,
+            self.actors.audit_mailbox,
+            self.actors.audit_max_batch,
+            self.actors.signer_max_queued,
+            self.auth.max_pending_nonces,
+        ]
+        .contains(&0);
+        if zero_capacity || self.actors.send_timeout_ms == 0 {
+            return invalid("actor capacities, batch sizes and timeouts must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.actors.send_timeout_ms)
+    }
+
+    pub fn rate_per_second(&self) -> NonZeroU32 {
+        NonZeroU32::new(self.rate_limit.per_second).unwrap_or(NonZeroU32::MIN)
+    }
+
+    pub fn rate_burst(&self) -> NonZeroU32 {
+        NonZeroU32::new(self.rate_limit.burst).unwrap_or(NonZeroU32::MIN)
+    }
+
+    /// `aud` of session tokens: distinct from every OIDC audience.
+    pub fn session_audience(&self) -> String {
+        format!("{}/v1/session", self.oidc.issuer)
+    }
+}

@@ -1,0 +1,194 @@
+//! Builds the actor system and the HTTP server from [`Settings`]; `main`
+//! and the integration tests both go through [`Application::build`].
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use actix_web::dev::Server;
+use actix_web::{web, App, HttpServer};
+use agentkeys_actors::audit::ledger::LedgerSink;
+use agentkeys_actors::audit::{AuditActor, AuditSettings, AuditSink};
+use agentkeys_actors::auth::{self, AuthActor};
+use agentkeys_actors::domain::ServiceName;
+use agentkeys_actors::grant::{GrantActor, GrantSettings};
+use agentkeys_actors::keys::{KeyError, KeyMaterial};
+use agentkeys_actors::mint::{MintPipeline, MintPolicy};
+use agentkeys_actors::rate_limit::{self, RateLimitActor};
+use agentkeys_actors::signer::{SignerPool, SignerPoolSettings};
+use agentkeys_actors::storage::redb_store::RedbAgentStore;
+use agentkeys_actors::storage::StorageError;
+
+use crate::admin_token::AdminToken;
+use crate::routes;
+use crate::settings::{Settings, SettingsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error("data directory: {0}")]
+    DataDir(std::io::Error),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("admin token: {0}")]
+    AdminToken(std::io::Error),
+    #[error("cannot listen on {bind}: {source}")]
+    Bind {
+        bind: String,
+        source: std::io::Error,
+    },
+}
+
+/// What every route may need, shared read-only by the HTTP workers.
+pub struct BrokerState {
+    pub pipeline: MintPipeline,
+    pub admin_token: AdminToken,
+    /// The OIDC issuer URL, for discovery.
+    pub issuer: String,
+}
+
+/// A built broker: actors running, listener bound, server not yet polled.
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl Application {
+    /// Must run inside an actix system (`#[actix_web::main]` or a test).
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        settings.validate()?;
+        let data_dir = &settings.storage.data_dir;
+        std::fs::create_dir_all(data_dir).map_err(StartupError::DataDir)?;
+        let keys = Arc::new(KeyMaterial::load_or_generate(data_dir)?);
+        let admin_token =
+            AdminToken::load_or_create(settings.admin.token_file.as_deref(), data_dir)
+                .map_err(StartupError::AdminToken)?;
+        let pipeline = start_actors(&settings, keys)?;
+
+        let bind = settings.server.bind.clone();
+        let listener = TcpListener::bind(&bind).map_err(|source| StartupError::Bind {
+            bind: bind.clone(),
+            source,
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind { bind, source })?
+            .port();
+        let state = web::Data::new(BrokerState {
+            pipeline,
+            admin_token,
+            issuer: settings.oidc.issuer.clone(),
+        });
+        let max_body = settings.server.max_body_bytes;
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .configure(|cfg| routes::configure(cfg, max_body))
+        })
+        .shutdown_timeout(settings.server.shutdown_timeout_seconds);
+        if settings.server.workers > 0 {
+            server = server.workers(settings.server.workers);
+        }
+        let server = server
+            .listen(listener)
+            .map_err(|source| StartupError::Bind {
+                bind: settings.server.bind.clone(),
+                source,
+            })?
+            .run();
+        tracing::info!(port, issuer = %settings.oidc.issuer, "agentkeys-broker listening");
+        Ok(Self { port, server })
+    }
+
+    /// The port actually bound (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until SIGINT/SIGTERM, then drains requests in flight.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+/// Starts the five actors and wires them into the mint pipeline.
+fn start_actors(settings: &Settings, keys: Arc<KeyMaterial>) -> Result<MintPipeline, StartupError> {
+    let data_dir = &settings.storage.data_dir;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let actors = &settings.actors;
+    let signer = SignerPool::start(
+        keys,
+        &SignerPoolSettings {
+            threads: if actors.signer_threads == 0 {
+                cores
+            } else {
+                actors.signer_threads
+            },
+            max_queued: actors.signer_max_queued,
+            timeout: settings.send_timeout(),
+            issuer: settings.oidc.issuer.clone(),
+            session_audience: settings.session_audience(),
+        },
+    );
+
+    let agents = Arc::new(RedbAgentStore::open(&data_dir.join("agents.redb"))?);
+    let auth = AuthActor::new(
+        auth::AuthSettings {
+            mailbox_capacity: actors.auth_mailbox,
+            issuer: settings.oidc.issuer.clone(),
+            session_audience: settings.session_audience(),
+            session_ttl: Duration::from_secs(settings.auth.session_ttl_seconds),
+            nonce_ttl: Duration::from_secs(settings.auth.nonce_ttl_seconds),
+            max_pending_nonces: settings.auth.max_pending_nonces,
+        },
+        agents,
+        signer.clone(),
+    )?
+    .start();
+
+    let rate_limit = RateLimitActor::new(rate_limit::RateLimitSettings {
+        mailbox_capacity: actors.rate_limit_mailbox,
+        per_second: settings.rate_per_second(),
+        burst: settings.rate_burst(),
+        sweep_interval: Duration::from_secs(settings.rate_limit.sweep_interval_seconds.max(1)),
+    })
+    .start();
+
+    let grants = GrantActor::new(GrantSettings {
+        mailbox_capacity: actors.grant_mailbox,
+    })
+    .start();
+
+    let (ledger, head) = LedgerSink::open(&data_dir.join("audit.redb"))?;
+    let sinks: Vec<Arc<dyn AuditSink>> = vec![Arc::new(ledger)];
+    let audit = AuditActor::new(
+        AuditSettings {
+            mailbox_capacity: actors.audit_mailbox,
+            max_batch: actors.audit_max_batch,
+        },
+        sinks,
+        head,
+    )
+    .start();
+
+    Ok(MintPipeline {
+        auth,
+        rate_limit,
+        grants,
+        signer,
+        audit,
+        policy: MintPolicy {
+            issuer: settings.oidc.issuer.clone(),
+            audiences: settings.oidc.audiences.clone(),
+            default_service: ServiceName::parse(&settings.mint.default_service)
+                .expect("validated with the settings"),
+            default_ttl_seconds: settings.mint.default_ttl_seconds,
+            max_ttl_seconds: settings.mint.max_ttl_seconds,
+            send_timeout: settings.send_timeout(),
+        },
+    })
+}
