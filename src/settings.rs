@@ -293,3 +293,73 @@ impl Settings {
         format!("{}/v1/session", self.oidc.issuer)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loading reads the process environment, which one test changes.
+    static ENVIRONMENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn the_shipped_default_config_loads_and_matches_the_built_in_defaults() {
+        let _env = ENVIRONMENT.lock().unwrap();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG);
+        let from_file = Settings::load(Some(&path)).unwrap();
+        let built_in = Settings::default();
+        assert_eq!(format!("{from_file:?}"), format!("{built_in:?}"));
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+        assert_eq!(
+            format!("{:?}", Settings::load(Some(&example)).unwrap()),
+            format!("{built_in:?}")
+        );
+    }
+
+    #[test]
+    fn environment_variables_override_the_file_and_bad_values_are_refused() {
+        let _env = ENVIRONMENT.lock().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("broker.toml");
+        std::fs::write(
+            &file,
+            "[server]\nbind = \"127.0.0.1:9\"\n[rate_limit]\nper_second = 7\n",
+        )
+        .unwrap();
+        let vars = [
+            ("AGENTKEYS__SERVER__BIND", "127.0.0.1:18080"),
+            ("AGENTKEYS__STORAGE__DATA_DIR", "/var/lib/agentkeys"),
+            ("AGENTKEYS__OIDC__ISSUER", "https://broker.example.com"),
+            ("AGENTKEYS__OIDC__AUDIENCES", "sts.amazonaws.com,minio"),
+            ("AGENTKEYS__RATE_LIMIT__PER_SECOND", "250"),
+            ("AGENTKEYS__RATE_LIMIT__BURST", "500"),
+        ];
+        for (key, value) in vars {
+            std::env::set_var(key, value);
+        }
+        let loaded = Settings::load(Some(&file));
+        std::env::set_var("AGENTKEYS__RATE_LIMIT__PER_SECOND", "0");
+        let refused = Settings::load(Some(&file));
+        std::env::set_var("AGENTKEYS__RATE_LIMIT__PER_SECOND", "250");
+        std::env::set_var("AGENTKEYS__SERVER__BINDD", "typo");
+        let typo = Settings::load(Some(&file));
+        for (key, _) in vars {
+            std::env::remove_var(key);
+        }
+        std::env::remove_var("AGENTKEYS__SERVER__BINDD");
+
+        let s = loaded.unwrap();
+        assert_eq!(s.server.bind, "127.0.0.1:18080");
+        assert_eq!(s.storage.data_dir, PathBuf::from("/var/lib/agentkeys"));
+        assert_eq!(s.oidc.issuer, "https://broker.example.com");
+        assert_eq!(s.oidc.audiences, ["sts.amazonaws.com", "minio"]);
+        assert_eq!((s.rate_limit.per_second, s.rate_limit.burst), (250, 500));
+        assert!(matches!(refused, Err(SettingsError::Invalid(_))));
+        assert!(typo.is_err(), "an unknown key is an error, not ignored");
+    }
+
+    #[test]
+    fn a_missing_named_config_file_is_an_error() {
+        let _env = ENVIRONMENT.lock().unwrap();
+        assert!(Settings::load(Some(Path::new("/nonexistent/broker.toml"))).is_err());
+    }
+}

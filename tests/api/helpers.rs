@@ -1,0 +1,262 @@
+//! `spawn_app()` starts the broker in its own actix system on its own
+//! thread, like a separate process, so a test can stop and restart it on
+//! the same data directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use actix_web::http::StatusCode;
+use agentkeys_broker::settings::Settings;
+use agentkeys_broker::startup::Application;
+use ed25519_dalek::{Signer, SigningKey};
+use jsonwebtoken::jwk::JwkSet;
+use serde_json::{json, Value};
+
+pub struct TestApp {
+    pub address: String,
+    pub settings: Settings,
+    pub admin_token: String,
+    system: actix_web::rt::System,
+    thread: Option<JoinHandle<()>>,
+    /// Owns the data directory; kept across restarts.
+    _data_dir: Option<tempfile::TempDir>,
+}
+
+/// An agent the test registered, with its device key.
+pub struct TestAgent {
+    pub name: String,
+    pub key: SigningKey,
+}
+
+impl TestAgent {
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(self.key.verifying_key().to_bytes())
+    }
+}
+
+/// A response as the tests look at it.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: actix_web::http::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn error_code(&self) -> &str {
+        self.body["error"].as_str().unwrap_or("<no error code>")
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts a broker whose settings `tweak` adjusted.
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = Settings::default();
+    settings.server.bind = "127.0.0.1:0".into();
+    settings.server.workers = 2;
+    settings.storage.data_dir = dir.path().to_owned();
+    settings.oidc.issuer = "https://broker.test".into();
+    tweak(&mut settings);
+    let mut app = start(settings);
+    app._data_dir = Some(dir);
+    app
+}
+
+fn start(settings: Settings) -> TestApp {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let for_thread = settings.clone();
+    let thread = std::thread::spawn(move || {
+        let runner = actix_web::rt::System::new();
+        let port = runner.block_on(async move {
+            let app = Application::build(for_thread)
+                .await
+                .expect("the broker starts");
+            let port = app.port();
+            actix_web::rt::spawn(app.run_until_stopped());
+            port
+        });
+        ready_tx
+            .send((port, actix_web::rt::System::current()))
+            .expect("test is waiting");
+        runner.run().expect("system runs");
+    });
+    let (port, system) = ready_rx.recv().expect("the broker thread reports its port");
+    let admin_token = std::fs::read_to_string(settings.storage.data_dir.join("admin.token"))
+        .expect("admin token written")
+        .trim()
+        .to_owned();
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        settings,
+        admin_token,
+        system,
+        thread: Some(thread),
+        _data_dir: None,
+    }
+}
+
+impl TestApp {
+    pub fn data_dir(&self) -> &Path {
+        &self.settings.storage.data_dir
+    }
+
+    /// Stops the broker and waits until its storage is closed.
+    pub fn stop(&mut self) {
+        self.system.stop();
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("broker thread ends cleanly");
+        }
+    }
+
+    /// Stops and starts again on the same data directory.
+    pub fn restart(mut self) -> TestApp {
+        self.stop();
+        let mut next = start(self.settings.clone());
+        next._data_dir = self._data_dir.take();
+        next
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    /// Sends `body` (raw bytes, so tests can send anything) with headers.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> Reply {
+        let client = awc::Client::default();
+        let method = actix_web::http::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = client.request(method, self.url(path));
+        if let Some(token) = bearer {
+            request = request.insert_header(("Authorization", format!("Bearer {token}")));
+        }
+        let mut response = match body {
+            Some(bytes) => request
+                .insert_header(("Content-Type", "application/json"))
+                .send_body(bytes.to_vec())
+                .await
+                .expect("request sent"),
+            None => request.send().await.expect("request sent"),
+        };
+        let bytes = response.body().limit(1 << 20).await.expect("body read");
+        Reply {
+            status: response.status(),
+            headers: response.headers().clone(),
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        }
+    }
+
+    pub async fn post(&self, path: &str, bearer: Option<&str>, body: &Value) -> Reply {
+        self.send("POST", path, bearer, Some(body.to_string().as_bytes()))
+            .await
+    }
+
+    pub async fn get(&self, path: &str, bearer: Option<&str>) -> Reply {
+        self.send("GET", path, bearer, None).await
+    }
+
+    /// Registers an agent with a fresh device key through the admin API.
+    pub async fn register_agent(&self, name: &str) -> TestAgent {
+        let mut seed = [0u8; 32];
+        seed.copy_from_slice(&hex::decode(agentkeys_actors::domain::random_hex(32)).unwrap());
+        let agent = TestAgent {
+            name: name.to_owned(),
+            key: SigningKey::from_bytes(&seed),
+        };
+        let reply = self
+            .post(
+                "/v1/admin/agents",
+                Some(&self.admin_token),
+                &json!({ "name": name, "public_key": agent.public_key_hex() }),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        agent
+    }
+
+    /// Runs challenge + verify and returns the whole verify reply.
+    pub async fn try_login(&self, agent: &TestAgent) -> Reply {
+        let challenge = self
+            .post(
+                "/v1/auth/challenge",
+                None,
+                &json!({ "public_key": agent.public_key_hex() }),
+            )
+            .await;
+        assert_eq!(challenge.status, StatusCode::OK, "{}", challenge.body);
+        let message = challenge.body["message"].as_str().unwrap();
+        let signature = agent.key.sign(message.as_bytes());
+        self.post(
+            "/v1/auth/verify",
+            None,
+            &json!({
+                "public_key": agent.public_key_hex(),
+                "nonce": challenge.body["nonce"],
+                "signature": hex::encode(signature.to_bytes()),
+            }),
+        )
+        .await
+    }
+
+    /// Logs in and returns the session token.
+    pub async fn login(&self, agent: &TestAgent) -> String {
+        let reply = self.try_login(agent).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body["session_token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn mint(&self, session: &str, body: &Value) -> Reply {
+        self.post("/v1/mint-oidc-jwt", Some(session), body).await
+    }
+
+    pub async fn jwks(&self) -> JwkSet {
+        let reply = self.get("/.well-known/jwks.json", None).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        serde_json::from_value(reply.body).expect("a JWK set")
+    }
+
+    /// Path of a file in the data directory.
+    pub fn data_file(&self, name: &str) -> PathBuf {
+        self.data_dir().join(name)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The default scope of an agent: `bots/<omni>/`.
+pub fn own_scope(omni: &str) -> String {
+    format!("bots/{omni}/")
+}
+
+/// Verifies an OIDC JWT against the served JWKS the way STS does.
+pub fn verify_against_jwks(
+    jwt: &str,
+    jwks: &JwkSet,
+    issuer: &str,
+    audience: &str,
+) -> jsonwebtoken::errors::Result<Value> {
+    let header = jsonwebtoken::decode_header(jwt)?;
+    let kid = header
+        .kid
+        .ok_or(jsonwebtoken::errors::ErrorKind::InvalidToken)?;
+    let jwk = jwks
+        .find(&kid)
+        .ok_or(jsonwebtoken::errors::ErrorKind::InvalidToken)?;
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk)?;
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_issuer(&[issuer]);
+    validation.set_audience(&[audience]);
+    Ok(jsonwebtoken::decode::<Value>(jwt, &key, &validation)?.claims)
+}
