@@ -6,9 +6,11 @@
 //! - [`routes`]: one file per area (oidc, auth, mint, admin, health).
 //! - [`error`]: the one HTTP error type and its status mapping.
 //! - [`admin_token`]: the operator's bearer token.
+//! - [`commands`]: the CLI commands that talk to a running broker.
 //! - [`telemetry`]: tracing setup.
 
 pub mod admin_token;
+pub mod commands;
 pub mod error;
 pub mod routes;
 pub mod settings;

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Mint throughput over HTTP: builds the release binary, starts the broker on
+# a free loopback port with a fresh data directory, registers and logs in
+# $AGENTS agents, drives POST /v1/mint-oidc-jwt with wrk for $DURATION at
+# $CONNECTIONS connections, prints mints/s, latency percentiles and answers
+# by error code, then stops the broker. Loopback only; stops by itself.
+#
+#   harness/mint-load.sh                      # defaults below
+#   CONNECTIONS=16 DURATION=5s harness/mint-load.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+AGENTS=${AGENTS:-64}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-1}
+DURATION=${DURATION:-10s}
+RATE=${RATE:-1000000}
+
+command -v wrk >/dev/null || { echo "wrk is required (Debian package wrk)" >&2; exit 2; }
+cargo build --release --quiet
+
+work=$(mktemp -d)
+broker_pid=""
+cleanup() {
+  if [ -n "$broker_pid" ]; then kill -TERM "$broker_pid" 2>/dev/null || true; wait "$broker_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+url="http://127.0.0.1:$port"
+AGENTKEYS__SERVER__BIND="127.0.0.1:$port" \
+AGENTKEYS__STORAGE__DATA_DIR="$work/data" \
+AGENTKEYS__RATE_LIMIT__PER_SECOND="$RATE" \
+AGENTKEYS__RATE_LIMIT__BURST="$RATE" \
+  ./target/release/agentkeys-broker serve --config config/default.toml >"$work/broker.log" 2>&1 &
+broker_pid=$!
+
+for _ in $(seq 100); do
+  curl -fs "$url/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fs "$url/readyz" >/dev/null || { echo "broker did not become ready" >&2; cat "$work/broker.log" >&2; exit 1; }
+
+./target/release/agentkeys-broker load prepare --broker-url "$url" \
+  --admin-token-file "$work/data/admin.token" --agents "$AGENTS" --out "$work/tokens.txt"
+
+echo "# $(nproc) cores; $AGENTS agents; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
+TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
+  -s harness/mint.lua "$url/v1/mint-oidc-jwt"

@@ -1,0 +1,91 @@
+//! A small HTTP client for the broker's API, shared by the commands.
+
+use std::time::Duration;
+
+use ed25519_dalek::{Signer, SigningKey};
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the broker: {0}")]
+    Transport(String),
+    #[error("broker answered {status} {code}: {message}")]
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+}
+
+pub struct BrokerClient {
+    base_url: String,
+    http: awc::Client,
+}
+
+impl BrokerClient {
+    pub fn new(base_url: &str) -> Self {
+        Self {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            http: awc::Client::builder().timeout(Duration::from_secs(30)).finish(),
+        }
+    }
+
+    /// Sends a request and returns the JSON body of a 2xx answer (or null).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let method = awc::http::Method::from_bytes(method.as_bytes())
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let mut request = self.http.request(method, format!("{}{path}", self.base_url));
+        if let Some(token) = bearer {
+            request = request.insert_header(("Authorization", format!("Bearer {token}")));
+        }
+        let sent = match body {
+            Some(body) => request.send_json(body).await,
+            None => request.send().await,
+        };
+        let mut response = sent.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let bytes = response
+            .body()
+            .limit(16 << 20)
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if response.status().is_success() {
+            Ok(value)
+        } else {
+            Err(ClientError::Refused {
+                status: response.status().as_u16(),
+                code: value["error"].as_str().unwrap_or("unknown").to_owned(),
+                message: value["message"].as_str().unwrap_or_default().to_owned(),
+            })
+        }
+    }
+
+    /// Challenge, sign with the device key, verify: returns the session token.
+    pub async fn login(&self, device_key: &SigningKey) -> Result<String, ClientError> {
+        let public_key = hex::encode(device_key.verifying_key().to_bytes());
+        let challenge = self
+            .call("POST", "/v1/auth/challenge", None, Some(&json!({ "public_key": public_key })))
+            .await?;
+        let message = challenge["message"].as_str().unwrap_or_default();
+        let signature = device_key.sign(message.as_bytes());
+        let session = self
+            .call(
+                "POST",
+                "/v1/auth/verify",
+                None,
+                Some(&json!({
+                    "public_key": public_key,
+                    "nonce": challenge["nonce"],
+                    "signature": hex::encode(signature.to_bytes()),
+                })),
+            )
+            .await?;
+        Ok(session["session_token"].as_str().unwrap_or_default().to_owned())
+    }
+}

@@ -1,0 +1,5 @@
+//! The binary's commands besides `serve`: they talk to a running broker
+//! over its HTTP API, like any other client.
+
+pub mod client;
+pub mod load;
