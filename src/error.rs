@@ -7,6 +7,7 @@ use actix_web::{HttpResponse, ResponseError};
 use agentkeys_actors::auth::AuthError;
 use agentkeys_actors::backpressure::Overloaded;
 use agentkeys_actors::domain::{ErrorCode, InvalidInput};
+use agentkeys_actors::grant::GrantError;
 use agentkeys_actors::mint::MintError;
 use serde_json::json;
 
@@ -22,8 +23,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        let retry_after = matches!(code, ErrorCode::Overloaded | ErrorCode::AuditUnavailable)
-            .then_some(OVERLOADED_RETRY_AFTER_SECONDS);
+        let retry_after = matches!(
+            code,
+            ErrorCode::Overloaded | ErrorCode::AuditUnavailable | ErrorCode::IdempotencyInFlight
+        )
+        .then_some(OVERLOADED_RETRY_AFTER_SECONDS);
         Self {
             code,
             message: message.into(),
@@ -65,7 +69,8 @@ impl ResponseError for ApiError {
                 StatusCode::FORBIDDEN
             }
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::Conflict | ErrorCode::IdempotencyInFlight => StatusCode::CONFLICT,
+            ErrorCode::IdempotencyConflict => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::AuditUnavailable | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -91,6 +96,7 @@ impl From<MintError> for ApiError {
                 retry_after: Some(retry_after.as_secs().max(1)),
             },
             MintError::Internal(detail) => Self::internal(&detail),
+            MintError::Grant(e) => e.into(),
             other => Self::new(other.code(), other.to_string()),
         }
     }
@@ -100,6 +106,15 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::Internal(detail) => Self::internal(&detail),
+            other => Self::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<GrantError> for ApiError {
+    fn from(e: GrantError) -> Self {
+        match e {
+            GrantError::Storage(detail) => Self::internal(&detail),
             other => Self::new(other.code(), other.to_string()),
         }
     }

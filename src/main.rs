@@ -31,7 +31,11 @@ enum Command {
 enum LoadCommand {
     /// Register N agents, log them in, write their session tokens to a file.
     Prepare {
-        #[arg(long, env = "AGENTKEYS_BROKER_URL", default_value = "http://127.0.0.1:8080")]
+        #[arg(
+            long,
+            env = "AGENTKEYS_BROKER_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
         broker_url: String,
         /// File holding the admin token (e.g. data/admin.token).
         #[arg(long)]
@@ -49,7 +53,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Command::Serve { config } => {
             let settings = Settings::load(config.as_deref())?;
             telemetry::init(&settings.log.filter);
-            Application::build(settings).await?.run_until_stopped().await?;
+            Application::build(settings)
+                .await?
+                .run_until_stopped()
+                .await?;
         }
         Command::Load(LoadCommand::Prepare {
             broker_url,

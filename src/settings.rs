@@ -18,6 +18,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub rate_limit: RateLimitSettings,
     pub mint: MintSettings,
+    pub grants: GrantSettings,
+    pub idempotency: IdempotencySettings,
     pub actors: ActorSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
@@ -138,7 +140,41 @@ impl Default for MintSettings {
         Self {
             default_service: "s3".into(),
             default_ttl_seconds: 300,
-            max_ttl_seconds: 3600,
+            max_ttl_seconds: 600,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrantSettings {
+    /// Every mint needs a matching explicit grant. When false, an agent may
+    /// also mint for its own `bots/<omni>/` without one (and a mint with no
+    /// intent gets that scope).
+    pub required: bool,
+}
+
+impl Default for GrantSettings {
+    fn default() -> Self {
+        Self { required: true }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencySettings {
+    /// How long a finished mint can be replayed by its Idempotency-Key;
+    /// at least `mint.max_ttl_seconds`.
+    pub retention_seconds: u64,
+    /// How often expired records are purged.
+    pub purge_interval_seconds: u64,
+}
+
+impl Default for IdempotencySettings {
+    fn default() -> Self {
+        Self {
+            retention_seconds: 600,
+            purge_interval_seconds: 60,
         }
     }
 }
@@ -256,6 +292,9 @@ impl Settings {
             || self.mint.default_ttl_seconds > self.mint.max_ttl_seconds
         {
             return invalid("mint.default_ttl_seconds must be 1..=mint.max_ttl_seconds");
+        }
+        if self.idempotency.retention_seconds < self.mint.max_ttl_seconds {
+            return invalid("idempotency.retention_seconds must be at least mint.max_ttl_seconds");
         }
         if agentkeys_actors::domain::ServiceName::parse(&self.mint.default_service).is_err() {
             return invalid("mint.default_service must be 1-63 characters of [a-z0-9-]");

@@ -17,7 +17,7 @@ use agentkeys_actors::keys::{KeyError, KeyMaterial};
 use agentkeys_actors::mint::{MintPipeline, MintPolicy};
 use agentkeys_actors::rate_limit::{self, RateLimitActor};
 use agentkeys_actors::signer::{SignerPool, SignerPoolSettings};
-use agentkeys_actors::storage::redb_store::RedbAgentStore;
+use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
 use agentkeys_actors::storage::StorageError;
 
 use crate::admin_token::AdminToken;
@@ -158,9 +158,18 @@ fn start_actors(settings: &Settings, keys: Arc<KeyMaterial>) -> Result<MintPipel
     })
     .start();
 
-    let grants = GrantActor::new(GrantSettings {
-        mailbox_capacity: actors.grant_mailbox,
-    })
+    let grant_store = Arc::new(RedbGrantStore::open(&data_dir.join("grants.redb"))?);
+    let grants = GrantActor::new(
+        GrantSettings {
+            mailbox_capacity: actors.grant_mailbox,
+            idempotency_retention: Duration::from_secs(settings.idempotency.retention_seconds),
+            // Every step of a mint waits at most send_timeout; a dozen
+            // of them bound how long one can still be running.
+            in_flight_limit: settings.send_timeout() * 12,
+            purge_interval: Duration::from_secs(settings.idempotency.purge_interval_seconds.max(1)),
+        },
+        grant_store,
+    )?
     .start();
 
     let (ledger, head) = LedgerSink::open(&data_dir.join("audit.redb"))?;
@@ -184,10 +193,12 @@ fn start_actors(settings: &Settings, keys: Arc<KeyMaterial>) -> Result<MintPipel
         policy: MintPolicy {
             issuer: settings.oidc.issuer.clone(),
             audiences: settings.oidc.audiences.clone(),
+            grants_required: settings.grants.required,
             default_service: ServiceName::parse(&settings.mint.default_service)
                 .expect("validated with the settings"),
             default_ttl_seconds: settings.mint.default_ttl_seconds,
             max_ttl_seconds: settings.mint.max_ttl_seconds,
+            idempotency_retention: Duration::from_secs(settings.idempotency.retention_seconds),
             send_timeout: settings.send_timeout(),
         },
     })

@@ -150,6 +150,13 @@ pub struct RegisterAgent {
 #[rtype(result = "Vec<AgentRecord>")]
 pub struct ListAgents;
 
+/// One agent by name.
+#[derive(Message)]
+#[rtype(result = "Option<AgentRecord>")]
+pub struct LookupAgent {
+    pub name: AgentName,
+}
+
 /// Remove an agent; its sessions stop working at once.
 #[derive(Message)]
 #[rtype(result = "Result<(), AuthError>")]
@@ -408,6 +415,14 @@ impl Handler<ListAgents> for AuthActor {
         let mut agents: Vec<_> = self.agents.values().cloned().collect();
         agents.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
         agents
+    }
+}
+
+impl Handler<LookupAgent> for AuthActor {
+    type Result = Option<AgentRecord>;
+
+    fn handle(&mut self, msg: LookupAgent, _: &mut Self::Context) -> Self::Result {
+        self.agents.get(&msg.name).cloned()
     }
 }
 

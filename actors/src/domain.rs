@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 /// The stable, machine-readable error codes of the wire contract.
@@ -17,6 +17,8 @@ pub enum ErrorCode {
     GrantExhausted,
     NotFound,
     Conflict,
+    IdempotencyInFlight,
+    IdempotencyConflict,
     RateLimited,
     AuditUnavailable,
     Overloaded,
@@ -34,6 +36,8 @@ impl ErrorCode {
             Self::GrantExhausted => "grant_exhausted",
             Self::NotFound => "not_found",
             Self::Conflict => "conflict",
+            Self::IdempotencyInFlight => "idempotency_in_flight",
+            Self::IdempotencyConflict => "idempotency_conflict",
             Self::RateLimited => "rate_limited",
             Self::AuditUnavailable => "audit_unavailable",
             Self::Overloaded => "overloaded",
@@ -109,7 +113,7 @@ impl Serialize for DevicePublicKey {
 
 /// The stable anchor of an identity:
 /// hex(SHA-256("agentkeys" ‖ identity type ‖ identity value)).
-#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct OmniAccount(String);
 
@@ -135,8 +139,8 @@ impl fmt::Display for OmniAccount {
 }
 
 /// An agent's name as the operator registered it.
-#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct AgentName(String);
 
 impl AgentName {
@@ -159,8 +163,8 @@ impl AgentName {
 }
 
 /// The cloud service an intent is for (`s3`, `secretsmanager`, ...).
-#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct ServiceName(String);
 
 impl ServiceName {
@@ -185,8 +189,8 @@ impl ServiceName {
 }
 
 /// A `/`-separated path of `[A-Za-z0-9._-]` segments, the scope of an intent.
-#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct ScopePath(String);
 
 impl ScopePath {
@@ -227,6 +231,44 @@ impl ScopePath {
         match self.0.strip_prefix(base) {
             Some(rest) => rest.is_empty() || rest.starts_with('/'),
             None => false,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Stored and wire forms re-validate through `parse` when read back.
+macro_rules! string_newtype_conversions {
+    ($($name:ident),*) => {$(
+        impl TryFrom<String> for $name {
+            type Error = InvalidInput;
+            fn try_from(text: String) -> Result<Self, InvalidInput> {
+                Self::parse(&text)
+            }
+        }
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
+    )*};
+}
+string_newtype_conversions!(AgentName, ServiceName, ScopePath);
+
+/// A client's `Idempotency-Key`: 1-255 visible ASCII characters.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub fn parse(text: &str) -> Result<Self, InvalidInput> {
+        if (1..=255).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_graphic()) {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(invalid(
+                "Idempotency-Key must be 1-255 visible ASCII characters",
+            ))
         }
     }
 
@@ -297,6 +339,15 @@ mod tests {
         );
         assert!(DevicePublicKey::parse(&valid).is_ok());
         assert!(DevicePublicKey::parse(&valid.to_uppercase()).is_ok());
+    }
+
+    #[test]
+    fn idempotency_keys_are_visible_ascii_up_to_255() {
+        assert!(IdempotencyKey::parse("order-42:retry").is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(255)).is_ok());
+        for bad in ["", "has space", "tab\t", "é", &"k".repeat(256)] {
+            assert!(IdempotencyKey::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

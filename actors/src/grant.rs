@@ -1,22 +1,58 @@
-//! `GrantActor`: the intent gate of the mint path. It decides whether a
-//! principal may mint for an intent (service + scope path) and what limits
-//! the JWT then carries.
+//! `GrantActor`: the intent gate of the mint path, and idempotency.
+//!
+//! It owns the grants and the idempotency records in memory and is their
+//! only writer. A reservation takes a grant use in memory at once (so no
+//! two mints can take the last use) and answers only once a durable commit
+//! holds it. Everything that changed while one commit was under way goes
+//! into the next one (group commit): one disk flush serves many mints.
 
-use actix::{Actor, Context, Handler, Message};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::domain::{ErrorCode, Principal, ScopePath, ServiceName};
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture, WrapFuture,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+use crate::domain::{
+    now_unix, random_hex, AgentName, ErrorCode, OmniAccount, Principal, ScopePath, ServiceName,
+};
+use crate::storage::{GrantChanges, GrantStore, StorageError};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum GrantError {
     #[error("no live grant matches the intent")]
     Denied,
+    #[error("the matching grant has no uses left")]
+    Exhausted,
+    #[error("no such grant")]
+    NotFound,
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyConflict,
+    #[error("a request with this Idempotency-Key is still in flight")]
+    IdempotencyInFlight,
+    #[error("grant storage failed: {0}")]
+    Storage(String),
 }
 
 impl GrantError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Denied => ErrorCode::GrantDenied,
+            Self::Exhausted => ErrorCode::GrantExhausted,
+            Self::NotFound => ErrorCode::NotFound,
+            Self::IdempotencyConflict => ErrorCode::IdempotencyConflict,
+            Self::IdempotencyInFlight => ErrorCode::IdempotencyInFlight,
+            Self::Storage(_) => ErrorCode::Internal,
         }
+    }
+}
+
+impl From<StorageError> for GrantError {
+    fn from(e: StorageError) -> Self {
+        Self::Storage(e.to_string())
     }
 }
 
@@ -27,10 +63,52 @@ pub struct Intent {
     pub scope_path: ScopePath,
 }
 
-/// The gate's answer: allowed, and under which grant and limits.
+/// An operator's permission for one agent to mint for a service and a
+/// scope prefix, with optional use, time and TTL limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: String,
+    pub agent: AgentName,
+    pub omni_account: OmniAccount,
+    pub service: ServiceName,
+    pub scope_path: ScopePath,
+    pub max_uses: Option<u64>,
+    /// Uses taken, including reservations whose mint is still running.
+    pub uses: u64,
+    pub expires_at: Option<u64>,
+    pub max_ttl_seconds: Option<u64>,
+    pub revoked: bool,
+    pub created_at: u64,
+}
+
+impl Grant {
+    fn is_live(&self, now: u64) -> bool {
+        !self.revoked && self.expires_at.is_none_or(|at| at > now)
+    }
+
+    fn has_uses_left(&self) -> bool {
+        self.max_uses.is_none_or(|max| self.uses < max)
+    }
+
+    fn covers(&self, intent: &Intent) -> bool {
+        self.service == intent.service && intent.scope_path.is_within(&self.scope_path)
+    }
+}
+
+/// What an operator asks for when creating a grant (validated at the edge).
+#[derive(Clone, Debug)]
+pub struct GrantSpec {
+    pub service: ServiceName,
+    pub scope_path: ScopePath,
+    pub max_uses: Option<u64>,
+    pub expires_at: Option<u64>,
+    pub max_ttl_seconds: Option<u64>,
+}
+
+/// The gate's answer for an allowed mint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GrantDecision {
-    /// The grant consumed, or none for the agent's own default scope.
+    /// The grant a use was taken from; none for the agent's own scope.
     pub grant_id: Option<String>,
     /// The JWT may not outlive this (Unix seconds).
     pub not_after: Option<u64>,
@@ -38,12 +116,91 @@ pub struct GrantDecision {
     pub max_ttl_seconds: Option<u64>,
 }
 
-/// Decide (and, for a grant, consume a use of) the intent.
+/// A finished mint kept for replay under its Idempotency-Key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletedMint {
+    /// SHA-256 of method, path and body of the first request.
+    pub fingerprint: String,
+    /// The response body exactly as first sent.
+    pub body: Vec<u8>,
+    pub jti: String,
+    pub grant_id: Option<String>,
+    pub expires_at: u64,
+}
+
+/// Where an idempotent request's answer is kept: the caller's scope (hash
+/// of its bearer token and key) and what the request was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencySlot {
+    /// SHA-256 over the bearer's hash and the key: one caller can never
+    /// reach another's answers.
+    pub slot: String,
+    pub fingerprint: String,
+}
+
+/// Reserve's answer: go ahead, or send back the earlier answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    Granted(GrantDecision),
+    Replay(Arc<CompletedMint>),
+}
+
+/// Decide the intent and take a grant use durably; or find the answer to
+/// an earlier identical request.
 #[derive(Message)]
-#[rtype(result = "Result<GrantDecision, GrantError>")]
+#[rtype(result = "Result<Reservation, GrantError>")]
 pub struct Reserve {
     pub principal: Principal,
     pub intent: Intent,
+    pub idempotency: Option<IdempotencySlot>,
+    /// Without explicit grants, the agent's own `bots/<omni>/` is allowed.
+    pub own_scope_allowed: bool,
+}
+
+/// A reserved mint failed: give the use back and free the key.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Release {
+    pub grant_id: Option<String>,
+    pub idempotency: Option<IdempotencySlot>,
+}
+
+/// A reserved mint succeeded: keep its answer for replays (durably).
+#[derive(Message)]
+#[rtype(result = "Result<(), GrantError>")]
+pub struct Complete {
+    pub slot: String,
+    pub mint: CompletedMint,
+}
+
+/// Create a grant for a registered agent.
+#[derive(Message)]
+#[rtype(result = "Result<Grant, GrantError>")]
+pub struct CreateGrant {
+    pub agent: AgentName,
+    pub omni_account: OmniAccount,
+    pub spec: GrantSpec,
+}
+
+/// Revoke a grant; it matches nothing from now on.
+#[derive(Message)]
+#[rtype(result = "Result<Grant, GrantError>")]
+pub struct RevokeGrant {
+    pub id: String,
+}
+
+/// One grant by id.
+#[derive(Message)]
+#[rtype(result = "Option<Grant>")]
+pub struct GetGrant {
+    pub id: String,
+}
+
+/// Grants, all or one agent's, oldest first.
+#[derive(Message)]
+#[rtype(result = "Vec<Grant>")]
+pub struct ListGrants {
+    pub agent: Option<AgentName>,
 }
 
 /// Tuning of the GrantActor, from config.
@@ -51,15 +208,239 @@ pub struct Reserve {
 pub struct GrantSettings {
     /// Bound of the mailbox; beyond it senders wait, then get 503.
     pub mailbox_capacity: usize,
+    /// How long a finished mint can be replayed (≥ the longest JWT TTL).
+    pub idempotency_retention: Duration,
+    /// A key still marked in flight after this is freed: the mint behind it
+    /// cannot still be running (every step of it is bounded by timeouts).
+    pub in_flight_limit: Duration,
+    /// How often expired idempotency records are purged.
+    pub purge_interval: Duration,
+}
+
+/// An idempotency key's state.
+enum Slot {
+    InFlight { fingerprint: String, since: u64 },
+    Done(Arc<CompletedMint>),
+}
+
+type CommitReply = oneshot::Sender<Result<(), GrantError>>;
+
+/// The outcome of waiting for a commit; a dropped reply means it never ran.
+fn committed(
+    waited: Result<Result<(), GrantError>, oneshot::error::RecvError>,
+) -> Result<(), GrantError> {
+    waited.unwrap_or_else(|_| Err(GrantError::Storage("the commit was abandoned".into())))
 }
 
 pub struct GrantActor {
     settings: GrantSettings,
+    /// Durable home of grants and completed mints; written off this thread.
+    store: Arc<dyn GrantStore>,
+    grants: HashMap<String, Grant>,
+    /// Grant ids per account, for matching.
+    by_account: HashMap<OmniAccount, Vec<String>>,
+    slots: HashMap<String, Slot>,
+    /// What the next commit must write or delete.
+    dirty_grants: HashSet<String>,
+    dirty_slots: HashSet<String>,
+    forgotten_slots: HashSet<String>,
+    /// Callers waiting for the next commit.
+    waiting: Vec<CommitReply>,
+    /// One commit at a time keeps writes in order.
+    committing: bool,
 }
 
 impl GrantActor {
-    pub fn new(settings: GrantSettings) -> Self {
-        Self { settings }
+    /// Loads grants and unexpired idempotency records from `store`.
+    pub fn new(settings: GrantSettings, store: Arc<dyn GrantStore>) -> Result<Self, StorageError> {
+        let (grants, completed) = store.load()?;
+        let mut actor = Self {
+            settings,
+            store,
+            grants: HashMap::new(),
+            by_account: HashMap::new(),
+            slots: HashMap::new(),
+            dirty_grants: HashSet::new(),
+            dirty_slots: HashSet::new(),
+            forgotten_slots: HashSet::new(),
+            waiting: Vec::new(),
+            committing: false,
+        };
+        for grant in grants {
+            actor.insert_grant(grant);
+        }
+        for (slot, mint) in completed {
+            actor.slots.insert(slot, Slot::Done(Arc::new(mint)));
+        }
+        Ok(actor)
+    }
+
+    fn insert_grant(&mut self, grant: Grant) {
+        self.by_account
+            .entry(grant.omni_account.clone())
+            .or_default()
+            .push(grant.id.clone());
+        self.grants.insert(grant.id.clone(), grant);
+    }
+
+    /// The most specific live grant covering `intent` that has a use left.
+    fn matching_grant(&self, account: &OmniAccount, intent: &Intent) -> Result<String, GrantError> {
+        let now = now_unix();
+        let live: Vec<&Grant> = self
+            .by_account
+            .get(account)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.grants.get(id))
+            .filter(|g| g.is_live(now) && g.covers(intent))
+            .collect();
+        if live.is_empty() {
+            return Err(GrantError::Denied);
+        }
+        live.into_iter()
+            .filter(|g| g.has_uses_left())
+            .max_by_key(|g| {
+                (
+                    g.scope_path.as_str().trim_end_matches('/').len(),
+                    g.created_at,
+                )
+            })
+            .map(|g| g.id.clone())
+            .ok_or(GrantError::Exhausted)
+    }
+
+    /// Checks the idempotency slot; marks it in flight when new.
+    fn claim_slot(
+        &mut self,
+        claim: &IdempotencySlot,
+    ) -> Result<Option<Arc<CompletedMint>>, GrantError> {
+        let now = now_unix();
+        match self.slots.get(&claim.slot) {
+            Some(Slot::Done(mint)) if mint.expires_at > now => {
+                if mint.fingerprint == claim.fingerprint {
+                    return Ok(Some(mint.clone()));
+                }
+                return Err(GrantError::IdempotencyConflict);
+            }
+            Some(Slot::InFlight { fingerprint, since })
+                if now.saturating_sub(*since) < self.settings.in_flight_limit.as_secs() =>
+            {
+                if *fingerprint == claim.fingerprint {
+                    return Err(GrantError::IdempotencyInFlight);
+                }
+                return Err(GrantError::IdempotencyConflict);
+            }
+            _ => {}
+        }
+        self.slots.insert(
+            claim.slot.clone(),
+            Slot::InFlight {
+                fingerprint: claim.fingerprint.clone(),
+                since: now,
+            },
+        );
+        Ok(None)
+    }
+
+    fn free_slot(&mut self, slot: &str) {
+        if matches!(self.slots.get(slot), Some(Slot::InFlight { .. })) {
+            self.slots.remove(slot);
+        }
+    }
+
+    /// Gives a reserved use back; persisted with the next commit.
+    fn return_use(&mut self, grant_id: &str, ctx: &mut Context<Self>) {
+        if let Some(grant) = self.grants.get_mut(grant_id) {
+            grant.uses = grant.uses.saturating_sub(1);
+            self.dirty_grants.insert(grant_id.to_owned());
+            self.commit_pending(ctx);
+        }
+    }
+
+    /// A receiver that resolves once everything changed so far is durable.
+    fn durable(&mut self, ctx: &mut Context<Self>) -> oneshot::Receiver<Result<(), GrantError>> {
+        let (reply, durable) = oneshot::channel();
+        self.waiting.push(reply);
+        self.commit_pending(ctx);
+        durable
+    }
+
+    /// Starts the next group commit if there is anything to write.
+    fn commit_pending(&mut self, ctx: &mut Context<Self>) {
+        let nothing = self.dirty_grants.is_empty()
+            && self.dirty_slots.is_empty()
+            && self.forgotten_slots.is_empty()
+            && self.waiting.is_empty();
+        if self.committing || nothing {
+            return;
+        }
+        let grant_ids: Vec<String> = self.dirty_grants.drain().collect();
+        let slot_ids: Vec<String> = self.dirty_slots.drain().collect();
+        let changes = GrantChanges {
+            grants: grant_ids
+                .iter()
+                .filter_map(|id| self.grants.get(id).cloned())
+                .collect(),
+            completed: slot_ids
+                .iter()
+                .filter_map(|id| match self.slots.get(id) {
+                    Some(Slot::Done(mint)) => Some((id.clone(), (**mint).clone())),
+                    _ => None,
+                })
+                .collect(),
+            forgotten: self.forgotten_slots.drain().collect(),
+        };
+        let waiting = std::mem::take(&mut self.waiting);
+        self.committing = true;
+        let store = self.store.clone();
+        let write = async move {
+            tokio::task::spawn_blocking(move || {
+                let result = store.commit(&changes);
+                (result, changes)
+            })
+            .await
+        };
+        ctx.spawn(write.into_actor(self).map(move |joined, actor, ctx| {
+            actor.committing = false;
+            let result = match joined {
+                Ok((Ok(()), _)) => Ok(()),
+                Ok((Err(e), changes)) => {
+                    // Still to be written: retry with the next commit.
+                    actor.dirty_grants.extend(grant_ids);
+                    actor.dirty_slots.extend(slot_ids);
+                    actor.forgotten_slots.extend(changes.forgotten);
+                    Err(GrantError::from(e))
+                }
+                Err(e) => Err(GrantError::Storage(e.to_string())),
+            };
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "grant commit failed");
+            }
+            for reply in waiting {
+                let _ = reply.send(result.clone());
+            }
+            actor.commit_pending(ctx);
+        }));
+    }
+
+    fn purge_expired_slots(&mut self, ctx: &mut Context<Self>) {
+        let now = now_unix();
+        let in_flight_limit = self.settings.in_flight_limit.as_secs();
+        let mut forgotten = Vec::new();
+        self.slots.retain(|id, slot| {
+            let keep = match slot {
+                Slot::Done(mint) => mint.expires_at > now,
+                Slot::InFlight { since, .. } => now.saturating_sub(*since) < in_flight_limit,
+            };
+            if !keep {
+                forgotten.push(id.clone());
+            }
+            keep
+        });
+        if !forgotten.is_empty() {
+            self.forgotten_slots.extend(forgotten);
+            self.commit_pending(ctx);
+        }
     }
 }
 
@@ -68,23 +449,168 @@ impl Actor for GrantActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.settings.mailbox_capacity);
+        ctx.run_interval(self.settings.purge_interval, |actor, ctx| {
+            actor.purge_expired_slots(ctx)
+        });
     }
 }
 
 impl Handler<Reserve> for GrantActor {
-    type Result = Result<GrantDecision, GrantError>;
+    type Result = ResponseActFuture<Self, Result<Reservation, GrantError>>;
 
-    /// Without explicit grants an agent may mint only under `bots/<omni>/`.
-    fn handle(&mut self, msg: Reserve, _: &mut Self::Context) -> Self::Result {
-        let own = ScopePath::agent_default(&msg.principal.omni_account);
-        if msg.intent.scope_path.is_within(&own) {
-            Ok(GrantDecision {
+    /// Replay, or match + take a use now and answer once it is durable.
+    fn handle(&mut self, msg: Reserve, ctx: &mut Self::Context) -> Self::Result {
+        let ready = |r| -> Self::Result { Box::pin(actix::fut::ready(r)) };
+        if let Some(claim) = &msg.idempotency {
+            match self.claim_slot(claim) {
+                Ok(Some(done)) => return ready(Ok(Reservation::Replay(done))),
+                Ok(None) => {}
+                Err(e) => return ready(Err(e)),
+            }
+        }
+        let account = &msg.principal.omni_account;
+        let own_scope = msg.own_scope_allowed
+            && msg
+                .intent
+                .scope_path
+                .is_within(&ScopePath::agent_default(account));
+        let grant_id = if own_scope {
+            None
+        } else {
+            match self.matching_grant(account, &msg.intent) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    if let Some(claim) = &msg.idempotency {
+                        self.free_slot(&claim.slot);
+                    }
+                    return ready(Err(e));
+                }
+            }
+        };
+        let Some(id) = grant_id else {
+            return ready(Ok(Reservation::Granted(GrantDecision {
                 grant_id: None,
                 not_after: None,
                 max_ttl_seconds: None,
-            })
-        } else {
-            Err(GrantError::Denied)
+            })));
+        };
+        let grant = self.grants.get_mut(&id).expect("matched grants exist");
+        grant.uses += 1;
+        let decision = GrantDecision {
+            grant_id: Some(id.clone()),
+            not_after: grant.expires_at,
+            max_ttl_seconds: grant.max_ttl_seconds,
+        };
+        self.dirty_grants.insert(id.clone());
+        let durable = self.durable(ctx);
+        let slot = msg.idempotency.map(|c| c.slot);
+        Box::pin(durable.into_actor(self).map(move |waited, actor, ctx| {
+            committed(waited)
+                .map(|()| Reservation::Granted(decision))
+                .inspect_err(|_| {
+                    actor.return_use(&id, ctx);
+                    if let Some(slot) = slot {
+                        actor.free_slot(&slot);
+                    }
+                })
+        }))
+    }
+}
+
+impl Handler<Release> for GrantActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Release, ctx: &mut Self::Context) {
+        if let Some(id) = &msg.grant_id {
+            self.return_use(id, ctx);
         }
+        if let Some(claim) = &msg.idempotency {
+            self.free_slot(&claim.slot);
+        }
+    }
+}
+
+impl Handler<Complete> for GrantActor {
+    type Result = ResponseActFuture<Self, Result<(), GrantError>>;
+
+    /// Keeps the answer for replays; durable before it answers.
+    fn handle(&mut self, msg: Complete, ctx: &mut Self::Context) -> Self::Result {
+        self.slots
+            .insert(msg.slot.clone(), Slot::Done(Arc::new(msg.mint)));
+        self.dirty_slots.insert(msg.slot);
+        let durable = self.durable(ctx);
+        Box::pin(async move { committed(durable.await) }.into_actor(self))
+    }
+}
+
+impl Handler<CreateGrant> for GrantActor {
+    type Result = ResponseActFuture<Self, Result<Grant, GrantError>>;
+
+    /// Live only once durable; removed again if the write fails.
+    fn handle(&mut self, msg: CreateGrant, ctx: &mut Self::Context) -> Self::Result {
+        let grant = Grant {
+            id: format!("g_{}", random_hex(12)),
+            agent: msg.agent,
+            omni_account: msg.omni_account,
+            service: msg.spec.service,
+            scope_path: msg.spec.scope_path,
+            max_uses: msg.spec.max_uses,
+            uses: 0,
+            expires_at: msg.spec.expires_at,
+            max_ttl_seconds: msg.spec.max_ttl_seconds,
+            revoked: false,
+            created_at: now_unix(),
+        };
+        self.insert_grant(grant.clone());
+        self.dirty_grants.insert(grant.id.clone());
+        let durable = self.durable(ctx);
+        Box::pin(durable.into_actor(self).map(move |waited, actor, _| {
+            committed(waited).map(|()| grant.clone()).inspect_err(|_| {
+                actor.grants.remove(&grant.id);
+                actor.dirty_grants.remove(&grant.id);
+                if let Some(ids) = actor.by_account.get_mut(&grant.omni_account) {
+                    ids.retain(|id| *id != grant.id);
+                }
+            })
+        }))
+    }
+}
+
+impl Handler<RevokeGrant> for GrantActor {
+    type Result = ResponseActFuture<Self, Result<Grant, GrantError>>;
+
+    /// Takes effect in memory at once (fail-safe), answers once durable.
+    fn handle(&mut self, msg: RevokeGrant, ctx: &mut Self::Context) -> Self::Result {
+        let Some(grant) = self.grants.get_mut(&msg.id) else {
+            return Box::pin(actix::fut::ready(Err(GrantError::NotFound)));
+        };
+        grant.revoked = true;
+        let revoked = grant.clone();
+        self.dirty_grants.insert(msg.id);
+        let durable = self.durable(ctx);
+        Box::pin(async move { committed(durable.await).map(|()| revoked) }.into_actor(self))
+    }
+}
+
+impl Handler<GetGrant> for GrantActor {
+    type Result = Option<Grant>;
+
+    fn handle(&mut self, msg: GetGrant, _: &mut Self::Context) -> Self::Result {
+        self.grants.get(&msg.id).cloned()
+    }
+}
+
+impl Handler<ListGrants> for GrantActor {
+    type Result = Vec<Grant>;
+
+    fn handle(&mut self, msg: ListGrants, _: &mut Self::Context) -> Self::Result {
+        let mut grants: Vec<Grant> = self
+            .grants
+            .values()
+            .filter(|g| msg.agent.as_ref().is_none_or(|a| g.agent == *a))
+            .cloned()
+            .collect();
+        grants.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        grants
     }
 }

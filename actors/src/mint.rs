@@ -1,7 +1,8 @@
 //! The one mint path as a plain async function: it sends the actors their
 //! messages in order and is usable with or without HTTP.
 //!
-//! verify session → rate limit → grant → sign → audit durable → release.
+//! verify session → rate limit → grant (or replay) → sign → audit durable
+//! → keep for replay → release.
 
 use std::time::Duration;
 
@@ -11,9 +12,13 @@ use crate::audit::{AuditActor, MintEvent, Outcome, Record};
 use crate::auth::{AuthActor, AuthError, VerifySession};
 use crate::backpressure::{ask, Overloaded};
 use crate::domain::{
-    now_unix, random_hex, ErrorCode, InvalidInput, Principal, ScopePath, ServiceName,
+    now_unix, random_hex, sha256_hex, ErrorCode, IdempotencyKey, InvalidInput, Principal,
+    ScopePath, ServiceName,
 };
-use crate::grant::{GrantActor, GrantError, Intent, Reserve};
+use crate::grant::{
+    Complete, CompletedMint, GrantActor, GrantDecision, GrantError, IdempotencySlot, Intent,
+    Release, Reservation, Reserve,
+};
 use crate::rate_limit::{CheckRate, RateLimitActor};
 use crate::signer::{AwsSessionTags, OidcClaims, SignOidc, SignerPool};
 
@@ -57,6 +62,8 @@ impl MintError {
             ErrorCode::RateLimited => Outcome::RateLimited,
             ErrorCode::GrantDenied => Outcome::GrantDenied,
             ErrorCode::GrantExhausted => Outcome::GrantExhausted,
+            ErrorCode::IdempotencyConflict => Outcome::IdempotencyConflict,
+            ErrorCode::IdempotencyInFlight => Outcome::IdempotencyInFlight,
             ErrorCode::BadRequest => Outcome::BadRequest,
             ErrorCode::Overloaded => Outcome::Overloaded,
             _ => Outcome::Error,
@@ -73,11 +80,15 @@ pub struct MintRequest {
     pub intent: Option<Intent>,
     pub ttl_seconds: Option<u64>,
     pub audience: Option<String>,
+    /// The client's `Idempotency-Key`, if it sent one.
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// SHA-256 of method, path and body: what "the same request" means.
+    pub fingerprint: String,
     /// Correlates the response, the log line and the audit record.
     pub request_id: String,
 }
 
-/// A released OIDC JWT.
+/// The body of a successful mint, as sent (and replayed) byte for byte.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Minted {
     pub jwt: String,
@@ -87,6 +98,16 @@ pub struct Minted {
     pub grant_id: Option<String>,
 }
 
+/// What the HTTP layer sends back for a successful mint.
+#[derive(Clone, Debug)]
+pub struct MintResponse {
+    /// The exact JSON body; a replay returns the first one unchanged.
+    pub body: Vec<u8>,
+    /// True when this answers an earlier request with the same key.
+    pub replayed: bool,
+    pub jti: String,
+}
+
 /// Mint policy from config.
 #[derive(Clone, Debug)]
 pub struct MintPolicy {
@@ -94,11 +115,16 @@ pub struct MintPolicy {
     pub issuer: String,
     /// Audiences a caller may ask for; the first is the default.
     pub audiences: Vec<String>,
+    /// Every mint needs a matching explicit grant; when false, an agent
+    /// may mint for its own `bots/<omni>/` without one.
+    pub grants_required: bool,
     /// The service of an intent-less mint.
     pub default_service: ServiceName,
     pub default_ttl_seconds: u64,
     /// No JWT lives longer than this, whatever is asked.
     pub max_ttl_seconds: u64,
+    /// How long a finished mint can be replayed by its Idempotency-Key.
+    pub idempotency_retention: Duration,
     /// Longest wait for any actor's answer before the caller gets 503.
     pub send_timeout: Duration,
 }
@@ -116,18 +142,18 @@ pub struct MintPipeline {
 
 impl MintPipeline {
     /// Runs every gate; records the attempt whatever its outcome.
-    pub async fn mint(&self, request: MintRequest) -> Result<Minted, MintError> {
+    pub async fn mint(&self, request: MintRequest) -> Result<MintResponse, MintError> {
         let mut event = MintEvent {
             request_id: request.request_id.clone(),
             ..MintEvent::default()
         };
         match self.gated_mint(request, &mut event).await {
-            Ok(minted) => Ok(minted),
+            Ok(response) => Ok(response),
             Err(error) => {
                 event.outcome = Some(error.outcome());
                 event.jti = None;
-                // A denial releases nothing, so its record need not block it;
-                // it still rides the next group commit.
+                // A refusal releases nothing, so a failed record does not
+                // change its answer; it rides the next group commit.
                 if let Err(audit) = self.record(event).await {
                     tracing::warn!(error = %audit, "audit of a refused mint failed");
                 }
@@ -140,24 +166,24 @@ impl MintPipeline {
         &self,
         request: MintRequest,
         event: &mut MintEvent,
-    ) -> Result<Minted, MintError> {
+    ) -> Result<MintResponse, MintError> {
         let timeout = self.policy.send_timeout;
-        let principal = ask(
-            &self.auth,
-            VerifySession {
-                token: request.bearer,
-            },
-            timeout,
-            "auth actor",
-        )
-        .await??;
+        let caller = sha256_hex(&request.bearer);
+        let verify = VerifySession {
+            token: request.bearer,
+        };
+        let principal = ask(&self.auth, verify, timeout, "auth actor").await??;
         event.omni_account = Some(principal.omni_account.to_string());
         event.agent = Some(principal.agent.as_str().to_owned());
 
-        let intent = request.intent.unwrap_or_else(|| Intent {
-            service: self.policy.default_service.clone(),
-            scope_path: ScopePath::agent_default(&principal.omni_account),
-        });
+        let intent = match request.intent {
+            Some(intent) => intent,
+            None if !self.policy.grants_required => Intent {
+                service: self.policy.default_service.clone(),
+                scope_path: ScopePath::agent_default(&principal.omni_account),
+            },
+            None => return Err(InvalidInput("service and scope_path are required".into()).into()),
+        };
         event.service = Some(intent.service.as_str().to_owned());
         event.scope_path = Some(intent.scope_path.as_str().to_owned());
         let audience = self.audience(request.audience)?;
@@ -174,24 +200,92 @@ impl MintPipeline {
             retry_after: e.retry_after,
         })?;
 
+        let idempotency = request.idempotency_key.map(|key| IdempotencySlot {
+            slot: sha256_hex(format!("{caller}:{}", key.as_str())),
+            fingerprint: request.fingerprint,
+        });
         let reserve = Reserve {
             principal: principal.clone(),
             intent: intent.clone(),
+            idempotency: idempotency.clone(),
+            own_scope_allowed: !self.policy.grants_required,
         };
-        let decision = ask(&self.grants, reserve, timeout, "grant actor").await??;
+        let decision = match ask(&self.grants, reserve, timeout, "grant actor").await?? {
+            Reservation::Replay(done) => {
+                event.outcome = Some(Outcome::Replayed);
+                event.jti = Some(done.jti.clone());
+                event.grant_id = done.grant_id.clone();
+                self.record(event.clone()).await?;
+                return Ok(MintResponse {
+                    body: done.body.clone(),
+                    replayed: true,
+                    jti: done.jti.clone(),
+                });
+            }
+            Reservation::Granted(decision) => decision,
+        };
         event.grant_id = decision.grant_id.clone();
 
+        let released = self
+            .sign_and_record(
+                &principal,
+                &intent,
+                audience,
+                request.ttl_seconds,
+                &decision,
+                event,
+            )
+            .await;
+        match released {
+            Ok(minted) => {
+                let body =
+                    serde_json::to_vec(&minted).map_err(|e| MintError::Internal(e.to_string()))?;
+                if let Some(claim) = idempotency {
+                    self.keep_for_replay(claim, &minted, &body).await;
+                }
+                Ok(MintResponse {
+                    body,
+                    replayed: false,
+                    jti: minted.jti,
+                })
+            }
+            Err(error) => {
+                let release = Release {
+                    grant_id: decision.grant_id,
+                    idempotency,
+                };
+                if ask(&self.grants, release, timeout, "grant actor")
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("could not give a reserved grant use back");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Signs the JWT and makes its audit record durable; only then is it
+    /// released.
+    async fn sign_and_record(
+        &self,
+        principal: &Principal,
+        intent: &Intent,
+        audience: String,
+        ttl_seconds: Option<u64>,
+        decision: &GrantDecision,
+        event: &mut MintEvent,
+    ) -> Result<Minted, MintError> {
         let now = now_unix();
-        let ttl = request
-            .ttl_seconds
+        let ttl = ttl_seconds
             .unwrap_or(self.policy.default_ttl_seconds)
             .min(self.policy.max_ttl_seconds)
             .min(decision.max_ttl_seconds.unwrap_or(u64::MAX));
         let expiration = (now + ttl).min(decision.not_after.unwrap_or(u64::MAX));
         let claims = oidc_claims(
             &self.policy.issuer,
-            &principal,
-            &intent,
+            principal,
+            intent,
             audience,
             decision.grant_id.clone(),
             now,
@@ -203,7 +297,6 @@ impl MintPipeline {
             .call(SignOidc(claims))
             .await?
             .map_err(|e| MintError::Internal(e.to_string()))?;
-
         event.jti = Some(jti.clone());
         event.outcome = Some(Outcome::Ok);
         self.record(event.clone()).await?;
@@ -212,8 +305,35 @@ impl MintPipeline {
             expiration,
             jti,
             omni_account: principal.omni_account.to_string(),
-            grant_id: decision.grant_id,
+            grant_id: decision.grant_id.clone(),
         })
+    }
+
+    /// Stores the answer for replays. The JWT is already released and
+    /// audited, so a failure here is logged, not returned.
+    async fn keep_for_replay(&self, claim: IdempotencySlot, minted: &Minted, body: &[u8]) {
+        let complete = Complete {
+            slot: claim.slot,
+            mint: CompletedMint {
+                fingerprint: claim.fingerprint,
+                body: body.to_vec(),
+                jti: minted.jti.clone(),
+                grant_id: minted.grant_id.clone(),
+                expires_at: now_unix() + self.policy.idempotency_retention.as_secs(),
+            },
+        };
+        match ask(
+            &self.grants,
+            complete,
+            self.policy.send_timeout,
+            "grant actor",
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "idempotency record not stored"),
+            Err(e) => tracing::error!(error = %e, "idempotency record not stored"),
+        }
     }
 
     /// The requested audience if allowed, else the default.

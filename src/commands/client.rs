@@ -26,7 +26,9 @@ impl BrokerClient {
     pub fn new(base_url: &str) -> Self {
         Self {
             base_url: base_url.trim_end_matches('/').to_owned(),
-            http: awc::Client::builder().timeout(Duration::from_secs(30)).finish(),
+            http: awc::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .finish(),
         }
     }
 
@@ -40,7 +42,9 @@ impl BrokerClient {
     ) -> Result<Value, ClientError> {
         let method = awc::http::Method::from_bytes(method.as_bytes())
             .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let mut request = self.http.request(method, format!("{}{path}", self.base_url));
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base_url));
         if let Some(token) = bearer {
             request = request.insert_header(("Authorization", format!("Bearer {token}")));
         }
@@ -70,7 +74,12 @@ impl BrokerClient {
     pub async fn login(&self, device_key: &SigningKey) -> Result<String, ClientError> {
         let public_key = hex::encode(device_key.verifying_key().to_bytes());
         let challenge = self
-            .call("POST", "/v1/auth/challenge", None, Some(&json!({ "public_key": public_key })))
+            .call(
+                "POST",
+                "/v1/auth/challenge",
+                None,
+                Some(&json!({ "public_key": public_key })),
+            )
             .await?;
         let message = challenge["message"].as_str().unwrap_or_default();
         let signature = device_key.sign(message.as_bytes());
@@ -86,6 +95,9 @@ impl BrokerClient {
                 })),
             )
             .await?;
-        Ok(session["session_token"].as_str().unwrap_or_default().to_owned())
+        Ok(session["session_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
     }
 }

@@ -1,9 +1,12 @@
-//! Operator API, behind the admin token: the agent registry.
+//! Operator API, behind the admin token: the agent registry and grants.
 
 use actix_web::{delete, get, post, web, HttpRequest, HttpResponse};
-use agentkeys_actors::auth::{ListAgents, RegisterAgent, RemoveAgent};
+use agentkeys_actors::auth::{ListAgents, LookupAgent, RegisterAgent, RemoveAgent};
 use agentkeys_actors::backpressure::ask;
-use agentkeys_actors::domain::{AgentName, DevicePublicKey};
+use agentkeys_actors::domain::{
+    now_unix, AgentName, DevicePublicKey, ErrorCode, ScopePath, ServiceName,
+};
+use agentkeys_actors::grant::{CreateGrant, GetGrant, GrantSpec, ListGrants, RevokeGrant};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -13,7 +16,11 @@ use crate::startup::BrokerState;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(add_agent)
         .service(list_agents)
-        .service(remove_agent);
+        .service(remove_agent)
+        .service(add_grant)
+        .service(list_grants)
+        .service(get_grant)
+        .service(revoke_grant);
 }
 
 #[derive(Deserialize)]
@@ -76,4 +83,135 @@ async fn remove_agent(
     .await??;
     tracing::info!(agent = name.as_str(), "agent removed");
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewGrant {
+    agent: String,
+    service: String,
+    scope_path: String,
+    #[serde(default)]
+    max_uses: Option<u64>,
+    #[serde(default)]
+    expires_at: Option<u64>,
+    #[serde(default)]
+    max_ttl_seconds: Option<u64>,
+}
+
+impl NewGrant {
+    fn spec(&self) -> Result<GrantSpec, ApiError> {
+        if self.max_uses == Some(0) {
+            return Err(ApiError::bad_request(
+                "max_uses must be at least 1 (or null)",
+            ));
+        }
+        if self.expires_at.is_some_and(|at| at <= now_unix()) {
+            return Err(ApiError::bad_request(
+                "expires_at must be in the future (or null)",
+            ));
+        }
+        if self.max_ttl_seconds == Some(0) {
+            return Err(ApiError::bad_request(
+                "max_ttl_seconds must be at least 1 (or null)",
+            ));
+        }
+        Ok(GrantSpec {
+            service: ServiceName::parse(&self.service)?,
+            scope_path: ScopePath::parse(&self.scope_path)?,
+            max_uses: self.max_uses,
+            expires_at: self.expires_at,
+            max_ttl_seconds: self.max_ttl_seconds,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantFilter {
+    agent: Option<String>,
+}
+
+fn no_such_grant() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such grant")
+}
+
+#[post("/v1/admin/grants")]
+async fn add_grant(
+    state: web::Data<BrokerState>,
+    request: HttpRequest,
+    body: web::Json<NewGrant>,
+) -> Result<HttpResponse, ApiError> {
+    state.admin_token.check(&request)?;
+    let name = AgentName::parse(&body.agent)?;
+    let spec = body.spec()?;
+    let timeout = state.pipeline.policy.send_timeout;
+    let agent = ask(
+        &state.pipeline.auth,
+        LookupAgent { name },
+        timeout,
+        "auth actor",
+    )
+    .await?
+    .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such agent"))?;
+    let create = CreateGrant {
+        agent: agent.name,
+        omni_account: agent.omni_account,
+        spec,
+    };
+    let grant = ask(&state.pipeline.grants, create, timeout, "grant actor").await??;
+    tracing::info!(grant = %grant.id, agent = grant.agent.as_str(), "grant created");
+    Ok(HttpResponse::Created().json(grant))
+}
+
+#[get("/v1/admin/grants")]
+async fn list_grants(
+    state: web::Data<BrokerState>,
+    request: HttpRequest,
+    filter: web::Query<GrantFilter>,
+) -> Result<HttpResponse, ApiError> {
+    state.admin_token.check(&request)?;
+    let agent = filter.agent.as_deref().map(AgentName::parse).transpose()?;
+    let timeout = state.pipeline.policy.send_timeout;
+    let grants = ask(
+        &state.pipeline.grants,
+        ListGrants { agent },
+        timeout,
+        "grant actor",
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(json!({ "grants": grants })))
+}
+
+#[get("/v1/admin/grants/{id}")]
+async fn get_grant(
+    state: web::Data<BrokerState>,
+    request: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    state.admin_token.check(&request)?;
+    let timeout = state.pipeline.policy.send_timeout;
+    let get = GetGrant {
+        id: id.into_inner(),
+    };
+    let grant = ask(&state.pipeline.grants, get, timeout, "grant actor")
+        .await?
+        .ok_or_else(no_such_grant)?;
+    Ok(HttpResponse::Ok().json(grant))
+}
+
+#[delete("/v1/admin/grants/{id}")]
+async fn revoke_grant(
+    state: web::Data<BrokerState>,
+    request: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    state.admin_token.check(&request)?;
+    let timeout = state.pipeline.policy.send_timeout;
+    let revoke = RevokeGrant {
+        id: id.into_inner(),
+    };
+    let grant = ask(&state.pipeline.grants, revoke, timeout, "grant actor").await??;
+    tracing::info!(grant = %grant.id, "grant revoked");
+    Ok(HttpResponse::Ok().json(grant))
 }

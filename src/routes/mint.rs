@@ -1,20 +1,22 @@
 //! `POST /v1/mint-oidc-jwt`: the one mint path.
 
 use actix_web::{post, web, HttpRequest, HttpResponse};
-use agentkeys_actors::domain::{random_hex, ScopePath, ServiceName};
+use agentkeys_actors::domain::{random_hex, sha256_hex, IdempotencyKey, ScopePath, ServiceName};
 use agentkeys_actors::grant::Intent;
 use agentkeys_actors::mint::MintRequest;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::admin_token::bearer_token;
 use crate::error::ApiError;
 use crate::startup::BrokerState;
 
+const PATH: &str = "/v1/mint-oidc-jwt";
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(mint_oidc_jwt);
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct MintBody {
     service: Option<String>,
@@ -35,6 +37,25 @@ impl MintBody {
             _ => Err(ApiError::bad_request("service and scope_path go together")),
         }
     }
+
+    /// What "the same request" means for idempotency: method, path and the
+    /// parsed body in one canonical form (field order and spacing aside).
+    fn fingerprint(&self) -> String {
+        let canonical = serde_json::to_string(self).expect("the body serializes");
+        sha256_hex(format!("POST {PATH}\n{canonical}"))
+    }
+}
+
+fn idempotency_key(request: &HttpRequest) -> Result<Option<IdempotencyKey>, ApiError> {
+    match request.headers().get("Idempotency-Key") {
+        None => Ok(None),
+        Some(value) => {
+            let text = value
+                .to_str()
+                .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
+            Ok(Some(IdempotencyKey::parse(text)?))
+        }
+    }
 }
 
 #[tracing::instrument(skip_all, fields(request_id, outcome))]
@@ -52,6 +73,8 @@ async fn mint_oidc_jwt(
     if body.ttl_seconds == Some(0) {
         return Err(ApiError::bad_request("ttl_seconds must be at least 1"));
     }
+    let idempotency_key = idempotency_key(&request)?;
+    let fingerprint = body.fingerprint();
     let body = body.into_inner();
     let result = state
         .pipeline
@@ -60,16 +83,24 @@ async fn mint_oidc_jwt(
             intent,
             ttl_seconds: body.ttl_seconds,
             audience: body.audience,
+            idempotency_key,
+            fingerprint,
             request_id: request_id.clone(),
         })
         .await;
     match result {
         Ok(minted) => {
-            span.record("outcome", "ok");
-            tracing::info!(omni_account = %minted.omni_account, jti = %minted.jti, "minted");
-            Ok(HttpResponse::Ok()
+            let outcome = if minted.replayed { "replayed" } else { "ok" };
+            span.record("outcome", outcome);
+            tracing::info!(jti = %minted.jti, "minted");
+            let mut response = HttpResponse::Ok();
+            response
                 .insert_header(("X-Request-Id", request_id))
-                .json(minted))
+                .content_type("application/json");
+            if minted.replayed {
+                response.insert_header(("Idempotent-Replayed", "true"));
+            }
+            Ok(response.body(minted.body))
         }
         Err(error) => {
             let error = ApiError::from(error);

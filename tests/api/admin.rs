@@ -1,11 +1,11 @@
 use actix_web::http::StatusCode;
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::helpers::spawn_open_app;
 
 #[actix_web::test]
 async fn admin_routes_need_the_admin_token() {
-    let app = spawn_app().await;
+    let app = spawn_open_app().await;
     let agent = app.register_agent("worker").await;
     let session = app.login(&agent).await;
     for bearer in [
@@ -29,7 +29,7 @@ async fn admin_routes_need_the_admin_token() {
 
 #[actix_web::test]
 async fn registering_lists_and_rejects_duplicates_and_bad_input_without_changes() {
-    let app = spawn_app().await;
+    let app = spawn_open_app().await;
     let first = app.register_agent("alpha").await;
     let admin = Some(app.admin_token.as_str());
 
@@ -65,7 +65,7 @@ async fn registering_lists_and_rejects_duplicates_and_bad_input_without_changes(
 
 #[actix_web::test]
 async fn removing_an_agent_ends_its_sessions_and_a_disabled_agent_is_forbidden() {
-    let app = spawn_app().await;
+    let app = spawn_open_app().await;
     let admin = Some(app.admin_token.as_str());
     let agent = app.register_agent("temp").await;
     let session = app.login(&agent).await;

@@ -7,7 +7,7 @@ use ed25519_dalek::Signer;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use crate::helpers::{own_scope, spawn_app, TestApp};
+use crate::helpers::{own_scope, spawn_open_app, TestApp};
 
 /// PKCS#8 v1 wrapping of a raw Ed25519 seed.
 fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
@@ -43,7 +43,7 @@ async fn assert_mint_refused(
 
 #[actix_web::test]
 async fn bad_bearer_tokens_are_401_unauthorized() {
-    let app = spawn_app().await;
+    let app = spawn_open_app().await;
     let agent = app.register_agent("victim").await;
     let session = app.login(&agent).await;
     let real_claims = claims_of(&session);
@@ -155,7 +155,7 @@ async fn bad_bearer_tokens_are_401_unauthorized() {
 
 #[actix_web::test]
 async fn malformed_unknown_oversize_and_invalid_mint_bodies_are_400() {
-    let app = spawn_app().await;
+    let app = spawn_open_app().await;
     let agent = app.register_agent("sloppy").await;
     let session = app.login(&agent).await;
     let omni = claims_of(&session)["sub"].as_str().unwrap().to_owned();
@@ -244,7 +244,7 @@ async fn malformed_unknown_oversize_and_invalid_mint_bodies_are_400() {
 
 #[actix_web::test]
 async fn a_scope_outside_the_agents_own_is_403_grant_denied() {
-    let app = spawn_app().await;
+    let app = spawn_open_app().await;
     let agent = app.register_agent("nosy").await;
     let other = app.register_agent("other").await;
     let session = app.login(&agent).await;
@@ -263,7 +263,7 @@ async fn a_scope_outside_the_agents_own_is_403_grant_denied() {
 
 #[actix_web::test]
 async fn login_refuses_unknown_reused_and_foreign_nonces_and_wrong_signatures() {
-    let app = spawn_app().await;
+    let app = spawn_open_app().await;
     let agent = app.register_agent("careful").await;
     let key_hex = agent.public_key_hex();
     let challenge_body = json!({ "public_key": key_hex });

@@ -40,6 +40,8 @@ pub struct Reply {
     pub status: StatusCode,
     pub headers: actix_web::http::header::HeaderMap,
     pub body: Value,
+    /// The body exactly as received.
+    pub raw: Vec<u8>,
 }
 
 impl Reply {
@@ -48,8 +50,15 @@ impl Reply {
     }
 }
 
+/// A broker with the shipped defaults: every mint needs a grant.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
+}
+
+/// A broker where agents may mint for their own `bots/<omni>/` without a
+/// grant (`grants.required = false`).
+pub async fn spawn_open_app() -> TestApp {
+    spawn_app_with(|s| s.grants.required = false).await
 }
 
 /// Starts a broker whose settings `tweak` adjusted.
@@ -151,6 +160,7 @@ impl TestApp {
             status: response.status(),
             headers: response.headers().clone(),
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            raw: bytes.to_vec(),
         }
     }
 
@@ -180,6 +190,25 @@ impl TestApp {
             .await;
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
         agent
+    }
+
+    /// Creates a grant through the admin API and returns it.
+    pub async fn grant(
+        &self,
+        agent: &TestAgent,
+        service: &str,
+        scope: &str,
+        max_uses: Option<u64>,
+    ) -> Value {
+        let reply = self
+            .post(
+                "/v1/admin/grants",
+                Some(&self.admin_token),
+                &json!({ "agent": agent.name, "service": service, "scope_path": scope, "max_uses": max_uses }),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        reply.body
     }
 
     /// Runs challenge + verify and returns the whole verify reply.

@@ -1,7 +1,7 @@
 use actix_web::http::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{own_scope, spawn_app, verify_against_jwks};
+use crate::helpers::{own_scope, spawn_app, spawn_open_app, verify_against_jwks};
 
 #[actix_web::test]
 async fn a_device_key_login_then_mint_returns_a_jwt_that_verifies_against_the_served_jwks() {
@@ -14,6 +14,7 @@ async fn a_device_key_login_then_mint_returns_a_jwt_that_verifies_against_the_se
     let session = login.body["session_token"].as_str().unwrap();
 
     let scope = format!("{}credentials/", own_scope(&omni));
+    let grant = app.grant(&agent, "s3", &own_scope(&omni), None).await;
     let reply = app
         .mint(
             session,
@@ -39,7 +40,8 @@ async fn a_device_key_login_then_mint_returns_a_jwt_that_verifies_against_the_se
     assert_eq!(claims["agentkeys_agent"], "builder");
     assert_eq!(claims["agentkeys_service"], "s3");
     assert_eq!(claims["agentkeys_scope_path"], scope);
-    assert!(claims["agentkeys_grant_id"].is_null());
+    assert_eq!(claims["agentkeys_grant_id"], grant["id"]);
+    assert_eq!(reply.body["grant_id"], grant["id"]);
     assert_eq!(claims["jti"], reply.body["jti"]);
     assert_eq!(claims["exp"], reply.body["expiration"]);
     let iat = claims["iat"].as_u64().unwrap();
@@ -72,7 +74,7 @@ async fn a_device_key_login_then_mint_returns_a_jwt_that_verifies_against_the_se
 
 #[actix_web::test]
 async fn a_mint_without_intent_gets_the_agents_own_scope_and_the_default_ttl() {
-    let app = spawn_app().await;
+    let app = spawn_open_app().await;
     let agent = app.register_agent("plain").await;
     let session = app.login(&agent).await;
     let reply = app.mint(&session, &json!({})).await;
@@ -96,7 +98,8 @@ async fn a_mint_without_intent_gets_the_agents_own_scope_and_the_default_ttl() {
 #[actix_web::test]
 async fn ttl_is_capped_by_config_and_an_allowed_audience_is_honoured() {
     let app = crate::helpers::spawn_app_with(|s| {
-        s.mint.max_ttl_seconds = 600;
+        s.grants.required = false;
+        s.mint.max_ttl_seconds = 450;
         s.oidc.audiences = vec!["sts.amazonaws.com".into(), "minio".into()];
     })
     .await;
@@ -118,13 +121,13 @@ async fn ttl_is_capped_by_config_and_an_allowed_audience_is_honoured() {
     .unwrap();
     assert_eq!(
         claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
-        600
+        450
     );
 }
 
 #[actix_web::test]
 async fn discovery_names_the_issuer_the_jwks_and_es256_with_cache_headers() {
-    let app = spawn_app().await;
+    let app = spawn_open_app().await;
     let reply = app.get("/.well-known/openid-configuration", None).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.body["issuer"], "https://broker.test");
@@ -166,7 +169,7 @@ async fn discovery_names_the_issuer_the_jwks_and_es256_with_cache_headers() {
 
 #[actix_web::test]
 async fn the_legacy_server_side_credential_route_does_not_exist() {
-    let app = spawn_app().await;
+    let app = spawn_open_app().await;
     let agent = app.register_agent("legacy").await;
     let session = app.login(&agent).await;
     for method in ["POST", "GET"] {
@@ -180,7 +183,7 @@ async fn the_legacy_server_side_credential_route_does_not_exist() {
 
 #[actix_web::test]
 async fn every_mint_attempt_is_in_the_hash_chained_ledger_without_tokens() {
-    let mut app = spawn_app().await;
+    let mut app = spawn_open_app().await;
     let agent = app.register_agent("audited").await;
     let session = app.login(&agent).await;
     let mut jtis = Vec::new();

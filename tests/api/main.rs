@@ -3,7 +3,9 @@
 
 mod admin;
 mod errors;
+mod grants;
 mod helpers;
+mod idempotency;
 mod login_and_mint;
 mod rate_limit;
 mod restart;

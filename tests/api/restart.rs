@@ -1,11 +1,11 @@
 use actix_web::http::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{spawn_app, verify_against_jwks};
+use crate::helpers::{spawn_open_app, verify_against_jwks};
 
 #[actix_web::test]
 async fn a_restart_on_the_same_data_dir_keeps_keys_agents_and_the_audit_chain() {
-    let app = spawn_app().await;
+    let app = spawn_open_app().await;
     let agent = app.register_agent("survivor").await;
     let session = app.login(&agent).await;
     let before = app.mint(&session, &json!({})).await;

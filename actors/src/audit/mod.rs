@@ -25,11 +25,14 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Ok,
+    Replayed,
     AuthFailed,
     Forbidden,
     RateLimited,
     GrantDenied,
     GrantExhausted,
+    IdempotencyConflict,
+    IdempotencyInFlight,
     BadRequest,
     Overloaded,
     Error,

@@ -5,6 +5,7 @@ pub mod redb_store;
 
 use crate::auth::AgentRecord;
 use crate::domain::AgentName;
+use crate::grant::{CompletedMint, Grant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -21,4 +22,24 @@ pub trait AgentStore: Send + Sync + 'static {
     fn insert(&self, agent: &AgentRecord) -> Result<(), StorageError>;
     /// Durably removes an agent; false when there was none.
     fn remove(&self, name: &AgentName) -> Result<bool, StorageError>;
+}
+
+/// Everything one grant commit writes, in one durable transaction.
+#[derive(Debug, Default)]
+pub struct GrantChanges {
+    /// Grants as they are now (created, used, released or revoked).
+    pub grants: Vec<Grant>,
+    /// Finished mints kept for replay, by idempotency slot.
+    pub completed: Vec<(String, CompletedMint)>,
+    /// Idempotency slots whose retention ended.
+    pub forgotten: Vec<String>,
+}
+
+/// Grants and idempotency records: written by the GrantActor only.
+pub trait GrantStore: Send + Sync + 'static {
+    /// All grants and the idempotency records still worth keeping.
+    #[allow(clippy::type_complexity)]
+    fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError>;
+    /// Writes `changes` durably and atomically.
+    fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError>;
 }

@@ -5,12 +5,18 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{AgentStore, StorageError};
+use super::{AgentStore, GrantChanges, GrantStore, StorageError};
 use crate::auth::AgentRecord;
-use crate::domain::{AgentName, DevicePublicKey};
+use crate::domain::{now_unix, AgentName, DevicePublicKey};
+use crate::grant::{CompletedMint, Grant};
 
 /// name → JSON of [`StoredAgent`].
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+
+/// grant id → JSON of the grant.
+const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
+/// idempotency slot → JSON of the completed mint.
+const COMPLETED: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 
 fn backend(e: impl std::fmt::Display) -> StorageError {
     StorageError::Backend(e.to_string())
@@ -100,6 +106,76 @@ impl AgentStore for RedbAgentStore {
         };
         txn.commit().map_err(backend)?;
         Ok(existed)
+    }
+}
+
+/// Grants and idempotency records in `grants.redb`.
+pub struct RedbGrantStore {
+    db: Database,
+}
+
+impl RedbGrantStore {
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let db = open_database(path, GRANTS)?;
+        let txn = db.begin_write().map_err(backend)?;
+        txn.open_table(COMPLETED).map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        Ok(Self { db })
+    }
+}
+
+impl GrantStore for RedbGrantStore {
+    fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let mut grants = Vec::new();
+        for entry in txn
+            .open_table(GRANTS)
+            .map_err(backend)?
+            .iter()
+            .map_err(backend)?
+        {
+            let (_, value) = entry.map_err(backend)?;
+            grants.push(serde_json::from_slice(value.value()).map_err(backend)?);
+        }
+        let now = now_unix();
+        let mut completed = Vec::new();
+        for entry in txn
+            .open_table(COMPLETED)
+            .map_err(backend)?
+            .iter()
+            .map_err(backend)?
+        {
+            let (slot, value) = entry.map_err(backend)?;
+            let mint: CompletedMint = serde_json::from_slice(value.value()).map_err(backend)?;
+            if mint.expires_at > now {
+                completed.push((slot.value().to_owned(), mint));
+            }
+        }
+        Ok((grants, completed))
+    }
+
+    fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut grants = txn.open_table(GRANTS).map_err(backend)?;
+            for grant in &changes.grants {
+                let bytes = serde_json::to_vec(grant).map_err(backend)?;
+                grants
+                    .insert(grant.id.as_str(), bytes.as_slice())
+                    .map_err(backend)?;
+            }
+            let mut completed = txn.open_table(COMPLETED).map_err(backend)?;
+            for (slot, mint) in &changes.completed {
+                let bytes = serde_json::to_vec(mint).map_err(backend)?;
+                completed
+                    .insert(slot.as_str(), bytes.as_slice())
+                    .map_err(backend)?;
+            }
+            for slot in &changes.forgotten {
+                completed.remove(slot.as_str()).map_err(backend)?;
+            }
+        }
+        txn.commit().map_err(backend)
     }
 }
 
