@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mint throughput over HTTP: builds the release binary, starts the broker on
 # a free loopback port with a fresh data directory, registers and logs in
-# $AGENTS agents, drives POST /v1/mint-oidc-jwt with wrk for $DURATION at
+# $AGENTS agents with a grant each (grants required, the default), drives POST /v1/mint-oidc-jwt with wrk for $DURATION at
 # $CONNECTIONS connections, prints mints/s, latency percentiles and answers
 # by error code, then stops the broker. Loopback only; stops by itself.
 #
@@ -43,8 +43,9 @@ done
 curl -fs "$url/readyz" >/dev/null || { echo "broker did not become ready" >&2; cat "$work/broker.log" >&2; exit 1; }
 
 ./target/release/agentkeys-broker load prepare --broker-url "$url" \
-  --admin-token-file "$work/data/admin.token" --agents "$AGENTS" --out "$work/tokens.txt"
+  --admin-token-file "$work/data/admin.token" --agents "$AGENTS" --grant "s3:load/" \
+  --out "$work/tokens.txt"
 
-echo "# $(nproc) cores; $AGENTS agents; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
-TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
+echo "# $(nproc) cores; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
+MINT_BODY='{"service":"s3","scope_path":"load/jobs/"}' TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
   -s harness/mint.lua "$url/v1/mint-oidc-jwt"

@@ -1,10 +1,13 @@
 use std::path::PathBuf;
+use std::process::ExitCode;
 
+use agentkeys_broker::commands::admin::{AdminCommand, AdminTarget};
+use agentkeys_broker::commands::client::BrokerClient;
 use agentkeys_broker::commands::load;
 use agentkeys_broker::settings::Settings;
 use agentkeys_broker::startup::Application;
 use agentkeys_broker::telemetry;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// Credential broker for AI agents: a pure OIDC JWT signer with one mint path.
 #[derive(Parser)]
@@ -22,34 +25,130 @@ enum Command {
         #[arg(long, env = "AGENTKEYS_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Manage agents on a running broker (admin API).
+    Agent {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// Manage grants on a running broker (admin API).
+    Grant {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: GrantCommand,
+    },
     /// Load-test helpers that drive a running broker.
-    #[command(subcommand)]
-    Load(LoadCommand),
+    Load {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: LoadCommand,
+    },
+}
+
+/// Which broker to talk to, and with which admin token.
+#[derive(Args)]
+struct Target {
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTKEYS_BROKER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    broker_url: String,
+    /// File holding the admin token.
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTKEYS_ADMIN_TOKEN_FILE",
+        default_value = "data/admin.token"
+    )]
+    admin_token_file: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Register an agent by name and Ed25519 public key (64 hex).
+    Add {
+        name: String,
+        #[arg(long)]
+        public_key: String,
+    },
+    /// List registered agents.
+    List,
+    /// Remove an agent; its sessions stop working at once.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum GrantCommand {
+    /// Let an agent mint for a service and scope prefix.
+    Add {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long = "scope")]
+        scope_path: String,
+        /// At most this many mints (default: unlimited).
+        #[arg(long)]
+        max_uses: Option<u64>,
+        /// Unix time after which the grant is void.
+        #[arg(long)]
+        expires_at: Option<u64>,
+        /// Longest JWT lifetime under this grant.
+        #[arg(long)]
+        max_ttl_seconds: Option<u64>,
+    },
+    /// List grants, all or one agent's.
+    List {
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Revoke a grant.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
 enum LoadCommand {
     /// Register N agents, log them in, write their session tokens to a file.
     Prepare {
-        #[arg(
-            long,
-            env = "AGENTKEYS_BROKER_URL",
-            default_value = "http://127.0.0.1:8080"
-        )]
-        broker_url: String,
-        /// File holding the admin token (e.g. data/admin.token).
-        #[arg(long)]
-        admin_token_file: PathBuf,
         #[arg(long, default_value_t = 16)]
         agents: usize,
+        /// Also grant each agent this service and scope (`SERVICE:SCOPE`).
+        #[arg(long)]
+        grant: Option<String>,
         #[arg(long)]
         out: PathBuf,
     },
 }
 
+impl Target {
+    fn connect(&self) -> Result<AdminTarget, Box<dyn std::error::Error>> {
+        let token = std::fs::read_to_string(&self.admin_token_file)
+            .map_err(|e| format!("admin token file {}: {e}", self.admin_token_file.display()))?;
+        Ok(AdminTarget {
+            client: BrokerClient::new(&self.broker_url),
+            token: token.trim().to_owned(),
+        })
+    }
+}
+
 #[actix_web::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    match Cli::parse().command {
+async fn main() -> ExitCode {
+    match run(Cli::parse().command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("agentkeys-broker: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    let (target, admin) = match command {
         Command::Serve { config } => {
             let settings = Settings::load(config.as_deref())?;
             telemetry::init(&settings.log.filter);
@@ -57,16 +156,53 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .await?
                 .run_until_stopped()
                 .await?;
+            return Ok(());
         }
-        Command::Load(LoadCommand::Prepare {
-            broker_url,
-            admin_token_file,
-            agents,
-            out,
-        }) => {
-            let admin_token = std::fs::read_to_string(admin_token_file)?;
-            load::prepare(&broker_url, admin_token.trim(), agents, &out).await?;
+        Command::Load {
+            target,
+            command: LoadCommand::Prepare { agents, grant, out },
+        } => {
+            let grant = grant
+                .map(|g| g.split_once(':').map(|(s, p)| (s.to_owned(), p.to_owned())))
+                .map(|g| g.ok_or("--grant takes SERVICE:SCOPE"))
+                .transpose()?;
+            load::prepare(&target.connect()?, agents, grant, &out).await?;
+            return Ok(());
         }
-    }
+        Command::Agent { target, command } => (target, agent_command(command)),
+        Command::Grant { target, command } => (target, grant_command(command)),
+    };
+    let answer = target.connect()?.run(admin).await?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
     Ok(())
+}
+
+fn agent_command(command: AgentCommand) -> AdminCommand {
+    match command {
+        AgentCommand::Add { name, public_key } => AdminCommand::AddAgent { name, public_key },
+        AgentCommand::List => AdminCommand::ListAgents,
+        AgentCommand::Remove { name } => AdminCommand::RemoveAgent { name },
+    }
+}
+
+fn grant_command(command: GrantCommand) -> AdminCommand {
+    match command {
+        GrantCommand::Add {
+            agent,
+            service,
+            scope_path,
+            max_uses,
+            expires_at,
+            max_ttl_seconds,
+        } => AdminCommand::AddGrant {
+            agent,
+            service,
+            scope_path,
+            max_uses,
+            expires_at,
+            max_ttl_seconds,
+        },
+        GrantCommand::List { agent } => AdminCommand::ListGrants { agent },
+        GrantCommand::Revoke { id } => AdminCommand::RevokeGrant { id },
+    }
 }

@@ -1,15 +1,16 @@
 //! `agentkeys-broker load prepare`: registers N agents with fresh device
-//! keys on a running broker, logs each in, and writes their session tokens
-//! one per line, for a load generator (wrk, see `harness/mint-load.sh`).
+//! keys on a running broker (optionally with a grant each), logs each in,
+//! and writes their session tokens one per line, for a load generator
+//! (wrk, see `harness/mint-load.sh`).
 
 use std::io::Write;
 use std::path::Path;
 
 use agentkeys_actors::domain::random_hex;
 use ed25519_dalek::SigningKey;
-use serde_json::json;
 
-use super::client::{BrokerClient, ClientError};
+use super::admin::{AdminCommand, AdminTarget};
+use super::client::ClientError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -21,26 +22,38 @@ pub enum LoadError {
 
 /// Registers and logs in `agents` agents; writes their tokens to `out`.
 pub async fn prepare(
-    broker_url: &str,
-    admin_token: &str,
+    target: &AdminTarget,
     agents: usize,
+    grant: Option<(String, String)>,
     out: &Path,
 ) -> Result<(), LoadError> {
-    let client = BrokerClient::new(broker_url);
     let run = random_hex(4);
     let mut tokens = Vec::with_capacity(agents);
     for i in 0..agents {
         let mut seed = [0u8; 32];
         hex::decode_to_slice(random_hex(32), &mut seed).expect("random_hex is hex");
         let key = SigningKey::from_bytes(&seed);
-        let agent = json!({
-            "name": format!("load-{run}-{i}"),
-            "public_key": hex::encode(key.verifying_key().to_bytes()),
-        });
-        client
-            .call("POST", "/v1/admin/agents", Some(admin_token), Some(&agent))
+        let name = format!("load-{run}-{i}");
+        let public_key = hex::encode(key.verifying_key().to_bytes());
+        target
+            .run(AdminCommand::AddAgent {
+                name: name.clone(),
+                public_key,
+            })
             .await?;
-        tokens.push(client.login(&key).await?);
+        if let Some((service, scope_path)) = &grant {
+            target
+                .run(AdminCommand::AddGrant {
+                    agent: name,
+                    service: service.clone(),
+                    scope_path: scope_path.clone(),
+                    max_uses: None,
+                    expires_at: None,
+                    max_ttl_seconds: None,
+                })
+                .await?;
+        }
+        tokens.push(target.client.login(&key).await?);
     }
     let mut file = std::fs::File::create(out)?;
     for token in tokens {

@@ -1,5 +1,6 @@
 //! The binary's commands besides `serve`: they talk to a running broker
 //! over its HTTP API, like any other client.
 
+pub mod admin;
 pub mod client;
 pub mod load;

@@ -2,6 +2,7 @@
 //! data directory and talks HTTP to it.
 
 mod admin;
+mod cli;
 mod errors;
 mod grants;
 mod helpers;

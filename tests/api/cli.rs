@@ -1,0 +1,84 @@
+//! The binary's admin commands, run as real processes against a real broker.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::helpers::{spawn_app, TestApp};
+
+fn broker_cli(app: &TestApp, args: &[&str]) -> (bool, Value, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
+        .args(args)
+        .env("AGENTKEYS_BROKER_URL", &app.address)
+        .env("AGENTKEYS_ADMIN_TOKEN_FILE", app.data_file("admin.token"))
+        .output()
+        .expect("the binary runs");
+    let stdout = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (
+        output.status.success(),
+        stdout,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[actix_web::test]
+async fn agent_and_grant_commands_drive_the_admin_api() {
+    let app = spawn_app().await;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]);
+    let public_key = hex::encode(key.verifying_key().to_bytes());
+
+    let (ok, added, _) = broker_cli(
+        &app,
+        &["agent", "add", "cli-bot", "--public-key", &public_key],
+    );
+    assert!(ok);
+    assert_eq!(added["name"], "cli-bot");
+    let (ok, granted, _) = broker_cli(
+        &app,
+        &[
+            "grant",
+            "add",
+            "--agent",
+            "cli-bot",
+            "--service",
+            "s3",
+            "--scope",
+            "cli/",
+            "--max-uses",
+            "2",
+        ],
+    );
+    assert!(ok);
+    assert_eq!(granted["max_uses"], 2);
+    let id = granted["id"].as_str().unwrap().to_owned();
+
+    let (_, listed, _) = broker_cli(&app, &["grant", "list", "--agent", "cli-bot"]);
+    assert_eq!(listed["grants"][0]["id"], id.as_str());
+    let (ok, revoked, _) = broker_cli(&app, &["grant", "revoke", &id]);
+    assert!(ok);
+    assert_eq!(revoked["revoked"], true);
+
+    let (_, agents, _) = broker_cli(&app, &["agent", "list"]);
+    assert_eq!(agents["agents"][0]["public_key"], public_key.as_str());
+    let (ok, _, _) = broker_cli(&app, &["agent", "remove", "cli-bot"]);
+    assert!(ok);
+
+    let (ok, _, stderr) = broker_cli(&app, &["agent", "remove", "cli-bot"]);
+    assert!(!ok, "removing a missing agent fails");
+    assert!(stderr.contains("not_found"), "{stderr}");
+    let (ok, _, stderr) = broker_cli(
+        &app,
+        &[
+            "grant",
+            "add",
+            "--agent",
+            "ghost",
+            "--service",
+            "s3",
+            "--scope",
+            "x/",
+        ],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("404"), "{stderr}");
+}
