@@ -221,14 +221,16 @@ async fn revoked_and_expired_grants_are_denied() {
         (StatusCode::FORBIDDEN, "grant_denied")
     );
 
-    let expires_at = agentkeys_actors::domain::now_unix() + 1;
+    let expires_at = agentkeys_actors::domain::now_unix() + 2;
     app.post(
         "/v1/admin/grants",
         Some(&app.admin_token),
         &json!({ "agent": "revokee", "service": "s3", "scope_path": "exp/", "expires_at": expires_at }),
     )
     .await;
-    std::thread::sleep(std::time::Duration::from_millis(2100));
+    while agentkeys_actors::domain::now_unix() <= expires_at {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let expired = app.mint(&session, &intent("s3", "exp/")).await;
     assert_eq!(
         (expired.status, expired.error_code()),
