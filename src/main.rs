@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use agentkeys_broker::commands::admin::{AdminCommand, AdminTarget};
 use agentkeys_broker::commands::client::BrokerClient;
-use agentkeys_broker::commands::load;
+use agentkeys_broker::commands::{audit, load};
 use agentkeys_broker::settings::Settings;
 use agentkeys_broker::startup::Application;
 use agentkeys_broker::telemetry;
@@ -39,6 +39,9 @@ enum Command {
         #[command(subcommand)]
         command: GrantCommand,
     },
+    /// Check the audit trail offline (stop the broker first).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Load-test helpers that drive a running broker.
     Load {
         #[command(flatten)]
@@ -112,6 +115,20 @@ enum GrantCommand {
 }
 
 #[derive(Subcommand)]
+enum AuditCommand {
+    /// Re-walk the hash chain and check every sink against the ledger;
+    /// exits 1 if anything does not verify.
+    Verify {
+        /// Config file naming the sinks; as for `serve`.
+        #[arg(long, env = "AGENTKEYS_CONFIG")]
+        config: Option<PathBuf>,
+        /// Data directory, overriding the config's.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum LoadCommand {
     /// Register N agents, log them in, write their session tokens to a file.
     Prepare {
@@ -168,6 +185,19 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 .transpose()?;
             load::prepare(&target.connect()?, agents, grant, &out).await?;
             return Ok(());
+        }
+        Command::Audit(AuditCommand::Verify { config, data_dir }) => {
+            let mut settings = Settings::load(config.as_deref())?;
+            if let Some(dir) = data_dir {
+                settings.storage.data_dir = dir;
+            }
+            let report = audit::verify_offline(&settings)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return if report.ok {
+                Ok(())
+            } else {
+                Err("the audit trail does not verify".into())
+            };
         }
         Command::Agent { target, command } => (target, agent_command(command)),
         Command::Grant { target, command } => (target, grant_command(command)),

@@ -5,6 +5,8 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agentkeys_actors::audit::config::SinkConfig;
+use agentkeys_actors::audit::Quorum;
 use serde::Deserialize;
 
 /// Everything an operator can tune. Unknown keys are an error, so a typo
@@ -20,6 +22,7 @@ pub struct Settings {
     pub mint: MintSettings,
     pub grants: GrantSettings,
     pub idempotency: IdempotencySettings,
+    pub audit: AuditSettings,
     pub actors: ActorSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
@@ -181,6 +184,40 @@ impl Default for IdempotencySettings {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct AuditSettings {
+    /// `all_required`: the ledger and every required sink must hold a
+    /// record before its JWT is released; `any`: the ledger and at least
+    /// one required sink.
+    pub quorum: Quorum,
+    /// How long a mint waits for a required sink before it gets 503.
+    pub sink_timeout_ms: u64,
+    /// How often a sink that fell behind retries from the ledger.
+    pub retry_interval_seconds: u64,
+    /// Batches waiting per sink; beyond it the sink catches up later.
+    pub sink_queue: usize,
+    /// The anchor sinks besides the ledger (which is always on).
+    pub sinks: Vec<SinkConfig>,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        let sinks: Vec<SinkConfig> = serde_json::from_value(serde_json::json!([
+            { "kind": "jsonl", "required": true },
+            { "kind": "evm" },
+        ]))
+        .expect("the default sinks deserialize");
+        Self {
+            quorum: Quorum::AllRequired,
+            sink_timeout_ms: 2000,
+            retry_interval_seconds: 5,
+            sink_queue: 1024,
+            sinks,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ActorSettings {
     /// Longest wait for an actor's answer before the caller gets 503.
     pub send_timeout_ms: u64,
@@ -295,6 +332,17 @@ impl Settings {
         }
         if self.idempotency.retention_seconds < self.mint.max_ttl_seconds {
             return invalid("idempotency.retention_seconds must be at least mint.max_ttl_seconds");
+        }
+        let mut names: Vec<_> = self.audit.sinks.iter().map(SinkConfig::name).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return invalid("audit.sinks: two sinks have the same name (set `name`)");
+        }
+        for sink in &self.audit.sinks {
+            sink.validate().map_err(SettingsError::Invalid)?;
+        }
+        if self.audit.sink_timeout_ms == 0 || self.audit.sink_queue == 0 {
+            return invalid("audit.sink_timeout_ms and audit.sink_queue must be at least 1");
         }
         if agentkeys_actors::domain::ServiceName::parse(&self.mint.default_service).is_err() {
             return invalid("mint.default_service must be 1-63 characters of [a-z0-9-]");

@@ -8,8 +8,9 @@ use std::time::Duration;
 use actix::Actor;
 use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
+use agentkeys_actors::audit::config::start_sinks;
 use agentkeys_actors::audit::ledger::LedgerSink;
-use agentkeys_actors::audit::{AuditActor, AuditSettings, AuditSink};
+use agentkeys_actors::audit::{AuditActor, AuditSettings as AuditActorSettings};
 use agentkeys_actors::auth::{self, AuthActor};
 use agentkeys_actors::domain::ServiceName;
 use agentkeys_actors::grant::{GrantActor, GrantSettings};
@@ -34,6 +35,8 @@ pub enum StartupError {
     Keys(#[from] KeyError),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    #[error("audit sinks: {0}")]
+    AuditSinks(std::io::Error),
     #[error("admin token: {0}")]
     AdminToken(std::io::Error),
     #[error("cannot listen on {bind}: {source}")]
@@ -42,6 +45,9 @@ pub enum StartupError {
         source: std::io::Error,
     },
 }
+
+/// The audit ledger's file in the data directory.
+pub const LEDGER_FILE: &str = "audit.redb";
 
 /// What every route may need, shared read-only by the HTTP workers.
 pub struct BrokerState {
@@ -172,15 +178,27 @@ fn start_actors(settings: &Settings, keys: Arc<KeyMaterial>) -> Result<MintPipel
     )?
     .start();
 
-    let (ledger, head) = LedgerSink::open(&data_dir.join("audit.redb"))?;
-    let sinks: Vec<Arc<dyn AuditSink>> = vec![Arc::new(ledger)];
+    let (ledger, head) = LedgerSink::open(&data_dir.join(LEDGER_FILE))?;
+    let ledger = Arc::new(ledger);
+    let audit_settings = &settings.audit;
+    let sinks: Vec<_> = audit_settings
+        .sinks
+        .iter()
+        .map(|s| s.resolved(data_dir))
+        .collect();
+    let retry = Duration::from_secs(audit_settings.retry_interval_seconds.max(1));
+    let workers = start_sinks(&sinks, &ledger, retry, audit_settings.sink_queue)
+        .map_err(StartupError::AuditSinks)?;
     let audit = AuditActor::new(
-        AuditSettings {
+        AuditActorSettings {
             mailbox_capacity: actors.audit_mailbox,
             max_batch: actors.audit_max_batch,
+            quorum: audit_settings.quorum,
+            sink_timeout: Duration::from_millis(audit_settings.sink_timeout_ms),
         },
-        sinks,
+        ledger,
         head,
+        workers,
     )
     .start();
 

@@ -65,6 +65,7 @@ impl MintError {
             ErrorCode::IdempotencyConflict => Outcome::IdempotencyConflict,
             ErrorCode::IdempotencyInFlight => Outcome::IdempotencyInFlight,
             ErrorCode::BadRequest => Outcome::BadRequest,
+            ErrorCode::AuditUnavailable => Outcome::AuditUnavailable,
             ErrorCode::Overloaded => Outcome::Overloaded,
             _ => Outcome::Error,
         }
@@ -151,7 +152,11 @@ impl MintPipeline {
             Ok(response) => Ok(response),
             Err(error) => {
                 event.outcome = Some(error.outcome());
-                event.jti = None;
+                // A JWT whose record could not reach its sinks was signed
+                // but withheld: say which one.
+                if !matches!(error, MintError::AuditUnavailable) {
+                    event.jti = None;
+                }
                 // A refusal releases nothing, so a failed record does not
                 // change its answer; it rides the next group commit.
                 if let Err(audit) = self.record(event).await {

@@ -2,5 +2,6 @@
 //! over its HTTP API, like any other client.
 
 pub mod admin;
+pub mod audit;
 pub mod client;
 pub mod load;

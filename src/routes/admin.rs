@@ -1,6 +1,7 @@
 //! Operator API, behind the admin token: the agent registry and grants.
 
 use actix_web::{delete, get, post, web, HttpRequest, HttpResponse};
+use agentkeys_actors::audit::{ReadRecords, VerifyAudit};
 use agentkeys_actors::auth::{ListAgents, LookupAgent, RegisterAgent, RemoveAgent};
 use agentkeys_actors::backpressure::ask;
 use agentkeys_actors::domain::{
@@ -20,7 +21,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(add_grant)
         .service(list_grants)
         .service(get_grant)
-        .service(revoke_grant);
+        .service(revoke_grant)
+        .service(read_audit)
+        .service(verify_audit);
 }
 
 #[derive(Deserialize)]
@@ -214,4 +217,54 @@ async fn revoke_grant(
     let grant = ask(&state.pipeline.grants, revoke, timeout, "grant actor").await??;
     tracing::info!(grant = %grant.id, "grant revoked");
     Ok(HttpResponse::Ok().json(grant))
+}
+
+/// Most audit records one page may ask for.
+const MAX_AUDIT_PAGE: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditPage {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+#[get("/v1/admin/audit")]
+async fn read_audit(
+    state: web::Data<BrokerState>,
+    request: HttpRequest,
+    page: web::Query<AuditPage>,
+) -> Result<HttpResponse, ApiError> {
+    state.admin_token.check(&request)?;
+    let limit = page.limit.unwrap_or(100);
+    if !(1..=MAX_AUDIT_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be 1-1000"));
+    }
+    let timeout = state.pipeline.policy.send_timeout;
+    let read = ReadRecords {
+        after: page.after,
+        limit,
+    };
+    let records = ask(&state.pipeline.audit, read, timeout, "audit actor")
+        .await?
+        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    Ok(HttpResponse::Ok().json(json!({ "records": records })))
+}
+
+/// Walks the whole chain, so it is not bounded by the usual send timeout.
+#[get("/v1/admin/audit/verify")]
+async fn verify_audit(
+    state: web::Data<BrokerState>,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    state.admin_token.check(&request)?;
+    let report = state
+        .pipeline
+        .audit
+        .send(VerifyAudit)
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Overloaded, "the audit actor is unavailable"))?
+        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    Ok(HttpResponse::Ok().json(report))
 }

@@ -1,11 +1,13 @@
 //! `LedgerSink`: the queryable primary audit store, a redb file of records
 //! keyed by `seq`. One durable transaction per batch (the group commit).
+//! Every record is here before any anchor sink sees it, so anchor sinks can
+//! always catch up from it.
 
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{AuditRecord, AuditSink, ChainHead};
+use super::{AuditRecord, ChainHead};
 use crate::storage::redb_store::open_database;
 use crate::storage::StorageError;
 
@@ -39,6 +41,21 @@ impl LedgerSink {
         Ok((sink, head))
     }
 
+    /// Durably appends a batch of consecutive records.
+    pub fn append(&self, batch: &[AuditRecord]) -> Result<(), String> {
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = txn.open_table(RECORDS).map_err(|e| e.to_string())?;
+            for record in batch {
+                let bytes = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+                table
+                    .insert(record.seq, bytes.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())
+    }
+
     /// Up to `limit` records with `seq > after`, in order.
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError> {
         let txn = self.db.begin_read().map_err(backend)?;
@@ -62,24 +79,4 @@ fn backend(e: impl std::fmt::Display) -> StorageError {
 
 fn decode(bytes: &[u8]) -> Result<AuditRecord, StorageError> {
     serde_json::from_slice(bytes).map_err(backend)
-}
-
-impl AuditSink for LedgerSink {
-    fn name(&self) -> &str {
-        "ledger"
-    }
-
-    fn append(&self, batch: &[AuditRecord]) -> Result<(), String> {
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
-        {
-            let mut table = txn.open_table(RECORDS).map_err(|e| e.to_string())?;
-            for record in batch {
-                let bytes = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-                table
-                    .insert(record.seq, bytes.as_slice())
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        txn.commit().map_err(|e| e.to_string())
-    }
 }

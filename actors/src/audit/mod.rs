@@ -1,13 +1,23 @@
-//! `AuditActor`: one hash-chained record per mint attempt, written to every
-//! sink before the mint may release its JWT.
+//! `AuditActor`: one hash-chained record per mint attempt, durable before
+//! the mint may release its JWT.
 //!
-//! Records that arrive while a write is under way wait and go together in
-//! the next one (group commit): under load one durable write serves many
-//! mints, and a flood of denials cannot force one flush each.
+//! The ledger (redb) is the primary: every batch is committed there first,
+//! in one durable transaction (group commit: records that arrive while a
+//! commit is under way go together in the next one, so a flood costs one
+//! flush per batch, not per record). The batch is then fanned out to the
+//! anchor sinks (jsonl file, EVM anchor) concurrently; the mint waits for
+//! the required ones as the quorum says. Each sink runs on its own worker
+//! that catches up from the ledger whenever it fell behind.
 
+pub mod config;
+pub mod evm;
+pub mod jsonl;
 pub mod ledger;
+pub mod verify;
+mod worker;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseFuture, WrapFuture,
@@ -16,6 +26,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::domain::{now_unix, sha256_hex, ErrorCode};
+use ledger::LedgerSink;
+pub use worker::{SinkStatus, SinkWorker};
 
 /// The hash before the first record.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -34,6 +46,7 @@ pub enum Outcome {
     IdempotencyConflict,
     IdempotencyInFlight,
     BadRequest,
+    AuditUnavailable,
     Overloaded,
     Error,
 }
@@ -128,17 +141,72 @@ impl AuditError {
     }
 }
 
-/// Somewhere audit records are kept. `append` returns only once the batch
-/// is durable there; it runs on a blocking thread.
-pub trait AuditSink: Send + Sync + 'static {
-    fn name(&self) -> &str;
-    fn append(&self, batch: &[AuditRecord]) -> Result<(), String>;
+/// An anchor sink: somewhere records are kept besides the ledger. It runs
+/// on its own worker thread, so it may block and needs no locking.
+pub trait AuditSink: Send + 'static {
+    /// The highest `seq` the sink durably holds (0: none), read at start.
+    fn held_seq(&self) -> u64;
+    /// Stores `batch`, which starts right after `held_seq`; returns the new
+    /// `held_seq` (a sink that buffers, like an anchor, may return less).
+    fn append(&mut self, batch: &[AuditRecord]) -> Result<u64, String>;
+    /// Called when idle, so a buffering sink can flush; returns `held_seq`.
+    fn flush_due(&mut self) -> Result<u64, String> {
+        Ok(self.held_seq())
+    }
 }
 
-/// Chain `event` and make it durable in every sink; answers its `seq`.
+/// Which sinks must hold a record before its mint may be released.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quorum {
+    /// The ledger and every required sink.
+    #[default]
+    AllRequired,
+    /// The ledger and at least one required sink (when any is configured).
+    Any,
+}
+
+/// Chain `event` and make it durable per the quorum; answers its `seq`.
 #[derive(Message)]
 #[rtype(result = "Result<u64, AuditError>")]
 pub struct Record(pub MintEvent);
+
+/// Up to `limit` ledger records after `after`, in order.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<AuditRecord>, AuditError>")]
+pub struct ReadRecords {
+    pub after: u64,
+    pub limit: usize,
+}
+
+/// Re-walk the chain and check every sink against it, with each sink's
+/// live state.
+#[derive(Message)]
+#[rtype(result = "Result<verify::VerifyReport, AuditError>")]
+pub struct VerifyAudit;
+
+/// The state of every sink, for `/v1/admin/audit/verify` and metrics.
+#[derive(Message)]
+#[rtype(result = "AuditState")]
+pub struct DescribeSinks;
+
+/// Where the chain ends and how far behind each sink is.
+#[derive(Clone, Debug, Serialize, actix::MessageResponse)]
+pub struct AuditState {
+    pub head_seq: u64,
+    pub head_hash: String,
+    pub sinks: Vec<SinkReport>,
+}
+
+/// One sink's live state.
+#[derive(Clone, Debug, Serialize)]
+pub struct SinkReport {
+    pub name: String,
+    pub required: bool,
+    pub held_seq: u64,
+    pub lag: u64,
+    pub last_error: Option<String>,
+}
 
 /// Tuning of the AuditActor, from config.
 #[derive(Clone, Debug)]
@@ -147,14 +215,20 @@ pub struct AuditSettings {
     pub mailbox_capacity: usize,
     /// Most records in one group commit.
     pub max_batch: usize,
+    pub quorum: Quorum,
+    /// How long a mint waits for a required sink before giving up (503).
+    pub sink_timeout: Duration,
 }
 
 type Reply = oneshot::Sender<Result<u64, AuditError>>;
 
 pub struct AuditActor {
     settings: AuditSettings,
-    sinks: Arc<[Arc<dyn AuditSink>]>,
-    /// The last record every sink holds.
+    /// The primary: every record is committed here first.
+    ledger: Arc<LedgerSink>,
+    /// The anchor sinks, each on its own worker.
+    sinks: Arc<[SinkWorker]>,
+    /// The last record the ledger holds.
     head: ChainHead,
     /// Records waiting for the next group commit, with their callers.
     pending: Vec<(MintEvent, Reply)>,
@@ -163,10 +237,16 @@ pub struct AuditActor {
 }
 
 impl AuditActor {
-    /// `head` is where the sinks' chain currently ends.
-    pub fn new(settings: AuditSettings, sinks: Vec<Arc<dyn AuditSink>>, head: ChainHead) -> Self {
+    /// `head` is where the ledger's chain currently ends.
+    pub fn new(
+        settings: AuditSettings,
+        ledger: Arc<LedgerSink>,
+        head: ChainHead,
+        sinks: Vec<SinkWorker>,
+    ) -> Self {
         Self {
             settings,
+            ledger,
             sinks: sinks.into(),
             head,
             pending: Vec::new(),
@@ -192,52 +272,76 @@ impl AuditActor {
             batch.push(record);
         }
         self.writing = true;
-        let sinks = self.sinks.clone();
-        let write = async move { append_everywhere(sinks, Arc::new(batch)).await };
+        let (ledger, sinks, settings) = (
+            self.ledger.clone(),
+            self.sinks.clone(),
+            self.settings.clone(),
+        );
+        let write =
+            async move { commit_and_fan_out(ledger, sinks, settings, Arc::new(batch)).await };
         ctx.spawn(write.into_actor(self).map(move |result, actor, ctx| {
             actor.writing = false;
-            if result.is_ok() {
+            let (ledger_ok, quorum) = result;
+            if ledger_ok {
                 actor.head = head;
             }
             for (seq, reply) in replies {
-                let _ = reply.send(result.clone().map(|()| seq));
+                let _ = reply.send(quorum.clone().map(|()| seq));
             }
             actor.write_pending(ctx);
         }));
     }
 }
 
-/// Writes `batch` to all sinks at once; fails if any of them fails.
-async fn append_everywhere(
-    sinks: Arc<[Arc<dyn AuditSink>]>,
+/// Commits `batch` to the ledger, then hands it to every sink at once and
+/// waits for the required ones. Returns whether the ledger holds it, and
+/// whether the quorum was met.
+async fn commit_and_fan_out(
+    ledger: Arc<LedgerSink>,
+    sinks: Arc<[SinkWorker]>,
+    settings: AuditSettings,
     batch: Arc<Vec<AuditRecord>>,
-) -> Result<(), AuditError> {
-    let writes: Vec<_> = sinks
-        .iter()
-        .map(|sink| {
-            let (sink, batch) = (sink.clone(), batch.clone());
-            tokio::task::spawn_blocking(move || {
-                sink.append(&batch)
-                    .map_err(|reason| AuditError::SinkFailed {
-                        sink: sink.name().to_owned(),
-                        reason,
-                    })
-            })
-        })
-        .collect();
-    let mut outcome = Ok(());
-    for write in writes {
-        let result = write.await.unwrap_or_else(|e| {
-            Err(AuditError::SinkFailed {
-                sink: "unknown".into(),
-                reason: e.to_string(),
-            })
-        });
-        if outcome.is_ok() {
-            outcome = result;
-        }
+) -> (bool, Result<(), AuditError>) {
+    let for_ledger = batch.clone();
+    let committed = tokio::task::spawn_blocking(move || ledger.append(&for_ledger))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    if let Err(reason) = committed {
+        tracing::error!(%reason, "audit ledger commit failed");
+        let sink = "ledger".to_owned();
+        return (false, Err(AuditError::SinkFailed { sink, reason }));
     }
-    outcome
+    let waits: Vec<_> = sinks
+        .iter()
+        .map(|sink| (sink.status().name.clone(), sink.submit(batch.clone())))
+        .collect();
+    let mut required = 0usize;
+    let mut failures = Vec::new();
+    for (name, done) in waits {
+        let Some(done) = done else { continue };
+        required += 1;
+        let outcome = match tokio::time::timeout(settings.sink_timeout, done).await {
+            Ok(Ok(Ok(()))) => continue,
+            Ok(Ok(Err(reason))) => reason,
+            Ok(Err(_)) => "the sink worker stopped".to_owned(),
+            Err(_) => "timed out".to_owned(),
+        };
+        failures.push(AuditError::SinkFailed {
+            sink: name,
+            reason: outcome,
+        });
+    }
+    let met = match settings.quorum {
+        Quorum::AllRequired => failures.is_empty(),
+        Quorum::Any => required == 0 || failures.len() < required,
+    };
+    match failures.into_iter().next() {
+        Some(failure) if !met => {
+            tracing::error!(error = %failure, "audit quorum not met");
+            (true, Err(failure))
+        }
+        _ => (true, Ok(())),
+    }
 }
 
 impl Actor for AuditActor {
@@ -264,5 +368,68 @@ impl Handler<Record> for AuditActor {
                 })
             })
         })
+    }
+}
+
+impl Handler<ReadRecords> for AuditActor {
+    type Result = ResponseFuture<Result<Vec<AuditRecord>, AuditError>>;
+
+    /// Reads on a blocking thread; redb readers never wait for the writer.
+    fn handle(&mut self, msg: ReadRecords, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || ledger.read_after(msg.after, msg.limit))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|read| read.map_err(|e| e.to_string()))
+                .map_err(|reason| AuditError::SinkFailed {
+                    sink: "ledger".into(),
+                    reason,
+                })
+        })
+    }
+}
+
+impl Handler<VerifyAudit> for AuditActor {
+    type Result = ResponseFuture<Result<verify::VerifyReport, AuditError>>;
+
+    /// The walk runs on a blocking thread; mints go on meanwhile.
+    fn handle(&mut self, _: VerifyAudit, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        let sinks = self.sinks.clone();
+        let head_seq = self.head.seq;
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let configs: Vec<_> = sinks.iter().map(|s| s.config().clone()).collect();
+                let mut report = verify::verify(&ledger, &configs);
+                for sink in sinks.iter() {
+                    if let Some(check) = report.sinks.get_mut(&sink.status().name) {
+                        check.live = Some(sink.status().report(head_seq.max(report.records)));
+                    }
+                }
+                report
+            })
+            .await
+            .map_err(|e| AuditError::SinkFailed {
+                sink: "ledger".into(),
+                reason: e.to_string(),
+            })
+        })
+    }
+}
+
+impl Handler<DescribeSinks> for AuditActor {
+    type Result = AuditState;
+
+    fn handle(&mut self, _: DescribeSinks, _: &mut Self::Context) -> Self::Result {
+        AuditState {
+            head_seq: self.head.seq,
+            head_hash: self.head.hash.clone(),
+            sinks: self
+                .sinks
+                .iter()
+                .map(|sink| sink.status().report(self.head.seq))
+                .collect(),
+        }
     }
 }

@@ -1,0 +1,257 @@
+//! `EvmAnchorSink`: periodically anchors the Merkle root of the records
+//! since the last anchor. Every anchor is written to a local JSON-lines file
+//! (`from_seq`, `to_seq`, `root`, `tx_hash`, `ts`); with the `audit-evm`
+//! feature and an `rpc_url`, the root is also sent to an EVM chain with
+//! `eth_sendTransaction` (data = root) and the transaction hash recorded.
+//! Without them it is the local stub anchor. Anchoring runs on the sink's
+//! own worker, never on a mint's critical path.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{AuditRecord, AuditSink};
+use crate::domain::now_unix;
+
+/// One anchored range of the chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anchor {
+    pub from_seq: u64,
+    pub to_seq: u64,
+    /// Hex Merkle root of the records' hashes.
+    pub root: String,
+    /// The chain transaction that carries the root, when anchored on-chain.
+    pub tx_hash: Option<String>,
+    pub ts: u64,
+}
+
+/// SHA-256 Merkle root; an odd node is paired with itself.
+pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
+    if leaves.is_empty() {
+        return [0u8; 32];
+    }
+    let mut level = leaves.to_vec();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|pair| {
+                let right = pair.get(1).unwrap_or(&pair[0]);
+                Sha256::new()
+                    .chain_update(pair[0])
+                    .chain_update(right)
+                    .finalize()
+                    .into()
+            })
+            .collect();
+    }
+    level[0]
+}
+
+/// A record hash as Merkle leaf bytes.
+pub fn leaf(hash_hex: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // Hashes come from our own records; a bad one yields a root that fails
+    // verification, which is the right outcome.
+    let _ = hex::decode_to_slice(hash_hex, &mut out);
+    out
+}
+
+/// Reads every anchor in `path`, oldest first.
+pub fn read_anchors(path: &Path) -> std::io::Result<Vec<Anchor>> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut anchors = Vec::new();
+    for line in BufReader::new(file).lines() {
+        if let Ok(anchor) = serde_json::from_str(&line?) {
+            anchors.push(anchor);
+        }
+    }
+    Ok(anchors)
+}
+
+pub struct EvmAnchorSink {
+    anchors_path: PathBuf,
+    interval: Duration,
+    last_anchor: Instant,
+    /// Records accepted since the last anchor: (seq, leaf).
+    pending: Vec<(u64, [u8; 32])>,
+    anchored_seq: u64,
+    #[cfg(feature = "audit-evm")]
+    chain: Option<rpc::EvmRpc>,
+}
+
+impl EvmAnchorSink {
+    /// A stub anchor (local file only) unless `chain` is given.
+    pub fn open(
+        anchors_path: &Path,
+        interval: Duration,
+        #[cfg(feature = "audit-evm")] chain: Option<rpc::EvmRpc>,
+    ) -> std::io::Result<Self> {
+        let anchored_seq = read_anchors(anchors_path)?.last().map_or(0, |a| a.to_seq);
+        Ok(Self {
+            anchors_path: anchors_path.to_owned(),
+            interval,
+            last_anchor: Instant::now(),
+            pending: Vec::new(),
+            anchored_seq,
+            #[cfg(feature = "audit-evm")]
+            chain,
+        })
+    }
+
+    fn anchor(&mut self) -> Result<(), String> {
+        let (Some(first), Some(last)) = (self.pending.first(), self.pending.last()) else {
+            return Ok(());
+        };
+        let leaves: Vec<[u8; 32]> = self.pending.iter().map(|(_, leaf)| *leaf).collect();
+        let root = hex::encode(merkle_root(&leaves));
+        #[cfg(feature = "audit-evm")]
+        let tx_hash = match &self.chain {
+            Some(chain) => Some(chain.send_root(&root)?),
+            None => None,
+        };
+        #[cfg(not(feature = "audit-evm"))]
+        let tx_hash = None;
+        let anchor = Anchor {
+            from_seq: first.0,
+            to_seq: last.0,
+            root,
+            tx_hash,
+            ts: now_unix(),
+        };
+        let mut line = serde_json::to_vec(&anchor).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.anchors_path)
+            .map_err(|e| format!("{}: {e}", self.anchors_path.display()))?;
+        file.write_all(&line)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| format!("{}: {e}", self.anchors_path.display()))?;
+        self.anchored_seq = anchor.to_seq;
+        self.pending.clear();
+        self.last_anchor = Instant::now();
+        Ok(())
+    }
+}
+
+impl AuditSink for EvmAnchorSink {
+    fn held_seq(&self) -> u64 {
+        self.anchored_seq
+    }
+
+    /// Buffers the leaves; they are anchored when the interval is up.
+    fn append(&mut self, batch: &[AuditRecord]) -> Result<u64, String> {
+        self.pending
+            .extend(batch.iter().map(|r| (r.seq, leaf(&r.hash))));
+        Ok(self.anchored_seq)
+    }
+
+    fn flush_due(&mut self) -> Result<u64, String> {
+        if !self.pending.is_empty() && self.last_anchor.elapsed() >= self.interval {
+            self.anchor()?;
+        }
+        Ok(self.anchored_seq)
+    }
+}
+
+/// JSON-RPC to an EVM node (plain HTTP: a local node or a TLS-terminating
+/// proxy in front of a remote one).
+#[cfg(feature = "audit-evm")]
+pub mod rpc {
+    use serde_json::{json, Value};
+
+    pub struct EvmRpc {
+        url: String,
+        /// The unlocked account that sends anchor transactions.
+        from: String,
+        /// Where they are sent; the sender itself by default.
+        to: String,
+        agent: ureq::Agent,
+    }
+
+    impl EvmRpc {
+        pub fn new(url: &str, from: &str, to: Option<&str>) -> Self {
+            let config = ureq::Agent::config_builder()
+                .timeout_global(Some(std::time::Duration::from_secs(10)))
+                .build();
+            Self {
+                url: url.to_owned(),
+                from: from.to_owned(),
+                to: to.unwrap_or(from).to_owned(),
+                agent: config.into(),
+            }
+        }
+
+        fn call(&self, method: &str, params: Value) -> Result<Value, String> {
+            let request = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
+            let mut response = self
+                .agent
+                .post(&self.url)
+                .header("Content-Type", "application/json")
+                .send(request.to_string())
+                .map_err(|e| format!("{method}: {e}"))?;
+            let text = response
+                .body_mut()
+                .read_to_string()
+                .map_err(|e| format!("{method}: {e}"))?;
+            let answer: Value =
+                serde_json::from_str(&text).map_err(|e| format!("{method}: {e}"))?;
+            if let Some(error) = answer.get("error") {
+                return Err(format!("{method}: {error}"));
+            }
+            Ok(answer["result"].clone())
+        }
+
+        /// Sends a transaction whose data is the root; returns its hash.
+        pub fn send_root(&self, root_hex: &str) -> Result<String, String> {
+            let tx = json!({ "from": self.from, "to": self.to, "data": format!("0x{root_hex}") });
+            let hash = self.call("eth_sendTransaction", json!([tx]))?;
+            hash.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| "eth_sendTransaction: no hash".into())
+        }
+
+        /// The data of a mined transaction, without `0x`, if it exists.
+        pub fn transaction_data(&self, tx_hash: &str) -> Result<Option<String>, String> {
+            let tx = self.call("eth_getTransactionByHash", json!([tx_hash]))?;
+            if tx.is_null() || tx["blockNumber"].is_null() {
+                return Ok(None);
+            }
+            Ok(tx["input"]
+                .as_str()
+                .map(|data| data.trim_start_matches("0x").to_lowercase()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merkle_root_pairs_leaves_and_duplicates_an_odd_one() {
+        let a = [1u8; 32];
+        let b = [2u8; 32];
+        let c = [3u8; 32];
+        let h = |x: [u8; 32], y: [u8; 32]| -> [u8; 32] {
+            Sha256::new()
+                .chain_update(x)
+                .chain_update(y)
+                .finalize()
+                .into()
+        };
+        assert_eq!(merkle_root(&[a]), a);
+        assert_eq!(merkle_root(&[a, b]), h(a, b));
+        assert_eq!(merkle_root(&[a, b, c]), h(h(a, b), h(c, c)));
+        assert_ne!(merkle_root(&[b, a]), merkle_root(&[a, b]));
+    }
+}

@@ -1,0 +1,241 @@
+//! `SinkWorker`: one thread per anchor sink, so sinks are written
+//! concurrently, each strictly in `seq` order. A worker that fell behind
+//! (its sink failed, or its queue was full) catches up from the ledger.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::config::SinkConfig;
+use super::ledger::LedgerSink;
+use super::{AuditRecord, AuditSink, SinkReport};
+
+/// Most records read from the ledger per catch-up step.
+const CATCH_UP_CHUNK: usize = 1024;
+
+/// A sink's live state, shared between its worker and the AuditActor.
+pub struct SinkStatus {
+    pub name: String,
+    /// Whether mints wait for this sink (subject to the quorum).
+    pub required: bool,
+    /// Highest seq the sink durably holds.
+    held: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SinkStatus {
+    pub fn held_seq(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
+    }
+
+    pub fn report(&self, head_seq: u64) -> SinkReport {
+        let held_seq = self.held_seq();
+        SinkReport {
+            name: self.name.clone(),
+            required: self.required,
+            held_seq,
+            lag: head_seq.saturating_sub(held_seq),
+            last_error: self.last_error.lock().map(|e| e.clone()).unwrap_or(None),
+        }
+    }
+
+    /// Records an append's outcome: the new held seq, or the error.
+    fn record(&self, outcome: &Result<u64, String>) {
+        match outcome {
+            Ok(held) => {
+                self.held.store(*held, Ordering::Release);
+                self.set_error(None);
+            }
+            Err(e) => self.set_error(Some(e.clone())),
+        }
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        if let Ok(mut last_error) = self.last_error.lock() {
+            *last_error = error;
+        }
+    }
+}
+
+struct Job {
+    batch: Arc<Vec<AuditRecord>>,
+    /// Present when a mint waits for this sink.
+    done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// The AuditActor's handle on one sink's worker thread.
+pub struct SinkWorker {
+    config: SinkConfig,
+    status: Arc<SinkStatus>,
+    /// Taken on drop, which tells the thread to finish.
+    jobs: Option<SyncSender<Job>>,
+    /// Joined on drop: the sink has flushed and let go of the ledger.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SinkWorker {
+    /// Starts the worker. `queue` bounds the batches waiting for it; when
+    /// full, batches are skipped and later read back from the ledger.
+    pub fn start(
+        config: SinkConfig,
+        ledger: Arc<LedgerSink>,
+        retry_interval: Duration,
+        queue: usize,
+    ) -> std::io::Result<Self> {
+        let sink = config.open()?;
+        let name = config.name();
+        let status = Arc::new(SinkStatus {
+            name: name.to_owned(),
+            required: config.required(),
+            held: AtomicU64::new(sink.held_seq()),
+            last_error: Mutex::new(None),
+        });
+        let (jobs, inbox) = sync_channel::<Job>(queue.max(1));
+        let worker_status = status.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("audit-sink-{name}"))
+            .spawn(move || {
+                let mut worker = Worker {
+                    accepted: sink.held_seq(),
+                    sink,
+                    ledger,
+                    status: worker_status,
+                };
+                loop {
+                    match inbox.recv_timeout(retry_interval) {
+                        Ok(job) => {
+                            let outcome = worker.deliver(&job.batch);
+                            if let Some(done) = job.done {
+                                let _ = done.send(outcome);
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => {
+                            // Idle: retry what failed; errors stay in the status.
+                            let _ = worker.catch_up(u64::MAX);
+                        }
+                        Err(RecvTimeoutError::Disconnected) => {
+                            worker.flush();
+                            break;
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            config,
+            status,
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn status(&self) -> &SinkStatus {
+        &self.status
+    }
+
+    /// The sink's (resolved) configuration, for verification.
+    pub fn config(&self) -> &SinkConfig {
+        &self.config
+    }
+
+    /// Hands `batch` to the worker without blocking. For a required sink,
+    /// returns where its outcome will arrive.
+    pub fn submit(
+        &self,
+        batch: Arc<Vec<AuditRecord>>,
+    ) -> Option<oneshot::Receiver<Result<(), String>>> {
+        let (done, outcome) = if self.status.required {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let Some(jobs) = &self.jobs else {
+            return outcome;
+        };
+        match jobs.try_send(Job { batch, done }) {
+            Ok(()) => outcome,
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                if let Some(done) = job.done {
+                    let _ = done.send(Err("the sink's queue is full".into()));
+                }
+                outcome
+            }
+        }
+    }
+}
+
+impl Drop for SinkWorker {
+    /// Lets the worker write what it was given, flush, and stop.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The state a worker thread owns.
+struct Worker {
+    sink: Box<dyn AuditSink>,
+    ledger: Arc<LedgerSink>,
+    status: Arc<SinkStatus>,
+    /// Highest seq handed to the sink successfully (a buffering sink may
+    /// hold less durably), so nothing is sent twice or skipped.
+    accepted: u64,
+}
+
+impl Worker {
+    /// Fills any gap from the ledger, then appends the batch's new records.
+    fn deliver(&mut self, batch: &[AuditRecord]) -> Result<(), String> {
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            return Ok(());
+        };
+        if first.seq > self.accepted + 1 {
+            self.catch_up(first.seq - 1)?;
+        }
+        if last.seq > self.accepted {
+            let fresh = &batch[(self.accepted + 1 - first.seq) as usize..];
+            self.append(fresh)?;
+        }
+        self.flush();
+        Ok(())
+    }
+
+    fn append(&mut self, records: &[AuditRecord]) -> Result<(), String> {
+        let outcome = self.sink.append(records);
+        self.status.record(&outcome);
+        outcome.map(|_| {
+            self.accepted = records.last().map_or(self.accepted, |r| r.seq);
+        })
+    }
+
+    /// Appends ledger records after `accepted`, up to `until` (or the
+    /// ledger's end), then lets a buffering sink flush.
+    fn catch_up(&mut self, until: u64) -> Result<(), String> {
+        while self.accepted < until {
+            let want = CATCH_UP_CHUNK.min((until - self.accepted).try_into().unwrap_or(usize::MAX));
+            let records = self.ledger.read_after(self.accepted, want).map_err(|e| {
+                let e = e.to_string();
+                self.status.set_error(Some(e.clone()));
+                e
+            })?;
+            if records.is_empty() {
+                break;
+            }
+            self.append(&records)?;
+        }
+        self.flush();
+        Ok(())
+    }
+
+    /// A buffering sink writes what is due; its held seq moves on.
+    fn flush(&mut self) {
+        match self.sink.flush_due() {
+            Ok(held) => self.status.held.store(held, Ordering::Release),
+            Err(e) => self.status.set_error(Some(e)),
+        }
+    }
+}
