@@ -2,8 +2,12 @@
 //! data directory and talks HTTP to it.
 
 mod admin;
+mod audit;
 mod cli;
+mod crash;
 mod errors;
+#[cfg(feature = "audit-evm")]
+mod evm_anchor;
 mod grants;
 mod helpers;
 mod idempotency;

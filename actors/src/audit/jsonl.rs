@@ -19,7 +19,11 @@ pub struct JsonlSink {
 
 impl JsonlSink {
     /// Opens the sink; what it holds is read from the newest file's end.
+    /// A line cut short by a crash is removed first.
     pub fn open(path: &Path, max_bytes: u64, keep: usize) -> Self {
+        if let Err(e) = drop_torn_line(path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not repair the audit jsonl file");
+        }
         let held = [path.to_owned(), rotated(path, 1)]
             .iter()
             .find_map(|file| last_seq(file))
@@ -43,6 +47,28 @@ impl JsonlSink {
     }
 }
 
+/// Truncates a regular file to its last complete line.
+fn drop_torn_line(path: &Path) -> std::io::Result<()> {
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) if file.metadata()?.is_file() => file,
+        _ => return Ok(()),
+    };
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(64 * 1024);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    (&mut file).take(64 * 1024).read_to_end(&mut tail)?;
+    if tail.last().is_none_or(|b| *b == b'\n') {
+        return Ok(());
+    }
+    let keep = tail
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(start, |i| start + i as u64 + 1);
+    file.set_len(keep)?;
+    file.sync_all()
+}
+
 /// `audit.jsonl.N`.
 pub fn rotated(path: &Path, n: usize) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -50,14 +76,18 @@ pub fn rotated(path: &Path, n: usize) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The seq of the last complete line of `file`, if any.
+/// The seq of the last complete line of `file`, if it is a regular file
+/// (a device such as `/dev/full` never ends).
 fn last_seq(file: &Path) -> Option<u64> {
     let mut f = File::open(file).ok()?;
-    let len = f.metadata().ok()?.len();
-    let start = len.saturating_sub(64 * 1024);
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    let start = meta.len().saturating_sub(64 * 1024);
     f.seek(SeekFrom::Start(start)).ok()?;
     let mut tail = String::new();
-    f.read_to_string(&mut tail).ok()?;
+    f.take(64 * 1024).read_to_string(&mut tail).ok()?;
     tail.lines()
         .rev()
         .find_map(|line| serde_json::from_str::<AuditRecord>(line).ok())
@@ -96,5 +126,63 @@ impl AuditSink for JsonlSink {
             }
         }
         Ok(self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Outcome;
+    use super::*;
+
+    fn record(seq: u64) -> AuditRecord {
+        AuditRecord {
+            seq,
+            ts: 1,
+            outcome: Outcome::Ok,
+            omni_account: None,
+            agent: None,
+            grant_id: None,
+            service: None,
+            scope_path: None,
+            jti: Some(format!("j{seq}")),
+            request_id: "r".into(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_line_torn_by_a_crash_is_dropped_and_the_held_seq_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut sink = JsonlSink::open(&path, 1 << 20, 2);
+        assert_eq!(sink.append(&[record(1), record(2)]).unwrap(), 2);
+        let mut torn = std::fs::read(&path).unwrap();
+        torn.extend_from_slice(br#"{"seq":3,"ts"#);
+        std::fs::write(&path, &torn).unwrap();
+
+        let mut reopened = JsonlSink::open(&path, 1 << 20, 2);
+        assert_eq!(reopened.held_seq(), 2);
+        reopened.append(&[record(3)]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let seqs: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+
+    #[test]
+    fn the_file_rotates_by_size_keeping_the_configured_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut sink = JsonlSink::open(&path, 1, 2);
+        for seq in 1..=4 {
+            sink.append(&[record(seq)]).unwrap();
+        }
+        assert!(!path.exists(), "the last write rotated the file away");
+        assert!(rotated(&path, 1).exists() && rotated(&path, 2).exists());
+        assert!(!rotated(&path, 3).exists(), "only `keep` old files stay");
+        assert_eq!(JsonlSink::open(&path, 1, 2).held_seq(), 4);
     }
 }

@@ -130,7 +130,8 @@ fn check_jsonl(path: &Path, keep: usize, hashes: &[[u8; 32]]) -> SinkCheck {
     };
     let mut files: Vec<_> = (1..=keep).rev().map(|n| rotated(path, n)).collect();
     files.push(path.to_owned());
-    for file in files.iter().filter(|f| f.exists()) {
+    // Regular files only: a device such as /dev/full would never end.
+    for file in files.iter().filter(|f| f.is_file()) {
         let lines = match std::fs::File::open(file) {
             Ok(f) => BufReader::new(f).lines(),
             Err(e) => {

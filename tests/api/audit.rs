@@ -1,0 +1,285 @@
+//! The audit trail: every mint recorded, chained, fanned out to sinks that
+//! are checked against the ledger; fail-closed when required sinks fail.
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use agentkeys_actors::audit::config::SinkConfig;
+use agentkeys_actors::audit::Quorum;
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app_with, TestApp};
+
+fn sinks(config: Value) -> Vec<SinkConfig> {
+    serde_json::from_value(config).expect("sink config")
+}
+
+fn intent() -> Value {
+    json!({ "service": "s3", "scope_path": "audit/" })
+}
+
+/// Registers an agent with a grant for `audit/` and returns its session.
+async fn agent_with_grant(app: &TestApp, name: &str, max_uses: Option<u64>) -> (String, Value) {
+    let agent = app.register_agent(name).await;
+    let grant = app.grant(&agent, "s3", "audit/", max_uses).await;
+    (app.login(&agent).await, grant)
+}
+
+async fn audit_records(app: &TestApp) -> Vec<Value> {
+    let mut records = Vec::new();
+    loop {
+        let after = records
+            .last()
+            .map_or(0, |r: &Value| r["seq"].as_u64().unwrap());
+        let page = app
+            .get(
+                &format!("/v1/admin/audit?after={after}&limit=1000"),
+                Some(&app.admin_token),
+            )
+            .await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        let chunk = page.body["records"].as_array().unwrap().clone();
+        if chunk.is_empty() {
+            return records;
+        }
+        records.extend(chunk);
+    }
+}
+
+async fn verify(app: &TestApp) -> Value {
+    let reply = app
+        .get("/v1/admin/audit/verify", Some(&app.admin_token))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    reply.body
+}
+
+/// Polls the verify report until `done` holds (sinks work asynchronously).
+async fn verify_until(app: &TestApp, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..100 {
+        let report = verify(app).await;
+        if done(&report) {
+            return report;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}: {}", verify(app).await);
+}
+
+#[actix_web::test]
+async fn every_released_jwt_is_in_the_ledger_in_order_and_every_sink_verifies() {
+    let app = spawn_app_with(|s| {
+        s.audit.retry_interval_seconds = 1;
+        s.audit.sinks = sinks(json!([
+            { "kind": "jsonl", "required": true },
+            { "kind": "evm", "interval_seconds": 1 },
+        ]));
+    })
+    .await;
+    let (session, _) = agent_with_grant(&app, "audited", None).await;
+    let mut released = Vec::new();
+    for _ in 0..5 {
+        let reply = app.mint(&session, &intent()).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        released.push(reply.body["jti"].as_str().unwrap().to_owned());
+    }
+    let denied = app
+        .mint(
+            &session,
+            &json!({ "service": "s3", "scope_path": "elsewhere/" }),
+        )
+        .await;
+    assert_eq!(denied.error_code(), "grant_denied");
+
+    let records = audit_records(&app).await;
+    let ok: Vec<&str> = records
+        .iter()
+        .filter(|r| r["outcome"] == "ok")
+        .map(|r| r["jti"].as_str().unwrap())
+        .collect();
+    assert_eq!(ok, released, "every released JWT, in order");
+    assert_eq!(records.last().unwrap()["outcome"], "grant_denied");
+    for (i, pair) in records.windows(2).enumerate() {
+        assert_eq!(pair[1]["prev_hash"], pair[0]["hash"], "link {i}");
+        assert_eq!(
+            pair[1]["seq"].as_u64(),
+            pair[0]["seq"].as_u64().map(|s| s + 1)
+        );
+    }
+    for field in [
+        "seq",
+        "ts",
+        "outcome",
+        "omni_account",
+        "agent",
+        "grant_id",
+        "service",
+        "scope_path",
+        "jti",
+        "request_id",
+        "prev_hash",
+        "hash",
+    ] {
+        assert!(records[0].get(field).is_some(), "{field}");
+    }
+    assert!(!serde_json::to_string(&records).unwrap().contains(&session));
+
+    let total = records.len() as u64;
+    let report = verify_until(&app, "the evm anchor to catch up", |r| {
+        r["sinks"]["evm"]["held_seq"] == total
+    })
+    .await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["records"], total);
+    assert_eq!(report["head"], records.last().unwrap()["hash"]);
+    assert_eq!(report["sinks"]["jsonl"]["verified"], total);
+    assert_eq!(report["sinks"]["jsonl"]["live"]["lag"], 0);
+    assert!(report["sinks"]["evm"]["verified"].as_u64().unwrap() >= 1);
+    let jsonl = std::fs::read_to_string(app.data_file("audit.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().count() as u64, total);
+}
+
+#[actix_web::test]
+async fn a_failing_required_sink_means_503_no_jwt_and_no_grant_use() {
+    let app = spawn_app_with(|s| {
+        s.audit.sinks = sinks(json!([{ "kind": "jsonl", "required": true, "path": "/dev/full" }]));
+    })
+    .await;
+    let (session, grant) = agent_with_grant(&app, "unlucky", Some(5)).await;
+    let reply = app.mint(&session, &intent()).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.body
+    );
+    assert_eq!(reply.error_code(), "audit_unavailable");
+    assert!(reply.headers.get("retry-after").is_some());
+    assert!(reply.body.get("jwt").is_none());
+
+    let id = grant["id"].as_str().unwrap();
+    let stored = app
+        .get(&format!("/v1/admin/grants/{id}"), Some(&app.admin_token))
+        .await;
+    assert_eq!(stored.body["uses"], 0, "the reserved use was given back");
+    let records = audit_records(&app).await;
+    let outcomes: Vec<&str> = records
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["ok", "audit_unavailable"],
+        "signed, then withheld"
+    );
+    assert_eq!(
+        records[0]["jti"], records[1]["jti"],
+        "the withheld JWT is named"
+    );
+    let report = verify(&app).await;
+    assert!(
+        report["sinks"]["jsonl"]["live"]["last_error"].is_string(),
+        "{report}"
+    );
+}
+
+#[actix_web::test]
+async fn a_failing_optional_sink_lags_without_blocking_and_catches_up() {
+    let spool = tempfile::tempdir().unwrap();
+    let dir = spool.path().join("spool");
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("audit.jsonl");
+    let config = json!([{ "kind": "jsonl", "required": false, "path": path }]);
+    let app = spawn_app_with(|s| {
+        s.audit.retry_interval_seconds = 1;
+        s.audit.sinks = sinks(config);
+    })
+    .await;
+    let (session, _) = agent_with_grant(&app, "patient", None).await;
+    assert_eq!(app.mint(&session, &intent()).await.status, StatusCode::OK);
+    verify_until(&app, "the first record in the sink", |r| {
+        r["sinks"]["jsonl"]["live"]["lag"] == 0
+    })
+    .await;
+
+    let away = spool.path().join("away");
+    std::fs::rename(&dir, &away).unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            app.mint(&session, &intent()).await.status,
+            StatusCode::OK,
+            "an optional sink never blocks"
+        );
+    }
+    let lagging = verify_until(&app, "the lag to show", |r| {
+        r["sinks"]["jsonl"]["live"]["lag"] == 3
+    })
+    .await;
+    assert!(
+        lagging["sinks"]["jsonl"]["live"]["last_error"].is_string(),
+        "{lagging}"
+    );
+
+    std::fs::rename(&away, &dir).unwrap();
+    let caught_up = verify_until(&app, "the catch-up", |r| {
+        r["sinks"]["jsonl"]["live"]["lag"] == 0
+    })
+    .await;
+    assert_eq!(caught_up["ok"], true, "{caught_up}");
+    assert_eq!(caught_up["sinks"]["jsonl"]["verified"], 4);
+    assert!(caught_up["sinks"]["jsonl"]["live"]["last_error"].is_null());
+    assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 4);
+}
+
+#[actix_web::test]
+async fn quorum_any_needs_one_required_sink_and_all_required_needs_every_one() {
+    for (quorum, expected) in [
+        (Quorum::Any, StatusCode::OK),
+        (Quorum::AllRequired, StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let app = spawn_app_with(|s| {
+            s.audit.quorum = quorum;
+            s.audit.sinks = sinks(json!([
+                { "kind": "jsonl", "name": "good", "required": true, "path": "good.jsonl" },
+                { "kind": "jsonl", "name": "full", "required": true, "path": "/dev/full" },
+            ]));
+        })
+        .await;
+        let (session, _) = agent_with_grant(&app, "quorate", None).await;
+        let reply = app.mint(&session, &intent()).await;
+        assert_eq!(reply.status, expected, "{quorum:?}: {}", reply.body);
+    }
+}
+
+#[actix_web::test]
+async fn audit_pages_are_bounded_and_need_the_admin_token() {
+    let app = spawn_app_with(|_| {}).await;
+    assert_eq!(
+        app.get("/v1/admin/audit", None).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        app.get("/v1/admin/audit/verify", None).await.status,
+        StatusCode::FORBIDDEN
+    );
+    for query in ["limit=0", "limit=1001", "after=-1", "after=x", "surprise=1"] {
+        let reply = app
+            .get(&format!("/v1/admin/audit?{query}"), Some(&app.admin_token))
+            .await;
+        assert_eq!(
+            (reply.status, reply.error_code()),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+            "{query}"
+        );
+    }
+    let (session, _) = agent_with_grant(&app, "pager", None).await;
+    for _ in 0..3 {
+        app.mint(&session, &intent()).await;
+    }
+    let page = app
+        .get("/v1/admin/audit?after=1&limit=1", Some(&app.admin_token))
+        .await;
+    let records = page.body["records"].as_array().unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["seq"], 2);
+}
