@@ -7,6 +7,9 @@
 #
 #   harness/mint-load.sh                      # defaults below
 #   CONNECTIONS=16 DURATION=5s harness/mint-load.sh
+#   SINKS=ledger harness/mint-load.sh         # audit: ledger only
+#   SINKS=jsonl harness/mint-load.sh          # audit: ledger + jsonl
+#   (SINKS=default: config/default.toml as shipped, ledger + jsonl + evm stub)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +18,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-1}
 DURATION=${DURATION:-10s}
 RATE=${RATE:-1000000}
+SINKS=${SINKS:-default}
 
 command -v wrk >/dev/null || { echo "wrk is required (Debian package wrk)" >&2; exit 2; }
 cargo build --release --quiet
@@ -27,13 +31,26 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The broker's config: the shipped default, with the anchor sinks replaced.
+without_sinks() {
+  awk -v extra="$1" '/^\[\[audit.sinks\]\]/ { skip = 1 } /^\[actors\]/ { skip = 0 }
+    !skip { print } /^\[audit\]$/ && extra != "" { print extra }' config/default.toml
+}
+case "$SINKS" in
+  default) cp config/default.toml "$work/broker.toml" ;;
+  ledger) without_sinks 'sinks = []' >"$work/broker.toml" ;;
+  jsonl) without_sinks '' >"$work/broker.toml"
+         printf '\n[[audit.sinks]]\nkind = "jsonl"\nrequired = true\n' >>"$work/broker.toml" ;;
+  *) echo "SINKS is default, ledger or jsonl" >&2; exit 2 ;;
+esac
+
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 url="http://127.0.0.1:$port"
 AGENTKEYS__SERVER__BIND="127.0.0.1:$port" \
 AGENTKEYS__STORAGE__DATA_DIR="$work/data" \
 AGENTKEYS__RATE_LIMIT__PER_SECOND="$RATE" \
 AGENTKEYS__RATE_LIMIT__BURST="$RATE" \
-  ./target/release/agentkeys-broker serve --config config/default.toml >"$work/broker.log" 2>&1 &
+  ./target/release/agentkeys-broker serve --config "$work/broker.toml" >"$work/broker.log" 2>&1 &
 broker_pid=$!
 
 for _ in $(seq 100); do
@@ -46,6 +63,6 @@ curl -fs "$url/readyz" >/dev/null || { echo "broker did not become ready" >&2; c
   --admin-token-file "$work/data/admin.token" --agents "$AGENTS" --grant "s3:load/" \
   --out "$work/tokens.txt"
 
-echo "# $(nproc) cores; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
+echo "# $(nproc) cores; audit sinks: $SINKS; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
 MINT_BODY='{"service":"s3","scope_path":"load/jobs/"}' TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
   -s harness/mint.lua "$url/v1/mint-oidc-jwt"
