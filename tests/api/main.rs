@@ -4,6 +4,7 @@
 mod admin;
 mod audit;
 mod cli;
+mod client;
 mod crash;
 mod errors;
 #[cfg(feature = "audit-evm")]

@@ -1,0 +1,85 @@
+//! The device key: an Ed25519 seed in a file only its owner can read.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use ed25519_dalek::{Signer, SigningKey};
+
+use crate::ClientError;
+
+pub struct DeviceKey(SigningKey);
+
+impl DeviceKey {
+    /// Creates a new key file (mode 0600); never overwrites one.
+    pub fn generate(path: &Path) -> Result<Self, ClientError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| ClientError::Local(e.to_string()))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| ClientError::Local(format!("{}: {e}", path.display())))?;
+        file.write_all(format!("{}\n", hex::encode(seed)).as_bytes())?;
+        file.sync_all()?;
+        Ok(Self(SigningKey::from_bytes(&seed)))
+    }
+
+    /// Loads a key file, refusing one that others can read.
+    pub fn load(path: &Path) -> Result<Self, ClientError> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| ClientError::Local(format!("{}: {e}", path.display())))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(ClientError::Local(format!(
+                "{} must be readable by its owner only (chmod 600)",
+                path.display()
+            )));
+        }
+        let text = std::fs::read_to_string(path)?;
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut seed).map_err(|_| {
+            ClientError::Local(format!("{} does not hold a device key", path.display()))
+        })?;
+        Ok(Self(SigningKey::from_bytes(&seed)))
+    }
+
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(self.0.verifying_key().to_bytes())
+    }
+
+    /// Hex Ed25519 signature over `message`.
+    pub fn sign_hex(&self, message: &str) -> String {
+        hex::encode(self.0.sign(message.as_bytes()).to_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_written_owner_only_never_overwritten_and_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys/device.key");
+        let key = DeviceKey::generate(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(
+            DeviceKey::generate(&path).is_err(),
+            "an existing key is kept"
+        );
+        assert_eq!(
+            DeviceKey::load(&path).unwrap().public_key_hex(),
+            key.public_key_hex()
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(
+            DeviceKey::load(&path).is_err(),
+            "a world-readable key is refused"
+        );
+    }
+}

@@ -1,0 +1,68 @@
+//! The daemon-side library against a real broker: login, mint with cache,
+//! errors with their codes and exit codes.
+
+use agentkeys_client::broker::MintRequest;
+use agentkeys_client::device_key::DeviceKey;
+use agentkeys_client::{Agent, ClientError};
+use serde_json::json;
+
+use crate::helpers::{spawn_app, verify_against_jwks};
+
+fn intent(scope: &str) -> MintRequest {
+    MintRequest {
+        service: "s3".into(),
+        scope_path: scope.into(),
+        ttl_seconds: Some(300),
+        audience: None,
+    }
+}
+
+#[actix_web::test]
+async fn a_daemon_logs_in_mints_reuses_its_cache_and_reads_refusals() {
+    let app = spawn_app().await;
+    let state = tempfile::tempdir().unwrap();
+    let key_file = state.path().join("device.key");
+    let key = DeviceKey::generate(&key_file).unwrap();
+    let admin = Some(app.admin_token.as_str());
+    let register = json!({ "name": "daemon", "public_key": key.public_key_hex() });
+    assert_eq!(
+        app.post("/v1/admin/agents", admin, &register).await.status,
+        201
+    );
+    let grant = json!({ "agent": "daemon", "service": "s3", "scope_path": "daemon/" });
+    app.post("/v1/admin/grants", admin, &grant).await;
+
+    let agent = Agent::new(&app.address, key_file.clone(), state.path().to_owned()).unwrap();
+    let first = agent.mint(&intent("daemon/creds/")).await.unwrap();
+    let claims = verify_against_jwks(
+        &first.jwt,
+        &app.jwks().await,
+        "https://broker.test",
+        "sts.amazonaws.com",
+    )
+    .unwrap();
+    assert_eq!(claims["agentkeys_scope_path"], "daemon/creds/");
+    let again = agent.mint(&intent("daemon/creds/")).await.unwrap();
+    assert_eq!(again.jti, first.jti, "a fresh cached JWT is reused");
+    let other = agent.mint(&intent("daemon/other/")).await.unwrap();
+    assert_ne!(other.jti, first.jti, "another intent mints anew");
+
+    let denied = agent.mint(&intent("elsewhere/")).await.unwrap_err();
+    assert!(
+        matches!(&denied, ClientError::Refused { code, .. } if code == "grant_denied"),
+        "{denied}"
+    );
+    assert_eq!(denied.exit_code(), 4);
+
+    // A removed agent cannot log in again: authentication exit code.
+    agent.cache.forget_session().unwrap();
+    app.send("DELETE", "/v1/admin/agents/daemon", admin, None)
+        .await;
+    let refused = agent.mint(&intent("daemon/new/")).await.unwrap_err();
+    assert_eq!(refused.exit_code(), 3, "{refused}");
+
+    let down = Agent::new("http://127.0.0.1:9", key_file, state.path().join("down")).unwrap();
+    let unreachable = down.mint(&intent("daemon/creds/")).await.unwrap_err();
+    assert!(matches!(unreachable, ClientError::Transport(_)));
+    assert_eq!(unreachable.exit_code(), 5);
+}
