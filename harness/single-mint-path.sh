@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The whole single mint path on this machine, with real processes only:
+#   daemon (agentkeys) → broker JWT (agentkeys-broker) → STS → S3,
+# the STS and S3 APIs served on loopback by moto_server (PyPI moto[server]),
+# the AWS CLI (PyPI awscli) using the credential_process profile.
+# Installs its Python tools into .ci/tools/venv (or $AGENTKEYS_TOOLS/venv),
+# prints each step's result, stops everything it started, and exits 0 only
+# if every step passed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+ok() { printf 'ok: %s\n' "$*"; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+json() { python3 -c "import json, sys; print(json.load(sys.stdin)$1)"; }
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_for() {
+  for _ in $(seq 150); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
+  fail "$1 did not answer"
+}
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+tools=${AGENTKEYS_TOOLS:-$PWD/.ci/tools}
+venv="$tools/venv"
+step "python tools: moto[server] and the AWS CLI"
+if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aws" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]" awscli
+fi
+ok "$("$venv/bin/aws" --version 2>&1 | cut -d' ' -f1), moto $("$venv/bin/python" -c 'import moto; print(moto.__version__)')"
+
+step "build the workspace"
+cargo build --release --quiet --workspace
+broker_bin=$PWD/target/release/agentkeys-broker
+daemon_bin=$PWD/target/release/agentkeys
+ok "agentkeys-broker and agentkeys built"
+
+step "start the broker on a fresh data directory"
+broker_port=$(free_port)
+broker_url="http://127.0.0.1:$broker_port"
+AGENTKEYS__SERVER__BIND="127.0.0.1:$broker_port" \
+AGENTKEYS__STORAGE__DATA_DIR="$work/data" \
+AGENTKEYS__OIDC__ISSUER="$broker_url" \
+  "$broker_bin" serve --config config/default.toml >"$work/broker.log" 2>&1 &
+pids+=($!)
+wait_for "$broker_url/readyz"
+ok "broker ready at $broker_url"
+
+step "the legacy server-side route does not exist"
+status=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$broker_url/v1/mint-aws-creds" -H 'Content-Type: application/json' -d '{}')
+[ "$status" = 404 ] || fail "POST /v1/mint-aws-creds answered $status"
+ok "POST /v1/mint-aws-creds → 404"
+
+step "device key, registration, grant"
+export AGENTKEYS_BROKER_URL="$broker_url" AGENTKEYS_STATE_DIR="$work/daemon" AGENTKEYS_ADMIN_TOKEN_FILE="$work/data/admin.token"
+public_key=$("$daemon_bin" keygen | json '["public_key"]')
+"$broker_bin" agent add demo-daemon --public-key "$public_key" >/dev/null
+omni=$("$daemon_bin" login | json '["omni_account"]')
+scope="bots/$omni/credentials/"
+grant_id=$("$broker_bin" grant add --agent demo-daemon --service s3 --scope "bots/$omni/" --max-uses 100 | json '["id"]')
+ok "agent demo-daemon ($omni), grant $grant_id for s3 bots/$omni/"
+
+step "agentkeys mint"
+"$daemon_bin" mint --service s3 --scope "$scope" >"$work/mint.json"
+[ "$(json '["grant_id"]' <"$work/mint.json")" = "$grant_id" ] || fail "the JWT is not under the grant"
+ok "JWT $(json '["jti"]' <"$work/mint.json") expires at $(json '["expiration"]' <"$work/mint.json")"
+status=$(curl -s -o /dev/null -w '%{http_code}' "$broker_url/v1/mint-oidc-jwt" -X POST \
+  -H "Authorization: Bearer $(python3 -c 'import json; print(json.load(open("'"$work/daemon/session.json"'"))["session"]["session_token"])')" \
+  -H 'Content-Type: application/json' -d "{\"service\": \"s3\", \"scope_path\": \"bots/someone-else/\"}")
+[ "$status" = 403 ] || fail "a scope outside the grant answered $status"
+ok "a scope outside the grant → 403"
+
+step "start moto_server: STS and S3 on loopback"
+moto_port=$(free_port)
+moto="http://127.0.0.1:$moto_port"
+"$venv/bin/moto_server" -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
+pids+=($!)
+wait_for "$moto/moto-api/"
+ok "moto at $moto"
+
+step "operator: IAM OIDC provider for the broker's issuer, and the role"
+cat >"$work/trust.json" <<JSON
+{"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+  "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/127.0.0.1:$broker_port"},
+  "Action": ["sts:AssumeRoleWithWebIdentity", "sts:TagSession"],
+  "Condition": {"StringEquals": {"127.0.0.1:$broker_port:aud": "sts.amazonaws.com"},
+                "StringLike": {"127.0.0.1:$broker_port:sub": "agentkeys:agent:*"}}}]}
+JSON
+operator() { AWS_ACCESS_KEY_ID=operator AWS_SECRET_ACCESS_KEY=operator AWS_DEFAULT_REGION=us-east-1 "$venv/bin/aws" --endpoint-url "$moto" "$@"; }
+operator iam create-open-id-connect-provider --url "$broker_url" --client-id-list sts.amazonaws.com \
+  --thumbprint-list 0000000000000000000000000000000000000000 >/dev/null
+role_arn=$(operator iam create-role --role-name agentkeys-demo --assume-role-policy-document "file://$work/trust.json" | json '["Role"]["Arn"]')
+ok "role $role_arn trusts the broker's issuer"
+
+step "agentkeys aws-credentials: AssumeRoleWithWebIdentity client-side, no AWS credentials"
+no_aws=(env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN -u AWS_PROFILE)
+"${no_aws[@]}" "$daemon_bin" aws-credentials --role-arn "$role_arn" --service s3 --scope "$scope" \
+  --sts-endpoint "$moto" >"$work/creds.json"
+[ "$(json '["Version"]' <"$work/creds.json")" = 1 ] || fail "credential_process Version"
+for field in AccessKeyId SecretAccessKey SessionToken Expiration; do
+  [ -n "$(json "[\"$field\"]" <"$work/creds.json")" ] || fail "credential_process $field"
+done
+ok "credential_process JSON: Version 1, AccessKeyId $(json '["AccessKeyId"]' <"$work/creds.json"), Expiration $(json '["Expiration"]' <"$work/creds.json")"
+
+step "the AWS CLI through credential_process: STS identity and S3"
+cat >"$work/aws-config" <<CONFIG
+[profile agentkeys]
+region = us-east-1
+credential_process = $daemon_bin aws-credentials --role-arn $role_arn --service s3 --scope $scope --sts-endpoint $moto --broker-url $broker_url --state-dir $work/daemon
+CONFIG
+daemon_aws() { "${no_aws[@]}" AWS_CONFIG_FILE="$work/aws-config" AWS_SHARED_CREDENTIALS_FILE="$work/no-credentials" "$venv/bin/aws" --profile agentkeys --endpoint-url "$moto" "$@"; }
+arn=$(daemon_aws sts get-caller-identity | json '["Arn"]')
+case "$arn" in *assumed-role/agentkeys-demo/*) ok "caller is $arn" ;; *) fail "caller is $arn" ;; esac
+echo "written through agentkeys" >"$work/hello.txt"
+daemon_aws s3 mb s3://agentkeys-demo >/dev/null
+daemon_aws s3 cp "$work/hello.txt" "s3://agentkeys-demo/${scope}hello.txt" >/dev/null
+daemon_aws s3 cp "s3://agentkeys-demo/${scope}hello.txt" "$work/back.txt" >/dev/null
+cmp -s "$work/hello.txt" "$work/back.txt" || fail "the object read back differs"
+ok "s3 mb, put and get under $scope with the daemon's credentials"
+
+step "audit: the chain and every sink verify"
+report=$(curl -fs "$broker_url/v1/admin/audit/verify" -H "Authorization: Bearer $(cat "$work/data/admin.token")")
+[ "$(json '["ok"]' <<<"$report")" = True ] || fail "audit verify: $report"
+ok "audit verify ok, $(json '["records"]' <<<"$report") records"
+
+printf '\nsingle mint path: every step passed\n'
