@@ -50,6 +50,8 @@ AGENTKEYS__SERVER__BIND="127.0.0.1:$port" \
 AGENTKEYS__STORAGE__DATA_DIR="$work/data" \
 AGENTKEYS__RATE_LIMIT__PER_SECOND="$RATE" \
 AGENTKEYS__RATE_LIMIT__BURST="$RATE" \
+AGENTKEYS__RATE_LIMIT__LOGIN_PER_SECOND_PER_IP="$RATE" \
+AGENTKEYS__RATE_LIMIT__LOGIN_BURST_PER_IP="$RATE" \
   ./target/release/agentkeys-broker serve --config "$work/broker.toml" >"$work/broker.log" 2>&1 &
 broker_pid=$!
 

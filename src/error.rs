@@ -47,6 +47,15 @@ impl ApiError {
         self.code
     }
 
+    /// `429 rate_limited` with the limiter's Retry-After.
+    pub fn rate_limited(who: &str, retry_after: std::time::Duration) -> Self {
+        Self {
+            code: ErrorCode::RateLimited,
+            message: format!("{who} is over its rate"),
+            retry_after: Some(retry_after.as_secs().max(1)),
+        }
+    }
+
     /// Internal details go to the log only; the caller gets a fixed text.
     fn internal(detail: &str) -> Self {
         tracing::error!(detail, "internal error");
@@ -90,11 +99,9 @@ impl From<MintError> for ApiError {
     fn from(e: MintError) -> Self {
         match e {
             MintError::Auth(e) => e.into(),
-            MintError::RateLimited { retry_after } => Self {
-                code: ErrorCode::RateLimited,
-                message: "the account is over its rate".into(),
-                retry_after: Some(retry_after.as_secs().max(1)),
-            },
+            MintError::RateLimited { retry_after } => {
+                Self::rate_limited("the account", retry_after)
+            }
             MintError::Internal(detail) => Self::internal(&detail),
             MintError::Grant(e) => e.into(),
             other => Self::new(other.code(), other.to_string()),

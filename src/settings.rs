@@ -39,6 +39,12 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// How long a graceful shutdown waits for requests in flight.
     pub shutdown_timeout_seconds: u64,
+    /// Open connections per worker; beyond it new ones wait in the backlog.
+    pub max_connections: usize,
+    /// A client must send its request head within this (slow-loris guard).
+    pub client_request_timeout_ms: u64,
+    /// Idle keep-alive connections are closed after this.
+    pub keep_alive_seconds: u64,
 }
 
 impl Default for ServerSettings {
@@ -48,6 +54,9 @@ impl Default for ServerSettings {
             workers: 0,
             max_body_bytes: 16 * 1024,
             shutdown_timeout_seconds: 30,
+            max_connections: 10_000,
+            client_request_timeout_ms: 5000,
+            keep_alive_seconds: 30,
         }
     }
 }
@@ -115,6 +124,10 @@ pub struct RateLimitSettings {
     pub burst: u32,
     /// How often idle accounts are forgotten.
     pub sweep_interval_seconds: u64,
+    /// Login requests (challenge + verify) per second per client IP.
+    pub login_per_second_per_ip: u32,
+    /// Login requests an idle IP may make at once.
+    pub login_burst_per_ip: u32,
 }
 
 impl Default for RateLimitSettings {
@@ -123,6 +136,8 @@ impl Default for RateLimitSettings {
             per_second: 50,
             burst: 100,
             sweep_interval_seconds: 60,
+            login_per_second_per_ip: 10,
+            login_burst_per_ip: 40,
         }
     }
 }
@@ -322,8 +337,19 @@ impl Settings {
         if self.oidc.audiences.is_empty() || self.oidc.audiences.iter().any(String::is_empty) {
             return invalid("oidc.audiences must list at least one audience");
         }
-        if self.rate_limit.per_second == 0 || self.rate_limit.burst == 0 {
-            return invalid("rate_limit.per_second and rate_limit.burst must be at least 1");
+        let rates = [
+            self.rate_limit.per_second,
+            self.rate_limit.burst,
+            self.rate_limit.login_per_second_per_ip,
+            self.rate_limit.login_burst_per_ip,
+        ];
+        if rates.contains(&0) {
+            return invalid("rate_limit rates and bursts must be at least 1");
+        }
+        if self.server.max_connections == 0 || self.server.client_request_timeout_ms == 0 {
+            return invalid(
+                "server.max_connections and server.client_request_timeout_ms must be at least 1",
+            );
         }
         if self.mint.default_ttl_seconds == 0
             || self.mint.default_ttl_seconds > self.mint.max_ttl_seconds
@@ -373,6 +399,14 @@ impl Settings {
 
     pub fn rate_burst(&self) -> NonZeroU32 {
         NonZeroU32::new(self.rate_limit.burst).unwrap_or(NonZeroU32::MIN)
+    }
+
+    pub fn login_rate_per_ip(&self) -> (NonZeroU32, NonZeroU32) {
+        let nz = |n| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        (
+            nz(self.rate_limit.login_per_second_per_ip),
+            nz(self.rate_limit.login_burst_per_ip),
+        )
     }
 
     /// `aud` of session tokens: distinct from every OIDC audience.

@@ -95,7 +95,12 @@ impl Application {
                 .app_data(state.clone())
                 .configure(|cfg| routes::configure(cfg, max_body))
         })
-        .shutdown_timeout(settings.server.shutdown_timeout_seconds);
+        .shutdown_timeout(settings.server.shutdown_timeout_seconds)
+        .max_connections(settings.server.max_connections)
+        .client_request_timeout(Duration::from_millis(
+            settings.server.client_request_timeout_ms,
+        ))
+        .keep_alive(Duration::from_secs(settings.server.keep_alive_seconds));
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);
         }
@@ -156,10 +161,13 @@ fn start_actors(settings: &Settings, keys: Arc<KeyMaterial>) -> Result<MintPipel
     )?
     .start();
 
+    let (login_per_second, login_burst) = settings.login_rate_per_ip();
     let rate_limit = RateLimitActor::new(rate_limit::RateLimitSettings {
         mailbox_capacity: actors.rate_limit_mailbox,
         per_second: settings.rate_per_second(),
         burst: settings.rate_burst(),
+        login_per_second,
+        login_burst,
         sweep_interval: Duration::from_secs(settings.rate_limit.sweep_interval_seconds.max(1)),
     })
     .start();

@@ -1,6 +1,8 @@
-//! `RateLimitActor`: a GCRA limiter keyed by OmniAccount, checked before
-//! the mint path touches any state.
+//! `RateLimitActor`: GCRA limiters keyed by OmniAccount (checked before
+//! the mint path touches any state) and by client IP (the unauthenticated
+//! login endpoints).
 
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -24,6 +26,13 @@ pub struct CheckRate {
     pub account: OmniAccount,
 }
 
+/// Take one unit of a client IP's login rate.
+#[derive(Message)]
+#[rtype(result = "Result<(), RateLimited>")]
+pub struct CheckLoginRate {
+    pub ip: IpAddr,
+}
+
 /// Tuning of the RateLimitActor, from config.
 #[derive(Clone, Debug)]
 pub struct RateLimitSettings {
@@ -33,6 +42,9 @@ pub struct RateLimitSettings {
     pub per_second: NonZeroU32,
     /// Mints an idle account may make at once.
     pub burst: NonZeroU32,
+    /// Login requests per second per client IP.
+    pub login_per_second: NonZeroU32,
+    pub login_burst: NonZeroU32,
     /// How often idle accounts are forgotten, which bounds memory.
     pub sweep_interval: Duration,
 }
@@ -40,17 +52,35 @@ pub struct RateLimitSettings {
 pub struct RateLimitActor {
     settings: RateLimitSettings,
     limiter: DefaultKeyedRateLimiter<OmniAccount>,
+    login_limiter: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
 }
 
 impl RateLimitActor {
     pub fn new(settings: RateLimitSettings) -> Self {
         let quota = Quota::per_second(settings.per_second).allow_burst(settings.burst);
+        let login_quota =
+            Quota::per_second(settings.login_per_second).allow_burst(settings.login_burst);
         Self {
             settings,
             limiter: RateLimiter::keyed(quota),
+            login_limiter: RateLimiter::keyed(login_quota),
             clock: DefaultClock::default(),
         }
+    }
+
+    /// Takes one unit for `key`, or says when one will be free (rounded up
+    /// to whole seconds, at least one).
+    fn take<K: std::hash::Hash + Eq + Clone>(
+        &self,
+        limiter: &DefaultKeyedRateLimiter<K>,
+        key: &K,
+    ) -> Result<(), RateLimited> {
+        limiter.check_key(key).map_err(|not_until| RateLimited {
+            retry_after: Duration::from_secs(
+                not_until.wait_time_from(self.clock.now()).as_secs() + 1,
+            ),
+        })
     }
 }
 
@@ -62,6 +92,8 @@ impl Actor for RateLimitActor {
         ctx.run_interval(self.settings.sweep_interval, |actor, _| {
             actor.limiter.retain_recent();
             actor.limiter.shrink_to_fit();
+            actor.login_limiter.retain_recent();
+            actor.login_limiter.shrink_to_fit();
         });
     }
 }
@@ -69,14 +101,16 @@ impl Actor for RateLimitActor {
 impl Handler<CheckRate> for RateLimitActor {
     type Result = Result<(), RateLimited>;
 
-    /// Retry-After is rounded up to whole seconds, at least one.
     fn handle(&mut self, msg: CheckRate, _: &mut Self::Context) -> Self::Result {
-        self.limiter.check_key(&msg.account).map_err(|not_until| {
-            let wait = not_until.wait_time_from(self.clock.now());
-            RateLimited {
-                retry_after: Duration::from_secs(wait.as_secs() + 1),
-            }
-        })
+        self.take(&self.limiter, &msg.account)
+    }
+}
+
+impl Handler<CheckLoginRate> for RateLimitActor {
+    type Result = Result<(), RateLimited>;
+
+    fn handle(&mut self, msg: CheckLoginRate, _: &mut Self::Context) -> Self::Result {
+        self.take(&self.login_limiter, &msg.ip)
     }
 }
 
@@ -96,6 +130,8 @@ mod tests {
             mailbox_capacity: 16,
             per_second: NonZeroU32::new(1).unwrap(),
             burst: NonZeroU32::new(3).unwrap(),
+            login_per_second: NonZeroU32::new(1).unwrap(),
+            login_burst: NonZeroU32::new(1).unwrap(),
             sweep_interval: Duration::from_secs(60),
         })
         .start();

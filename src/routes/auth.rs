@@ -1,9 +1,10 @@
 //! Agent login: a challenge for the device key, then its signature.
 
-use actix_web::{post, web, HttpResponse};
+use actix_web::{post, web, HttpRequest, HttpResponse};
 use agentkeys_actors::auth::{IssueChallenge, VerifyLogin};
 use agentkeys_actors::backpressure::ask;
 use agentkeys_actors::domain::DevicePublicKey;
+use agentkeys_actors::rate_limit::CheckLoginRate;
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -30,11 +31,31 @@ struct VerifyBody {
     signature: String,
 }
 
+/// Login is unauthenticated, so it is rate limited per client IP (the
+/// TCP peer: behind a proxy, the proxy's).
+async fn check_login_rate(state: &BrokerState, request: &HttpRequest) -> Result<(), ApiError> {
+    let Some(peer) = request.peer_addr() else {
+        return Ok(());
+    };
+    let timeout = state.pipeline.policy.send_timeout;
+    let check = CheckLoginRate { ip: peer.ip() };
+    ask(
+        &state.pipeline.rate_limit,
+        check,
+        timeout,
+        "rate limit actor",
+    )
+    .await?
+    .map_err(|e| ApiError::rate_limited("this client address", e.retry_after))
+}
+
 #[post("/v1/auth/challenge")]
 async fn challenge(
     state: web::Data<BrokerState>,
+    request: HttpRequest,
     body: web::Json<ChallengeBody>,
 ) -> Result<HttpResponse, ApiError> {
+    check_login_rate(&state, &request).await?;
     let public_key = DevicePublicKey::parse(&body.public_key)?;
     let auth = &state.pipeline.auth;
     let timeout = state.pipeline.policy.send_timeout;
@@ -46,8 +67,10 @@ async fn challenge(
 #[post("/v1/auth/verify")]
 async fn verify(
     state: web::Data<BrokerState>,
+    request: HttpRequest,
     body: web::Json<VerifyBody>,
 ) -> Result<HttpResponse, ApiError> {
+    check_login_rate(&state, &request).await?;
     let body = body.into_inner();
     let public_key = DevicePublicKey::parse(&body.public_key)?;
     let mut signature = [0u8; 64];

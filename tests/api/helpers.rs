@@ -69,6 +69,9 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     settings.server.workers = 2;
     settings.storage.data_dir = dir.path().to_owned();
     settings.oidc.issuer = "https://broker.test".into();
+    // Every test logs in from 127.0.0.1; the login limit has its own test.
+    settings.rate_limit.login_per_second_per_ip = 10_000;
+    settings.rate_limit.login_burst_per_ip = 10_000;
     tweak(&mut settings);
     let mut app = start(settings);
     app._data_dir = Some(dir);

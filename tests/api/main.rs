@@ -13,5 +13,6 @@ mod grants;
 mod helpers;
 mod idempotency;
 mod login_and_mint;
+mod overload;
 mod rate_limit;
 mod restart;
