@@ -14,5 +14,7 @@ mod helpers;
 mod idempotency;
 mod login_and_mint;
 mod overload;
+mod process;
 mod rate_limit;
 mod restart;
+mod shutdown;

@@ -1,0 +1,166 @@
+//! The broker as a real process: start it, talk to it, stop it.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::Reply;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_agentkeys-broker");
+
+/// The broker as a real process on `port`, with its data in `data_dir`.
+pub fn start_broker(data_dir: &Path, port: u16) -> Child {
+    Command::new(BIN)
+        .arg("serve")
+        .env("AGENTKEYS__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("AGENTKEYS__STORAGE__DATA_DIR", data_dir)
+        .env("AGENTKEYS__OIDC__ISSUER", "https://broker.test")
+        .env("AGENTKEYS__RATE_LIMIT__PER_SECOND", "100000")
+        .env("AGENTKEYS__RATE_LIMIT__BURST", "100000")
+        .env("AGENTKEYS__LOG__FILTER", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the broker starts")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub async fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> Result<Reply, String> {
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .finish();
+    let mut request = client.request(method.parse().unwrap(), format!("{base}{path}"));
+    if let Some(token) = bearer {
+        request = request.insert_header(("Authorization", format!("Bearer {token}")));
+    }
+    let sent = match body {
+        Some(body) => request.send_json(&body).await,
+        None => request.send().await,
+    };
+    let mut response = sent.map_err(|e| e.to_string())?;
+    let bytes = response.body().await.map_err(|e| e.to_string())?;
+    Ok(Reply {
+        status: response.status(),
+        headers: response.headers().clone(),
+        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        raw: bytes.to_vec(),
+    })
+}
+
+pub async fn wait_ready(base: &str) {
+    for _ in 0..100 {
+        if call(base, "GET", "/readyz", None, None)
+            .await
+            .is_ok_and(|r| r.status == StatusCode::OK)
+        {
+            return;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the broker did not become ready");
+}
+
+/// Registers an agent with an unlimited-ish grant for `scope` and returns
+/// its session token and the grant.
+pub async fn agent_with_grant(
+    base: &str,
+    admin: &str,
+    name: &str,
+    seed: u8,
+    scope: &str,
+) -> (String, Value) {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+    let public_key = hex::encode(key.verifying_key().to_bytes());
+    let agent = json!({ "name": name, "public_key": public_key });
+    let added = call(base, "POST", "/v1/admin/agents", Some(admin), Some(agent))
+        .await
+        .unwrap();
+    assert_eq!(added.status, StatusCode::CREATED);
+    let grant =
+        json!({ "agent": name, "service": "s3", "scope_path": scope, "max_uses": 1_000_000 });
+    let grant = call(base, "POST", "/v1/admin/grants", Some(admin), Some(grant))
+        .await
+        .unwrap()
+        .body;
+    let session = agentkeys_broker::commands::client::BrokerClient::new(base)
+        .login(&key)
+        .await
+        .unwrap();
+    (session, grant)
+}
+
+/// Mints as fast as it can until the broker stops answering; returns the
+/// jtis of the JWTs it received.
+pub async fn mint_until_gone(base: String, session: String, scope: String) -> Vec<String> {
+    let mut received = Vec::new();
+    let body = json!({ "service": "s3", "scope_path": scope });
+    while let Ok(reply) = call(
+        &base,
+        "POST",
+        "/v1/mint-oidc-jwt",
+        Some(&session),
+        Some(body.clone()),
+    )
+    .await
+    {
+        if reply.status == StatusCode::OK {
+            received.push(reply.body["jti"].as_str().unwrap().to_owned());
+        }
+    }
+    received
+}
+
+/// The jtis of every `ok` record in the ledger, read through the admin API.
+pub async fn audited_jtis(base: &str, admin: &str) -> std::collections::HashSet<String> {
+    let mut audited = std::collections::HashSet::new();
+    let mut after = 0;
+    loop {
+        let path = format!("/v1/admin/audit?after={after}&limit=1000");
+        let page = call(base, "GET", &path, Some(admin), None).await.unwrap();
+        let records = page.body["records"].as_array().unwrap().clone();
+        let Some(last) = records.last() else {
+            return audited;
+        };
+        after = last["seq"].as_u64().unwrap();
+        audited.extend(
+            records
+                .iter()
+                .filter(|r| r["outcome"] == "ok")
+                .map(|r| r["jti"].as_str().unwrap().to_owned()),
+        );
+    }
+}
+
+/// `agentkeys-broker audit verify` on a stopped broker's data directory.
+pub fn verify_offline(data_dir: &Path) -> (bool, Value) {
+    let verify = Command::new(BIN)
+        .args(["audit", "verify", "--data-dir"])
+        .arg(data_dir)
+        .env(
+            "AGENTKEYS_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
+        )
+        .output()
+        .unwrap();
+    (
+        verify.status.success(),
+        serde_json::from_slice(&verify.stdout).unwrap_or(Value::Null),
+    )
+}
