@@ -39,6 +39,13 @@ enum Command {
         #[command(subcommand)]
         command: GrantCommand,
     },
+    /// Rotate or list the broker's signing keys (admin API).
+    Keys {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Check the audit trail offline (stop the broker first).
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -112,6 +119,18 @@ enum GrantCommand {
     },
     /// Revoke a grant.
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Add the next OIDC key (published now, signing after the lead time),
+    /// or with --session the next session key (signing at once).
+    Rotate {
+        #[arg(long)]
+        session: bool,
+    },
+    /// Every key with its schedule.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -201,6 +220,15 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Agent { target, command } => (target, agent_command(command)),
         Command::Grant { target, command } => (target, grant_command(command)),
+        Command::Keys { target, command } => {
+            let admin = match command {
+                KeysCommand::Rotate { session } => AdminCommand::RotateKey {
+                    key: if session { "session" } else { "oidc" },
+                },
+                KeysCommand::List => AdminCommand::ListKeys,
+            };
+            (target, admin)
+        }
     };
     let answer = target.connect()?.run(admin).await?;
     println!("{}", serde_json::to_string_pretty(&answer)?);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use agentkeys_actors::audit::config::SinkConfig;
 use agentkeys_actors::audit::Quorum;
+use agentkeys_actors::keys::RotationPolicy;
 use serde::Deserialize;
 
 /// Everything an operator can tune. Unknown keys are an error, so a typo
@@ -83,6 +84,15 @@ pub struct OidcSettings {
     pub issuer: String,
     /// Audiences a mint may ask for; the first is the default.
     pub audiences: Vec<String>,
+    /// Verifiers may cache discovery and the JWKS this long (jittered down
+    /// by up to a fifth, so they do not all refetch at once).
+    pub jwks_max_age_seconds: u64,
+    /// A rotated-in key is published this long before it signs; at least
+    /// `jwks_max_age_seconds`, so every verifier has it in time.
+    pub rotation_lead_seconds: u64,
+    /// A retired key stays published this long after the last token it
+    /// signed can have expired.
+    pub retired_key_margin_seconds: u64,
 }
 
 impl Default for OidcSettings {
@@ -90,6 +100,9 @@ impl Default for OidcSettings {
         Self {
             issuer: "http://127.0.0.1:8080".into(),
             audiences: vec!["sts.amazonaws.com".into()],
+            jwks_max_age_seconds: 300,
+            rotation_lead_seconds: 900,
+            retired_key_margin_seconds: 300,
         }
     }
 }
@@ -356,6 +369,13 @@ impl Settings {
         {
             return invalid("mint.default_ttl_seconds must be 1..=mint.max_ttl_seconds");
         }
+        if self.oidc.rotation_lead_seconds < self.oidc.jwks_max_age_seconds
+            || self.oidc.jwks_max_age_seconds == 0
+        {
+            return invalid(
+                "oidc.rotation_lead_seconds must be at least oidc.jwks_max_age_seconds (≥ 1)",
+            );
+        }
         if self.idempotency.retention_seconds < self.mint.max_ttl_seconds {
             return invalid("idempotency.retention_seconds must be at least mint.max_ttl_seconds");
         }
@@ -407,6 +427,16 @@ impl Settings {
             nz(self.rate_limit.login_per_second_per_ip),
             nz(self.rate_limit.login_burst_per_ip),
         )
+    }
+
+    /// How long rotated keys overlap.
+    pub fn rotation_policy(&self) -> RotationPolicy {
+        RotationPolicy {
+            oidc_lead_seconds: self.oidc.rotation_lead_seconds,
+            oidc_publish_after_retire_seconds: self.mint.max_ttl_seconds
+                + self.oidc.retired_key_margin_seconds,
+            session_overlap_seconds: self.auth.session_ttl_seconds,
+        }
     }
 
     /// `aud` of session tokens: distinct from every OIDC audience.

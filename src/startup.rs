@@ -12,9 +12,9 @@ use agentkeys_actors::audit::config::start_sinks;
 use agentkeys_actors::audit::ledger::LedgerSink;
 use agentkeys_actors::audit::{AuditActor, AuditSettings as AuditActorSettings};
 use agentkeys_actors::auth::{self, AuthActor};
-use agentkeys_actors::domain::ServiceName;
+use agentkeys_actors::domain::{now_unix, ServiceName};
 use agentkeys_actors::grant::{GrantActor, GrantSettings};
-use agentkeys_actors::keys::{KeyError, KeyMaterial};
+use agentkeys_actors::keys::{KeyError, KeyRing};
 use agentkeys_actors::mint::{MintPipeline, MintPolicy};
 use agentkeys_actors::rate_limit::{self, RateLimitActor};
 use agentkeys_actors::signer::{SignerPool, SignerPoolSettings};
@@ -55,6 +55,8 @@ pub struct BrokerState {
     pub admin_token: AdminToken,
     /// The OIDC issuer URL, for discovery.
     pub issuer: String,
+    /// Cache lifetime of discovery and the JWKS, before jitter.
+    pub jwks_max_age_seconds: u64,
 }
 
 /// A built broker: actors running, listener bound, server not yet polled.
@@ -69,7 +71,7 @@ impl Application {
         settings.validate()?;
         let data_dir = &settings.storage.data_dir;
         std::fs::create_dir_all(data_dir).map_err(StartupError::DataDir)?;
-        let keys = Arc::new(KeyMaterial::load_or_generate(data_dir)?);
+        let keys = KeyRing::load_or_generate(data_dir, settings.rotation_policy(), now_unix())?;
         let admin_token =
             AdminToken::load_or_create(settings.admin.token_file.as_deref(), data_dir)
                 .map_err(StartupError::AdminToken)?;
@@ -88,6 +90,7 @@ impl Application {
             pipeline,
             admin_token,
             issuer: settings.oidc.issuer.clone(),
+            jwks_max_age_seconds: settings.oidc.jwks_max_age_seconds,
         });
         let max_body = settings.server.max_body_bytes;
         let mut server = HttpServer::new(move || {
@@ -127,7 +130,7 @@ impl Application {
 }
 
 /// Starts the five actors and wires them into the mint pipeline.
-fn start_actors(settings: &Settings, keys: Arc<KeyMaterial>) -> Result<MintPipeline, StartupError> {
+fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, StartupError> {
     let data_dir = &settings.storage.data_dir;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let actors = &settings.actors;

@@ -75,6 +75,13 @@ pub fn random_hex(len: usize) -> String {
     hex::encode(buf)
 }
 
+/// A random number from the OS generator (jitter, not secrets).
+pub fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut buf).expect("the system random generator failed");
+    u64::from_le_bytes(buf)
+}
+
 /// An agent's Ed25519 device public key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DevicePublicKey([u8; 32]);

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use crate::backpressure::{ask, Overloaded};
-use crate::domain::{DevicePublicKey, ErrorCode, InvalidInput};
-use crate::keys::KeyMaterial;
+use crate::domain::{now_unix, DevicePublicKey, ErrorCode, InvalidInput};
+use crate::keys::{KeyError, KeyInfo, KeyRing};
 
 /// The `typ` of session JWTs, so one is never taken for an OIDC JWT.
 pub const SESSION_TYP: &str = "agentkeys-session+jwt";
@@ -144,16 +144,42 @@ pub struct VerifyDeviceSignature {
     pub signature: [u8; 64],
 }
 
-/// The JWKS document: public OIDC keys only.
+/// The JWKS document: public OIDC keys only, those published now.
 #[derive(Message)]
-#[rtype(result = "Arc<String>")]
+#[rtype(result = "String")]
 pub struct PublishedKeySet;
 
-/// One worker of the signing pool; all workers share the same keys.
+/// Which key to rotate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    Oidc,
+    Session,
+}
+
+/// Add the next key of a kind (persisted before it answers).
+#[derive(Message)]
+#[rtype(result = "Result<KeyInfo, KeyError>")]
+pub struct RotateKey(pub KeyKind);
+
+/// Every key in the ring with its schedule.
+#[derive(Message)]
+#[rtype(result = "Vec<KeyInfo>")]
+pub struct DescribeKeys;
+
+/// One worker of the signing pool. The workers share one key ring: reads
+/// (every signature) take its read lock, a rotation its write lock.
 pub struct SignerActor {
-    keys: Arc<KeyMaterial>,
+    keys: Arc<RwLock<KeyRing>>,
     session_validation: Arc<Validation>,
-    jwks: Arc<String>,
+}
+
+impl SignerActor {
+    fn ring(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
+        self.keys
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl Actor for SignerActor {
@@ -163,11 +189,13 @@ impl Actor for SignerActor {
 impl Handler<SignOidc> for SignerActor {
     type Result = Result<String, SignerError>;
 
-    /// ES256 with the key's `kid`, `typ: JWT`.
+    /// ES256 with the signing key's `kid`, `typ: JWT`.
     fn handle(&mut self, msg: SignOidc, _: &mut Self::Context) -> Self::Result {
+        let ring = self.ring();
+        let key = ring.signing_oidc(now_unix());
         let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.keys.oidc.kid.clone());
-        jsonwebtoken::encode(&header, &msg.0, &self.keys.oidc.encoding)
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, &msg.0, &key.encoding)
             .map_err(|e| SignerError::Signing(e.to_string()))
     }
 }
@@ -175,12 +203,14 @@ impl Handler<SignOidc> for SignerActor {
 impl Handler<SignSession> for SignerActor {
     type Result = Result<String, SignerError>;
 
-    /// EdDSA with the session `kid` and `typ`.
+    /// EdDSA with the session key's `kid` and the session `typ`.
     fn handle(&mut self, msg: SignSession, _: &mut Self::Context) -> Self::Result {
+        let ring = self.ring();
+        let key = ring.signing_session();
         let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(self.keys.session.kid.clone());
+        header.kid = Some(key.kid.clone());
         header.typ = Some(SESSION_TYP.to_owned());
-        jsonwebtoken::encode(&header, &msg.0, &self.keys.session.encoding)
+        jsonwebtoken::encode(&header, &msg.0, &key.encoding)
             .map_err(|e| SignerError::Signing(e.to_string()))
     }
 }
@@ -188,21 +218,22 @@ impl Handler<SignSession> for SignerActor {
 impl Handler<VerifySessionToken> for SignerActor {
     type Result = Result<SessionClaims, SignerError>;
 
-    /// Only EdDSA is accepted, so `alg: none` and OIDC JWTs fail here.
+    /// Only EdDSA under a session key that may still verify is accepted,
+    /// so `alg: none`, OIDC JWTs and tokens of long-retired keys fail here.
     fn handle(&mut self, msg: VerifySessionToken, _: &mut Self::Context) -> Self::Result {
-        let data = jsonwebtoken::decode::<SessionClaims>(
-            &msg.0,
-            &self.keys.session.decoding,
-            &self.session_validation,
-        )
-        .map_err(|_| SignerError::InvalidToken)?;
-        let header_ok = data.header.typ.as_deref() == Some(SESSION_TYP)
-            && data.header.kid.as_deref() == Some(self.keys.session.kid.as_str());
-        if header_ok {
-            Ok(data.claims)
-        } else {
-            Err(SignerError::InvalidToken)
+        let header = jsonwebtoken::decode_header(&msg.0).map_err(|_| SignerError::InvalidToken)?;
+        if header.typ.as_deref() != Some(SESSION_TYP) {
+            return Err(SignerError::InvalidToken);
         }
+        let ring = self.ring();
+        let key = header
+            .kid
+            .as_deref()
+            .and_then(|kid| ring.verifying_session(kid, now_unix()))
+            .ok_or(SignerError::InvalidToken)?;
+        jsonwebtoken::decode::<SessionClaims>(&msg.0, &key.decoding, &self.session_validation)
+            .map(|data| data.claims)
+            .map_err(|_| SignerError::InvalidToken)
     }
 }
 
@@ -222,11 +253,33 @@ impl Handler<VerifyDeviceSignature> for SignerActor {
 }
 
 impl Handler<PublishedKeySet> for SignerActor {
-    type Result = Arc<String>;
+    type Result = String;
 
-    /// Rendered once at start; the key set does not change while running.
     fn handle(&mut self, _: PublishedKeySet, _: &mut Self::Context) -> Self::Result {
-        self.jwks.clone()
+        self.ring().jwks(now_unix()).to_string()
+    }
+}
+
+impl Handler<RotateKey> for SignerActor {
+    type Result = Result<KeyInfo, KeyError>;
+
+    fn handle(&mut self, msg: RotateKey, _: &mut Self::Context) -> Self::Result {
+        let mut ring = self
+            .keys
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match msg.0 {
+            KeyKind::Oidc => ring.rotate_oidc(now_unix()),
+            KeyKind::Session => ring.rotate_session(now_unix()),
+        }
+    }
+}
+
+impl Handler<DescribeKeys> for SignerActor {
+    type Result = Vec<KeyInfo>;
+
+    fn handle(&mut self, _: DescribeKeys, _: &mut Self::Context) -> Self::Result {
+        self.ring().describe()
     }
 }
 
@@ -256,7 +309,8 @@ pub struct SignerPool {
 
 impl SignerPool {
     /// Starts the pool's threads; must run inside an actix system.
-    pub fn start(keys: Arc<KeyMaterial>, settings: &SignerPoolSettings) -> Self {
+    pub fn start(keys: KeyRing, settings: &SignerPoolSettings) -> Self {
+        let keys = Arc::new(RwLock::new(keys));
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[&settings.issuer]);
         validation.set_audience(&[&settings.session_audience]);
@@ -264,11 +318,9 @@ impl SignerPool {
             HashSet::from(["exp", "iss", "aud", "sub"].map(String::from));
         validation.leeway = 0;
         let session_validation = Arc::new(validation);
-        let jwks = Arc::new(serde_json::json!({ "keys": [keys.oidc.jwk] }).to_string());
         let addr = SyncArbiter::start(settings.threads.max(1), move || SignerActor {
             keys: keys.clone(),
             session_validation: session_validation.clone(),
-            jwks: jwks.clone(),
         });
         Self {
             addr,

@@ -35,6 +35,11 @@ pub enum AdminCommand {
     RevokeGrant {
         id: String,
     },
+    ListKeys,
+    RotateKey {
+        /// `oidc` or `session`.
+        key: &'static str,
+    },
 }
 
 impl AdminTarget {
@@ -84,6 +89,13 @@ impl AdminTarget {
             AdminCommand::RevokeGrant { id } => {
                 let path = format!("/v1/admin/grants/{id}");
                 self.client.call("DELETE", &path, token, None).await
+            }
+            AdminCommand::ListKeys => self.client.call("GET", "/v1/admin/keys", token, None).await,
+            AdminCommand::RotateKey { key } => {
+                let body = json!({ "key": key });
+                self.client
+                    .call("POST", "/v1/admin/keys/rotate", token, Some(&body))
+                    .await
             }
         }
     }

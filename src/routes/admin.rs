@@ -8,6 +8,7 @@ use agentkeys_actors::domain::{
     now_unix, AgentName, DevicePublicKey, ErrorCode, ScopePath, ServiceName,
 };
 use agentkeys_actors::grant::{CreateGrant, GetGrant, GrantSpec, ListGrants, RevokeGrant};
+use agentkeys_actors::signer::{DescribeKeys, KeyKind, RotateKey};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -23,7 +24,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(get_grant)
         .service(revoke_grant)
         .service(read_audit)
-        .service(verify_audit);
+        .service(verify_audit)
+        .service(list_keys)
+        .service(rotate_key);
 }
 
 #[derive(Deserialize)]
@@ -267,4 +270,39 @@ async fn verify_audit(
         .map_err(|_| ApiError::new(ErrorCode::Overloaded, "the audit actor is unavailable"))?
         .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
     Ok(HttpResponse::Ok().json(report))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rotation {
+    key: KeyKind,
+}
+
+#[get("/v1/admin/keys")]
+async fn list_keys(
+    state: web::Data<BrokerState>,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    state.admin_token.check(&request)?;
+    let keys = state.pipeline.signer.call(DescribeKeys).await?;
+    Ok(HttpResponse::Ok().json(json!({ "keys": keys })))
+}
+
+/// Adds the next key: an OIDC key is published now and signs after the
+/// lead time; a session key signs at once.
+#[post("/v1/admin/keys/rotate")]
+async fn rotate_key(
+    state: web::Data<BrokerState>,
+    request: HttpRequest,
+    body: web::Json<Rotation>,
+) -> Result<HttpResponse, ApiError> {
+    state.admin_token.check(&request)?;
+    let key = state
+        .pipeline
+        .signer
+        .call(RotateKey(body.key))
+        .await?
+        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    tracing::info!(kind = key.kind, kid = %key.kid, activates_at = key.activates_at, "key rotated");
+    Ok(HttpResponse::Created().json(key))
 }

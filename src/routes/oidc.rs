@@ -2,48 +2,52 @@
 
 use actix_web::http::header::{CacheControl, CacheDirective};
 use actix_web::{get, web, HttpResponse};
+use agentkeys_actors::domain::random_u64;
 use agentkeys_actors::signer::PublishedKeySet;
 use serde_json::json;
 
 use crate::error::ApiError;
 use crate::startup::BrokerState;
 
-/// Verifiers may cache for this long.
-const CACHE_SECONDS: u32 = 300;
-
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(discovery).service(jwks);
 }
 
-fn cacheable() -> CacheControl {
+/// Public, for `max_age` less up to a fifth at random, so verifiers that
+/// fetched together do not all come back together.
+fn cacheable(max_age: u64) -> CacheControl {
+    let jittered = max_age - random_u64() % (max_age / 5 + 1);
+    let seconds = u32::try_from(jittered).unwrap_or(u32::MAX);
     CacheControl(vec![
         CacheDirective::Public,
-        CacheDirective::MaxAge(CACHE_SECONDS),
+        CacheDirective::MaxAge(seconds),
     ])
 }
 
 #[get("/.well-known/openid-configuration")]
 async fn discovery(state: web::Data<BrokerState>) -> HttpResponse {
     let issuer = &state.issuer;
-    HttpResponse::Ok().insert_header(cacheable()).json(json!({
-        "issuer": issuer,
-        "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
-        "id_token_signing_alg_values_supported": ["ES256"],
-        "response_types_supported": ["id_token"],
-        "subject_types_supported": ["public"],
-        "claims_supported": [
-            "iss", "sub", "aud", "iat", "nbf", "exp", "jti",
-            "agentkeys_actor_omni", "agentkeys_agent", "agentkeys_grant_id",
-            "agentkeys_service", "agentkeys_scope_path", "https://aws.amazon.com/tags"
-        ],
-    }))
+    HttpResponse::Ok()
+        .insert_header(cacheable(state.jwks_max_age_seconds))
+        .json(json!({
+            "issuer": issuer,
+            "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
+            "id_token_signing_alg_values_supported": ["ES256"],
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "claims_supported": [
+                "iss", "sub", "aud", "iat", "nbf", "exp", "jti",
+                "agentkeys_actor_omni", "agentkeys_agent", "agentkeys_grant_id",
+                "agentkeys_service", "agentkeys_scope_path", "https://aws.amazon.com/tags"
+            ],
+        }))
 }
 
 #[get("/.well-known/jwks.json")]
 async fn jwks(state: web::Data<BrokerState>) -> Result<HttpResponse, ApiError> {
     let keys = state.pipeline.signer.call(PublishedKeySet).await?;
     Ok(HttpResponse::Ok()
-        .insert_header(cacheable())
+        .insert_header(cacheable(state.jwks_max_age_seconds))
         .content_type("application/json")
-        .body(keys.as_str().to_owned()))
+        .body(keys))
 }

@@ -69,7 +69,11 @@ async fn bad_bearer_tokens_are_401_unauthorized() {
     )
     .await;
 
-    let session_key = std::fs::read(app.data_file("session-ed25519.pk8")).unwrap();
+    let ring: Value =
+        serde_json::from_slice(&std::fs::read(app.data_file("keyring.json")).unwrap()).unwrap();
+    let session_key = base64::engine::general_purpose::STANDARD
+        .decode(ring["session"][0]["pkcs8"].as_str().unwrap())
+        .unwrap();
     // Control: the forging helper itself makes tokens the broker accepts.
     let resigned = session_signed_with(&session, &real_claims, &session_key);
     assert_eq!(app.mint(&resigned, &json!({})).await.status, StatusCode::OK);

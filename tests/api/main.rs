@@ -12,6 +12,7 @@ mod evm_anchor;
 mod grants;
 mod helpers;
 mod idempotency;
+mod keys;
 mod login_and_mint;
 mod overload;
 mod process;

@@ -1,0 +1,167 @@
+//! Key rotation with overlap, as verifiers see it through the JWKS.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use agentkeys_actors::domain::now_unix;
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, spawn_app_with, verify_against_jwks, TestApp};
+
+fn kid_of(jwt: &str) -> String {
+    jsonwebtoken::decode_header(jwt).unwrap().kid.unwrap()
+}
+
+async fn published(app: &TestApp) -> Vec<String> {
+    let jwks = app.get("/.well-known/jwks.json", None).await.body;
+    jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn mint(app: &TestApp, session: &str) -> Value {
+    let reply = app.mint(session, &json!({})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    reply.body
+}
+
+async fn sleep_until(unix: u64) {
+    while now_unix() < unix {
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_web::test]
+async fn a_rotated_oidc_key_is_published_first_signs_later_and_the_old_one_leaves_last() {
+    let app = spawn_app_with(|s| {
+        s.grants.required = false;
+        s.oidc.jwks_max_age_seconds = 1;
+        s.oidc.rotation_lead_seconds = 2;
+        s.oidc.retired_key_margin_seconds = 1;
+        s.mint.default_ttl_seconds = 2;
+        s.mint.max_ttl_seconds = 2;
+    })
+    .await;
+    let agent = app.register_agent("rotator").await;
+    let session = app.login(&agent).await;
+    let before = mint(&app, &session).await;
+    let old = kid_of(before["jwt"].as_str().unwrap());
+    assert_eq!(published(&app).await, [old.clone()]);
+
+    let admin = Some(app.admin_token.as_str());
+    let rotated = app
+        .post("/v1/admin/keys/rotate", admin, &json!({ "key": "oidc" }))
+        .await;
+    assert_eq!(rotated.status, StatusCode::CREATED, "{}", rotated.body);
+    let new = rotated.body["kid"].as_str().unwrap().to_owned();
+    let activates_at = rotated.body["activates_at"].as_u64().unwrap();
+    assert_eq!(
+        published(&app).await,
+        [old.clone(), new.clone()],
+        "published before it signs"
+    );
+    if now_unix() < activates_at {
+        let during_lead = mint(&app, &session).await;
+        assert_eq!(
+            kid_of(during_lead["jwt"].as_str().unwrap()),
+            old,
+            "the old key signs during the lead time"
+        );
+    }
+
+    sleep_until(activates_at).await;
+    let after = mint(&app, &session).await;
+    assert_eq!(kid_of(after["jwt"].as_str().unwrap()), new);
+    assert_eq!(
+        published(&app).await,
+        [old.clone(), new.clone()],
+        "the old key stays for its tokens"
+    );
+    verify_against_jwks(
+        after["jwt"].as_str().unwrap(),
+        &app.jwks().await,
+        "https://broker.test",
+        "sts.amazonaws.com",
+    )
+    .expect("the new key's token verifies against the served JWKS");
+
+    // retired at activation; published for max_ttl (2) + margin (1) more.
+    sleep_until(activates_at + 3).await;
+    assert_eq!(
+        published(&app).await,
+        [new.clone()],
+        "then it leaves the JWKS"
+    );
+    let keys = app.get("/v1/admin/keys", admin).await.body;
+    let oidc: Vec<&Value> = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["kind"] == "oidc")
+        .collect();
+    assert_eq!(oidc[0]["retires_at"], activates_at);
+    assert!(oidc[1]["retires_at"].is_null());
+}
+
+#[actix_web::test]
+async fn a_rotated_session_key_signs_new_sessions_and_old_ones_keep_working() {
+    let app = spawn_app_with(|s| s.grants.required = false).await;
+    let agent = app.register_agent("session-rotator").await;
+    let old_session = app.login(&agent).await;
+    let admin = Some(app.admin_token.as_str());
+    let rotated = app
+        .post("/v1/admin/keys/rotate", admin, &json!({ "key": "session" }))
+        .await;
+    assert_eq!(rotated.status, StatusCode::CREATED);
+    let new_session = app.login(&agent).await;
+    assert_eq!(kid_of(&new_session), rotated.body["kid"].as_str().unwrap());
+    assert_ne!(kid_of(&new_session), kid_of(&old_session));
+    mint(&app, &old_session).await;
+    mint(&app, &new_session).await;
+    for bad in [
+        json!({ "key": "everything" }),
+        json!({}),
+        json!({ "key": "oidc", "now": true }),
+    ] {
+        let reply = app.post("/v1/admin/keys/rotate", admin, &bad).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let refused = app
+        .post("/v1/admin/keys/rotate", None, &json!({ "key": "oidc" }))
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+}
+
+#[actix_web::test]
+async fn rotations_persist_and_the_jwks_cache_lifetime_is_jittered() {
+    let app = spawn_app().await;
+    let admin = Some(app.admin_token.as_str());
+    let rotated = app
+        .post("/v1/admin/keys/rotate", admin, &json!({ "key": "oidc" }))
+        .await
+        .body;
+    let app = app.restart();
+    assert!(published(&app)
+        .await
+        .contains(&rotated["kid"].as_str().unwrap().to_owned()));
+
+    let mut ages = HashSet::new();
+    for _ in 0..20 {
+        let reply = app.get("/.well-known/jwks.json", None).await;
+        let control = reply
+            .headers
+            .get("cache-control")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let age: u64 = control.rsplit("max-age=").next().unwrap().parse().unwrap();
+        assert!((240..=300).contains(&age), "{control}");
+        ages.insert(age);
+    }
+    assert!(ages.len() > 1, "max-age is jittered: {ages:?}");
+}
