@@ -285,8 +285,8 @@ impl KeyRing {
         Ok(self
             .describe()
             .into_iter()
-            .filter(|k| k.kind == "oidc")
-            .last()
+            .rev()
+            .find(|k| k.kind == "oidc")
             .expect("just added"))
     }
 
@@ -458,7 +458,11 @@ mod tests {
             [old.clone(), new.kid.clone()],
             "the old key stays for its tokens"
         );
-        assert_eq!(kids(&ring.jwks(1150)), [new.kid.clone()], "then it leaves");
+        assert_eq!(
+            kids(&ring.jwks(1150)),
+            std::slice::from_ref(&new.kid),
+            "then it leaves"
+        );
 
         let reloaded = KeyRing::load_or_generate(dir.path(), POLICY, 1200).unwrap();
         assert_eq!(
