@@ -114,8 +114,13 @@ pub struct AuthSettings {
     pub session_ttl_seconds: u64,
     /// Lifetime of a login nonce.
     pub nonce_ttl_seconds: u64,
-    /// Cap on nonces waiting for a signature.
+    /// Cap on nonces waiting for a signature (and on proof nonces kept).
     pub max_pending_nonces: usize,
+    /// Every mint must carry a proof of possession of the device key
+    /// (`Agentkeys-Proof`), so a stolen session token alone cannot mint.
+    pub require_pop: bool,
+    /// A proof's timestamp may be this far from the broker's clock.
+    pub proof_max_skew_seconds: u64,
 }
 
 impl Default for AuthSettings {
@@ -124,6 +129,8 @@ impl Default for AuthSettings {
             session_ttl_seconds: 900,
             nonce_ttl_seconds: 60,
             max_pending_nonces: 100_000,
+            require_pop: false,
+            proof_max_skew_seconds: 60,
         }
     }
 }

@@ -57,6 +57,8 @@ pub struct BrokerState {
     pub issuer: String,
     /// Cache lifetime of discovery and the JWKS, before jitter.
     pub jwks_max_age_seconds: u64,
+    /// Largest request body read.
+    pub max_body_bytes: usize,
 }
 
 /// A built broker: actors running, listener bound, server not yet polled.
@@ -91,6 +93,7 @@ impl Application {
             admin_token,
             issuer: settings.oidc.issuer.clone(),
             jwks_max_age_seconds: settings.oidc.jwks_max_age_seconds,
+            max_body_bytes: settings.server.max_body_bytes,
         });
         let max_body = settings.server.max_body_bytes;
         let mut server = HttpServer::new(move || {
@@ -158,6 +161,7 @@ fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, Star
             session_ttl: Duration::from_secs(settings.auth.session_ttl_seconds),
             nonce_ttl: Duration::from_secs(settings.auth.nonce_ttl_seconds),
             max_pending_nonces: settings.auth.max_pending_nonces,
+            proof_max_skew: Duration::from_secs(settings.auth.proof_max_skew_seconds),
         },
         agents,
         signer.clone(),
@@ -223,6 +227,7 @@ fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, Star
             issuer: settings.oidc.issuer.clone(),
             audiences: settings.oidc.audiences.clone(),
             grants_required: settings.grants.required,
+            require_proof: settings.auth.require_pop,
             default_service: ServiceName::parse(&settings.mint.default_service)
                 .expect("validated with the settings"),
             default_ttl_seconds: settings.mint.default_ttl_seconds,

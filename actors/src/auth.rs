@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use crate::backpressure::Overloaded;
 use crate::domain::{
-    now_unix, random_hex, AgentName, DevicePublicKey, ErrorCode, OmniAccount, Principal,
+    now_unix, random_hex, AgentName, DevicePublicKey, ErrorCode, InvalidInput, OmniAccount,
+    Principal,
 };
 use crate::signer::{
     SessionClaims, SignSession, SignerError, SignerPool, VerifyDeviceSignature, VerifySessionToken,
@@ -164,6 +165,64 @@ pub struct RemoveAgent {
     pub name: AgentName,
 }
 
+/// A device's proof that it holds the key behind a session: an Ed25519
+/// signature over the request, carried in the `Agentkeys-Proof` header as
+/// `t=<unix seconds>,n=<nonce>,s=<128 hex signature>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProofOfPossession {
+    pub timestamp: u64,
+    /// 8-64 characters of `[A-Za-z0-9_-]`, never reused.
+    pub nonce: String,
+    pub signature: [u8; 64],
+}
+
+impl ProofOfPossession {
+    pub fn parse(header: &str) -> Result<Self, InvalidInput> {
+        let bad = || InvalidInput("Agentkeys-Proof must be t=<unix>,n=<nonce>,s=<128 hex>".into());
+        let mut fields = header.split(',').map(|f| f.trim().split_once('='));
+        let (Some(Some(("t", t))), Some(Some(("n", n))), Some(Some(("s", s))), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err(bad());
+        };
+        let nonce_ok = (8..=64).contains(&n.len())
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let mut signature = [0u8; 64];
+        if !nonce_ok || hex::decode_to_slice(s, &mut signature).is_err() {
+            return Err(bad());
+        }
+        Ok(Self {
+            timestamp: t.parse().map_err(|_| bad())?,
+            nonce: n.to_owned(),
+            signature,
+        })
+    }
+
+    /// What the device signs: method, path, SHA-256 of the exact body,
+    /// timestamp and nonce, one per line after a fixed tag.
+    pub fn message(
+        method: &str,
+        path: &str,
+        body_sha256: &str,
+        timestamp: u64,
+        nonce: &str,
+    ) -> String {
+        format!("agentkeys-pop\n{method}\n{path}\n{body_sha256}\n{timestamp}\n{nonce}")
+    }
+}
+
+/// Check a proof of possession for a request of `principal`.
+#[derive(Message)]
+#[rtype(result = "Result<(), AuthError>")]
+pub struct CheckProof {
+    pub principal: Principal,
+    pub proof: ProofOfPossession,
+    pub method: &'static str,
+    pub path: &'static str,
+    pub body_sha256: String,
+}
+
 /// Tuning of the AuthActor, from config.
 #[derive(Clone, Debug)]
 pub struct AuthSettings {
@@ -177,8 +236,11 @@ pub struct AuthSettings {
     pub session_ttl: Duration,
     /// How long a login nonce may wait for its signature.
     pub nonce_ttl: Duration,
-    /// Cap on unanswered nonces, so a flood cannot grow memory.
+    /// Cap on unanswered nonces (and on remembered proof nonces), so a
+    /// flood cannot grow memory.
     pub max_pending_nonces: usize,
+    /// A proof's timestamp may differ from the broker's clock by this much.
+    pub proof_max_skew: Duration,
 }
 
 /// A nonce waiting for its signature.
@@ -203,6 +265,9 @@ pub struct AuthActor {
     reserved: HashSet<String>,
     /// Nonces issued and not yet used or expired.
     nonces: HashMap<String, PendingLogin>,
+    /// Proof nonces seen (per account), until their timestamp is too old
+    /// to be accepted anyway: a replayed proof is refused.
+    seen_proofs: HashMap<(OmniAccount, String), u64>,
 }
 
 impl AuthActor {
@@ -220,6 +285,7 @@ impl AuthActor {
             names_by_key: HashMap::new(),
             reserved: HashSet::new(),
             nonces: HashMap::new(),
+            seen_proofs: HashMap::new(),
         };
         for agent in actor.store.load_all()? {
             actor.add_live(agent);
@@ -236,6 +302,7 @@ impl AuthActor {
     fn purge_expired_nonces(&mut self) {
         let now = now_unix();
         self.nonces.retain(|_, p| p.expires_at > now);
+        self.seen_proofs.retain(|_, forget_at| *forget_at > now);
     }
 
     /// The principal a verified session names, if its agent still may act.
@@ -367,6 +434,53 @@ impl Handler<VerifySession> for AuthActor {
                 .into_actor(self)
                 .map(|verified, actor, _| actor.principal_for(&verified??)),
         )
+    }
+}
+
+impl Handler<CheckProof> for AuthActor {
+    type Result = ResponseFuture<Result<(), AuthError>>;
+
+    /// Fresh timestamp, unseen nonce (remembered at once, so two copies in
+    /// flight cannot both pass), then the device signature on the pool.
+    fn handle(&mut self, msg: CheckProof, _: &mut Self::Context) -> Self::Result {
+        let refuse =
+            |why| -> Self::Result { Box::pin(async move { Err(AuthError::Unauthorized(why)) }) };
+        let now = now_unix();
+        let skew = self.settings.proof_max_skew.as_secs();
+        if msg.proof.timestamp.abs_diff(now) > skew {
+            return refuse("proof of possession is stale or from the future");
+        }
+        let seen = (msg.principal.omni_account.clone(), msg.proof.nonce.clone());
+        if self.seen_proofs.contains_key(&seen) {
+            return refuse("proof of possession was already used");
+        }
+        if self.seen_proofs.len() >= self.settings.max_pending_nonces {
+            self.purge_expired_nonces();
+            if self.seen_proofs.len() >= self.settings.max_pending_nonces {
+                return Box::pin(async { Err(Overloaded("proof nonce store").into()) });
+            }
+        }
+        self.seen_proofs
+            .insert(seen, msg.proof.timestamp + skew + 1);
+        let message = ProofOfPossession::message(
+            msg.method,
+            msg.path,
+            &msg.body_sha256,
+            msg.proof.timestamp,
+            &msg.proof.nonce,
+        );
+        let check = VerifyDeviceSignature {
+            key: msg.principal.device_key,
+            message,
+            signature: msg.proof.signature,
+        };
+        let signer = self.signer.clone();
+        Box::pin(async move {
+            signer
+                .call(check)
+                .await?
+                .map_err(|_| AuthError::Unauthorized("proof of possession does not verify"))
+        })
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::Addr;
 
 use crate::audit::{AuditActor, MintEvent, Outcome, Record};
-use crate::auth::{AuthActor, AuthError, VerifySession};
+use crate::auth::{AuthActor, AuthError, CheckProof, ProofOfPossession, VerifySession};
 use crate::backpressure::{ask, Overloaded};
 use crate::domain::{
     now_unix, random_hex, sha256_hex, ErrorCode, IdempotencyKey, InvalidInput, Principal,
@@ -21,6 +21,9 @@ use crate::grant::{
 };
 use crate::rate_limit::{CheckRate, RateLimitActor};
 use crate::signer::{AwsSessionTags, OidcClaims, SignOidc, SignerPool};
+
+/// The one mint path.
+pub const MINT_PATH: &str = "/v1/mint-oidc-jwt";
 
 /// Why a mint was refused; each maps to one stable error code.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +88,9 @@ pub struct MintRequest {
     pub idempotency_key: Option<IdempotencyKey>,
     /// SHA-256 of method, path and body: what "the same request" means.
     pub fingerprint: String,
+    /// The device's proof over this request, with the SHA-256 (hex) of
+    /// the exact body it signed.
+    pub proof: Option<(ProofOfPossession, String)>,
     /// Correlates the response, the log line and the audit record.
     pub request_id: String,
 }
@@ -119,6 +125,9 @@ pub struct MintPolicy {
     /// Every mint needs a matching explicit grant; when false, an agent
     /// may mint for its own `bots/<omni>/` without one.
     pub grants_required: bool,
+    /// Every mint needs a proof of possession of the device key, so a
+    /// stolen session token alone cannot mint.
+    pub require_proof: bool,
     /// The service of an intent-less mint.
     pub default_service: ServiceName,
     pub default_ttl_seconds: u64,
@@ -180,6 +189,25 @@ impl MintPipeline {
         let principal = ask(&self.auth, verify, timeout, "auth actor").await??;
         event.omni_account = Some(principal.omni_account.to_string());
         event.agent = Some(principal.agent.as_str().to_owned());
+        match request.proof {
+            Some((proof, body_sha256)) => {
+                let check = CheckProof {
+                    principal: principal.clone(),
+                    proof,
+                    method: "POST",
+                    path: MINT_PATH,
+                    body_sha256,
+                };
+                ask(&self.auth, check, timeout, "auth actor").await??;
+            }
+            None if self.policy.require_proof => {
+                return Err(AuthError::Unauthorized(
+                    "a proof of possession (Agentkeys-Proof) is required",
+                )
+                .into());
+            }
+            None => {}
+        }
 
         let intent = match request.intent {
             Some(intent) => intent,

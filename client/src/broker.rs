@@ -7,6 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::device_key::DeviceKey;
 use crate::ClientError;
@@ -63,18 +64,20 @@ impl Broker {
         })
     }
 
-    /// POSTs JSON; a non-2xx answer becomes `Refused` with its code.
+    /// POSTs JSON bytes (sent exactly as given, since a proof of
+    /// possession signs them); a non-2xx answer becomes `Refused`.
     async fn post(
         &self,
         path: &str,
         bearer: Option<&str>,
         headers: &[(&str, &str)],
-        body: &Value,
+        body: &[u8],
     ) -> Result<Value, Attempt> {
         let mut request = self
             .http
             .post(format!("{}{path}", self.base_url))
-            .json(body);
+            .header("Content-Type", "application/json")
+            .body(body.to_vec());
         if let Some(token) = bearer {
             request = request.bearer_auth(token);
         }
@@ -120,14 +123,14 @@ impl Broker {
                 "/v1/auth/challenge",
                 None,
                 &[],
-                &json!({ "public_key": public_key }),
+                json!({ "public_key": public_key }).to_string().as_bytes(),
             )
             .await
             .map_err(Attempt::into_error)?;
         let message = challenge["message"].as_str().unwrap_or_default();
         let verify = json!({ "public_key": public_key, "nonce": challenge["nonce"], "signature": key.sign_hex(message) });
         let session = self
-            .post("/v1/auth/verify", None, &[], &verify)
+            .post("/v1/auth/verify", None, &[], verify.to_string().as_bytes())
             .await
             .map_err(Attempt::into_error)?;
         serde_json::from_value(session)
@@ -135,23 +138,25 @@ impl Broker {
     }
 
     /// Mints with one Idempotency-Key across all attempts, waiting as the
-    /// broker's Retry-After says on 409, 429 and 503.
-    pub async fn mint(&self, session: &str, request: &MintRequest) -> Result<Minted, ClientError> {
-        let mut key = [0u8; 16];
-        getrandom::fill(&mut key).map_err(|e| ClientError::Local(e.to_string()))?;
-        let key = hex::encode(key);
-        let body = serde_json::to_value(request).map_err(|e| ClientError::Local(e.to_string()))?;
+    /// broker's Retry-After says on 409, 429 and 503. Every attempt carries
+    /// a fresh proof of possession of the device key.
+    pub async fn mint(
+        &self,
+        key: &DeviceKey,
+        session: &str,
+        request: &MintRequest,
+    ) -> Result<Minted, ClientError> {
+        let idempotency_key = random_hex(16)?;
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::Local(e.to_string()))?;
+        let body_sha256 = hex::encode(Sha256::digest(&body));
         let mut attempt = 1;
         loop {
-            match self
-                .post(
-                    "/v1/mint-oidc-jwt",
-                    Some(session),
-                    &[("Idempotency-Key", &key)],
-                    &body,
-                )
-                .await
-            {
+            let proof = proof_header(key, &body_sha256)?;
+            let headers = [
+                ("Idempotency-Key", idempotency_key.as_str()),
+                ("Agentkeys-Proof", proof.as_str()),
+            ];
+            match self.post(MINT_PATH, Some(session), &headers, &body).await {
                 Ok(minted) => {
                     return serde_json::from_value(minted)
                         .map_err(|e| ClientError::Local(format!("unexpected mint answer: {e}")));
@@ -165,6 +170,28 @@ impl Broker {
             }
         }
     }
+}
+
+const MINT_PATH: &str = "/v1/mint-oidc-jwt";
+
+fn random_hex(bytes: usize) -> Result<String, ClientError> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).map_err(|e| ClientError::Local(e.to_string()))?;
+    Ok(hex::encode(buf))
+}
+
+/// `Agentkeys-Proof: t=<unix>,n=<nonce>,s=<signature>` over
+/// `agentkeys-pop\nPOST\n<path>\n<sha256 of body>\n<t>\n<n>`.
+fn proof_header(key: &DeviceKey, body_sha256: &str) -> Result<String, ClientError> {
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let nonce = random_hex(16)?;
+    let message = format!("agentkeys-pop\nPOST\n{MINT_PATH}\n{body_sha256}\n{timestamp}\n{nonce}");
+    Ok(format!(
+        "t={timestamp},n={nonce},s={}",
+        key.sign_hex(&message)
+    ))
 }
 
 /// How one HTTP attempt failed.

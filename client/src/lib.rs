@@ -100,11 +100,11 @@ impl Agent {
             return Ok(minted);
         }
         let session = self.session().await?;
-        let minted = match self.broker.mint(&session, request).await {
+        let minted = match self.broker.mint(&self.key, &session, request).await {
             Err(ClientError::Refused { code, .. }) if code == "unauthorized" => {
                 self.cache.forget_session()?;
                 let session = self.session().await?;
-                self.broker.mint(&session, request).await?
+                self.broker.mint(&self.key, &session, request).await?
             }
             other => other?,
         };

@@ -1,16 +1,16 @@
 //! `POST /v1/mint-oidc-jwt`: the one mint path.
 
 use actix_web::{post, web, HttpRequest, HttpResponse};
+use agentkeys_actors::auth::ProofOfPossession;
 use agentkeys_actors::domain::{random_hex, sha256_hex, IdempotencyKey, ScopePath, ServiceName};
 use agentkeys_actors::grant::Intent;
-use agentkeys_actors::mint::MintRequest;
+use agentkeys_actors::mint::{MintRequest, MINT_PATH};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::admin_token::bearer_token;
 use crate::error::ApiError;
 use crate::startup::BrokerState;
-
-const PATH: &str = "/v1/mint-oidc-jwt";
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(mint_oidc_jwt);
@@ -42,7 +42,7 @@ impl MintBody {
     /// parsed body in one canonical form (field order and spacing aside).
     fn fingerprint(&self) -> String {
         let canonical = serde_json::to_string(self).expect("the body serializes");
-        sha256_hex(format!("POST {PATH}\n{canonical}"))
+        sha256_hex(format!("POST {MINT_PATH}\n{canonical}"))
     }
 }
 
@@ -58,24 +58,74 @@ fn idempotency_key(request: &HttpRequest) -> Result<Option<IdempotencyKey>, ApiE
     }
 }
 
+/// The body's exact bytes: a proof of possession signs them. JSON only,
+/// at most `max_bytes`.
+async fn read_body(
+    request: &HttpRequest,
+    mut payload: web::Payload,
+    max_bytes: usize,
+) -> Result<Vec<u8>, ApiError> {
+    let json = request
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !json {
+        return Err(ApiError::bad_request(
+            "Content-Type must be application/json",
+        ));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+        if body.len() + chunk.len() > max_bytes {
+            return Err(ApiError::bad_request(format!(
+                "body larger than {max_bytes} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn proof_of_possession(
+    request: &HttpRequest,
+    body: &[u8],
+) -> Result<Option<(ProofOfPossession, String)>, ApiError> {
+    let Some(header) = request.headers().get("Agentkeys-Proof") else {
+        return Ok(None);
+    };
+    let text = header
+        .to_str()
+        .map_err(|_| ApiError::bad_request("Agentkeys-Proof must be visible ASCII"))?;
+    Ok(Some((ProofOfPossession::parse(text)?, sha256_hex(body))))
+}
+
 #[tracing::instrument(skip_all, fields(request_id, outcome))]
 #[post("/v1/mint-oidc-jwt")]
 async fn mint_oidc_jwt(
     state: web::Data<BrokerState>,
     request: HttpRequest,
-    body: web::Json<MintBody>,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let request_id = random_hex(8);
     let span = tracing::Span::current();
     span.record("request_id", request_id.as_str());
     let bearer = bearer_token(&request)?.to_owned();
+    let raw = read_body(&request, payload, state.max_body_bytes).await?;
+    let body: MintBody = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let proof = proof_of_possession(&request, &raw)?;
     let intent = body.intent()?;
     if body.ttl_seconds == Some(0) {
         return Err(ApiError::bad_request("ttl_seconds must be at least 1"));
     }
     let idempotency_key = idempotency_key(&request)?;
     let fingerprint = body.fingerprint();
-    let body = body.into_inner();
     let result = state
         .pipeline
         .mint(MintRequest {
@@ -85,6 +135,7 @@ async fn mint_oidc_jwt(
             audience: body.audience,
             idempotency_key,
             fingerprint,
+            proof,
             request_id: request_id.clone(),
         })
         .await;

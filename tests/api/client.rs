@@ -6,7 +6,7 @@ use agentkeys_client::device_key::DeviceKey;
 use agentkeys_client::{Agent, ClientError};
 use serde_json::json;
 
-use crate::helpers::{spawn_app, verify_against_jwks};
+use crate::helpers::{spawn_app_with, verify_against_jwks};
 
 fn intent(scope: &str) -> MintRequest {
     MintRequest {
@@ -19,7 +19,8 @@ fn intent(scope: &str) -> MintRequest {
 
 #[actix_web::test]
 async fn a_daemon_logs_in_mints_reuses_its_cache_and_reads_refusals() {
-    let app = spawn_app().await;
+    // The client proves possession of its device key on every mint.
+    let app = spawn_app_with(|s| s.auth.require_pop = true).await;
     let state = tempfile::tempdir().unwrap();
     let key_file = state.path().join("device.key");
     let key = DeviceKey::generate(&key_file).unwrap();

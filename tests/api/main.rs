@@ -16,6 +16,7 @@ mod keys;
 mod login_and_mint;
 mod overload;
 mod process;
+mod proof;
 mod rate_limit;
 mod restart;
 mod shutdown;
