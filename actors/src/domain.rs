@@ -367,3 +367,62 @@ mod tests {
         assert!(ServiceName::parse("-s3").is_err());
     }
 }
+
+/// Hostile input: the edge parsers never panic, and what they accept obeys
+/// the grammar (so actors can trust it).
+#[cfg(test)]
+mod hostile_input {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::auth::ProofOfPossession;
+
+    proptest! {
+        #[test]
+        fn scope_paths_accepted_obey_the_grammar(text in ".{0,300}") {
+            if let Ok(scope) = ScopePath::parse(&text) {
+                let s = scope.as_str();
+                prop_assert!(!s.is_empty() && s.len() <= ScopePath::MAX_BYTES);
+                prop_assert!(!s.starts_with('/') && !s.contains("//"));
+                prop_assert!(s.trim_end_matches('/').split('/').all(|seg| seg != "." && seg != ".."));
+                prop_assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b)));
+                prop_assert_eq!(ScopePath::parse(s).unwrap(), scope.clone());
+            }
+        }
+
+        #[test]
+        fn a_scope_lies_within_itself_and_its_parent(text in "[a-z0-9._-]{1,10}(/[a-z0-9._-]{1,10}){0,4}") {
+            if let Ok(scope) = ScopePath::parse(&text) {
+                prop_assert!(scope.is_within(&scope));
+                if let Some((parent, _)) = text.rsplit_once('/') {
+                    if let Ok(parent) = ScopePath::parse(&format!("{parent}/")) {
+                        prop_assert!(scope.is_within(&parent));
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn names_keys_and_headers_never_panic(text in "\\PC{0,300}", bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let lossy = String::from_utf8_lossy(&bytes);
+            for input in [text.as_str(), lossy.as_ref()] {
+                let _ = AgentName::parse(input);
+                let _ = ServiceName::parse(input);
+                let _ = DevicePublicKey::parse(input);
+                let _ = ProofOfPossession::parse(input);
+                if let Ok(key) = IdempotencyKey::parse(input) {
+                    prop_assert!(key.as_str().bytes().all(|b| b.is_ascii_graphic()));
+                }
+            }
+        }
+
+        #[test]
+        fn proof_headers_parse_back_what_was_written(t in any::<u64>(), nonce in "[A-Za-z0-9_-]{8,64}", sig in proptest::collection::vec(any::<u8>(), 64)) {
+            let header = format!("t={t},n={nonce},s={}", hex::encode(&sig));
+            let proof = ProofOfPossession::parse(&header).unwrap();
+            prop_assert_eq!(proof.timestamp, t);
+            prop_assert_eq!(proof.nonce, nonce);
+            prop_assert_eq!(proof.signature.to_vec(), sig);
+        }
+    }
+}

@@ -11,6 +11,7 @@ mod errors;
 mod evm_anchor;
 mod grants;
 mod helpers;
+mod hostile;
 mod idempotency;
 mod keys;
 mod login_and_mint;
