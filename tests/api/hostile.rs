@@ -20,6 +20,10 @@ impl Noise {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
+    fn one_in(&mut self, n: u64) -> bool {
+        self.next().is_multiple_of(n)
+    }
+
     fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
         items[(self.next() % items.len() as u64) as usize]
     }
@@ -125,16 +129,16 @@ async fn random_requests_on_every_route_never_get_a_5xx() {
             request = request
                 .insert_header(("Authorization", format!("Bearer {}", header_safe(&bearer))));
         }
-        if noise.next() % 2 == 0 {
+        if noise.one_in(2) {
             request = request.insert_header(("Content-Type", "application/json"));
         }
-        if noise.next() % 3 == 0 {
+        if noise.one_in(3) {
             request = request.insert_header(("Idempotency-Key", header_safe(&noise.text())));
         }
-        if noise.next() % 3 == 0 {
+        if noise.one_in(3) {
             request = request.insert_header(("Agentkeys-Proof", header_safe(&noise.text())));
         }
-        let body = if noise.next() % 2 == 0 {
+        let body = if noise.one_in(2) {
             noise.text().into_bytes()
         } else {
             noise.bytes(200)
