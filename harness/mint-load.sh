@@ -68,3 +68,10 @@ curl -fs "$url/readyz" >/dev/null || { echo "broker did not become ready" >&2; c
 echo "# $(nproc) cores; audit sinks: $SINKS; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
 MINT_BODY='{"service":"s3","scope_path":"load/jobs/"}' TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
   -s harness/mint.lua "$url/v1/mint-oidc-jwt"
+
+# After the run: the broker's peak memory, and one mint right away (recovery).
+echo "broker peak RSS: $(awk '/VmHWM/ { print $2, $3 }' "/proc/$broker_pid/status")"
+token=$(head -n 1 "$work/tokens.txt")
+curl -s -o /dev/null -w 'first mint after the run: HTTP %{http_code} in %{time_total} s\n' \
+  -X POST "$url/v1/mint-oidc-jwt" -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+  -d '{"service":"s3","scope_path":"load/jobs/"}'
