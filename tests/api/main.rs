@@ -20,4 +20,5 @@ mod process;
 mod proof;
 mod rate_limit;
 mod restart;
+mod secrets_in_logs;
 mod shutdown;

@@ -78,3 +78,58 @@ async fn login_is_rate_limited_per_client_address() {
     assert_eq!(limited, 2, "{statuses:?}");
     assert!(statuses[3..].iter().all(|(_, retry)| *retry));
 }
+
+#[actix_web::test]
+async fn the_login_nonce_store_is_bounded() {
+    let app = spawn_app_with(|s| s.auth.max_pending_nonces = 3).await;
+    let mut codes = Vec::new();
+    for seed in 0..5u8 {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let body = json!({ "public_key": hex::encode(key.verifying_key().to_bytes()) });
+        let reply = app.post("/v1/auth/challenge", None, &body).await;
+        codes.push((
+            reply.status,
+            reply.body["error"].as_str().unwrap_or("").to_owned(),
+        ));
+    }
+    assert!(
+        codes[..3].iter().all(|(s, _)| *s == StatusCode::OK),
+        "{codes:?}"
+    );
+    for (status, code) in &codes[3..] {
+        assert_eq!(
+            (*status, code.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+        );
+    }
+}
+
+#[actix_web::test]
+async fn a_client_that_does_not_finish_its_request_head_is_disconnected() {
+    use std::io::{Read, Write};
+    let app = spawn_app_with(|s| s.server.client_request_timeout_ms = 300).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let started = std::time::Instant::now();
+    let outcome = actix_web::rt::task::spawn_blocking(move || {
+        let mut slow = std::net::TcpStream::connect(address).unwrap();
+        slow.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        slow.write_all(b"POST /v1/mint-oidc-jwt HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        let mut answer = Vec::new();
+        slow.read_to_end(&mut answer).map(|_| answer)
+    })
+    .await
+    .unwrap();
+    let answer = outcome.expect("the broker closes the connection rather than waiting forever");
+    let waited = started.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}
