@@ -4,12 +4,16 @@
 
 use std::path::{Path, PathBuf};
 
-use actix_web::HttpRequest;
+use std::future::{ready, Ready};
+
+use actix_web::dev::Payload;
+use actix_web::{web, FromRequest, HttpRequest};
 use agentkeys_actors::domain::{random_hex, ErrorCode};
 use agentkeys_actors::keys::write_secret_file;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
+use crate::startup::BrokerState;
 
 const GENERATED_TOKEN_FILE: &str = "admin.token";
 
@@ -47,7 +51,7 @@ impl AdminToken {
     }
 
     /// Admits the request only if it carries the admin token.
-    pub fn check(&self, request: &HttpRequest) -> Result<(), ApiError> {
+    fn check(&self, request: &HttpRequest) -> Result<(), ApiError> {
         let presented = bearer_token(request).unwrap_or_default();
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let difference = digest
@@ -59,6 +63,23 @@ impl AdminToken {
         } else {
             Err(ApiError::new(ErrorCode::Forbidden, "admin token required"))
         }
+    }
+}
+
+/// Proof that a request carries the admin token. As a handler's first
+/// argument it is checked before the body is even read.
+pub struct Admin;
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(request: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let checked = match request.app_data::<web::Data<BrokerState>>() {
+            Some(state) => state.admin_token.check(request).map(|()| Admin),
+            None => Err(ApiError::new(ErrorCode::Internal, "internal error")),
+        };
+        ready(checked)
     }
 }
 

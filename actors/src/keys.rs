@@ -168,23 +168,13 @@ impl KeyRing {
     }
 
     fn add_oidc(&mut self, stored: StoredKey) -> Result<(), KeyError> {
-        let der = STANDARD
-            .decode(&stored.pkcs8)
-            .map_err(|_| KeyError::Invalid(KEYRING_FILE.into()))?;
-        let key = oidc_key(&der, stored.activates_at)
-            .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))?;
-        self.oidc.push(key);
+        self.oidc.push(parse_stored(&stored, oidc_key)?);
         self.stored.oidc.push(stored);
         Ok(())
     }
 
     fn add_session(&mut self, stored: StoredKey) -> Result<(), KeyError> {
-        let der = STANDARD
-            .decode(&stored.pkcs8)
-            .map_err(|_| KeyError::Invalid(KEYRING_FILE.into()))?;
-        let key = session_key(&der, stored.activates_at)
-            .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))?;
-        self.session.push(key);
+        self.session.push(parse_stored(&stored, session_key)?);
         self.stored.session.push(stored);
         Ok(())
     }
@@ -317,6 +307,15 @@ impl KeyRing {
         retain_by(&mut self.session, &keep_session);
         retain_by(&mut self.stored.session, &keep_session);
     }
+}
+
+/// A stored key's PKCS#8, parsed by `parse`.
+fn parse_stored<K>(stored: &StoredKey, parse: fn(&[u8], u64) -> Option<K>) -> Result<K, KeyError> {
+    STANDARD
+        .decode(&stored.pkcs8)
+        .ok()
+        .and_then(|der| parse(&der, stored.activates_at))
+        .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))
 }
 
 fn retain_by<T>(items: &mut Vec<T>, keep: &[bool]) {

@@ -1,6 +1,6 @@
 //! Operator API, behind the admin token: the agent registry and grants.
 
-use actix_web::{delete, get, post, web, HttpRequest, HttpResponse};
+use actix_web::{delete, get, post, web, HttpResponse};
 use agentkeys_actors::audit::{ReadRecords, VerifyAudit};
 use agentkeys_actors::auth::{ListAgents, LookupAgent, RegisterAgent, RemoveAgent};
 use agentkeys_actors::backpressure::ask;
@@ -12,6 +12,7 @@ use agentkeys_actors::signer::{DescribeKeys, KeyKind, RotateKey};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::admin_token::Admin;
 use crate::error::ApiError;
 use crate::startup::BrokerState;
 
@@ -44,11 +45,10 @@ fn enabled_by_default() -> bool {
 
 #[post("/v1/admin/agents")]
 async fn add_agent(
+    _admin: Admin,
     state: web::Data<BrokerState>,
-    request: HttpRequest,
     body: web::Json<NewAgent>,
 ) -> Result<HttpResponse, ApiError> {
-    state.admin_token.check(&request)?;
     let register = RegisterAgent {
         name: AgentName::parse(&body.name)?,
         public_key: DevicePublicKey::parse(&body.public_key)?,
@@ -62,10 +62,9 @@ async fn add_agent(
 
 #[get("/v1/admin/agents")]
 async fn list_agents(
+    _admin: Admin,
     state: web::Data<BrokerState>,
-    request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    state.admin_token.check(&request)?;
     let timeout = state.pipeline.policy.send_timeout;
     let agents = ask(&state.pipeline.auth, ListAgents, timeout, "auth actor").await?;
     Ok(HttpResponse::Ok().json(json!({ "agents": agents })))
@@ -73,11 +72,10 @@ async fn list_agents(
 
 #[delete("/v1/admin/agents/{name}")]
 async fn remove_agent(
+    _admin: Admin,
     state: web::Data<BrokerState>,
-    request: HttpRequest,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    state.admin_token.check(&request)?;
     let name = AgentName::parse(&name)?;
     let timeout = state.pipeline.policy.send_timeout;
     ask(
@@ -144,11 +142,10 @@ fn no_such_grant() -> ApiError {
 
 #[post("/v1/admin/grants")]
 async fn add_grant(
+    _admin: Admin,
     state: web::Data<BrokerState>,
-    request: HttpRequest,
     body: web::Json<NewGrant>,
 ) -> Result<HttpResponse, ApiError> {
-    state.admin_token.check(&request)?;
     let name = AgentName::parse(&body.agent)?;
     let spec = body.spec()?;
     let timeout = state.pipeline.policy.send_timeout;
@@ -172,11 +169,10 @@ async fn add_grant(
 
 #[get("/v1/admin/grants")]
 async fn list_grants(
+    _admin: Admin,
     state: web::Data<BrokerState>,
-    request: HttpRequest,
     filter: web::Query<GrantFilter>,
 ) -> Result<HttpResponse, ApiError> {
-    state.admin_token.check(&request)?;
     let agent = filter.agent.as_deref().map(AgentName::parse).transpose()?;
     let timeout = state.pipeline.policy.send_timeout;
     let grants = ask(
@@ -191,11 +187,10 @@ async fn list_grants(
 
 #[get("/v1/admin/grants/{id}")]
 async fn get_grant(
+    _admin: Admin,
     state: web::Data<BrokerState>,
-    request: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    state.admin_token.check(&request)?;
     let timeout = state.pipeline.policy.send_timeout;
     let get = GetGrant {
         id: id.into_inner(),
@@ -208,11 +203,10 @@ async fn get_grant(
 
 #[delete("/v1/admin/grants/{id}")]
 async fn revoke_grant(
+    _admin: Admin,
     state: web::Data<BrokerState>,
-    request: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    state.admin_token.check(&request)?;
     let timeout = state.pipeline.policy.send_timeout;
     let revoke = RevokeGrant {
         id: id.into_inner(),
@@ -235,11 +229,10 @@ struct AuditPage {
 
 #[get("/v1/admin/audit")]
 async fn read_audit(
+    _admin: Admin,
     state: web::Data<BrokerState>,
-    request: HttpRequest,
     page: web::Query<AuditPage>,
 ) -> Result<HttpResponse, ApiError> {
-    state.admin_token.check(&request)?;
     let limit = page.limit.unwrap_or(100);
     if !(1..=MAX_AUDIT_PAGE).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1-1000"));
@@ -258,10 +251,9 @@ async fn read_audit(
 /// Walks the whole chain, so it is not bounded by the usual send timeout.
 #[get("/v1/admin/audit/verify")]
 async fn verify_audit(
+    _admin: Admin,
     state: web::Data<BrokerState>,
-    request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    state.admin_token.check(&request)?;
     let report = state
         .pipeline
         .audit
@@ -279,11 +271,7 @@ struct Rotation {
 }
 
 #[get("/v1/admin/keys")]
-async fn list_keys(
-    state: web::Data<BrokerState>,
-    request: HttpRequest,
-) -> Result<HttpResponse, ApiError> {
-    state.admin_token.check(&request)?;
+async fn list_keys(_admin: Admin, state: web::Data<BrokerState>) -> Result<HttpResponse, ApiError> {
     let keys = state.pipeline.signer.call(DescribeKeys).await?;
     Ok(HttpResponse::Ok().json(json!({ "keys": keys })))
 }
@@ -292,11 +280,10 @@ async fn list_keys(
 /// lead time; a session key signs at once.
 #[post("/v1/admin/keys/rotate")]
 async fn rotate_key(
+    _admin: Admin,
     state: web::Data<BrokerState>,
-    request: HttpRequest,
     body: web::Json<Rotation>,
 ) -> Result<HttpResponse, ApiError> {
-    state.admin_token.check(&request)?;
     let key = state
         .pipeline
         .signer

@@ -25,6 +25,14 @@ async fn admin_routes_need_the_admin_token() {
         )
         .await;
     assert_eq!(add.status, StatusCode::FORBIDDEN);
+    // The token is checked before the body is read: no oracle for bodies.
+    let garbage = app
+        .send("POST", "/v1/admin/grants", None, Some(b"{not json"))
+        .await;
+    assert_eq!(
+        (garbage.status, garbage.error_code()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
 }
 
 #[actix_web::test]

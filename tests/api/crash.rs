@@ -7,29 +7,21 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 use crate::process::{
-    agent_with_grant, audited_jtis, call, free_port, mint_until_gone, start_broker, verify_offline,
-    wait_ready,
+    audited_jtis, call, mint_until_gone, start_broker, start_with_agent, verify_offline, wait_ready,
 };
 
 #[actix_web::test]
 async fn kill_9_during_a_burst_loses_no_released_jwt() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut broker = start_broker(dir.path(), port);
-    wait_ready(&base).await;
-    let admin = std::fs::read_to_string(dir.path().join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let (session, grant) = agent_with_grant(&base, &admin, "crashy", 77, "crash/").await;
+    let mut run = start_with_agent("crashy", 77, "crash/").await;
+    let base = run.base.clone();
 
     // 16 clients mint as fast as they can until the broker dies under them.
-    let workers = (0..16).map(|_| mint_until_gone(base.clone(), session.clone(), "crash/".into()));
+    let workers =
+        (0..16).map(|_| mint_until_gone(base.clone(), run.session.clone(), "crash/".into()));
     let killer = async {
         actix_web::rt::time::sleep(Duration::from_millis(400)).await;
-        broker.kill().expect("SIGKILL");
-        broker.wait().unwrap();
+        run.broker.kill().expect("SIGKILL");
+        run.broker.wait().unwrap();
     };
     let (received, ()) = futures_util::future::join(join_all(workers), killer).await;
     let received: Vec<String> = received.into_iter().flatten().collect();
@@ -40,9 +32,9 @@ async fn kill_9_during_a_burst_loses_no_released_jwt() {
         received.len()
     );
 
-    let mut broker = start_broker(dir.path(), port);
+    let mut broker = start_broker(run.dir.path(), run.port);
     wait_ready(&base).await;
-    let audited = audited_jtis(&base, &admin).await;
+    let audited = audited_jtis(&base, &run.admin).await;
     let missing: Vec<_> = received
         .iter()
         .filter(|jti| !audited.contains(*jti))
@@ -54,19 +46,17 @@ async fn kill_9_during_a_burst_loses_no_released_jwt() {
         received.len()
     );
 
-    let id = grant["id"].as_str().unwrap();
-    let uses = call(
+    let id = run.grant["id"].as_str().unwrap();
+    let grant = call(
         &base,
         "GET",
         &format!("/v1/admin/grants/{id}"),
-        Some(&admin),
+        Some(&run.admin),
         None,
     )
     .await
-    .unwrap()
-    .body["uses"]
-        .as_u64()
-        .unwrap();
+    .unwrap();
+    let uses = grant.body["uses"].as_u64().unwrap();
     assert!(
         uses >= received.len() as u64,
         "uses {uses} < released {}",
@@ -75,7 +65,7 @@ async fn kill_9_during_a_burst_loses_no_released_jwt() {
 
     broker.kill().unwrap();
     broker.wait().unwrap();
-    let (ok, report) = verify_offline(dir.path());
+    let (ok, report) = verify_offline(run.dir.path());
     assert!(ok, "audit verify: {report}");
     eprintln!(
         "after restart: {} audit records verify, {} grant uses",

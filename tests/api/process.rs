@@ -164,3 +164,37 @@ pub fn verify_offline(data_dir: &Path) -> (bool, Value) {
         serde_json::from_slice(&verify.stdout).unwrap_or(Value::Null),
     )
 }
+
+/// A broker process on a fresh data directory with one agent granted
+/// `scope`: what the burst tests start from.
+pub struct Running {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub base: String,
+    pub broker: Child,
+    pub admin: String,
+    pub session: String,
+    pub grant: Value,
+}
+
+pub async fn start_with_agent(name: &str, seed: u8, scope: &str) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let broker = start_broker(dir.path(), port);
+    wait_ready(&base).await;
+    let admin = std::fs::read_to_string(dir.path().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let (session, grant) = agent_with_grant(&base, &admin, name, seed, scope).await;
+    Running {
+        dir,
+        port,
+        base,
+        broker,
+        admin,
+        session,
+        grant,
+    }
+}

@@ -8,26 +8,18 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 
 use crate::process::{
-    agent_with_grant, audited_jtis, free_port, mint_until_gone, start_broker, verify_offline,
-    wait_ready,
+    audited_jtis, mint_until_gone, start_broker, start_with_agent, verify_offline, wait_ready,
 };
 
 #[actix_web::test]
 async fn sigterm_during_a_burst_drains_flushes_and_exits_0() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut broker = start_broker(dir.path(), port);
-    wait_ready(&base).await;
-    let admin = std::fs::read_to_string(dir.path().join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let (session, _) = agent_with_grant(&base, &admin, "graceful", 78, "stop/").await;
-
-    let pid = broker.id().to_string();
-    let workers = (0..16).map(|_| mint_until_gone(base.clone(), session.clone(), "stop/".into()));
-    let stopper = async {
+    let mut run = start_with_agent("graceful", 78, "stop/").await;
+    let base = run.base.clone();
+    let pid = run.broker.id().to_string();
+    let workers =
+        (0..16).map(|_| mint_until_gone(base.clone(), run.session.clone(), "stop/".into()));
+    let mut broker = std::mem::replace(&mut run.broker, Command::new("true").spawn().unwrap());
+    let stopper = async move {
         actix_web::rt::time::sleep(Duration::from_millis(300)).await;
         let asked = Instant::now();
         assert!(Command::new("kill")
@@ -49,18 +41,18 @@ async fn sigterm_during_a_burst_drains_flushes_and_exits_0() {
     assert!(status.success(), "exit status {status}");
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
 
-    let (ok, report) = verify_offline(dir.path());
+    let (ok, report) = verify_offline(run.dir.path());
     assert!(ok, "{report}");
-    let mut broker = start_broker(dir.path(), port);
-    wait_ready(&base).await;
-    let audited = audited_jtis(&base, &admin).await;
-    assert!(
-        received.iter().all(|jti| audited.contains(jti)),
-        "a released JWT is missing from the ledger"
-    );
     assert_eq!(
         report["sinks"]["jsonl"]["held_seq"], report["records"],
         "the jsonl sink was flushed: {report}"
+    );
+    let mut broker = start_broker(run.dir.path(), run.port);
+    wait_ready(&base).await;
+    let audited = audited_jtis(&base, &run.admin).await;
+    assert!(
+        received.iter().all(|jti| audited.contains(jti)),
+        "a released JWT is missing from the ledger"
     );
     broker.kill().unwrap();
     broker.wait().unwrap();
