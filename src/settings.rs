@@ -121,6 +121,9 @@ pub struct AuthSettings {
     pub require_pop: bool,
     /// A proof's timestamp may be this far from the broker's clock.
     pub proof_max_skew_seconds: u64,
+    /// Verified sessions remembered by token hash (never past expiry), so
+    /// a session's signature is checked once, not on every mint; 0: off.
+    pub session_cache_entries: usize,
 }
 
 impl Default for AuthSettings {
@@ -131,6 +134,7 @@ impl Default for AuthSettings {
             max_pending_nonces: 100_000,
             require_pop: false,
             proof_max_skew_seconds: 60,
+            session_cache_entries: 100_000,
         }
     }
 }

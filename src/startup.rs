@@ -162,6 +162,7 @@ fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, Star
             nonce_ttl: Duration::from_secs(settings.auth.nonce_ttl_seconds),
             max_pending_nonces: settings.auth.max_pending_nonces,
             proof_max_skew: Duration::from_secs(settings.auth.proof_max_skew_seconds),
+            session_cache_entries: settings.auth.session_cache_entries,
         },
         agents,
         signer.clone(),

@@ -11,6 +11,7 @@ use actix::{
     ResponseFuture, WrapFuture,
 };
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::backpressure::Overloaded;
 use crate::domain::{
@@ -241,6 +242,9 @@ pub struct AuthSettings {
     pub max_pending_nonces: usize,
     /// A proof's timestamp may differ from the broker's clock by this much.
     pub proof_max_skew: Duration,
+    /// Verified sessions remembered (by token hash, never past their
+    /// expiry), so a busy agent's token is checked once, not per mint.
+    pub session_cache_entries: usize,
 }
 
 /// A nonce waiting for its signature.
@@ -268,6 +272,8 @@ pub struct AuthActor {
     /// Proof nonces seen (per account), until their timestamp is too old
     /// to be accepted anyway: a replayed proof is refused.
     seen_proofs: HashMap<(OmniAccount, String), u64>,
+    /// SHA-256 of a verified session token → its claims; bounded.
+    verified: HashMap<[u8; 32], SessionClaims>,
 }
 
 impl AuthActor {
@@ -286,6 +292,7 @@ impl AuthActor {
             reserved: HashSet::new(),
             nonces: HashMap::new(),
             seen_proofs: HashMap::new(),
+            verified: HashMap::new(),
         };
         for agent in actor.store.load_all()? {
             actor.add_live(agent);
@@ -303,6 +310,21 @@ impl AuthActor {
         let now = now_unix();
         self.nonces.retain(|_, p| p.expires_at > now);
         self.seen_proofs.retain(|_, forget_at| *forget_at > now);
+        self.verified.retain(|_, claims| claims.exp > now);
+    }
+
+    /// Remembers a verified session; when full, expired entries go first,
+    /// then everything (the cache only saves work, it decides nothing).
+    fn remember(&mut self, token_hash: [u8; 32], claims: &SessionClaims) {
+        if self.verified.len() >= self.settings.session_cache_entries {
+            self.purge_expired_nonces();
+            if self.verified.len() >= self.settings.session_cache_entries {
+                self.verified.clear();
+            }
+        }
+        if self.settings.session_cache_entries > 0 {
+            self.verified.insert(token_hash, claims.clone());
+        }
     }
 
     /// The principal a verified session names, if its agent still may act.
@@ -426,13 +448,26 @@ impl Handler<VerifyLogin> for AuthActor {
 impl Handler<VerifySession> for AuthActor {
     type Result = ResponseActFuture<Self, Result<Principal, AuthError>>;
 
-    /// Signature on the pool, then the registry check here.
+    /// A remembered session is checked against the registry only; a new
+    /// one has its signature checked on the pool first.
     fn handle(&mut self, msg: VerifySession, _: &mut Self::Context) -> Self::Result {
+        let token_hash: [u8; 32] = Sha256::digest(msg.token.as_bytes()).into();
+        if let Some(claims) = self
+            .verified
+            .get(&token_hash)
+            .filter(|c| c.exp > now_unix())
+        {
+            return Box::pin(actix::fut::ready(self.principal_for(claims)));
+        }
         let signer = self.signer.clone();
         Box::pin(
             async move { signer.call(VerifySessionToken(msg.token)).await }
                 .into_actor(self)
-                .map(|verified, actor, _| actor.principal_for(&verified??)),
+                .map(move |verified, actor, _| {
+                    let claims = verified??;
+                    actor.remember(token_hash, &claims);
+                    actor.principal_for(&claims)
+                }),
         )
     }
 }

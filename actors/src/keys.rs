@@ -82,10 +82,32 @@ struct StoredRing {
 /// An ES256 key that signs OIDC JWTs, and its public JWK.
 pub struct OidcKey {
     pub kid: String,
-    pub encoding: EncodingKey,
+    /// Parsed once: re-parsing PKCS#8 per signature would cost a third of it.
+    pair: EcdsaKeyPair,
+    /// The JWT header, base64url, ready to sign under.
+    encoded_header: String,
     pub decoding: DecodingKey,
     pub jwk: serde_json::Value,
     pub activates_at: u64,
+}
+
+impl OidcKey {
+    /// An ES256 JWT over `claims`: header `{"typ":"JWT","alg":"ES256","kid"}`.
+    pub fn sign(&self, claims: &impl Serialize) -> Result<String, String> {
+        let payload = serde_json::to_vec(claims).map_err(|e| e.to_string())?;
+        let mut jwt =
+            String::with_capacity(self.encoded_header.len() + payload.len() * 4 / 3 + 100);
+        jwt.push_str(&self.encoded_header);
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut jwt);
+        let signature = self
+            .pair
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), jwt.as_bytes())
+            .map_err(|_| "ES256 signing failed".to_owned())?;
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut jwt);
+        Ok(jwt)
+    }
 }
 
 /// An Ed25519 key that signs and verifies session JWTs.
@@ -370,9 +392,11 @@ fn oidc_key(der: &[u8], activates_at: u64) -> Option<OidcKey> {
         "kty": "EC", "crv": "P-256", "x": x, "y": y,
         "kid": kid, "alg": "ES256", "use": "sig",
     });
+    let header = json!({ "typ": "JWT", "alg": "ES256", "kid": kid });
     Some(OidcKey {
+        encoded_header: URL_SAFE_NO_PAD.encode(header.to_string()),
         kid,
-        encoding: EncodingKey::from_ec_der(der),
+        pair,
         decoding,
         jwk,
         activates_at,

@@ -191,12 +191,10 @@ impl Handler<SignOidc> for SignerActor {
 
     /// ES256 with the signing key's `kid`, `typ: JWT`.
     fn handle(&mut self, msg: SignOidc, _: &mut Self::Context) -> Self::Result {
-        let ring = self.ring();
-        let key = ring.signing_oidc(now_unix());
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(key.kid.clone());
-        jsonwebtoken::encode(&header, &msg.0, &key.encoding)
-            .map_err(|e| SignerError::Signing(e.to_string()))
+        self.ring()
+            .signing_oidc(now_unix())
+            .sign(&msg.0)
+            .map_err(SignerError::Signing)
     }
 }
 
