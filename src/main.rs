@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use agentkeys_broker::commands::admin::{AdminCommand, AdminTarget};
 use agentkeys_broker::commands::client::BrokerClient;
-use agentkeys_broker::commands::{audit, load};
+use agentkeys_broker::commands::{audit, bench, load};
 use agentkeys_broker::settings::Settings;
 use agentkeys_broker::startup::Application;
 use agentkeys_broker::telemetry;
@@ -159,6 +159,25 @@ enum LoadCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The crypto limit: session verify + ES256 sign on every core (no HTTP,
+    /// no actors).
+    Crypto {
+        #[arg(long, default_value_t = 4.0)]
+        seconds: f64,
+    },
+    /// The mint flow through the actors, without HTTP, on a scratch data
+    /// directory (every gate on, rate limits raised).
+    InProcess {
+        /// Config (audit sinks, pools); as for `serve`.
+        #[arg(long, env = "AGENTKEYS_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        agents: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
 }
 
 impl Target {
@@ -203,6 +222,34 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 .map(|g| g.ok_or("--grant takes SERVICE:SCOPE"))
                 .transpose()?;
             load::prepare(&target.connect()?, agents, grant, &out).await?;
+            return Ok(());
+        }
+        Command::Load {
+            command: LoadCommand::Crypto { seconds },
+            ..
+        } => {
+            let scratch = Scratch::new()?;
+            let limit = bench::crypto_limit(&scratch.0, seconds)?;
+            println!("{}", serde_json::to_string_pretty(&limit)?);
+            return Ok(());
+        }
+        Command::Load {
+            command:
+                LoadCommand::InProcess {
+                    config,
+                    agents,
+                    concurrency,
+                    seconds,
+                },
+            ..
+        } => {
+            let scratch = Scratch::new()?;
+            let mut settings = Settings::load(config.as_deref())?;
+            settings.storage.data_dir = scratch.0.clone();
+            settings.rate_limit.per_second = u32::MAX;
+            settings.rate_limit.burst = u32::MAX;
+            let run = bench::in_process(&settings, agents, concurrency, seconds).await?;
+            println!("{}", serde_json::to_string_pretty(&run)?);
             return Ok(());
         }
         Command::Audit(AuditCommand::Verify { config, data_dir }) => {
@@ -262,5 +309,25 @@ fn grant_command(command: GrantCommand) -> AdminCommand {
         },
         GrantCommand::List { agent } => AdminCommand::ListGrants { agent },
         GrantCommand::Revoke { id } => AdminCommand::RevokeGrant { id },
+    }
+}
+
+/// A scratch data directory, removed when done.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> std::io::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "agentkeys-bench-{}",
+            agentkeys_actors::domain::random_hex(6)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

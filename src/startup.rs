@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use actix::Actor;
 use actix_web::dev::Server;
+use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
 use agentkeys_actors::audit::config::start_sinks;
 use agentkeys_actors::audit::ledger::LedgerSink;
@@ -22,8 +23,8 @@ use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
 use agentkeys_actors::storage::StorageError;
 
 use crate::admin_token::AdminToken;
-use crate::routes;
 use crate::settings::{Settings, SettingsError};
+use crate::{routes, telemetry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -37,6 +38,8 @@ pub enum StartupError {
     Storage(#[from] StorageError),
     #[error("audit sinks: {0}")]
     AuditSinks(std::io::Error),
+    #[error("load bench: {0}")]
+    Bench(String),
     #[error("admin token: {0}")]
     AdminToken(std::io::Error),
     #[error("cannot listen on {bind}: {source}")]
@@ -70,14 +73,12 @@ pub struct Application {
 impl Application {
     /// Must run inside an actix system (`#[actix_web::main]` or a test).
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        settings.validate()?;
-        let data_dir = &settings.storage.data_dir;
-        std::fs::create_dir_all(data_dir).map_err(StartupError::DataDir)?;
-        let keys = KeyRing::load_or_generate(data_dir, settings.rotation_policy(), now_unix())?;
-        let admin_token =
-            AdminToken::load_or_create(settings.admin.token_file.as_deref(), data_dir)
-                .map_err(StartupError::AdminToken)?;
-        let pipeline = start_actors(&settings, keys)?;
+        let pipeline = build_pipeline(&settings)?;
+        let admin_token = AdminToken::load_or_create(
+            settings.admin.token_file.as_deref(),
+            &settings.storage.data_dir,
+        )
+        .map_err(StartupError::AdminToken)?;
 
         let bind = settings.server.bind.clone();
         let listener = TcpListener::bind(&bind).map_err(|source| StartupError::Bind {
@@ -96,8 +97,21 @@ impl Application {
             max_body_bytes: settings.server.max_body_bytes,
         });
         let max_body = settings.server.max_body_bytes;
+        telemetry::metrics();
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap_fn(|request, service| {
+                    let route = request.match_pattern().unwrap_or_else(|| "unmatched".into());
+                    let started = std::time::Instant::now();
+                    let answer = service.call(request);
+                    async move {
+                        let response = answer.await?;
+                        let status = response.status().as_u16().to_string();
+                        metrics::counter!("agentkeys_http_requests_total", "route" => route.clone(), "status" => status).increment(1);
+                        metrics::histogram!("agentkeys_http_request_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+                        Ok(response)
+                    }
+                })
                 .app_data(state.clone())
                 .configure(|cfg| routes::configure(cfg, max_body))
         })
@@ -130,6 +144,16 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
+}
+
+/// The actor system without HTTP: what the server runs on, and what the
+/// in-process load driver drives. Must run inside an actix system.
+pub fn build_pipeline(settings: &Settings) -> Result<MintPipeline, StartupError> {
+    settings.validate()?;
+    let data_dir = &settings.storage.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(StartupError::DataDir)?;
+    let keys = KeyRing::load_or_generate(data_dir, settings.rotation_policy(), now_unix())?;
+    start_actors(settings, keys)
 }
 
 /// Starts the five actors and wires them into the mint pipeline.

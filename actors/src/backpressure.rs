@@ -25,8 +25,11 @@ where
     M: Message + Send + 'static,
     M::Result: Send,
 {
-    addr.send(msg)
-        .timeout(timeout)
-        .await
-        .map_err(|_| Overloaded(actor))
+    // Requests sent and not yet answered: the actor's mailbox depth plus
+    // the one it is working on.
+    let depth = metrics::gauge!("agentkeys_actor_inflight", "actor" => actor);
+    depth.increment(1.0);
+    let answer = addr.send(msg).timeout(timeout).await;
+    depth.decrement(1.0);
+    answer.map_err(|_| Overloaded(actor))
 }

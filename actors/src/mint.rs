@@ -4,7 +4,7 @@
 //! verify session → rate limit → grant (or replay) → sign → audit durable
 //! → keep for replay → release.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 
@@ -157,7 +157,14 @@ impl MintPipeline {
             request_id: request.request_id.clone(),
             ..MintEvent::default()
         };
-        match self.gated_mint(request, &mut event).await {
+        let outcome = self.gated_mint(request, &mut event).await;
+        let label = match &outcome {
+            Ok(response) if response.replayed => Outcome::Replayed,
+            Ok(_) => Outcome::Ok,
+            Err(error) => error.outcome(),
+        };
+        metrics::counter!("agentkeys_mints_total", "outcome" => label.as_str()).increment(1);
+        match outcome {
             Ok(response) => Ok(response),
             Err(error) => {
                 event.outcome = Some(error.outcome());
@@ -186,7 +193,9 @@ impl MintPipeline {
         let verify = VerifySession {
             token: request.bearer,
         };
+        let stage = Instant::now();
         let principal = ask(&self.auth, verify, timeout, "auth actor").await??;
+        record_stage("auth", stage);
         event.omni_account = Some(principal.omni_account.to_string());
         event.agent = Some(principal.agent.as_str().to_owned());
         match request.proof {
@@ -221,6 +230,7 @@ impl MintPipeline {
         event.scope_path = Some(intent.scope_path.as_str().to_owned());
         let audience = self.audience(request.audience)?;
 
+        let stage = Instant::now();
         let account = principal.omni_account.clone();
         ask(
             &self.rate_limit,
@@ -232,6 +242,7 @@ impl MintPipeline {
         .map_err(|e| MintError::RateLimited {
             retry_after: e.retry_after,
         })?;
+        record_stage("rate", stage);
 
         let idempotency = request.idempotency_key.map(|key| IdempotencySlot {
             slot: sha256_hex(format!("{caller}:{}", key.as_str())),
@@ -243,7 +254,10 @@ impl MintPipeline {
             idempotency: idempotency.clone(),
             own_scope_allowed: !self.policy.grants_required,
         };
-        let decision = match ask(&self.grants, reserve, timeout, "grant actor").await?? {
+        let stage = Instant::now();
+        let reservation = ask(&self.grants, reserve, timeout, "grant actor").await??;
+        record_stage("grant", stage);
+        let decision = match reservation {
             Reservation::Replay(done) => {
                 event.outcome = Some(Outcome::Replayed);
                 event.jti = Some(done.jti.clone());
@@ -325,14 +339,18 @@ impl MintPipeline {
             expiration,
         )?;
         let jti = claims.jti.clone();
+        let stage = Instant::now();
         let jwt = self
             .signer
             .call(SignOidc(claims))
             .await?
             .map_err(|e| MintError::Internal(e.to_string()))?;
+        record_stage("sign", stage);
         event.jti = Some(jti.clone());
         event.outcome = Some(Outcome::Ok);
+        let stage = Instant::now();
         self.record(event.clone()).await?;
+        record_stage("audit", stage);
         Ok(Minted {
             jwt,
             expiration,
@@ -393,6 +411,12 @@ impl MintPipeline {
             MintError::AuditUnavailable
         })
     }
+}
+
+/// Latency of one gate of the mint path, for `/metrics`.
+fn record_stage(stage: &'static str, started: Instant) {
+    metrics::histogram!("agentkeys_mint_stage_seconds", "stage" => stage)
+        .record(started.elapsed().as_secs_f64());
 }
 
 fn oidc_claims(

@@ -201,38 +201,62 @@ impl Handler<SignOidc> for SignerActor {
 impl Handler<SignSession> for SignerActor {
     type Result = Result<String, SignerError>;
 
-    /// EdDSA with the session key's `kid` and the session `typ`.
     fn handle(&mut self, msg: SignSession, _: &mut Self::Context) -> Self::Result {
-        let ring = self.ring();
-        let key = ring.signing_session();
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(key.kid.clone());
-        header.typ = Some(SESSION_TYP.to_owned());
-        jsonwebtoken::encode(&header, &msg.0, &key.encoding)
-            .map_err(|e| SignerError::Signing(e.to_string()))
+        sign_session(&self.ring(), &msg.0)
     }
+}
+
+/// A session token: EdDSA with the signing session key's `kid` and the
+/// session `typ`.
+pub fn sign_session(ring: &KeyRing, claims: &SessionClaims) -> Result<String, SignerError> {
+    let key = ring.signing_session();
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(key.kid.clone());
+    header.typ = Some(SESSION_TYP.to_owned());
+    jsonwebtoken::encode(&header, claims, &key.encoding)
+        .map_err(|e| SignerError::Signing(e.to_string()))
 }
 
 impl Handler<VerifySessionToken> for SignerActor {
     type Result = Result<SessionClaims, SignerError>;
 
-    /// Only EdDSA under a session key that may still verify is accepted,
-    /// so `alg: none`, OIDC JWTs and tokens of long-retired keys fail here.
     fn handle(&mut self, msg: VerifySessionToken, _: &mut Self::Context) -> Self::Result {
-        let header = jsonwebtoken::decode_header(&msg.0).map_err(|_| SignerError::InvalidToken)?;
-        if header.typ.as_deref() != Some(SESSION_TYP) {
-            return Err(SignerError::InvalidToken);
-        }
-        let ring = self.ring();
-        let key = header
-            .kid
-            .as_deref()
-            .and_then(|kid| ring.verifying_session(kid, now_unix()))
-            .ok_or(SignerError::InvalidToken)?;
-        jsonwebtoken::decode::<SessionClaims>(&msg.0, &key.decoding, &self.session_validation)
-            .map(|data| data.claims)
-            .map_err(|_| SignerError::InvalidToken)
+        verify_session(&self.ring(), &self.session_validation, &msg.0, now_unix())
     }
+}
+
+/// How session tokens are checked: EdDSA only, the broker's issuer, the
+/// session audience, `exp` required, no leeway.
+pub fn session_validation(issuer: &str, session_audience: &str) -> Validation {
+    let mut validation = Validation::new(Algorithm::EdDSA);
+    validation.set_issuer(&[issuer]);
+    validation.set_audience(&[session_audience]);
+    validation.required_spec_claims = HashSet::from(["exp", "iss", "aud", "sub"].map(String::from));
+    validation.leeway = 0;
+    validation
+}
+
+/// Checks a session token: the session `typ`, a session key that may still
+/// verify for its `kid`, then signature and claims. So `alg: none`, OIDC
+/// JWTs and tokens of long-retired keys all fail.
+pub fn verify_session(
+    ring: &KeyRing,
+    validation: &Validation,
+    token: &str,
+    now: u64,
+) -> Result<SessionClaims, SignerError> {
+    let header = jsonwebtoken::decode_header(token).map_err(|_| SignerError::InvalidToken)?;
+    if header.typ.as_deref() != Some(SESSION_TYP) {
+        return Err(SignerError::InvalidToken);
+    }
+    let key = header
+        .kid
+        .as_deref()
+        .and_then(|kid| ring.verifying_session(kid, now))
+        .ok_or(SignerError::InvalidToken)?;
+    jsonwebtoken::decode::<SessionClaims>(token, &key.decoding, validation)
+        .map(|data| data.claims)
+        .map_err(|_| SignerError::InvalidToken)
 }
 
 impl Handler<VerifyDeviceSignature> for SignerActor {
@@ -309,13 +333,10 @@ impl SignerPool {
     /// Starts the pool's threads; must run inside an actix system.
     pub fn start(keys: KeyRing, settings: &SignerPoolSettings) -> Self {
         let keys = Arc::new(RwLock::new(keys));
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.set_issuer(&[&settings.issuer]);
-        validation.set_audience(&[&settings.session_audience]);
-        validation.required_spec_claims =
-            HashSet::from(["exp", "iss", "aud", "sub"].map(String::from));
-        validation.leeway = 0;
-        let session_validation = Arc::new(validation);
+        let session_validation = Arc::new(session_validation(
+            &settings.issuer,
+            &settings.session_audience,
+        ));
         let addr = SyncArbiter::start(settings.threads.max(1), move || SignerActor {
             keys: keys.clone(),
             session_validation: session_validation.clone(),

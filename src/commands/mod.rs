@@ -3,5 +3,6 @@
 
 pub mod admin;
 pub mod audit;
+pub mod bench;
 pub mod client;
 pub mod load;

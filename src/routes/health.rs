@@ -1,12 +1,18 @@
-//! Liveness and readiness probes.
+//! Liveness and readiness probes, and metrics.
 
 use actix_web::{get, web, HttpResponse};
 use serde_json::json;
 
+use agentkeys_actors::audit::DescribeSinks;
+use agentkeys_actors::backpressure::ask;
+
 use crate::startup::BrokerState;
+use crate::telemetry;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(healthz).service(readyz);
+    cfg.service(healthz)
+        .service(readyz)
+        .service(prometheus_text);
 }
 
 /// The process is up and serving HTTP.
@@ -36,4 +42,21 @@ async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
     } else {
         HttpResponse::ServiceUnavailable().json(body)
     }
+}
+
+/// Prometheus text: requests and outcomes, latency per stage, actor
+/// in-flight depth, audit batch sizes and sink lag.
+#[get("/metrics")]
+async fn prometheus_text(state: web::Data<BrokerState>) -> HttpResponse {
+    let timeout = state.pipeline.policy.send_timeout;
+    if let Ok(audit) = ask(&state.pipeline.audit, DescribeSinks, timeout, "audit actor").await {
+        for sink in audit.sinks {
+            metrics::gauge!("agentkeys_audit_sink_lag", "sink" => sink.name.clone())
+                .set(sink.lag as f64);
+        }
+        metrics::gauge!("agentkeys_audit_head_seq").set(audit.head_seq as f64);
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(telemetry::metrics().render())
 }

@@ -15,6 +15,7 @@ mod hostile;
 mod idempotency;
 mod keys;
 mod login_and_mint;
+mod metrics;
 mod overload;
 mod process;
 mod proof;

@@ -51,6 +51,27 @@ pub enum Outcome {
     Error,
 }
 
+impl Outcome {
+    /// The outcome as records and metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Replayed => "replayed",
+            Self::AuthFailed => "auth_failed",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
+            Self::GrantDenied => "grant_denied",
+            Self::GrantExhausted => "grant_exhausted",
+            Self::IdempotencyConflict => "idempotency_conflict",
+            Self::IdempotencyInFlight => "idempotency_in_flight",
+            Self::BadRequest => "bad_request",
+            Self::AuditUnavailable => "audit_unavailable",
+            Self::Overloaded => "overloaded",
+            Self::Error => "error",
+        }
+    }
+}
+
 /// What happened, as the mint flow reports it; never a token, only ids.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MintEvent {
@@ -271,6 +292,7 @@ impl AuditActor {
             replies.push((head.seq, reply));
             batch.push(record);
         }
+        metrics::histogram!("agentkeys_audit_batch_records").record(batch.len() as f64);
         self.writing = true;
         let (ledger, sinks, settings) = (
             self.ledger.clone(),

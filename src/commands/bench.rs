@@ -1,0 +1,255 @@
+//! Measurements without HTTP: `agentkeys-broker load crypto` (the crypto
+//! limit: session verify + ES256 sign on every core) and
+//! `agentkeys-broker load in-process` (the mint flow through the actors),
+//! so every HTTP figure can be read against what the pipeline and the
+//! crypto alone cost.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use agentkeys_actors::auth::{IssueChallenge, RegisterAgent, VerifyLogin};
+use agentkeys_actors::backpressure::ask;
+use agentkeys_actors::domain::{
+    now_unix, random_hex, AgentName, DevicePublicKey, ScopePath, ServiceName,
+};
+use agentkeys_actors::grant::{CreateGrant, GrantSpec, Intent};
+use agentkeys_actors::keys::KeyRing;
+use agentkeys_actors::mint::{MintPipeline, MintRequest};
+use agentkeys_actors::signer::{
+    session_validation, sign_session, verify_session, AwsSessionTags, OidcClaims, SessionClaims,
+};
+use ed25519_dalek::{Signer, SigningKey};
+use futures_util::future::join_all;
+use serde::Serialize;
+
+use crate::settings::Settings;
+use crate::startup::{build_pipeline, StartupError};
+
+/// Operations per second on all cores.
+#[derive(Debug, Serialize)]
+pub struct CryptoLimit {
+    pub threads: usize,
+    /// Session verify + ES256 sign: the crypto of a mint whose session is
+    /// not yet remembered.
+    pub verify_and_sign_per_second: f64,
+    /// ES256 sign alone: the crypto of a mint with a remembered session.
+    pub sign_per_second: f64,
+}
+
+/// Runs each measurement for `seconds / 2` on one thread per core.
+pub fn crypto_limit(scratch: &Path, seconds: f64) -> Result<CryptoLimit, StartupError> {
+    let settings = Settings::default();
+    let ring = KeyRing::load_or_generate(scratch, settings.rotation_policy(), now_unix())?;
+    let issuer = settings.oidc.issuer.clone();
+    let audience = settings.session_audience();
+    let now = now_unix();
+    let session = SessionClaims {
+        iss: issuer.clone(),
+        aud: audience.clone(),
+        sub: "0".repeat(64),
+        agent: "bench".into(),
+        device_key: "0".repeat(64),
+        iat: now,
+        exp: now + 3600,
+        jti: random_hex(16),
+    };
+    let token = sign_session(&ring, &session).map_err(|e| StartupError::Bench(e.to_string()))?;
+    let validation = session_validation(&issuer, &audience);
+    let omni = "0".repeat(64);
+    let tags =
+        AwsSessionTags::transitive(&[("agentkeys_actor_omni", &omni), ("agentkeys_service", "s3")])
+            .map_err(|e| StartupError::Bench(e.0))?;
+    let claims = OidcClaims {
+        iss: issuer,
+        sub: format!("agentkeys:agent:{omni}"),
+        aud: "sts.amazonaws.com".into(),
+        iat: now,
+        nbf: now,
+        exp: now + 300,
+        jti: random_hex(16),
+        agentkeys_actor_omni: omni.clone(),
+        agentkeys_agent: "bench".into(),
+        agentkeys_grant_id: None,
+        agentkeys_service: "s3".into(),
+        agentkeys_scope_path: format!("bots/{omni}/"),
+        aws_tags: tags,
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_run = Duration::from_secs_f64(seconds / 2.0);
+    let rate = |verify: bool| {
+        let counts: Vec<u64> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let deadline = Instant::now() + per_run;
+                        let mut done = 0u64;
+                        while Instant::now() < deadline {
+                            if verify {
+                                verify_session(&ring, &validation, &token, now)
+                                    .expect("the bench session verifies");
+                            }
+                            ring.signing_oidc(now)
+                                .sign(&claims)
+                                .expect("the bench claims sign");
+                            done += 1;
+                        }
+                        done
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or(0)).collect()
+        });
+        counts.iter().sum::<u64>() as f64 / per_run.as_secs_f64()
+    };
+    Ok(CryptoLimit {
+        threads,
+        verify_and_sign_per_second: rate(true),
+        sign_per_second: rate(false),
+    })
+}
+
+/// What the in-process run measured.
+#[derive(Debug, Serialize)]
+pub struct PipelineRun {
+    pub agents: usize,
+    pub concurrency: usize,
+    pub seconds: f64,
+    pub mints: u64,
+    pub mints_per_second: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    /// Refusals by error code.
+    pub refused: BTreeMap<String, u64>,
+}
+
+/// Registers `agents` agents with a grant each, logs them in through the
+/// actors, then runs `concurrency` mint loops for `seconds`.
+pub async fn in_process(
+    settings: &Settings,
+    agents: usize,
+    concurrency: usize,
+    seconds: f64,
+) -> Result<PipelineRun, StartupError> {
+    let pipeline = build_pipeline(settings)?;
+    let mut sessions = Vec::with_capacity(agents);
+    for i in 0..agents {
+        sessions.push(enroll(&pipeline, i).await.map_err(StartupError::Bench)?);
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let loops = (0..concurrency.max(1)).map(|worker| {
+        let (pipeline, sessions) = (&pipeline, &sessions);
+        async move {
+            let mut latencies = Vec::new();
+            let mut refused: BTreeMap<String, u64> = BTreeMap::new();
+            let mut n = worker;
+            while Instant::now() < deadline {
+                let request = MintRequest {
+                    bearer: sessions[n % sessions.len()].clone(),
+                    intent: Some(Intent {
+                        service: ServiceName::parse("s3").expect("valid"),
+                        scope_path: ScopePath::parse("load/jobs/").expect("valid"),
+                    }),
+                    ttl_seconds: None,
+                    audience: None,
+                    idempotency_key: None,
+                    fingerprint: String::new(),
+                    proof: None,
+                    request_id: String::new(),
+                };
+                let begun = Instant::now();
+                match pipeline.mint(request).await {
+                    Ok(_) => latencies.push(begun.elapsed()),
+                    Err(e) => *refused.entry(e.code().as_str().to_owned()).or_default() += 1,
+                }
+                n += concurrency;
+            }
+            (latencies, refused)
+        }
+    });
+    let results = join_all(loops).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut latencies = Vec::new();
+    let mut refused = BTreeMap::new();
+    for (l, r) in results {
+        latencies.extend(l);
+        for (code, count) in r {
+            *refused.entry(code).or_default() += count;
+        }
+    }
+    latencies.sort_unstable();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    Ok(PipelineRun {
+        agents,
+        concurrency,
+        seconds: elapsed,
+        mints: latencies.len() as u64,
+        mints_per_second: latencies.len() as f64 / elapsed,
+        p50_ms: percentile(0.50),
+        p90_ms: percentile(0.90),
+        p99_ms: percentile(0.99),
+        refused,
+    })
+}
+
+/// One agent with a grant for `s3` `load/`, logged in through the actors.
+async fn enroll(pipeline: &MintPipeline, i: usize) -> Result<String, String> {
+    let timeout = pipeline.policy.send_timeout;
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(random_hex(32), &mut seed).expect("random_hex is hex");
+    let device = SigningKey::from_bytes(&seed);
+    let public_key =
+        DevicePublicKey::parse(&hex::encode(device.verifying_key().to_bytes())).map_err(|e| e.0)?;
+    let name = AgentName::parse(&format!("bench-{i}")).map_err(|e| e.0)?;
+    let register = RegisterAgent {
+        name,
+        public_key,
+        enabled: true,
+    };
+    let agent = ask(&pipeline.auth, register, timeout, "auth")
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let spec = GrantSpec {
+        service: ServiceName::parse("s3").map_err(|e| e.0)?,
+        scope_path: ScopePath::parse("load/").map_err(|e| e.0)?,
+        max_uses: None,
+        expires_at: None,
+        max_ttl_seconds: None,
+    };
+    let grant = CreateGrant {
+        agent: agent.name,
+        omni_account: agent.omni_account,
+        spec,
+    };
+    ask(&pipeline.grants, grant, timeout, "grants")
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let challenge = ask(
+        &pipeline.auth,
+        IssueChallenge { public_key },
+        timeout,
+        "auth",
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let signature = device.sign(challenge.message.as_bytes()).to_bytes();
+    let login = VerifyLogin {
+        public_key,
+        nonce: challenge.nonce,
+        signature,
+    };
+    let session = ask(&pipeline.auth, login, timeout, "auth")
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(session.session_token)
+}
