@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agentkeys_broker::commands::admin::{AdminCommand, AdminTarget};
+use agentkeys_broker::commands::admin::{AdminTarget, AgentCommand, GrantCommand, KeysCommand};
 use agentkeys_broker::commands::client::BrokerClient;
 use agentkeys_broker::commands::{audit, bench, load};
 use agentkeys_broker::settings::Settings;
@@ -79,61 +79,6 @@ struct Target {
 }
 
 #[derive(Subcommand)]
-enum AgentCommand {
-    /// Register an agent by name and Ed25519 public key (64 hex).
-    Add {
-        name: String,
-        #[arg(long)]
-        public_key: String,
-    },
-    /// List registered agents.
-    List,
-    /// Remove an agent; its sessions stop working at once.
-    Remove { name: String },
-}
-
-#[derive(Subcommand)]
-enum GrantCommand {
-    /// Let an agent mint for a service and scope prefix.
-    Add {
-        #[arg(long)]
-        agent: String,
-        #[arg(long)]
-        service: String,
-        #[arg(long = "scope")]
-        scope_path: String,
-        /// At most this many mints (default: unlimited).
-        #[arg(long)]
-        max_uses: Option<u64>,
-        /// Unix time after which the grant is void.
-        #[arg(long)]
-        expires_at: Option<u64>,
-        /// Longest JWT lifetime under this grant.
-        #[arg(long)]
-        max_ttl_seconds: Option<u64>,
-    },
-    /// List grants, all or one agent's.
-    List {
-        #[arg(long)]
-        agent: Option<String>,
-    },
-    /// Revoke a grant.
-    Revoke { id: String },
-}
-
-#[derive(Subcommand)]
-enum KeysCommand {
-    /// Add the next OIDC key (published now, signing after the lead time),
-    /// or with --session the next session key (signing at once).
-    Rotate {
-        #[arg(long)]
-        session: bool,
-    },
-    /// Every key with its schedule.
-    List,
-}
-
-#[derive(Subcommand)]
 enum AuditCommand {
     /// Re-walk the hash chain and check every sink against the ledger;
     /// exits 1 if anything does not verify.
@@ -203,7 +148,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
-    let (target, admin) = match command {
+    let answer = match command {
         Command::Serve { config } => {
             let settings = Settings::load(config.as_deref())?;
             telemetry::init(&settings.log.filter);
@@ -265,51 +210,12 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 Err("the audit trail does not verify".into())
             };
         }
-        Command::Agent { target, command } => (target, agent_command(command)),
-        Command::Grant { target, command } => (target, grant_command(command)),
-        Command::Keys { target, command } => {
-            let admin = match command {
-                KeysCommand::Rotate { session } => AdminCommand::RotateKey {
-                    key: if session { "session" } else { "oidc" },
-                },
-                KeysCommand::List => AdminCommand::ListKeys,
-            };
-            (target, admin)
-        }
+        Command::Agent { target, command } => target.connect()?.agent(command).await?,
+        Command::Grant { target, command } => target.connect()?.grant(command).await?,
+        Command::Keys { target, command } => target.connect()?.keys(command).await?,
     };
-    let answer = target.connect()?.run(admin).await?;
     println!("{}", serde_json::to_string_pretty(&answer)?);
     Ok(())
-}
-
-fn agent_command(command: AgentCommand) -> AdminCommand {
-    match command {
-        AgentCommand::Add { name, public_key } => AdminCommand::AddAgent { name, public_key },
-        AgentCommand::List => AdminCommand::ListAgents,
-        AgentCommand::Remove { name } => AdminCommand::RemoveAgent { name },
-    }
-}
-
-fn grant_command(command: GrantCommand) -> AdminCommand {
-    match command {
-        GrantCommand::Add {
-            agent,
-            service,
-            scope_path,
-            max_uses,
-            expires_at,
-            max_ttl_seconds,
-        } => AdminCommand::AddGrant {
-            agent,
-            service,
-            scope_path,
-            max_uses,
-            expires_at,
-            max_ttl_seconds,
-        },
-        GrantCommand::List { agent } => AdminCommand::ListGrants { agent },
-        GrantCommand::Revoke { id } => AdminCommand::RevokeGrant { id },
-    }
 }
 
 /// A scratch data directory, removed when done.

@@ -1,6 +1,7 @@
-//! `agentkeys-broker agent …` and `grant …`: the admin API from the shell.
-//! Each prints the broker's JSON answer.
+//! `agentkeys-broker agent …`, `grant …` and `keys …`: the admin API from
+//! the shell. Each prints the broker's JSON answer.
 
+use clap::Subcommand;
 use serde_json::{json, Value};
 
 use super::client::{BrokerClient, ClientError};
@@ -11,59 +12,92 @@ pub struct AdminTarget {
     pub token: String,
 }
 
-/// The admin commands, as parsed from the command line.
-pub enum AdminCommand {
-    AddAgent {
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Register an agent by name and Ed25519 public key (64 hex).
+    Add {
         name: String,
+        #[arg(long)]
         public_key: String,
     },
-    ListAgents,
-    RemoveAgent {
-        name: String,
-    },
-    AddGrant {
+    /// List registered agents.
+    List,
+    /// Remove an agent; its sessions stop working at once.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum GrantCommand {
+    /// Let an agent mint for a service and scope prefix.
+    Add {
+        #[arg(long)]
         agent: String,
+        #[arg(long)]
         service: String,
+        #[arg(long = "scope")]
         scope_path: String,
+        /// At most this many mints (default: unlimited).
+        #[arg(long)]
         max_uses: Option<u64>,
+        /// Unix time after which the grant is void.
+        #[arg(long)]
         expires_at: Option<u64>,
+        /// Longest JWT lifetime under this grant.
+        #[arg(long)]
         max_ttl_seconds: Option<u64>,
     },
-    ListGrants {
+    /// List grants, all or one agent's.
+    List {
+        #[arg(long)]
         agent: Option<String>,
     },
-    RevokeGrant {
-        id: String,
+    /// Revoke a grant.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Add the next OIDC key (published now, signing after the lead time),
+    /// or with --session the next session key (signing at once).
+    Rotate {
+        #[arg(long)]
+        session: bool,
     },
-    ListKeys,
-    RotateKey {
-        /// `oidc` or `session`.
-        key: &'static str,
-    },
+    /// Every key with its schedule.
+    List,
 }
 
 impl AdminTarget {
-    /// Runs `command` against the broker and returns its answer.
-    pub async fn run(&self, command: AdminCommand) -> Result<Value, ClientError> {
-        let token = Some(self.token.as_str());
+    fn token(&self) -> Option<&str> {
+        Some(self.token.as_str())
+    }
+
+    pub async fn agent(&self, command: AgentCommand) -> Result<Value, ClientError> {
         match command {
-            AdminCommand::AddAgent { name, public_key } => {
+            AgentCommand::Add { name, public_key } => {
                 let body = json!({ "name": name, "public_key": public_key });
                 self.client
-                    .call("POST", "/v1/admin/agents", token, Some(&body))
+                    .call("POST", "/v1/admin/agents", self.token(), Some(&body))
                     .await
             }
-            AdminCommand::ListAgents => {
+            AgentCommand::List => {
                 self.client
-                    .call("GET", "/v1/admin/agents", token, None)
+                    .call("GET", "/v1/admin/agents", self.token(), None)
                     .await
             }
-            AdminCommand::RemoveAgent { name } => {
+            AgentCommand::Remove { name } => {
                 let path = format!("/v1/admin/agents/{name}");
-                self.client.call("DELETE", &path, token, None).await?;
+                self.client
+                    .call("DELETE", &path, self.token(), None)
+                    .await?;
                 Ok(json!({ "removed": name }))
             }
-            AdminCommand::AddGrant {
+        }
+    }
+
+    pub async fn grant(&self, command: GrantCommand) -> Result<Value, ClientError> {
+        match command {
+            GrantCommand::Add {
                 agent,
                 service,
                 scope_path,
@@ -76,25 +110,34 @@ impl AdminTarget {
                     "max_uses": max_uses, "expires_at": expires_at, "max_ttl_seconds": max_ttl_seconds,
                 });
                 self.client
-                    .call("POST", "/v1/admin/grants", token, Some(&body))
+                    .call("POST", "/v1/admin/grants", self.token(), Some(&body))
                     .await
             }
-            AdminCommand::ListGrants { agent } => {
+            GrantCommand::List { agent } => {
                 let path = match agent {
                     Some(agent) => format!("/v1/admin/grants?agent={agent}"),
                     None => "/v1/admin/grants".to_owned(),
                 };
-                self.client.call("GET", &path, token, None).await
+                self.client.call("GET", &path, self.token(), None).await
             }
-            AdminCommand::RevokeGrant { id } => {
+            GrantCommand::Revoke { id } => {
                 let path = format!("/v1/admin/grants/{id}");
-                self.client.call("DELETE", &path, token, None).await
+                self.client.call("DELETE", &path, self.token(), None).await
             }
-            AdminCommand::ListKeys => self.client.call("GET", "/v1/admin/keys", token, None).await,
-            AdminCommand::RotateKey { key } => {
-                let body = json!({ "key": key });
+        }
+    }
+
+    pub async fn keys(&self, command: KeysCommand) -> Result<Value, ClientError> {
+        match command {
+            KeysCommand::Rotate { session } => {
+                let body = json!({ "key": if session { "session" } else { "oidc" } });
                 self.client
-                    .call("POST", "/v1/admin/keys/rotate", token, Some(&body))
+                    .call("POST", "/v1/admin/keys/rotate", self.token(), Some(&body))
+                    .await
+            }
+            KeysCommand::List => {
+                self.client
+                    .call("GET", "/v1/admin/keys", self.token(), None)
                     .await
             }
         }

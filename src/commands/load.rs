@@ -9,7 +9,7 @@ use std::path::Path;
 use agentkeys_actors::domain::random_hex;
 use ed25519_dalek::SigningKey;
 
-use super::admin::{AdminCommand, AdminTarget};
+use super::admin::{AdminTarget, AgentCommand, GrantCommand};
 use super::client::ClientError;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,14 +36,14 @@ pub async fn prepare(
         let name = format!("load-{run}-{i}");
         let public_key = hex::encode(key.verifying_key().to_bytes());
         target
-            .run(AdminCommand::AddAgent {
+            .agent(AgentCommand::Add {
                 name: name.clone(),
                 public_key,
             })
             .await?;
         if let Some((service, scope_path)) = &grant {
             target
-                .run(AdminCommand::AddGrant {
+                .grant(GrantCommand::Add {
                     agent: name,
                     service: service.clone(),
                     scope_path: scope_path.clone(),
