@@ -63,6 +63,18 @@ async fn agent_and_grant_commands_drive_the_admin_api() {
     let (ok, _, _) = broker_cli(&app, &["agent", "remove", "cli-bot"]);
     assert!(ok);
 
+    let (ok, rotated, _) = broker_cli(&app, &["keys", "rotate"]);
+    assert!(ok);
+    assert_eq!(rotated["kind"], "oidc");
+    let (_, keys, _) = broker_cli(&app, &["keys", "list"]);
+    let oidc = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["kind"] == "oidc")
+        .count();
+    assert_eq!(oidc, 2, "the rotated key is listed beside the current one");
+
     let (ok, _, stderr) = broker_cli(&app, &["agent", "remove", "cli-bot"]);
     assert!(!ok, "removing a missing agent fails");
     assert!(stderr.contains("not_found"), "{stderr}");
