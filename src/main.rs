@@ -122,6 +122,14 @@ enum LoadCommand {
         concurrency: usize,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Audit records written before the run (the scaling rows).
+        #[arg(long, default_value_t = 0)]
+        prefill_audit: u64,
+    },
+    /// Memory of the rate limiter after N distinct accounts, and after its sweep.
+    LimiterMemory {
+        #[arg(long, default_value_t = 1_000_000)]
+        accounts: u64,
     },
 }
 
@@ -185,6 +193,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                     agents,
                     concurrency,
                     seconds,
+                    prefill_audit,
                 },
             ..
         } => {
@@ -193,7 +202,10 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             settings.storage.data_dir = scratch.0.clone();
             settings.rate_limit.per_second = u32::MAX;
             settings.rate_limit.burst = u32::MAX;
-            let run = bench::in_process(&settings, agents, concurrency, seconds).await?;
+            let prefill = bench::Prefill {
+                audit_records: prefill_audit,
+            };
+            let run = bench::in_process(&settings, agents, concurrency, seconds, prefill).await?;
             println!("{}", serde_json::to_string_pretty(&run)?);
             return Ok(());
         }
@@ -209,6 +221,14 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 Err("the audit trail does not verify".into())
             };
+        }
+        Command::Load {
+            command: LoadCommand::LimiterMemory { accounts },
+            ..
+        } => {
+            let memory = bench::limiter_memory(&Settings::load(None)?, accounts).await?;
+            println!("{}", serde_json::to_string_pretty(&memory)?);
+            return Ok(());
         }
         Command::Agent { target, command } => target.connect()?.agent(command).await?,
         Command::Grant { target, command } => target.connect()?.grant(command).await?,

@@ -137,6 +137,11 @@ impl OmniAccount {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Any value, for tests and benchmarks that need many accounts.
+    pub fn for_tests(value: &str) -> Self {
+        Self(value.to_owned())
+    }
 }
 
 impl fmt::Display for OmniAccount {

@@ -33,6 +33,11 @@ pub struct CheckLoginRate {
     pub ip: IpAddr,
 }
 
+/// How many accounts and addresses the limiters hold now.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct TrackedKeys;
+
 /// Tuning of the RateLimitActor, from config.
 #[derive(Clone, Debug)]
 pub struct RateLimitSettings {
@@ -94,6 +99,8 @@ impl Actor for RateLimitActor {
             actor.limiter.shrink_to_fit();
             actor.login_limiter.retain_recent();
             actor.login_limiter.shrink_to_fit();
+            metrics::gauge!("agentkeys_rate_limit_keys")
+                .set((actor.limiter.len() + actor.login_limiter.len()) as f64);
         });
     }
 }
@@ -103,6 +110,14 @@ impl Handler<CheckRate> for RateLimitActor {
 
     fn handle(&mut self, msg: CheckRate, _: &mut Self::Context) -> Self::Result {
         self.take(&self.limiter, &msg.account)
+    }
+}
+
+impl Handler<TrackedKeys> for RateLimitActor {
+    type Result = usize;
+
+    fn handle(&mut self, _: TrackedKeys, _: &mut Self::Context) -> Self::Result {
+        self.limiter.len() + self.login_limiter.len()
     }
 }
 
@@ -156,5 +171,34 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
+    }
+
+    #[actix::test]
+    async fn idle_accounts_are_forgotten_so_memory_stays_bounded() {
+        let addr = RateLimitActor::new(RateLimitSettings {
+            mailbox_capacity: 100_000,
+            // One mint marks an account for a second; then it is idle.
+            per_second: NonZeroU32::new(1).unwrap(),
+            burst: NonZeroU32::new(1).unwrap(),
+            login_per_second: NonZeroU32::new(1).unwrap(),
+            login_burst: NonZeroU32::new(1).unwrap(),
+            sweep_interval: Duration::from_millis(300),
+        })
+        .start();
+        for i in 0..5_000u32 {
+            let account = OmniAccount::for_tests(&format!("{i:064}"));
+            addr.send(CheckRate { account }).await.unwrap().unwrap();
+        }
+        assert!(
+            addr.send(TrackedKeys).await.unwrap() >= 4_000,
+            "the accounts are tracked while active"
+        );
+        // GCRA state is indistinguishable from fresh two emission intervals on.
+        actix::clock::sleep(Duration::from_millis(2600)).await;
+        assert_eq!(
+            addr.send(TrackedKeys).await.unwrap(),
+            0,
+            "idle accounts were swept"
+        );
     }
 }

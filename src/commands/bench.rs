@@ -8,14 +8,18 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use actix::Actor;
+use agentkeys_actors::audit::{MintEvent, Outcome, Record};
 use agentkeys_actors::auth::{IssueChallenge, RegisterAgent, VerifyLogin};
 use agentkeys_actors::backpressure::ask;
+use agentkeys_actors::domain::OmniAccount;
 use agentkeys_actors::domain::{
     now_unix, random_hex, AgentName, DevicePublicKey, ScopePath, ServiceName,
 };
 use agentkeys_actors::grant::{CreateGrant, GrantSpec, Intent};
 use agentkeys_actors::keys::KeyRing;
 use agentkeys_actors::mint::{MintPipeline, MintRequest};
+use agentkeys_actors::rate_limit::{CheckRate, RateLimitActor, RateLimitSettings, TrackedKeys};
 use agentkeys_actors::signer::{
     session_validation, sign_session, verify_session, AwsSessionTags, OidcClaims, SessionClaims,
 };
@@ -124,19 +128,31 @@ pub struct PipelineRun {
     pub refused: BTreeMap<String, u64>,
 }
 
-/// Registers `agents` agents with a grant each, logs them in through the
-/// actors, then runs `concurrency` mint loops for `seconds`.
+/// How full the store is before the run: the scaling rows.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Prefill {
+    /// Audit records written before the run.
+    pub audit_records: u64,
+}
+
+/// Registers `agents` agents with a grant each and logs them in through
+/// the actors (512 at a time), optionally fills the audit ledger, then runs
+/// `concurrency` mint loops for `seconds`.
 pub async fn in_process(
     settings: &Settings,
     agents: usize,
     concurrency: usize,
     seconds: f64,
+    prefill: Prefill,
 ) -> Result<PipelineRun, StartupError> {
     let pipeline = build_pipeline(settings)?;
     let mut sessions = Vec::with_capacity(agents);
-    for i in 0..agents {
-        sessions.push(enroll(&pipeline, i).await.map_err(StartupError::Bench)?);
+    for chunk in (0..agents).collect::<Vec<_>>().chunks(512) {
+        for session in join_all(chunk.iter().map(|&i| enroll(&pipeline, i))).await {
+            sessions.push(session.map_err(StartupError::Bench)?);
+        }
     }
+    fill_audit(&pipeline, prefill.audit_records).await?;
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let loops = (0..concurrency.max(1)).map(|worker| {
@@ -196,6 +212,99 @@ pub async fn in_process(
         p99_ms: percentile(0.99),
         refused,
     })
+}
+
+/// Writes `records` audit records through the AuditActor, 1024 in flight.
+async fn fill_audit(pipeline: &MintPipeline, records: u64) -> Result<(), StartupError> {
+    let mut written = 0;
+    while written < records {
+        let batch = (records - written).min(1024);
+        let sends = (0..batch).map(|i| {
+            let event = MintEvent {
+                outcome: Some(Outcome::Ok),
+                jti: Some(random_hex(16)),
+                request_id: format!("prefill-{}", written + i),
+                ..MintEvent::default()
+            };
+            pipeline.audit.send(Record(event))
+        });
+        for sent in join_all(sends).await {
+            sent.map_err(|e| StartupError::Bench(e.to_string()))?
+                .map_err(|e| StartupError::Bench(e.to_string()))?;
+        }
+        written += batch;
+    }
+    Ok(())
+}
+
+/// What flooding the rate limiter with distinct accounts costs in memory.
+#[derive(Debug, Serialize)]
+pub struct LimiterMemory {
+    pub accounts: u64,
+    pub rss_before_kib: u64,
+    pub rss_after_flood_kib: u64,
+    pub tracked_after_flood: usize,
+    pub rss_after_sweep_kib: u64,
+    pub tracked_after_sweep: usize,
+}
+
+/// Sends `accounts` distinct accounts through a RateLimitActor with the
+/// configured quota and a one-second sweep, and reads the process's RSS.
+pub async fn limiter_memory(
+    settings: &Settings,
+    accounts: u64,
+) -> Result<LimiterMemory, StartupError> {
+    let limiter = RateLimitActor::new(RateLimitSettings {
+        mailbox_capacity: 4096,
+        per_second: settings.rate_per_second(),
+        burst: settings.rate_burst(),
+        login_per_second: settings.rate_per_second(),
+        login_burst: settings.rate_burst(),
+        sweep_interval: Duration::from_secs(1),
+    })
+    .start();
+    let rss_before_kib = rss_kib();
+    let mut sent = 0;
+    while sent < accounts {
+        let batch = (accounts - sent).min(1024);
+        let checks = (sent..sent + batch).map(|i| {
+            limiter.send(CheckRate {
+                account: OmniAccount::for_tests(&format!("{i:064x}")),
+            })
+        });
+        join_all(checks).await;
+        sent += batch;
+    }
+    let tracked_after_flood = limiter.send(TrackedKeys).await.unwrap_or(0);
+    let rss_after_flood_kib = rss_kib();
+    // Idle state is fresh again two emission intervals on; then a sweep.
+    let idle = 2.0 / f64::from(settings.rate_per_second().get())
+        * f64::from(settings.rate_burst().get())
+        + 1.5;
+    actix_web::rt::time::sleep(Duration::from_secs_f64(idle)).await;
+    Ok(LimiterMemory {
+        accounts,
+        rss_before_kib,
+        rss_after_flood_kib,
+        tracked_after_flood,
+        rss_after_sweep_kib: rss_kib(),
+        tracked_after_sweep: limiter.send(TrackedKeys).await.unwrap_or(0),
+    })
+}
+
+/// This process's resident set size.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// One agent with a grant for `s3` `load/`, logged in through the actors.
