@@ -125,6 +125,10 @@ enum LoadCommand {
         /// Audit records written before the run (the scaling rows).
         #[arg(long, default_value_t = 0)]
         prefill_audit: u64,
+        /// Agents that mint during the run; the rest only fill the store
+        /// (0: all).
+        #[arg(long, default_value_t = 0)]
+        active_agents: usize,
     },
     /// Memory of the rate limiter after N distinct accounts, and after its sweep.
     LimiterMemory {
@@ -194,6 +198,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                     concurrency,
                     seconds,
                     prefill_audit,
+                    active_agents,
                 },
             ..
         } => {
@@ -204,6 +209,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             settings.rate_limit.burst = u32::MAX;
             let prefill = bench::Prefill {
                 audit_records: prefill_audit,
+                active_agents,
             };
             let run = bench::in_process(&settings, agents, concurrency, seconds, prefill).await?;
             println!("{}", serde_json::to_string_pretty(&run)?);

@@ -133,6 +133,9 @@ pub struct PipelineRun {
 pub struct Prefill {
     /// Audit records written before the run.
     pub audit_records: u64,
+    /// Agents that mint during the run (the others only fill the store);
+    /// 0: all of them.
+    pub active_agents: usize,
 }
 
 /// Registers `agents` agents with a grant each and logs them in through
@@ -153,6 +156,9 @@ pub async fn in_process(
         }
     }
     fill_audit(&pipeline, prefill.audit_records).await?;
+    if prefill.active_agents > 0 {
+        sessions.truncate(prefill.active_agents);
+    }
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let loops = (0..concurrency.max(1)).map(|worker| {
