@@ -6,8 +6,9 @@
 //! - [`routes`]: one file per area (oidc, auth, mint, admin, health).
 //! - [`error`]: the one HTTP error type and its status mapping.
 //! - [`admin_token`]: the operator's bearer token.
-//! - [`commands`]: the CLI commands that talk to a running broker.
-//! - [`telemetry`]: tracing setup.
+//! - [`commands`]: the CLI commands: admin API calls, offline audit
+//!   verification, load drivers and benchmarks.
+//! - [`telemetry`]: tracing and the Prometheus recorder.
 
 pub mod admin_token;
 pub mod commands;

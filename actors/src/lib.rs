@@ -5,14 +5,20 @@
 //! - [`domain`]: validated newtypes (`DevicePublicKey`, `ScopePath`, ...) and
 //!   the stable error codes every layer reports in.
 //! - [`backpressure`]: bounded sends; a full mailbox or pool becomes `Overloaded`.
-//! - [`keys`]: the broker's signing keys on disk (generated on first start).
+//! - [`keys`]: the key ring (OIDC ES256 and session Ed25519 keys, rotated
+//!   with overlap), on disk 0600, generated on first start.
 //! - [`signer`]: `SignerActor`, the `SyncArbiter` pool that does all signing
 //!   and signature checks, behind an admission semaphore (`SignerPool`).
-//! - [`auth`]: `AuthActor`, the agent registry, login nonces and sessions.
-//! - [`rate_limit`]: `RateLimitActor`, a keyed limiter per OmniAccount.
-//! - [`grant`]: `GrantActor`, the intent gate of the mint path.
-//! - [`audit`]: `AuditActor` and its sinks (the redb ledger), hash-chained,
-//!   group-committed.
+//! - [`auth`]: `AuthActor`, the agent registry, login nonces, sessions
+//!   (verified ones remembered) and proofs of possession.
+//! - [`rate_limit`]: `RateLimitActor`, keyed limiters per OmniAccount and
+//!   per login client address.
+//! - [`grant`]: `GrantActor`, grants consumed atomically and durably (group
+//!   commit), and `Idempotency-Key` records.
+//! - [`audit`]: `AuditActor`, the hash-chained ledger (group commit) and the
+//!   anchor sinks behind one trait (`jsonl`, `evm`), each on its worker;
+//!   verification.
+//! - [`storage`]: the agent and grant stores behind traits; redb inside.
 //! - [`mint`]: the one mint flow, usable with or without HTTP.
 
 pub mod audit;
