@@ -152,6 +152,14 @@ pub struct RegisterAgent {
 #[rtype(result = "Vec<AgentRecord>")]
 pub struct ListAgents;
 
+/// Enable or disable an agent; a disabled agent's sessions get 403 at once.
+#[derive(Message)]
+#[rtype(result = "Result<AgentRecord, AuthError>")]
+pub struct SetAgentEnabled {
+    pub name: AgentName,
+    pub enabled: bool,
+}
+
 /// One agent by name.
 #[derive(Message)]
 #[rtype(result = "Option<AgentRecord>")]
@@ -564,6 +572,32 @@ impl Handler<ListAgents> for AuthActor {
         let mut agents: Vec<_> = self.agents.values().cloned().collect();
         agents.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
         agents
+    }
+}
+
+impl Handler<SetAgentEnabled> for AuthActor {
+    type Result = ResponseActFuture<Self, Result<AgentRecord, AuthError>>;
+
+    /// Durable first, then live.
+    fn handle(&mut self, msg: SetAgentEnabled, _: &mut Self::Context) -> Self::Result {
+        let Some(current) = self.agents.get(&msg.name) else {
+            return Box::pin(actix::fut::ready(Err(AuthError::NotFound)));
+        };
+        let updated = AgentRecord {
+            enabled: msg.enabled,
+            ..current.clone()
+        };
+        let store = self.store.clone();
+        let written = updated.clone();
+        Box::pin(
+            async move { tokio::task::spawn_blocking(move || store.replace(&written)).await }
+                .into_actor(self)
+                .map(move |result, actor, _| {
+                    result.map_err(|e| AuthError::Internal(e.to_string()))??;
+                    actor.add_live(updated.clone());
+                    Ok(updated)
+                }),
+        )
     }
 }
 

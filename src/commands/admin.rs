@@ -24,6 +24,10 @@ pub enum AgentCommand {
     List,
     /// Remove an agent; its sessions stop working at once.
     Remove { name: String },
+    /// Disable an agent (kept, with its grants); its mints get 403.
+    Disable { name: String },
+    /// Enable a disabled agent again.
+    Enable { name: String },
 }
 
 #[derive(Subcommand)]
@@ -85,6 +89,8 @@ impl AdminTarget {
                     .call("GET", "/v1/admin/agents", self.token(), None)
                     .await
             }
+            AgentCommand::Disable { name } => self.set_enabled(&name, false).await,
+            AgentCommand::Enable { name } => self.set_enabled(&name, true).await,
             AgentCommand::Remove { name } => {
                 let path = format!("/v1/admin/agents/{name}");
                 self.client
@@ -93,6 +99,14 @@ impl AdminTarget {
                 Ok(json!({ "removed": name }))
             }
         }
+    }
+
+    async fn set_enabled(&self, name: &str, enabled: bool) -> Result<Value, ClientError> {
+        let path = format!("/v1/admin/agents/{name}");
+        let body = json!({ "enabled": enabled });
+        self.client
+            .call("PATCH", &path, self.token(), Some(&body))
+            .await
     }
 
     pub async fn grant(&self, command: GrantCommand) -> Result<Value, ClientError> {

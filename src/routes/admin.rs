@@ -1,8 +1,10 @@
 //! Operator API, behind the admin token: the agent registry and grants.
 
-use actix_web::{delete, get, post, web, HttpResponse};
+use actix_web::{delete, get, patch, post, web, HttpResponse};
 use agentkeys_actors::audit::{ReadRecords, VerifyAudit};
-use agentkeys_actors::auth::{ListAgents, LookupAgent, RegisterAgent, RemoveAgent};
+use agentkeys_actors::auth::{
+    ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SetAgentEnabled,
+};
 use agentkeys_actors::backpressure::ask;
 use agentkeys_actors::domain::{
     now_unix, AgentName, DevicePublicKey, ErrorCode, ScopePath, ServiceName,
@@ -20,6 +22,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(add_agent)
         .service(list_agents)
         .service(remove_agent)
+        .service(update_agent)
         .service(add_grant)
         .service(list_grants)
         .service(get_grant)
@@ -292,4 +295,32 @@ async fn rotate_key(
         .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
     tracing::info!(kind = key.kind, kid = %key.kid, activates_at = key.activates_at, "key rotated");
     Ok(HttpResponse::Created().json(key))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentUpdate {
+    enabled: bool,
+}
+
+/// Disables (or re-enables) an agent without forgetting it or its grants.
+#[patch("/v1/admin/agents/{name}")]
+async fn update_agent(
+    _admin: Admin,
+    state: web::Data<BrokerState>,
+    name: web::Path<String>,
+    body: web::Json<AgentUpdate>,
+) -> Result<HttpResponse, ApiError> {
+    let update = SetAgentEnabled {
+        name: AgentName::parse(&name)?,
+        enabled: body.enabled,
+    };
+    let timeout = state.pipeline.policy.send_timeout;
+    let agent = ask(&state.pipeline.auth, update, timeout, "auth actor").await??;
+    tracing::info!(
+        agent = agent.name.as_str(),
+        enabled = agent.enabled,
+        "agent updated"
+    );
+    Ok(HttpResponse::Ok().json(agent))
 }

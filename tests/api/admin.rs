@@ -80,6 +80,42 @@ async fn removing_an_agent_ends_its_sessions_and_a_disabled_agent_is_forbidden()
     assert_eq!(app.mint(&session, &json!({})).await.status, StatusCode::OK);
 
     let path = format!("/v1/admin/agents/{}", agent.name);
+    let disabled = app
+        .send("PATCH", &path, admin, Some(br#"{"enabled": false}"#))
+        .await;
+    assert_eq!(
+        (disabled.status, disabled.body["enabled"].clone()),
+        (StatusCode::OK, json!(false))
+    );
+    let refused = app.mint(&session, &json!({})).await;
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (StatusCode::FORBIDDEN, "forbidden"),
+        "disabled at once"
+    );
+    let enabled = app
+        .send("PATCH", &path, admin, Some(br#"{"enabled": true}"#))
+        .await;
+    assert_eq!(enabled.status, StatusCode::OK);
+    assert_eq!(
+        app.mint(&session, &json!({})).await.status,
+        StatusCode::OK,
+        "enabled again"
+    );
+    let bad = app
+        .send("PATCH", &path, admin, Some(br#"{"enabled": "no"}"#))
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let ghost = app
+        .send(
+            "PATCH",
+            "/v1/admin/agents/ghost",
+            admin,
+            Some(br#"{"enabled": false}"#),
+        )
+        .await;
+    assert_eq!(ghost.status, StatusCode::NOT_FOUND);
+
     let removed = app.send("DELETE", &path, admin, None).await;
     assert_eq!(removed.status, StatusCode::NO_CONTENT);
     let after = app.mint(&session, &json!({})).await;

@@ -60,6 +60,10 @@ async fn agent_and_grant_commands_drive_the_admin_api() {
 
     let (_, agents, _) = broker_cli(&app, &["agent", "list"]);
     assert_eq!(agents["agents"][0]["public_key"], public_key.as_str());
+    let (ok, disabled, _) = broker_cli(&app, &["agent", "disable", "cli-bot"]);
+    assert!(ok);
+    assert_eq!(disabled["enabled"], false);
+
     let (ok, _, _) = broker_cli(&app, &["agent", "remove", "cli-bot"]);
     assert!(ok);
 

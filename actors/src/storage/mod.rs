@@ -20,6 +20,8 @@ pub trait AgentStore: Send + Sync + 'static {
     fn load_all(&self) -> Result<Vec<AgentRecord>, StorageError>;
     /// Durably adds `agent`; `Conflict` when the name is taken.
     fn insert(&self, agent: &AgentRecord) -> Result<(), StorageError>;
+    /// Durably replaces an existing agent's record (e.g. enabled flag).
+    fn replace(&self, agent: &AgentRecord) -> Result<(), StorageError>;
     /// Durably removes an agent; false when there was none.
     fn remove(&self, name: &AgentName) -> Result<bool, StorageError>;
 }

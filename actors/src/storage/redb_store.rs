@@ -56,6 +56,35 @@ impl RedbAgentStore {
     }
 }
 
+impl RedbAgentStore {
+    /// Writes `agent`; it must already exist (`replace`) or must not (`insert`).
+    fn write(&self, agent: &AgentRecord, replace: bool) -> Result<(), StorageError> {
+        let stored = StoredAgent {
+            name: agent.name.as_str().to_owned(),
+            public_key: agent.public_key.to_hex(),
+            enabled: agent.enabled,
+            created_at: agent.created_at,
+        };
+        let bytes = serde_json::to_vec(&stored).map_err(backend)?;
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut table = txn.open_table(AGENTS).map_err(backend)?;
+            let exists = table.get(agent.name.as_str()).map_err(backend)?.is_some();
+            if exists != replace {
+                return Err(if exists {
+                    StorageError::Conflict
+                } else {
+                    StorageError::Backend("no such agent".into())
+                });
+            }
+            table
+                .insert(agent.name.as_str(), bytes.as_slice())
+                .map_err(backend)?;
+        }
+        txn.commit().map_err(backend)
+    }
+}
+
 impl AgentStore for RedbAgentStore {
     fn load_all(&self) -> Result<Vec<AgentRecord>, StorageError> {
         let txn = self.db.begin_read().map_err(backend)?;
@@ -77,24 +106,11 @@ impl AgentStore for RedbAgentStore {
     }
 
     fn insert(&self, agent: &AgentRecord) -> Result<(), StorageError> {
-        let stored = StoredAgent {
-            name: agent.name.as_str().to_owned(),
-            public_key: agent.public_key.to_hex(),
-            enabled: agent.enabled,
-            created_at: agent.created_at,
-        };
-        let bytes = serde_json::to_vec(&stored).map_err(backend)?;
-        let txn = self.db.begin_write().map_err(backend)?;
-        {
-            let mut table = txn.open_table(AGENTS).map_err(backend)?;
-            if table.get(agent.name.as_str()).map_err(backend)?.is_some() {
-                return Err(StorageError::Conflict);
-            }
-            table
-                .insert(agent.name.as_str(), bytes.as_slice())
-                .map_err(backend)?;
-        }
-        txn.commit().map_err(backend)
+        self.write(agent, false)
+    }
+
+    fn replace(&self, agent: &AgentRecord) -> Result<(), StorageError> {
+        self.write(agent, true)
     }
 
     fn remove(&self, name: &AgentName) -> Result<bool, StorageError> {
@@ -207,9 +223,19 @@ mod tests {
             ));
             assert!(store.remove(&AgentName::parse("b").unwrap()).unwrap());
             assert!(!store.remove(&AgentName::parse("b").unwrap()).unwrap());
+            let disabled = AgentRecord {
+                enabled: false,
+                ..agent("a", 1)
+            };
+            store.replace(&disabled).unwrap();
+            assert!(
+                store.replace(&agent("ghost", 4)).is_err(),
+                "only existing agents are replaced"
+            );
         }
         let store = RedbAgentStore::open(&path).unwrap();
         let all = store.load_all().unwrap();
-        assert_eq!(all, vec![agent("a", 1)]);
+        assert_eq!(all.len(), 1);
+        assert_eq!((all[0].name.as_str(), all[0].enabled), ("a", false));
     }
 }
