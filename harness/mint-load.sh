@@ -10,6 +10,8 @@
 #   SINKS=ledger harness/mint-load.sh         # audit: ledger only
 #   SINKS=jsonl harness/mint-load.sh          # audit: ledger + jsonl
 #   (SINKS=default: config/default.toml as shipped, ledger + jsonl + evm stub)
+#   TARGET_RATE=7400 harness/mint-load.sh     # latency at a fixed offered rate (hey from
+#                                             # Debian, one agent: wrk cannot hold a rate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,9 +67,18 @@ curl -fs "$url/readyz" >/dev/null || { echo "broker did not become ready" >&2; c
   --admin-token-file "$work/data/admin.token" --agents "$AGENTS" --grant "s3:load/" \
   --out "$work/tokens.txt"
 
-echo "# $(nproc) cores; audit sinks: $SINKS; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
-MINT_BODY='{"service":"s3","scope_path":"load/jobs/"}' TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
-  -s harness/mint.lua "$url/v1/mint-oidc-jwt"
+body='{"service":"s3","scope_path":"load/jobs/"}'
+if [ -n "${TARGET_RATE:-}" ]; then
+  command -v hey >/dev/null || { echo "TARGET_RATE needs hey (Debian package hey)" >&2; exit 2; }
+  echo "# $(nproc) cores; audit sinks: $SINKS; hey -c$CONNECTIONS at $TARGET_RATE mints/s offered for $DURATION, one agent"
+  hey -z "$DURATION" -c "$CONNECTIONS" -q "$((TARGET_RATE / CONNECTIONS))" -m POST \
+    -H "Authorization: Bearer $(head -n 1 "$work/tokens.txt")" -T application/json -d "$body" \
+    "$url/v1/mint-oidc-jwt" | sed -n '/Requests\/sec/p;/Latency distribution/,/99%/p;/Status code/,/^$/p'
+else
+  echo "# $(nproc) cores; audit sinks: $SINKS; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
+  MINT_BODY="$body" TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
+    -s harness/mint.lua "$url/v1/mint-oidc-jwt"
+fi
 
 # After the run: the broker's peak memory, and one mint right away (recovery).
 echo "broker peak RSS: $(awk '/VmHWM/ { print $2, $3 }' "/proc/$broker_pid/status")"
