@@ -86,7 +86,6 @@ pub struct OidcKey {
     pair: EcdsaKeyPair,
     /// The JWT header, base64url, ready to sign under.
     encoded_header: String,
-    pub decoding: DecodingKey,
     pub jwk: serde_json::Value,
     pub activates_at: u64,
 }
@@ -387,7 +386,6 @@ fn oidc_key(der: &[u8], activates_at: u64) -> Option<OidcKey> {
     // RFC 7638 thumbprint: the required members, sorted, no spaces.
     let thumbprint = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
     let kid = sha256_hex(thumbprint)[..32].to_owned();
-    let decoding = DecodingKey::from_ec_components(&x, &y).ok()?;
     let jwk = json!({
         "kty": "EC", "crv": "P-256", "x": x, "y": y,
         "kid": kid, "alg": "ES256", "use": "sig",
@@ -397,7 +395,6 @@ fn oidc_key(der: &[u8], activates_at: u64) -> Option<OidcKey> {
         encoded_header: URL_SAFE_NO_PAD.encode(header.to_string()),
         kid,
         pair,
-        decoding,
         jwk,
         activates_at,
     })
