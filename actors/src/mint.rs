@@ -84,10 +84,9 @@ pub struct MintRequest {
     pub intent: Option<Intent>,
     pub ttl_seconds: Option<u64>,
     pub audience: Option<String>,
-    /// The client's `Idempotency-Key`, if it sent one.
-    pub idempotency_key: Option<IdempotencyKey>,
-    /// SHA-256 of method, path and body: what "the same request" means.
-    pub fingerprint: String,
+    /// The client's `Idempotency-Key`, if it sent one, with the SHA-256
+    /// of method, path and body: what "the same request" means.
+    pub idempotency: Option<(IdempotencyKey, String)>,
     /// The device's proof over this request, with the SHA-256 (hex) of
     /// the exact body it signed.
     pub proof: Option<(ProofOfPossession, String)>,
@@ -189,7 +188,13 @@ impl MintPipeline {
         event: &mut MintEvent,
     ) -> Result<MintResponse, MintError> {
         let timeout = self.policy.send_timeout;
-        let caller = sha256_hex(&request.bearer);
+        // Idempotency records are scoped to the caller's bearer token.
+        let idempotency = request
+            .idempotency
+            .map(|(key, fingerprint)| IdempotencySlot {
+                slot: sha256_hex(format!("{}:{}", sha256_hex(&request.bearer), key.as_str())),
+                fingerprint,
+            });
         let verify = VerifySession {
             token: request.bearer,
         };
@@ -244,10 +249,6 @@ impl MintPipeline {
         })?;
         record_stage("rate", stage);
 
-        let idempotency = request.idempotency_key.map(|key| IdempotencySlot {
-            slot: sha256_hex(format!("{caller}:{}", key.as_str())),
-            fingerprint: request.fingerprint,
-        });
         let reserve = Reserve {
             principal: principal.clone(),
             intent: intent.clone(),

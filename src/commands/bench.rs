@@ -176,8 +176,7 @@ pub async fn in_process(
                     }),
                     ttl_seconds: None,
                     audience: None,
-                    idempotency_key: None,
-                    fingerprint: String::new(),
+                    idempotency: None,
                     proof: None,
                     request_id: String::new(),
                 };

@@ -124,8 +124,7 @@ async fn mint_oidc_jwt(
     if body.ttl_seconds == Some(0) {
         return Err(ApiError::bad_request("ttl_seconds must be at least 1"));
     }
-    let idempotency_key = idempotency_key(&request)?;
-    let fingerprint = body.fingerprint();
+    let idempotency = idempotency_key(&request)?.map(|key| (key, body.fingerprint()));
     let result = state
         .pipeline
         .mint(MintRequest {
@@ -133,8 +132,7 @@ async fn mint_oidc_jwt(
             intent,
             ttl_seconds: body.ttl_seconds,
             audience: body.audience,
-            idempotency_key,
-            fingerprint,
+            idempotency,
             proof,
             request_id: request_id.clone(),
         })
