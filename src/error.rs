@@ -4,10 +4,12 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
+use agentkeys_actors::audit::AuditError;
 use agentkeys_actors::auth::AuthError;
 use agentkeys_actors::backpressure::Overloaded;
 use agentkeys_actors::domain::{ErrorCode, InvalidInput};
 use agentkeys_actors::grant::GrantError;
+use agentkeys_actors::keys::KeyError;
 use agentkeys_actors::mint::MintError;
 use serde_json::json;
 
@@ -123,6 +125,21 @@ impl From<GrantError> for ApiError {
         match e {
             GrantError::Storage(detail) => Self::internal(&detail),
             other => Self::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<AuditError> for ApiError {
+    fn from(e: AuditError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        match e.code() {
+            ErrorCode::Internal => Self::internal(&e.to_string()),
+            code => Self::new(code, e.to_string()),
         }
     }
 }

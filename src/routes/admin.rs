@@ -247,7 +247,7 @@ async fn read_audit(
     };
     let records = ask(&state.pipeline.audit, read, timeout, "audit actor")
         .await?
-        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+        .map_err(ApiError::from)?;
     Ok(HttpResponse::Ok().json(json!({ "records": records })))
 }
 
@@ -263,7 +263,7 @@ async fn verify_audit(
         .send(VerifyAudit)
         .await
         .map_err(|_| ApiError::new(ErrorCode::Overloaded, "the audit actor is unavailable"))?
-        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+        .map_err(ApiError::from)?;
     Ok(HttpResponse::Ok().json(report))
 }
 
@@ -292,7 +292,7 @@ async fn rotate_key(
         .signer
         .call(RotateKey(body.key))
         .await?
-        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+        .map_err(ApiError::from)?;
     tracing::info!(kind = key.kind, kid = %key.kid, activates_at = key.activates_at, "key rotated");
     Ok(HttpResponse::Created().json(key))
 }
