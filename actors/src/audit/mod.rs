@@ -6,8 +6,10 @@
 //! commit is under way go together in the next one, so a flood costs one
 //! flush per batch, not per record). The batch is then fanned out to the
 //! anchor sinks (jsonl file, EVM anchor) concurrently; the mint waits for
-//! the required ones as the quorum says. Each sink runs on its own worker
-//! that catches up from the ledger whenever it fell behind.
+//! the required ones as the quorum says. The next ledger commit does not
+//! wait for the sinks: ledger and sinks work on consecutive batches at
+//! once, each in `seq` order. Each sink runs on its own worker that
+//! catches up from the ledger whenever it fell behind.
 
 pub mod config;
 pub mod evm;
@@ -253,7 +255,7 @@ pub struct AuditActor {
     head: ChainHead,
     /// Records waiting for the next group commit, with their callers.
     pending: Vec<(MintEvent, Reply)>,
-    /// One group commit at a time keeps the chain in order.
+    /// One ledger commit at a time keeps the chain in order.
     writing: bool,
 }
 
@@ -294,75 +296,90 @@ impl AuditActor {
         }
         metrics::histogram!("agentkeys_audit_batch_records").record(batch.len() as f64);
         self.writing = true;
-        let (ledger, sinks, settings) = (
-            self.ledger.clone(),
-            self.sinks.clone(),
-            self.settings.clone(),
-        );
-        let write =
-            async move { commit_and_fan_out(ledger, sinks, settings, Arc::new(batch)).await };
-        ctx.spawn(write.into_actor(self).map(move |result, actor, ctx| {
+        let batch = Arc::new(batch);
+        let (ledger, for_ledger) = (self.ledger.clone(), batch.clone());
+        let commit = async move {
+            tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let appended = ledger.append(&for_ledger);
+                metrics::histogram!("agentkeys_commit_seconds", "store" => "ledger")
+                    .record(started.elapsed().as_secs_f64());
+                appended
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
+        };
+        ctx.spawn(commit.into_actor(self).map(move |committed, actor, ctx| {
             actor.writing = false;
-            let (ledger_ok, quorum) = result;
-            if ledger_ok {
-                actor.head = head;
-            }
-            for (seq, reply) in replies {
-                let _ = reply.send(quorum.clone().map(|()| seq));
+            match committed {
+                Ok(()) => {
+                    actor.head = head;
+                    // Handed over now, so every sink gets batches in order.
+                    let quorum = fan_out(&actor.sinks, &actor.settings, batch);
+                    ctx.spawn(
+                        async move {
+                            let quorum = quorum.await;
+                            for (seq, reply) in replies {
+                                let _ = reply.send(quorum.clone().map(|()| seq));
+                            }
+                        }
+                        .into_actor(actor),
+                    );
+                }
+                Err(reason) => {
+                    tracing::error!(%reason, "audit ledger commit failed");
+                    let sink = "ledger".to_owned();
+                    let failed = AuditError::SinkFailed { sink, reason };
+                    for (_, reply) in replies {
+                        let _ = reply.send(Err(failed.clone()));
+                    }
+                }
             }
             actor.write_pending(ctx);
         }));
     }
 }
 
-/// Commits `batch` to the ledger, then hands it to every sink at once and
-/// waits for the required ones. Returns whether the ledger holds it, and
-/// whether the quorum was met.
-async fn commit_and_fan_out(
-    ledger: Arc<LedgerSink>,
-    sinks: Arc<[SinkWorker]>,
-    settings: AuditSettings,
+/// Hands a batch the ledger holds to every sink at once; the future waits
+/// for the required ones and says whether the quorum was met.
+fn fan_out(
+    sinks: &[SinkWorker],
+    settings: &AuditSettings,
     batch: Arc<Vec<AuditRecord>>,
-) -> (bool, Result<(), AuditError>) {
-    let for_ledger = batch.clone();
-    let committed = tokio::task::spawn_blocking(move || ledger.append(&for_ledger))
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-    if let Err(reason) = committed {
-        tracing::error!(%reason, "audit ledger commit failed");
-        let sink = "ledger".to_owned();
-        return (false, Err(AuditError::SinkFailed { sink, reason }));
-    }
+) -> impl std::future::Future<Output = Result<(), AuditError>> + 'static {
     let waits: Vec<_> = sinks
         .iter()
         .map(|sink| (sink.status().name.clone(), sink.submit(batch.clone())))
         .collect();
-    let mut required = 0usize;
-    let mut failures = Vec::new();
-    for (name, done) in waits {
-        let Some(done) = done else { continue };
-        required += 1;
-        let outcome = match tokio::time::timeout(settings.sink_timeout, done).await {
-            Ok(Ok(Ok(()))) => continue,
-            Ok(Ok(Err(reason))) => reason,
-            Ok(Err(_)) => "the sink worker stopped".to_owned(),
-            Err(_) => "timed out".to_owned(),
-        };
-        failures.push(AuditError::SinkFailed {
-            sink: name,
-            reason: outcome,
-        });
-    }
-    let met = match settings.quorum {
-        Quorum::AllRequired => failures.is_empty(),
-        Quorum::Any => required == 0 || failures.len() < required,
-    };
-    match failures.into_iter().next() {
-        Some(failure) if !met => {
-            tracing::error!(error = %failure, "audit quorum not met");
-            (true, Err(failure))
+    let (quorum, sink_timeout) = (settings.quorum, settings.sink_timeout);
+    async move {
+        let mut required = 0usize;
+        let mut failures = Vec::new();
+        for (name, done) in waits {
+            let Some(done) = done else { continue };
+            required += 1;
+            let outcome = match tokio::time::timeout(sink_timeout, done).await {
+                Ok(Ok(Ok(()))) => continue,
+                Ok(Ok(Err(reason))) => reason,
+                Ok(Err(_)) => "the sink worker stopped".to_owned(),
+                Err(_) => "timed out".to_owned(),
+            };
+            failures.push(AuditError::SinkFailed {
+                sink: name,
+                reason: outcome,
+            });
         }
-        _ => (true, Ok(())),
+        let met = match quorum {
+            Quorum::AllRequired => failures.is_empty(),
+            Quorum::Any => required == 0 || failures.len() < required,
+        };
+        match failures.into_iter().next() {
+            Some(failure) if !met => {
+                tracing::error!(error = %failure, "audit quorum not met");
+                Err(failure)
+            }
+            _ => Ok(()),
+        }
     }
 }
 

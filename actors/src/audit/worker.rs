@@ -16,6 +16,9 @@ use super::{AuditRecord, AuditSink, SinkReport};
 /// Most records read from the ledger per catch-up step.
 const CATCH_UP_CHUNK: usize = 1024;
 
+/// Most queued batches written together (one write, one sync).
+const MAX_BATCHES_PER_WRITE: usize = 64;
+
 /// A sink's live state, shared between its worker and the AuditActor.
 pub struct SinkStatus {
     pub name: String,
@@ -86,6 +89,17 @@ impl SinkWorker {
         queue: usize,
     ) -> std::io::Result<Self> {
         let sink = config.open()?;
+        Self::spawn(config, sink, ledger, retry_interval, queue)
+    }
+
+    /// Runs `sink` on its own thread as `config` describes it.
+    fn spawn(
+        config: SinkConfig,
+        sink: Box<dyn AuditSink>,
+        ledger: Arc<LedgerSink>,
+        retry_interval: Duration,
+        queue: usize,
+    ) -> std::io::Result<Self> {
         let name = config.name();
         let status = Arc::new(SinkStatus {
             name: name.to_owned(),
@@ -107,10 +121,10 @@ impl SinkWorker {
                 loop {
                     match inbox.recv_timeout(retry_interval) {
                         Ok(job) => {
-                            let outcome = worker.deliver(&job.batch);
-                            if let Some(done) = job.done {
-                                let _ = done.send(outcome);
-                            }
+                            let mut jobs = vec![job];
+                            let queued = std::iter::from_fn(|| inbox.try_recv().ok());
+                            jobs.extend(queued.take(MAX_BATCHES_PER_WRITE - 1));
+                            worker.deliver_queued(jobs);
                         }
                         Err(RecvTimeoutError::Timeout) => {
                             // Idle: retry what failed; errors stay in the status.
@@ -177,6 +191,12 @@ impl Drop for SinkWorker {
     }
 }
 
+/// Whether `next` starts right where the last batch of `run` ends.
+fn follows(run: &[Job], next: &Job) -> bool {
+    let last = run.last().and_then(|job| job.batch.last());
+    matches!((last, next.batch.first()), (Some(a), Some(b)) if b.seq == a.seq + 1)
+}
+
 /// The state a worker thread owns.
 struct Worker {
     sink: Box<dyn AuditSink>,
@@ -188,6 +208,30 @@ struct Worker {
 }
 
 impl Worker {
+    /// Delivers batches that queued up while the sink was busy; batches
+    /// that follow on from each other are written together.
+    fn deliver_queued(&mut self, jobs: Vec<Job>) {
+        let mut jobs = jobs.into_iter().peekable();
+        while let Some(first) = jobs.next() {
+            let mut run = vec![first];
+            while let Some(next) = jobs.next_if(|next| follows(&run, next)) {
+                run.push(next);
+            }
+            let outcome = if let [only] = run.as_slice() {
+                self.deliver(&only.batch)
+            } else {
+                let records: Vec<AuditRecord> = run
+                    .iter()
+                    .flat_map(|job| job.batch.iter().cloned())
+                    .collect();
+                self.deliver(&records)
+            };
+            for done in run.into_iter().filter_map(|job| job.done) {
+                let _ = done.send(outcome.clone());
+            }
+        }
+    }
+
     /// Fills any gap from the ledger, then appends the batch's new records.
     fn deliver(&mut self, batch: &[AuditRecord]) -> Result<(), String> {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
@@ -205,7 +249,10 @@ impl Worker {
     }
 
     fn append(&mut self, records: &[AuditRecord]) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let outcome = self.sink.append(records);
+        metrics::histogram!("agentkeys_audit_sink_write_seconds", "sink" => self.status.name.clone())
+            .record(started.elapsed().as_secs_f64());
         self.status.record(&outcome);
         outcome.map(|_| {
             self.accepted = records.last().map_or(self.accepted, |r| r.seq);
@@ -237,5 +284,97 @@ impl Worker {
             Ok(held) => self.status.held.store(held, Ordering::Release),
             Err(e) => self.status.set_error(Some(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{channel, Receiver, Sender};
+
+    use super::*;
+    use crate::audit::{ChainHead, MintEvent};
+
+    /// Holds its first append until told to go on; reports every append.
+    struct GatedSink {
+        held: u64,
+        entered: Sender<()>,
+        gate: Option<Receiver<()>>,
+        appends: Sender<Vec<u64>>,
+    }
+
+    impl AuditSink for GatedSink {
+        fn held_seq(&self) -> u64 {
+            self.held
+        }
+
+        fn append(&mut self, batch: &[AuditRecord]) -> Result<u64, String> {
+            if let Some(gate) = self.gate.take() {
+                self.entered.send(()).unwrap();
+                gate.recv().unwrap();
+            }
+            self.appends
+                .send(batch.iter().map(|r| r.seq).collect())
+                .unwrap();
+            self.held = batch.last().map_or(self.held, |r| r.seq);
+            Ok(self.held)
+        }
+    }
+
+    fn batch(seqs: std::ops::RangeInclusive<u64>) -> Arc<Vec<AuditRecord>> {
+        let records = seqs
+            .map(|seq| AuditRecord::chain(MintEvent::default(), seq, 0, String::new()))
+            .collect();
+        Arc::new(records)
+    }
+
+    #[test]
+    fn batches_queued_behind_a_slow_write_go_out_together_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, head) = LedgerSink::open(&dir.path().join("ledger.redb")).unwrap();
+        assert_eq!(head, ChainHead::genesis());
+        let (go, gate) = channel();
+        let (entered, inside) = channel();
+        let (appends, appended) = channel();
+        let sink = GatedSink {
+            held: 0,
+            entered,
+            gate: Some(gate),
+            appends,
+        };
+        let config = SinkConfig::Jsonl {
+            name: Some("gated".into()),
+            required: true,
+            path: dir.path().join("unused.jsonl"),
+            max_bytes: u64::MAX,
+            keep: 1,
+        };
+        let worker = SinkWorker::spawn(
+            config,
+            Box::new(sink),
+            Arc::new(ledger),
+            Duration::from_secs(60),
+            16,
+        )
+        .unwrap();
+
+        let first = worker.submit(batch(1..=2)).unwrap();
+        inside.recv().unwrap();
+        // The worker is held inside its first append: these queue up.
+        let queued: Vec<_> = [batch(3..=4), batch(5..=5), batch(6..=8)]
+            .into_iter()
+            .map(|b| worker.submit(b).unwrap())
+            .collect();
+        go.send(()).unwrap();
+
+        assert_eq!(appended.recv().unwrap(), vec![1, 2]);
+        assert_eq!(
+            appended.recv().unwrap(),
+            vec![3, 4, 5, 6, 7, 8],
+            "three queued batches, one write"
+        );
+        for done in std::iter::once(first).chain(queued) {
+            assert_eq!(done.blocking_recv().unwrap(), Ok(()));
+        }
+        assert_eq!(worker.status().held_seq(), 8);
     }
 }
