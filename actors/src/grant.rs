@@ -2,9 +2,12 @@
 //!
 //! It owns the grants and the idempotency records in memory and is their
 //! only writer. A reservation takes a grant use in memory at once (so no
-//! two mints can take the last use) and answers only once a durable commit
-//! holds it. Everything that changed while one commit was under way goes
-//! into the next one (group commit): one disk flush serves many mints.
+//! two mints can take the last use) and answers at once with a
+//! [`UseCommitted`] receipt that resolves when a durable commit holds the
+//! use; the mint path signs and audits meanwhile and releases nothing
+//! before the receipt resolves. Everything that changed while one commit
+//! was under way goes into the next one (group commit): one disk flush
+//! serves many mints.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -139,14 +142,31 @@ pub struct IdempotencySlot {
 }
 
 /// Reserve's answer: go ahead, or send back the earlier answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Reservation {
-    Granted(GrantDecision),
+    Granted(GrantDecision, UseCommitted),
     Replay(Arc<CompletedMint>),
 }
 
-/// Decide the intent and take a grant use durably; or find the answer to
-/// an earlier identical request.
+/// Resolves once the reserved use is durable. Nothing may be released
+/// before it resolves `Ok`; on `Err` the use must be given back
+/// ([`Release`]).
+#[derive(Debug)]
+pub struct UseCommitted(Option<oneshot::Receiver<Result<(), GrantError>>>);
+
+impl UseCommitted {
+    /// Waits for the commit that holds the use; at once when no grant use
+    /// was taken (the agent's own scope).
+    pub async fn wait(self) -> Result<(), GrantError> {
+        match self.0 {
+            None => Ok(()),
+            Some(receiver) => committed(receiver.await),
+        }
+    }
+}
+
+/// Decide the intent and take a grant use (durable when its receipt
+/// resolves); or find the answer to an earlier identical request.
 #[derive(Message)]
 #[rtype(result = "Result<Reservation, GrantError>")]
 pub struct Reserve {
@@ -395,7 +415,10 @@ impl GrantActor {
         let store = self.store.clone();
         let write = async move {
             tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
                 let result = store.commit(&changes);
+                metrics::histogram!("agentkeys_commit_seconds", "store" => "grants")
+                    .record(started.elapsed().as_secs_f64());
                 (result, changes)
             })
             .await
@@ -456,16 +479,15 @@ impl Actor for GrantActor {
 }
 
 impl Handler<Reserve> for GrantActor {
-    type Result = ResponseActFuture<Self, Result<Reservation, GrantError>>;
+    type Result = Result<Reservation, GrantError>;
 
-    /// Replay, or match + take a use now and answer once it is durable.
+    /// Replay, or match + take a use now; its durability comes as a receipt.
     fn handle(&mut self, msg: Reserve, ctx: &mut Self::Context) -> Self::Result {
-        let ready = |r| -> Self::Result { Box::pin(actix::fut::ready(r)) };
         if let Some(claim) = &msg.idempotency {
             match self.claim_slot(claim) {
-                Ok(Some(done)) => return ready(Ok(Reservation::Replay(done))),
+                Ok(Some(done)) => return Ok(Reservation::Replay(done)),
                 Ok(None) => {}
-                Err(e) => return ready(Err(e)),
+                Err(e) => return Err(e),
             }
         }
         let account = &msg.principal.omni_account;
@@ -483,16 +505,17 @@ impl Handler<Reserve> for GrantActor {
                     if let Some(claim) = &msg.idempotency {
                         self.free_slot(&claim.slot);
                     }
-                    return ready(Err(e));
+                    return Err(e);
                 }
             }
         };
         let Some(id) = grant_id else {
-            return ready(Ok(Reservation::Granted(GrantDecision {
+            let decision = GrantDecision {
                 grant_id: None,
                 not_after: None,
                 max_ttl_seconds: None,
-            })));
+            };
+            return Ok(Reservation::Granted(decision, UseCommitted(None)));
         };
         let grant = self.grants.get_mut(&id).expect("matched grants exist");
         grant.uses += 1;
@@ -501,19 +524,9 @@ impl Handler<Reserve> for GrantActor {
             not_after: grant.expires_at,
             max_ttl_seconds: grant.max_ttl_seconds,
         };
-        self.dirty_grants.insert(id.clone());
+        self.dirty_grants.insert(id);
         let durable = self.durable(ctx);
-        let slot = msg.idempotency.map(|c| c.slot);
-        Box::pin(durable.into_actor(self).map(move |waited, actor, ctx| {
-            committed(waited)
-                .map(|()| Reservation::Granted(decision))
-                .inspect_err(|_| {
-                    actor.return_use(&id, ctx);
-                    if let Some(slot) = slot {
-                        actor.free_slot(&slot);
-                    }
-                })
-        }))
+        Ok(Reservation::Granted(decision, UseCommitted(Some(durable))))
     }
 }
 

@@ -1,8 +1,12 @@
 //! The one mint path as a plain async function: it sends the actors their
 //! messages in order and is usable with or without HTTP.
 //!
-//! verify session → rate limit → grant (or replay) → sign → audit durable
-//! → keep for replay → release.
+//! verify session → rate limit → grant (or replay) → sign, audit durable
+//! and grant use durable (all three at once) → keep for replay → release.
+//!
+//! The audit record holds ids only (the jti is chosen before signing), so
+//! it is written while the JWT is signed; nothing is released before the
+//! signature, the record and the grant use are all done.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +21,7 @@ use crate::domain::{
 };
 use crate::grant::{
     Complete, CompletedMint, GrantActor, GrantDecision, GrantError, IdempotencySlot, Intent,
-    Release, Reservation, Reserve,
+    Release, Reservation, Reserve, UseCommitted,
 };
 use crate::rate_limit::{CheckRate, RateLimitActor};
 use crate::signer::{AwsSessionTags, OidcClaims, SignOidc, SignerPool};
@@ -167,11 +171,8 @@ impl MintPipeline {
             Ok(response) => Ok(response),
             Err(error) => {
                 event.outcome = Some(error.outcome());
-                // A JWT whose record could not reach its sinks was signed
-                // but withheld: say which one.
-                if !matches!(error, MintError::AuditUnavailable) {
-                    event.jti = None;
-                }
+                // A jti is set only once a JWT was signed: the record then
+                // names the JWT that was withheld.
                 // A refusal releases nothing, so a failed record does not
                 // change its answer; it rides the next group commit.
                 if let Err(audit) = self.record(event).await {
@@ -258,7 +259,7 @@ impl MintPipeline {
         let stage = Instant::now();
         let reservation = ask(&self.grants, reserve, timeout, "grant actor").await??;
         record_stage("grant", stage);
-        let decision = match reservation {
+        let (decision, use_committed) = match reservation {
             Reservation::Replay(done) => {
                 event.outcome = Some(Outcome::Replayed);
                 event.jti = Some(done.jti.clone());
@@ -270,20 +271,31 @@ impl MintPipeline {
                     jti: done.jti.clone(),
                 });
             }
-            Reservation::Granted(decision) => decision,
+            Reservation::Granted(decision, use_committed) => (decision, use_committed),
         };
         event.grant_id = decision.grant_id.clone();
 
-        let released = self
-            .sign_and_record(
-                &principal,
-                &intent,
-                audience,
-                request.ttl_seconds,
-                &decision,
-                event,
-            )
-            .await;
+        let released = match self.claims(
+            &principal,
+            &intent,
+            audience,
+            request.ttl_seconds,
+            &decision,
+        ) {
+            Ok(claims) => {
+                let (jti, expiration) = (claims.jti.clone(), claims.exp);
+                self.sign_and_record(claims, use_committed, event)
+                    .await
+                    .map(|jwt| Minted {
+                        jwt,
+                        expiration,
+                        jti,
+                        omni_account: principal.omni_account.to_string(),
+                        grant_id: decision.grant_id.clone(),
+                    })
+            }
+            Err(invalid) => Err(invalid.into()),
+        };
         match released {
             Ok(minted) => {
                 let body =
@@ -313,24 +325,23 @@ impl MintPipeline {
         }
     }
 
-    /// Signs the JWT and makes its audit record durable; only then is it
-    /// released.
-    async fn sign_and_record(
+    /// The OIDC claims of an allowed mint: lifetime within the request,
+    /// the policy and the grant.
+    fn claims(
         &self,
         principal: &Principal,
         intent: &Intent,
         audience: String,
         ttl_seconds: Option<u64>,
         decision: &GrantDecision,
-        event: &mut MintEvent,
-    ) -> Result<Minted, MintError> {
+    ) -> Result<OidcClaims, InvalidInput> {
         let now = now_unix();
         let ttl = ttl_seconds
             .unwrap_or(self.policy.default_ttl_seconds)
             .min(self.policy.max_ttl_seconds)
             .min(decision.max_ttl_seconds.unwrap_or(u64::MAX));
         let expiration = (now + ttl).min(decision.not_after.unwrap_or(u64::MAX));
-        let claims = oidc_claims(
+        oidc_claims(
             &self.policy.issuer,
             principal,
             intent,
@@ -338,27 +349,28 @@ impl MintPipeline {
             decision.grant_id.clone(),
             now,
             expiration,
-        )?;
-        let jti = claims.jti.clone();
-        let stage = Instant::now();
-        let jwt = self
-            .signer
-            .call(SignOidc(claims))
-            .await?
-            .map_err(|e| MintError::Internal(e.to_string()))?;
-        record_stage("sign", stage);
-        event.jti = Some(jti.clone());
+        )
+    }
+
+    /// Signs the JWT while its audit record and the grant use's commit are
+    /// made durable; only when all three are done may it be released.
+    async fn sign_and_record(
+        &self,
+        claims: OidcClaims,
+        use_committed: UseCommitted,
+        event: &mut MintEvent,
+    ) -> Result<String, MintError> {
+        // A full pool refuses before anything is recorded.
+        let admitted = self.signer.admit()?;
+        event.jti = Some(claims.jti.clone());
         event.outcome = Some(Outcome::Ok);
-        let stage = Instant::now();
-        self.record(event.clone()).await?;
-        record_stage("audit", stage);
-        Ok(Minted {
-            jwt,
-            expiration,
-            jti,
-            omni_account: principal.omni_account.to_string(),
-            grant_id: decision.grant_id.clone(),
-        })
+        let sign = timed("sign", admitted.call(SignOidc(claims)));
+        let audit = timed("audit", self.record(event.clone()));
+        let (signed, audited, use_durable) = tokio::join!(sign, audit, use_committed.wait());
+        let jwt = signed?.map_err(|e| MintError::Internal(e.to_string()))?;
+        audited?;
+        use_durable?;
+        Ok(jwt)
     }
 
     /// Stores the answer for replays. The JWT is already released and
@@ -418,6 +430,14 @@ impl MintPipeline {
 fn record_stage(stage: &'static str, started: Instant) {
     metrics::histogram!("agentkeys_mint_stage_seconds", "stage" => stage)
         .record(started.elapsed().as_secs_f64());
+}
+
+/// Runs `step`, recording its latency as `stage`.
+async fn timed<T>(stage: &'static str, step: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    let output = step.await;
+    record_stage(stage, started);
+    output
 }
 
 fn oidc_claims(

@@ -355,15 +355,42 @@ impl SignerPool {
         M::Result: Send,
         SignerActor: Handler<M>,
     {
-        let _permit = self
+        self.admit()?.call(msg).await
+    }
+
+    /// A place in the pool, taken before work that must not start unless
+    /// the signature can follow; `Overloaded` when the pool is full.
+    pub fn admit(&self) -> Result<Admitted<'_>, Overloaded> {
+        let permit = self
             .admission
             .try_acquire()
             .map_err(|_| Overloaded("signer pool"))?;
-        ask(&self.addr, msg, self.timeout, "signer pool").await
+        Ok(Admitted {
+            pool: self,
+            _permit: permit,
+        })
     }
 
     pub fn connected(&self) -> bool {
         self.addr.connected()
+    }
+}
+
+/// An admitted request to the signer pool; the place is held until its
+/// answer arrives.
+pub struct Admitted<'a> {
+    pool: &'a SignerPool,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Admitted<'_> {
+    pub async fn call<M>(self, msg: M) -> Result<M::Result, Overloaded>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        SignerActor: Handler<M>,
+    {
+        ask(&self.pool.addr, msg, self.pool.timeout, "signer pool").await
     }
 }
 

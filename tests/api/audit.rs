@@ -139,6 +139,55 @@ async fn every_released_jwt_is_in_the_ledger_in_order_and_every_sink_verifies() 
     assert_eq!(jsonl.lines().count() as u64, total);
 }
 
+/// A burst in flight at once: batches follow each other through the ledger
+/// and the sinks while JWTs are signed beside their records.
+#[actix_web::test]
+async fn a_concurrent_burst_is_chained_whole_and_releases_only_what_the_grant_allows() {
+    let app = spawn_app_with(|s| {
+        s.audit.sinks = sinks(json!([{ "kind": "jsonl", "required": true }]));
+    })
+    .await;
+    let (session, grant) = agent_with_grant(&app, "bursty", Some(40)).await;
+    let body = intent();
+    let replies = futures_util::future::join_all((0..48).map(|_| app.mint(&session, &body))).await;
+    let released: std::collections::HashSet<String> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .map(|r| r.body["jti"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(released.len(), 40, "exactly the grant's uses");
+    for reply in replies.iter().filter(|r| r.status != StatusCode::OK) {
+        assert_eq!(reply.error_code(), "grant_exhausted", "{}", reply.body);
+    }
+
+    let records = audit_records(&app).await;
+    assert_eq!(records.len(), 48, "one record per attempt");
+    for (i, pair) in records.windows(2).enumerate() {
+        assert_eq!(pair[1]["prev_hash"], pair[0]["hash"], "link {i}");
+        assert_eq!(
+            pair[1]["seq"].as_u64(),
+            pair[0]["seq"].as_u64().map(|s| s + 1)
+        );
+    }
+    let recorded_ok: std::collections::HashSet<String> = records
+        .iter()
+        .filter(|r| r["outcome"] == "ok")
+        .map(|r| r["jti"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        recorded_ok, released,
+        "every released JWT is recorded as ok"
+    );
+    let id = grant["id"].as_str().unwrap();
+    let stored = app
+        .get(&format!("/v1/admin/grants/{id}"), Some(&app.admin_token))
+        .await;
+    assert_eq!(stored.body["uses"], 40);
+    let report = verify(&app).await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["sinks"]["jsonl"]["verified"], 48);
+}
+
 #[actix_web::test]
 async fn a_failing_required_sink_means_503_no_jwt_and_no_grant_use() {
     let app = spawn_app_with(|s| {
