@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Mint throughput over HTTP: builds the release binary, starts the broker on
-# a free loopback port with a fresh data directory, registers and logs in
-# $AGENTS agents with a grant each (grants required, the default), drives POST /v1/mint-oidc-jwt with wrk for $DURATION at
-# $CONNECTIONS connections, prints mints/s, latency percentiles and answers
-# by error code, then stops the broker. Loopback only; stops by itself.
+# Mint throughput over HTTP: builds the release binary, measures the crypto
+# limit (session verify + ES256 sign on every core) first, starts the broker
+# on a free loopback port with a fresh data directory, registers and logs in
+# $AGENTS agents with a grant each (grants required, the default), drives
+# POST /v1/mint-oidc-jwt with wrk for $DURATION at $CONNECTIONS connections,
+# prints mints/s, the fraction of the crypto limit, latency percentiles and
+# answers by error code, then stops the broker. Loopback only; stops by itself.
 #
 #   harness/mint-load.sh                      # defaults below
 #   CONNECTIONS=16 DURATION=5s harness/mint-load.sh
@@ -24,6 +26,10 @@ SINKS=${SINKS:-default}
 
 command -v wrk >/dev/null || { echo "wrk is required (Debian package wrk)" >&2; exit 2; }
 cargo build --release --quiet
+
+# The limit every figure below is read against, measured in this run.
+limit=$(./target/release/agentkeys-broker load crypto --seconds 4 |
+  python3 -c 'import json, sys; print(round(json.load(sys.stdin)["verify_and_sign_per_second"]))')
 
 work=$(mktemp -d)
 broker_pid=""
@@ -70,14 +76,15 @@ curl -fs "$url/readyz" >/dev/null || { echo "broker did not become ready" >&2; c
 body='{"service":"s3","scope_path":"load/jobs/"}'
 if [ -n "${TARGET_RATE:-}" ]; then
   command -v hey >/dev/null || { echo "TARGET_RATE needs hey (Debian package hey)" >&2; exit 2; }
-  echo "# $(nproc) cores; audit sinks: $SINKS; hey -c$CONNECTIONS at $TARGET_RATE mints/s offered for $DURATION, one agent"
+  echo "# $(nproc) cores; crypto limit $limit /s; audit sinks: $SINKS; hey -c$CONNECTIONS at $TARGET_RATE mints/s offered for $DURATION, one agent"
   hey -z "$DURATION" -c "$CONNECTIONS" -q "$((TARGET_RATE / CONNECTIONS))" -m POST \
     -H "Authorization: Bearer $(head -n 1 "$work/tokens.txt")" -T application/json -d "$body" \
     "$url/v1/mint-oidc-jwt" | sed -n '/Requests\/sec/p;/Latency distribution/,/99%/p;/Status code/,/^$/p'
 else
-  echo "# $(nproc) cores; audit sinks: $SINKS; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
+  echo "# $(nproc) cores; crypto limit $limit /s; audit sinks: $SINKS; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
   MINT_BODY="$body" TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
-    -s harness/mint.lua "$url/v1/mint-oidc-jwt"
+    -s harness/mint.lua "$url/v1/mint-oidc-jwt" | tee "$work/wrk.txt"
+  awk -v limit="$limit" '/^mints\/s/ { printf "fraction of the crypto limit: %.0f%% (%d of %d /s)\n", 100 * $4 / limit, $4, limit }' "$work/wrk.txt"
 fi
 
 # After the run: the broker's peak memory, and one mint right away (recovery).

@@ -67,12 +67,16 @@ impl Default for ServerSettings {
 pub struct StorageSettings {
     /// Holds the redb files, the signing keys and the admin token.
     pub data_dir: PathBuf,
+    /// Page cache of each redb file (agents, grants, audit ledger): most
+    /// of the memory a large store takes.
+    pub cache_mib: usize,
 }
 
 impl Default for StorageSettings {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
+            cache_mib: 64,
         }
     }
 }
@@ -370,6 +374,9 @@ impl Settings {
         if rates.contains(&0) {
             return invalid("rate_limit rates and bursts must be at least 1");
         }
+        if self.storage.cache_mib == 0 {
+            return invalid("storage.cache_mib must be at least 1");
+        }
         if self.server.max_connections == 0 || self.server.client_request_timeout_ms == 0 {
             return invalid(
                 "server.max_connections and server.client_request_timeout_ms must be at least 1",
@@ -422,6 +429,11 @@ impl Settings {
 
     pub fn send_timeout(&self) -> Duration {
         Duration::from_millis(self.actors.send_timeout_ms)
+    }
+
+    /// The page cache of each redb file.
+    pub fn cache_bytes(&self) -> usize {
+        self.storage.cache_mib.saturating_mul(1 << 20)
     }
 
     pub fn rate_per_second(&self) -> NonZeroU32 {

@@ -176,7 +176,10 @@ fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, Star
         },
     );
 
-    let agents = Arc::new(RedbAgentStore::open(&data_dir.join("agents.redb"))?);
+    let agents = Arc::new(RedbAgentStore::open(
+        &data_dir.join("agents.redb"),
+        settings.cache_bytes(),
+    )?);
     let auth = AuthActor::new(
         auth::AuthSettings {
             mailbox_capacity: actors.auth_mailbox,
@@ -204,7 +207,10 @@ fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, Star
     })
     .start();
 
-    let grant_store = Arc::new(RedbGrantStore::open(&data_dir.join("grants.redb"))?);
+    let grant_store = Arc::new(RedbGrantStore::open(
+        &data_dir.join("grants.redb"),
+        settings.cache_bytes(),
+    )?);
     let grants = GrantActor::new(
         GrantSettings {
             mailbox_capacity: actors.grant_mailbox,
@@ -218,7 +224,7 @@ fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, Star
     )?
     .start();
 
-    let (ledger, head) = LedgerSink::open(&data_dir.join(LEDGER_FILE))?;
+    let (ledger, head) = LedgerSink::open(&data_dir.join(LEDGER_FILE), settings.cache_bytes())?;
     let ledger = Arc::new(ledger);
     let audit_settings = &settings.audit;
     let sinks: Vec<_> = audit_settings

@@ -15,7 +15,7 @@ pub fn verify_offline(settings: &Settings) -> Result<VerifyReport, String> {
     if !path.exists() {
         return Err(format!("no audit ledger at {}", path.display()));
     }
-    let (ledger, _) = LedgerSink::open(&path).map_err(|e| {
+    let (ledger, _) = LedgerSink::open(&path, settings.cache_bytes()).map_err(|e| {
         format!(
             "{}: {e} (if the broker is running, use GET /v1/admin/audit/verify)",
             path.display()

@@ -201,7 +201,8 @@ async fn every_mint_attempt_is_in_the_hash_chained_ledger_without_tokens() {
     app.stop();
 
     let (ledger, head) =
-        agentkeys_actors::audit::ledger::LedgerSink::open(&app.data_file("audit.redb")).unwrap();
+        agentkeys_actors::audit::ledger::LedgerSink::open(&app.data_file("audit.redb"), 1 << 20)
+            .unwrap();
     let records = ledger.read_after(0, 100).unwrap();
     assert_eq!(records.len(), 4);
     assert_eq!(head.seq, 4);

@@ -20,9 +20,9 @@ pub struct LedgerSink {
 
 impl LedgerSink {
     /// Opens the ledger and returns where its chain ends.
-    pub fn open(path: &Path) -> Result<(Self, ChainHead), StorageError> {
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<(Self, ChainHead), StorageError> {
         let sink = Self {
-            db: open_database(path, RECORDS)?,
+            db: open_database(path, RECORDS, cache_bytes)?,
         };
         let txn = sink.db.begin_read().map_err(backend)?;
         let table = txn.open_table(RECORDS).map_err(backend)?;

@@ -330,7 +330,7 @@ mod tests {
     #[test]
     fn batches_queued_behind_a_slow_write_go_out_together_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (ledger, head) = LedgerSink::open(&dir.path().join("ledger.redb")).unwrap();
+        let (ledger, head) = LedgerSink::open(&dir.path().join("ledger.redb"), 1 << 20).unwrap();
         assert_eq!(head, ChainHead::genesis());
         let (go, gate) = channel();
         let (entered, inside) = channel();

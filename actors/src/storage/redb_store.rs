@@ -1,6 +1,8 @@
 //! The embedded backend: one redb file per concern under the data directory.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -13,8 +15,15 @@ use crate::grant::{CompletedMint, Grant};
 /// name → JSON of [`StoredAgent`].
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 
-/// grant id → JSON of the grant.
+/// grant id → JSON of the grant, as of the last fold of the journal.
 const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
+/// commit number → JSON of the grants that commit changed. Appending here
+/// writes the journal's last page, where updating `GRANTS` in place writes
+/// one page per grant touched: in a store of 100k grants, a commit of 64
+/// used grants would rewrite 64 scattered pages.
+const GRANT_JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("grant_journal");
+/// Journal entries after which they are folded into `GRANTS`.
+const JOURNAL_FOLD_AT: u64 = 64;
 /// idempotency slot → JSON of the completed mint.
 const COMPLETED: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 
@@ -26,8 +35,14 @@ fn backend(e: impl std::fmt::Display) -> StorageError {
 pub(crate) fn open_database<K: redb::Key + 'static, V: redb::Value + 'static>(
     path: &Path,
     table: TableDefinition<K, V>,
+    cache_bytes: usize,
 ) -> Result<Database, StorageError> {
-    let db = Database::create(path).map_err(backend)?;
+    // redb's page cache is what a large store's memory is made of, so it
+    // is bounded per file from config.
+    let db = redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map_err(backend)?;
     let txn = db.begin_write().map_err(backend)?;
     txn.open_table(table).map_err(backend)?;
     txn.commit().map_err(backend)?;
@@ -49,9 +64,9 @@ pub struct RedbAgentStore {
 }
 
 impl RedbAgentStore {
-    pub fn open(path: &Path) -> Result<Self, StorageError> {
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StorageError> {
         Ok(Self {
-            db: open_database(path, AGENTS)?,
+            db: open_database(path, AGENTS, cache_bytes)?,
         })
     }
 }
@@ -128,22 +143,42 @@ impl AgentStore for RedbAgentStore {
 /// Grants and idempotency records in `grants.redb`.
 pub struct RedbGrantStore {
     db: Database,
+    /// The newest JSON of every grant in the journal: what the next fold
+    /// writes to `GRANTS` (commits run one at a time).
+    journaled: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 impl RedbGrantStore {
-    pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let db = open_database(path, GRANTS)?;
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StorageError> {
+        let db = open_database(path, GRANTS, cache_bytes)?;
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(COMPLETED).map_err(backend)?;
+        let mut journaled = HashMap::new();
+        for entry in txn
+            .open_table(GRANT_JOURNAL)
+            .map_err(backend)?
+            .iter()
+            .map_err(backend)?
+        {
+            let (_, value) = entry.map_err(backend)?;
+            let grants: Vec<Grant> = serde_json::from_slice(value.value()).map_err(backend)?;
+            for grant in grants {
+                let bytes = serde_json::to_vec(&grant).map_err(backend)?;
+                journaled.insert(grant.id, bytes);
+            }
+        }
         txn.commit().map_err(backend)?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            journaled: Mutex::new(journaled),
+        })
     }
 }
 
 impl GrantStore for RedbGrantStore {
     fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError> {
         let txn = self.db.begin_read().map_err(backend)?;
-        let mut grants = Vec::new();
+        let mut grants = HashMap::new();
         for entry in txn
             .open_table(GRANTS)
             .map_err(backend)?
@@ -151,8 +186,15 @@ impl GrantStore for RedbGrantStore {
             .map_err(backend)?
         {
             let (_, value) = entry.map_err(backend)?;
-            grants.push(serde_json::from_slice(value.value()).map_err(backend)?);
+            let grant: Grant = serde_json::from_slice(value.value()).map_err(backend)?;
+            grants.insert(grant.id.clone(), grant);
         }
+        let journaled = self.journaled.lock().map_err(backend)?;
+        for bytes in journaled.values() {
+            let grant: Grant = serde_json::from_slice(bytes).map_err(backend)?;
+            grants.insert(grant.id.clone(), grant);
+        }
+        let grants = grants.into_values().collect();
         let now = now_unix();
         let mut completed = Vec::new();
         for entry in txn
@@ -170,15 +212,39 @@ impl GrantStore for RedbGrantStore {
         Ok((grants, completed))
     }
 
+    /// Grants go to the journal; every `JOURNAL_FOLD_AT` entries the newest
+    /// state of each journaled grant is folded into `GRANTS` in the same
+    /// transaction, and the journal starts over.
     fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError> {
+        let mut journaled = self.journaled.lock().map_err(backend)?;
+        let fresh = changes
+            .grants
+            .iter()
+            .map(|grant| Ok((grant.id.clone(), serde_json::to_vec(grant)?)))
+            .collect::<Result<HashMap<String, Vec<u8>>, serde_json::Error>>()
+            .map_err(backend)?;
+        let mut folded = false;
         let txn = self.db.begin_write().map_err(backend)?;
         {
-            let mut grants = txn.open_table(GRANTS).map_err(backend)?;
-            for grant in &changes.grants {
-                let bytes = serde_json::to_vec(grant).map_err(backend)?;
-                grants
-                    .insert(grant.id.as_str(), bytes.as_slice())
-                    .map_err(backend)?;
+            if !fresh.is_empty() {
+                let mut journal = txn.open_table(GRANT_JOURNAL).map_err(backend)?;
+                let next = journal
+                    .last()
+                    .map_err(backend)?
+                    .map_or(0, |(number, _)| number.value() + 1);
+                let entry = json_array(fresh.values());
+                journal.insert(next, entry.as_slice()).map_err(backend)?;
+                if next + 1 >= JOURNAL_FOLD_AT {
+                    let mut grants = txn.open_table(GRANTS).map_err(backend)?;
+                    let older = journaled.iter().filter(|(id, _)| !fresh.contains_key(*id));
+                    for (id, bytes) in older.chain(fresh.iter()) {
+                        grants
+                            .insert(id.as_str(), bytes.as_slice())
+                            .map_err(backend)?;
+                    }
+                    journal.retain(|_, _| false).map_err(backend)?;
+                    folded = true;
+                }
             }
             let mut completed = txn.open_table(COMPLETED).map_err(backend)?;
             for (slot, mint) in &changes.completed {
@@ -191,8 +257,27 @@ impl GrantStore for RedbGrantStore {
                 completed.remove(slot.as_str()).map_err(backend)?;
             }
         }
-        txn.commit().map_err(backend)
+        txn.commit().map_err(backend)?;
+        if folded {
+            journaled.clear();
+        } else {
+            journaled.extend(fresh);
+        }
+        Ok(())
     }
+}
+
+/// `[a,b,…]` from JSON values already serialized.
+fn json_array<'a>(values: impl Iterator<Item = &'a Vec<u8>>) -> Vec<u8> {
+    let mut array = vec![b'['];
+    for (i, value) in values.enumerate() {
+        if i > 0 {
+            array.push(b',');
+        }
+        array.extend_from_slice(value);
+    }
+    array.push(b']');
+    array
 }
 
 #[cfg(test)]
@@ -209,12 +294,85 @@ mod tests {
         )
     }
 
+    fn grant(id: &str, uses: u64) -> Grant {
+        Grant {
+            id: id.to_owned(),
+            agent: AgentName::parse("a").unwrap(),
+            omni_account: crate::domain::OmniAccount::for_tests(&"0".repeat(64)),
+            service: crate::domain::ServiceName::parse("s3").unwrap(),
+            scope_path: crate::domain::ScopePath::parse("jobs/").unwrap(),
+            max_uses: None,
+            uses,
+            expires_at: None,
+            max_ttl_seconds: None,
+            revoked: false,
+            created_at: 1,
+        }
+    }
+
+    fn uses_after_reopening(path: &Path) -> Vec<(String, u64)> {
+        let store = RedbGrantStore::open(path, 1 << 20).unwrap();
+        let mut uses: Vec<_> = store
+            .load()
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|g| (g.id, g.uses))
+            .collect();
+        uses.sort();
+        uses
+    }
+
+    #[test]
+    fn grants_come_back_at_their_newest_state_across_journal_folds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.redb");
+        let commit = |store: &RedbGrantStore, grants: Vec<Grant>| {
+            let changes = GrantChanges {
+                grants,
+                ..GrantChanges::default()
+            };
+            store.commit(&changes).unwrap();
+        };
+        {
+            let store = RedbGrantStore::open(&path, 1 << 20).unwrap();
+            commit(
+                &store,
+                vec![grant("g_a", 0), grant("g_b", 0), grant("g_c", 0)],
+            );
+            // Two folds (at 64 and 128 entries) and some entries after them.
+            for n in 1..=150 {
+                commit(&store, vec![grant("g_a", n)]);
+                if n % 2 == 0 {
+                    commit(&store, vec![grant("g_b", n)]);
+                }
+            }
+        }
+        let expected = [("g_a", 150), ("g_b", 150), ("g_c", 0)];
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|(id, n)| (id.to_string(), *n))
+            .collect();
+        assert_eq!(uses_after_reopening(&path), expected);
+        {
+            // A store reopened with journal entries keeps folding from them.
+            let store = RedbGrantStore::open(&path, 1 << 20).unwrap();
+            for n in 151..=300 {
+                commit(&store, vec![grant("g_c", n)]);
+            }
+        }
+        let after: Vec<_> = uses_after_reopening(&path);
+        assert_eq!(after[0], ("g_a".to_owned(), 150));
+        assert_eq!(after[1], ("g_b".to_owned(), 150));
+        assert_eq!(after[2], ("g_c".to_owned(), 300));
+    }
+
     #[test]
     fn agents_survive_reopening_and_names_are_unique() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agents.redb");
         {
-            let store = RedbAgentStore::open(&path).unwrap();
+            let store = RedbAgentStore::open(&path, 1 << 20).unwrap();
             store.insert(&agent("a", 1)).unwrap();
             store.insert(&agent("b", 2)).unwrap();
             assert!(matches!(
@@ -233,7 +391,7 @@ mod tests {
                 "only existing agents are replaced"
             );
         }
-        let store = RedbAgentStore::open(&path).unwrap();
+        let store = RedbAgentStore::open(&path, 1 << 20).unwrap();
         let all = store.load_all().unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!((all[0].name.as_str(), all[0].enabled), ("a", false));
