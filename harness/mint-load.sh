@@ -12,8 +12,10 @@
 #   SINKS=ledger harness/mint-load.sh         # audit: ledger only
 #   SINKS=jsonl harness/mint-load.sh          # audit: ledger + jsonl
 #   (SINKS=default: config/default.toml as shipped, ledger + jsonl + evm stub)
+#   PACE_MS=3 harness/mint-load.sh           # each connection pauses 3 ms between an answer
+#                                             # and its next request: latency below the peak
 #   TARGET_RATE=7400 harness/mint-load.sh     # latency at a fixed offered rate (hey from
-#                                             # Debian, one agent: wrk cannot hold a rate)
+#                                             # Debian, one agent; hey takes far more CPU than wrk)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -22,6 +22,15 @@ function init(args)
   codes = {}
 end
 
+-- $PACE_MS: each connection waits this long between its answer and its next
+-- request, which holds the offered rate below the peak (wrk measures only the
+-- request's own latency).
+local pace = tonumber(os.getenv("PACE_MS") or "0")
+
+function delay()
+  return pace
+end
+
 function request()
   index = index % #requests + 1
   return requests[index]
