@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use crate::domain::{
     now_unix, random_hex, AgentName, ErrorCode, OmniAccount, Principal, ScopePath, ServiceName,
 };
-use crate::storage::{GrantChanges, GrantStore, StorageError};
+use crate::storage::{timed_commit, GrantChanges, GrantStore, StorageError};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum GrantError {
@@ -415,10 +415,7 @@ impl GrantActor {
         let store = self.store.clone();
         let write = async move {
             tokio::task::spawn_blocking(move || {
-                let started = std::time::Instant::now();
-                let result = store.commit(&changes);
-                metrics::histogram!("agentkeys_commit_seconds", "store" => "grants")
-                    .record(started.elapsed().as_secs_f64());
+                let result = timed_commit("grants", || store.commit(&changes));
                 (result, changes)
             })
             .await

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::domain::{now_unix, sha256_hex, ErrorCode};
+use crate::storage::timed_commit;
 use ledger::LedgerSink;
 pub use worker::{SinkStatus, SinkWorker};
 
@@ -300,11 +301,7 @@ impl AuditActor {
         let (ledger, for_ledger) = (self.ledger.clone(), batch.clone());
         let commit = async move {
             tokio::task::spawn_blocking(move || {
-                let started = std::time::Instant::now();
-                let appended = ledger.append(&for_ledger);
-                metrics::histogram!("agentkeys_commit_seconds", "store" => "ledger")
-                    .record(started.elapsed().as_secs_f64());
-                appended
+                timed_commit("ledger", || ledger.append(&for_ledger))
             })
             .await
             .unwrap_or_else(|e| Err(e.to_string()))

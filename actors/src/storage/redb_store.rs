@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{AgentStore, GrantChanges, GrantStore, StorageError};
@@ -143,9 +144,9 @@ impl AgentStore for RedbAgentStore {
 /// Grants and idempotency records in `grants.redb`.
 pub struct RedbGrantStore {
     db: Database,
-    /// The newest JSON of every grant in the journal: what the next fold
+    /// The newest state of every grant in the journal: what the next fold
     /// writes to `GRANTS` (commits run one at a time).
-    journaled: Mutex<HashMap<String, Vec<u8>>>,
+    journaled: Mutex<HashMap<String, Grant>>,
 }
 
 impl RedbGrantStore {
@@ -153,20 +154,14 @@ impl RedbGrantStore {
         let db = open_database(path, GRANTS, cache_bytes)?;
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(COMPLETED).map_err(backend)?;
-        let mut journaled = HashMap::new();
-        for entry in txn
-            .open_table(GRANT_JOURNAL)
-            .map_err(backend)?
-            .iter()
-            .map_err(backend)?
-        {
-            let (_, value) = entry.map_err(backend)?;
-            let grants: Vec<Grant> = serde_json::from_slice(value.value()).map_err(backend)?;
-            for grant in grants {
-                let bytes = serde_json::to_vec(&grant).map_err(backend)?;
-                journaled.insert(grant.id, bytes);
-            }
-        }
+        let journal = txn.open_table(GRANT_JOURNAL).map_err(backend)?;
+        let entries: Vec<Vec<Grant>> = json_values(&journal)?;
+        drop(journal);
+        let journaled = entries
+            .into_iter()
+            .flatten()
+            .map(|g| (g.id.clone(), g))
+            .collect();
         txn.commit().map_err(backend)?;
         Ok(Self {
             db,
@@ -178,22 +173,11 @@ impl RedbGrantStore {
 impl GrantStore for RedbGrantStore {
     fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError> {
         let txn = self.db.begin_read().map_err(backend)?;
-        let mut grants = HashMap::new();
-        for entry in txn
-            .open_table(GRANTS)
-            .map_err(backend)?
-            .iter()
-            .map_err(backend)?
-        {
-            let (_, value) = entry.map_err(backend)?;
-            let grant: Grant = serde_json::from_slice(value.value()).map_err(backend)?;
-            grants.insert(grant.id.clone(), grant);
-        }
+        let folded: Vec<Grant> = json_values(&txn.open_table(GRANTS).map_err(backend)?)?;
         let journaled = self.journaled.lock().map_err(backend)?;
-        for bytes in journaled.values() {
-            let grant: Grant = serde_json::from_slice(bytes).map_err(backend)?;
-            grants.insert(grant.id.clone(), grant);
-        }
+        let mut grants: HashMap<String, Grant> =
+            folded.into_iter().map(|g| (g.id.clone(), g)).collect();
+        grants.extend(journaled.iter().map(|(id, g)| (id.clone(), g.clone())));
         let grants = grants.into_values().collect();
         let now = now_unix();
         let mut completed = Vec::new();
@@ -236,8 +220,14 @@ impl GrantStore for RedbGrantStore {
                 journal.insert(next, entry.as_slice()).map_err(backend)?;
                 if next + 1 >= JOURNAL_FOLD_AT {
                     let mut grants = txn.open_table(GRANTS).map_err(backend)?;
-                    let older = journaled.iter().filter(|(id, _)| !fresh.contains_key(*id));
-                    for (id, bytes) in older.chain(fresh.iter()) {
+                    let older = journaled.values().filter(|g| !fresh.contains_key(&g.id));
+                    for grant in older {
+                        let bytes = serde_json::to_vec(grant).map_err(backend)?;
+                        grants
+                            .insert(grant.id.as_str(), bytes.as_slice())
+                            .map_err(backend)?;
+                    }
+                    for (id, bytes) in &fresh {
                         grants
                             .insert(id.as_str(), bytes.as_slice())
                             .map_err(backend)?;
@@ -261,10 +251,22 @@ impl GrantStore for RedbGrantStore {
         if folded {
             journaled.clear();
         } else {
-            journaled.extend(fresh);
+            journaled.extend(changes.grants.iter().map(|g| (g.id.clone(), g.clone())));
         }
         Ok(())
     }
+}
+
+/// Every value of `table`, parsed from JSON, in key order.
+fn json_values<K: redb::Key + 'static, T: DeserializeOwned>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+) -> Result<Vec<T>, StorageError> {
+    let mut values = Vec::new();
+    for entry in table.iter().map_err(backend)? {
+        let (_, value) = entry.map_err(backend)?;
+        values.push(serde_json::from_slice(value.value()).map_err(backend)?);
+    }
+    Ok(values)
 }
 
 /// `[a,b,…]` from JSON values already serialized.
