@@ -624,3 +624,111 @@ impl Handler<ListGrants> for GrantActor {
         grants
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::domain::DevicePublicKey;
+
+    /// A store whose commits fail while `failing` is set.
+    #[derive(Default)]
+    struct FlakyStore {
+        failing: AtomicBool,
+    }
+
+    impl GrantStore for FlakyStore {
+        #[allow(clippy::type_complexity)]
+        fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError> {
+            Ok((Vec::new(), Vec::new()))
+        }
+
+        fn commit(&self, _: &GrantChanges) -> Result<(), StorageError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StorageError::Backend("disk gone".into()));
+            }
+            Ok(())
+        }
+    }
+
+    fn principal() -> Principal {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let device_key = DevicePublicKey::parse(&hex::encode(key.to_bytes())).unwrap();
+        Principal {
+            omni_account: OmniAccount::of_device_key(&device_key),
+            agent: AgentName::parse("flaky").unwrap(),
+            device_key,
+        }
+    }
+
+    fn reserve() -> Reserve {
+        Reserve {
+            principal: principal(),
+            intent: Intent {
+                service: ServiceName::parse("s3").unwrap(),
+                scope_path: ScopePath::parse("jobs/x/").unwrap(),
+            },
+            idempotency: None,
+            own_scope_allowed: false,
+        }
+    }
+
+    #[actix::test]
+    async fn a_use_is_taken_at_once_and_its_receipt_fails_when_the_commit_does() {
+        let store = Arc::new(FlakyStore::default());
+        let settings = GrantSettings {
+            mailbox_capacity: 16,
+            idempotency_retention: Duration::from_secs(60),
+            in_flight_limit: Duration::from_secs(60),
+            purge_interval: Duration::from_secs(60),
+        };
+        let grants = GrantActor::new(settings, store.clone()).unwrap().start();
+        let spec = GrantSpec {
+            service: ServiceName::parse("s3").unwrap(),
+            scope_path: ScopePath::parse("jobs/").unwrap(),
+            max_uses: Some(1),
+            expires_at: None,
+            max_ttl_seconds: None,
+        };
+        let create = CreateGrant {
+            agent: principal().agent,
+            omni_account: principal().omni_account,
+            spec,
+        };
+        let grant = grants.send(create).await.unwrap().unwrap();
+
+        store.failing.store(true, Ordering::SeqCst);
+        let Ok(Reservation::Granted(decision, receipt)) = grants.send(reserve()).await.unwrap()
+        else {
+            panic!("the one use is granted");
+        };
+        assert_eq!(decision.grant_id.as_deref(), Some(grant.id.as_str()));
+        assert_eq!(
+            grants.send(reserve()).await.unwrap().err(),
+            Some(GrantError::Exhausted),
+            "the use is taken before its commit"
+        );
+        assert!(
+            matches!(receipt.wait().await, Err(GrantError::Storage(_))),
+            "the receipt reports the failed commit"
+        );
+        let release = Release {
+            grant_id: decision.grant_id,
+            idempotency: None,
+        };
+        grants.send(release).await.unwrap();
+
+        store.failing.store(false, Ordering::SeqCst);
+        let Ok(Reservation::Granted(_, receipt)) = grants.send(reserve()).await.unwrap() else {
+            panic!("the use given back is granted again");
+        };
+        receipt.wait().await.unwrap();
+        let stored = grants
+            .send(GetGrant { id: grant.id })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.uses, 1);
+    }
+}
