@@ -171,9 +171,9 @@ impl MintPipeline {
             Ok(response) => Ok(response),
             Err(error) => {
                 event.outcome = Some(error.outcome());
-                // A jti is set only once a JWT was signed: the record then
-                // names the JWT that was withheld.
-                // A refusal releases nothing, so a failed record does not
+                // The jti is set once the mint went on to signing and its
+                // record: this record then names the JWT withheld. A
+                // refusal releases nothing, so a failed record does not
                 // change its answer; it rides the next group commit.
                 if let Err(audit) = self.record(event).await {
                     tracing::warn!(error = %audit, "audit of a refused mint failed");
