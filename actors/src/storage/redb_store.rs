@@ -1,6 +1,6 @@
 //! The embedded backend: one redb file per concern under the data directory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -175,7 +175,8 @@ impl GrantStore for RedbGrantStore {
         let txn = self.db.begin_read().map_err(backend)?;
         let folded: Vec<Grant> = json_values(&txn.open_table(GRANTS).map_err(backend)?)?;
         let journaled = self.journaled.lock().map_err(backend)?;
-        let mut grants: HashMap<String, Grant> =
+        // By id, as the table alone gave them before the journal.
+        let mut grants: BTreeMap<String, Grant> =
             folded.into_iter().map(|g| (g.id.clone(), g)).collect();
         grants.extend(journaled.iter().map(|(id, g)| (id.clone(), g.clone())));
         let grants = grants.into_values().collect();
