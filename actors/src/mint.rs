@@ -199,9 +199,7 @@ impl MintPipeline {
         let verify = VerifySession {
             token: request.bearer,
         };
-        let stage = Instant::now();
-        let principal = ask(&self.auth, verify, timeout, "auth actor").await??;
-        record_stage("auth", stage);
+        let principal = timed("auth", ask(&self.auth, verify, timeout, "auth actor")).await??;
         event.omni_account = Some(principal.omni_account.to_string());
         event.agent = Some(principal.agent.as_str().to_owned());
         match request.proof {
@@ -236,19 +234,18 @@ impl MintPipeline {
         event.scope_path = Some(intent.scope_path.as_str().to_owned());
         let audience = self.audience(request.audience)?;
 
-        let stage = Instant::now();
         let account = principal.omni_account.clone();
-        ask(
+        let check = ask(
             &self.rate_limit,
             CheckRate { account },
             timeout,
             "rate limit actor",
-        )
-        .await?
-        .map_err(|e| MintError::RateLimited {
-            retry_after: e.retry_after,
-        })?;
-        record_stage("rate", stage);
+        );
+        timed("rate", check)
+            .await?
+            .map_err(|e| MintError::RateLimited {
+                retry_after: e.retry_after,
+            })?;
 
         let reserve = Reserve {
             principal: principal.clone(),
@@ -256,9 +253,8 @@ impl MintPipeline {
             idempotency: idempotency.clone(),
             own_scope_allowed: !self.policy.grants_required,
         };
-        let stage = Instant::now();
-        let reservation = ask(&self.grants, reserve, timeout, "grant actor").await??;
-        record_stage("grant", stage);
+        let reservation =
+            timed("grant", ask(&self.grants, reserve, timeout, "grant actor")).await??;
         let (decision, use_committed) = match reservation {
             Reservation::Replay(done) => {
                 event.outcome = Some(Outcome::Replayed);
@@ -426,17 +422,13 @@ impl MintPipeline {
     }
 }
 
-/// Latency of one gate of the mint path, for `/metrics`.
-fn record_stage(stage: &'static str, started: Instant) {
-    metrics::histogram!("agentkeys_mint_stage_seconds", "stage" => stage)
-        .record(started.elapsed().as_secs_f64());
-}
-
-/// Runs `step`, recording its latency as `stage`.
+/// Runs one gate of the mint path, recording its latency (whatever it
+/// answered) as `stage` for `/metrics`.
 async fn timed<T>(stage: &'static str, step: impl std::future::Future<Output = T>) -> T {
     let started = Instant::now();
     let output = step.await;
-    record_stage(stage, started);
+    metrics::histogram!("agentkeys_mint_stage_seconds", "stage" => stage)
+        .record(started.elapsed().as_secs_f64());
     output
 }
 
