@@ -41,6 +41,15 @@ impl ApiError {
         Self::new(ErrorCode::BadRequest, message)
     }
 
+    /// A request body that did not arrive within its deadline (408); the
+    /// connection is closed after the answer.
+    pub fn body_timed_out() -> Self {
+        Self::new(
+            ErrorCode::RequestTimeout,
+            "the request body did not arrive within server.request_body_timeout_ms",
+        )
+    }
+
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Unauthorized, message)
     }
@@ -83,6 +92,7 @@ impl ResponseError for ApiError {
             ErrorCode::Conflict | ErrorCode::IdempotencyInFlight => StatusCode::CONFLICT,
             ErrorCode::IdempotencyConflict => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::AuditUnavailable | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -90,6 +100,10 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
+        if self.code == ErrorCode::RequestTimeout {
+            // The rest of the body may never come: do not wait for it.
+            response.force_close();
+        }
         if let Some(seconds) = self.retry_after {
             response.insert_header((header::RETRY_AFTER, seconds.to_string()));
         }
@@ -103,6 +117,9 @@ impl From<MintError> for ApiError {
             MintError::Auth(e) => e.into(),
             MintError::RateLimited { retry_after } => {
                 Self::rate_limited("the account", retry_after)
+            }
+            MintError::UnauthenticatedThrottled { retry_after } => {
+                Self::rate_limited("this client address (refused sessions)", retry_after)
             }
             MintError::Internal(detail) => Self::internal(&detail),
             MintError::Grant(e) => e.into(),

@@ -11,6 +11,7 @@
 //! - [`telemetry`]: tracing and the Prometheus recorder.
 
 pub mod admin_token;
+pub mod body_deadline;
 pub mod commands;
 pub mod error;
 pub mod routes;

@@ -44,6 +44,9 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// A client must send its request head within this (slow-loris guard).
     pub client_request_timeout_ms: u64,
+    /// A request's body must arrive within this of its head, or the
+    /// request gets 408 and its connection is closed.
+    pub request_body_timeout_ms: u64,
     /// Idle keep-alive connections are closed after this.
     pub keep_alive_seconds: u64,
 }
@@ -57,6 +60,7 @@ impl Default for ServerSettings {
             shutdown_timeout_seconds: 30,
             max_connections: 10_000,
             client_request_timeout_ms: 5000,
+            request_body_timeout_ms: 5000,
             keep_alive_seconds: 30,
         }
     }
@@ -118,8 +122,11 @@ pub struct AuthSettings {
     pub session_ttl_seconds: u64,
     /// Lifetime of a login nonce.
     pub nonce_ttl_seconds: u64,
-    /// Cap on nonces waiting for a signature (and on proof nonces kept).
+    /// Cap on login nonces waiting for a signature.
     pub max_pending_nonces: usize,
+    /// Cap on the proof nonces kept for one agent (each for twice the
+    /// skew); an agent over it gets 503 for its own proofs only.
+    pub max_proof_nonces_per_agent: usize,
     /// Every mint must carry a proof of possession of the device key
     /// (`Agentkeys-Proof`), so a stolen session token alone cannot mint.
     pub require_pop: bool,
@@ -136,6 +143,7 @@ impl Default for AuthSettings {
             session_ttl_seconds: 900,
             nonce_ttl_seconds: 60,
             max_pending_nonces: 100_000,
+            max_proof_nonces_per_agent: 8192,
             require_pop: false,
             proof_max_skew_seconds: 60,
             session_cache_entries: 100_000,
@@ -156,6 +164,12 @@ pub struct RateLimitSettings {
     pub login_per_second_per_ip: u32,
     /// Login requests an idle IP may make at once.
     pub login_burst_per_ip: u32,
+    /// Mint attempts whose session is refused, per second per client
+    /// address (IPv4, or IPv6 /64); past it they get 429, not 401. They
+    /// write no audit record; a valid session is never refused by this.
+    pub unauthenticated_per_second_per_ip: u32,
+    /// Refused mint attempts an idle address may make at once.
+    pub unauthenticated_burst_per_ip: u32,
 }
 
 impl Default for RateLimitSettings {
@@ -166,6 +180,8 @@ impl Default for RateLimitSettings {
             sweep_interval_seconds: 60,
             login_per_second_per_ip: 10,
             login_burst_per_ip: 40,
+            unauthenticated_per_second_per_ip: 5,
+            unauthenticated_burst_per_ip: 20,
         }
     }
 }
@@ -359,8 +375,9 @@ impl Settings {
         let issuer = &self.oidc.issuer;
         if !(issuer.starts_with("https://") || issuer.starts_with("http://"))
             || issuer.ends_with('/')
+            || issuer.chars().any(|c| c.is_whitespace() || c.is_control())
         {
-            return invalid("oidc.issuer must be an http(s) URL without a trailing /");
+            return invalid("oidc.issuer must be an http(s) URL without a trailing / or spaces");
         }
         if self.oidc.audiences.is_empty() || self.oidc.audiences.iter().any(String::is_empty) {
             return invalid("oidc.audiences must list at least one audience");
@@ -370,6 +387,8 @@ impl Settings {
             self.rate_limit.burst,
             self.rate_limit.login_per_second_per_ip,
             self.rate_limit.login_burst_per_ip,
+            self.rate_limit.unauthenticated_per_second_per_ip,
+            self.rate_limit.unauthenticated_burst_per_ip,
         ];
         if rates.contains(&0) {
             return invalid("rate_limit rates and bursts must be at least 1");
@@ -377,9 +396,12 @@ impl Settings {
         if self.storage.cache_mib == 0 {
             return invalid("storage.cache_mib must be at least 1");
         }
-        if self.server.max_connections == 0 || self.server.client_request_timeout_ms == 0 {
+        if self.server.max_connections == 0
+            || self.server.client_request_timeout_ms == 0
+            || self.server.request_body_timeout_ms == 0
+        {
             return invalid(
-                "server.max_connections and server.client_request_timeout_ms must be at least 1",
+                "server.max_connections, client_request_timeout_ms and request_body_timeout_ms must be at least 1",
             );
         }
         if self.mint.default_ttl_seconds == 0
@@ -419,6 +441,7 @@ impl Settings {
             self.actors.audit_max_batch,
             self.actors.signer_max_queued,
             self.auth.max_pending_nonces,
+            self.auth.max_proof_nonces_per_agent,
         ]
         .contains(&0);
         if zero_capacity || self.actors.send_timeout_ms == 0 {
@@ -449,6 +472,14 @@ impl Settings {
         (
             nz(self.rate_limit.login_per_second_per_ip),
             nz(self.rate_limit.login_burst_per_ip),
+        )
+    }
+
+    pub fn unauthenticated_rate_per_ip(&self) -> (NonZeroU32, NonZeroU32) {
+        let nz = |n| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        (
+            nz(self.rate_limit.unauthenticated_per_second_per_ip),
+            nz(self.rate_limit.unauthenticated_burst_per_ip),
         )
     }
 

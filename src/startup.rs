@@ -8,6 +8,7 @@ use std::time::Duration;
 use actix::Actor;
 use actix_web::dev::Server;
 use actix_web::dev::Service;
+use actix_web::HttpMessage;
 use actix_web::{web, App, HttpServer};
 use agentkeys_actors::audit::config::start_sinks;
 use agentkeys_actors::audit::ledger::LedgerSink;
@@ -24,7 +25,7 @@ use agentkeys_actors::storage::StorageError;
 
 use crate::admin_token::AdminToken;
 use crate::settings::{Settings, SettingsError};
-use crate::{routes, telemetry};
+use crate::{body_deadline, routes, telemetry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -97,6 +98,7 @@ impl Application {
             max_body_bytes: settings.server.max_body_bytes,
         });
         let max_body = settings.server.max_body_bytes;
+        let body_timeout = Duration::from_millis(settings.server.request_body_timeout_ms);
         telemetry::metrics();
         let mut server = HttpServer::new(move || {
             App::new()
@@ -111,6 +113,11 @@ impl Application {
                         metrics::histogram!("agentkeys_http_request_seconds", "route" => route).record(started.elapsed().as_secs_f64());
                         Ok(response)
                     }
+                })
+                .wrap_fn(move |mut request, service| {
+                    let payload = request.take_payload();
+                    request.set_payload(body_deadline::with_deadline(payload, body_timeout));
+                    service.call(request)
                 })
                 .app_data(state.clone())
                 .configure(|cfg| routes::configure(cfg, max_body))
@@ -161,6 +168,7 @@ fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, Star
     let data_dir = &settings.storage.data_dir;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let actors = &settings.actors;
+    let key_schedule = keys.describe();
     let signer = SignerPool::start(
         keys,
         &SignerPoolSettings {
@@ -188,8 +196,10 @@ fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, Star
             session_ttl: Duration::from_secs(settings.auth.session_ttl_seconds),
             nonce_ttl: Duration::from_secs(settings.auth.nonce_ttl_seconds),
             max_pending_nonces: settings.auth.max_pending_nonces,
+            max_proof_nonces_per_agent: settings.auth.max_proof_nonces_per_agent,
             proof_max_skew: Duration::from_secs(settings.auth.proof_max_skew_seconds),
             session_cache_entries: settings.auth.session_cache_entries,
+            keys: key_schedule,
         },
         agents,
         signer.clone(),
@@ -197,12 +207,16 @@ fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, Star
     .start();
 
     let (login_per_second, login_burst) = settings.login_rate_per_ip();
+    let (unauthenticated_per_second, unauthenticated_burst) =
+        settings.unauthenticated_rate_per_ip();
     let rate_limit = RateLimitActor::new(rate_limit::RateLimitSettings {
         mailbox_capacity: actors.rate_limit_mailbox,
         per_second: settings.rate_per_second(),
         burst: settings.rate_burst(),
         login_per_second,
         login_burst,
+        unauthenticated_per_second,
+        unauthenticated_burst,
         sweep_interval: Duration::from_secs(settings.rate_limit.sweep_interval_seconds.max(1)),
     })
     .start();

@@ -13,13 +13,16 @@ use actix::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use agentkeys_wire::signed::{LoginMessage, ProofHeader, ProofMessage};
+
 use crate::backpressure::Overloaded;
 use crate::domain::{
-    now_unix, random_hex, AgentName, DevicePublicKey, ErrorCode, InvalidInput, OmniAccount,
-    Principal,
+    now_unix, random_hex, AgentName, DevicePublicKey, ErrorCode, OmniAccount, Principal,
 };
+use crate::keys::KeyInfo;
 use crate::signer::{
-    SessionClaims, SignSession, SignerError, SignerPool, VerifyDeviceSignature, VerifySessionToken,
+    SessionClaims, SignSession, SignerError, SignerPool, VerifiedSession, VerifyDeviceSignature,
+    VerifySessionToken,
 };
 use crate::storage::{AgentStore, StorageError};
 
@@ -174,52 +177,9 @@ pub struct RemoveAgent {
     pub name: AgentName,
 }
 
-/// A device's proof that it holds the key behind a session: an Ed25519
-/// signature over the request, carried in the `Agentkeys-Proof` header as
-/// `t=<unix seconds>,n=<nonce>,s=<128 hex signature>`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProofOfPossession {
-    pub timestamp: u64,
-    /// 8-64 characters of `[A-Za-z0-9_-]`, never reused.
-    pub nonce: String,
-    pub signature: [u8; 64],
-}
-
-impl ProofOfPossession {
-    pub fn parse(header: &str) -> Result<Self, InvalidInput> {
-        let bad = || InvalidInput("Agentkeys-Proof must be t=<unix>,n=<nonce>,s=<128 hex>".into());
-        let mut fields = header.split(',').map(|f| f.trim().split_once('='));
-        let (Some(Some(("t", t))), Some(Some(("n", n))), Some(Some(("s", s))), None) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
-            return Err(bad());
-        };
-        let nonce_ok = (8..=64).contains(&n.len())
-            && n.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        let mut signature = [0u8; 64];
-        if !nonce_ok || hex::decode_to_slice(s, &mut signature).is_err() {
-            return Err(bad());
-        }
-        Ok(Self {
-            timestamp: t.parse().map_err(|_| bad())?,
-            nonce: n.to_owned(),
-            signature,
-        })
-    }
-
-    /// What the device signs: method, path, SHA-256 of the exact body,
-    /// timestamp and nonce, one per line after a fixed tag.
-    pub fn message(
-        method: &str,
-        path: &str,
-        body_sha256: &str,
-        timestamp: u64,
-        nonce: &str,
-    ) -> String {
-        format!("agentkeys-pop\n{method}\n{path}\n{body_sha256}\n{timestamp}\n{nonce}")
-    }
-}
+/// A device's proof that it holds the key behind a session, as the
+/// `Agentkeys-Proof` header carries it (format in the wire crate).
+pub type ProofOfPossession = ProofHeader;
 
 /// Check a proof of possession for a request of `principal`.
 #[derive(Message)]
@@ -227,10 +187,19 @@ impl ProofOfPossession {
 pub struct CheckProof {
     pub principal: Principal,
     pub proof: ProofOfPossession,
+    /// SHA-256 (hex) of the session token the request carries: a proof
+    /// made for one session is refused with another.
+    pub session_sha256: String,
     pub method: &'static str,
     pub path: &'static str,
     pub body_sha256: String,
 }
+
+/// The session keys' schedule changed (a rotation): cached sessions are
+/// re-checked against it, so none outlives the key that signed it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SessionKeysChanged(pub Vec<KeyInfo>);
 
 /// Tuning of the AuthActor, from config.
 #[derive(Clone, Debug)]
@@ -245,15 +214,24 @@ pub struct AuthSettings {
     pub session_ttl: Duration,
     /// How long a login nonce may wait for its signature.
     pub nonce_ttl: Duration,
-    /// Cap on unanswered nonces (and on remembered proof nonces), so a
-    /// flood cannot grow memory.
+    /// Cap on unanswered login nonces, so a flood cannot grow memory.
     pub max_pending_nonces: usize,
+    /// Cap on the proof nonces remembered for one agent: an agent that
+    /// floods proofs fills its own store, never another agent's.
+    pub max_proof_nonces_per_agent: usize,
     /// A proof's timestamp may differ from the broker's clock by this much.
     pub proof_max_skew: Duration,
     /// Verified sessions remembered (by token hash, never past their
     /// expiry), so a busy agent's token is checked once, not per mint.
     pub session_cache_entries: usize,
+    /// The ring's keys when the actor starts; later changes arrive as
+    /// [`SessionKeysChanged`].
+    pub keys: Vec<KeyInfo>,
 }
+
+/// Session clocks may differ this much between the broker that issued a
+/// session and the one checking it (one process today, replicas later).
+const SESSION_CLOCK_ALLOWANCE_SECONDS: u64 = 60;
 
 /// A nonce waiting for its signature.
 struct PendingLogin {
@@ -277,11 +255,16 @@ pub struct AuthActor {
     reserved: HashSet<String>,
     /// Nonces issued and not yet used or expired.
     nonces: HashMap<String, PendingLogin>,
-    /// Proof nonces seen (per account), until their timestamp is too old
-    /// to be accepted anyway: a replayed proof is refused.
-    seen_proofs: HashMap<(OmniAccount, String), u64>,
-    /// SHA-256 of a verified session token → its claims; bounded.
-    verified: HashMap<[u8; 32], SessionClaims>,
+    /// Proof nonces taken, per agent account, until their timestamp is too
+    /// old to be accepted anyway: a replayed proof is refused.
+    seen_proofs: HashMap<OmniAccount, HashMap<String, u64>>,
+    /// Proofs made before this process started are refused: its nonce
+    /// store is in memory, so it cannot know whether they were used.
+    started_at: u64,
+    /// SHA-256 of a verified session token → its claims and key; bounded.
+    verified: HashMap<[u8; 32], VerifiedSession>,
+    /// Session key id → until when it verifies (`None`: no successor yet).
+    session_keys: HashMap<String, Option<u64>>,
 }
 
 impl AuthActor {
@@ -300,8 +283,11 @@ impl AuthActor {
             reserved: HashSet::new(),
             nonces: HashMap::new(),
             seen_proofs: HashMap::new(),
+            started_at: now_unix(),
             verified: HashMap::new(),
+            session_keys: HashMap::new(),
         };
+        actor.learn_session_keys(&actor.settings.keys.clone());
         for agent in actor.store.load_all()? {
             actor.add_live(agent);
         }
@@ -314,16 +300,27 @@ impl AuthActor {
         self.agents.insert(agent.name.clone(), agent);
     }
 
+    fn learn_session_keys(&mut self, keys: &[KeyInfo]) {
+        self.session_keys = keys
+            .iter()
+            .filter(|k| k.kind == "session")
+            .map(|k| (k.kid.clone(), k.usable_until))
+            .collect();
+    }
+
     fn purge_expired_nonces(&mut self) {
         let now = now_unix();
         self.nonces.retain(|_, p| p.expires_at > now);
-        self.seen_proofs.retain(|_, forget_at| *forget_at > now);
-        self.verified.retain(|_, claims| claims.exp > now);
+        for nonces in self.seen_proofs.values_mut() {
+            nonces.retain(|_, forget_at| *forget_at > now);
+        }
+        self.seen_proofs.retain(|_, nonces| !nonces.is_empty());
+        self.verified.retain(|_, session| session.claims.exp > now);
     }
 
     /// Remembers a verified session; when full, expired entries go first,
     /// then everything (the cache only saves work, it decides nothing).
-    fn remember(&mut self, token_hash: [u8; 32], claims: &SessionClaims) {
+    fn remember(&mut self, token_hash: [u8; 32], session: &VerifiedSession) {
         if self.verified.len() >= self.settings.session_cache_entries {
             self.purge_expired_nonces();
             if self.verified.len() >= self.settings.session_cache_entries {
@@ -331,8 +328,32 @@ impl AuthActor {
             }
         }
         if self.settings.session_cache_entries > 0 {
-            self.verified.insert(token_hash, claims.clone());
+            self.verified.insert(token_hash, session.clone());
         }
+    }
+
+    /// A remembered session that may still be used: not expired, and its
+    /// key still verifies (a rotation may have retired it since).
+    fn remembered(&self, token_hash: &[u8; 32], now: u64) -> Option<&VerifiedSession> {
+        let session = self.verified.get(token_hash)?;
+        let key_verifies = self
+            .session_keys
+            .get(&session.kid)
+            .is_some_and(|until| until.is_none_or(|until| now < until));
+        (session.claims.exp > now && key_verifies).then_some(session)
+    }
+
+    /// A session lives at most `session_ttl` and was issued in the past:
+    /// a token forged with a stolen key cannot live longer than a real one.
+    fn check_lifetime(&self, claims: &SessionClaims, now: u64) -> Result<(), AuthError> {
+        let ttl = self.settings.session_ttl.as_secs();
+        let lifetime_ok = claims.exp > claims.iat && claims.exp - claims.iat <= ttl;
+        if !lifetime_ok || claims.iat > now + SESSION_CLOCK_ALLOWANCE_SECONDS {
+            return Err(AuthError::Unauthorized(
+                "the session's lifetime is not one this broker issues",
+            ));
+        }
+        Ok(())
     }
 
     /// The principal a verified session names, if its agent still may act.
@@ -379,13 +400,14 @@ impl Handler<IssueChallenge> for AuthActor {
         }
         let nonce = random_hex(24);
         let expires_at = now_unix() + self.settings.nonce_ttl.as_secs();
-        let message = format!(
-            "agentkeys login\nissuer: {}\npublic_key: {}\nnonce: {}\nexpires_at: {}",
-            self.settings.issuer,
-            msg.public_key.to_hex(),
-            nonce,
-            expires_at
-        );
+        let message = LoginMessage::new(
+            &self.settings.issuer,
+            &msg.public_key.to_hex(),
+            &nonce,
+            expires_at,
+        )
+        .map_err(|e| AuthError::Internal(e.to_string()))?
+        .text();
         self.nonces.insert(
             nonce.clone(),
             PendingLogin {
@@ -460,70 +482,100 @@ impl Handler<VerifySession> for AuthActor {
     /// one has its signature checked on the pool first.
     fn handle(&mut self, msg: VerifySession, _: &mut Self::Context) -> Self::Result {
         let token_hash: [u8; 32] = Sha256::digest(msg.token.as_bytes()).into();
-        if let Some(claims) = self
-            .verified
-            .get(&token_hash)
-            .filter(|c| c.exp > now_unix())
-        {
-            return Box::pin(actix::fut::ready(self.principal_for(claims)));
+        if let Some(session) = self.remembered(&token_hash, now_unix()) {
+            return Box::pin(actix::fut::ready(self.principal_for(&session.claims)));
         }
         let signer = self.signer.clone();
         Box::pin(
             async move { signer.call(VerifySessionToken(msg.token)).await }
                 .into_actor(self)
                 .map(move |verified, actor, _| {
-                    let claims = verified??;
-                    actor.remember(token_hash, &claims);
-                    actor.principal_for(&claims)
+                    let session = verified??;
+                    actor.check_lifetime(&session.claims, now_unix())?;
+                    actor.remember(token_hash, &session);
+                    actor.principal_for(&session.claims)
                 }),
         )
     }
 }
 
 impl Handler<CheckProof> for AuthActor {
-    type Result = ResponseFuture<Result<(), AuthError>>;
+    type Result = ResponseActFuture<Self, Result<(), AuthError>>;
 
-    /// Fresh timestamp, unseen nonce (remembered at once, so two copies in
-    /// flight cannot both pass), then the device signature on the pool.
+    /// Fresh timestamp, made since this process started, then the nonce is
+    /// taken (so two copies in flight cannot both pass) and the signature
+    /// checked on the pool: a proof that verifies keeps its nonce, one that
+    /// does not gives it back, so bogus proofs cost their agent nothing
+    /// but the rate it already spent.
     fn handle(&mut self, msg: CheckProof, _: &mut Self::Context) -> Self::Result {
-        let refuse =
-            |why| -> Self::Result { Box::pin(async move { Err(AuthError::Unauthorized(why)) }) };
+        let refuse = |why| -> Self::Result {
+            Box::pin(actix::fut::ready(Err(AuthError::Unauthorized(why))))
+        };
         let now = now_unix();
         let skew = self.settings.proof_max_skew.as_secs();
         if msg.proof.timestamp.abs_diff(now) > skew {
             return refuse("proof of possession is stale or from the future");
         }
-        let seen = (msg.principal.omni_account.clone(), msg.proof.nonce.clone());
-        if self.seen_proofs.contains_key(&seen) {
-            return refuse("proof of possession was already used");
+        if msg.proof.timestamp < self.started_at {
+            return refuse("proof of possession predates the broker's start; sign a fresh one");
         }
-        if self.seen_proofs.len() >= self.settings.max_pending_nonces {
-            self.purge_expired_nonces();
-            if self.seen_proofs.len() >= self.settings.max_pending_nonces {
-                return Box::pin(async { Err(Overloaded("proof nonce store").into()) });
-            }
-        }
-        self.seen_proofs
-            .insert(seen, msg.proof.timestamp + skew + 1);
-        let message = ProofOfPossession::message(
+        let message = ProofMessage::new(
+            &self.settings.issuer,
+            &msg.session_sha256,
             msg.method,
             msg.path,
             &msg.body_sha256,
             msg.proof.timestamp,
             &msg.proof.nonce,
         );
+        let Ok(message) = message else {
+            return refuse("proof of possession is not well formed");
+        };
+        let account = msg.principal.omni_account.clone();
+        let nonce = msg.proof.nonce.clone();
+        let cap = self.settings.max_proof_nonces_per_agent;
+        let taken = self.seen_proofs.entry(account.clone()).or_default();
+        if taken.contains_key(&nonce) {
+            return refuse("proof of possession was already used");
+        }
+        if taken.len() >= cap {
+            taken.retain(|_, forget_at| *forget_at > now);
+            if taken.len() >= cap {
+                return Box::pin(actix::fut::ready(Err(Overloaded(
+                    "this agent's proof nonce store",
+                )
+                .into())));
+            }
+        }
+        taken.insert(nonce.clone(), msg.proof.timestamp + skew + 1);
         let check = VerifyDeviceSignature {
             key: msg.principal.device_key,
-            message,
+            message: message.text(),
             signature: msg.proof.signature,
         };
         let signer = self.signer.clone();
-        Box::pin(async move {
-            signer
-                .call(check)
-                .await?
-                .map_err(|_| AuthError::Unauthorized("proof of possession does not verify"))
-        })
+        Box::pin(
+            async move { signer.call(check).await }
+                .into_actor(self)
+                .map(move |checked, actor, _| {
+                    let verified = matches!(checked, Ok(Ok(())));
+                    if !verified {
+                        if let Some(taken) = actor.seen_proofs.get_mut(&account) {
+                            taken.remove(&nonce);
+                        }
+                    }
+                    checked?
+                        .map_err(|_| AuthError::Unauthorized("proof of possession does not verify"))
+                }),
+        )
+    }
+}
+
+impl Handler<SessionKeysChanged> for AuthActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionKeysChanged, _: &mut Self::Context) {
+        self.learn_session_keys(&msg.0);
     }
 }
 
@@ -594,6 +646,15 @@ impl Handler<SetAgentEnabled> for AuthActor {
                 .into_actor(self)
                 .map(move |result, actor, _| {
                     result.map_err(|e| AuthError::Internal(e.to_string()))??;
+                    // Removed (or replaced by a new registration) while the
+                    // write ran: the removal stands.
+                    let same_agent = actor.agents.get(&updated.name).is_some_and(|live| {
+                        (live.public_key, live.created_at)
+                            == (updated.public_key, updated.created_at)
+                    });
+                    if !same_agent {
+                        return Err(AuthError::NotFound);
+                    }
                     actor.add_live(updated.clone());
                     Ok(updated)
                 }),
@@ -612,20 +673,28 @@ impl Handler<LookupAgent> for AuthActor {
 impl Handler<RemoveAgent> for AuthActor {
     type Result = ResponseActFuture<Self, Result<(), AuthError>>;
 
-    /// Durable first, then the agent leaves the live registry.
+    /// Leaves the live registry at once (fail-safe: its sessions stop
+    /// now, and an update still being written cannot bring it back), then
+    /// is removed durably; it comes back only if that write fails.
     fn handle(&mut self, msg: RemoveAgent, _: &mut Self::Context) -> Self::Result {
-        if !self.agents.contains_key(&msg.name) {
+        let Some(removed) = self.agents.remove(&msg.name) else {
             return Box::pin(actix::fut::ready(Err(AuthError::NotFound)));
-        }
+        };
+        self.names_by_key.remove(&removed.public_key);
         let store = self.store.clone();
         let name = msg.name.clone();
         Box::pin(
             async move { tokio::task::spawn_blocking(move || store.remove(&name)).await }
                 .into_actor(self)
                 .map(move |result, actor, _| {
-                    result.map_err(|e| AuthError::Internal(e.to_string()))??;
-                    if let Some(agent) = actor.agents.remove(&msg.name) {
-                        actor.names_by_key.remove(&agent.public_key);
+                    let outcome = result.map_err(|e| AuthError::Internal(e.to_string()))?;
+                    if let Err(e) = outcome {
+                        let free = !actor.agents.contains_key(&removed.name)
+                            && !actor.names_by_key.contains_key(&removed.public_key);
+                        if free {
+                            actor.add_live(removed);
+                        }
+                        return Err(e.into());
                     }
                     Ok(())
                 }),

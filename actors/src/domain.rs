@@ -20,6 +20,7 @@ pub enum ErrorCode {
     IdempotencyInFlight,
     IdempotencyConflict,
     RateLimited,
+    RequestTimeout,
     AuditUnavailable,
     Overloaded,
     Internal,
@@ -39,6 +40,7 @@ impl ErrorCode {
             Self::IdempotencyInFlight => "idempotency_in_flight",
             Self::IdempotencyConflict => "idempotency_conflict",
             Self::RateLimited => "rate_limited",
+            Self::RequestTimeout => "request_timeout",
             Self::AuditUnavailable => "audit_unavailable",
             Self::Overloaded => "overloaded",
             Self::Internal => "internal",
@@ -50,6 +52,12 @@ impl ErrorCode {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
 pub struct InvalidInput(pub String);
+
+impl From<agentkeys_wire::signed::WireError> for InvalidInput {
+    fn from(e: agentkeys_wire::signed::WireError) -> Self {
+        Self(e.0.to_owned())
+    }
+}
 
 fn invalid(msg: impl Into<String>) -> InvalidInput {
     InvalidInput(msg.into())
@@ -200,21 +208,30 @@ impl ServiceName {
     }
 }
 
-/// A `/`-separated path of `[A-Za-z0-9._-]` segments, the scope of an intent.
+/// A `/`-separated path of `[A-Za-z0-9._-]` segments, the scope of an
+/// intent. It names a prefix, never an object or a stem, so it always ends
+/// in `/`: a cloud policy that appends `*` to it (`${aws:PrincipalTag/
+/// agentkeys_scope_path}*`) then matches whole segments only, as the
+/// broker's own matching does.
 #[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub struct ScopePath(String);
 
 impl ScopePath {
-    /// At most this many bytes, so the value fits an AWS session tag.
+    /// At most this many bytes after normalisation, so the value fits an
+    /// AWS session tag.
     pub const MAX_BYTES: usize = 256;
 
-    /// No leading `/`, no empty, `.` or `..` segment; one trailing `/` allowed.
+    /// No leading `/`, no empty, `.` or `..` segment; a missing trailing
+    /// `/` is added (stored grants made before that rule are normalised
+    /// when read back, as they come through here).
     pub fn parse(text: &str) -> Result<Self, InvalidInput> {
-        if text.is_empty() || text.len() > Self::MAX_BYTES {
-            return Err(invalid("scope_path must be 1-256 bytes"));
-        }
         let body = text.strip_suffix('/').unwrap_or(text);
+        if body.is_empty() || body.len() + 1 > Self::MAX_BYTES {
+            return Err(invalid(
+                "scope_path must be 1-256 bytes including its trailing /",
+            ));
+        }
         for segment in body.split('/') {
             if segment.is_empty() {
                 return Err(invalid("scope_path has an empty segment or a leading /"));
@@ -229,7 +246,7 @@ impl ScopePath {
                 return Err(invalid("scope_path segments are [A-Za-z0-9._-]"));
             }
         }
-        Ok(Self(text.to_owned()))
+        Ok(Self(format!("{body}/")))
     }
 
     /// The scope every agent may use without a grant: `bots/<omni>/`.
@@ -237,13 +254,10 @@ impl ScopePath {
         Self(format!("bots/{account}/"))
     }
 
-    /// True when `self` equals `prefix` or lies under it by whole segments.
+    /// True when `self` equals `prefix` or lies under it by whole segments
+    /// (both end in `/`, so a plain prefix test is a segment test).
     pub fn is_within(&self, prefix: &ScopePath) -> bool {
-        let base = prefix.0.trim_end_matches('/');
-        match self.0.strip_prefix(base) {
-            Some(rest) => rest.is_empty() || rest.starts_with('/'),
-            None => false,
-        }
+        self.0.starts_with(&prefix.0)
     }
 
     pub fn as_str(&self) -> &str {
@@ -303,9 +317,29 @@ mod tests {
 
     #[test]
     fn scope_path_accepts_the_documented_shape() {
-        for ok in ["bots/abc/credentials/", "a", "a/b.c/d_e-f", "x/"] {
-            assert!(ScopePath::parse(ok).is_ok(), "{ok}");
+        for (given, normalised) in [
+            ("bots/abc/credentials/", "bots/abc/credentials/"),
+            ("a", "a/"),
+            ("a/b.c/d_e-f", "a/b.c/d_e-f/"),
+            ("x/", "x/"),
+        ] {
+            assert_eq!(ScopePath::parse(given).unwrap().as_str(), normalised);
         }
+    }
+
+    #[test]
+    fn a_scope_always_ends_in_a_slash_and_fits_256_bytes_with_it() {
+        let at_limit = format!("{}/", "a".repeat(255));
+        assert_eq!(ScopePath::parse(&at_limit).unwrap().as_str(), at_limit);
+        assert_eq!(
+            ScopePath::parse(&"a".repeat(255)).unwrap().as_str(),
+            at_limit,
+            "the slash is added"
+        );
+        assert!(
+            ScopePath::parse(&"a".repeat(256)).is_err(),
+            "257 bytes once the slash is added"
+        );
     }
 
     #[test]
@@ -325,6 +359,13 @@ mod tests {
         assert!(p("bots/x/cred/deeper").is_within(&p("bots/x/cred/")));
         assert!(p("bots/x/cred").is_within(&p("bots/x/cred/")));
         assert!(!p("bots/x/credX/").is_within(&p("bots/x/cred/")));
+        assert!(!p("bots/x/credX").is_within(&p("bots/x/cred")));
+        assert!(!p("bots/x/credentials-prod/a").is_within(&p("bots/x/cred/")));
+        assert!(
+            !p("bots/x/").is_within(&p("bots/x/cred/")),
+            "a parent is not within its child"
+        );
+        assert!(!p("a/bX").is_within(&p("a/b/")));
         assert!(!p("bots/y/").is_within(&p("bots/x/")));
     }
 
@@ -388,6 +429,7 @@ mod hostile_input {
             if let Ok(scope) = ScopePath::parse(&text) {
                 let s = scope.as_str();
                 prop_assert!(!s.is_empty() && s.len() <= ScopePath::MAX_BYTES);
+                prop_assert!(s.ends_with('/'), "a scope names a prefix");
                 prop_assert!(!s.starts_with('/') && !s.contains("//"));
                 prop_assert!(s.trim_end_matches('/').split('/').all(|seg| seg != "." && seg != ".."));
                 prop_assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b)));

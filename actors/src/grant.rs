@@ -209,6 +209,16 @@ pub struct RevokeGrant {
     pub id: String,
 }
 
+/// Revoke every grant of an agent that is being deleted: kept for the
+/// audit trail, never live again (a new agent with the same key or name
+/// starts with none). Answers how many were revoked, once durable.
+#[derive(Message)]
+#[rtype(result = "Result<usize, GrantError>")]
+pub struct RevokeAgentGrants {
+    pub agent: AgentName,
+    pub omni_account: OmniAccount,
+}
+
 /// One grant by id.
 #[derive(Message)]
 #[rtype(result = "Option<Grant>")]
@@ -262,6 +272,10 @@ pub struct GrantActor {
     slots: HashMap<String, Slot>,
     /// What the next commit must write or delete.
     dirty_grants: HashSet<String>,
+    /// Grants being created: written by the next commit and live only once
+    /// it succeeds; dropped, never retried, when it fails (the operator was
+    /// told so).
+    created: Vec<Grant>,
     dirty_slots: HashSet<String>,
     forgotten_slots: HashSet<String>,
     /// Callers waiting for the next commit.
@@ -281,6 +295,7 @@ impl GrantActor {
             by_account: HashMap::new(),
             slots: HashMap::new(),
             dirty_grants: HashSet::new(),
+            created: Vec::new(),
             dirty_slots: HashSet::new(),
             forgotten_slots: HashSet::new(),
             waiting: Vec::new(),
@@ -303,16 +318,17 @@ impl GrantActor {
         self.grants.insert(grant.id.clone(), grant);
     }
 
-    /// The most specific live grant covering `intent` that has a use left.
-    fn matching_grant(&self, account: &OmniAccount, intent: &Intent) -> Result<String, GrantError> {
+    /// The most specific live grant of `principal` covering `intent` that
+    /// has a use left. A grant belongs to one agent: same account and name.
+    fn matching_grant(&self, principal: &Principal, intent: &Intent) -> Result<String, GrantError> {
         let now = now_unix();
         let live: Vec<&Grant> = self
             .by_account
-            .get(account)
+            .get(&principal.omni_account)
             .into_iter()
             .flatten()
             .filter_map(|id| self.grants.get(id))
-            .filter(|g| g.is_live(now) && g.covers(intent))
+            .filter(|g| g.agent == principal.agent && g.is_live(now) && g.covers(intent))
             .collect();
         if live.is_empty() {
             return Err(GrantError::Denied);
@@ -337,10 +353,16 @@ impl GrantActor {
         let now = now_unix();
         match self.slots.get(&claim.slot) {
             Some(Slot::Done(mint)) if mint.expires_at > now => {
-                if mint.fingerprint == claim.fingerprint {
-                    return Ok(Some(mint.clone()));
+                if mint.fingerprint != claim.fingerprint {
+                    return Err(GrantError::IdempotencyConflict);
                 }
-                return Err(GrantError::IdempotencyConflict);
+                // A replay hands out the JWT again: only while its grant
+                // could still release one.
+                let grant_live = |id: &String| self.grants.get(id).is_some_and(|g| g.is_live(now));
+                if !mint.grant_id.as_ref().is_none_or(grant_live) {
+                    return Err(GrantError::Denied);
+                }
+                return Ok(Some(mint.clone()));
             }
             Some(Slot::InFlight { fingerprint, since })
                 if now.saturating_sub(*since) < self.settings.in_flight_limit.as_secs() =>
@@ -388,6 +410,7 @@ impl GrantActor {
     /// Starts the next group commit if there is anything to write.
     fn commit_pending(&mut self, ctx: &mut Context<Self>) {
         let nothing = self.dirty_grants.is_empty()
+            && self.created.is_empty()
             && self.dirty_slots.is_empty()
             && self.forgotten_slots.is_empty()
             && self.waiting.is_empty();
@@ -396,10 +419,12 @@ impl GrantActor {
         }
         let grant_ids: Vec<String> = self.dirty_grants.drain().collect();
         let slot_ids: Vec<String> = self.dirty_slots.drain().collect();
+        let created = std::mem::take(&mut self.created);
         let changes = GrantChanges {
             grants: grant_ids
                 .iter()
                 .filter_map(|id| self.grants.get(id).cloned())
+                .chain(created.iter().cloned())
                 .collect(),
             completed: slot_ids
                 .iter()
@@ -423,7 +448,12 @@ impl GrantActor {
         ctx.spawn(write.into_actor(self).map(move |joined, actor, ctx| {
             actor.committing = false;
             let result = match joined {
-                Ok((Ok(()), _)) => Ok(()),
+                Ok((Ok(()), _)) => {
+                    for grant in created {
+                        actor.insert_grant(grant);
+                    }
+                    Ok(())
+                }
                 Ok((Err(e), changes)) => {
                     // Still to be written: retry with the next commit.
                     actor.dirty_grants.extend(grant_ids);
@@ -496,7 +526,7 @@ impl Handler<Reserve> for GrantActor {
         let grant_id = if own_scope {
             None
         } else {
-            match self.matching_grant(account, &msg.intent) {
+            match self.matching_grant(&msg.principal, &msg.intent) {
                 Ok(id) => Some(id),
                 Err(e) => {
                     if let Some(claim) = &msg.idempotency {
@@ -556,7 +586,7 @@ impl Handler<Complete> for GrantActor {
 impl Handler<CreateGrant> for GrantActor {
     type Result = ResponseActFuture<Self, Result<Grant, GrantError>>;
 
-    /// Live only once durable; removed again if the write fails.
+    /// Live only once durable; never written after a failure was reported.
     fn handle(&mut self, msg: CreateGrant, ctx: &mut Self::Context) -> Self::Result {
         let grant = Grant {
             id: format!("g_{}", random_hex(12)),
@@ -571,18 +601,9 @@ impl Handler<CreateGrant> for GrantActor {
             revoked: false,
             created_at: now_unix(),
         };
-        self.insert_grant(grant.clone());
-        self.dirty_grants.insert(grant.id.clone());
+        self.created.push(grant.clone());
         let durable = self.durable(ctx);
-        Box::pin(durable.into_actor(self).map(move |waited, actor, _| {
-            committed(waited).map(|()| grant.clone()).inspect_err(|_| {
-                actor.grants.remove(&grant.id);
-                actor.dirty_grants.remove(&grant.id);
-                if let Some(ids) = actor.by_account.get_mut(&grant.omni_account) {
-                    ids.retain(|id| *id != grant.id);
-                }
-            })
-        }))
+        Box::pin(async move { committed(durable.await).map(|()| grant) }.into_actor(self))
     }
 }
 
@@ -597,6 +618,31 @@ impl Handler<RevokeGrant> for GrantActor {
         grant.revoked = true;
         let revoked = grant.clone();
         self.dirty_grants.insert(msg.id);
+        let durable = self.durable(ctx);
+        Box::pin(async move { committed(durable.await).map(|()| revoked) }.into_actor(self))
+    }
+}
+
+impl Handler<RevokeAgentGrants> for GrantActor {
+    type Result = ResponseActFuture<Self, Result<usize, GrantError>>;
+
+    /// In memory at once (fail-safe), answers once durable.
+    fn handle(&mut self, msg: RevokeAgentGrants, ctx: &mut Self::Context) -> Self::Result {
+        let ids = self
+            .by_account
+            .get(&msg.omni_account)
+            .cloned()
+            .unwrap_or_default();
+        let mut revoked = 0;
+        for id in ids {
+            if let Some(grant) = self.grants.get_mut(&id) {
+                if grant.agent == msg.agent && !grant.revoked {
+                    grant.revoked = true;
+                    self.dirty_grants.insert(id);
+                    revoked += 1;
+                }
+            }
+        }
         let durable = self.durable(ctx);
         Box::pin(async move { committed(durable.await).map(|()| revoked) }.into_actor(self))
     }
@@ -632,10 +678,12 @@ mod tests {
     use super::*;
     use crate::domain::DevicePublicKey;
 
-    /// A store whose commits fail while `failing` is set.
+    /// A store whose commits fail while `failing` is set; it remembers the
+    /// ids of the grants it durably wrote.
     #[derive(Default)]
     struct FlakyStore {
         failing: AtomicBool,
+        written: std::sync::Mutex<Vec<String>>,
     }
 
     impl GrantStore for FlakyStore {
@@ -644,10 +692,12 @@ mod tests {
             Ok((Vec::new(), Vec::new()))
         }
 
-        fn commit(&self, _: &GrantChanges) -> Result<(), StorageError> {
+        fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError> {
             if self.failing.load(Ordering::SeqCst) {
                 return Err(StorageError::Backend("disk gone".into()));
             }
+            let ids = changes.grants.iter().map(|g| g.id.clone());
+            self.written.lock().unwrap().extend(ids);
             Ok(())
         }
     }
@@ -674,16 +724,17 @@ mod tests {
         }
     }
 
-    #[actix::test]
-    async fn a_use_is_taken_at_once_and_its_receipt_fails_when_the_commit_does() {
-        let store = Arc::new(FlakyStore::default());
+    fn start(store: Arc<FlakyStore>) -> actix::Addr<GrantActor> {
         let settings = GrantSettings {
             mailbox_capacity: 16,
             idempotency_retention: Duration::from_secs(60),
             in_flight_limit: Duration::from_secs(60),
             purge_interval: Duration::from_secs(60),
         };
-        let grants = GrantActor::new(settings, store.clone()).unwrap().start();
+        GrantActor::new(settings, store).unwrap().start()
+    }
+
+    fn create_one_use_grant() -> CreateGrant {
         let spec = GrantSpec {
             service: ServiceName::parse("s3").unwrap(),
             scope_path: ScopePath::parse("jobs/").unwrap(),
@@ -691,12 +742,45 @@ mod tests {
             expires_at: None,
             max_ttl_seconds: None,
         };
-        let create = CreateGrant {
+        CreateGrant {
             agent: principal().agent,
             omni_account: principal().omni_account,
             spec,
-        };
-        let grant = grants.send(create).await.unwrap().unwrap();
+        }
+    }
+
+    /// Review (suspected): a grant whose commit failed used to stay in the
+    /// retry set of the failed commit, so the next commit persisted a grant
+    /// the admin had been told was not created (and it matched meanwhile).
+    #[actix::test]
+    async fn a_grant_whose_commit_failed_is_never_written_nor_matched() {
+        let store = Arc::new(FlakyStore::default());
+        let grants = start(store.clone());
+        store.failing.store(true, Ordering::SeqCst);
+        let failed = grants.send(create_one_use_grant()).await.unwrap();
+        assert!(matches!(failed, Err(GrantError::Storage(_))));
+        store.failing.store(false, Ordering::SeqCst);
+
+        assert_eq!(
+            grants.send(reserve()).await.unwrap().err(),
+            Some(GrantError::Denied),
+            "the failed grant matches nothing"
+        );
+        let created = grants.send(create_one_use_grant()).await.unwrap().unwrap();
+        assert_eq!(
+            *store.written.lock().unwrap(),
+            vec![created.id.clone()],
+            "only the grant reported created was ever written"
+        );
+        let listed = grants.send(ListGrants { agent: None }).await.unwrap();
+        assert_eq!(listed.len(), 1);
+    }
+
+    #[actix::test]
+    async fn a_use_is_taken_at_once_and_its_receipt_fails_when_the_commit_does() {
+        let store = Arc::new(FlakyStore::default());
+        let grants = start(store.clone());
+        let grant = grants.send(create_one_use_grant()).await.unwrap().unwrap();
 
         store.failing.store(true, Ordering::SeqCst);
         let Ok(Reservation::Granted(decision, receipt)) = grants.send(reserve()).await.unwrap()

@@ -1,13 +1,19 @@
 //! The one mint path as a plain async function: it sends the actors their
 //! messages in order and is usable with or without HTTP.
 //!
-//! verify session → rate limit → grant (or replay) → sign, audit durable
-//! and grant use durable (all three at once) → keep for replay → release.
+//! verify session (before the body is read) → rate limit → proof of
+//! possession → grant (or replay) → sign, audit durable and grant use
+//! durable (all three at once) → keep for replay → release.
+//!
+//! Every authenticated attempt is recorded; an unauthenticated one is not
+//! (anyone could fill the ledger with them): it is counted, and an address
+//! over its budget of them gets 429 instead of 401.
 //!
 //! The audit record holds ids only (the jti is chosen before signing), so
 //! it is written while the JWT is signed; nothing is released before the
 //! signature, the record and the grant use are all done.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use actix::Addr;
@@ -23,11 +29,11 @@ use crate::grant::{
     Complete, CompletedMint, GrantActor, GrantDecision, GrantError, IdempotencySlot, Intent,
     Release, Reservation, Reserve, UseCommitted,
 };
-use crate::rate_limit::{CheckRate, RateLimitActor};
+use crate::rate_limit::{CheckRate, CheckUnauthenticated, RateLimitActor};
 use crate::signer::{AwsSessionTags, OidcClaims, SignOidc, SignerPool};
 
 /// The one mint path.
-pub const MINT_PATH: &str = "/v1/mint-oidc-jwt";
+pub const MINT_PATH: &str = agentkeys_wire::paths::MINT;
 
 /// Why a mint was refused; each maps to one stable error code.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +42,8 @@ pub enum MintError {
     Auth(#[from] AuthError),
     #[error("rate limit exceeded")]
     RateLimited { retry_after: Duration },
+    #[error("too many unauthenticated requests from this address")]
+    UnauthenticatedThrottled { retry_after: Duration },
     #[error(transparent)]
     Grant(#[from] GrantError),
     #[error("{0}")]
@@ -52,7 +60,9 @@ impl MintError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Auth(e) => e.code(),
-            Self::RateLimited { .. } => ErrorCode::RateLimited,
+            Self::RateLimited { .. } | Self::UnauthenticatedThrottled { .. } => {
+                ErrorCode::RateLimited
+            }
             Self::Grant(e) => e.code(),
             Self::BadRequest(_) => ErrorCode::BadRequest,
             Self::AuditUnavailable => ErrorCode::AuditUnavailable,
@@ -63,27 +73,16 @@ impl MintError {
 
     /// The audit outcome of a refused mint.
     fn outcome(&self) -> Outcome {
-        match self.code() {
-            ErrorCode::Unauthorized => Outcome::AuthFailed,
-            ErrorCode::Forbidden => Outcome::Forbidden,
-            ErrorCode::RateLimited => Outcome::RateLimited,
-            ErrorCode::GrantDenied => Outcome::GrantDenied,
-            ErrorCode::GrantExhausted => Outcome::GrantExhausted,
-            ErrorCode::IdempotencyConflict => Outcome::IdempotencyConflict,
-            ErrorCode::IdempotencyInFlight => Outcome::IdempotencyInFlight,
-            ErrorCode::BadRequest => Outcome::BadRequest,
-            ErrorCode::AuditUnavailable => Outcome::AuditUnavailable,
-            ErrorCode::Overloaded => Outcome::Overloaded,
-            _ => Outcome::Error,
-        }
+        self.code().into()
     }
 }
 
-/// A mint request, already parsed at the edge.
+/// A mint request of an authenticated caller, already parsed at the edge.
 #[derive(Clone, Debug)]
 pub struct MintRequest {
-    /// The raw session token; never logged or stored.
-    pub bearer: String,
+    /// SHA-256 (hex) of the session token: it scopes idempotency records
+    /// and binds proofs of possession. The token itself goes no further.
+    pub session_sha256: String,
     /// Service and scope; `None` means the agent's own default scope.
     pub intent: Option<Intent>,
     pub ttl_seconds: Option<u64>,
@@ -154,13 +153,76 @@ pub struct MintPipeline {
 }
 
 impl MintPipeline {
-    /// Runs every gate; records the attempt whatever its outcome.
-    pub async fn mint(&self, request: MintRequest) -> Result<MintResponse, MintError> {
-        let mut event = MintEvent {
-            request_id: request.request_id.clone(),
+    /// The first gate, run before the request's body is read: the session.
+    /// A refusal writes no audit record; it is counted, and once `client`
+    /// is over its budget of refusals it is answered 429, not 401. A valid
+    /// session is never refused here, whoever shares its address.
+    pub async fn authenticate(
+        &self,
+        bearer: String,
+        client: Option<IpAddr>,
+    ) -> Result<Principal, MintError> {
+        let verify = VerifySession { token: bearer };
+        let timeout = self.policy.send_timeout;
+        let verified = timed("auth", ask(&self.auth, verify, timeout, "auth actor")).await?;
+        let refusal = match verified {
+            Ok(principal) => return Ok(principal),
+            Err(refusal @ AuthError::Unauthorized(_)) => refusal,
+            Err(other) => return Err(other.into()),
+        };
+        let throttled = match client {
+            Some(ip) => ask(
+                &self.rate_limit,
+                CheckUnauthenticated { ip },
+                timeout,
+                "rate limit actor",
+            )
+            .await?
+            .err(),
+            None => None,
+        };
+        let answer = if throttled.is_some() { "429" } else { "401" };
+        metrics::counter!("agentkeys_mint_unauthenticated_total", "answer" => answer).increment(1);
+        match throttled {
+            Some(limited) => Err(MintError::UnauthenticatedThrottled {
+                retry_after: limited.retry_after,
+            }),
+            None => Err(refusal.into()),
+        }
+    }
+
+    /// Records an authenticated attempt the edge refused before it could
+    /// become a request (a body that was malformed, too large or late):
+    /// every authenticated attempt has its record.
+    pub async fn record_refused(&self, principal: &Principal, request_id: String, code: ErrorCode) {
+        let outcome = Outcome::from(code);
+        metrics::counter!("agentkeys_mints_total", "outcome" => outcome.as_str()).increment(1);
+        let event = MintEvent {
+            outcome: Some(outcome),
+            omni_account: Some(principal.omni_account.to_string()),
+            agent: Some(principal.agent.as_str().to_owned()),
+            request_id,
             ..MintEvent::default()
         };
-        let outcome = self.gated_mint(request, &mut event).await;
+        if let Err(audit) = self.record(event).await {
+            tracing::warn!(error = %audit, "audit of a refused mint failed");
+        }
+    }
+
+    /// Runs every gate after the session; records the attempt whatever its
+    /// outcome.
+    pub async fn mint(
+        &self,
+        principal: Principal,
+        request: MintRequest,
+    ) -> Result<MintResponse, MintError> {
+        let mut event = MintEvent {
+            request_id: request.request_id.clone(),
+            omni_account: Some(principal.omni_account.to_string()),
+            agent: Some(principal.agent.as_str().to_owned()),
+            ..MintEvent::default()
+        };
+        let outcome = self.gated_mint(principal, request, &mut event).await;
         let label = match &outcome {
             Ok(response) if response.replayed => Outcome::Replayed,
             Ok(_) => Outcome::Ok,
@@ -185,55 +247,11 @@ impl MintPipeline {
 
     async fn gated_mint(
         &self,
+        principal: Principal,
         request: MintRequest,
         event: &mut MintEvent,
     ) -> Result<MintResponse, MintError> {
         let timeout = self.policy.send_timeout;
-        // Idempotency records are scoped to the caller's bearer token.
-        let idempotency = request
-            .idempotency
-            .map(|(key, fingerprint)| IdempotencySlot {
-                slot: sha256_hex(format!("{}:{}", sha256_hex(&request.bearer), key.as_str())),
-                fingerprint,
-            });
-        let verify = VerifySession {
-            token: request.bearer,
-        };
-        let principal = timed("auth", ask(&self.auth, verify, timeout, "auth actor")).await??;
-        event.omni_account = Some(principal.omni_account.to_string());
-        event.agent = Some(principal.agent.as_str().to_owned());
-        match request.proof {
-            Some((proof, body_sha256)) => {
-                let check = CheckProof {
-                    principal: principal.clone(),
-                    proof,
-                    method: "POST",
-                    path: MINT_PATH,
-                    body_sha256,
-                };
-                ask(&self.auth, check, timeout, "auth actor").await??;
-            }
-            None if self.policy.require_proof => {
-                return Err(AuthError::Unauthorized(
-                    "a proof of possession (Agentkeys-Proof) is required",
-                )
-                .into());
-            }
-            None => {}
-        }
-
-        let intent = match request.intent {
-            Some(intent) => intent,
-            None if !self.policy.grants_required => Intent {
-                service: self.policy.default_service.clone(),
-                scope_path: ScopePath::agent_default(&principal.omni_account),
-            },
-            None => return Err(InvalidInput("service and scope_path are required".into()).into()),
-        };
-        event.service = Some(intent.service.as_str().to_owned());
-        event.scope_path = Some(intent.scope_path.as_str().to_owned());
-        let audience = self.audience(request.audience)?;
-
         let account = principal.omni_account.clone();
         let check = ask(
             &self.rate_limit,
@@ -246,6 +264,46 @@ impl MintPipeline {
             .map_err(|e| MintError::RateLimited {
                 retry_after: e.retry_after,
             })?;
+
+        match request.proof {
+            Some((proof, body_sha256)) => {
+                let check = CheckProof {
+                    principal: principal.clone(),
+                    proof,
+                    session_sha256: request.session_sha256.clone(),
+                    method: "POST",
+                    path: MINT_PATH,
+                    body_sha256,
+                };
+                timed("proof", ask(&self.auth, check, timeout, "auth actor")).await??;
+            }
+            None if self.policy.require_proof => {
+                return Err(AuthError::Unauthorized(
+                    "a proof of possession (Agentkeys-Proof) is required",
+                )
+                .into());
+            }
+            None => {}
+        }
+
+        // Idempotency records are scoped to the caller's session token.
+        let idempotency = request
+            .idempotency
+            .map(|(key, fingerprint)| IdempotencySlot {
+                slot: sha256_hex(format!("{}:{}", request.session_sha256, key.as_str())),
+                fingerprint,
+            });
+        let intent = match request.intent {
+            Some(intent) => intent,
+            None if !self.policy.grants_required => Intent {
+                service: self.policy.default_service.clone(),
+                scope_path: ScopePath::agent_default(&principal.omni_account),
+            },
+            None => return Err(InvalidInput("service and scope_path are required".into()).into()),
+        };
+        event.service = Some(intent.service.as_str().to_owned());
+        event.scope_path = Some(intent.scope_path.as_str().to_owned());
+        let audience = self.audience(request.audience)?;
 
         let reserve = Reserve {
             principal: principal.clone(),
@@ -362,10 +420,14 @@ impl MintPipeline {
         event.outcome = Some(Outcome::Ok);
         let sign = timed("sign", admitted.call(SignOidc(claims)));
         let audit = timed("audit", self.record(event.clone()));
-        let (signed, audited, use_durable) = tokio::join!(sign, audit, use_committed.wait());
+        // Bounded like every other step, so the whole mint ends well before
+        // its Idempotency-Key's in-flight mark expires (a retry must never
+        // find the key free while this mint can still release).
+        let use_durable = tokio::time::timeout(self.policy.send_timeout, use_committed.wait());
+        let (signed, audited, use_durable) = tokio::join!(sign, audit, use_durable);
         let jwt = signed?.map_err(|e| MintError::Internal(e.to_string()))?;
         audited?;
-        use_durable?;
+        use_durable.map_err(|_| Overloaded("grant store commit"))??;
         Ok(jwt)
     }
 

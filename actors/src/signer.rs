@@ -54,6 +54,14 @@ pub struct SessionClaims {
     pub jti: String,
 }
 
+/// A session token whose signature verified: its claims and the key that
+/// signed it (so a cached session can be re-checked after a rotation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedSession {
+    pub claims: SessionClaims,
+    pub kid: String,
+}
+
 /// AWS session tags as STS reads them from a web identity token.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct AwsSessionTags {
@@ -132,7 +140,7 @@ pub struct SignSession(pub SessionClaims);
 
 /// Check a session JWT's signature, kind, issuer, audience and expiry.
 #[derive(Message)]
-#[rtype(result = "Result<SessionClaims, SignerError>")]
+#[rtype(result = "Result<VerifiedSession, SignerError>")]
 pub struct VerifySessionToken(pub String);
 
 /// Check a device's Ed25519 signature over a login message.
@@ -218,7 +226,7 @@ pub fn sign_session(ring: &KeyRing, claims: &SessionClaims) -> Result<String, Si
 }
 
 impl Handler<VerifySessionToken> for SignerActor {
-    type Result = Result<SessionClaims, SignerError>;
+    type Result = Result<VerifiedSession, SignerError>;
 
     fn handle(&mut self, msg: VerifySessionToken, _: &mut Self::Context) -> Self::Result {
         verify_session(&self.ring(), &self.session_validation, &msg.0, now_unix())
@@ -244,7 +252,7 @@ pub fn verify_session(
     validation: &Validation,
     token: &str,
     now: u64,
-) -> Result<SessionClaims, SignerError> {
+) -> Result<VerifiedSession, SignerError> {
     let header = jsonwebtoken::decode_header(token).map_err(|_| SignerError::InvalidToken)?;
     if header.typ.as_deref() != Some(SESSION_TYP) {
         return Err(SignerError::InvalidToken);
@@ -255,7 +263,10 @@ pub fn verify_session(
         .and_then(|kid| ring.verifying_session(kid, now))
         .ok_or(SignerError::InvalidToken)?;
     jsonwebtoken::decode::<SessionClaims>(token, &key.decoding, validation)
-        .map(|data| data.claims)
+        .map(|data| VerifiedSession {
+            claims: data.claims,
+            kid: key.kid.clone(),
+        })
         .map_err(|_| SignerError::InvalidToken)
 }
 

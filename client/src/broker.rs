@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use agentkeys_wire::signed::{is_nonce, LoginMessage, ProofHeader, ProofMessage};
+use agentkeys_wire::{headers, paths};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -16,6 +18,9 @@ use crate::ClientError;
 const MAX_ATTEMPTS: u32 = 5;
 /// Longest wait between attempts, whatever Retry-After says.
 const MAX_WAIT: Duration = Duration::from_secs(10);
+/// A login challenge may not live longer than this: the broker's nonces
+/// live a minute by default, and the client signs nothing open-ended.
+const MAX_CHALLENGE_LIFETIME_SECONDS: u64 = 3600;
 
 /// A session as the broker issued it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -49,17 +54,25 @@ pub struct Minted {
 
 pub struct Broker {
     base_url: String,
+    /// The broker's OIDC issuer as this client expects it: every message
+    /// the client signs names it, so a signature made for one broker is
+    /// useless at another.
+    issuer: String,
     http: reqwest::Client,
 }
 
 impl Broker {
-    pub fn new(base_url: &str) -> Result<Self, ClientError> {
+    /// `issuer` defaults to `base_url` (they are the same unless the
+    /// broker sits behind a proxy or a different name).
+    pub fn new(base_url: &str, issuer: Option<&str>) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| ClientError::Local(e.to_string()))?;
+        let base_url = base_url.trim_end_matches('/').to_owned();
         Ok(Self {
-            base_url: base_url.trim_end_matches('/').to_owned(),
+            issuer: issuer.map_or_else(|| base_url.clone(), |i| i.trim_end_matches('/').to_owned()),
+            base_url,
             http,
         })
     }
@@ -115,26 +128,62 @@ impl Broker {
         })
     }
 
-    /// Challenge, sign with the device key, verify.
+    /// Challenge, sign with the device key, verify. The client signs only
+    /// the login message it rebuilt itself from its issuer, its own key and
+    /// the nonce and expiry it was given; a challenge whose message is
+    /// anything else (a proof for a body of the server's choosing, say) is
+    /// refused unsigned.
     pub async fn login(&self, key: &DeviceKey) -> Result<Session, ClientError> {
         let public_key = key.public_key_hex();
         let challenge = self
             .post(
-                "/v1/auth/challenge",
+                paths::CHALLENGE,
                 None,
                 &[],
                 json!({ "public_key": public_key }).to_string().as_bytes(),
             )
             .await
             .map_err(Attempt::into_error)?;
-        let message = challenge["message"].as_str().unwrap_or_default();
-        let verify = json!({ "public_key": public_key, "nonce": challenge["nonce"], "signature": key.sign_hex(message) });
+        let message = self.login_message(&public_key, &challenge)?;
+        let verify = json!({ "public_key": public_key, "nonce": message.nonce, "signature": key.sign_hex(&message.text()) });
         let session = self
-            .post("/v1/auth/verify", None, &[], verify.to_string().as_bytes())
+            .post(paths::VERIFY, None, &[], verify.to_string().as_bytes())
             .await
             .map_err(Attempt::into_error)?;
         serde_json::from_value(session)
             .map_err(|e| ClientError::Local(format!("unexpected login answer: {e}")))
+    }
+
+    /// The login message this client expects for `challenge`, if the
+    /// challenge asks for exactly that.
+    fn login_message(
+        &self,
+        public_key: &str,
+        challenge: &Value,
+    ) -> Result<LoginMessage, ClientError> {
+        let refuse = |why: &str| {
+            ClientError::Local(format!(
+                "refusing to sign the broker's login challenge: {why} (expected issuer {})",
+                self.issuer
+            ))
+        };
+        let nonce = challenge["nonce"].as_str().filter(|n| is_nonce(n));
+        let expires_at = challenge["expires_at"].as_u64();
+        let (Some(nonce), Some(expires_at)) = (nonce, expires_at) else {
+            return Err(refuse("no well-formed nonce and expiry"));
+        };
+        let now = unix_now();
+        if expires_at <= now || expires_at > now + MAX_CHALLENGE_LIFETIME_SECONDS {
+            return Err(refuse("its expiry is not within the next hour"));
+        }
+        let expected = LoginMessage::new(&self.issuer, public_key, nonce, expires_at)
+            .map_err(|e| refuse(e.0))?;
+        if challenge["message"].as_str() != Some(expected.text().as_str()) {
+            return Err(refuse(
+                "its message is not the login message for this client",
+            ));
+        }
+        Ok(expected)
     }
 
     /// Mints with one Idempotency-Key across all attempts, waiting as the
@@ -149,14 +198,15 @@ impl Broker {
         let idempotency_key = random_hex(16)?;
         let body = serde_json::to_vec(request).map_err(|e| ClientError::Local(e.to_string()))?;
         let body_sha256 = hex::encode(Sha256::digest(&body));
+        let session_sha256 = hex::encode(Sha256::digest(session.as_bytes()));
         let mut attempt = 1;
         loop {
-            let proof = proof_header(key, &body_sha256)?;
+            let proof = self.proof_header(key, &session_sha256, &body_sha256)?;
             let headers = [
-                ("Idempotency-Key", idempotency_key.as_str()),
-                ("Agentkeys-Proof", proof.as_str()),
+                (headers::IDEMPOTENCY_KEY, idempotency_key.as_str()),
+                (headers::PROOF, proof.as_str()),
             ];
-            match self.post(MINT_PATH, Some(session), &headers, &body).await {
+            match self.post(paths::MINT, Some(session), &headers, &body).await {
                 Ok(minted) => {
                     return serde_json::from_value(minted)
                         .map_err(|e| ClientError::Local(format!("unexpected mint answer: {e}")));
@@ -170,28 +220,47 @@ impl Broker {
             }
         }
     }
+
+    /// A fresh `Agentkeys-Proof` for one mint attempt: the device key's
+    /// signature over the wire crate's proof message for this broker,
+    /// this session and this body.
+    fn proof_header(
+        &self,
+        key: &DeviceKey,
+        session_sha256: &str,
+        body_sha256: &str,
+    ) -> Result<String, ClientError> {
+        let timestamp = unix_now();
+        let nonce = random_hex(16)?;
+        let message = ProofMessage::new(
+            &self.issuer,
+            session_sha256,
+            "POST",
+            paths::MINT,
+            body_sha256,
+            timestamp,
+            &nonce,
+        )
+        .map_err(|e| ClientError::Local(e.0.to_owned()))?;
+        let header = ProofHeader {
+            timestamp,
+            nonce,
+            signature: key.sign(&message.text()),
+        };
+        Ok(header.format())
+    }
 }
 
-const MINT_PATH: &str = "/v1/mint-oidc-jwt";
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 fn random_hex(bytes: usize) -> Result<String, ClientError> {
     let mut buf = vec![0u8; bytes];
     getrandom::fill(&mut buf).map_err(|e| ClientError::Local(e.to_string()))?;
     Ok(hex::encode(buf))
-}
-
-/// `Agentkeys-Proof: t=<unix>,n=<nonce>,s=<signature>` over
-/// `agentkeys-pop\nPOST\n<path>\n<sha256 of body>\n<t>\n<n>`.
-fn proof_header(key: &DeviceKey, body_sha256: &str) -> Result<String, ClientError> {
-    let timestamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let nonce = random_hex(16)?;
-    let message = format!("agentkeys-pop\nPOST\n{MINT_PATH}\n{body_sha256}\n{timestamp}\n{nonce}");
-    Ok(format!(
-        "t={timestamp},n={nonce},s={}",
-        key.sign_hex(&message)
-    ))
 }
 
 /// How one HTTP attempt failed.

@@ -51,9 +51,14 @@ impl DeviceKey {
         hex::encode(self.0.verifying_key().to_bytes())
     }
 
+    /// Ed25519 signature over `message`.
+    pub fn sign(&self, message: &str) -> [u8; 64] {
+        self.0.sign(message.as_bytes()).to_bytes()
+    }
+
     /// Hex Ed25519 signature over `message`.
     pub fn sign_hex(&self, message: &str) -> String {
-        hex::encode(self.0.sign(message.as_bytes()).to_bytes())
+        hex::encode(self.sign(message))
     }
 }
 

@@ -69,14 +69,16 @@ pub struct Agent {
 
 impl Agent {
     /// Loads the device key and prepares the caches under `state_dir`.
+    /// `issuer` is the broker's OIDC issuer, when it is not `broker_url`.
     pub fn new(
         broker_url: &str,
+        issuer: Option<&str>,
         key_file: PathBuf,
         state_dir: PathBuf,
     ) -> Result<Self, ClientError> {
         Ok(Self {
             key: DeviceKey::load(&key_file)?,
-            broker: Broker::new(broker_url)?,
+            broker: Broker::new(broker_url, issuer)?,
             cache: Cache::new(state_dir, broker_url),
         })
     }

@@ -31,6 +31,10 @@ struct Where {
         default_value = "http://127.0.0.1:8080"
     )]
     broker_url: String,
+    /// The broker's OIDC issuer (`oidc.issuer`), named in every message
+    /// this client signs; default: the broker URL.
+    #[arg(long, global = true, env = "AGENTKEYS_ISSUER")]
+    issuer: Option<String>,
     /// Holds the device key, the session and the JWT caches.
     #[arg(
         long,
@@ -59,7 +63,12 @@ impl Where {
     }
 
     fn agent(&self) -> Result<Agent, ClientError> {
-        Agent::new(&self.broker_url, self.key_file(), self.state_dir())
+        Agent::new(
+            &self.broker_url,
+            self.issuer.as_deref(),
+            self.key_file(),
+            self.state_dir(),
+        )
     }
 }
 

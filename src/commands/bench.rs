@@ -14,7 +14,7 @@ use agentkeys_actors::auth::{IssueChallenge, RegisterAgent, VerifyLogin};
 use agentkeys_actors::backpressure::ask;
 use agentkeys_actors::domain::OmniAccount;
 use agentkeys_actors::domain::{
-    now_unix, random_hex, AgentName, DevicePublicKey, ScopePath, ServiceName,
+    now_unix, random_hex, sha256_hex, AgentName, DevicePublicKey, ScopePath, ServiceName,
 };
 use agentkeys_actors::grant::{CreateGrant, GrantSpec, Intent};
 use agentkeys_actors::keys::KeyRing;
@@ -168,8 +168,9 @@ pub async fn in_process(
             let mut refused: BTreeMap<String, u64> = BTreeMap::new();
             let mut n = worker;
             while Instant::now() < deadline {
+                let bearer = sessions[n % sessions.len()].clone();
                 let request = MintRequest {
-                    bearer: sessions[n % sessions.len()].clone(),
+                    session_sha256: sha256_hex(&bearer),
                     intent: Some(Intent {
                         service: ServiceName::parse("s3").expect("valid"),
                         scope_path: ScopePath::parse("load/jobs/").expect("valid"),
@@ -181,7 +182,11 @@ pub async fn in_process(
                     request_id: String::new(),
                 };
                 let begun = Instant::now();
-                match pipeline.mint(request).await {
+                let minted = match pipeline.authenticate(bearer, None).await {
+                    Ok(principal) => pipeline.mint(principal, request).await,
+                    Err(refused) => Err(refused),
+                };
+                match minted {
                     Ok(_) => latencies.push(begun.elapsed()),
                     Err(e) => *refused.entry(e.code().as_str().to_owned()).or_default() += 1,
                 }
@@ -265,6 +270,8 @@ pub async fn limiter_memory(
         burst: settings.rate_burst(),
         login_per_second: settings.rate_per_second(),
         login_burst: settings.rate_burst(),
+        unauthenticated_per_second: settings.rate_per_second(),
+        unauthenticated_burst: settings.rate_burst(),
         sweep_interval: Duration::from_secs(1),
     })
     .start();

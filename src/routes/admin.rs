@@ -3,13 +3,15 @@
 use actix_web::{delete, get, patch, post, web, HttpResponse};
 use agentkeys_actors::audit::{ReadRecords, VerifyAudit};
 use agentkeys_actors::auth::{
-    ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SetAgentEnabled,
+    ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SessionKeysChanged, SetAgentEnabled,
 };
 use agentkeys_actors::backpressure::ask;
 use agentkeys_actors::domain::{
     now_unix, AgentName, DevicePublicKey, ErrorCode, ScopePath, ServiceName,
 };
-use agentkeys_actors::grant::{CreateGrant, GetGrant, GrantSpec, ListGrants, RevokeGrant};
+use agentkeys_actors::grant::{
+    CreateGrant, GetGrant, GrantSpec, ListGrants, RevokeAgentGrants, RevokeGrant,
+};
 use agentkeys_actors::signer::{DescribeKeys, KeyKind, RotateKey};
 use serde::Deserialize;
 use serde_json::json;
@@ -81,6 +83,17 @@ async fn remove_agent(
 ) -> Result<HttpResponse, ApiError> {
     let name = AgentName::parse(&name)?;
     let timeout = state.pipeline.policy.send_timeout;
+    let lookup = LookupAgent { name: name.clone() };
+    let agent = ask(&state.pipeline.auth, lookup, timeout, "auth actor")
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such agent"))?;
+    // Grants first: if the removal then fails, the agent is left without
+    // grants, never a later agent with its grants.
+    let revoke = RevokeAgentGrants {
+        agent: agent.name.clone(),
+        omni_account: agent.omni_account.clone(),
+    };
+    let revoked = ask(&state.pipeline.grants, revoke, timeout, "grant actor").await??;
     ask(
         &state.pipeline.auth,
         RemoveAgent { name: name.clone() },
@@ -88,7 +101,11 @@ async fn remove_agent(
         "auth actor",
     )
     .await??;
-    tracing::info!(agent = name.as_str(), "agent removed");
+    tracing::info!(
+        agent = name.as_str(),
+        revoked,
+        "agent removed, its grants revoked"
+    );
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -293,6 +310,17 @@ async fn rotate_key(
         .call(RotateKey(body.key))
         .await?
         .map_err(ApiError::from)?;
+    // Cached sessions are re-checked against the new schedule, so none
+    // outlives the key that signed it.
+    let schedule = state.pipeline.signer.call(DescribeKeys).await?;
+    let timeout = state.pipeline.policy.send_timeout;
+    ask(
+        &state.pipeline.auth,
+        SessionKeysChanged(schedule),
+        timeout,
+        "auth actor",
+    )
+    .await?;
     tracing::info!(kind = key.kind, kid = %key.kid, activates_at = key.activates_at, "key rotated");
     Ok(HttpResponse::Created().json(key))
 }

@@ -2,9 +2,12 @@
 
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use agentkeys_actors::auth::ProofOfPossession;
-use agentkeys_actors::domain::{random_hex, sha256_hex, IdempotencyKey, ScopePath, ServiceName};
+use agentkeys_actors::domain::{
+    random_hex, sha256_hex, IdempotencyKey, InvalidInput, ScopePath, ServiceName,
+};
 use agentkeys_actors::grant::Intent;
-use agentkeys_actors::mint::{MintRequest, MINT_PATH};
+use agentkeys_actors::mint::{MintError, MintRequest, MINT_PATH};
+use agentkeys_wire::headers;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +50,7 @@ impl MintBody {
 }
 
 fn idempotency_key(request: &HttpRequest) -> Result<Option<IdempotencyKey>, ApiError> {
-    match request.headers().get("Idempotency-Key") {
+    match request.headers().get(headers::IDEMPOTENCY_KEY) {
         None => Ok(None),
         Some(value) => {
             let text = value
@@ -81,7 +84,13 @@ async fn read_body(
     }
     let mut body = Vec::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            if crate::body_deadline::timed_out(&e) {
+                ApiError::body_timed_out()
+            } else {
+                ApiError::bad_request(format!("reading the body: {e}"))
+            }
+        })?;
         if body.len() + chunk.len() > max_bytes {
             return Err(ApiError::bad_request(format!(
                 "body larger than {max_bytes} bytes"
@@ -96,13 +105,42 @@ fn proof_of_possession(
     request: &HttpRequest,
     body: &[u8],
 ) -> Result<Option<(ProofOfPossession, String)>, ApiError> {
-    let Some(header) = request.headers().get("Agentkeys-Proof") else {
+    let Some(header) = request.headers().get(headers::PROOF) else {
         return Ok(None);
     };
     let text = header
         .to_str()
         .map_err(|_| ApiError::bad_request("Agentkeys-Proof must be visible ASCII"))?;
-    Ok(Some((ProofOfPossession::parse(text)?, sha256_hex(body))))
+    let proof = ProofOfPossession::parse(text).map_err(InvalidInput::from)?;
+    Ok(Some((proof, sha256_hex(body))))
+}
+
+/// The request of an authenticated caller: body (within its size and
+/// deadline), proof header and Idempotency-Key, validated.
+async fn parse(
+    request: &HttpRequest,
+    payload: web::Payload,
+    max_body_bytes: usize,
+    session_sha256: String,
+) -> Result<MintRequest, ApiError> {
+    let raw = read_body(request, payload, max_body_bytes).await?;
+    let body: MintBody = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let proof = proof_of_possession(request, &raw)?;
+    let intent = body.intent()?;
+    if body.ttl_seconds == Some(0) {
+        return Err(ApiError::bad_request("ttl_seconds must be at least 1"));
+    }
+    let idempotency = idempotency_key(request)?.map(|key| (key, body.fingerprint()));
+    Ok(MintRequest {
+        session_sha256,
+        intent,
+        ttl_seconds: body.ttl_seconds,
+        audience: body.audience,
+        idempotency,
+        proof,
+        request_id: String::new(),
+    })
 }
 
 #[tracing::instrument(skip_all, fields(request_id, outcome))]
@@ -116,26 +154,37 @@ async fn mint_oidc_jwt(
     let span = tracing::Span::current();
     span.record("request_id", request_id.as_str());
     let bearer = bearer_token(&request)?.to_owned();
-    let raw = read_body(&request, payload, state.max_body_bytes).await?;
-    let body: MintBody = serde_json::from_slice(&raw)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
-    let proof = proof_of_possession(&request, &raw)?;
-    let intent = body.intent()?;
-    if body.ttl_seconds == Some(0) {
-        return Err(ApiError::bad_request("ttl_seconds must be at least 1"));
-    }
-    let idempotency = idempotency_key(&request)?.map(|key| (key, body.fingerprint()));
+    let session_sha256 = sha256_hex(&bearer);
+    // The session first: nobody without one gets the broker to wait for
+    // a body.
+    let client = request.peer_addr().map(|peer| peer.ip());
+    let principal = state
+        .pipeline
+        .authenticate(bearer, client)
+        .await
+        .map_err(|error| refused(&span, error))?;
+    let parsed = parse(&request, payload, state.max_body_bytes, session_sha256).await;
+    let mint = match parsed {
+        Ok(mint) => mint,
+        Err(error) => {
+            let (code, request_id) = (error.code(), request_id.clone());
+            state
+                .pipeline
+                .record_refused(&principal, request_id, code)
+                .await;
+            span.record("outcome", code.as_str());
+            return Err(error);
+        }
+    };
     let result = state
         .pipeline
-        .mint(MintRequest {
-            bearer,
-            intent,
-            ttl_seconds: body.ttl_seconds,
-            audience: body.audience,
-            idempotency,
-            proof,
-            request_id: request_id.clone(),
-        })
+        .mint(
+            principal,
+            MintRequest {
+                request_id: request_id.clone(),
+                ..mint
+            },
+        )
         .await;
     match result {
         Ok(minted) => {
@@ -145,18 +194,21 @@ async fn mint_oidc_jwt(
             tracing::debug!(jti = %minted.jti, "minted");
             let mut response = HttpResponse::Ok();
             response
-                .insert_header(("X-Request-Id", request_id))
+                .insert_header((headers::REQUEST_ID, request_id))
                 .content_type("application/json");
             if minted.replayed {
-                response.insert_header(("Idempotent-Replayed", "true"));
+                response.insert_header((headers::IDEMPOTENT_REPLAYED, "true"));
             }
             Ok(response.body(minted.body))
         }
-        Err(error) => {
-            let error = ApiError::from(error);
-            span.record("outcome", error.code().as_str());
-            tracing::info!("mint refused");
-            Err(error)
-        }
+        Err(error) => Err(refused(&span, error)),
     }
+}
+
+/// A refused mint: its code in the span and one log line.
+fn refused(span: &tracing::Span, error: MintError) -> ApiError {
+    let error = ApiError::from(error);
+    span.record("outcome", error.code().as_str());
+    tracing::info!("mint refused");
+    error
 }

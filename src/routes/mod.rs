@@ -43,6 +43,9 @@ fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
             format!("body larger than {limit} bytes")
         }
         JsonPayloadError::ContentType => "Content-Type must be application/json".to_owned(),
+        JsonPayloadError::Payload(payload) if crate::body_deadline::timed_out(payload) => {
+            return ApiError::body_timed_out().into();
+        }
         other => format!("invalid JSON body: {other}"),
     };
     ApiError::bad_request(message).into()

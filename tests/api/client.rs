@@ -33,7 +33,14 @@ async fn a_daemon_logs_in_mints_reuses_its_cache_and_reads_refusals() {
     let grant = json!({ "agent": "daemon", "service": "s3", "scope_path": "daemon/" });
     app.post("/v1/admin/grants", admin, &grant).await;
 
-    let agent = Agent::new(&app.address, key_file.clone(), state.path().to_owned()).unwrap();
+    let issuer = Some(app.settings.oidc.issuer.as_str());
+    let agent = Agent::new(
+        &app.address,
+        issuer,
+        key_file.clone(),
+        state.path().to_owned(),
+    )
+    .unwrap();
     let first = agent.mint(&intent("daemon/creds/")).await.unwrap();
     let claims = verify_against_jwks(
         &first.jwt,
@@ -62,7 +69,13 @@ async fn a_daemon_logs_in_mints_reuses_its_cache_and_reads_refusals() {
     let refused = agent.mint(&intent("daemon/new/")).await.unwrap_err();
     assert_eq!(refused.exit_code(), 3, "{refused}");
 
-    let down = Agent::new("http://127.0.0.1:9", key_file, state.path().join("down")).unwrap();
+    let down = Agent::new(
+        "http://127.0.0.1:9",
+        None,
+        key_file,
+        state.path().join("down"),
+    )
+    .unwrap();
     let unreachable = down.mint(&intent("daemon/creds/")).await.unwrap_err();
     assert!(matches!(unreachable, ClientError::Transport(_)));
     assert_eq!(unreachable.exit_code(), 5);

@@ -327,3 +327,57 @@ async fn grant_uses_survive_a_restart() {
     let spent = app.mint(&session, &intent("s3", "keep/")).await;
     assert_eq!(spent.error_code(), "grant_exhausted");
 }
+
+/// Review finding 1: a scope names a prefix. A mint for a grant's prefix
+/// without its trailing slash used to carry `bots/<o>/cred` to AWS, where
+/// `${aws:PrincipalTag/agentkeys_scope_path}*` also matches `bots/<o>/credX`.
+#[actix_web::test]
+async fn every_scope_reaches_the_jwt_and_its_tags_ending_in_a_slash() {
+    let app = spawn_app().await;
+    let agent = app.register_agent("stem").await;
+    let session = app.login(&agent).await;
+    let omni = omni_of(&session);
+    let granted = app
+        .grant(&agent, "s3", &format!("bots/{omni}/cred"), None)
+        .await;
+    assert_eq!(
+        granted["scope_path"],
+        format!("bots/{omni}/cred/"),
+        "a grant is stored as the prefix it names"
+    );
+
+    let stem = app
+        .mint(&session, &intent("s3", &format!("bots/{omni}/cred")))
+        .await;
+    assert_eq!(stem.status, StatusCode::OK, "{}", stem.body);
+    let jwks = app.jwks().await;
+    let jwt = stem.body["jwt"].as_str().unwrap();
+    let claims =
+        verify_against_jwks(jwt, &jwks, "https://broker.test", "sts.amazonaws.com").unwrap();
+    let normalised = format!("bots/{omni}/cred/");
+    assert_eq!(claims["agentkeys_scope_path"], normalised.as_str());
+    assert_eq!(
+        claims["https://aws.amazon.com/tags"]["principal_tags"]["agentkeys_scope_path"],
+        json!([normalised])
+    );
+
+    for sibling in ["credX", "credentials-prod", "cred-2/x"] {
+        let reply = app
+            .mint(&session, &intent("s3", &format!("bots/{omni}/{sibling}")))
+            .await;
+        assert_eq!(reply.error_code(), "grant_denied", "{sibling}");
+    }
+
+    // 255 bytes are fine until the slash makes them 256; one more is 400.
+    let longest = format!("{}/{}", omni, "a".repeat(255 - omni.len() - 1));
+    assert_eq!(longest.len(), 255);
+    let reply = app
+        .mint(&session, &intent("s3", &format!("{longest}a")))
+        .await;
+    assert_eq!(
+        (reply.status, reply.error_code()),
+        (StatusCode::BAD_REQUEST, "bad_request")
+    );
+    let reply = app.mint(&session, &intent("s3", &longest)).await;
+    assert_eq!(reply.error_code(), "grant_denied", "valid, but not granted");
+}

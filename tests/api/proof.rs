@@ -3,19 +3,43 @@
 
 use actix_web::http::StatusCode;
 use agentkeys_actors::domain::{now_unix, sha256_hex};
+use agentkeys_wire::signed::{ProofHeader, ProofMessage};
 use ed25519_dalek::{Signer, SigningKey};
 
 use crate::helpers::{spawn_app_with, Reply, TestApp};
 
-fn proof(key: &SigningKey, body: &str, timestamp: u64, nonce: &str) -> String {
-    let message = format!(
-        "agentkeys-pop\nPOST\n/v1/mint-oidc-jwt\n{}\n{timestamp}\n{nonce}",
-        sha256_hex(body)
-    );
-    format!(
-        "t={timestamp},n={nonce},s={}",
-        hex::encode(key.sign(message.as_bytes()).to_bytes())
+/// The test broker's issuer, which every proof names.
+const ISSUER: &str = "https://broker.test";
+
+/// A proof by `key` for `session` and `body`, for the broker `issuer`.
+fn proof_for(
+    issuer: &str,
+    key: &SigningKey,
+    session: &str,
+    body: &str,
+    timestamp: u64,
+    nonce: &str,
+) -> String {
+    let message = ProofMessage::new(
+        issuer,
+        &sha256_hex(session),
+        "POST",
+        "/v1/mint-oidc-jwt",
+        &sha256_hex(body),
+        timestamp,
+        nonce,
     )
+    .unwrap();
+    ProofHeader {
+        timestamp,
+        nonce: nonce.to_owned(),
+        signature: key.sign(message.text().as_bytes()).to_bytes(),
+    }
+    .format()
+}
+
+fn proof(key: &SigningKey, session: &str, body: &str, timestamp: u64, nonce: &str) -> String {
+    proof_for(ISSUER, key, session, body, timestamp, nonce)
 }
 
 async fn mint_with_proof(app: &TestApp, session: &str, body: &str, proof: Option<&str>) -> Reply {
@@ -56,7 +80,7 @@ async fn with_require_pop_only_the_device_key_holder_can_mint_and_proofs_do_not_
         "token alone"
     );
 
-    let good = proof(&agent.key, body, now, "nonce-0001");
+    let good = proof(&agent.key, &session, body, now, "nonce-0001");
     assert_eq!(
         mint_with_proof(&app, &session, body, Some(&good))
             .await
@@ -71,7 +95,7 @@ async fn with_require_pop_only_the_device_key_holder_can_mint_and_proofs_do_not_
     );
 
     let other_body = r#"{"ttl_seconds": 60}"#;
-    let moved = proof(&agent.key, body, now, "nonce-0002");
+    let moved = proof(&agent.key, &session, body, now, "nonce-0002");
     assert_eq!(
         mint_with_proof(&app, &session, other_body, Some(&moved))
             .await
@@ -80,7 +104,7 @@ async fn with_require_pop_only_the_device_key_holder_can_mint_and_proofs_do_not_
         "bound to its body"
     );
 
-    let stale = proof(&agent.key, body, now - 3600, "nonce-0003");
+    let stale = proof(&agent.key, &session, body, now - 3600, "nonce-0003");
     assert_eq!(
         mint_with_proof(&app, &session, body, Some(&stale))
             .await
@@ -88,7 +112,7 @@ async fn with_require_pop_only_the_device_key_holder_can_mint_and_proofs_do_not_
         StatusCode::UNAUTHORIZED,
         "stale"
     );
-    let future = proof(&agent.key, body, now + 3600, "nonce-0004");
+    let future = proof(&agent.key, &session, body, now + 3600, "nonce-0004");
     assert_eq!(
         mint_with_proof(&app, &session, body, Some(&future))
             .await
@@ -98,7 +122,7 @@ async fn with_require_pop_only_the_device_key_holder_can_mint_and_proofs_do_not_
     );
 
     let thief = SigningKey::from_bytes(&[66u8; 32]);
-    let forged = proof(&thief, body, now, "nonce-0005");
+    let forged = proof(&thief, &session, body, now, "nonce-0005");
     assert_eq!(
         mint_with_proof(&app, &session, body, Some(&forged))
             .await
@@ -120,11 +144,171 @@ async fn with_require_pop_only_the_device_key_holder_can_mint_and_proofs_do_not_
             "{malformed}"
         );
     }
-    let fresh = proof(&agent.key, body, now_unix(), "nonce-0007");
+    let fresh = proof(&agent.key, &session, body, now_unix(), "nonce-0007");
     assert_eq!(
         mint_with_proof(&app, &session, body, Some(&fresh))
             .await
             .status,
         StatusCode::OK
+    );
+}
+
+fn pop_app_settings(s: &mut agentkeys_broker::settings::Settings) {
+    s.grants.required = false;
+    s.auth.require_pop = true;
+}
+
+/// Review (suspected, confirmed): the proof bound neither the broker nor
+/// the session, so a proof lifted from one session's request minted with
+/// another session of the same agent, or at another broker.
+#[actix_web::test]
+async fn a_proof_is_good_only_for_its_session_and_its_broker() {
+    let app = spawn_app_with(pop_app_settings).await;
+    let agent = app.register_agent("bound").await;
+    let first = app.login(&agent).await;
+    let second = app.login(&agent).await;
+    let body = "{}";
+    let now = now_unix();
+
+    let for_first = proof(&agent.key, &first, body, now, "nonce-s001");
+    let moved = mint_with_proof(&app, &second, body, Some(&for_first)).await;
+    assert_eq!(moved.status, StatusCode::UNAUTHORIZED, "another session");
+    let elsewhere = proof_for(
+        "https://other.test",
+        &agent.key,
+        &second,
+        body,
+        now,
+        "nonce-s002",
+    );
+    let moved = mint_with_proof(&app, &second, body, Some(&elsewhere)).await;
+    assert_eq!(moved.status, StatusCode::UNAUTHORIZED, "another broker");
+    let mine = proof(&agent.key, &second, body, now, "nonce-s003");
+    assert_eq!(
+        mint_with_proof(&app, &second, body, Some(&mine))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+/// Review (suspected, confirmed): used proof nonces live in memory, so a
+/// proof used just before a restart replayed after it.
+#[actix_web::test]
+async fn a_proof_used_before_a_restart_does_not_replay_after_it() {
+    let app = spawn_app_with(pop_app_settings).await;
+    let agent = app.register_agent("restarted").await;
+    let session = app.login(&agent).await;
+    let body = "{}";
+    let used = proof(&agent.key, &session, body, now_unix(), "nonce-r001");
+    assert_eq!(
+        mint_with_proof(&app, &session, body, Some(&used))
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let app = app.restart();
+    let replayed = mint_with_proof(&app, &session, body, Some(&used)).await;
+    assert_eq!(
+        (replayed.status, replayed.error_code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    let fresh = proof(&agent.key, &session, body, now_unix(), "nonce-r002");
+    assert_eq!(
+        mint_with_proof(&app, &session, body, Some(&fresh))
+            .await
+            .status,
+        StatusCode::OK,
+        "the session itself survives the restart"
+    );
+}
+
+/// Review finding 3: proof nonces were taken before the signature was
+/// checked, in one store shared by every agent, and the proof ran before
+/// the rate limit: one agent's bogus proofs made everyone's valid proofs
+/// answer 503. Now a bogus proof gives its nonce back, each agent has its
+/// own bounded store, and the rate limit comes first.
+#[actix_web::test]
+async fn one_agents_bogus_proofs_never_crowd_out_another_agents_proofs() {
+    let app = spawn_app_with(|s| {
+        pop_app_settings(s);
+        s.auth.max_proof_nonces_per_agent = 4;
+        s.auth.max_pending_nonces = 4;
+        s.rate_limit.per_second = 1000;
+        s.rate_limit.burst = 1000;
+    })
+    .await;
+    let flooder = app.register_agent("flooder").await;
+    let victim = app.register_agent("victim").await;
+    let flooder_session = app.login(&flooder).await;
+    let victim_session = app.login(&victim).await;
+    let body = "{}";
+    let thief = SigningKey::from_bytes(&[66u8; 32]);
+    for i in 0..40 {
+        let bogus = proof(
+            &thief,
+            &flooder_session,
+            body,
+            now_unix(),
+            &format!("bogus-{i:04}"),
+        );
+        let reply = mint_with_proof(&app, &flooder_session, body, Some(&bogus)).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "bogus proof {i}");
+    }
+    for i in 0..4 {
+        let valid = proof(
+            &victim.key,
+            &victim_session,
+            body,
+            now_unix(),
+            &format!("victim-{i:04}"),
+        );
+        let reply = mint_with_proof(&app, &victim_session, body, Some(&valid)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    let own = proof(
+        &flooder.key,
+        &flooder_session,
+        body,
+        now_unix(),
+        "flooder-ok-1",
+    );
+    assert_eq!(
+        mint_with_proof(&app, &flooder_session, body, Some(&own))
+            .await
+            .status,
+        StatusCode::OK,
+        "bogus proofs kept no nonce, not even the flooder's own"
+    );
+}
+
+/// Review finding 3, the order: an agent over its rate is refused before
+/// its proof is looked at, so its proofs cannot fill anything.
+#[actix_web::test]
+async fn the_rate_limit_comes_before_the_proof_of_possession() {
+    let app = spawn_app_with(|s| {
+        pop_app_settings(s);
+        s.rate_limit.per_second = 1;
+        s.rate_limit.burst = 1;
+    })
+    .await;
+    let agent = app.register_agent("hasty").await;
+    let session = app.login(&agent).await;
+    let body = "{}";
+    let first = proof(&agent.key, &session, body, now_unix(), "hasty-0001");
+    assert_eq!(
+        mint_with_proof(&app, &session, body, Some(&first))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let bogus = "t=1,n=hasty-0002,s=".to_owned() + &"0".repeat(128);
+    let reply = mint_with_proof(&app, &session, body, Some(&bogus)).await;
+    assert_eq!(
+        (reply.status, reply.error_code()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        "the rate limit answers before the (stale, bogus) proof is checked"
     );
 }

@@ -49,9 +49,31 @@ pub enum Outcome {
     IdempotencyConflict,
     IdempotencyInFlight,
     BadRequest,
+    RequestTimeout,
     AuditUnavailable,
     Overloaded,
     Error,
+}
+
+impl From<ErrorCode> for Outcome {
+    /// The outcome a refusal with `code` is recorded as. Exhaustive: a new
+    /// error code cannot be audited as something else unnoticed.
+    fn from(code: ErrorCode) -> Self {
+        match code {
+            ErrorCode::Unauthorized => Self::AuthFailed,
+            ErrorCode::Forbidden => Self::Forbidden,
+            ErrorCode::RateLimited => Self::RateLimited,
+            ErrorCode::GrantDenied => Self::GrantDenied,
+            ErrorCode::GrantExhausted => Self::GrantExhausted,
+            ErrorCode::IdempotencyConflict => Self::IdempotencyConflict,
+            ErrorCode::IdempotencyInFlight => Self::IdempotencyInFlight,
+            ErrorCode::BadRequest => Self::BadRequest,
+            ErrorCode::RequestTimeout => Self::RequestTimeout,
+            ErrorCode::AuditUnavailable => Self::AuditUnavailable,
+            ErrorCode::Overloaded => Self::Overloaded,
+            ErrorCode::NotFound | ErrorCode::Conflict | ErrorCode::Internal => Self::Error,
+        }
+    }
 }
 
 impl Outcome {
@@ -68,6 +90,7 @@ impl Outcome {
             Self::IdempotencyConflict => "idempotency_conflict",
             Self::IdempotencyInFlight => "idempotency_in_flight",
             Self::BadRequest => "bad_request",
+            Self::RequestTimeout => "request_timeout",
             Self::AuditUnavailable => "audit_unavailable",
             Self::Overloaded => "overloaded",
             Self::Error => "error",

@@ -327,6 +327,26 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_stored_before_scopes_ended_in_a_slash_loads_normalised() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.redb");
+        {
+            let store = RedbGrantStore::open(&path, 1 << 20).unwrap();
+            let mut legacy = serde_json::to_value(grant("g_old", 0)).unwrap();
+            legacy["scope_path"] = "bots/o/cred".into();
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(GRANTS)
+                .unwrap()
+                .insert("g_old", legacy.to_string().as_bytes())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = RedbGrantStore::open(&path, 1 << 20).unwrap();
+        let (grants, _) = store.load().unwrap();
+        assert_eq!(grants[0].scope_path.as_str(), "bots/o/cred/");
+    }
+
+    #[test]
     fn grants_come_back_at_their_newest_state_across_journal_folds() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grants.redb");

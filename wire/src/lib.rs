@@ -1,0 +1,14 @@
+//! agentkeys-wire: what the broker and its clients must agree on byte for
+//! byte, defined once so that neither side can drift from the other.
+//!
+//! # Layout
+//! - [`paths`] and [`headers`]: the routes and header names of the contract.
+//! - [`signed`]: every message a key signs (login, proof of possession),
+//!   each beginning with its own purpose line, so one kind can never be
+//!   accepted as another, and built from typed fields that cannot add a
+//!   line: a client rebuilds what it signs instead of signing what it is
+//!   handed.
+
+pub mod headers;
+pub mod paths;
+pub mod signed;
