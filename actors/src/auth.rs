@@ -336,11 +336,15 @@ impl AuthActor {
     /// key still verifies (a rotation may have retired it since).
     fn remembered(&self, token_hash: &[u8; 32], now: u64) -> Option<&VerifiedSession> {
         let session = self.verified.get(token_hash)?;
-        let key_verifies = self
-            .session_keys
-            .get(&session.kid)
-            .is_some_and(|until| until.is_none_or(|until| now < until));
-        (session.claims.exp > now && key_verifies).then_some(session)
+        (session.claims.exp > now && self.key_verifies(&session.kid, now)).then_some(session)
+    }
+
+    /// True while the session key `kid` may verify sessions, as the last
+    /// schedule the actor learned says.
+    fn key_verifies(&self, kid: &str, now: u64) -> bool {
+        self.session_keys
+            .get(kid)
+            .is_some_and(|until| until.is_none_or(|until| now < until))
     }
 
     /// A session lives at most `session_ttl` and was issued in the past:
@@ -491,7 +495,11 @@ impl Handler<VerifySession> for AuthActor {
                 .into_actor(self)
                 .map(move |verified, actor, _| {
                     let session = verified??;
-                    actor.check_lifetime(&session.claims, now_unix())?;
+                    let now = now_unix();
+                    if !actor.key_verifies(&session.kid, now) {
+                        return Err(AuthError::Unauthorized("the session's key no longer verifies"));
+                    }
+                    actor.check_lifetime(&session.claims, now)?;
                     actor.remember(token_hash, &session);
                     actor.principal_for(&session.claims)
                 }),
@@ -699,5 +707,169 @@ impl Handler<RemoveAgent> for AuthActor {
                     Ok(())
                 }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    use actix::Addr;
+
+    use super::*;
+    use crate::keys::{KeyRing, RotationPolicy};
+    use crate::signer::{sign_session, SignerPoolSettings};
+    use crate::storage::redb_store::RedbAgentStore;
+
+    const ISSUER: &str = "https://broker.test";
+    const POLICY: RotationPolicy = RotationPolicy {
+        oidc_lead_seconds: 10,
+        oidc_publish_after_retire_seconds: 10,
+        session_overlap_seconds: 900,
+    };
+
+    fn settings(keys: Vec<KeyInfo>) -> AuthSettings {
+        AuthSettings {
+            mailbox_capacity: 64,
+            issuer: ISSUER.into(),
+            session_audience: format!("{ISSUER}/v1/session"),
+            session_ttl: Duration::from_secs(900),
+            nonce_ttl: Duration::from_secs(60),
+            max_pending_nonces: 16,
+            max_proof_nonces_per_agent: 16,
+            proof_max_skew: Duration::from_secs(60),
+            session_cache_entries: 16,
+            keys,
+        }
+    }
+
+    fn pool(dir: &std::path::Path) -> SignerPool {
+        let ring = KeyRing::load_or_generate(dir, POLICY, now_unix()).unwrap();
+        SignerPool::start(
+            ring,
+            &SignerPoolSettings {
+                threads: 1,
+                max_queued: 16,
+                timeout: Duration::from_secs(5),
+                issuer: ISSUER.into(),
+                session_audience: format!("{ISSUER}/v1/session"),
+            },
+        )
+    }
+
+    fn device_key(seed: u8) -> DevicePublicKey {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key();
+        DevicePublicKey::parse(&hex::encode(key.to_bytes())).unwrap()
+    }
+
+    /// Review finding 8: a cached session skipped the check that its key
+    /// still verifies, so a session signed by a retired (or stolen and
+    /// rotated-away) key kept working until restart.
+    #[actix::test]
+    async fn a_cached_session_stops_working_when_its_key_stops_verifying() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::load_or_generate(dir.path(), POLICY, now_unix()).unwrap();
+        let schedule = ring.describe();
+        let store = Arc::new(RedbAgentStore::open(&dir.path().join("agents.redb"), 1 << 20).unwrap());
+        let auth = AuthActor::new(settings(schedule.clone()), store, pool(dir.path()))
+            .unwrap()
+            .start();
+        let agent = auth
+            .send(RegisterAgent {
+                name: AgentName::parse("cached").unwrap(),
+                public_key: device_key(9),
+                enabled: true,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let now = now_unix();
+        let claims = SessionClaims {
+            iss: ISSUER.into(),
+            aud: format!("{ISSUER}/v1/session"),
+            sub: agent.omni_account.to_string(),
+            agent: "cached".into(),
+            device_key: agent.public_key.to_hex(),
+            iat: now,
+            exp: now + 600,
+            jti: "j".into(),
+        };
+        let token = sign_session(&ring, &claims).unwrap();
+        let verify = || VerifySession { token: token.clone() };
+        assert!(auth.send(verify()).await.unwrap().is_ok(), "verified, now cached");
+
+        let retired: Vec<KeyInfo> = schedule
+            .into_iter()
+            .map(|key| KeyInfo {
+                usable_until: Some(now.saturating_sub(1)),
+                ..key
+            })
+            .collect();
+        auth.send(SessionKeysChanged(retired)).await.unwrap();
+        assert!(
+            matches!(auth.send(verify()).await.unwrap(), Err(AuthError::Unauthorized(_))),
+            "the cache answers no longer once the key has stopped verifying"
+        );
+    }
+
+    /// An agent store whose `replace` waits until the test lets it go.
+    struct GatedStore {
+        inner: RedbAgentStore,
+        gate: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl AgentStore for GatedStore {
+        fn load_all(&self) -> Result<Vec<AgentRecord>, StorageError> {
+            self.inner.load_all()
+        }
+        fn insert(&self, agent: &AgentRecord) -> Result<(), StorageError> {
+            self.inner.insert(agent)
+        }
+        fn replace(&self, agent: &AgentRecord) -> Result<(), StorageError> {
+            let _ = self.gate.lock().unwrap().recv();
+            self.inner.replace(agent)
+        }
+        fn remove(&self, name: &AgentName) -> Result<bool, StorageError> {
+            self.inner.remove(name)
+        }
+    }
+
+    /// Review (suspected, confirmed): an enable/disable still being written
+    /// when the agent was removed put it back in the live registry.
+    #[actix::test]
+    async fn an_update_racing_a_removal_cannot_bring_the_agent_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (release, gate) = mpsc::channel();
+        let store = Arc::new(GatedStore {
+            inner: RedbAgentStore::open(&dir.path().join("agents.redb"), 1 << 20).unwrap(),
+            gate: Mutex::new(gate),
+        });
+        let ring = KeyRing::load_or_generate(dir.path(), POLICY, now_unix()).unwrap();
+        let auth: Addr<AuthActor> = AuthActor::new(settings(ring.describe()), store, pool(dir.path()))
+            .unwrap()
+            .start();
+        let name = AgentName::parse("racer").unwrap();
+        auth.send(RegisterAgent {
+            name: name.clone(),
+            public_key: device_key(5),
+            enabled: true,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+
+        let update = auth.send(SetAgentEnabled {
+            name: name.clone(),
+            enabled: false,
+        });
+        let update = actix::spawn(update);
+        actix::clock::sleep(Duration::from_millis(50)).await;
+        auth.send(RemoveAgent { name: name.clone() }).await.unwrap().unwrap();
+        release.send(()).unwrap();
+        let _ = update.await.unwrap().unwrap();
+
+        assert_eq!(auth.send(LookupAgent { name }).await.unwrap(), None);
+        assert!(auth.send(ListAgents).await.unwrap().is_empty());
     }
 }

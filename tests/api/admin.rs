@@ -148,3 +148,60 @@ async fn removing_an_agent_ends_its_sessions_and_a_disabled_agent_is_forbidden()
         (StatusCode::FORBIDDEN, "forbidden")
     );
 }
+
+/// Review finding 7: grants matched by account and were listed by name,
+/// so deleting `bob` and registering his key as `mallory` let mallory
+/// mint with bob's grant. Deleting an agent revokes its grants, kept for
+/// the audit trail and never live again.
+#[actix_web::test]
+async fn deleting_an_agent_revokes_its_grants_for_whoever_comes_next() {
+    let app = crate::helpers::spawn_app().await;
+    let admin = Some(app.admin_token.as_str());
+    let bob = app.register_agent("bob").await;
+    let grant = app.grant(&bob, "s3", "payroll/", None).await;
+    let intent = json!({ "service": "s3", "scope_path": "payroll/2026/" });
+    let session = app.login(&bob).await;
+    assert_eq!(app.mint(&session, &intent).await.status, StatusCode::OK);
+
+    let removed = app.send("DELETE", "/v1/admin/agents/bob", admin, None).await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT);
+    let id = grant["id"].as_str().unwrap();
+    let kept = app.get(&format!("/v1/admin/grants/{id}"), admin).await;
+    assert_eq!(
+        (kept.status, kept.body["revoked"].clone()),
+        (StatusCode::OK, json!(true)),
+        "kept for the audit trail, revoked"
+    );
+
+    let mallory = crate::helpers::TestAgent {
+        name: "mallory".into(),
+        key: bob.key.clone(),
+    };
+    let reply = app
+        .post(
+            "/v1/admin/agents",
+            admin,
+            &json!({ "name": "mallory", "public_key": mallory.public_key_hex() }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    let session = app.login(&mallory).await;
+    let refused = app.mint(&session, &intent).await;
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (StatusCode::FORBIDDEN, "grant_denied")
+    );
+
+    // Even bob again, same name and key, starts without grants.
+    app.send("DELETE", "/v1/admin/agents/mallory", admin, None).await;
+    let bob_again = app
+        .post(
+            "/v1/admin/agents",
+            admin,
+            &json!({ "name": "bob", "public_key": bob.public_key_hex() }),
+        )
+        .await;
+    assert_eq!(bob_again.status, StatusCode::CREATED);
+    let session = app.login(&bob).await;
+    assert_eq!(app.mint(&session, &intent).await.error_code(), "grant_denied");
+}

@@ -292,3 +292,25 @@ pub fn verify_against_jwks(
     validation.set_audience(&[audience]);
     Ok(jsonwebtoken::decode::<Value>(jwt, &key, &validation)?.claims)
 }
+
+/// The claims of a session token, as the broker signed them.
+pub fn session_claims(session: &str) -> agentkeys_actors::signer::SessionClaims {
+    use base64::Engine;
+    let payload = session.split('.').nth(1).expect("a JWT");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url");
+    serde_json::from_slice(&bytes).expect("session claims")
+}
+
+/// Signs `claims` with the broker's current session key, read from its
+/// data directory: what a thief of that key could do.
+pub fn forge_session(app: &TestApp, claims: &agentkeys_actors::signer::SessionClaims) -> String {
+    let ring = agentkeys_actors::keys::KeyRing::load_or_generate(
+        app.data_dir(),
+        app.settings.rotation_policy(),
+        agentkeys_actors::domain::now_unix(),
+    )
+    .expect("the key ring loads");
+    agentkeys_actors::signer::sign_session(&ring, claims).expect("signs")
+}

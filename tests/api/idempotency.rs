@@ -156,3 +156,30 @@ async fn replays_survive_a_restart() {
     assert_eq!(replay.raw, first.raw);
     assert_eq!(uses(&app, &grant).await, 1);
 }
+
+/// Review finding 9: a replay handed out the stored JWT after its grant
+/// was revoked. It is refused once the grant is not live.
+#[actix_web::test]
+async fn a_replay_is_refused_once_its_grant_is_revoked() {
+    let app = spawn_app().await;
+    let agent = app.register_agent("revoked-replay").await;
+    let session = app.login(&agent).await;
+    let grant = app.grant(&agent, "s3", "replay/", None).await;
+    let body = json!({ "service": "s3", "scope_path": "replay/x/" });
+    let first = mint_with_key(&app, &session, "revoke-me", &body).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let replay = mint_with_key(&app, &session, "revoke-me", &body).await;
+    assert_eq!(replay.raw, first.raw, "replayed while the grant lives");
+
+    let id = grant["id"].as_str().unwrap();
+    let revoked = app
+        .send("DELETE", &format!("/v1/admin/grants/{id}"), Some(&app.admin_token), None)
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.body);
+    let replay = mint_with_key(&app, &session, "revoke-me", &body).await;
+    assert_eq!(
+        (replay.status, replay.error_code()),
+        (StatusCode::FORBIDDEN, "grant_denied")
+    );
+    assert!(!String::from_utf8_lossy(&replay.raw).contains(first.body["jwt"].as_str().unwrap()));
+}

@@ -225,3 +225,36 @@ async fn every_mint_attempt_is_in_the_hash_chained_ledger_without_tokens() {
         "a session token reached the audit ledger"
     );
 }
+
+/// Review finding 8: `exp - iat` was never bounded, so a session forged
+/// with a stolen session key could live for years. A session lives at
+/// most `auth.session_ttl_seconds` and was issued in the past.
+#[actix_web::test]
+async fn a_session_with_a_lifetime_the_broker_never_issues_is_refused() {
+    use crate::helpers::{forge_session, session_claims};
+    let app = spawn_open_app().await;
+    let agent = app.register_agent("forged").await;
+    let real = session_claims(&app.login(&agent).await);
+
+    let like_real = forge_session(&app, &real);
+    assert_eq!(
+        app.mint(&like_real, &json!({})).await.status,
+        StatusCode::OK,
+        "the stolen key signs sessions the broker accepts"
+    );
+    let for_years = agentkeys_actors::signer::SessionClaims {
+        exp: real.iat + 10 * 365 * 86_400,
+        jti: "forged-years".into(),
+        ..real.clone()
+    };
+    let reply = app.mint(&forge_session(&app, &for_years), &json!({})).await;
+    assert_eq!((reply.status, reply.error_code()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    let from_the_future = agentkeys_actors::signer::SessionClaims {
+        iat: real.iat + 86_400,
+        exp: real.iat + 86_400 + 600,
+        jti: "forged-future".into(),
+        ..real
+    };
+    let reply = app.mint(&forge_session(&app, &from_the_future), &json!({})).await;
+    assert_eq!((reply.status, reply.error_code()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+}

@@ -5,7 +5,7 @@ use actix_web::http::StatusCode;
 use futures_util::future::join_all;
 use serde_json::json;
 
-use crate::helpers::spawn_app_with;
+use crate::helpers::{spawn_app_with, TestApp};
 
 #[actix_web::test]
 async fn a_flood_on_a_tiny_signing_pool_gets_503_overloaded_and_the_broker_recovers() {
@@ -131,5 +131,71 @@ async fn a_client_that_does_not_finish_its_request_head_is_disconnected() {
     assert!(
         text.is_empty() || text.starts_with("HTTP/1.1 408"),
         "{text}"
+    );
+}
+
+/// Sends `head` (which announces a body) and then nothing; returns what
+/// the broker answered before closing, and how long that took.
+async fn stalled_body(app: &TestApp, head: String) -> (String, std::time::Duration) {
+    use std::io::{Read, Write};
+    let address = app.address.trim_start_matches("http://").to_owned();
+    actix_web::rt::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let mut slow = std::net::TcpStream::connect(address).unwrap();
+        slow.set_read_timeout(Some(std::time::Duration::from_secs(8)))
+            .unwrap();
+        slow.write_all(head.as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        slow.read_to_end(&mut answer)
+            .expect("the broker answers and closes rather than waiting for the body");
+        (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+    })
+    .await
+    .unwrap()
+}
+
+fn head_announcing_a_body(path: &str, bearer: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+}
+
+/// Review finding 5: the mint route read the body before it looked at the
+/// bearer, with no deadline, so a few connections sending `Bearer x` and
+/// no body held a broker at `max_connections` for as long as they liked.
+#[actix_web::test]
+async fn connections_that_never_send_their_body_cannot_hold_the_broker() {
+    let app = spawn_app_with(|s| {
+        s.server.max_connections = 2;
+        s.server.request_body_timeout_ms = 500;
+    })
+    .await;
+    let stalls = (0..6).map(|_| stalled_body(&app, head_announcing_a_body("/v1/mint-oidc-jwt", "x")));
+    for (answer, waited) in futures_util::future::join_all(stalls).await {
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(waited < std::time::Duration::from_secs(3), "answered after {waited:?}");
+    }
+    let agent = app.register_agent("patient").await;
+    let session = app.login(&agent).await;
+    let (answer, waited) = stalled_body(&app, head_announcing_a_body("/v1/mint-oidc-jwt", &session)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "a session's late body: {answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(waited < std::time::Duration::from_secs(3), "answered after {waited:?}");
+    let (answer, _) = stalled_body(&app, head_announcing_a_body("/v1/auth/challenge", "x")).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "every route's body has the deadline: {answer}");
+    assert_eq!(app.get("/healthz", None).await.status, StatusCode::OK);
+
+    let audit = app.get("/v1/admin/audit?limit=100", Some(&app.admin_token)).await;
+    let outcomes: Vec<&str> = audit.body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["request_timeout"],
+        "the authenticated attempt is recorded, the six unauthenticated ones are not"
     );
 }
