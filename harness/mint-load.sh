@@ -58,6 +58,7 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 url="http://127.0.0.1:$port"
 AGENTKEYS__SERVER__BIND="127.0.0.1:$port" \
 AGENTKEYS__STORAGE__DATA_DIR="$work/data" \
+AGENTKEYS__SECRETS__SEALING_KEY_FILE="$work/sealing.key" \
 AGENTKEYS__RATE_LIMIT__PER_SECOND="$RATE" \
 AGENTKEYS__RATE_LIMIT__BURST="$RATE" \
 AGENTKEYS__RATE_LIMIT__LOGIN_PER_SECOND_PER_IP="$RATE" \

@@ -47,6 +47,7 @@ broker_port=$(free_port)
 broker_url="http://127.0.0.1:$broker_port"
 AGENTKEYS__SERVER__BIND="127.0.0.1:$broker_port" \
 AGENTKEYS__STORAGE__DATA_DIR="$work/data" \
+AGENTKEYS__SECRETS__SEALING_KEY_FILE="$work/sealing.key" \
 AGENTKEYS__OIDC__ISSUER="$broker_url" \
   "$broker_bin" serve --config config/default.toml >"$work/broker.log" 2>&1 &
 pids+=($!)

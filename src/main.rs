@@ -204,7 +204,8 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         } => {
             let scratch = Scratch::new()?;
             let mut settings = Settings::load(config.as_deref())?;
-            settings.storage.data_dir = scratch.0.clone();
+            settings.storage.data_dir = scratch.0.join("data");
+            settings.secrets.sealing_key_file = scratch.0.join("sealing.key");
             settings.rate_limit.per_second = u32::MAX;
             settings.rate_limit.burst = u32::MAX;
             let prefill = bench::Prefill {

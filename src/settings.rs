@@ -26,6 +26,7 @@ pub struct Settings {
     pub audit: AuditSettings,
     pub actors: ActorSettings,
     pub admin: AdminSettings,
+    pub secrets: SecretsSettings,
     pub log: LogSettings,
 }
 
@@ -317,6 +318,24 @@ pub struct AdminSettings {
     /// File holding the admin token; unset: `admin.token` in the data
     /// directory, generated on first start.
     pub token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsSettings {
+    /// The operator's sealing key (32 bytes, hex): seals stored replay
+    /// answers and the key ring's private keys. Outside the data
+    /// directory, mode 0600 or 0400, generated when absent; every replica
+    /// shares it. Back it up apart from the data directory.
+    pub sealing_key_file: PathBuf,
+}
+
+impl Default for SecretsSettings {
+    fn default() -> Self {
+        Self {
+            sealing_key_file: PathBuf::from("./secrets/sealing.key"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

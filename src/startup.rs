@@ -19,6 +19,7 @@ use agentkeys_actors::grant::{GrantActor, GrantSettings};
 use agentkeys_actors::keys::{KeyError, KeyRing};
 use agentkeys_actors::mint::{MintPipeline, MintPolicy};
 use agentkeys_actors::rate_limit::{self, RateLimitActor};
+use agentkeys_actors::sealing::{Sealer, SealingError};
 use agentkeys_actors::signer::{SignerPool, SignerPoolSettings};
 use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
 use agentkeys_actors::storage::StorageError;
@@ -35,6 +36,8 @@ pub enum StartupError {
     DataDir(std::io::Error),
     #[error(transparent)]
     Keys(#[from] KeyError),
+    #[error(transparent)]
+    Sealing(#[from] SealingError),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
     #[error("audit sinks: {0}")]
@@ -158,13 +161,19 @@ impl Application {
 pub fn build_pipeline(settings: &Settings) -> Result<MintPipeline, StartupError> {
     settings.validate()?;
     let data_dir = &settings.storage.data_dir;
-    std::fs::create_dir_all(data_dir).map_err(StartupError::DataDir)?;
-    let keys = KeyRing::load_or_generate(data_dir, settings.rotation_policy(), now_unix())?;
-    start_actors(settings, keys)
+    agentkeys_actors::data_dir::secure(data_dir).map_err(StartupError::DataDir)?;
+    let sealer = Sealer::load_or_generate(&settings.secrets.sealing_key_file, data_dir)?;
+    let keys =
+        KeyRing::load_or_generate(data_dir, settings.rotation_policy(), now_unix(), &sealer)?;
+    start_actors(settings, keys, sealer)
 }
 
 /// Starts the five actors and wires them into the mint pipeline.
-fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, StartupError> {
+fn start_actors(
+    settings: &Settings,
+    keys: KeyRing,
+    sealer: Sealer,
+) -> Result<MintPipeline, StartupError> {
     let data_dir = &settings.storage.data_dir;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let actors = &settings.actors;
@@ -224,6 +233,7 @@ fn start_actors(settings: &Settings, keys: KeyRing) -> Result<MintPipeline, Star
     let grant_store = Arc::new(RedbGrantStore::open(
         &data_dir.join("grants.redb"),
         settings.cache_bytes(),
+        sealer,
     )?);
     let grants = GrantActor::new(
         GrantSettings {

@@ -497,7 +497,9 @@ impl Handler<VerifySession> for AuthActor {
                     let session = verified??;
                     let now = now_unix();
                     if !actor.key_verifies(&session.kid, now) {
-                        return Err(AuthError::Unauthorized("the session's key no longer verifies"));
+                        return Err(AuthError::Unauthorized(
+                            "the session's key no longer verifies",
+                        ));
                     }
                     actor.check_lifetime(&session.claims, now)?;
                     actor.remember(token_hash, &session);
@@ -729,6 +731,10 @@ mod tests {
         session_overlap_seconds: 900,
     };
 
+    fn sealer() -> crate::sealing::Sealer {
+        crate::sealing::Sealer::from_bytes(&[9; 32]).unwrap()
+    }
+
     fn settings(keys: Vec<KeyInfo>) -> AuthSettings {
         AuthSettings {
             mailbox_capacity: 64,
@@ -745,7 +751,7 @@ mod tests {
     }
 
     fn pool(dir: &std::path::Path) -> SignerPool {
-        let ring = KeyRing::load_or_generate(dir, POLICY, now_unix()).unwrap();
+        let ring = KeyRing::load_or_generate(dir, POLICY, now_unix(), &sealer()).unwrap();
         SignerPool::start(
             ring,
             &SignerPoolSettings {
@@ -769,9 +775,10 @@ mod tests {
     #[actix::test]
     async fn a_cached_session_stops_working_when_its_key_stops_verifying() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = KeyRing::load_or_generate(dir.path(), POLICY, now_unix()).unwrap();
+        let ring = KeyRing::load_or_generate(dir.path(), POLICY, now_unix(), &sealer()).unwrap();
         let schedule = ring.describe();
-        let store = Arc::new(RedbAgentStore::open(&dir.path().join("agents.redb"), 1 << 20).unwrap());
+        let store =
+            Arc::new(RedbAgentStore::open(&dir.path().join("agents.redb"), 1 << 20).unwrap());
         let auth = AuthActor::new(settings(schedule.clone()), store, pool(dir.path()))
             .unwrap()
             .start();
@@ -796,8 +803,13 @@ mod tests {
             jti: "j".into(),
         };
         let token = sign_session(&ring, &claims).unwrap();
-        let verify = || VerifySession { token: token.clone() };
-        assert!(auth.send(verify()).await.unwrap().is_ok(), "verified, now cached");
+        let verify = || VerifySession {
+            token: token.clone(),
+        };
+        assert!(
+            auth.send(verify()).await.unwrap().is_ok(),
+            "verified, now cached"
+        );
 
         let retired: Vec<KeyInfo> = schedule
             .into_iter()
@@ -808,7 +820,10 @@ mod tests {
             .collect();
         auth.send(SessionKeysChanged(retired)).await.unwrap();
         assert!(
-            matches!(auth.send(verify()).await.unwrap(), Err(AuthError::Unauthorized(_))),
+            matches!(
+                auth.send(verify()).await.unwrap(),
+                Err(AuthError::Unauthorized(_))
+            ),
             "the cache answers no longer once the key has stopped verifying"
         );
     }
@@ -845,10 +860,11 @@ mod tests {
             inner: RedbAgentStore::open(&dir.path().join("agents.redb"), 1 << 20).unwrap(),
             gate: Mutex::new(gate),
         });
-        let ring = KeyRing::load_or_generate(dir.path(), POLICY, now_unix()).unwrap();
-        let auth: Addr<AuthActor> = AuthActor::new(settings(ring.describe()), store, pool(dir.path()))
-            .unwrap()
-            .start();
+        let ring = KeyRing::load_or_generate(dir.path(), POLICY, now_unix(), &sealer()).unwrap();
+        let auth: Addr<AuthActor> =
+            AuthActor::new(settings(ring.describe()), store, pool(dir.path()))
+                .unwrap()
+                .start();
         let name = AgentName::parse("racer").unwrap();
         auth.send(RegisterAgent {
             name: name.clone(),
@@ -865,7 +881,10 @@ mod tests {
         });
         let update = actix::spawn(update);
         actix::clock::sleep(Duration::from_millis(50)).await;
-        auth.send(RemoveAgent { name: name.clone() }).await.unwrap().unwrap();
+        auth.send(RemoveAgent { name: name.clone() })
+            .await
+            .unwrap()
+            .unwrap();
         release.send(()).unwrap();
         let _ = update.await.unwrap().unwrap();
 

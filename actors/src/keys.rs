@@ -1,7 +1,9 @@
 //! The broker's own signing keys, as a key ring that rotates with overlap:
 //! ES256 keys that sign OIDC JWTs (what AWS verifies through the JWKS) and
 //! Ed25519 keys that sign session JWTs. Kept in `keyring.json` (0600) in the
-//! data directory, generated on first start, reused after.
+//! data directory, generated on first start, reused after; every private
+//! key in it is sealed with the operator's sealing key (a ring written
+//! before sealing is sealed when first loaded).
 //!
 //! An OIDC key is published a lead time before it starts signing (verifiers
 //! cache the JWKS), signs until a newer key activates, and stays published
@@ -24,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::domain::{sha256_hex, ErrorCode};
+use crate::sealing::{Sealer, SealingError};
 
 pub const KEYRING_FILE: &str = "keyring.json";
 /// Published OIDC keys at most (current, pending and retiring): the JWKS
@@ -41,6 +44,8 @@ pub enum KeyError {
     Invalid(String),
     #[error("{MAX_OIDC_KEYS} OIDC keys are already published; wait for a retired one to leave")]
     TooManyKeys,
+    #[error("key ring: {0}")]
+    Sealing(#[from] SealingError),
 }
 
 impl KeyError {
@@ -64,16 +69,47 @@ pub struct RotationPolicy {
     pub session_overlap_seconds: u64,
 }
 
-/// A key as stored: PKCS#8, base64.
+/// A key as stored: its PKCS#8 sealed (bound to its kind and kid).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct StoredKey {
     kid: String,
-    pkcs8: String,
+    /// Plain base64 PKCS#8, as rings before sealing kept it; read once,
+    /// then written back sealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pkcs8: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sealed_pkcs8: Option<String>,
     created_at: u64,
     activates_at: u64,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+impl StoredKey {
+    /// What the sealed key is bound to: a sealed key moved to another
+    /// place in the ring does not open there.
+    fn sealed_as(kind: &str, kid: &str) -> String {
+        format!("keyring {kind} {kid}")
+    }
+
+    /// The PKCS#8 DER, opened (or read plain from an old ring), and the
+    /// key as it must be stored from now on.
+    fn open(mut self, kind: &str, sealer: &Sealer) -> Result<(Vec<u8>, Self), KeyError> {
+        let what = Self::sealed_as(kind, &self.kid);
+        let der = match (&self.sealed_pkcs8, &self.pkcs8) {
+            (Some(sealed), _) => sealer.open(&what, sealed)?,
+            (None, Some(plain)) => STANDARD
+                .decode(plain)
+                .map_err(|_| KeyError::Invalid(KEYRING_FILE.into()))?,
+            (None, None) => return Err(KeyError::Invalid(KEYRING_FILE.into())),
+        };
+        if self.sealed_pkcs8.is_none() {
+            self.sealed_pkcs8 = Some(sealer.seal(&what, &der)?);
+        }
+        self.pkcs8 = None;
+        Ok((der, self))
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct StoredRing {
     oidc: Vec<StoredKey>,
     session: Vec<StoredKey>,
@@ -132,6 +168,8 @@ pub struct KeyInfo {
 pub struct KeyRing {
     file: PathBuf,
     policy: RotationPolicy,
+    /// Seals every private key before it is written.
+    sealer: Sealer,
     stored: StoredRing,
     /// Oldest first, as stored.
     oidc: Vec<OidcKey>,
@@ -145,13 +183,14 @@ impl KeyRing {
         dir: &Path,
         policy: RotationPolicy,
         now: u64,
+        sealer: &Sealer,
     ) -> Result<Self, KeyError> {
         let file = dir.join(KEYRING_FILE);
         let io = |source| KeyError::Io {
             file: KEYRING_FILE.into(),
             source,
         };
-        let stored = match fs::read(&file) {
+        let stored: StoredRing = match fs::read(&file) {
             Ok(bytes) => {
                 fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).map_err(io)?;
                 serde_json::from_slice(&bytes)
@@ -163,23 +202,34 @@ impl KeyRing {
         let mut ring = Self {
             file,
             policy,
+            sealer: sealer.clone(),
             stored: StoredRing::default(),
             oidc: Vec::new(),
             session: Vec::new(),
         };
+        let unsealed = stored
+            .oidc
+            .iter()
+            .chain(&stored.session)
+            .any(|k| k.sealed_pkcs8.is_none());
         for key in stored.oidc {
-            ring.add_oidc(key)?;
+            let (der, stored) = key.open("oidc", sealer)?;
+            ring.add_oidc(&der, stored)?;
         }
         for key in stored.session {
-            ring.add_session(key)?;
+            let (der, stored) = key.open("session", sealer)?;
+            ring.add_session(&der, stored)?;
         }
-        let mut changed = false;
+        let mut changed = unsealed;
+        if unsealed {
+            tracing::warn!("the key ring held plain private keys; they are sealed now");
+        }
         if ring.oidc.is_empty() {
-            ring.add_oidc(new_oidc_key(now, now)?)?;
+            ring.rotate_in_oidc(now, now)?;
             changed = true;
         }
         if ring.session.is_empty() {
-            ring.add_session(new_session_key(now)?)?;
+            ring.rotate_in_session(now)?;
             changed = true;
         }
         if changed {
@@ -188,16 +238,62 @@ impl KeyRing {
         Ok(ring)
     }
 
-    fn add_oidc(&mut self, stored: StoredKey) -> Result<(), KeyError> {
-        self.oidc.push(parse_stored(&stored, oidc_key)?);
+    fn add_oidc(&mut self, der: &[u8], stored: StoredKey) -> Result<(), KeyError> {
+        let key = oidc_key(der, stored.activates_at)
+            .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))?;
+        self.oidc.push(key);
         self.stored.oidc.push(stored);
         Ok(())
     }
 
-    fn add_session(&mut self, stored: StoredKey) -> Result<(), KeyError> {
-        self.session.push(parse_stored(&stored, session_key)?);
+    fn add_session(&mut self, der: &[u8], stored: StoredKey) -> Result<(), KeyError> {
+        let key = session_key(der, stored.activates_at)
+            .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))?;
+        self.session.push(key);
         self.stored.session.push(stored);
         Ok(())
+    }
+
+    /// Generates an OIDC key signing from `activates_at` and adds it.
+    fn rotate_in_oidc(&mut self, now: u64, activates_at: u64) -> Result<(), KeyError> {
+        let der = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
+            .and_then(|k| k.to_pkcs8v1())
+            .map_err(|_| KeyError::Invalid("a new ES256 key".into()))?;
+        let kid = oidc_key(der.as_ref(), activates_at)
+            .expect("a fresh key parses")
+            .kid;
+        let stored = self.stored_key("oidc", kid, der.as_ref(), now, activates_at)?;
+        self.add_oidc(der.as_ref(), stored)
+    }
+
+    /// Generates a session key signing from `activates_at` and adds it.
+    fn rotate_in_session(&mut self, activates_at: u64) -> Result<(), KeyError> {
+        let der = Ed25519KeyPair::generate()
+            .and_then(|k| k.to_pkcs8())
+            .map_err(|_| KeyError::Invalid("a new Ed25519 key".into()))?;
+        let kid = session_key(der.as_ref(), activates_at)
+            .expect("a fresh key parses")
+            .kid;
+        let stored = self.stored_key("session", kid, der.as_ref(), activates_at, activates_at)?;
+        self.add_session(der.as_ref(), stored)
+    }
+
+    fn stored_key(
+        &self,
+        kind: &str,
+        kid: String,
+        der: &[u8],
+        created_at: u64,
+        activates_at: u64,
+    ) -> Result<StoredKey, KeyError> {
+        let sealed = self.sealer.seal(&StoredKey::sealed_as(kind, &kid), der)?;
+        Ok(StoredKey {
+            kid,
+            pkcs8: None,
+            sealed_pkcs8: Some(sealed),
+            created_at,
+            activates_at,
+        })
     }
 
     /// Writes the ring through a temporary file (0600), then renames it.
@@ -291,7 +387,7 @@ impl KeyRing {
         let latest = self.oidc.last().map_or(now, |k| k.activates_at);
         // Never before the latest pending key: activation order is rotation order.
         let activates_at = (now + self.policy.oidc_lead_seconds).max(latest + 1);
-        self.add_oidc(new_oidc_key(now, activates_at)?)?;
+        self.rotate_in_oidc(now, activates_at)?;
         self.persist()?;
         Ok(self
             .describe()
@@ -306,7 +402,7 @@ impl KeyRing {
     pub fn rotate_session(&mut self, now: u64) -> Result<KeyInfo, KeyError> {
         self.forget_expired(now);
         let activates_at = self.signing_session().activates_at.max(now);
-        self.add_session(new_session_key(activates_at)?)?;
+        self.rotate_in_session(activates_at)?;
         self.persist()?;
         Ok(self.describe().into_iter().last().expect("just added"))
     }
@@ -330,51 +426,12 @@ impl KeyRing {
     }
 }
 
-/// A stored key's PKCS#8, parsed by `parse`.
-fn parse_stored<K>(stored: &StoredKey, parse: fn(&[u8], u64) -> Option<K>) -> Result<K, KeyError> {
-    STANDARD
-        .decode(&stored.pkcs8)
-        .ok()
-        .and_then(|der| parse(&der, stored.activates_at))
-        .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))
-}
-
 fn retain_by<T>(items: &mut Vec<T>, keep: &[bool]) {
     let mut index = 0;
     items.retain(|_| {
         index += 1;
         keep[index - 1]
     });
-}
-
-fn new_oidc_key(now: u64, activates_at: u64) -> Result<StoredKey, KeyError> {
-    let der = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
-        .and_then(|k| k.to_pkcs8v1())
-        .map_err(|_| KeyError::Invalid("a new ES256 key".into()))?;
-    let kid = oidc_key(der.as_ref(), activates_at)
-        .expect("a fresh key parses")
-        .kid;
-    Ok(StoredKey {
-        kid,
-        pkcs8: STANDARD.encode(der.as_ref()),
-        created_at: now,
-        activates_at,
-    })
-}
-
-fn new_session_key(now: u64) -> Result<StoredKey, KeyError> {
-    let der = Ed25519KeyPair::generate()
-        .and_then(|k| k.to_pkcs8())
-        .map_err(|_| KeyError::Invalid("a new Ed25519 key".into()))?;
-    let kid = session_key(der.as_ref(), now)
-        .expect("a fresh key parses")
-        .kid;
-    Ok(StoredKey {
-        kid,
-        pkcs8: STANDARD.encode(der.as_ref()),
-        created_at: now,
-        activates_at: now,
-    })
 }
 
 fn oidc_key(der: &[u8], activates_at: u64) -> Option<OidcKey> {
@@ -432,6 +489,10 @@ mod tests {
         session_overlap_seconds: 30,
     };
 
+    fn sealer() -> Sealer {
+        Sealer::from_bytes(&[9; 32]).unwrap()
+    }
+
     fn kids(jwks: &serde_json::Value) -> Vec<String> {
         jwks["keys"]
             .as_array()
@@ -444,13 +505,13 @@ mod tests {
     #[test]
     fn the_ring_is_generated_once_owner_only_and_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let first = KeyRing::load_or_generate(dir.path(), POLICY, 1000).unwrap();
+        let first = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
         let mode = fs::metadata(dir.path().join(KEYRING_FILE))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let second = KeyRing::load_or_generate(dir.path(), POLICY, 2000).unwrap();
+        let second = KeyRing::load_or_generate(dir.path(), POLICY, 2000, &sealer()).unwrap();
         assert_eq!(first.signing_oidc(2000).kid, second.signing_oidc(2000).kid);
         assert_eq!(first.signing_session().kid, second.signing_session().kid);
     }
@@ -458,7 +519,7 @@ mod tests {
     #[test]
     fn an_oidc_key_is_published_before_it_signs_and_after_it_retires() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000).unwrap();
+        let mut ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
         let old = ring.signing_oidc(1000).kid.clone();
         let new = ring.rotate_oidc(1000).unwrap();
         assert_eq!(new.activates_at, 1100);
@@ -484,7 +545,7 @@ mod tests {
             "then it leaves"
         );
 
-        let reloaded = KeyRing::load_or_generate(dir.path(), POLICY, 1200).unwrap();
+        let reloaded = KeyRing::load_or_generate(dir.path(), POLICY, 1200, &sealer()).unwrap();
         assert_eq!(
             reloaded.signing_oidc(1200).kid,
             new.kid,
@@ -495,7 +556,7 @@ mod tests {
     #[test]
     fn a_retired_session_key_verifies_only_while_its_sessions_live() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000).unwrap();
+        let mut ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
         let old = ring.signing_session().kid.clone();
         let new = ring.rotate_session(1010).unwrap();
         assert_eq!(ring.signing_session().kid, new.kid);
@@ -508,7 +569,7 @@ mod tests {
     #[test]
     fn the_jwks_stays_small() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000).unwrap();
+        let mut ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
         for _ in 1..MAX_OIDC_KEYS {
             ring.rotate_oidc(1000).unwrap();
         }
@@ -518,12 +579,73 @@ mod tests {
         assert!(ring.jwks(100_000)["keys"].as_array().unwrap().len() <= 2);
     }
 
+    /// Review finding 2: the ring kept its private keys as plain PKCS#8,
+    /// so a copy of the data directory could sign JWTs.
+    #[test]
+    fn private_keys_are_sealed_and_open_only_with_the_sealing_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        ring.rotate_session(1000).unwrap();
+        let stored: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join(KEYRING_FILE)).unwrap()).unwrap();
+        for key in stored["oidc"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(stored["session"].as_array().unwrap())
+        {
+            assert!(key.get("pkcs8").is_none(), "no plain key: {key}");
+            assert!(key["sealed_pkcs8"]
+                .as_str()
+                .unwrap()
+                .starts_with("sealed:v1:"));
+        }
+        let thief = Sealer::from_bytes(&[7; 32]).unwrap();
+        assert!(matches!(
+            KeyRing::load_or_generate(dir.path(), POLICY, 1000, &thief),
+            Err(KeyError::Sealing(_))
+        ));
+    }
+
+    #[test]
+    fn a_ring_written_before_sealing_keeps_its_keys_and_is_sealed_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let (oidc, session) = (
+            ring.signing_oidc(1000).kid.clone(),
+            ring.signing_session().kid.clone(),
+        );
+        // Write the ring back the way older versions did: plain PKCS#8.
+        let mut legacy = ring.stored.clone();
+        for (kind, keys) in [("oidc", &mut legacy.oidc), ("session", &mut legacy.session)] {
+            for key in keys.iter_mut() {
+                let what = StoredKey::sealed_as(kind, &key.kid);
+                let der = sealer()
+                    .open(&what, key.sealed_pkcs8.as_ref().unwrap())
+                    .unwrap();
+                key.pkcs8 = Some(STANDARD.encode(der));
+                key.sealed_pkcs8 = None;
+            }
+        }
+        fs::write(
+            dir.path().join(KEYRING_FILE),
+            serde_json::to_vec(&legacy).unwrap(),
+        )
+        .unwrap();
+
+        let migrated = KeyRing::load_or_generate(dir.path(), POLICY, 2000, &sealer()).unwrap();
+        assert_eq!(migrated.signing_oidc(2000).kid, oidc);
+        assert_eq!(migrated.signing_session().kid, session);
+        let text = fs::read_to_string(dir.path().join(KEYRING_FILE)).unwrap();
+        assert!(!text.contains("\"pkcs8\""), "written back sealed: {text}");
+    }
+
     #[test]
     fn a_corrupt_ring_is_refused_not_replaced() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(KEYRING_FILE), b"garbage").unwrap();
         assert!(matches!(
-            KeyRing::load_or_generate(dir.path(), POLICY, 1000),
+            KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()),
             Err(KeyError::Invalid(_))
         ));
         assert_eq!(fs::read(dir.path().join(KEYRING_FILE)).unwrap(), b"garbage");

@@ -6,7 +6,11 @@
 //!   the stable error codes every layer reports in.
 //! - [`backpressure`]: bounded sends; a full mailbox or pool becomes `Overloaded`.
 //! - [`keys`]: the key ring (OIDC ES256 and session Ed25519 keys, rotated
-//!   with overlap), on disk 0600, generated on first start.
+//!   with overlap), on disk 0600 with its private keys sealed, generated on
+//!   first start.
+//! - [`sealing`]: the operator's sealing key (outside the data directory)
+//!   and what is sealed with it: private keys and stored replay answers.
+//! - [`data_dir`]: the data directory 0700 and every file in it 0600.
 //! - [`signer`]: `SignerActor`, the `SyncArbiter` pool that does all signing
 //!   and signature checks, behind an admission semaphore (`SignerPool`).
 //! - [`auth`]: `AuthActor`, the agent registry, login nonces, sessions
@@ -24,10 +28,12 @@
 pub mod audit;
 pub mod auth;
 pub mod backpressure;
+pub mod data_dir;
 pub mod domain;
 pub mod grant;
 pub mod keys;
 pub mod mint;
 pub mod rate_limit;
+pub mod sealing;
 pub mod signer;
 pub mod storage;

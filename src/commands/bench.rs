@@ -20,6 +20,7 @@ use agentkeys_actors::grant::{CreateGrant, GrantSpec, Intent};
 use agentkeys_actors::keys::KeyRing;
 use agentkeys_actors::mint::{MintPipeline, MintRequest};
 use agentkeys_actors::rate_limit::{CheckRate, RateLimitActor, RateLimitSettings, TrackedKeys};
+use agentkeys_actors::sealing::Sealer;
 use agentkeys_actors::signer::{
     session_validation, sign_session, verify_session, AwsSessionTags, OidcClaims, SessionClaims,
 };
@@ -44,7 +45,10 @@ pub struct CryptoLimit {
 /// Runs each measurement for `seconds / 2` on one thread per core.
 pub fn crypto_limit(scratch: &Path, seconds: f64) -> Result<CryptoLimit, StartupError> {
     let settings = Settings::default();
-    let ring = KeyRing::load_or_generate(scratch, settings.rotation_policy(), now_unix())?;
+    let mut throwaway = [0u8; 32];
+    hex::decode_to_slice(random_hex(32), &mut throwaway).expect("64 hex characters");
+    let sealer = Sealer::from_bytes(&throwaway)?;
+    let ring = KeyRing::load_or_generate(scratch, settings.rotation_policy(), now_unix(), &sealer)?;
     let issuer = settings.oidc.issuer.clone();
     let audience = settings.session_audience();
     let now = now_unix();

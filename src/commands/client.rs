@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use agentkeys_wire::paths;
+use agentkeys_wire::signed::LoginMessage;
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::{json, Value};
 
@@ -15,6 +17,8 @@ pub enum ClientError {
         code: String,
         message: String,
     },
+    #[error("refusing to sign the broker's login challenge: {0}")]
+    ForeignChallenge(String),
 }
 
 pub struct BrokerClient {
@@ -70,23 +74,42 @@ impl BrokerClient {
         }
     }
 
-    /// Challenge, sign with the device key, verify: returns the session token.
+    /// Challenge, sign with the device key, verify: returns the session
+    /// token. It signs only the login message it rebuilt itself for the
+    /// issuer the broker's discovery names (these are the load tool's
+    /// throwaway keys; the daemon client pins its issuer instead).
     pub async fn login(&self, device_key: &SigningKey) -> Result<String, ClientError> {
         let public_key = hex::encode(device_key.verifying_key().to_bytes());
+        let discovery = self
+            .call("GET", "/.well-known/openid-configuration", None, None)
+            .await?;
+        let issuer = discovery["issuer"].as_str().unwrap_or_default();
         let challenge = self
             .call(
                 "POST",
-                "/v1/auth/challenge",
+                paths::CHALLENGE,
                 None,
                 Some(&json!({ "public_key": public_key })),
             )
             .await?;
-        let message = challenge["message"].as_str().unwrap_or_default();
-        let signature = device_key.sign(message.as_bytes());
+        let expected = LoginMessage::new(
+            issuer,
+            &public_key,
+            challenge["nonce"].as_str().unwrap_or_default(),
+            challenge["expires_at"].as_u64().unwrap_or_default(),
+        )
+        .map_err(|e| ClientError::ForeignChallenge(e.to_string()))?
+        .text();
+        if challenge["message"].as_str() != Some(expected.as_str()) {
+            return Err(ClientError::ForeignChallenge(
+                "its message is not this key's login message".into(),
+            ));
+        }
+        let signature = device_key.sign(expected.as_bytes());
         let session = self
             .call(
                 "POST",
-                "/v1/auth/verify",
+                paths::VERIFY,
                 None,
                 Some(&json!({
                     "public_key": public_key,

@@ -163,7 +163,9 @@ async fn deleting_an_agent_revokes_its_grants_for_whoever_comes_next() {
     let session = app.login(&bob).await;
     assert_eq!(app.mint(&session, &intent).await.status, StatusCode::OK);
 
-    let removed = app.send("DELETE", "/v1/admin/agents/bob", admin, None).await;
+    let removed = app
+        .send("DELETE", "/v1/admin/agents/bob", admin, None)
+        .await;
     assert_eq!(removed.status, StatusCode::NO_CONTENT);
     let id = grant["id"].as_str().unwrap();
     let kept = app.get(&format!("/v1/admin/grants/{id}"), admin).await;
@@ -193,7 +195,8 @@ async fn deleting_an_agent_revokes_its_grants_for_whoever_comes_next() {
     );
 
     // Even bob again, same name and key, starts without grants.
-    app.send("DELETE", "/v1/admin/agents/mallory", admin, None).await;
+    app.send("DELETE", "/v1/admin/agents/mallory", admin, None)
+        .await;
     let bob_again = app
         .post(
             "/v1/admin/agents",
@@ -203,5 +206,8 @@ async fn deleting_an_agent_revokes_its_grants_for_whoever_comes_next() {
         .await;
     assert_eq!(bob_again.status, StatusCode::CREATED);
     let session = app.login(&bob).await;
-    assert_eq!(app.mint(&session, &intent).await.error_code(), "grant_denied");
+    assert_eq!(
+        app.mint(&session, &intent).await.error_code(),
+        "grant_denied"
+    );
 }

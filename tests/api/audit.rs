@@ -347,20 +347,42 @@ async fn unauthenticated_attempts_cost_no_record_and_are_throttled_per_address()
     .await;
     let (session, _) = agent_with_grant(&app, "neighbour", None).await;
     let mut statuses = Vec::new();
-    for bearer in ["x", "not-a-jwt", "a.b.c", "eyJhbGciOiJub25lIn0.e30.", "x", "x"] {
+    for bearer in [
+        "x",
+        "not-a-jwt",
+        "a.b.c",
+        "eyJhbGciOiJub25lIn0.e30.",
+        "x",
+        "x",
+    ] {
         let reply = app.mint(bearer, &intent()).await;
         statuses.push((reply.status.as_u16(), reply.error_code().to_owned()));
     }
     for (i, (status, code)) in statuses.iter().enumerate() {
-        let expected = if i < 3 { (401, "unauthorized") } else { (429, "rate_limited") };
+        let expected = if i < 3 {
+            (401, "unauthorized")
+        } else {
+            (429, "rate_limited")
+        };
         assert_eq!((*status, code.as_str()), expected, "{statuses:?}");
     }
     let throttled = app.mint("x", &intent()).await;
     assert!(throttled.headers.contains_key("retry-after"));
 
     let minted = app.mint(&session, &intent()).await;
-    assert_eq!(minted.status, StatusCode::OK, "a valid session from the same address");
+    assert_eq!(
+        minted.status,
+        StatusCode::OK,
+        "a valid session from the same address"
+    );
     let records = audit_records(&app).await;
-    let outcomes: Vec<&str> = records.iter().map(|r| r["outcome"].as_str().unwrap()).collect();
-    assert_eq!(outcomes, ["ok"], "only the authenticated attempt has a record");
+    let outcomes: Vec<&str> = records
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["ok"],
+        "only the authenticated attempt has a record"
+    );
 }

@@ -32,7 +32,7 @@ async fn kill_9_during_a_burst_loses_no_released_jwt() {
         received.len()
     );
 
-    let mut broker = start_broker(run.dir.path(), run.port);
+    let mut broker = start_broker(&run.data, run.port);
     wait_ready(&base).await;
     let audited = audited_jtis(&base, &run.admin).await;
     let missing: Vec<_> = received
@@ -65,7 +65,7 @@ async fn kill_9_during_a_burst_loses_no_released_jwt() {
 
     broker.kill().unwrap();
     broker.wait().unwrap();
-    let (ok, report) = verify_offline(run.dir.path());
+    let (ok, report) = verify_offline(&run.data);
     assert!(ok, "audit verify: {report}");
     eprintln!(
         "after restart: {} audit records verify, {} grant uses",

@@ -17,9 +17,9 @@ fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
 }
 
 /// A session token with the real header and `claims`, signed by `der`.
-fn session_signed_with(real: &str, claims: &Value, der: &[u8]) -> String {
+fn session_signed_with(real: &str, claims: &Value, key: &EncodingKey) -> String {
     let header: Header = jsonwebtoken::decode_header(real).unwrap();
-    jsonwebtoken::encode(&header, claims, &EncodingKey::from_ed_der(der)).unwrap()
+    jsonwebtoken::encode(&header, claims, key).unwrap()
 }
 
 fn claims_of(token: &str) -> Value {
@@ -69,17 +69,14 @@ async fn bad_bearer_tokens_are_401_unauthorized() {
     )
     .await;
 
-    let ring: Value =
-        serde_json::from_slice(&std::fs::read(app.data_file("keyring.json")).unwrap()).unwrap();
-    let session_key = base64::engine::general_purpose::STANDARD
-        .decode(ring["session"][0]["pkcs8"].as_str().unwrap())
-        .unwrap();
+    let ring = crate::helpers::stolen_key_ring(&app);
+    let session_key = &ring.signing_session().encoding;
     // Control: the forging helper itself makes tokens the broker accepts.
-    let resigned = session_signed_with(&session, &real_claims, &session_key);
+    let resigned = session_signed_with(&session, &real_claims, session_key);
     assert_eq!(app.mint(&resigned, &json!({})).await.status, StatusCode::OK);
     let mut expired = real_claims.clone();
     expired["exp"] = json!(expired["iat"].as_u64().unwrap() - 10);
-    let expired = session_signed_with(&session, &expired, &session_key);
+    let expired = session_signed_with(&session, &expired, session_key);
     assert_mint_refused(
         &app,
         &expired,
@@ -89,7 +86,11 @@ async fn bad_bearer_tokens_are_401_unauthorized() {
     )
     .await;
 
-    let foreign = session_signed_with(&session, &real_claims, &ed25519_pkcs8(&[9u8; 32]));
+    let foreign = session_signed_with(
+        &session,
+        &real_claims,
+        &EncodingKey::from_ed_der(&ed25519_pkcs8(&[9u8; 32])),
+    );
     assert_mint_refused(
         &app,
         &foreign,
@@ -101,7 +102,7 @@ async fn bad_bearer_tokens_are_401_unauthorized() {
 
     let mut wrong_audience = real_claims.clone();
     wrong_audience["aud"] = json!("sts.amazonaws.com");
-    let wrong_audience = session_signed_with(&session, &wrong_audience, &session_key);
+    let wrong_audience = session_signed_with(&session, &wrong_audience, session_key);
     assert_mint_refused(
         &app,
         &wrong_audience,

@@ -67,7 +67,8 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = Settings::default();
     settings.server.bind = "127.0.0.1:0".into();
     settings.server.workers = 2;
-    settings.storage.data_dir = dir.path().to_owned();
+    settings.storage.data_dir = dir.path().join("data");
+    settings.secrets.sealing_key_file = dir.path().join("secrets/sealing.key");
     settings.oidc.issuer = "https://broker.test".into();
     // Every test logs in from 127.0.0.1; the login limit has its own test.
     settings.rate_limit.login_per_second_per_ip = 10_000;
@@ -249,6 +250,25 @@ impl TestApp {
         self.post("/v1/mint-oidc-jwt", Some(session), body).await
     }
 
+    /// A mint with an `Idempotency-Key`.
+    pub async fn mint_with_key(&self, session: &str, key: &str, body: &Value) -> Reply {
+        let client = awc::Client::default();
+        let mut response = client
+            .post(self.url("/v1/mint-oidc-jwt"))
+            .insert_header(("Authorization", format!("Bearer {session}")))
+            .insert_header(("Idempotency-Key", key))
+            .send_json(body)
+            .await
+            .unwrap();
+        let bytes = response.body().await.unwrap();
+        Reply {
+            status: response.status(),
+            headers: response.headers().clone(),
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            raw: bytes.to_vec(),
+        }
+    }
+
     pub async fn jwks(&self) -> JwkSet {
         let reply = self.get("/.well-known/jwks.json", None).await;
         assert_eq!(reply.status, StatusCode::OK);
@@ -303,14 +323,25 @@ pub fn session_claims(session: &str) -> agentkeys_actors::signer::SessionClaims 
     serde_json::from_slice(&bytes).expect("session claims")
 }
 
-/// Signs `claims` with the broker's current session key, read from its
-/// data directory: what a thief of that key could do.
-pub fn forge_session(app: &TestApp, claims: &agentkeys_actors::signer::SessionClaims) -> String {
-    let ring = agentkeys_actors::keys::KeyRing::load_or_generate(
+/// The broker's key ring as a thief holding both the data directory and
+/// the sealing key would have it.
+pub fn stolen_key_ring(app: &TestApp) -> agentkeys_actors::keys::KeyRing {
+    let sealer = agentkeys_actors::sealing::Sealer::load_or_generate(
+        &app.settings.secrets.sealing_key_file,
+        app.data_dir(),
+    )
+    .expect("the sealing key loads");
+    agentkeys_actors::keys::KeyRing::load_or_generate(
         app.data_dir(),
         app.settings.rotation_policy(),
         agentkeys_actors::domain::now_unix(),
+        &sealer,
     )
-    .expect("the key ring loads");
-    agentkeys_actors::signer::sign_session(&ring, claims).expect("signs")
+    .expect("the key ring loads")
+}
+
+/// Signs `claims` with the broker's current session key: what a thief of
+/// that key could do.
+pub fn forge_session(app: &TestApp, claims: &agentkeys_actors::signer::SessionClaims) -> String {
+    agentkeys_actors::signer::sign_session(&stolen_key_ring(app), claims).expect("signs")
 }

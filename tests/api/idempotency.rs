@@ -4,25 +4,7 @@ use actix_web::http::StatusCode;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app, Reply, TestApp};
-
-async fn mint_with_key(app: &TestApp, session: &str, key: &str, body: &Value) -> Reply {
-    let client = awc::Client::default();
-    let mut response = client
-        .post(app.url("/v1/mint-oidc-jwt"))
-        .insert_header(("Authorization", format!("Bearer {session}")))
-        .insert_header(("Idempotency-Key", key))
-        .send_json(body)
-        .await
-        .unwrap();
-    let bytes = response.body().await.unwrap();
-    Reply {
-        status: response.status(),
-        headers: response.headers().clone(),
-        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        raw: bytes.to_vec(),
-    }
-}
+use crate::helpers::{spawn_app, TestApp};
 
 async fn uses(app: &TestApp, grant: &Value) -> u64 {
     let id = grant["id"].as_str().unwrap();
@@ -41,31 +23,31 @@ async fn a_replay_returns_the_same_bytes_with_the_header_and_consumes_nothing() 
     let grant = app.grant(&agent, "s3", "jobs/", Some(5)).await;
     let body = json!({ "service": "s3", "scope_path": "jobs/42/" });
 
-    let first = mint_with_key(&app, &session, "job-42", &body).await;
+    let first = app.mint_with_key(&session, "job-42", &body).await;
     assert_eq!(first.status, StatusCode::OK);
     assert!(first.headers.get("idempotent-replayed").is_none());
     // Same request, other field order and spacing: still the same request.
     let reordered = json!({ "scope_path": "jobs/42/", "service": "s3" });
-    let replay = mint_with_key(&app, &session, "job-42", &reordered).await;
+    let replay = app.mint_with_key(&session, "job-42", &reordered).await;
     assert_eq!(replay.status, StatusCode::OK);
     assert_eq!(replay.headers.get("idempotent-replayed").unwrap(), "true");
     assert_eq!(replay.raw, first.raw, "byte for byte");
     assert_eq!(uses(&app, &grant).await, 1, "the replay consumed no use");
 
-    let conflict = mint_with_key(
-        &app,
-        &session,
-        "job-42",
-        &json!({ "service": "s3", "scope_path": "jobs/43/" }),
-    )
-    .await;
+    let conflict = app
+        .mint_with_key(
+            &session,
+            "job-42",
+            &json!({ "service": "s3", "scope_path": "jobs/43/" }),
+        )
+        .await;
     assert_eq!(
         (conflict.status, conflict.error_code()),
         (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_conflict")
     );
     assert_eq!(uses(&app, &grant).await, 1);
 
-    let fresh = mint_with_key(&app, &session, "job-43", &body).await;
+    let fresh = app.mint_with_key(&session, "job-43", &body).await;
     assert_eq!(fresh.status, StatusCode::OK);
     assert_ne!(fresh.body["jti"], first.body["jti"]);
     assert_eq!(uses(&app, &grant).await, 2);
@@ -78,7 +60,7 @@ async fn eight_concurrent_requests_with_one_key_release_one_jwt() {
     let session = app.login(&agent).await;
     let grant = app.grant(&agent, "s3", "once/", None).await;
     let body = json!({ "service": "s3", "scope_path": "once/" });
-    let replies = join_all((0..8).map(|_| mint_with_key(&app, &session, "only-once", &body))).await;
+    let replies = join_all((0..8).map(|_| app.mint_with_key(&session, "only-once", &body))).await;
 
     let jwts: std::collections::HashSet<&str> = replies
         .iter()
@@ -94,7 +76,7 @@ async fn eight_concurrent_requests_with_one_key_release_one_jwt() {
         assert!(reply.headers.get("retry-after").is_some());
     }
     assert_eq!(uses(&app, &grant).await, 1);
-    let later = mint_with_key(&app, &session, "only-once", &body).await;
+    let later = app.mint_with_key(&session, "only-once", &body).await;
     assert_eq!(
         later.body["jwt"].as_str().unwrap(),
         *jwts.iter().next().unwrap()
@@ -112,9 +94,9 @@ async fn the_same_key_from_another_caller_is_independent_and_failures_are_not_st
     let body = json!({ "service": "s3", "scope_path": "shared/" });
 
     // Bob has no grant: refused, and the refusal is not remembered.
-    let refused = mint_with_key(&app, &bob_session, "k1", &body).await;
+    let refused = app.mint_with_key(&bob_session, "k1", &body).await;
     assert_eq!(refused.error_code(), "grant_denied");
-    let alice_first = mint_with_key(&app, &alice_session, "k1", &body).await;
+    let alice_first = app.mint_with_key(&alice_session, "k1", &body).await;
     assert_eq!(
         alice_first.status,
         StatusCode::OK,
@@ -123,7 +105,7 @@ async fn the_same_key_from_another_caller_is_independent_and_failures_are_not_st
     assert!(alice_first.headers.get("idempotent-replayed").is_none());
 
     app.grant(&bob, "s3", "shared/", None).await;
-    let bob_retry = mint_with_key(&app, &bob_session, "k1", &body).await;
+    let bob_retry = app.mint_with_key(&bob_session, "k1", &body).await;
     assert_eq!(
         bob_retry.status,
         StatusCode::OK,
@@ -133,7 +115,7 @@ async fn the_same_key_from_another_caller_is_independent_and_failures_are_not_st
     assert_ne!(bob_retry.body["jwt"], alice_first.body["jwt"]);
 
     for bad in ["", "has space", &"k".repeat(256)] {
-        let reply = mint_with_key(&app, &alice_session, bad, &body).await;
+        let reply = app.mint_with_key(&alice_session, bad, &body).await;
         assert_eq!(
             (reply.status, reply.error_code()),
             (StatusCode::BAD_REQUEST, "bad_request"),
@@ -149,9 +131,9 @@ async fn replays_survive_a_restart() {
     let session = app.login(&agent).await;
     let grant = app.grant(&agent, "s3", "p/", Some(2)).await;
     let body = json!({ "service": "s3", "scope_path": "p/" });
-    let first = mint_with_key(&app, &session, "across-restart", &body).await;
+    let first = app.mint_with_key(&session, "across-restart", &body).await;
     let app = app.restart();
-    let replay = mint_with_key(&app, &session, "across-restart", &body).await;
+    let replay = app.mint_with_key(&session, "across-restart", &body).await;
     assert_eq!(replay.headers.get("idempotent-replayed").unwrap(), "true");
     assert_eq!(replay.raw, first.raw);
     assert_eq!(uses(&app, &grant).await, 1);
@@ -166,17 +148,22 @@ async fn a_replay_is_refused_once_its_grant_is_revoked() {
     let session = app.login(&agent).await;
     let grant = app.grant(&agent, "s3", "replay/", None).await;
     let body = json!({ "service": "s3", "scope_path": "replay/x/" });
-    let first = mint_with_key(&app, &session, "revoke-me", &body).await;
+    let first = app.mint_with_key(&session, "revoke-me", &body).await;
     assert_eq!(first.status, StatusCode::OK);
-    let replay = mint_with_key(&app, &session, "revoke-me", &body).await;
+    let replay = app.mint_with_key(&session, "revoke-me", &body).await;
     assert_eq!(replay.raw, first.raw, "replayed while the grant lives");
 
     let id = grant["id"].as_str().unwrap();
     let revoked = app
-        .send("DELETE", &format!("/v1/admin/grants/{id}"), Some(&app.admin_token), None)
+        .send(
+            "DELETE",
+            &format!("/v1/admin/grants/{id}"),
+            Some(&app.admin_token),
+            None,
+        )
         .await;
     assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.body);
-    let replay = mint_with_key(&app, &session, "revoke-me", &body).await;
+    let replay = app.mint_with_key(&session, "revoke-me", &body).await;
     assert_eq!(
         (replay.status, replay.error_code()),
         (StatusCode::FORBIDDEN, "grant_denied")

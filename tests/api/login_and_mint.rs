@@ -248,13 +248,21 @@ async fn a_session_with_a_lifetime_the_broker_never_issues_is_refused() {
         ..real.clone()
     };
     let reply = app.mint(&forge_session(&app, &for_years), &json!({})).await;
-    assert_eq!((reply.status, reply.error_code()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!(
+        (reply.status, reply.error_code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
     let from_the_future = agentkeys_actors::signer::SessionClaims {
         iat: real.iat + 86_400,
         exp: real.iat + 86_400 + 600,
         jti: "forged-future".into(),
         ..real
     };
-    let reply = app.mint(&forge_session(&app, &from_the_future), &json!({})).await;
-    assert_eq!((reply.status, reply.error_code()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    let reply = app
+        .mint(&forge_session(&app, &from_the_future), &json!({}))
+        .await;
+    assert_eq!(
+        (reply.status, reply.error_code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
 }

@@ -2,6 +2,7 @@
 //! data directory and talks HTTP to it.
 
 mod admin;
+mod at_rest;
 mod audit;
 mod cli;
 mod client;

@@ -148,7 +148,10 @@ async fn stalled_body(app: &TestApp, head: String) -> (String, std::time::Durati
         let mut answer = Vec::new();
         slow.read_to_end(&mut answer)
             .expect("the broker answers and closes rather than waiting for the body");
-        (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+        (
+            String::from_utf8_lossy(&answer).into_owned(),
+            started.elapsed(),
+        )
     })
     .await
     .unwrap()
@@ -171,22 +174,38 @@ async fn connections_that_never_send_their_body_cannot_hold_the_broker() {
         s.server.request_body_timeout_ms = 500;
     })
     .await;
-    let stalls = (0..6).map(|_| stalled_body(&app, head_announcing_a_body("/v1/mint-oidc-jwt", "x")));
+    let stalls =
+        (0..6).map(|_| stalled_body(&app, head_announcing_a_body("/v1/mint-oidc-jwt", "x")));
     for (answer, waited) in futures_util::future::join_all(stalls).await {
         assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
-        assert!(waited < std::time::Duration::from_secs(3), "answered after {waited:?}");
+        assert!(
+            waited < std::time::Duration::from_secs(3),
+            "answered after {waited:?}"
+        );
     }
     let agent = app.register_agent("patient").await;
     let session = app.login(&agent).await;
-    let (answer, waited) = stalled_body(&app, head_announcing_a_body("/v1/mint-oidc-jwt", &session)).await;
-    assert!(answer.starts_with("HTTP/1.1 408"), "a session's late body: {answer}");
+    let (answer, waited) =
+        stalled_body(&app, head_announcing_a_body("/v1/mint-oidc-jwt", &session)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "a session's late body: {answer}"
+    );
     assert!(answer.contains("request_timeout"), "{answer}");
-    assert!(waited < std::time::Duration::from_secs(3), "answered after {waited:?}");
+    assert!(
+        waited < std::time::Duration::from_secs(3),
+        "answered after {waited:?}"
+    );
     let (answer, _) = stalled_body(&app, head_announcing_a_body("/v1/auth/challenge", "x")).await;
-    assert!(answer.starts_with("HTTP/1.1 408"), "every route's body has the deadline: {answer}");
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "every route's body has the deadline: {answer}"
+    );
     assert_eq!(app.get("/healthz", None).await.status, StatusCode::OK);
 
-    let audit = app.get("/v1/admin/audit?limit=100", Some(&app.admin_token)).await;
+    let audit = app
+        .get("/v1/admin/audit?limit=100", Some(&app.admin_token))
+        .await;
     let outcomes: Vec<&str> = audit.body["records"]
         .as_array()
         .unwrap()

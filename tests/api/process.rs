@@ -12,12 +12,17 @@ use crate::helpers::Reply;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_agentkeys-broker");
 
-/// The broker as a real process on `port`, with its data in `data_dir`.
+/// The broker as a real process on `port`, with its data in `data_dir`
+/// and its sealing key beside it (`data_dir` is a folder of its own).
 pub fn start_broker(data_dir: &Path, port: u16) -> Child {
     Command::new(BIN)
         .arg("serve")
         .env("AGENTKEYS__SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("AGENTKEYS__STORAGE__DATA_DIR", data_dir)
+        .env(
+            "AGENTKEYS__SECRETS__SEALING_KEY_FILE",
+            sealing_key_beside(data_dir),
+        )
         .env("AGENTKEYS__OIDC__ISSUER", "https://broker.test")
         .env("AGENTKEYS__RATE_LIMIT__PER_SECOND", "100000")
         .env("AGENTKEYS__RATE_LIMIT__BURST", "100000")
@@ -26,6 +31,14 @@ pub fn start_broker(data_dir: &Path, port: u16) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("the broker starts")
+}
+
+/// Where the tests keep the sealing key of a broker with `data_dir`.
+pub fn sealing_key_beside(data_dir: &Path) -> std::path::PathBuf {
+    data_dir
+        .parent()
+        .expect("the data directory is a folder of its own")
+        .join("sealing.key")
 }
 
 pub fn free_port() -> u16 {
@@ -168,7 +181,10 @@ pub fn verify_offline(data_dir: &Path) -> (bool, Value) {
 /// A broker process on a fresh data directory with one agent granted
 /// `scope`: what the burst tests start from.
 pub struct Running {
-    pub dir: tempfile::TempDir,
+    /// Owns the folder that holds `data` and the sealing key.
+    pub _dir: tempfile::TempDir,
+    /// The data directory, inside `dir`.
+    pub data: std::path::PathBuf,
     pub port: u16,
     pub base: String,
     pub broker: Child,
@@ -181,15 +197,17 @@ pub async fn start_with_agent(name: &str, seed: u8, scope: &str) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let broker = start_broker(dir.path(), port);
+    let data = dir.path().join("data");
+    let broker = start_broker(&data, port);
     wait_ready(&base).await;
-    let admin = std::fs::read_to_string(dir.path().join("admin.token"))
+    let admin = std::fs::read_to_string(data.join("admin.token"))
         .unwrap()
         .trim()
         .to_owned();
     let (session, grant) = agent_with_grant(&base, &admin, name, seed, scope).await;
     Running {
-        dir,
+        _dir: dir,
+        data,
         port,
         base,
         broker,

@@ -18,6 +18,10 @@ async fn the_log_at_debug_level_holds_no_token_or_secret() {
         .arg("serve")
         .env("AGENTKEYS__SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("AGENTKEYS__STORAGE__DATA_DIR", dir.path().join("data"))
+        .env(
+            "AGENTKEYS__SECRETS__SEALING_KEY_FILE",
+            dir.path().join("sealing.key"),
+        )
         .env("RUST_LOG", "debug")
         .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
         .stderr(Stdio::null())
@@ -71,14 +75,19 @@ async fn the_log_at_debug_level_holds_no_token_or_secret() {
     );
     let keyring = std::fs::read_to_string(dir.path().join("data/keyring.json")).unwrap();
     let keyring: serde_json::Value = serde_json::from_str(&keyring).unwrap();
-    let private_key = keyring["oidc"][0]["pkcs8"].as_str().unwrap().to_owned();
+    let private_key = keyring["oidc"][0]["sealed_pkcs8"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sealing_key = std::fs::read_to_string(dir.path().join("sealing.key")).unwrap();
     for (what, secret) in [
         ("session token", session.as_str()),
         ("JWT", jwt.as_str()),
         ("presented bogus token", bogus),
         ("admin token", admin.as_str()),
         ("wrong admin token", "wrong-admin-token-1234"),
-        ("signing key", private_key.as_str()),
+        ("sealed signing key", private_key.as_str()),
+        ("sealing key", sealing_key.trim()),
     ] {
         assert!(!text.contains(secret), "the log holds the {what}");
     }

@@ -41,13 +41,13 @@ async fn sigterm_during_a_burst_drains_flushes_and_exits_0() {
     assert!(status.success(), "exit status {status}");
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
 
-    let (ok, report) = verify_offline(run.dir.path());
+    let (ok, report) = verify_offline(&run.data);
     assert!(ok, "{report}");
     assert_eq!(
         report["sinks"]["jsonl"]["held_seq"], report["records"],
         "the jsonl sink was flushed: {report}"
     );
-    let mut broker = start_broker(run.dir.path(), run.port);
+    let mut broker = start_broker(&run.data, run.port);
     wait_ready(&base).await;
     let audited = audited_jtis(&base, &run.admin).await;
     assert!(

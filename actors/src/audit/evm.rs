@@ -6,7 +6,6 @@
 //! Without them it is the local stub anchor. Anchoring runs on the sink's
 //! own worker, never on a mint's critical path.
 
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -128,10 +127,7 @@ impl EvmAnchorSink {
         };
         let mut line = serde_json::to_vec(&anchor).map_err(|e| e.to_string())?;
         line.push(b'\n');
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.anchors_path)
+        let mut file = crate::data_dir::append_owner_only(&self.anchors_path)
             .map_err(|e| format!("{}: {e}", self.anchors_path.display()))?;
         file.write_all(&line)
             .and_then(|()| file.sync_data())

@@ -108,10 +108,7 @@ impl AuditSink for JsonlSink {
             lines.push(b'\n');
         }
         let write = || -> std::io::Result<u64> {
-            let mut file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)?;
+            let mut file = crate::data_dir::append_owner_only(&self.path)?;
             file.write_all(&lines)?;
             file.sync_data()?;
             file.metadata().map(|m| m.len())

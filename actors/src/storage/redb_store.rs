@@ -12,6 +12,7 @@ use super::{AgentStore, GrantChanges, GrantStore, StorageError};
 use crate::auth::AgentRecord;
 use crate::domain::{now_unix, AgentName, DevicePublicKey};
 use crate::grant::{CompletedMint, Grant};
+use crate::sealing::Sealer;
 
 /// name → JSON of [`StoredAgent`].
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
@@ -25,8 +26,66 @@ const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
 const GRANT_JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("grant_journal");
 /// Journal entries after which they are folded into `GRANTS`.
 const JOURNAL_FOLD_AT: u64 = 64;
-/// idempotency slot → JSON of the completed mint.
+/// idempotency slot → JSON of [`StoredCompleted`].
 const COMPLETED: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+
+/// A completed mint as stored: its answer holds a live JWT, so it is
+/// sealed, bound to its slot.
+#[derive(Serialize, Deserialize)]
+struct StoredCompleted {
+    fingerprint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sealed_body: Option<String>,
+    /// The plain answer, as records written before sealing kept it;
+    /// sealed when the store opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body: Option<Vec<u8>>,
+    jti: String,
+    grant_id: Option<String>,
+    expires_at: u64,
+}
+
+impl StoredCompleted {
+    fn sealed_as(slot: &str) -> String {
+        format!("idempotency {slot}")
+    }
+
+    fn seal(slot: &str, mint: &CompletedMint, sealer: &Sealer) -> Result<Self, StorageError> {
+        Ok(Self {
+            fingerprint: mint.fingerprint.clone(),
+            sealed_body: Some(
+                sealer
+                    .seal(&Self::sealed_as(slot), &mint.body)
+                    .map_err(backend)?,
+            ),
+            body: None,
+            jti: mint.jti.clone(),
+            grant_id: mint.grant_id.clone(),
+            expires_at: mint.expires_at,
+        })
+    }
+
+    fn open(self, slot: &str, sealer: &Sealer) -> Result<CompletedMint, StorageError> {
+        let body = match (self.sealed_body, self.body) {
+            (Some(sealed), _) => sealer
+                .open(&Self::sealed_as(slot), &sealed)
+                .map_err(backend)?,
+            (None, Some(plain)) => plain,
+            (None, None) => {
+                return Err(StorageError::Backend(format!(
+                    "idempotency record {slot} has no answer"
+                )))
+            }
+        };
+        Ok(CompletedMint {
+            fingerprint: self.fingerprint,
+            body,
+            jti: self.jti,
+            grant_id: self.grant_id,
+            expires_at: self.expires_at,
+        })
+    }
+}
 
 fn backend(e: impl std::fmt::Display) -> StorageError {
     StorageError::Backend(e.to_string())
@@ -38,6 +97,8 @@ pub(crate) fn open_database<K: redb::Key + 'static, V: redb::Value + 'static>(
     table: TableDefinition<K, V>,
     cache_bytes: usize,
 ) -> Result<Database, StorageError> {
+    // Created owner-only before redb opens it (redb would use the umask).
+    crate::data_dir::create_owner_only(path).map_err(backend)?;
     // redb's page cache is what a large store's memory is made of, so it
     // is bounded per file from config.
     let db = redb::Builder::new()
@@ -144,16 +205,19 @@ impl AgentStore for RedbAgentStore {
 /// Grants and idempotency records in `grants.redb`.
 pub struct RedbGrantStore {
     db: Database,
+    /// Seals stored answers (they hold live JWTs).
+    sealer: Sealer,
     /// The newest state of every grant in the journal: what the next fold
     /// writes to `GRANTS` (commits run one at a time).
     journaled: Mutex<HashMap<String, Grant>>,
 }
 
 impl RedbGrantStore {
-    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StorageError> {
+    /// Opens the store; answers written before sealing are sealed now.
+    pub fn open(path: &Path, cache_bytes: usize, sealer: Sealer) -> Result<Self, StorageError> {
         let db = open_database(path, GRANTS, cache_bytes)?;
         let txn = db.begin_write().map_err(backend)?;
-        txn.open_table(COMPLETED).map_err(backend)?;
+        seal_plain_answers(&mut txn.open_table(COMPLETED).map_err(backend)?, &sealer)?;
         let journal = txn.open_table(GRANT_JOURNAL).map_err(backend)?;
         let entries: Vec<Vec<Grant>> = json_values(&journal)?;
         drop(journal);
@@ -165,6 +229,7 @@ impl RedbGrantStore {
         txn.commit().map_err(backend)?;
         Ok(Self {
             db,
+            sealer,
             journaled: Mutex::new(journaled),
         })
     }
@@ -189,9 +254,11 @@ impl GrantStore for RedbGrantStore {
             .map_err(backend)?
         {
             let (slot, value) = entry.map_err(backend)?;
-            let mint: CompletedMint = serde_json::from_slice(value.value()).map_err(backend)?;
-            if mint.expires_at > now {
-                completed.push((slot.value().to_owned(), mint));
+            let stored: StoredCompleted = serde_json::from_slice(value.value()).map_err(backend)?;
+            if stored.expires_at > now {
+                let slot = slot.value().to_owned();
+                let mint = stored.open(&slot, &self.sealer)?;
+                completed.push((slot, mint));
             }
         }
         Ok((grants, completed))
@@ -239,7 +306,8 @@ impl GrantStore for RedbGrantStore {
             }
             let mut completed = txn.open_table(COMPLETED).map_err(backend)?;
             for (slot, mint) in &changes.completed {
-                let bytes = serde_json::to_vec(mint).map_err(backend)?;
+                let stored = StoredCompleted::seal(slot, mint, &self.sealer)?;
+                let bytes = serde_json::to_vec(&stored).map_err(backend)?;
                 completed
                     .insert(slot.as_str(), bytes.as_slice())
                     .map_err(backend)?;
@@ -256,6 +324,30 @@ impl GrantStore for RedbGrantStore {
         }
         Ok(())
     }
+}
+
+/// Rewrites the answers stored in plain (before sealing) sealed.
+fn seal_plain_answers(
+    table: &mut redb::Table<&str, &[u8]>,
+    sealer: &Sealer,
+) -> Result<(), StorageError> {
+    let mut plain = Vec::new();
+    for entry in table.iter().map_err(backend)? {
+        let (slot, value) = entry.map_err(backend)?;
+        let stored: StoredCompleted = serde_json::from_slice(value.value()).map_err(backend)?;
+        if stored.sealed_body.is_none() {
+            plain.push((slot.value().to_owned(), stored));
+        }
+    }
+    for (slot, stored) in plain {
+        let mint = stored.open(&slot, sealer)?;
+        let sealed = StoredCompleted::seal(&slot, &mint, sealer)?;
+        let bytes = serde_json::to_vec(&sealed).map_err(backend)?;
+        table
+            .insert(slot.as_str(), bytes.as_slice())
+            .map_err(backend)?;
+    }
+    Ok(())
 }
 
 /// Every value of `table`, parsed from JSON, in key order.
@@ -287,6 +379,10 @@ fn json_array<'a>(values: impl Iterator<Item = &'a Vec<u8>>) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    fn sealer() -> Sealer {
+        Sealer::from_bytes(&[9; 32]).unwrap()
+    }
+
     fn agent(name: &str, seed: u8) -> AgentRecord {
         let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key();
         AgentRecord::new(
@@ -314,7 +410,7 @@ mod tests {
     }
 
     fn uses_after_reopening(path: &Path) -> Vec<(String, u64)> {
-        let store = RedbGrantStore::open(path, 1 << 20).unwrap();
+        let store = RedbGrantStore::open(path, 1 << 20, sealer()).unwrap();
         let mut uses: Vec<_> = store
             .load()
             .unwrap()
@@ -326,12 +422,62 @@ mod tests {
         uses
     }
 
+    /// Review finding 2: stored answers held live JWTs in plain.
+    #[test]
+    fn stored_answers_are_sealed_and_older_plain_ones_are_sealed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.redb");
+        let mint = |body: &str| CompletedMint {
+            fingerprint: "f".into(),
+            body: body.as_bytes().to_vec(),
+            jti: "j".into(),
+            grant_id: None,
+            expires_at: now_unix() + 600,
+        };
+        {
+            let store = RedbGrantStore::open(&path, 1 << 20, sealer()).unwrap();
+            let changes = GrantChanges {
+                completed: vec![("new-slot".into(), mint("NEW-SECRET-JWT"))],
+                ..GrantChanges::default()
+            };
+            store.commit(&changes).unwrap();
+            // An answer as versions before sealing stored it.
+            let mut plain = serde_json::to_value(mint("OLD-SECRET-JWT")).unwrap();
+            plain["body"] = serde_json::to_value(b"OLD-SECRET-JWT".to_vec()).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(COMPLETED)
+                .unwrap()
+                .insert("old-slot", plain.to_string().as_bytes())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = RedbGrantStore::open(&path, 1 << 20, sealer()).unwrap();
+        let (_, mut completed) = store.load().unwrap();
+        completed.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(completed[0].1.body, b"NEW-SECRET-JWT");
+        assert_eq!(completed[1].1.body, b"OLD-SECRET-JWT");
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(COMPLETED).unwrap();
+        for slot in ["new-slot", "old-slot"] {
+            let stored = table.get(slot).unwrap().unwrap().value().to_vec();
+            let text = String::from_utf8(stored).unwrap();
+            assert!(
+                text.contains("sealed:v1:") && !text.contains("\"body\""),
+                "{text}"
+            );
+        }
+        drop((table, txn, store));
+        let thief =
+            RedbGrantStore::open(&path, 1 << 20, Sealer::from_bytes(&[1; 32]).unwrap()).unwrap();
+        assert!(thief.load().is_err(), "another sealing key opens nothing");
+    }
+
     #[test]
     fn a_grant_stored_before_scopes_ended_in_a_slash_loads_normalised() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grants.redb");
         {
-            let store = RedbGrantStore::open(&path, 1 << 20).unwrap();
+            let store = RedbGrantStore::open(&path, 1 << 20, sealer()).unwrap();
             let mut legacy = serde_json::to_value(grant("g_old", 0)).unwrap();
             legacy["scope_path"] = "bots/o/cred".into();
             let txn = store.db.begin_write().unwrap();
@@ -341,7 +487,7 @@ mod tests {
                 .unwrap();
             txn.commit().unwrap();
         }
-        let store = RedbGrantStore::open(&path, 1 << 20).unwrap();
+        let store = RedbGrantStore::open(&path, 1 << 20, sealer()).unwrap();
         let (grants, _) = store.load().unwrap();
         assert_eq!(grants[0].scope_path.as_str(), "bots/o/cred/");
     }
@@ -358,7 +504,7 @@ mod tests {
             store.commit(&changes).unwrap();
         };
         {
-            let store = RedbGrantStore::open(&path, 1 << 20).unwrap();
+            let store = RedbGrantStore::open(&path, 1 << 20, sealer()).unwrap();
             commit(
                 &store,
                 vec![grant("g_a", 0), grant("g_b", 0), grant("g_c", 0)],
@@ -379,7 +525,7 @@ mod tests {
         assert_eq!(uses_after_reopening(&path), expected);
         {
             // A store reopened with journal entries keeps folding from them.
-            let store = RedbGrantStore::open(&path, 1 << 20).unwrap();
+            let store = RedbGrantStore::open(&path, 1 << 20, sealer()).unwrap();
             for n in 151..=300 {
                 commit(&store, vec![grant("g_c", n)]);
             }
