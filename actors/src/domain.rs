@@ -463,6 +463,30 @@ mod hostile_input {
             }
         }
 
+        /// A signed message built from any accepted fields keeps its
+        /// shape: its purpose line first and one line per field, so no
+        /// value can forge a line of another field or another kind.
+        #[test]
+        fn signed_messages_keep_their_lines_whatever_the_fields(
+            issuer in "\\PC{0,40}|[ -~\n\r]{0,40}",
+            nonce in "[A-Za-z0-9_\n-]{0,20}|\\PC{0,20}",
+            path in "\\PC{0,20}|/[a-z\n]{0,10}",
+            t in any::<u64>(),
+        ) {
+            use agentkeys_wire::signed::{LoginMessage, ProofMessage};
+            let key = "ab".repeat(32);
+            if let Ok(login) = LoginMessage::new(&issuer, &key, &nonce, t) {
+                let text = login.text();
+                prop_assert_eq!(text.lines().count(), 5);
+                prop_assert_eq!(text.lines().next(), Some("agentkeys login"));
+            }
+            if let Ok(proof) = ProofMessage::new(&issuer, &key, "POST", &path, &key, t, &nonce) {
+                let text = proof.text();
+                prop_assert_eq!(text.lines().count(), 8);
+                prop_assert_eq!(text.lines().next(), Some("agentkeys proof v2"));
+            }
+        }
+
         #[test]
         fn proof_headers_parse_back_what_was_written(t in any::<u64>(), nonce in "[A-Za-z0-9_-]{8,64}", sig in proptest::collection::vec(any::<u8>(), 64)) {
             let header = format!("t={t},n={nonce},s={}", hex::encode(&sig));

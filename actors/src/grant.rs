@@ -38,6 +38,8 @@ pub enum GrantError {
     IdempotencyInFlight,
     #[error("grant storage failed: {0}")]
     Storage(String),
+    #[error("the grant store did not make the use durable in time")]
+    CommitTimedOut,
 }
 
 impl GrantError {
@@ -49,6 +51,7 @@ impl GrantError {
             Self::IdempotencyConflict => ErrorCode::IdempotencyConflict,
             Self::IdempotencyInFlight => ErrorCode::IdempotencyInFlight,
             Self::Storage(_) => ErrorCode::Internal,
+            Self::CommitTimedOut => ErrorCode::Overloaded,
         }
     }
 }
@@ -162,6 +165,16 @@ impl UseCommitted {
             None => Ok(()),
             Some(receiver) => committed(receiver.await),
         }
+    }
+
+    /// Waits at most `limit`, like every other step of a mint, so a mint
+    /// always ends long before its Idempotency-Key's in-flight mark
+    /// expires: a retry must never find the key free while this mint can
+    /// still release a JWT.
+    pub async fn wait_within(self, limit: Duration) -> Result<(), GrantError> {
+        tokio::time::timeout(limit, self.wait())
+            .await
+            .unwrap_or(Err(GrantError::CommitTimedOut))
     }
 }
 
@@ -678,11 +691,13 @@ mod tests {
     use super::*;
     use crate::domain::DevicePublicKey;
 
-    /// A store whose commits fail while `failing` is set; it remembers the
-    /// ids of the grants it durably wrote.
+    /// A store whose commits fail while `failing` is set, and take
+    /// `slow_ms` while it is set; it remembers the ids of the grants it
+    /// durably wrote.
     #[derive(Default)]
     struct FlakyStore {
         failing: AtomicBool,
+        slow_ms: std::sync::atomic::AtomicU64,
         written: std::sync::Mutex<Vec<String>>,
     }
 
@@ -696,6 +711,7 @@ mod tests {
             if self.failing.load(Ordering::SeqCst) {
                 return Err(StorageError::Backend("disk gone".into()));
             }
+            std::thread::sleep(Duration::from_millis(self.slow_ms.load(Ordering::SeqCst)));
             let ids = changes.grants.iter().map(|g| g.id.clone());
             self.written.lock().unwrap().extend(ids);
             Ok(())
@@ -774,6 +790,34 @@ mod tests {
         );
         let listed = grants.send(ListGrants { agent: None }).await.unwrap();
         assert_eq!(listed.len(), 1);
+    }
+
+    /// Review (suspected, confirmed): the mint waited for the use's commit
+    /// without a bound, so a commit slower than the in-flight mark's expiry
+    /// (12 × send_timeout) let a retry with the same key mint a second JWT
+    /// while the first could still be released.
+    #[actix::test]
+    async fn the_wait_for_a_use_to_be_durable_is_bounded() {
+        let store = Arc::new(FlakyStore::default());
+        let grants = start(store.clone());
+        grants.send(create_one_use_grant()).await.unwrap().unwrap();
+        store.slow_ms.store(1500, Ordering::SeqCst);
+        let Ok(Reservation::Granted(_, receipt)) = grants.send(reserve()).await.unwrap() else {
+            panic!("the use is granted");
+        };
+        let started = std::time::Instant::now();
+        let waited = receipt.wait_within(Duration::from_millis(100)).await;
+        assert_eq!(waited, Err(GrantError::CommitTimedOut));
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            GrantError::CommitTimedOut.code(),
+            ErrorCode::Overloaded,
+            "503, retry later"
+        );
     }
 
     #[actix::test]

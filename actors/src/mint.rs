@@ -420,14 +420,11 @@ impl MintPipeline {
         event.outcome = Some(Outcome::Ok);
         let sign = timed("sign", admitted.call(SignOidc(claims)));
         let audit = timed("audit", self.record(event.clone()));
-        // Bounded like every other step, so the whole mint ends well before
-        // its Idempotency-Key's in-flight mark expires (a retry must never
-        // find the key free while this mint can still release).
-        let use_durable = tokio::time::timeout(self.policy.send_timeout, use_committed.wait());
+        let use_durable = use_committed.wait_within(self.policy.send_timeout);
         let (signed, audited, use_durable) = tokio::join!(sign, audit, use_durable);
         let jwt = signed?.map_err(|e| MintError::Internal(e.to_string()))?;
         audited?;
-        use_durable.map_err(|_| Overloaded("grant store commit"))??;
+        use_durable?;
         Ok(jwt)
     }
 
