@@ -204,15 +204,7 @@ async fn revoked_and_expired_grants_are_denied() {
         app.mint(&session, &intent("s3", "rev/")).await.status,
         StatusCode::OK
     );
-    let id = grant["id"].as_str().unwrap();
-    let revoked = app
-        .send(
-            "DELETE",
-            &format!("/v1/admin/grants/{id}"),
-            Some(&app.admin_token),
-            None,
-        )
-        .await;
+    let revoked = app.revoke(&grant).await;
     assert_eq!(revoked.status, StatusCode::OK);
     assert_eq!(revoked.body["revoked"], true);
     let after = app.mint(&session, &intent("s3", "rev/")).await;

@@ -250,6 +250,28 @@ impl TestApp {
         self.post("/v1/mint-oidc-jwt", Some(session), body).await
     }
 
+    /// Revokes `grant` through the admin API.
+    pub async fn revoke(&self, grant: &Value) -> Reply {
+        let id = grant["id"].as_str().expect("a grant has an id");
+        let path = format!("/v1/admin/grants/{id}");
+        self.send("DELETE", &path, Some(&self.admin_token), None)
+            .await
+    }
+
+    /// The outcomes of the first 1000 audit records, in order.
+    pub async fn audit_outcomes(&self) -> Vec<String> {
+        let page = self
+            .get("/v1/admin/audit?limit=1000", Some(&self.admin_token))
+            .await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        page.body["records"]
+            .as_array()
+            .expect("records")
+            .iter()
+            .map(|r| r["outcome"].as_str().expect("an outcome").to_owned())
+            .collect()
+    }
+
     /// A mint with an `Idempotency-Key`.
     pub async fn mint_with_key(&self, session: &str, key: &str, body: &Value) -> Reply {
         let client = awc::Client::default();

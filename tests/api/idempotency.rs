@@ -153,15 +153,7 @@ async fn a_replay_is_refused_once_its_grant_is_revoked() {
     let replay = app.mint_with_key(&session, "revoke-me", &body).await;
     assert_eq!(replay.raw, first.raw, "replayed while the grant lives");
 
-    let id = grant["id"].as_str().unwrap();
-    let revoked = app
-        .send(
-            "DELETE",
-            &format!("/v1/admin/grants/{id}"),
-            Some(&app.admin_token),
-            None,
-        )
-        .await;
+    let revoked = app.revoke(&grant).await;
     assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.body);
     let replay = app.mint_with_key(&session, "revoke-me", &body).await;
     assert_eq!(

@@ -203,17 +203,8 @@ async fn connections_that_never_send_their_body_cannot_hold_the_broker() {
     );
     assert_eq!(app.get("/healthz", None).await.status, StatusCode::OK);
 
-    let audit = app
-        .get("/v1/admin/audit?limit=100", Some(&app.admin_token))
-        .await;
-    let outcomes: Vec<&str> = audit.body["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["outcome"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        outcomes,
+        app.audit_outcomes().await,
         ["request_timeout"],
         "the authenticated attempt is recorded, the six unauthenticated ones are not"
     );
