@@ -22,7 +22,7 @@ use crate::domain::{
 use crate::keys::KeyInfo;
 use crate::signer::{
     SessionClaims, SignSession, SignerError, SignerPool, VerifiedSession, VerifyDeviceSignature,
-    VerifySessionToken,
+    VerifySessionToken, SESSION_TYP,
 };
 use crate::storage::{AgentStore, StorageError};
 
@@ -32,6 +32,10 @@ pub enum AuthError {
     Unauthorized(&'static str),
     #[error("the agent is disabled")]
     Forbidden,
+    /// A valid session of a disabled agent: authenticated, so its attempt
+    /// is recorded, and refused.
+    #[error("the agent is disabled")]
+    AgentDisabled(Box<Principal>),
     #[error("an agent with this {0} already exists")]
     Conflict(&'static str),
     #[error("no such agent")]
@@ -46,7 +50,7 @@ impl AuthError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Unauthorized(_) => ErrorCode::Unauthorized,
-            Self::Forbidden => ErrorCode::Forbidden,
+            Self::Forbidden | Self::AgentDisabled(_) => ErrorCode::Forbidden,
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::NotFound => ErrorCode::NotFound,
             Self::Overloaded(_) => ErrorCode::Overloaded,
@@ -69,6 +73,7 @@ impl From<StorageError> for AuthError {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::Conflict => Self::Conflict("name"),
+            StorageError::NotFound => Self::NotFound,
             StorageError::Backend(e) => Self::Internal(e),
         }
     }
@@ -301,11 +306,21 @@ impl AuthActor {
     }
 
     fn learn_session_keys(&mut self, keys: &[KeyInfo]) {
-        self.session_keys = keys
-            .iter()
-            .filter(|k| k.kind == "session")
-            .map(|k| (k.kid.clone(), k.usable_until))
-            .collect();
+        for key in keys.iter().filter(|k| k.kind == "session") {
+            self.learn_session_key(&key.kid, key.usable_until);
+        }
+    }
+
+    /// Records until when `kid` verifies. A deadline, once known, only
+    /// ever tightens: an answer computed before a rotation cannot loosen
+    /// what the rotation set.
+    fn learn_session_key(&mut self, kid: &str, until: Option<u64>) {
+        let known = self.session_keys.entry(kid.to_owned()).or_insert(until);
+        *known = match (*known, until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (Some(a), None) | (None, Some(a)) => Some(a),
+            (None, None) => None,
+        };
     }
 
     fn purge_expired_nonces(&mut self) {
@@ -366,17 +381,21 @@ impl AuthActor {
             .ok()
             .and_then(|name| self.agents.get(&name))
             .filter(|a| a.public_key.to_hex() == claims.device_key)
+            // A session issued before this agent was (re-)registered
+            // belonged to an agent that was deleted.
+            .filter(|a| claims.iat >= a.created_at)
             .ok_or(AuthError::Unauthorized(
                 "the session's agent is not registered",
             ))?;
-        if !agent.enabled {
-            return Err(AuthError::Forbidden);
-        }
-        Ok(Principal {
+        let principal = Principal {
             omni_account: agent.omni_account.clone(),
             agent: agent.name.clone(),
             device_key: agent.public_key,
-        })
+        };
+        if !agent.enabled {
+            return Err(AuthError::AgentDisabled(Box::new(principal)));
+        }
+        Ok(principal)
     }
 }
 
@@ -489,6 +508,14 @@ impl Handler<VerifySession> for AuthActor {
         if let Some(session) = self.remembered(&token_hash, now_unix()) {
             return Box::pin(actix::fut::ready(self.principal_for(&session.claims)));
         }
+        // Garbage costs no place in the signing pool.
+        let shaped = jsonwebtoken::decode_header(&msg.token)
+            .is_ok_and(|header| header.typ.as_deref() == Some(SESSION_TYP) && header.kid.is_some());
+        if !shaped {
+            return Box::pin(actix::fut::ready(Err(AuthError::Unauthorized(
+                "invalid session token",
+            ))));
+        }
         let signer = self.signer.clone();
         Box::pin(
             async move { signer.call(VerifySessionToken(msg.token)).await }
@@ -496,6 +523,7 @@ impl Handler<VerifySession> for AuthActor {
                 .map(move |verified, actor, _| {
                     let session = verified??;
                     let now = now_unix();
+                    actor.learn_session_key(&session.kid, session.key_verifies_until);
                     if !actor.key_verifies(&session.kid, now) {
                         return Err(AuthError::Unauthorized(
                             "the session's key no longer verifies",
@@ -526,6 +554,11 @@ impl Handler<CheckProof> for AuthActor {
         if msg.proof.timestamp.abs_diff(now) > skew {
             return refuse("proof of possession is stale or from the future");
         }
+        // Proof timestamps are whole seconds: one made in the very second
+        // the broker restarted could have been taken by the process before
+        // (a window of under a second, for a proof that is also bound to
+        // its session, body and broker); refusing that second too would
+        // refuse every client for the first second after each start.
         if msg.proof.timestamp < self.started_at {
             return refuse("proof of possession predates the broker's start; sign a fresh one");
         }
@@ -828,7 +861,8 @@ mod tests {
         );
     }
 
-    /// An agent store whose `replace` waits until the test lets it go.
+    /// An agent store whose `replace` writes, then waits until the test
+    /// lets it answer: the update is durable before the removal runs.
     struct GatedStore {
         inner: RedbAgentStore,
         gate: Mutex<mpsc::Receiver<()>>,
@@ -842,8 +876,9 @@ mod tests {
             self.inner.insert(agent)
         }
         fn replace(&self, agent: &AgentRecord) -> Result<(), StorageError> {
+            let written = self.inner.replace(agent);
             let _ = self.gate.lock().unwrap().recv();
-            self.inner.replace(agent)
+            written
         }
         fn remove(&self, name: &AgentName) -> Result<bool, StorageError> {
             self.inner.remove(name)
@@ -886,7 +921,8 @@ mod tests {
             .unwrap()
             .unwrap();
         release.send(()).unwrap();
-        let _ = update.await.unwrap().unwrap();
+        let answered = update.await.unwrap().unwrap();
+        assert!(matches!(answered, Err(AuthError::NotFound)), "{answered:?}");
 
         assert_eq!(auth.send(LookupAgent { name }).await.unwrap(), None);
         assert!(auth.send(ListAgents).await.unwrap().is_empty());

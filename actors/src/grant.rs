@@ -40,6 +40,8 @@ pub enum GrantError {
     Storage(String),
     #[error("the grant store did not make the use durable in time")]
     CommitTimedOut,
+    #[error("the request waited too long for the grant actor")]
+    QueuedTooLong,
 }
 
 impl GrantError {
@@ -51,7 +53,7 @@ impl GrantError {
             Self::IdempotencyConflict => ErrorCode::IdempotencyConflict,
             Self::IdempotencyInFlight => ErrorCode::IdempotencyInFlight,
             Self::Storage(_) => ErrorCode::Internal,
-            Self::CommitTimedOut => ErrorCode::Overloaded,
+            Self::CommitTimedOut | Self::QueuedTooLong => ErrorCode::Overloaded,
         }
     }
 }
@@ -188,10 +190,13 @@ pub struct Reserve {
     pub idempotency: Option<IdempotencySlot>,
     /// Without explicit grants, the agent's own `bots/<omni>/` is allowed.
     pub own_scope_allowed: bool,
+    /// Past this the sender has given up waiting: the actor then takes
+    /// nothing (a use taken for nobody would never be given back).
+    pub deadline: std::time::Instant,
 }
 
 /// A reserved mint failed: give the use back and free the key.
-#[derive(Message)]
+#[derive(Clone, Message)]
 #[rtype(result = "()")]
 pub struct Release {
     pub grant_id: Option<String>,
@@ -199,7 +204,7 @@ pub struct Release {
 }
 
 /// A reserved mint succeeded: keep its answer for replays (durably).
-#[derive(Message)]
+#[derive(Clone, Message)]
 #[rtype(result = "Result<(), GrantError>")]
 pub struct Complete {
     pub slot: String,
@@ -523,6 +528,9 @@ impl Handler<Reserve> for GrantActor {
 
     /// Replay, or match + take a use now; its durability comes as a receipt.
     fn handle(&mut self, msg: Reserve, ctx: &mut Self::Context) -> Self::Result {
+        if std::time::Instant::now() >= msg.deadline {
+            return Err(GrantError::QueuedTooLong);
+        }
         if let Some(claim) = &msg.idempotency {
             match self.claim_slot(claim) {
                 Ok(Some(done)) => return Ok(Reservation::Replay(done)),
@@ -647,6 +655,13 @@ impl Handler<RevokeAgentGrants> for GrantActor {
             .cloned()
             .unwrap_or_default();
         let mut revoked = 0;
+        // Grants still waiting for their commit are written revoked.
+        for grant in self.created.iter_mut() {
+            if grant.omni_account == msg.omni_account && grant.agent == msg.agent {
+                grant.revoked = true;
+                revoked += 1;
+            }
+        }
         for id in ids {
             if let Some(grant) = self.grants.get_mut(&id) {
                 if grant.agent == msg.agent && !grant.revoked {
@@ -737,6 +752,7 @@ mod tests {
             },
             idempotency: None,
             own_scope_allowed: false,
+            deadline: std::time::Instant::now() + Duration::from_secs(60),
         }
     }
 

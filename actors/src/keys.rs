@@ -330,13 +330,15 @@ impl KeyRing {
             .expect("the ring always holds a session key")
     }
 
-    /// The session key named `kid`, while it may still verify.
-    pub fn verifying_session(&self, kid: &str, now: u64) -> Option<&SessionKey> {
+    /// The session key named `kid`, while it may still verify, and until
+    /// when it will (`None`: no successor yet).
+    pub fn verifying_session(&self, kid: &str, now: u64) -> Option<(&SessionKey, Option<u64>)> {
         let index = self.session.iter().position(|k| k.kid == kid)?;
         let overlap = self.policy.session_overlap_seconds;
-        match Self::retires_at(&self.session, index, |k| k.activates_at) {
-            Some(retired) if now >= retired + overlap => None,
-            _ => Some(&self.session[index]),
+        let until = Self::retires_at(&self.session, index, |k| k.activates_at).map(|r| r + overlap);
+        match until {
+            Some(until) if now >= until => None,
+            _ => Some((&self.session[index], until)),
         }
     }
 
@@ -560,7 +562,8 @@ mod tests {
         let old = ring.signing_session().kid.clone();
         let new = ring.rotate_session(1010).unwrap();
         assert_eq!(ring.signing_session().kid, new.kid);
-        assert!(ring.verifying_session(&old, 1039).is_some());
+        assert_eq!(ring.verifying_session(&old, 1039).unwrap().1, Some(1040));
+        assert_eq!(ring.verifying_session(&new.kid, 1039).unwrap().1, None);
         assert!(ring.verifying_session(&old, 1040).is_none());
         assert!(ring.verifying_session(&new.kid, 5000).is_some());
         assert!(ring.verifying_session("session-unknown", 1000).is_none());

@@ -153,11 +153,49 @@ pub struct MintPipeline {
 }
 
 impl MintPipeline {
-    /// The first gate, run before the request's body is read: the session.
-    /// A refusal writes no audit record; it is counted, and once `client`
-    /// is over its budget of refusals it is answered 429, not 401. A valid
-    /// session is never refused here, whoever shares its address.
-    pub async fn authenticate(
+    /// The gates run before the request's body is read: the session, then
+    /// the rate limit, so nobody gets the broker to wait for (or record) a
+    /// body beyond its rate. A refused session writes no audit record
+    /// (see [`Self::authenticate`]); every later refusal does.
+    pub async fn admit(
+        &self,
+        bearer: String,
+        client: Option<IpAddr>,
+        request_id: &str,
+    ) -> Result<Principal, MintError> {
+        let principal = match self.authenticate(bearer, client).await {
+            Err(MintError::Auth(AuthError::AgentDisabled(principal))) => {
+                let refused = MintError::Auth(AuthError::AgentDisabled(principal.clone()));
+                self.record_refused(&principal, request_id.to_owned(), refused.code())
+                    .await;
+                return Err(refused);
+            }
+            other => other?,
+        };
+        let account = principal.omni_account.clone();
+        let check = ask(
+            &self.rate_limit,
+            CheckRate { account },
+            self.policy.send_timeout,
+            "rate limit actor",
+        );
+        let limited = match timed("rate", check).await {
+            Ok(Ok(())) => return Ok(principal),
+            Ok(Err(limited)) => MintError::RateLimited {
+                retry_after: limited.retry_after,
+            },
+            Err(overloaded) => overloaded.into(),
+        };
+        self.record_refused(&principal, request_id.to_owned(), limited.code())
+            .await;
+        Err(limited)
+    }
+
+    /// The session. A refusal writes no audit record; it is counted, and
+    /// once `client` is over its budget of refusals it is answered 429, not
+    /// 401. A valid session is never refused here, whoever shares its
+    /// address.
+    async fn authenticate(
         &self,
         bearer: String,
         client: Option<IpAddr>,
@@ -209,8 +247,8 @@ impl MintPipeline {
         }
     }
 
-    /// Runs every gate after the session; records the attempt whatever its
-    /// outcome.
+    /// Runs every gate after the rate limit; records the attempt whatever
+    /// its outcome.
     pub async fn mint(
         &self,
         principal: Principal,
@@ -252,19 +290,6 @@ impl MintPipeline {
         event: &mut MintEvent,
     ) -> Result<MintResponse, MintError> {
         let timeout = self.policy.send_timeout;
-        let account = principal.omni_account.clone();
-        let check = ask(
-            &self.rate_limit,
-            CheckRate { account },
-            timeout,
-            "rate limit actor",
-        );
-        timed("rate", check)
-            .await?
-            .map_err(|e| MintError::RateLimited {
-                retry_after: e.retry_after,
-            })?;
-
         match request.proof {
             Some((proof, body_sha256)) => {
                 let check = CheckProof {
@@ -310,6 +335,9 @@ impl MintPipeline {
             intent: intent.clone(),
             idempotency: idempotency.clone(),
             own_scope_allowed: !self.policy.grants_required,
+            // Well inside the ask's timeout: a Reserve handled after the
+            // caller gave up must take nothing.
+            deadline: Instant::now() + timeout / 2,
         };
         let reservation =
             timed("grant", ask(&self.grants, reserve, timeout, "grant actor")).await??;
@@ -368,11 +396,12 @@ impl MintPipeline {
                     grant_id: decision.grant_id,
                     idempotency,
                 };
-                if ask(&self.grants, release, timeout, "grant actor")
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!("could not give a reserved grant use back");
+                let given_back = ask(&self.grants, release.clone(), timeout, "grant actor");
+                if given_back.await.is_err() {
+                    // The use must come back and the key be freed even past
+                    // a full mailbox: this rare path may queue without bound.
+                    tracing::warn!("grant actor busy; the reserved use is given back late");
+                    self.grants.do_send(release);
                 }
                 Err(error)
             }
@@ -441,17 +470,17 @@ impl MintPipeline {
                 expires_at: now_unix() + self.policy.idempotency_retention.as_secs(),
             },
         };
-        match ask(
-            &self.grants,
-            complete,
-            self.policy.send_timeout,
-            "grant actor",
-        )
-        .await
-        {
+        let timeout = self.policy.send_timeout;
+        match ask(&self.grants, complete.clone(), timeout, "grant actor").await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "idempotency record not stored"),
-            Err(e) => tracing::error!(error = %e, "idempotency record not stored"),
+            Ok(Err(e)) => tracing::error!(error = %e, "idempotency record not stored durably"),
+            Err(e) => {
+                // The answer must reach the actor, or the key's in-flight
+                // mark would expire and a retry mint a second JWT: past a
+                // full mailbox this rare path may queue without bound.
+                tracing::warn!(error = %e, "grant actor busy; the answer is kept for replay late");
+                self.grants.do_send(complete);
+            }
         }
     }
 

@@ -73,13 +73,20 @@ impl Sealer {
                 .mode(0o700)
                 .create(folder)
                 .map_err(io)?;
-            let inside = match (folder.canonicalize(), data_dir.canonicalize()) {
-                (Ok(folder), Ok(data)) => folder.starts_with(data),
-                _ => false,
-            };
-            if inside {
-                return Err(SealingError::InsideDataDir(shown));
-            }
+        }
+        // The key itself, links resolved: a link into the data directory
+        // would put the key in every copy of it.
+        let resolved = path.canonicalize().or_else(|_| {
+            let folder = path.parent().filter(|p| !p.as_os_str().is_empty());
+            let folder = folder.map_or_else(|| Path::new(".").canonicalize(), Path::canonicalize);
+            folder.map(|f| f.join(path.file_name().unwrap_or_default()))
+        });
+        let inside = match (resolved, data_dir.canonicalize()) {
+            (Ok(key), Ok(data)) => key.starts_with(data),
+            _ => false,
+        };
+        if inside {
+            return Err(SealingError::InsideDataDir(shown));
         }
         if !path.exists() {
             let mut key = [0u8; 32];
@@ -196,6 +203,16 @@ mod tests {
             Sealer::load_or_generate(&data.join("sealing.key"), &data),
             Err(SealingError::InsideDataDir(_))
         ));
+        fs::write(data.join("real.key"), format!("{}\n", "ab".repeat(32))).unwrap();
+        fs::set_permissions(data.join("real.key"), fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(data.join("real.key"), root.path().join("link.key")).unwrap();
+        assert!(
+            matches!(
+                Sealer::load_or_generate(&root.path().join("link.key"), &data),
+                Err(SealingError::InsideDataDir(_))
+            ),
+            "a link into the data directory"
+        );
         fs::write(root.path().join("bad.key"), "zz").unwrap();
         fs::set_permissions(
             root.path().join("bad.key"),

@@ -60,6 +60,9 @@ pub struct SessionClaims {
 pub struct VerifiedSession {
     pub claims: SessionClaims,
     pub kid: String,
+    /// Until when that key verifies (`None`: it has no successor yet), as
+    /// the ring said when it verified.
+    pub key_verifies_until: Option<u64>,
 }
 
 /// AWS session tags as STS reads them from a web identity token.
@@ -257,7 +260,7 @@ pub fn verify_session(
     if header.typ.as_deref() != Some(SESSION_TYP) {
         return Err(SignerError::InvalidToken);
     }
-    let key = header
+    let (key, key_verifies_until) = header
         .kid
         .as_deref()
         .and_then(|kid| ring.verifying_session(kid, now))
@@ -266,6 +269,7 @@ pub fn verify_session(
         .map(|data| VerifiedSession {
             claims: data.claims,
             kid: key.kid.clone(),
+            key_verifies_until,
         })
         .map_err(|_| SignerError::InvalidToken)
 }

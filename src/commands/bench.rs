@@ -186,7 +186,7 @@ pub async fn in_process(
                     request_id: String::new(),
                 };
                 let begun = Instant::now();
-                let minted = match pipeline.authenticate(bearer, None).await {
+                let minted = match pipeline.admit(bearer, None, "").await {
                     Ok(principal) => pipeline.mint(principal, request).await,
                     Err(refused) => Err(refused),
                 };

@@ -3,7 +3,8 @@
 use actix_web::{delete, get, patch, post, web, HttpResponse};
 use agentkeys_actors::audit::{ReadRecords, VerifyAudit};
 use agentkeys_actors::auth::{
-    ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SessionKeysChanged, SetAgentEnabled,
+    AgentRecord, ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SessionKeysChanged,
+    SetAgentEnabled,
 };
 use agentkeys_actors::backpressure::ask;
 use agentkeys_actors::domain::{
@@ -178,11 +179,29 @@ async fn add_grant(
     .await?
     .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such agent"))?;
     let create = CreateGrant {
-        agent: agent.name,
-        omni_account: agent.omni_account,
+        agent: agent.name.clone(),
+        omni_account: agent.omni_account.clone(),
         spec,
     };
     let grant = ask(&state.pipeline.grants, create, timeout, "grant actor").await??;
+    // The agent may have been deleted (its grants revoked) while the grant
+    // was written: then this grant is revoked too, never left live.
+    let lookup = LookupAgent {
+        name: agent.name.clone(),
+    };
+    let still = ask(&state.pipeline.auth, lookup, timeout, "auth actor").await?;
+    let same =
+        |a: &AgentRecord| (a.public_key, a.created_at) == (agent.public_key, agent.created_at);
+    if !still.as_ref().is_some_and(same) {
+        let revoke = RevokeGrant {
+            id: grant.id.clone(),
+        };
+        ask(&state.pipeline.grants, revoke, timeout, "grant actor").await??;
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            "the agent was removed while its grant was created",
+        ));
+    }
     tracing::info!(grant = %grant.id, agent = grant.agent.as_str(), "grant created");
     Ok(HttpResponse::Created().json(grant))
 }
@@ -310,18 +329,23 @@ async fn rotate_key(
         .call(RotateKey(body.key))
         .await?
         .map_err(ApiError::from)?;
-    // Cached sessions are re-checked against the new schedule, so none
-    // outlives the key that signed it.
-    let schedule = state.pipeline.signer.call(DescribeKeys).await?;
-    let timeout = state.pipeline.policy.send_timeout;
-    ask(
-        &state.pipeline.auth,
-        SessionKeysChanged(schedule),
-        timeout,
-        "auth actor",
-    )
-    .await?;
     tracing::info!(kind = key.kind, kid = %key.kid, activates_at = key.activates_at, "key rotated");
+    // Cached sessions are cut off when their key retires. The AuthActor
+    // also learns each key's retirement from every fresh verification, so
+    // a rotation that reaches it late (or not at all) delays nothing but
+    // the cut-off of sessions verified before it, which expire within the
+    // session TTL anyway; it never refuses a valid session.
+    let timeout = state.pipeline.policy.send_timeout;
+    let told = match state.pipeline.signer.call(DescribeKeys).await {
+        Ok(schedule) => {
+            let changed = SessionKeysChanged(schedule);
+            ask(&state.pipeline.auth, changed, timeout, "auth actor").await
+        }
+        Err(busy) => Err(busy),
+    };
+    if let Err(busy) = told {
+        tracing::warn!(error = %busy, "the new key schedule reaches cached sessions late");
+    }
     Ok(HttpResponse::Created().json(key))
 }
 

@@ -155,12 +155,12 @@ async fn mint_oidc_jwt(
     span.record("request_id", request_id.as_str());
     let bearer = bearer_token(&request)?.to_owned();
     let session_sha256 = sha256_hex(&bearer);
-    // The session first: nobody without one gets the broker to wait for
-    // a body.
+    // The session and the rate limit first: nobody without a session, or
+    // beyond its rate, gets the broker to wait for a body.
     let client = request.peer_addr().map(|peer| peer.ip());
     let principal = state
         .pipeline
-        .authenticate(bearer, client)
+        .admit(bearer, client, &request_id)
         .await
         .map_err(|error| refused(&span, error))?;
     let parsed = parse(&request, payload, state.max_body_bytes, session_sha256).await;

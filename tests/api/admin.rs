@@ -93,6 +93,11 @@ async fn removing_an_agent_ends_its_sessions_and_a_disabled_agent_is_forbidden()
         (StatusCode::FORBIDDEN, "forbidden"),
         "disabled at once"
     );
+    assert_eq!(
+        app.audit_outcomes().await.last().map(String::as_str),
+        Some("forbidden"),
+        "a disabled agent's attempt is authenticated, so it is recorded"
+    );
     let enabled = app
         .send("PATCH", &path, admin, Some(br#"{"enabled": true}"#))
         .await;
@@ -160,8 +165,13 @@ async fn deleting_an_agent_revokes_its_grants_for_whoever_comes_next() {
     let bob = app.register_agent("bob").await;
     let grant = app.grant(&bob, "s3", "payroll/", None).await;
     let intent = json!({ "service": "s3", "scope_path": "payroll/2026/" });
-    let session = app.login(&bob).await;
-    assert_eq!(app.mint(&session, &intent).await.status, StatusCode::OK);
+    let bobs_old_session = app.login(&bob).await;
+    assert_eq!(
+        app.mint(&bobs_old_session, &intent).await.status,
+        StatusCode::OK
+    );
+    // Registrations are stamped in seconds: the next ones come later.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
 
     let removed = app
         .send("DELETE", "/v1/admin/agents/bob", admin, None)
@@ -205,6 +215,12 @@ async fn deleting_an_agent_revokes_its_grants_for_whoever_comes_next() {
         )
         .await;
     assert_eq!(bob_again.status, StatusCode::CREATED);
+    let old = app.mint(&bobs_old_session, &intent).await;
+    assert_eq!(
+        (old.status, old.error_code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized"),
+        "a session of the deleted bob does not come back with the new one"
+    );
     let session = app.login(&bob).await;
     assert_eq!(
         app.mint(&session, &intent).await.error_code(),

@@ -98,7 +98,9 @@ fn start(settings: Settings) -> TestApp {
         runner.run().expect("system runs");
     });
     let (port, system) = ready_rx.recv().expect("the broker thread reports its port");
-    let admin_token = std::fs::read_to_string(settings.storage.data_dir.join("admin.token"))
+    let token_file = (settings.admin.token_file.clone())
+        .unwrap_or_else(|| settings.storage.data_dir.join("admin.token"));
+    let admin_token = std::fs::read_to_string(token_file)
         .expect("admin token written")
         .trim()
         .to_owned();

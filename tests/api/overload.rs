@@ -209,3 +209,35 @@ async fn connections_that_never_send_their_body_cannot_hold_the_broker() {
         "the authenticated attempt is recorded, the six unauthenticated ones are not"
     );
 }
+
+/// Review (of the fix): the rate limit ran after the body was read, so a
+/// session could send unlimited bad or late bodies, each one recorded.
+/// The rate limit comes before the body now.
+#[actix_web::test]
+async fn a_session_over_its_rate_is_refused_before_its_body_is_awaited() {
+    let app = spawn_app_with(|s| {
+        s.rate_limit.per_second = 1;
+        s.rate_limit.burst = 1;
+        s.server.request_body_timeout_ms = 2000;
+    })
+    .await;
+    let agent = app.register_agent("stalling").await;
+    let session = app.login(&agent).await;
+    let bad = app
+        .send(
+            "POST",
+            "/v1/mint-oidc-jwt",
+            Some(&session),
+            Some(b"{not json"),
+        )
+        .await;
+    assert_eq!(bad.error_code(), "bad_request", "within its rate");
+    let (answer, waited) =
+        stalled_body(&app, head_announcing_a_body("/v1/mint-oidc-jwt", &session)).await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(
+        waited < std::time::Duration::from_millis(1500),
+        "refused without waiting for the body: {waited:?}"
+    );
+    assert_eq!(app.audit_outcomes().await, ["bad_request", "rate_limited"]);
+}

@@ -11,6 +11,8 @@ use crate::grant::{CompletedMint, Grant};
 pub enum StorageError {
     #[error("already exists")]
     Conflict,
+    #[error("no such record")]
+    NotFound,
     #[error("storage backend: {0}")]
     Backend(String),
 }
