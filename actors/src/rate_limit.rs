@@ -58,6 +58,13 @@ pub fn client_network(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// `wait` rounded up to whole seconds, at least one: `Retry-After` is in
+/// whole seconds, and a client that waits that long must find a unit free.
+pub fn whole_seconds_up(wait: Duration) -> Duration {
+    let up = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    Duration::from_secs(up.max(1))
+}
+
 /// How many accounts and addresses the limiters hold now.
 #[derive(Message)]
 #[rtype(result = "usize")]
@@ -115,9 +122,7 @@ impl RateLimitActor {
         key: &K,
     ) -> Result<(), RateLimited> {
         limiter.check_key(key).map_err(|not_until| RateLimited {
-            retry_after: Duration::from_secs(
-                not_until.wait_time_from(self.clock.now()).as_secs() + 1,
-            ),
+            retry_after: whole_seconds_up(not_until.wait_time_from(self.clock.now())),
         })
     }
 }
@@ -214,13 +219,35 @@ mod tests {
             })
             .await
             .unwrap();
-        assert!(matches!(limited, Err(RateLimited { retry_after }) if retry_after.as_secs() >= 1));
+        // One unit a second: the next is free within the second.
+        assert_eq!(
+            limited,
+            Err(RateLimited {
+                retry_after: Duration::from_secs(1)
+            })
+        );
         addr.send(CheckRate {
             account: account(2),
         })
         .await
         .unwrap()
         .unwrap();
+    }
+
+    #[test]
+    fn retry_after_is_the_wait_rounded_up_to_whole_seconds() {
+        let secs = |ms| whole_seconds_up(Duration::from_millis(ms)).as_secs();
+        assert_eq!(
+            [
+                secs(0),
+                secs(1),
+                secs(999),
+                secs(1000),
+                secs(1001),
+                secs(2500)
+            ],
+            [1, 1, 1, 1, 2, 3]
+        );
     }
 
     /// Review (suspected): the login limit keyed on the full address, so

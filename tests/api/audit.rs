@@ -377,3 +377,135 @@ async fn unauthenticated_attempts_cost_no_record_and_are_throttled_per_address()
         "only the authenticated attempt has a record"
     );
 }
+
+/// Copies the data directory `from` into `to`.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// The ledger's table, as `actors/src/audit/ledger.rs` defines it.
+const LEDGER_RECORDS: redb::TableDefinition<u64, &[u8]> =
+    redb::TableDefinition::new("audit_records");
+
+/// Rewrites ledger record `seq` with `change` applied (as someone with the
+/// file would), or removes it when `change` is `None`.
+fn tamper_ledger(data: &std::path::Path, seq: u64, change: Option<fn(&mut Value)>) {
+    use redb::ReadableTable;
+    let db = redb::Database::open(data.join("audit.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(LEDGER_RECORDS).unwrap();
+        let stored = table.get(seq).unwrap().unwrap().value().to_vec();
+        match change {
+            Some(change) => {
+                let mut record: Value = serde_json::from_slice(&stored).unwrap();
+                change(&mut record);
+                let bytes = serde_json::to_vec(&record).unwrap();
+                table.insert(seq, bytes.as_slice()).unwrap();
+            }
+            None => {
+                table.remove(seq).unwrap();
+            }
+        }
+    }
+    txn.commit().unwrap();
+}
+
+/// Rewrites a text file of the data directory line by line.
+fn tamper_lines(file: &std::path::Path, change: impl Fn(usize, String) -> Option<String>) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let lines: Vec<String> = text
+        .lines()
+        .enumerate()
+        .filter_map(|(i, line)| change(i, line.to_owned()))
+        .collect();
+    std::fs::write(file, lines.join("\n") + "\n").unwrap();
+}
+
+/// The promise in docs/audit.md: `agentkeys-broker audit verify` finds an
+/// edited ledger record, an edited or missing jsonl line, a wrong anchor
+/// root and a truncated ledger tail, and exits 1 on each. The last one was
+/// a real gap: sink entries beyond the ledger's head were skipped.
+#[actix_web::test]
+async fn audit_verify_finds_each_kind_of_tampering_and_exits_1() {
+    let mut app = spawn_app_with(|s| {
+        s.audit.sinks = sinks(json!([
+            { "kind": "jsonl", "required": true },
+            { "kind": "evm", "interval_seconds": 1 },
+        ]));
+    })
+    .await;
+    let (session, _) = agent_with_grant(&app, "tampered", None).await;
+    for _ in 0..4 {
+        assert_eq!(app.mint(&session, &intent()).await.status, StatusCode::OK);
+    }
+    verify_until(&app, "the anchor to cover every record", |r| {
+        r["sinks"]["evm"]["held_seq"] == 4
+    })
+    .await;
+    app.stop();
+    let (ok, report) = crate::process::verify_offline(app.data_dir());
+    assert!(ok, "the untouched trail verifies: {report}");
+
+    type Tamper = Box<dyn Fn(&std::path::Path)>;
+    let cases: Vec<(&str, &str, Tamper)> = vec![
+        (
+            "an edited ledger record",
+            "seq 2: hash does not match its content",
+            Box::new(|data| tamper_ledger(data, 2, Some(|r| r["agent"] = "someone-else".into()))),
+        ),
+        (
+            "an edited jsonl line",
+            "does not match the ledger",
+            Box::new(|data| {
+                tamper_lines(&data.join("audit.jsonl"), |i, line| {
+                    Some(if i == 1 {
+                        line.replace("tampered", "innocent")
+                    } else {
+                        line
+                    })
+                })
+            }),
+        ),
+        (
+            "a missing jsonl line",
+            "lines are missing",
+            Box::new(|data| {
+                tamper_lines(&data.join("audit.jsonl"), |i, line| {
+                    (i != 1).then_some(line)
+                })
+            }),
+        ),
+        (
+            "a wrong anchor root",
+            "root does not match the ledger",
+            Box::new(|data| {
+                tamper_lines(&data.join("evm-anchors.jsonl"), |_, line| {
+                    let mut anchor: Value = serde_json::from_str(&line).unwrap();
+                    anchor["root"] = "00".repeat(32).into();
+                    Some(anchor.to_string())
+                })
+            }),
+        ),
+        (
+            "a truncated ledger tail",
+            "the ledger's tail is missing",
+            Box::new(|data| tamper_ledger(data, 4, None)),
+        ),
+    ];
+    for (what, expected, tamper) in cases {
+        let copy = tempfile::tempdir().unwrap();
+        let data = copy.path().join("data");
+        copy_dir(app.data_dir(), &data);
+        tamper(&data);
+        let (ok, report) = crate::process::verify_offline(&data);
+        assert!(!ok, "{what} verified: {report}");
+        assert!(report.to_string().contains(expected), "{what}: {report}");
+    }
+}

@@ -1,7 +1,13 @@
 use actix_web::http::StatusCode;
 use serde_json::json;
 
+use sha2::Digest;
+
 use crate::helpers::{own_scope, spawn_app, spawn_open_app, verify_against_jwks};
+
+/// SHA-256 of the canonical form of the record in
+/// `the_record_hash_of_a_known_record_is_pinned`, computed outside Rust.
+const PINNED_HASH: &str = "c6bd4af7a04f3b9ff10adf4bbac506fe7fe1ef56bb9d28eb58813f732f643abc";
 
 #[actix_web::test]
 async fn a_device_key_login_then_mint_returns_a_jwt_that_verifies_against_the_served_jwks() {
@@ -208,11 +214,16 @@ async fn every_mint_attempt_is_in_the_hash_chained_ledger_without_tokens() {
     assert_eq!(head.seq, 4);
     let minted: Vec<_> = records.iter().filter_map(|r| r.jti.clone()).collect();
     assert_eq!(minted, jtis);
-    let mut prev = agentkeys_actors::audit::GENESIS_HASH.to_owned();
+    let mut prev = "0".repeat(64);
     for (i, record) in records.iter().enumerate() {
         assert_eq!(record.seq, i as u64 + 1);
         assert_eq!(record.prev_hash, prev);
-        assert_eq!(record.hash, record.computed_hash());
+        let as_read = serde_json::to_value(record).unwrap();
+        assert_eq!(
+            record.hash,
+            documented_hash(&as_read),
+            "anyone can recompute the hash"
+        );
         prev = record.hash.clone();
     }
     assert_eq!(
@@ -264,5 +275,59 @@ async fn a_session_with_a_lifetime_the_broker_never_issues_is_refused() {
     assert_eq!(
         (reply.status, reply.error_code()),
         (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+}
+
+/// A record's hash as docs/audit.md defines it, rebuilt here from the
+/// text, not from the broker's code: SHA-256 (hex) over the canonical JSON
+/// of the record with its fields in the documented order, compact, and
+/// `hash` set to `""`.
+fn documented_hash(record: &serde_json::Value) -> String {
+    const ORDER: [&str; 12] = [
+        "seq",
+        "ts",
+        "outcome",
+        "omni_account",
+        "agent",
+        "grant_id",
+        "service",
+        "scope_path",
+        "jti",
+        "request_id",
+        "prev_hash",
+        "hash",
+    ];
+    let fields: Vec<String> = ORDER
+        .iter()
+        .map(|name| {
+            let value = if *name == "hash" {
+                serde_json::Value::from("")
+            } else {
+                record[*name].clone()
+            };
+            format!("\"{name}\":{value}")
+        })
+        .collect();
+    let canonical = format!("{{{}}}", fields.join(","));
+    hex::encode(sha2::Sha256::digest(canonical.as_bytes()))
+}
+
+/// A pinned record and hash: if the canonical form ever changes, every
+/// ledger written before stops verifying, so it must change on purpose.
+#[test]
+fn the_record_hash_of_a_known_record_is_pinned() {
+    let record = serde_json::json!({
+        "seq": 1, "ts": 1_700_000_000, "outcome": "ok",
+        "omni_account": "ab", "agent": "pinned", "grant_id": null,
+        "service": "s3", "scope_path": "bots/ab/", "jti": "j1",
+        "request_id": "r1", "prev_hash": "0".repeat(64), "hash": "",
+    });
+    let parsed: agentkeys_actors::audit::AuditRecord =
+        serde_json::from_value(record.clone()).unwrap();
+    assert_eq!(parsed.computed_hash(), documented_hash(&record));
+    assert_eq!(
+        documented_hash(&record),
+        PINNED_HASH,
+        "the canonical form changed"
     );
 }

@@ -56,6 +56,14 @@ impl LedgerSink {
         txn.commit().map_err(|e| e.to_string())
     }
 
+    /// The `seq` of the newest record (0: none).
+    pub fn last_seq(&self) -> Result<u64, StorageError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(RECORDS).map_err(backend)?;
+        let last = table.last().map_err(backend)?;
+        Ok(last.map_or(0, |(seq, _)| seq.value()))
+    }
+
     /// Up to `limit` records with `seq > after`, in order.
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError> {
         let txn = self.db.begin_read().map_err(backend)?;

@@ -45,6 +45,11 @@ pub struct SinkCheck {
     /// The running broker's view: required, lag, last error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub live: Option<super::SinkReport>,
+    /// The highest seq the sink holds beyond the ledger as walked: on a
+    /// live broker, written since; beyond the ledger's head read after the
+    /// sink, a sign that the ledger lost its tail.
+    #[serde(skip)]
+    beyond_walk: u64,
 }
 
 impl SinkCheck {
@@ -115,14 +120,29 @@ pub fn verify(ledger: &LedgerSink, sinks: &[SinkConfig]) -> VerifyReport {
             SinkConfig::Jsonl { path, keep, .. } => check_jsonl(path, *keep, &hashes),
             SinkConfig::Evm { anchors_path, .. } => check_anchors(anchors_path, &hashes, sink),
         };
-        report.ok &= check.ok;
         report.sinks.insert(sink.name().to_owned(), check);
+    }
+    // A sink holds only what the ledger committed first, so nothing a sink
+    // held when it was read can lie beyond the ledger's head read after it:
+    // if it does, the ledger lost its tail (truncated, or restored from an
+    // older copy).
+    let head_now = ledger.last_seq().unwrap_or(report.records);
+    for check in report.sinks.values_mut() {
+        if check.beyond_walk > head_now {
+            check.problem(format!(
+                "holds seq {} but the ledger ends at {head_now}: the ledger's tail is missing",
+                check.beyond_walk
+            ));
+        }
+        report.ok &= check.ok;
     }
     report
 }
 
 /// Every line of the jsonl files (oldest first) must be a ledger record,
-/// byte-for-byte in content. Rotated-away history is not required.
+/// byte-for-byte in content, each right after the one before: a missing
+/// line is a gap. Rotated-away history (before the first line) is not
+/// required.
 fn check_jsonl(path: &Path, keep: usize, hashes: &[[u8; 32]]) -> SinkCheck {
     let mut check = SinkCheck {
         ok: true,
@@ -130,6 +150,7 @@ fn check_jsonl(path: &Path, keep: usize, hashes: &[[u8; 32]]) -> SinkCheck {
     };
     let mut files: Vec<_> = (1..=keep).rev().map(|n| rotated(path, n)).collect();
     files.push(path.to_owned());
+    let mut last_seq: Option<u64> = None;
     // Regular files only: a device such as /dev/full would never end.
     for file in files.iter().filter(|f| f.is_file()) {
         let lines = match std::fs::File::open(file) {
@@ -150,8 +171,18 @@ fn check_jsonl(path: &Path, keep: usize, hashes: &[[u8; 32]]) -> SinkCheck {
                     continue;
                 }
             };
+            if let Some(previous) = last_seq.replace(record.seq) {
+                if record.seq != previous + 1 {
+                    check.problem(format!(
+                        "{}: seq {} follows seq {previous}: lines are missing",
+                        file.display(),
+                        record.seq
+                    ));
+                }
+            }
             if record.seq > hashes.len() as u64 {
-                // Written after the ledger walk ended: checked next time.
+                // Beyond the ledger as walked: judged against its head.
+                check.beyond_walk = check.beyond_walk.max(record.seq);
                 continue;
             }
             let in_ledger = record
@@ -194,6 +225,7 @@ fn check_anchors(path: &Path, hashes: &[[u8; 32]], sink: &SinkConfig) -> SinkChe
     };
     for anchor in anchors {
         if anchor.to_seq > hashes.len() as u64 {
+            check.beyond_walk = check.beyond_walk.max(anchor.to_seq);
             continue;
         }
         let range = (1..=anchor.to_seq)
