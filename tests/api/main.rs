@@ -16,7 +16,6 @@ mod hostile;
 mod idempotency;
 mod keys;
 mod login_and_mint;
-mod metrics;
 mod overload;
 mod process;
 mod proof;

@@ -110,8 +110,9 @@ pub async fn agent_with_grant(
         json!({ "agent": name, "service": "s3", "scope_path": scope, "max_uses": 1_000_000 });
     let grant = call(base, "POST", "/v1/admin/grants", Some(admin), Some(grant))
         .await
-        .unwrap()
-        .body;
+        .unwrap();
+    assert_eq!(grant.status, StatusCode::CREATED, "{}", grant.body);
+    let grant = grant.body;
     let session = agentkeys_broker::commands::client::BrokerClient::new(base)
         .login(&key)
         .await

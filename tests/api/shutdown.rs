@@ -40,6 +40,11 @@ async fn sigterm_during_a_burst_drains_flushes_and_exits_0() {
     );
     assert!(status.success(), "exit status {status}");
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    assert!(
+        received.len() >= 16,
+        "a real burst was under way when SIGTERM came: {} JWTs",
+        received.len()
+    );
 
     let (ok, report) = verify_offline(&run.data);
     assert!(ok, "{report}");
@@ -50,9 +55,18 @@ async fn sigterm_during_a_burst_drains_flushes_and_exits_0() {
     let mut broker = start_broker(&run.data, run.port);
     wait_ready(&base).await;
     let audited = audited_jtis(&base, &run.admin).await;
+    let received: std::collections::HashSet<String> = received.into_iter().collect();
     assert!(
         received.iter().all(|jti| audited.contains(jti)),
         "a released JWT is missing from the ledger"
+    );
+    // Draining means every mint in flight was answered: a JWT signed and
+    // recorded but cut off on its way to the client would be in the ledger
+    // and not here.
+    assert_eq!(
+        audited.len(),
+        received.len(),
+        "every JWT the broker minted reached its client"
     );
     broker.kill().unwrap();
     broker.wait().unwrap();
