@@ -808,6 +808,45 @@ mod tests {
         assert_eq!(listed.len(), 1);
     }
 
+    /// The documented promise: a key marked in flight is freed once its
+    /// in-flight limit has passed (its mint cannot still be running), so a
+    /// lost Release does not lock the key for its whole retention.
+    #[actix::test]
+    async fn an_in_flight_key_is_freed_after_its_limit() {
+        let settings = GrantSettings {
+            mailbox_capacity: 16,
+            idempotency_retention: Duration::from_secs(60),
+            in_flight_limit: Duration::from_secs(1),
+            purge_interval: Duration::from_secs(60),
+        };
+        let grants = GrantActor::new(settings, Arc::new(FlakyStore::default()))
+            .unwrap()
+            .start();
+        grants.send(create_one_use_grant()).await.unwrap().unwrap();
+        let keyed = || Reserve {
+            idempotency: Some(IdempotencySlot {
+                slot: "slot".into(),
+                fingerprint: "same request".into(),
+            }),
+            ..reserve()
+        };
+        assert!(matches!(
+            grants.send(keyed()).await.unwrap(),
+            Ok(Reservation::Granted(..))
+        ));
+        assert_eq!(
+            grants.send(keyed()).await.unwrap().err(),
+            Some(GrantError::IdempotencyInFlight),
+            "while its mint may still run"
+        );
+        actix::clock::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(
+            grants.send(keyed()).await.unwrap().err(),
+            Some(GrantError::Exhausted),
+            "freed: the request is decided again (the one use is still taken)"
+        );
+    }
+
     /// Review (suspected, confirmed): the mint waited for the use's commit
     /// without a bound, so a commit slower than the in-flight mark's expiry
     /// (12 × send_timeout) let a retry with the same key mint a second JWT

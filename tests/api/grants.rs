@@ -213,20 +213,32 @@ async fn revoked_and_expired_grants_are_denied() {
         (StatusCode::FORBIDDEN, "grant_denied")
     );
 
-    let expires_at = agentkeys_actors::domain::now_unix() + 2;
-    app.post(
-        "/v1/admin/grants",
-        Some(&app.admin_token),
-        &json!({ "agent": "revokee", "service": "s3", "scope_path": "exp/", "expires_at": expires_at }),
-    )
-    .await;
-    while agentkeys_actors::domain::now_unix() <= expires_at {
-        std::thread::sleep(std::time::Duration::from_millis(100));
+    // A grant lives while now < expires_at: it mints in its last second
+    // and is denied from the second it names.
+    let now = agentkeys_actors::domain::now_unix;
+    let expires_at = now() + 2;
+    let created = app
+        .post(
+            "/v1/admin/grants",
+            Some(&app.admin_token),
+            &json!({ "agent": "revokee", "service": "s3", "scope_path": "exp/", "expires_at": expires_at }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    while now() < expires_at - 1 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let expired = app.mint(&session, &intent("s3", "exp/")).await;
+    let last_second = app.mint(&session, &intent("s3", "exp/")).await;
+    assert_eq!(last_second.status, StatusCode::OK, "{}", last_second.body);
+    assert_eq!(last_second.body["expiration"], expires_at);
+    while now() < expires_at {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let at_expiry = app.mint(&session, &intent("s3", "exp/")).await;
     assert_eq!(
-        (expired.status, expired.error_code()),
-        (StatusCode::FORBIDDEN, "grant_denied")
+        (at_expiry.status, at_expiry.error_code()),
+        (StatusCode::FORBIDDEN, "grant_denied"),
+        "now == expires_at is expired"
     );
 }
 

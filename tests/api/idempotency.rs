@@ -162,3 +162,61 @@ async fn a_replay_is_refused_once_its_grant_is_revoked() {
     );
     assert!(!String::from_utf8_lossy(&replay.raw).contains(first.body["jwt"].as_str().unwrap()));
 }
+
+/// The documented promise: while the first request with a key runs, a
+/// duplicate gets `409 idempotency_in_flight` with `Retry-After`. The first
+/// is held for real: its required jsonl sink is a named pipe whose reader
+/// (a log shipper, here a thread) starts only after the duplicate arrived.
+#[actix_web::test]
+async fn a_duplicate_while_the_first_request_runs_gets_409_with_retry_after() {
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.actors.send_timeout_ms = 10_000;
+        s.audit.sink_timeout_ms = 10_000;
+        s.audit.sinks = serde_json::from_value(
+            json!([{ "kind": "jsonl", "required": true, "path": "shipped.jsonl" }]),
+        )
+        .unwrap();
+    })
+    .await;
+    let agent = app.register_agent("held").await;
+    let session = app.login(&agent).await;
+    app.grant(&agent, "s3", "held/", None).await;
+    let pipe = app.data_file("shipped.jsonl");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+    let body = json!({ "service": "s3", "scope_path": "held/" });
+
+    // The shipper starts late and then reads every batch for as long as
+    // the test runs (started first, so a failing test still drains it).
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        loop {
+            use std::io::Read;
+            let Ok(mut reader) = std::fs::File::open(&pipe) else {
+                return;
+            };
+            let _ = reader.read_to_end(&mut Vec::new());
+        }
+    });
+    let first = app.mint_with_key(&session, "held-key", &body);
+    let duplicate = async {
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(300)).await;
+        app.mint_with_key(&session, "held-key", &body).await
+    };
+    let (first, duplicate) = futures_util::future::join(first, duplicate).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(
+        (duplicate.status, duplicate.error_code()),
+        (StatusCode::CONFLICT, "idempotency_in_flight")
+    );
+    let retry_after = duplicate.headers.get("retry-after");
+    assert_eq!(retry_after.map(|v| v.to_str().unwrap()), Some("1"));
+    let replay = app.mint_with_key(&session, "held-key", &body).await;
+    assert_eq!(
+        replay.raw, first.raw,
+        "once the first is done, the key replays it"
+    );
+}

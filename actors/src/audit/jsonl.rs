@@ -110,8 +110,13 @@ impl AuditSink for JsonlSink {
         let write = || -> std::io::Result<u64> {
             let mut file = crate::data_dir::append_owner_only(&self.path)?;
             file.write_all(&lines)?;
-            file.sync_data()?;
-            file.metadata().map(|m| m.len())
+            let meta = file.metadata()?;
+            // A named pipe (a log shipper reading the other end) takes no
+            // fsync: what it accepted, its reader holds.
+            if meta.is_file() {
+                file.sync_data()?;
+            }
+            Ok(meta.len())
         };
         let size = write().map_err(|e| format!("{}: {e}", self.path.display()))?;
         self.held = batch.last().map_or(self.held, |r| r.seq);
