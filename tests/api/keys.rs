@@ -40,7 +40,7 @@ async fn a_rotated_oidc_key_is_published_first_signs_later_and_the_old_one_leave
     let app = spawn_app_with(|s| {
         s.grants.required = false;
         s.oidc.jwks_max_age_seconds = 1;
-        s.oidc.rotation_lead_seconds = 2;
+        s.oidc.rotation_lead_seconds = 3;
         s.oidc.retired_key_margin_seconds = 1;
         s.mint.default_ttl_seconds = 2;
         s.mint.max_ttl_seconds = 2;
@@ -53,6 +53,7 @@ async fn a_rotated_oidc_key_is_published_first_signs_later_and_the_old_one_leave
     assert_eq!(published(&app).await, std::slice::from_ref(&old));
 
     let admin = Some(app.admin_token.as_str());
+    let asked = now_unix();
     let rotated = app
         .post("/v1/admin/keys/rotate", admin, &json!({ "key": "oidc" }))
         .await;
@@ -64,14 +65,17 @@ async fn a_rotated_oidc_key_is_published_first_signs_later_and_the_old_one_leave
         [old.clone(), new.clone()],
         "published before it signs"
     );
-    if now_unix() < activates_at {
-        let during_lead = mint(&app, &session).await;
-        assert_eq!(
-            kid_of(during_lead["jwt"].as_str().unwrap()),
-            old,
-            "the old key signs during the lead time"
-        );
-    }
+    assert!(
+        (asked + 3..=now_unix() + 3).contains(&activates_at),
+        "it signs rotation_lead_seconds after the rotation: {activates_at}"
+    );
+    let during_lead = mint(&app, &session).await;
+    assert!(now_unix() < activates_at, "minted within the lead time");
+    assert_eq!(
+        kid_of(during_lead["jwt"].as_str().unwrap()),
+        old,
+        "the old key signs during the lead time"
+    );
 
     sleep_until(activates_at).await;
     let after = mint(&app, &session).await;
@@ -89,7 +93,14 @@ async fn a_rotated_oidc_key_is_published_first_signs_later_and_the_old_one_leave
     )
     .expect("the new key's token verifies against the served JWKS");
 
-    // retired at activation; published for max_ttl (2) + margin (1) more.
+    // Retired at activation; published for max_ttl (2) + margin (1) more:
+    // still there in the last second of that window, gone at its end.
+    sleep_until(activates_at + 2).await;
+    assert_eq!(
+        published(&app).await,
+        [old.clone(), new.clone()],
+        "published until max_ttl + margin after it retired"
+    );
     sleep_until(activates_at + 3).await;
     assert_eq!(
         published(&app).await,
@@ -164,4 +175,38 @@ async fn rotations_persist_and_the_jwks_cache_lifetime_is_jittered() {
         ages.insert(age);
     }
     assert!(ages.len() > 1, "max-age is jittered: {ages:?}");
+}
+
+/// The documented limits of rotation: at most five OIDC keys are published
+/// (a sixth rotation is `409 conflict` until one leaves), and a lead time
+/// shorter than the JWKS cache lifetime is refused at start (verifiers
+/// would meet tokens of a key they have not fetched).
+#[actix_web::test]
+async fn a_sixth_oidc_key_is_409_and_a_lead_shorter_than_the_jwks_cache_is_refused() {
+    let app = spawn_app().await;
+    let admin = Some(app.admin_token.as_str());
+    for n in 2..=5 {
+        let rotated = app
+            .post("/v1/admin/keys/rotate", admin, &json!({ "key": "oidc" }))
+            .await;
+        assert_eq!(rotated.status, StatusCode::CREATED, "key {n}");
+    }
+    assert_eq!(published(&app).await.len(), 5);
+    let sixth = app
+        .post("/v1/admin/keys/rotate", admin, &json!({ "key": "oidc" }))
+        .await;
+    assert_eq!(
+        (sixth.status, sixth.error_code()),
+        (StatusCode::CONFLICT, "conflict")
+    );
+    assert_eq!(published(&app).await.len(), 5, "nothing changed");
+
+    let mut settings = app.settings.clone();
+    settings.oidc.jwks_max_age_seconds = 600;
+    settings.oidc.rotation_lead_seconds = 599;
+    let refused = agentkeys_broker::startup::Application::build(settings).await;
+    assert!(
+        matches!(refused, Err(agentkeys_broker::startup::StartupError::Settings(_))),
+        "a lead shorter than the JWKS max-age starts nothing"
+    );
 }
