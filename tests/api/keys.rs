@@ -206,7 +206,10 @@ async fn a_sixth_oidc_key_is_409_and_a_lead_shorter_than_the_jwks_cache_is_refus
     settings.oidc.rotation_lead_seconds = 599;
     let refused = agentkeys_broker::startup::Application::build(settings).await;
     assert!(
-        matches!(refused, Err(agentkeys_broker::startup::StartupError::Settings(_))),
+        matches!(
+            refused,
+            Err(agentkeys_broker::startup::StartupError::Settings(_))
+        ),
         "a lead shorter than the JWKS max-age starts nothing"
     );
 }
