@@ -167,3 +167,131 @@ async fn random_requests_on_every_route_never_get_a_5xx() {
     let health = app.get("/readyz", None).await;
     assert_eq!(health.status, StatusCode::OK, "still healthy afterwards");
 }
+
+/// A JSON body for an admin route: a valid template with one field's value
+/// (or the whole body) replaced by noise, so the parsers behind the admin
+/// token see mostly-plausible input.
+fn admin_body(noise: &mut Noise, target_key: &str) -> Vec<u8> {
+    let mut template = match noise.next() % 4 {
+        0 => serde_json::json!({ "name": "fuzz-agent", "public_key": target_key, "enabled": true }),
+        1 => serde_json::json!({ "agent": "target", "service": "s3", "scope_path": "fuzz/",
+                                  "max_uses": 3, "expires_at": null, "max_ttl_seconds": 60 }),
+        2 => serde_json::json!({ "enabled": false }),
+        _ => serde_json::json!({ "key": "session" }),
+    };
+    if noise.one_in(3) {
+        return template.to_string().into_bytes();
+    }
+    let fields: Vec<String> = template.as_object().unwrap().keys().cloned().collect();
+    let field = &fields[(noise.next() % fields.len() as u64) as usize];
+    let replacement: Value = match noise.next() % 6 {
+        0 => Value::String(noise.text()),
+        1 => serde_json::from_str(&noise.text()).unwrap_or(Value::Null),
+        2 => Value::from(noise.next() as i64),
+        3 => Value::from(-(noise.next() as i64 % 1000)),
+        4 => Value::Array(vec![Value::Bool(true)]),
+        _ => return noise.text().into_bytes(),
+    };
+    template[field.as_str()] = replacement;
+    if noise.one_in(5) {
+        template["unexpected"] = Value::from(1);
+    }
+    template.to_string().into_bytes()
+}
+
+/// Hostile input behind the admin token: every admin route, its path
+/// parameters and query strings, with bodies that are mostly plausible.
+/// Nothing answers 5xx, every refusal is a JSON error, and refused
+/// requests change nothing (the registry and the grants hold exactly what
+/// the successful requests made).
+#[actix_web::test]
+async fn hostile_admin_requests_with_the_token_never_get_a_5xx_and_change_nothing_when_refused() {
+    let app = spawn_app_with(|_| {}).await;
+    app.register_agent("target").await;
+    let target_key = hex::encode(
+        ed25519_dalek::SigningKey::from_bytes(&[7u8; 32])
+            .verifying_key()
+            .to_bytes(),
+    );
+    let client = awc::Client::default();
+    let mut noise = Noise(0x2545_f491_4f6c_dd1d);
+    let (mut agents, mut grants) = (1i64, 0i64);
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..500 {
+        let segment = match noise.next() % 4 {
+            0 => "target".to_owned(),
+            1 => "fuzz-agent".to_owned(),
+            2 => header_safe(&noise.text()).replace(['/', '?', '#', ' '], ""),
+            _ => format!("g_{}", hex::encode(noise.bytes(12))),
+        };
+        let query = header_safe(&noise.text()).replace(['#', ' '], "");
+        let (method, path) = match noise.next() % 9 {
+            0 => ("POST", "/v1/admin/agents".to_owned()),
+            1 => ("PATCH", format!("/v1/admin/agents/{segment}")),
+            2 => ("DELETE", format!("/v1/admin/agents/{segment}")),
+            3 => ("POST", "/v1/admin/grants".to_owned()),
+            4 => ("GET", format!("/v1/admin/grants?agent={query}")),
+            5 => ("GET", format!("/v1/admin/grants/{segment}")),
+            6 => ("DELETE", format!("/v1/admin/grants/{segment}")),
+            7 => ("GET", format!("/v1/admin/audit?{query}")),
+            _ => ("POST", "/v1/admin/keys/rotate".to_owned()),
+        };
+        let body = admin_body(&mut noise, &target_key);
+        let request = client
+            .request(method.parse().unwrap(), app.url(&path))
+            .insert_header(("Authorization", format!("Bearer {}", app.admin_token)))
+            .insert_header(("Content-Type", "application/json"));
+        let Ok(mut response) = request.send_body(body.clone()).await else {
+            // A path awc itself refuses to send is not the broker's answer.
+            continue;
+        };
+        let status = response.status();
+        let answer: Value =
+            serde_json::from_slice(&response.body().await.unwrap()).unwrap_or_default();
+        assert!(
+            !status.is_server_error(),
+            "request {i}: {method} {path} got {status}: {answer} (body {:?})",
+            String::from_utf8_lossy(&body)
+        );
+        if !status.is_success() {
+            assert!(
+                answer["error"].is_string() && answer["message"].is_string(),
+                "{method} {path} {status}: {answer}"
+            );
+        }
+        match (method, path.as_str(), status.as_u16()) {
+            ("POST", "/v1/admin/agents", 201) => agents += 1,
+            ("DELETE", p, 204) if p.starts_with("/v1/admin/agents/") => agents -= 1,
+            ("POST", "/v1/admin/grants", 201) => grants += 1,
+            _ => {}
+        }
+        *statuses.entry(status.as_u16()).or_insert(0) += 1;
+    }
+    eprintln!("500 hostile admin requests, answers by status: {statuses:?}");
+    let admin = Some(app.admin_token.as_str());
+    let listed = app.get("/v1/admin/agents", admin).await.body["agents"]
+        .as_array()
+        .unwrap()
+        .len() as i64;
+    assert_eq!(
+        listed, agents,
+        "agents: only the successful requests changed the registry"
+    );
+    let listed = app.get("/v1/admin/grants", admin).await.body["grants"]
+        .as_array()
+        .unwrap()
+        .len() as i64;
+    assert_eq!(
+        listed, grants,
+        "grants: only the successful requests made any"
+    );
+    assert!(
+        statuses.contains_key(&201),
+        "some requests created something: {statuses:?}"
+    );
+    assert!(
+        statuses.contains_key(&400),
+        "and many were refused: {statuses:?}"
+    );
+    assert_eq!(app.get("/readyz", None).await.status, StatusCode::OK);
+}
