@@ -16,6 +16,10 @@
 #                                             # and its next request: latency below the peak
 #   TARGET_RATE=7400 harness/mint-load.sh     # latency at a fixed offered rate (hey from
 #                                             # Debian, one agent; hey takes far more CPU than wrk)
+#   EXPECT_REFUSALS=1 harness/mint-load.sh    # an overload run: non-200 answers are expected
+#
+# Exits 1 when any mint was answered other than 200 (unless EXPECT_REFUSALS
+# is set) and, always, when the first mint after the run is not a 200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -88,11 +92,23 @@ else
   MINT_BODY="$body" TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
     -s harness/mint.lua "$url/v1/mint-oidc-jwt" | tee "$work/wrk.txt"
   awk -v limit="$limit" '/^mints\/s/ { printf "fraction of the crypto limit: %.0f%% (%d of %d /s)\n", 100 * $4 / limit, $4, limit }' "$work/wrk.txt"
+  # "answers 200: N" and "answers 503 overloaded: N": every answer but 200.
+  refused=$(awk '/^answers / && $2 != "200:" { n += $NF } END { print n + 0 }' "$work/wrk.txt")
+  if [ "$refused" -gt 0 ] && [ -z "${EXPECT_REFUSALS:-}" ]; then
+    echo "FAIL: $refused mints were not answered 200 (set EXPECT_REFUSALS=1 for an overload run)" >&2
+    failed=1
+  fi
 fi
 
 # After the run: the broker's peak memory, and one mint right away (recovery).
 echo "broker peak RSS: $(awk '/VmHWM/ { print $2, $3 }' "/proc/$broker_pid/status")"
 token=$(head -n 1 "$work/tokens.txt")
-curl -s -o /dev/null -w 'first mint after the run: HTTP %{http_code} in %{time_total} s\n' \
+after=$(curl -s -o /dev/null -w '%{http_code} %{time_total}' \
   -X POST "$url/v1/mint-oidc-jwt" -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
-  -d '{"service":"s3","scope_path":"load/jobs/"}'
+  -d '{"service":"s3","scope_path":"load/jobs/"}')
+echo "first mint after the run: HTTP ${after% *} in ${after#* } s"
+if [ "${after% *}" != 200 ]; then
+  echo "FAIL: the broker did not recover: the first mint after the run got HTTP ${after% *}" >&2
+  failed=1
+fi
+exit "${failed:-0}"
