@@ -2,7 +2,9 @@
 # The whole single mint path on this machine, with real processes only:
 #   daemon (agentkeys) → broker JWT (agentkeys-broker) → STS → S3,
 # the STS and S3 APIs served on loopback by moto_server (PyPI moto[server]),
-# the AWS CLI (PyPI awscli) using the credential_process profile.
+# the AWS CLI (PyPI awscli) using the credential_process profile. The JWT is
+# first verified against the broker's JWKS with an independent JOSE library
+# (PyPI PyJWT), since moto accepts any well-formed web identity token.
 # Installs its Python tools into .ci/tools/venv (or $AGENTKEYS_TOOLS/venv),
 # prints each step's result, stops everything it started, and exits 0 only
 # if every step passed.
@@ -29,12 +31,12 @@ trap cleanup EXIT
 
 tools=${AGENTKEYS_TOOLS:-$PWD/.ci/tools}
 venv="$tools/venv"
-step "python tools: moto[server] and the AWS CLI"
-if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aws" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]" awscli
+step "python tools: moto[server], the AWS CLI and PyJWT"
+if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aws" ] || ! "$venv/bin/python" -c 'import jwt' 2>/dev/null; then
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]" awscli "pyjwt[crypto]"
 fi
-ok "$("$venv/bin/aws" --version 2>&1 | cut -d' ' -f1), moto $("$venv/bin/python" -c 'import moto; print(moto.__version__)')"
+ok "$("$venv/bin/aws" --version 2>&1 | cut -d' ' -f1), moto $("$venv/bin/python" -c 'import moto; print(moto.__version__)'), PyJWT $("$venv/bin/python" -c 'import jwt; print(jwt.__version__)')"
 
 step "build the workspace"
 cargo build --release --quiet --workspace
@@ -78,6 +80,43 @@ status=$(curl -s -o /dev/null -w '%{http_code}' "$broker_url/v1/mint-oidc-jwt" -
 [ "$status" = 403 ] || fail "a scope outside the grant answered $status"
 ok "a scope outside the grant → 403"
 
+step "the JWT against the broker's JWKS, checked with PyJWT (not the broker's code)"
+"$venv/bin/python" - "$broker_url" "$work/mint.json" "$omni" "$scope" "$grant_id" <<'PY' || fail "the JWT does not verify against the JWKS as STS would check it"
+import json, sys, urllib.request
+import jwt
+
+issuer, minted, omni, scope, grant = sys.argv[1:]
+token = json.load(open(minted))["jwt"]
+config = json.load(urllib.request.urlopen(issuer + "/.well-known/openid-configuration"))
+assert config["issuer"] == issuer, config
+assert "ES256" in config["id_token_signing_alg_values_supported"], config
+header = jwt.get_unverified_header(token)
+assert header["alg"] == "ES256" and header["typ"] == "JWT" and header["kid"], header
+key = jwt.PyJWKClient(config["jwks_uri"]).get_signing_key_from_jwt(token)
+claims = jwt.decode(
+    token, key.key, algorithms=["ES256"], audience="sts.amazonaws.com", issuer=issuer,
+    options={"require": ["exp", "iat", "nbf", "sub", "jti", "iss", "aud"]},
+)
+assert claims["sub"] == f"agentkeys:agent:{omni}", claims["sub"]
+assert claims["agentkeys_grant_id"] == grant, claims
+tags = claims["https://aws.amazon.com/tags"]
+assert tags["principal_tags"]["agentkeys_actor_omni"] == [omni], tags
+assert tags["principal_tags"]["agentkeys_service"] == ["s3"], tags
+assert tags["principal_tags"]["agentkeys_scope_path"] == [scope], tags
+assert sorted(tags["transitive_tag_keys"]) == sorted(tags["principal_tags"]), tags
+assert claims["exp"] - claims["iat"] <= 600, claims
+head, payload, signature = token.split(".")
+forged = f"{head}.{payload}.{signature[:-4]}{'AAAA' if signature[-4:] != 'AAAA' else 'BBBB'}"
+try:
+    jwt.decode(forged, key.key, algorithms=["ES256"], audience="sts.amazonaws.com", issuer=issuer)
+except jwt.InvalidSignatureError:
+    pass
+else:
+    raise AssertionError("a token with an altered signature verified")
+print(f"kid {header['kid']}, sub {claims['sub']}, scope tag {scope}")
+PY
+ok "signature, iss, aud, sub, grant and session tags verify against $broker_url/.well-known/jwks.json; an altered signature does not"
+
 step "start moto_server: STS and S3 on loopback"
 moto_port=$(free_port)
 moto="http://127.0.0.1:$moto_port"
@@ -98,7 +137,7 @@ operator() { AWS_ACCESS_KEY_ID=operator AWS_SECRET_ACCESS_KEY=operator AWS_DEFAU
 operator iam create-open-id-connect-provider --url "$broker_url" --client-id-list sts.amazonaws.com \
   --thumbprint-list 0000000000000000000000000000000000000000 >/dev/null
 role_arn=$(operator iam create-role --role-name agentkeys-demo --assume-role-policy-document "file://$work/trust.json" | json '["Role"]["Arn"]')
-ok "role $role_arn trusts the broker's issuer"
+ok "role $role_arn, its trust policy naming the broker's issuer (moto does not enforce trust policies: the JWT was checked against the JWKS above)"
 
 step "agentkeys aws-credentials: AssumeRoleWithWebIdentity client-side, no AWS credentials"
 no_aws=(env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN -u AWS_PROFILE)
