@@ -227,3 +227,37 @@ async fn deleting_an_agent_revokes_its_grants_for_whoever_comes_next() {
         "grant_denied"
     );
 }
+
+/// The documented promise: a disabled agent keeps its grants (nothing is
+/// revoked), its logins get 403 at once, and enabling it again brings its
+/// grants back into use.
+#[actix_web::test]
+async fn a_disabled_agent_keeps_its_grants_and_cannot_log_in_until_enabled() {
+    let app = crate::helpers::spawn_app().await;
+    let admin = Some(app.admin_token.as_str());
+    let agent = app.register_agent("paused").await;
+    let grant = app.grant(&agent, "s3", "paused/", Some(5)).await;
+    let intent = json!({ "service": "s3", "scope_path": "paused/x/" });
+    let session = app.login(&agent).await;
+    assert_eq!(app.mint(&session, &intent).await.status, StatusCode::OK);
+
+    let disabled = app
+        .send("PATCH", "/v1/admin/agents/paused", admin, Some(br#"{"enabled": false}"#))
+        .await;
+    assert_eq!(disabled.status, StatusCode::OK);
+    let login = app.try_login(&agent).await;
+    assert_eq!(
+        (login.status, login.error_code()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    let id = grant["id"].as_str().unwrap();
+    let kept = app.get(&format!("/v1/admin/grants/{id}"), admin).await.body;
+    assert_eq!((kept["revoked"].clone(), kept["uses"].clone()), (json!(false), json!(1)));
+
+    app.send("PATCH", "/v1/admin/agents/paused", admin, Some(br#"{"enabled": true}"#))
+        .await;
+    let session = app.login(&agent).await;
+    let minted = app.mint(&session, &intent).await;
+    assert_eq!(minted.status, StatusCode::OK);
+    assert_eq!(minted.body["grant_id"], grant["id"], "the same grant, still in use");
+}

@@ -213,3 +213,42 @@ async fn a_sixth_oidc_key_is_409_and_a_lead_shorter_than_the_jwks_cache_is_refus
         "a lead shorter than the JWKS max-age starts nothing"
     );
 }
+
+/// The documented promise: a rotated-away session key verifies only for
+/// the session TTL after its successor took over; then a session it signed
+/// (one a thief of the old key forges now, with a fresh lifetime) is 401.
+#[actix_web::test]
+async fn a_session_signed_by_a_retired_session_key_is_401() {
+    let app = spawn_app_with(|s| {
+        s.grants.required = false;
+        s.auth.session_ttl_seconds = 2;
+    })
+    .await;
+    let agent = app.register_agent("retiree").await;
+    let session = app.login(&agent).await;
+    let old_ring = crate::helpers::stolen_key_ring(&app);
+    let admin = Some(app.admin_token.as_str());
+    let rotated = app
+        .post("/v1/admin/keys/rotate", admin, &json!({ "key": "session" }))
+        .await;
+    assert_eq!(rotated.status, StatusCode::CREATED);
+    mint(&app, &session).await;
+
+    sleep_until(rotated.body["activates_at"].as_u64().unwrap() + 2).await;
+    let now = now_unix();
+    let claims = agentkeys_actors::signer::SessionClaims {
+        iat: now,
+        exp: now + 2,
+        jti: "kept-the-old-key".into(),
+        ..crate::helpers::session_claims(&session)
+    };
+    let forged = agentkeys_actors::signer::sign_session(&old_ring, &claims).unwrap();
+    assert_eq!(kid_of(&forged), kid_of(&session), "signed by the retired key");
+    let reply = app.mint(&forged, &json!({})).await;
+    assert_eq!(
+        (reply.status, reply.error_code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    let fresh = app.login(&agent).await;
+    mint(&app, &fresh).await;
+}

@@ -312,3 +312,85 @@ async fn the_rate_limit_comes_before_the_proof_of_possession() {
         "the rate limit answers before the (stale, bogus) proof is checked"
     );
 }
+
+/// Waits until a fresh second has just begun, so a test can send within it.
+fn at_the_start_of_a_second() -> u64 {
+    let now = now_unix();
+    while now_unix() == now {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    now_unix()
+}
+
+/// The documented promise beyond exact replay: a used nonce is refused
+/// with a fresh timestamp or another body; a timestamp exactly
+/// `proof_max_skew_seconds` away is accepted and one second more is not
+/// (both ways); and an agent's full proof store answers 503 with
+/// Retry-After, for that agent only.
+#[actix_web::test]
+async fn proofs_are_single_use_within_the_exact_skew_and_a_full_store_is_503() {
+    let app = spawn_app_with(|s| {
+        pop_app_settings(s);
+        s.auth.proof_max_skew_seconds = 2;
+        s.auth.max_proof_nonces_per_agent = 4;
+        s.rate_limit.per_second = 1000;
+        s.rate_limit.burst = 1000;
+    })
+    .await;
+    let agent = app.register_agent("skewed").await;
+    let session = app.login(&agent).await;
+    let body = "{}";
+    // Proofs from before the broker's start are refused: let it age.
+    std::thread::sleep(std::time::Duration::from_millis(3100));
+
+    let now = at_the_start_of_a_second();
+    let used = proof(&agent.key, &session, body, now, "once-0001");
+    assert_eq!(mint_with_proof(&app, &session, body, Some(&used)).await.status, StatusCode::OK);
+    let fresh_time = proof(&agent.key, &session, body, now + 1, "once-0001");
+    let other_body = r#"{"ttl_seconds": 60}"#;
+    let other = proof(&agent.key, &session, other_body, now, "once-0001");
+    for (what, header, body) in [("a fresh timestamp", &fresh_time, body), ("another body", &other, other_body)] {
+        let reply = mint_with_proof(&app, &session, body, Some(header)).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "a used nonce with {what}");
+    }
+
+    let now = at_the_start_of_a_second();
+    let cases = [
+        (now - 2, "edge-past", StatusCode::OK),
+        (now + 2, "edge-future", StatusCode::OK),
+        (now - 3, "over-past", StatusCode::UNAUTHORIZED),
+        (now + 3, "over-future", StatusCode::UNAUTHORIZED),
+    ];
+    for (timestamp, nonce, expected) in cases {
+        let header = proof(&agent.key, &session, body, timestamp, &format!("{nonce}-01"));
+        let reply = mint_with_proof(&app, &session, body, Some(&header)).await;
+        assert_eq!(reply.status, expected, "{nonce}: {}", reply.body);
+    }
+    assert_eq!(now_unix(), now, "all four were judged within one second");
+
+    // A store of its own, filled with proofs that stay held for seconds:
+    // the fifth finds it full.
+    let filler = app.register_agent("filler").await;
+    let filler_session = app.login(&filler).await;
+    let later = now_unix() + 2;
+    for i in 0..4 {
+        let header = proof(&filler.key, &filler_session, body, later, &format!("fill-{i:04}"));
+        let reply = mint_with_proof(&app, &filler_session, body, Some(&header)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    let fifth = proof(&filler.key, &filler_session, body, later, "fill-0005");
+    let full = mint_with_proof(&app, &filler_session, body, Some(&fifth)).await;
+    assert_eq!(
+        (full.status, full.error_code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+    );
+    assert!(full.headers.contains_key("retry-after"));
+    let other_agent = app.register_agent("unaffected").await;
+    let other_session = app.login(&other_agent).await;
+    let theirs = proof(&other_agent.key, &other_session, body, now_unix(), "their-0001");
+    assert_eq!(
+        mint_with_proof(&app, &other_session, body, Some(&theirs)).await.status,
+        StatusCode::OK,
+        "another agent's store is its own"
+    );
+}
