@@ -242,7 +242,12 @@ async fn a_disabled_agent_keeps_its_grants_and_cannot_log_in_until_enabled() {
     assert_eq!(app.mint(&session, &intent).await.status, StatusCode::OK);
 
     let disabled = app
-        .send("PATCH", "/v1/admin/agents/paused", admin, Some(br#"{"enabled": false}"#))
+        .send(
+            "PATCH",
+            "/v1/admin/agents/paused",
+            admin,
+            Some(br#"{"enabled": false}"#),
+        )
         .await;
     assert_eq!(disabled.status, StatusCode::OK);
     let login = app.try_login(&agent).await;
@@ -252,12 +257,23 @@ async fn a_disabled_agent_keeps_its_grants_and_cannot_log_in_until_enabled() {
     );
     let id = grant["id"].as_str().unwrap();
     let kept = app.get(&format!("/v1/admin/grants/{id}"), admin).await.body;
-    assert_eq!((kept["revoked"].clone(), kept["uses"].clone()), (json!(false), json!(1)));
+    assert_eq!(
+        (kept["revoked"].clone(), kept["uses"].clone()),
+        (json!(false), json!(1))
+    );
 
-    app.send("PATCH", "/v1/admin/agents/paused", admin, Some(br#"{"enabled": true}"#))
-        .await;
+    app.send(
+        "PATCH",
+        "/v1/admin/agents/paused",
+        admin,
+        Some(br#"{"enabled": true}"#),
+    )
+    .await;
     let session = app.login(&agent).await;
     let minted = app.mint(&session, &intent).await;
     assert_eq!(minted.status, StatusCode::OK);
-    assert_eq!(minted.body["grant_id"], grant["id"], "the same grant, still in use");
+    assert_eq!(
+        minted.body["grant_id"], grant["id"],
+        "the same grant, still in use"
+    );
 }

@@ -509,3 +509,82 @@ async fn audit_verify_finds_each_kind_of_tampering_and_exits_1() {
         assert!(report.to_string().contains(expected), "{what}: {report}");
     }
 }
+
+/// The documented promise: a required sink that does not answer within
+/// `audit.sink_timeout_ms` counts as not holding the record: no JWT, the
+/// grant use given back, and a record saying which JWT was withheld. The
+/// sink here is a named pipe nobody reads yet; once its reader (a log
+/// shipper) starts, the sink catches up and mints are released again.
+#[actix_web::test]
+async fn a_required_sink_that_times_out_does_not_hold_the_record() {
+    let app = spawn_app_with(|s| {
+        s.audit.sink_timeout_ms = 300;
+        s.audit.retry_interval_seconds = 1;
+        s.audit.sinks = sinks(json!([{ "kind": "jsonl", "required": true, "path": "slow.jsonl" }]));
+    })
+    .await;
+    let (session, grant) = agent_with_grant(&app, "slow-sink", Some(5)).await;
+    let pipe = app.data_file("slow.jsonl");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+    // The shipper: starts when told (or after 10 s, so that a failing test
+    // never leaves the sink blocked), then reads every batch.
+    let go = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let told = go.clone();
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        while !told.load(std::sync::atomic::Ordering::SeqCst)
+            && started.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        loop {
+            use std::io::Read;
+            let Ok(mut reader) = std::fs::File::open(&pipe) else {
+                return;
+            };
+            let _ = reader.read_to_end(&mut Vec::new());
+        }
+    });
+
+    let withheld = app.mint(&session, &intent()).await;
+    assert_eq!(
+        (withheld.status, withheld.error_code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable")
+    );
+    assert!(withheld.body.get("jwt").is_none());
+    let id = grant["id"].as_str().unwrap();
+    let stored = app
+        .get(&format!("/v1/admin/grants/{id}"), Some(&app.admin_token))
+        .await;
+    assert_eq!(stored.body["uses"], 0, "the use was given back");
+    let records = audit_records(&app).await;
+    let outcomes: Vec<&str> = records
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["ok", "audit_unavailable"]);
+    assert_eq!(
+        records[0]["jti"], records[1]["jti"],
+        "the withheld JWT is named"
+    );
+
+    // The shipper starts: the sink catches up from the ledger.
+    go.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut released = None;
+    for _ in 0..50 {
+        let reply = app.mint(&session, &intent()).await;
+        if reply.status == StatusCode::OK {
+            released = Some(reply);
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        released.is_some(),
+        "mints are released once the sink holds records again"
+    );
+}

@@ -128,10 +128,19 @@ async fn bad_bearer_tokens_are_401_unauthorized() {
     // key that verifies: the wrong `typ`, an unknown `kid`.
     let real_kid = jsonwebtoken::decode_header(&session).unwrap().kid.unwrap();
     for (what, header) in [
-        ("typ JWT", json!({ "alg": "EdDSA", "typ": "JWT", "kid": real_kid })),
+        (
+            "typ JWT",
+            json!({ "alg": "EdDSA", "typ": "JWT", "kid": real_kid }),
+        ),
         ("no typ", json!({ "alg": "EdDSA", "kid": real_kid })),
-        ("unknown kid", json!({ "alg": "EdDSA", "typ": "agentkeys-session+jwt", "kid": "session-0000000000000000" })),
-        ("no kid", json!({ "alg": "EdDSA", "typ": "agentkeys-session+jwt" })),
+        (
+            "unknown kid",
+            json!({ "alg": "EdDSA", "typ": "agentkeys-session+jwt", "kid": "session-0000000000000000" }),
+        ),
+        (
+            "no kid",
+            json!({ "alg": "EdDSA", "typ": "agentkeys-session+jwt" }),
+        ),
     ] {
         let header: Header = serde_json::from_value(header).unwrap();
         let token = jsonwebtoken::encode(&header, &real_claims, session_key).unwrap();

@@ -220,3 +220,68 @@ async fn a_duplicate_while_the_first_request_runs_gets_409_with_retry_after() {
         "once the first is done, the key replays it"
     );
 }
+
+/// The documented promise: a finished mint replays for
+/// `idempotency.retention_seconds`, then its key is free (a new request
+/// mints anew) and the record is purged from disk; a retention shorter than
+/// the longest JWT is refused at start (the key could then be used again,
+/// and a second JWT minted, while the first still lives).
+#[actix_web::test]
+async fn a_replay_lasts_the_retention_then_the_key_is_free_and_purged() {
+    let mut app = crate::helpers::spawn_app_with(|s| {
+        s.mint.default_ttl_seconds = 1;
+        s.mint.max_ttl_seconds = 2;
+        s.idempotency.retention_seconds = 2;
+        s.idempotency.purge_interval_seconds = 1;
+    })
+    .await;
+    let agent = app.register_agent("retained").await;
+    let session = app.login(&agent).await;
+    app.grant(&agent, "s3", "kept/", None).await;
+    let body = json!({ "service": "s3", "scope_path": "kept/" });
+    let first = app.mint_with_key(&session, "kept-key", &body).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let replay = app.mint_with_key(&session, "kept-key", &body).await;
+    assert_eq!(replay.raw, first.raw);
+    let outcomes = app.audit_outcomes().await;
+    assert_eq!(
+        outcomes,
+        ["ok", "replayed"],
+        "a replay has a record of its own"
+    );
+    let records = app
+        .get("/v1/admin/audit", Some(&app.admin_token))
+        .await
+        .body;
+    assert_eq!(
+        records["records"][1]["jti"], first.body["jti"],
+        "naming the JWT it handed out again"
+    );
+
+    std::thread::sleep(std::time::Duration::from_millis(4200));
+    let anew = app.mint_with_key(&session, "kept-key", &body).await;
+    assert_eq!(anew.status, StatusCode::OK);
+    assert!(anew.headers.get("idempotent-replayed").is_none());
+    assert_ne!(anew.body["jti"], first.body["jti"], "minted anew");
+
+    std::thread::sleep(std::time::Duration::from_millis(4200));
+    app.stop();
+    let db = redb::Database::open(app.data_file("grants.redb")).unwrap();
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let table = txn
+        .open_table(redb::TableDefinition::<&str, &[u8]>::new("idempotency"))
+        .unwrap();
+    assert_eq!(
+        redb::ReadableTableMetadata::len(&table).unwrap(),
+        0,
+        "both records were purged from disk"
+    );
+
+    let mut settings = app.settings.clone();
+    settings.idempotency.retention_seconds = 1;
+    let refused = agentkeys_broker::startup::Application::build(settings).await;
+    assert!(matches!(
+        refused,
+        Err(agentkeys_broker::startup::StartupError::Settings(_))
+    ));
+}

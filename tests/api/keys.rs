@@ -243,7 +243,11 @@ async fn a_session_signed_by_a_retired_session_key_is_401() {
         ..crate::helpers::session_claims(&session)
     };
     let forged = agentkeys_actors::signer::sign_session(&old_ring, &claims).unwrap();
-    assert_eq!(kid_of(&forged), kid_of(&session), "signed by the retired key");
+    assert_eq!(
+        kid_of(&forged),
+        kid_of(&session),
+        "signed by the retired key"
+    );
     let reply = app.mint(&forged, &json!({})).await;
     assert_eq!(
         (reply.status, reply.error_code()),

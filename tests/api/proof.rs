@@ -345,13 +345,25 @@ async fn proofs_are_single_use_within_the_exact_skew_and_a_full_store_is_503() {
 
     let now = at_the_start_of_a_second();
     let used = proof(&agent.key, &session, body, now, "once-0001");
-    assert_eq!(mint_with_proof(&app, &session, body, Some(&used)).await.status, StatusCode::OK);
+    assert_eq!(
+        mint_with_proof(&app, &session, body, Some(&used))
+            .await
+            .status,
+        StatusCode::OK
+    );
     let fresh_time = proof(&agent.key, &session, body, now + 1, "once-0001");
     let other_body = r#"{"ttl_seconds": 60}"#;
     let other = proof(&agent.key, &session, other_body, now, "once-0001");
-    for (what, header, body) in [("a fresh timestamp", &fresh_time, body), ("another body", &other, other_body)] {
+    for (what, header, body) in [
+        ("a fresh timestamp", &fresh_time, body),
+        ("another body", &other, other_body),
+    ] {
         let reply = mint_with_proof(&app, &session, body, Some(header)).await;
-        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "a used nonce with {what}");
+        assert_eq!(
+            reply.status,
+            StatusCode::UNAUTHORIZED,
+            "a used nonce with {what}"
+        );
     }
 
     let now = at_the_start_of_a_second();
@@ -362,7 +374,13 @@ async fn proofs_are_single_use_within_the_exact_skew_and_a_full_store_is_503() {
         (now + 3, "over-future", StatusCode::UNAUTHORIZED),
     ];
     for (timestamp, nonce, expected) in cases {
-        let header = proof(&agent.key, &session, body, timestamp, &format!("{nonce}-01"));
+        let header = proof(
+            &agent.key,
+            &session,
+            body,
+            timestamp,
+            &format!("{nonce}-01"),
+        );
         let reply = mint_with_proof(&app, &session, body, Some(&header)).await;
         assert_eq!(reply.status, expected, "{nonce}: {}", reply.body);
     }
@@ -374,7 +392,13 @@ async fn proofs_are_single_use_within_the_exact_skew_and_a_full_store_is_503() {
     let filler_session = app.login(&filler).await;
     let later = now_unix() + 2;
     for i in 0..4 {
-        let header = proof(&filler.key, &filler_session, body, later, &format!("fill-{i:04}"));
+        let header = proof(
+            &filler.key,
+            &filler_session,
+            body,
+            later,
+            &format!("fill-{i:04}"),
+        );
         let reply = mint_with_proof(&app, &filler_session, body, Some(&header)).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     }
@@ -387,9 +411,17 @@ async fn proofs_are_single_use_within_the_exact_skew_and_a_full_store_is_503() {
     assert!(full.headers.contains_key("retry-after"));
     let other_agent = app.register_agent("unaffected").await;
     let other_session = app.login(&other_agent).await;
-    let theirs = proof(&other_agent.key, &other_session, body, now_unix(), "their-0001");
+    let theirs = proof(
+        &other_agent.key,
+        &other_session,
+        body,
+        now_unix(),
+        "their-0001",
+    );
     assert_eq!(
-        mint_with_proof(&app, &other_session, body, Some(&theirs)).await.status,
+        mint_with_proof(&app, &other_session, body, Some(&theirs))
+            .await
+            .status,
         StatusCode::OK,
         "another agent's store is its own"
     );
