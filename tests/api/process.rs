@@ -162,7 +162,8 @@ pub async fn audited_jtis(base: &str, admin: &str) -> std::collections::HashSet<
     }
 }
 
-/// `agentkeys-broker audit verify` on a stopped broker's data directory.
+/// `agentkeys-broker audit verify` on a stopped broker's data directory:
+/// whether it exited 0 (it must exit 1 otherwise), and its report.
 pub fn verify_offline(data_dir: &Path) -> (bool, Value) {
     let verify = Command::new(BIN)
         .args(["audit", "verify", "--data-dir"])
@@ -173,6 +174,12 @@ pub fn verify_offline(data_dir: &Path) -> (bool, Value) {
         )
         .output()
         .unwrap();
+    assert!(
+        verify.status.success() || verify.status.code() == Some(1),
+        "audit verify must exit 0 or 1, not {:?}: {}",
+        verify.status,
+        String::from_utf8_lossy(&verify.stderr)
+    );
     (
         verify.status.success(),
         serde_json::from_slice(&verify.stdout).unwrap_or(Value::Null),
