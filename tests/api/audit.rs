@@ -106,20 +106,7 @@ async fn every_released_jwt_is_in_the_ledger_in_order_and_every_sink_verifies() 
             pair[0]["seq"].as_u64().map(|s| s + 1)
         );
     }
-    for field in [
-        "seq",
-        "ts",
-        "outcome",
-        "omni_account",
-        "agent",
-        "grant_id",
-        "service",
-        "scope_path",
-        "jti",
-        "request_id",
-        "prev_hash",
-        "hash",
-    ] {
+    for field in crate::helpers::RECORD_FIELDS {
         assert!(records[0].get(field).is_some(), "{field}");
     }
     assert!(!serde_json::to_string(&records).unwrap().contains(&session));

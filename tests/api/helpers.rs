@@ -369,3 +369,20 @@ pub fn stolen_key_ring(app: &TestApp) -> agentkeys_actors::keys::KeyRing {
 pub fn forge_session(app: &TestApp, claims: &agentkeys_actors::signer::SessionClaims) -> String {
     agentkeys_actors::signer::sign_session(&stolen_key_ring(app), claims).expect("signs")
 }
+
+/// The fields of an audit record, in the order docs/audit.md gives (the
+/// order its hash is computed in).
+pub const RECORD_FIELDS: [&str; 12] = [
+    "seq",
+    "ts",
+    "outcome",
+    "omni_account",
+    "agent",
+    "grant_id",
+    "service",
+    "scope_path",
+    "jti",
+    "request_id",
+    "prev_hash",
+    "hash",
+];

@@ -283,21 +283,7 @@ async fn a_session_with_a_lifetime_the_broker_never_issues_is_refused() {
 /// of the record with its fields in the documented order, compact, and
 /// `hash` set to `""`.
 fn documented_hash(record: &serde_json::Value) -> String {
-    const ORDER: [&str; 12] = [
-        "seq",
-        "ts",
-        "outcome",
-        "omni_account",
-        "agent",
-        "grant_id",
-        "service",
-        "scope_path",
-        "jti",
-        "request_id",
-        "prev_hash",
-        "hash",
-    ];
-    let fields: Vec<String> = ORDER
+    let fields: Vec<String> = crate::helpers::RECORD_FIELDS
         .iter()
         .map(|name| {
             let value = if *name == "hash" {
