@@ -816,7 +816,7 @@ mod tests {
         let settings = GrantSettings {
             mailbox_capacity: 16,
             idempotency_retention: Duration::from_secs(60),
-            in_flight_limit: Duration::from_secs(1),
+            in_flight_limit: Duration::from_secs(2),
             purge_interval: Duration::from_secs(60),
         };
         let grants = GrantActor::new(settings, Arc::new(FlakyStore::default()))
@@ -839,7 +839,9 @@ mod tests {
             Some(GrantError::IdempotencyInFlight),
             "while its mint may still run"
         );
-        actix::clock::sleep(Duration::from_millis(2100)).await;
+        // Whole seconds: 2 s after the mark it is free, whatever the
+        // second boundaries.
+        actix::clock::sleep(Duration::from_millis(3100)).await;
         assert_eq!(
             grants.send(keyed()).await.unwrap().err(),
             Some(GrantError::Exhausted),

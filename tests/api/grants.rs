@@ -216,6 +216,10 @@ async fn revoked_and_expired_grants_are_denied() {
     // A grant lives while now < expires_at: it mints in its last second
     // and is denied from the second it names.
     let now = agentkeys_actors::domain::now_unix;
+    let start = now();
+    while now() == start {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     let expires_at = now() + 2;
     let created = app
         .post(
@@ -229,6 +233,11 @@ async fn revoked_and_expired_grants_are_denied() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let last_second = app.mint(&session, &intent("s3", "exp/")).await;
+    assert_eq!(
+        now(),
+        expires_at - 1,
+        "the mint was judged in the last second"
+    );
     assert_eq!(last_second.status, StatusCode::OK, "{}", last_second.body);
     assert_eq!(last_second.body["expiration"], expires_at);
     while now() < expires_at {

@@ -180,7 +180,7 @@ async fn a_duplicate_while_the_first_request_runs_gets_409_with_retry_after() {
     .await;
     let agent = app.register_agent("held").await;
     let session = app.login(&agent).await;
-    app.grant(&agent, "s3", "held/", None).await;
+    let grant = app.grant(&agent, "s3", "held/", None).await;
     let pipe = app.data_file("shipped.jsonl");
     let made = std::process::Command::new("mkfifo")
         .arg(&pipe)
@@ -189,10 +189,18 @@ async fn a_duplicate_while_the_first_request_runs_gets_409_with_retry_after() {
     assert!(made.success(), "mkfifo");
     let body = json!({ "service": "s3", "scope_path": "held/" });
 
-    // The shipper starts late and then reads every batch for as long as
-    // the test runs (started first, so a failing test still drains it).
+    // The shipper starts when told (after the duplicate was decided), or
+    // after 10 s so that a failing test never leaves the sink blocked; then
+    // it reads every batch for as long as the test runs.
+    let go = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let told = go.clone();
     std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(600));
+        let started = std::time::Instant::now();
+        while !told.load(std::sync::atomic::Ordering::SeqCst)
+            && started.elapsed() < std::time::Duration::from_secs(10)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         loop {
             use std::io::Read;
             let Ok(mut reader) = std::fs::File::open(&pipe) else {
@@ -203,8 +211,16 @@ async fn a_duplicate_while_the_first_request_runs_gets_409_with_retry_after() {
     });
     let first = app.mint_with_key(&session, "held-key", &body);
     let duplicate = async {
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(300)).await;
-        app.mint_with_key(&session, "held-key", &body).await
+        // The first has taken its use (it is in flight, held by the sink).
+        while uses(&app, &grant).await == 0 {
+            actix_web::rt::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let release = async {
+            actix_web::rt::time::sleep(std::time::Duration::from_secs(1)).await;
+            go.store(true, std::sync::atomic::Ordering::SeqCst);
+        };
+        let duplicate = app.mint_with_key(&session, "held-key", &body);
+        futures_util::future::join(duplicate, release).await.0
     };
     let (first, duplicate) = futures_util::future::join(first, duplicate).await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.body);

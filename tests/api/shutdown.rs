@@ -27,9 +27,22 @@ async fn sigterm_during_a_burst_drains_flushes_and_exits_0() {
             .status()
             .unwrap()
             .success());
-        let status = actix_web::rt::task::spawn_blocking(move || broker.wait().unwrap())
-            .await
-            .unwrap();
+        // Bounded: a broker that ignores SIGTERM fails the test, never hangs it.
+        let status = actix_web::rt::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Some(status) = broker.try_wait().unwrap() {
+                    return status;
+                }
+                if Instant::now() > deadline {
+                    let _ = broker.kill();
+                    panic!("the broker did not exit within 15 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .unwrap();
         (status, asked.elapsed())
     };
     let (received, (status, took)) = futures_util::future::join(join_all(workers), stopper).await;
