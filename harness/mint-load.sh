@@ -86,18 +86,31 @@ if [ -n "${TARGET_RATE:-}" ]; then
   echo "# $(nproc) cores; crypto limit $limit /s; audit sinks: $SINKS; hey -c$CONNECTIONS at $TARGET_RATE mints/s offered for $DURATION, one agent"
   hey -z "$DURATION" -c "$CONNECTIONS" -q "$((TARGET_RATE / CONNECTIONS))" -m POST \
     -H "Authorization: Bearer $(head -n 1 "$work/tokens.txt")" -T application/json -d "$body" \
-    "$url/v1/mint-oidc-jwt" | sed -n '/Requests\/sec/p;/Latency distribution/,/99%/p;/Status code/,/^$/p'
+    "$url/v1/mint-oidc-jwt" >"$work/hey.txt"
+  sed -n '/Requests\/sec/p;/Latency distribution/,/99%/p;/Status code/,/^$/p;/Error distribution/,/^$/p' "$work/hey.txt"
+  # "[200] N responses", "[503] N responses"; and "Error distribution" for
+  # requests that got no answer at all.
+  ok=$(awk '/^ *\[200\]/ { n += $2 } END { print n + 0 }' "$work/hey.txt")
+  refused=$(awk '/^ *\[[0-9]+\]/ && $1 != "[200]" { n += $2 } END { print n + 0 }' "$work/hey.txt")
+  grep -q 'Error distribution' "$work/hey.txt" && refused=$((refused + 1))
 else
   echo "# $(nproc) cores; crypto limit $limit /s; audit sinks: $SINKS; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
   MINT_BODY="$body" TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
     -s harness/mint.lua "$url/v1/mint-oidc-jwt" | tee "$work/wrk.txt"
   awk -v limit="$limit" '/^mints\/s/ { printf "fraction of the crypto limit: %.0f%% (%d of %d /s)\n", 100 * $4 / limit, $4, limit }' "$work/wrk.txt"
-  # "answers 200: N" and "answers 503 overloaded: N": every answer but 200.
-  refused=$(awk '/^answers / && $2 != "200:" { n += $NF } END { print n + 0 }' "$work/wrk.txt")
-  if [ "$refused" -gt 0 ] && [ -z "${EXPECT_REFUSALS:-}" ]; then
-    echo "FAIL: $refused mints were not answered 200 (set EXPECT_REFUSALS=1 for an overload run)" >&2
-    failed=1
-  fi
+  # "answers 200: N" and "answers 503 overloaded: N": every answer but 200;
+  # wrk's "Socket errors:" line counts requests that got no answer at all.
+  ok=$(awk '/^answers 200:/ { n += $3 } END { print n + 0 }' "$work/wrk.txt")
+  refused=$(awk '/^answers / && $2 != "200:" { n += $NF }
+    /^  Socket errors:/ { for (i = 3; i <= NF; i++) n += $i } END { print n + 0 }' "$work/wrk.txt")
+fi
+if [ "$ok" -eq 0 ]; then
+  echo "FAIL: no mint was answered 200" >&2
+  failed=1
+fi
+if [ "$refused" -gt 0 ] && [ -z "${EXPECT_REFUSALS:-}" ]; then
+  echo "FAIL: $refused mints were not answered 200 (set EXPECT_REFUSALS=1 for an overload run)" >&2
+  failed=1
 fi
 
 # After the run: the broker's peak memory, and one mint right away (recovery).

@@ -499,7 +499,24 @@ mod hostile_input {
         /// Containment is by whole segments: `a` lies within `b` exactly
         /// when `b`'s segments are the first segments of `a`'s.
         #[test]
-        fn containment_is_a_segment_prefix(a in valid_scope(), b in valid_scope()) {
+        fn containment_is_a_segment_prefix(
+            a in valid_scope(),
+            other in valid_scope(),
+            keep in 1usize..6,
+            how in 0usize..3,
+        ) {
+            // b: a's first segments (a true prefix), the same with its last
+            // segment cut short (a stem of a's segment, not a prefix), or
+            // unrelated.
+            let segments: Vec<&str> = a.trim_end_matches('/').split('/').collect();
+            let head = segments[..keep.min(segments.len())].join("/");
+            let b = match how {
+                0 => head,
+                1 if head.rsplit('/').next().is_some_and(|last| last.len() > 1) => {
+                    head[..head.len() - 1].to_owned()
+                }
+                _ => other,
+            };
             let (sa, sb) = (ScopePath::parse(&a).unwrap(), ScopePath::parse(&b).unwrap());
             let segments = |s: &ScopePath| -> Vec<String> {
                 s.as_str().trim_end_matches('/').split('/').map(str::to_owned).collect()
@@ -552,14 +569,53 @@ mod hostile_input {
                     prop_assert_eq!(key.to_hex(), input.to_ascii_lowercase());
                     prop_assert_eq!(DevicePublicKey::parse(&key.to_hex()).unwrap(), key);
                 }
-                if let Ok(proof) = ProofOfPossession::parse(input) {
-                    prop_assert_eq!(ProofOfPossession::parse(&proof.format()).unwrap(), proof);
-                }
                 match IdempotencyKey::parse(input) {
                     Ok(key) => prop_assert!(key.as_str() == input && input.bytes().all(|b| b.is_ascii_graphic())),
                     Err(_) => prop_assert!(input.is_empty() || input.len() > 255 || !input.bytes().all(|b| b.is_ascii_graphic())),
                 }
             }
+        }
+
+        /// A real device key is accepted in either case and reads back in
+        /// lowercase; a wrong length or a non-hex character is refused.
+        #[test]
+        fn device_keys_accept_real_keys_and_refuse_near_misses(seed in any::<[u8; 32]>(), cut in 1usize..63, bad in "[g-zG-Z]") {
+            let real = hex::encode(ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key().to_bytes());
+            prop_assert_eq!(DevicePublicKey::parse(&real).unwrap().to_hex(), real.clone());
+            prop_assert_eq!(DevicePublicKey::parse(&real.to_uppercase()).unwrap().to_hex(), real.clone());
+            prop_assert!(DevicePublicKey::parse(&real[..cut]).is_err());
+            let longer = format!("{real}00");
+            prop_assert!(DevicePublicKey::parse(&longer).is_err());
+            let swapped = format!("{}{bad}{}", &real[..cut], &real[cut + 1..]);
+            prop_assert!(DevicePublicKey::parse(&swapped).is_err());
+        }
+
+        /// Proof headers: well-formed ones parse and read back as written;
+        /// each near miss (a field dropped or reordered, a short or long
+        /// nonce, a signature one hex digit off, a timestamp that is not a
+        /// number) is refused.
+        #[test]
+        fn proof_headers_accept_their_form_and_refuse_near_misses(
+            t in any::<u64>(),
+            nonce in "[A-Za-z0-9_-]{8,64}",
+            signature in any::<[u8; 64]>(),
+            miss in 0usize..7,
+        ) {
+            let sig = hex::encode(signature);
+            let good = format!("t={t},n={nonce},s={sig}");
+            let parsed = ProofOfPossession::parse(&good).unwrap();
+            prop_assert_eq!(parsed.format(), good.clone());
+            prop_assert_eq!((parsed.timestamp, parsed.nonce.as_str(), parsed.signature), (t, nonce.as_str(), signature));
+            let near_miss = match miss {
+                0 => format!("n={nonce},s={sig}"),
+                1 => format!("n={nonce},t={t},s={sig}"),
+                2 => format!("t={t},n={},s={sig}", &nonce[..7]),
+                3 => format!("t={t},n={nonce}{},s={sig}", "x".repeat(65 - nonce.len())),
+                4 => format!("t={t},n={nonce},s={}", &sig[1..]),
+                5 => format!("t={t},n={nonce},s={sig}0"),
+                _ => format!("t=-{t},n={nonce},s={sig}"),
+            };
+            prop_assert!(ProofOfPossession::parse(&near_miss).is_err(), "{}", near_miss);
         }
 
         /// A signed message built from any accepted fields keeps its

@@ -168,6 +168,17 @@ async fn random_requests_on_every_route_never_get_a_5xx() {
     assert_eq!(health.status, StatusCode::OK, "still healthy afterwards");
 }
 
+/// Everything an admin request could change: the agents, the grants and
+/// the key schedule, as the admin API shows them.
+async fn admin_state(app: &crate::helpers::TestApp) -> [Value; 3] {
+    let admin = Some(app.admin_token.as_str());
+    [
+        app.get("/v1/admin/agents", admin).await.body,
+        app.get("/v1/admin/grants", admin).await.body,
+        app.get("/v1/admin/keys", admin).await.body,
+    ]
+}
+
 /// A JSON body for an admin route: a valid template with one field's value
 /// (or the whole body) replaced by noise, so the parsers behind the admin
 /// token see mostly-plausible input.
@@ -217,7 +228,9 @@ async fn hostile_admin_requests_with_the_token_never_get_a_5xx_and_change_nothin
     let mut noise = Noise(0x2545_f491_4f6c_dd1d);
     let (mut agents, mut grants) = (1i64, 0i64);
     let mut statuses = std::collections::BTreeMap::new();
+    let mut unsent = 0;
     for i in 0..500 {
+        let before = admin_state(&app).await;
         let segment = match noise.next() % 4 {
             0 => "target".to_owned(),
             1 => "fuzz-agent".to_owned(),
@@ -243,6 +256,7 @@ async fn hostile_admin_requests_with_the_token_never_get_a_5xx_and_change_nothin
             .insert_header(("Content-Type", "application/json"));
         let Ok(mut response) = request.send_body(body.clone()).await else {
             // A path awc itself refuses to send is not the broker's answer.
+            unsent += 1;
             continue;
         };
         let status = response.status();
@@ -258,6 +272,10 @@ async fn hostile_admin_requests_with_the_token_never_get_a_5xx_and_change_nothin
                 answer["error"].is_string() && answer["message"].is_string(),
                 "{method} {path} {status}: {answer}"
             );
+            assert!(
+                admin_state(&app).await == before,
+                "request {i}: {method} {path} was refused ({status}) but changed the state"
+            );
         }
         match (method, path.as_str(), status.as_u16()) {
             ("POST", "/v1/admin/agents", 201) => agents += 1,
@@ -267,7 +285,11 @@ async fn hostile_admin_requests_with_the_token_never_get_a_5xx_and_change_nothin
         }
         *statuses.entry(status.as_u16()).or_insert(0) += 1;
     }
-    eprintln!("500 hostile admin requests, answers by status: {statuses:?}");
+    eprintln!("500 hostile admin requests, answers by status: {statuses:?}, {unsent} not sendable");
+    assert!(
+        unsent < 50,
+        "most requests reached the broker: {unsent} did not"
+    );
     let admin = Some(app.admin_token.as_str());
     let listed = app.get("/v1/admin/agents", admin).await.body["agents"]
         .as_array()
