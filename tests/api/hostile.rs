@@ -179,11 +179,17 @@ async fn admin_state(app: &crate::helpers::TestApp) -> [Value; 3] {
     ]
 }
 
-/// A JSON body for an admin route: a valid template with one field's value
-/// (or the whole body) replaced by noise, so the parsers behind the admin
-/// token see mostly-plausible input.
-fn admin_body(noise: &mut Noise, target_key: &str) -> Vec<u8> {
-    let mut template = match noise.next() % 4 {
+/// A JSON body for an admin route: the route's own valid template (most
+/// of the time; another route's otherwise), with one field's value (or the
+/// whole body) replaced by noise, so the parsers behind the admin token
+/// see mostly-plausible input.
+fn admin_body(noise: &mut Noise, route: u64, target_key: &str) -> Vec<u8> {
+    let shape = if noise.one_in(4) {
+        noise.next() % 4
+    } else {
+        route
+    };
+    let mut template = match shape {
         0 => serde_json::json!({ "name": "fuzz-agent", "public_key": target_key, "enabled": true }),
         1 => serde_json::json!({ "agent": "target", "service": "s3", "scope_path": "fuzz/",
                                   "max_uses": 3, "expires_at": null, "max_ttl_seconds": 60 }),
@@ -238,10 +244,18 @@ async fn hostile_admin_requests_with_the_token_never_get_a_5xx_and_change_nothin
             _ => format!("g_{}", hex::encode(noise.bytes(12))),
         };
         let query = header_safe(&noise.text()).replace(['#', ' '], "");
-        let (method, path) = match noise.next() % 9 {
+        let route = noise.next() % 9;
+        let (method, path) = match route {
             0 => ("POST", "/v1/admin/agents".to_owned()),
             1 => ("PATCH", format!("/v1/admin/agents/{segment}")),
-            2 => ("DELETE", format!("/v1/admin/agents/{segment}")),
+            // Never the target itself: grants are made for it.
+            2 => (
+                "DELETE",
+                format!(
+                    "/v1/admin/agents/{}",
+                    segment.replace("target", "fuzz-agent")
+                ),
+            ),
             3 => ("POST", "/v1/admin/grants".to_owned()),
             4 => ("GET", format!("/v1/admin/grants?agent={query}")),
             5 => ("GET", format!("/v1/admin/grants/{segment}")),
@@ -249,7 +263,15 @@ async fn hostile_admin_requests_with_the_token_never_get_a_5xx_and_change_nothin
             7 => ("GET", format!("/v1/admin/audit?{query}")),
             _ => ("POST", "/v1/admin/keys/rotate".to_owned()),
         };
-        let body = admin_body(&mut noise, &target_key);
+        // Templates: 0 new agent, 1 new grant, 2 agent update, 3 rotation.
+        let shape = match route {
+            0 => 0,
+            1 => 2,
+            3 => 1,
+            8 => 3,
+            _ => noise.next() % 4,
+        };
+        let body = admin_body(&mut noise, shape, &target_key);
         let request = client
             .request(method.parse().unwrap(), app.url(&path))
             .insert_header(("Authorization", format!("Bearer {}", app.admin_token)))
