@@ -37,7 +37,7 @@ struct StoredCompleted {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sealed_body: Option<String>,
     /// The plain answer, as records written before sealing kept it;
-    /// sealed when the store opens.
+    /// sealed when the store is loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     body: Option<Vec<u8>>,
     jti: String,
@@ -223,11 +223,12 @@ pub struct RedbGrantStore {
 }
 
 impl RedbGrantStore {
-    /// Opens the store; answers written before sealing are sealed now.
+    /// Opens the store (answers written before sealing are sealed when it
+    /// is loaded).
     pub fn open(path: &Path, cache_bytes: usize, sealer: Sealer) -> Result<Self, StorageError> {
         let db = open_database(path, GRANTS, cache_bytes)?;
         let txn = db.begin_write().map_err(backend)?;
-        seal_plain_answers(&mut txn.open_table(COMPLETED).map_err(backend)?, &sealer)?;
+        txn.open_table(COMPLETED).map_err(backend)?;
         let journal = txn.open_table(GRANT_JOURNAL).map_err(backend)?;
         let entries: Vec<Vec<serde_json::Value>> = json_values(&journal)?;
         drop(journal);
@@ -258,6 +259,9 @@ impl GrantStore for RedbGrantStore {
         let grants = grants.into_values().collect();
         let now = now_unix();
         let mut completed = Vec::new();
+        // Answers stored in plain (before sealing), to be written back
+        // sealed: found in this same pass over the table.
+        let mut plain = Vec::new();
         for entry in txn
             .open_table(COMPLETED)
             .map_err(backend)?
@@ -266,16 +270,26 @@ impl GrantStore for RedbGrantStore {
         {
             let (slot, value) = entry.map_err(backend)?;
             let stored: StoredCompleted = serde_json::from_slice(value.value()).map_err(backend)?;
-            if stored.expires_at > now {
-                let slot = slot.value().to_owned();
-                // A replay cache entry that does not open is skipped: it
-                // must not keep every grant from loading.
-                match stored.open(&slot, &self.sealer) {
-                    Ok(mint) => completed.push((slot, mint)),
-                    Err(e) => tracing::warn!(error = %e, "a stored replay answer was skipped"),
+            let (live, unsealed) = (stored.expires_at > now, stored.sealed_body.is_none());
+            if !live && !unsealed {
+                continue;
+            }
+            let slot = slot.value().to_owned();
+            // A replay cache entry that does not open is skipped: it must
+            // not keep every grant from loading.
+            match stored.open(&slot, &self.sealer) {
+                Ok(mint) if unsealed => {
+                    plain.push((slot.clone(), mint.clone()));
+                    if live {
+                        completed.push((slot, mint));
+                    }
                 }
+                Ok(mint) => completed.push((slot, mint)),
+                Err(e) => tracing::warn!(error = %e, "a stored replay answer was skipped"),
             }
         }
+        drop(txn);
+        self.seal_plain_answers(&plain)?;
         Ok((grants, completed))
     }
 
@@ -341,28 +355,25 @@ impl GrantStore for RedbGrantStore {
     }
 }
 
-/// Rewrites the answers stored in plain (before sealing) sealed.
-fn seal_plain_answers(
-    table: &mut redb::Table<&str, &[u8]>,
-    sealer: &Sealer,
-) -> Result<(), StorageError> {
-    let mut plain = Vec::new();
-    for entry in table.iter().map_err(backend)? {
-        let (slot, value) = entry.map_err(backend)?;
-        let stored: StoredCompleted = serde_json::from_slice(value.value()).map_err(backend)?;
-        if stored.sealed_body.is_none() {
-            plain.push((slot.value().to_owned(), stored));
+impl RedbGrantStore {
+    /// Writes back sealed the answers that were stored in plain.
+    fn seal_plain_answers(&self, plain: &[(String, CompletedMint)]) -> Result<(), StorageError> {
+        if plain.is_empty() {
+            return Ok(());
         }
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut table = txn.open_table(COMPLETED).map_err(backend)?;
+            for (slot, mint) in plain {
+                let sealed = StoredCompleted::seal(slot, mint, &self.sealer)?;
+                let bytes = serde_json::to_vec(&sealed).map_err(backend)?;
+                table
+                    .insert(slot.as_str(), bytes.as_slice())
+                    .map_err(backend)?;
+            }
+        }
+        txn.commit().map_err(backend)
     }
-    for (slot, stored) in plain {
-        let mint = stored.open(&slot, sealer)?;
-        let sealed = StoredCompleted::seal(&slot, &mint, sealer)?;
-        let bytes = serde_json::to_vec(&sealed).map_err(backend)?;
-        table
-            .insert(slot.as_str(), bytes.as_slice())
-            .map_err(backend)?;
-    }
-    Ok(())
 }
 
 /// Every grant in `table`, in id order. A stored grant that no longer
@@ -461,7 +472,7 @@ mod tests {
 
     /// Review finding 2: stored answers held live JWTs in plain.
     #[test]
-    fn stored_answers_are_sealed_and_older_plain_ones_are_sealed_on_open() {
+    fn stored_answers_are_sealed_and_older_plain_ones_are_sealed_when_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grants.redb");
         let mint = |body: &str| CompletedMint {
