@@ -164,13 +164,15 @@ impl MintPipeline {
         request_id: &str,
     ) -> Result<Principal, MintError> {
         let principal = match self.authenticate(bearer, client).await {
-            Err(MintError::Auth(AuthError::AgentDisabled(principal))) => {
-                let refused = MintError::Auth(AuthError::AgentDisabled(principal.clone()));
-                self.record_refused(&principal, request_id.to_owned(), refused.code())
-                    .await;
+            Ok(principal) => principal,
+            Err(refused) => {
+                // A disabled agent's session is valid: its attempt counts.
+                if let MintError::Auth(AuthError::AgentDisabled(principal)) = &refused {
+                    self.record_refused(principal, request_id.to_owned(), refused.code())
+                        .await;
+                }
                 return Err(refused);
             }
-            other => other?,
         };
         let account = principal.omni_account.clone();
         let check = ask(
@@ -237,11 +239,14 @@ impl MintPipeline {
         metrics::counter!("agentkeys_mints_total", "outcome" => outcome.as_str()).increment(1);
         let event = MintEvent {
             outcome: Some(outcome),
-            omni_account: Some(principal.omni_account.to_string()),
-            agent: Some(principal.agent.as_str().to_owned()),
-            request_id,
-            ..MintEvent::default()
+            ..attempt_of(principal, request_id)
         };
+        self.record_refusal(event).await;
+    }
+
+    /// Records a refusal. It releases nothing, so a failed record does not
+    /// change its answer; it rides the next group commit.
+    async fn record_refusal(&self, event: MintEvent) {
         if let Err(audit) = self.record(event).await {
             tracing::warn!(error = %audit, "audit of a refused mint failed");
         }
@@ -254,12 +259,7 @@ impl MintPipeline {
         principal: Principal,
         request: MintRequest,
     ) -> Result<MintResponse, MintError> {
-        let mut event = MintEvent {
-            request_id: request.request_id.clone(),
-            omni_account: Some(principal.omni_account.to_string()),
-            agent: Some(principal.agent.as_str().to_owned()),
-            ..MintEvent::default()
-        };
+        let mut event = attempt_of(&principal, request.request_id.clone());
         let outcome = self.gated_mint(principal, request, &mut event).await;
         let label = match &outcome {
             Ok(response) if response.replayed => Outcome::Replayed,
@@ -272,12 +272,8 @@ impl MintPipeline {
             Err(error) => {
                 event.outcome = Some(error.outcome());
                 // The jti is set once the mint went on to signing and its
-                // record: this record then names the JWT withheld. A
-                // refusal releases nothing, so a failed record does not
-                // change its answer; it rides the next group commit.
-                if let Err(audit) = self.record(event).await {
-                    tracing::warn!(error = %audit, "audit of a refused mint failed");
-                }
+                // record: this record then names the JWT withheld.
+                self.record_refusal(event).await;
                 Err(error)
             }
         }
@@ -507,6 +503,16 @@ impl MintPipeline {
             tracing::error!(error = %e, "audit sink failed");
             MintError::AuditUnavailable
         })
+    }
+}
+
+/// The record of an authenticated attempt, before its outcome is known.
+fn attempt_of(principal: &Principal, request_id: String) -> MintEvent {
+    MintEvent {
+        request_id,
+        omni_account: Some(principal.omni_account.to_string()),
+        agent: Some(principal.agent.as_str().to_owned()),
+        ..MintEvent::default()
     }
 }
 

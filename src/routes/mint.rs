@@ -122,6 +122,7 @@ async fn parse(
     payload: web::Payload,
     max_body_bytes: usize,
     session_sha256: String,
+    request_id: String,
 ) -> Result<MintRequest, ApiError> {
     let raw = read_body(request, payload, max_body_bytes).await?;
     let body: MintBody = serde_json::from_slice(&raw)
@@ -139,7 +140,7 @@ async fn parse(
         audience: body.audience,
         idempotency,
         proof,
-        request_id: String::new(),
+        request_id,
     })
 }
 
@@ -163,7 +164,15 @@ async fn mint_oidc_jwt(
         .admit(bearer, client, &request_id)
         .await
         .map_err(|error| refused(&span, error))?;
-    let parsed = parse(&request, payload, state.max_body_bytes, session_sha256).await;
+    let max_body = state.max_body_bytes;
+    let parsed = parse(
+        &request,
+        payload,
+        max_body,
+        session_sha256,
+        request_id.clone(),
+    )
+    .await;
     let mint = match parsed {
         Ok(mint) => mint,
         Err(error) => {
@@ -176,16 +185,7 @@ async fn mint_oidc_jwt(
             return Err(error);
         }
     };
-    let result = state
-        .pipeline
-        .mint(
-            principal,
-            MintRequest {
-                request_id: request_id.clone(),
-                ..mint
-            },
-        )
-        .await;
+    let result = state.pipeline.mint(principal, mint).await;
     match result {
         Ok(minted) => {
             let outcome = if minted.replayed { "replayed" } else { "ok" };
