@@ -649,11 +649,6 @@ impl Handler<RevokeAgentGrants> for GrantActor {
 
     /// In memory at once (fail-safe), answers once durable.
     fn handle(&mut self, msg: RevokeAgentGrants, ctx: &mut Self::Context) -> Self::Result {
-        let ids = self
-            .by_account
-            .get(&msg.omni_account)
-            .cloned()
-            .unwrap_or_default();
         let mut revoked = 0;
         // Grants still waiting for their commit are written revoked.
         for grant in self.created.iter_mut() {
@@ -662,11 +657,11 @@ impl Handler<RevokeAgentGrants> for GrantActor {
                 revoked += 1;
             }
         }
-        for id in ids {
-            if let Some(grant) = self.grants.get_mut(&id) {
+        for id in self.by_account.get(&msg.omni_account).into_iter().flatten() {
+            if let Some(grant) = self.grants.get_mut(id) {
                 if grant.agent == msg.agent && !grant.revoked {
                     grant.revoked = true;
-                    self.dirty_grants.insert(id);
+                    self.dirty_grants.insert(id.clone());
                     revoked += 1;
                 }
             }

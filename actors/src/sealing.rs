@@ -89,8 +89,7 @@ impl Sealer {
             return Err(SealingError::InsideDataDir(shown));
         }
         if !path.exists() {
-            let mut key = [0u8; 32];
-            aws_lc_rs::rand::fill(&mut key).map_err(|_| SealingError::Seal)?;
+            let key = new_key()?;
             write_secret_file(path, format!("{}\n", hex::encode(key)).as_bytes()).map_err(io)?;
             tracing::warn!(path = %shown, "generated a new sealing key: back it up apart from the data directory");
         }
@@ -103,6 +102,12 @@ impl Sealer {
         hex::decode_to_slice(text.trim(), &mut bytes)
             .map_err(|_| SealingError::Malformed(shown.clone()))?;
         Self::from_bytes(&bytes)
+    }
+
+    /// A sealer with a fresh key held only in memory: for scratch stores
+    /// (load tests) whose data nobody opens again.
+    pub fn ephemeral() -> Result<Self, SealingError> {
+        Self::from_bytes(&new_key()?)
     }
 
     /// A sealer over raw key bytes (tests, and callers that hold the key).
@@ -141,6 +146,13 @@ impl Sealer {
             .map_err(|_| refused())?;
         Ok(plain.to_vec())
     }
+}
+
+/// 32 bytes from the OS generator: a new sealing key.
+fn new_key() -> Result<[u8; 32], SealingError> {
+    let mut key = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut key).map_err(|_| SealingError::Seal)?;
+    Ok(key)
 }
 
 #[cfg(test)]

@@ -45,9 +45,7 @@ pub struct CryptoLimit {
 /// Runs each measurement for `seconds / 2` on one thread per core.
 pub fn crypto_limit(scratch: &Path, seconds: f64) -> Result<CryptoLimit, StartupError> {
     let settings = Settings::default();
-    let mut throwaway = [0u8; 32];
-    hex::decode_to_slice(random_hex(32), &mut throwaway).expect("64 hex characters");
-    let sealer = Sealer::from_bytes(&throwaway)?;
+    let sealer = Sealer::ephemeral()?;
     let ring = KeyRing::load_or_generate(scratch, settings.rotation_policy(), now_unix(), &sealer)?;
     let issuer = settings.oidc.issuer.clone();
     let audience = settings.session_audience();
