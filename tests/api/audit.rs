@@ -514,35 +514,7 @@ async fn a_required_sink_that_times_out_does_not_hold_the_record() {
     })
     .await;
     let (session, grant) = agent_with_grant(&app, "slow-sink", Some(5)).await;
-    let pipe = app.data_file("slow.jsonl");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&pipe)
-        .status()
-        .unwrap();
-    assert!(made.success(), "mkfifo");
-    // The shipper: starts when told (or after 10 s, so that a failing test
-    // never leaves the sink blocked), then reads every batch.
-    let go = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let told = go.clone();
-    let shipped = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let into = shipped.clone();
-    std::thread::spawn(move || {
-        let started = std::time::Instant::now();
-        while !told.load(std::sync::atomic::Ordering::SeqCst)
-            && started.elapsed() < Duration::from_secs(10)
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        loop {
-            use std::io::Read;
-            let Ok(mut reader) = std::fs::File::open(&pipe) else {
-                return;
-            };
-            let mut batch = Vec::new();
-            let _ = reader.read_to_end(&mut batch);
-            into.lock().unwrap().extend(batch);
-        }
-    });
+    let shipper = crate::helpers::PipeShipper::start(&app.data_file("slow.jsonl"));
 
     let withheld = app.mint(&session, &intent()).await;
     assert_eq!(
@@ -568,7 +540,7 @@ async fn a_required_sink_that_times_out_does_not_hold_the_record() {
     );
 
     // The shipper starts: the sink catches up from the ledger.
-    go.store(true, std::sync::atomic::Ordering::SeqCst);
+    shipper.release();
     let mut released = None;
     for _ in 0..50 {
         let reply = app.mint(&session, &intent()).await;
@@ -586,7 +558,7 @@ async fn a_required_sink_that_times_out_does_not_hold_the_record() {
     let head = audit_records(&app).await.len() as u64;
     let mut seqs = Vec::new();
     for _ in 0..100 {
-        let text = String::from_utf8(shipped.lock().unwrap().clone()).unwrap();
+        let text = String::from_utf8(shipper.received()).unwrap();
         seqs = text
             .lines()
             .map(|line| {

@@ -386,3 +386,53 @@ pub const RECORD_FIELDS: [&str; 12] = [
     "prev_hash",
     "hash",
 ];
+
+/// A named pipe where a sink writes, read by a stand-in log shipper: the
+/// reader starts once released (or after 10 s, so that a failing test never
+/// leaves the sink blocked for good), then keeps every byte of every batch.
+pub struct PipeShipper {
+    go: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl PipeShipper {
+    /// Makes the pipe at `path` (with `mkfifo`) and its waiting reader.
+    pub fn start(path: &Path) -> Self {
+        let made = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success(), "mkfifo {}", path.display());
+        let go = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (told, into, pipe) = (go.clone(), received.clone(), path.to_owned());
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            while !told.load(std::sync::atomic::Ordering::SeqCst)
+                && started.elapsed() < std::time::Duration::from_secs(10)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            loop {
+                use std::io::Read;
+                let Ok(mut reader) = std::fs::File::open(&pipe) else {
+                    return;
+                };
+                let mut batch = Vec::new();
+                let _ = reader.read_to_end(&mut batch);
+                into.lock().unwrap().extend(batch);
+            }
+        });
+        Self { go, received }
+    }
+
+    /// The shipper starts reading.
+    pub fn release(&self) {
+        self.go.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Every byte read so far.
+    pub fn received(&self) -> Vec<u8> {
+        self.received.lock().unwrap().clone()
+    }
+}

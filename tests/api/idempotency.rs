@@ -181,34 +181,10 @@ async fn a_duplicate_while_the_first_request_runs_gets_409_with_retry_after() {
     let agent = app.register_agent("held").await;
     let session = app.login(&agent).await;
     let grant = app.grant(&agent, "s3", "held/", None).await;
-    let pipe = app.data_file("shipped.jsonl");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&pipe)
-        .status()
-        .unwrap();
-    assert!(made.success(), "mkfifo");
+    let shipper = crate::helpers::PipeShipper::start(&app.data_file("shipped.jsonl"));
     let body = json!({ "service": "s3", "scope_path": "held/" });
 
-    // The shipper starts when told (after the duplicate was decided), or
-    // after 10 s so that a failing test never leaves the sink blocked; then
-    // it reads every batch for as long as the test runs.
-    let go = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let told = go.clone();
-    std::thread::spawn(move || {
-        let started = std::time::Instant::now();
-        while !told.load(std::sync::atomic::Ordering::SeqCst)
-            && started.elapsed() < std::time::Duration::from_secs(10)
-        {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        loop {
-            use std::io::Read;
-            let Ok(mut reader) = std::fs::File::open(&pipe) else {
-                return;
-            };
-            let _ = reader.read_to_end(&mut Vec::new());
-        }
-    });
+    // The shipper starts once the duplicate was decided.
     let first = app.mint_with_key(&session, "held-key", &body);
     let duplicate = async {
         // The first has taken its use (it is in flight, held by the sink).
@@ -217,7 +193,7 @@ async fn a_duplicate_while_the_first_request_runs_gets_409_with_retry_after() {
         }
         let release = async {
             actix_web::rt::time::sleep(std::time::Duration::from_secs(1)).await;
-            go.store(true, std::sync::atomic::Ordering::SeqCst);
+            shipper.release();
         };
         let duplicate = app.mint_with_key(&session, "held-key", &body);
         futures_util::future::join(duplicate, release).await.0
