@@ -68,6 +68,7 @@ impl ApiError {
     }
 
     /// Internal details go to the log only; the caller gets a fixed text.
+    /// (`with_causes` gives the whole chain of a typed error.)
     fn internal(detail: &str) -> Self {
         tracing::error!(detail, "internal error");
         Self::new(ErrorCode::Internal, "internal error")
@@ -121,7 +122,9 @@ impl From<MintError> for ApiError {
             MintError::UnauthenticatedThrottled { retry_after } => {
                 Self::rate_limited("this client address (refused sessions)", retry_after)
             }
-            MintError::Internal(detail) => Self::internal(&detail),
+            internal @ (MintError::Signing(_) | MintError::Encoding(_)) => {
+                Self::internal(&with_causes(&internal))
+            }
             MintError::Grant(e) => e.into(),
             other => Self::new(other.code(), other.to_string()),
         }
@@ -171,4 +174,16 @@ impl From<InvalidInput> for ApiError {
     fn from(e: InvalidInput) -> Self {
         Self::bad_request(e.0)
     }
+}
+
+/// An error and every cause under it, for the log.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }

@@ -14,15 +14,17 @@ use agentkeys_actors::audit::config::start_sinks;
 use agentkeys_actors::audit::ledger::LedgerSink;
 use agentkeys_actors::audit::{AuditActor, AuditSettings as AuditActorSettings};
 use agentkeys_actors::auth::{self, AuthActor};
+use agentkeys_actors::backpressure::Handle;
 use agentkeys_actors::domain::{now_unix, ServiceName};
 use agentkeys_actors::grant::{GrantActor, GrantSettings};
 use agentkeys_actors::keys::{KeyError, KeyRing};
-use agentkeys_actors::mint::{MintPipeline, MintPolicy};
+use agentkeys_actors::mint::{MintFlow, MintPolicy};
 use agentkeys_actors::rate_limit::{self, RateLimitActor};
 use agentkeys_actors::sealing::{Sealer, SealingError};
 use agentkeys_actors::signer::{SignerPool, SignerPoolSettings};
 use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
 use agentkeys_actors::storage::StorageError;
+use agentkeys_actors::system::Actors;
 
 use crate::admin_token::AdminToken;
 use crate::settings::{Settings, SettingsError};
@@ -58,7 +60,8 @@ pub const LEDGER_FILE: &str = "audit.redb";
 
 /// What every route may need, shared read-only by the HTTP workers.
 pub struct BrokerState {
-    pub pipeline: MintPipeline,
+    pub actors: Actors,
+    pub mint: MintFlow,
     pub admin_token: AdminToken,
     /// The OIDC issuer URL, for discovery.
     pub issuer: String,
@@ -77,7 +80,8 @@ pub struct Application {
 impl Application {
     /// Must run inside an actix system (`#[actix_web::main]` or a test).
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let pipeline = build_pipeline(&settings)?;
+        let actors = build_actors(&settings)?;
+        let mint = MintFlow::new(actors.clone(), mint_policy(&settings));
         let admin_token = AdminToken::load_or_create(
             settings.admin.token_file.as_deref(),
             &settings.storage.data_dir,
@@ -94,7 +98,8 @@ impl Application {
             .map_err(|source| StartupError::Bind { bind, source })?
             .port();
         let state = web::Data::new(BrokerState {
-            pipeline,
+            actors,
+            mint,
             admin_token,
             issuer: settings.oidc.issuer.clone(),
             jwks_max_age_seconds: settings.oidc.jwks_max_age_seconds,
@@ -158,7 +163,7 @@ impl Application {
 
 /// The actor system without HTTP: what the server runs on, and what the
 /// in-process load driver drives. Must run inside an actix system.
-pub fn build_pipeline(settings: &Settings) -> Result<MintPipeline, StartupError> {
+pub fn build_actors(settings: &Settings) -> Result<Actors, StartupError> {
     settings.validate()?;
     let data_dir = &settings.storage.data_dir;
     agentkeys_actors::data_dir::secure(data_dir).map_err(StartupError::DataDir)?;
@@ -168,12 +173,12 @@ pub fn build_pipeline(settings: &Settings) -> Result<MintPipeline, StartupError>
     start_actors(settings, keys, sealer)
 }
 
-/// Starts the five actors and wires them into the mint pipeline.
+/// Starts the five actors.
 fn start_actors(
     settings: &Settings,
     keys: KeyRing,
     sealer: Sealer,
-) -> Result<MintPipeline, StartupError> {
+) -> Result<Actors, StartupError> {
     let data_dir = &settings.storage.data_dir;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let actors = &settings.actors;
@@ -272,23 +277,28 @@ fn start_actors(
     )
     .start();
 
-    Ok(MintPipeline {
-        auth,
-        rate_limit,
-        grants,
+    let timeout = settings.send_timeout();
+    Ok(Actors {
+        auth: Handle::new(auth, "auth", timeout),
+        rate_limit: Handle::new(rate_limit, "rate_limit", timeout),
+        grants: Handle::new(grants, "grants", timeout),
+        audit: Handle::new(audit, "audit", timeout),
         signer,
-        audit,
-        policy: MintPolicy {
-            issuer: settings.oidc.issuer.clone(),
-            audiences: settings.oidc.audiences.clone(),
-            grants_required: settings.grants.required,
-            require_proof: settings.auth.require_pop,
-            default_service: ServiceName::parse(&settings.mint.default_service)
-                .expect("validated with the settings"),
-            default_ttl_seconds: settings.mint.default_ttl_seconds,
-            max_ttl_seconds: settings.mint.max_ttl_seconds,
-            idempotency_retention: Duration::from_secs(settings.idempotency.retention_seconds),
-            send_timeout: settings.send_timeout(),
-        },
     })
+}
+
+/// The mint flow's policy, from config.
+pub fn mint_policy(settings: &Settings) -> MintPolicy {
+    MintPolicy {
+        issuer: settings.oidc.issuer.clone(),
+        audiences: settings.oidc.audiences.clone(),
+        grants_required: settings.grants.required,
+        require_proof: settings.auth.require_pop,
+        default_service: ServiceName::parse(&settings.mint.default_service)
+            .expect("validated with the settings"),
+        default_ttl_seconds: settings.mint.default_ttl_seconds,
+        max_ttl_seconds: settings.mint.max_ttl_seconds,
+        idempotency_retention: Duration::from_secs(settings.idempotency.retention_seconds),
+        send_timeout: settings.send_timeout(),
+    }
 }

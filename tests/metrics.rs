@@ -57,7 +57,7 @@ async fn metrics_show_outcomes_stages_depth_batches_and_lag() {
         let count = format!("agentkeys_mint_stage_seconds_count{{stage=\"{stage}\"}}");
         assert_eq!(value(&count), reached, "{stage}");
     }
-    assert!(text.contains("agentkeys_actor_inflight{actor=\"auth actor\"}"));
+    assert!(text.contains("agentkeys_actor_inflight{actor=\"auth\"}"));
     assert!(value("agentkeys_audit_batch_records_count") >= 1.0);
     assert_eq!(
         value("agentkeys_audit_batch_records_sum"),

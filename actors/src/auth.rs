@@ -17,7 +17,8 @@ use agentkeys_wire::signed::{LoginMessage, ProofHeader, ProofMessage};
 
 use crate::backpressure::Overloaded;
 use crate::domain::{
-    now_unix, random_hex, AgentName, DevicePublicKey, ErrorCode, OmniAccount, Principal,
+    now_unix, random_hex, AgentName, AgentRecord, DevicePublicKey, ErrorCode, OmniAccount,
+    Principal,
 };
 use crate::keys::KeyInfo;
 use crate::signer::{
@@ -75,33 +76,6 @@ impl From<StorageError> for AuthError {
             StorageError::Conflict => Self::Conflict("name"),
             StorageError::NotFound => Self::NotFound,
             StorageError::Backend(e) => Self::Internal(e),
-        }
-    }
-}
-
-/// A registered agent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct AgentRecord {
-    pub name: AgentName,
-    pub public_key: DevicePublicKey,
-    pub omni_account: OmniAccount,
-    pub enabled: bool,
-    pub created_at: u64,
-}
-
-impl AgentRecord {
-    pub fn new(
-        name: AgentName,
-        public_key: DevicePublicKey,
-        enabled: bool,
-        created_at: u64,
-    ) -> Self {
-        Self {
-            omni_account: OmniAccount::of_device_key(&public_key),
-            name,
-            public_key,
-            enabled,
-            created_at,
         }
     }
 }

@@ -12,24 +12,105 @@ use actix::{Actor, Addr, Handler, Message};
 #[error("the {0} is overloaded")]
 pub struct Overloaded(pub &'static str);
 
-/// Sends `msg` and waits for the answer, at most `timeout` in all.
-pub async fn ask<A, M>(
-    addr: &Addr<A>,
-    msg: M,
+/// A running actor as its callers see it: its address, the name it is
+/// reported by (errors, the `agentkeys_actor_inflight{actor}` gauge) and
+/// how long a caller waits for its answer.
+pub struct Handle<A: Actor> {
+    addr: Addr<A>,
+    name: &'static str,
     timeout: Duration,
-    actor: &'static str,
-) -> Result<M::Result, Overloaded>
-where
-    A: Actor + Handler<M>,
-    A::Context: ToEnvelope<A, M>,
-    M: Message + Send + 'static,
-    M::Result: Send,
-{
-    // Requests sent and not yet answered: the actor's mailbox depth plus
-    // the one it is working on.
-    let depth = metrics::gauge!("agentkeys_actor_inflight", "actor" => actor);
-    depth.increment(1.0);
-    let answer = addr.send(msg).timeout(timeout).await;
-    depth.decrement(1.0);
-    answer.map_err(|_| Overloaded(actor))
+}
+
+impl<A: Actor> Clone for Handle<A> {
+    fn clone(&self) -> Self {
+        Self {
+            addr: self.addr.clone(),
+            name: self.name,
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl<A: Actor> Handle<A> {
+    /// `name` is a metric label: lowercase, no spaces.
+    pub fn new(addr: Addr<A>, name: &'static str, timeout: Duration) -> Self {
+        Self {
+            addr,
+            name,
+            timeout,
+        }
+    }
+
+    /// Whether the actor still runs (health checks).
+    pub fn connected(&self) -> bool {
+        self.addr.connected()
+    }
+
+    /// How long [`Self::ask`] waits at most.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Sends `msg` and waits for the answer, at most the handle's timeout
+    /// in all (queueing included).
+    pub async fn ask<M>(&self, msg: M) -> Result<M::Result, Overloaded>
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: Message + Send + 'static,
+        M::Result: Send,
+    {
+        self.send(msg, Some(self.timeout)).await
+    }
+
+    /// Like [`Self::ask`] but waits as long as the work takes: only for
+    /// operator requests that walk everything (audit verification).
+    pub async fn ask_unbounded<M>(&self, msg: M) -> Result<M::Result, Overloaded>
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: Message + Send + 'static,
+        M::Result: Send,
+    {
+        self.send(msg, None).await
+    }
+
+    async fn send<M>(&self, msg: M, timeout: Option<Duration>) -> Result<M::Result, Overloaded>
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: Message + Send + 'static,
+        M::Result: Send,
+    {
+        // Requests sent and not yet answered: the actor's mailbox depth plus
+        // the one it is working on.
+        let depth = metrics::gauge!("agentkeys_actor_inflight", "actor" => self.name);
+        depth.increment(1.0);
+        let request = self.addr.send(msg);
+        let answer = match timeout {
+            Some(timeout) => request.timeout(timeout).await,
+            None => request.await,
+        };
+        depth.decrement(1.0);
+        answer.map_err(|_| Overloaded(self.name))
+    }
+
+    /// Delivers `msg` without waiting, past a full mailbox if need be. Only
+    /// for what must never be lost and is rare (a reserved use given back):
+    /// a full mailbox does not bound it.
+    pub fn tell<M>(&self, msg: M)
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: Message + Send + 'static,
+        M::Result: Send,
+    {
+        if let Err(actix::prelude::SendError::Full(msg)) = self.addr.try_send(msg) {
+            tracing::warn!(
+                actor = self.name,
+                "mailbox full; a must-deliver message queued past it"
+            );
+            self.addr.do_send(msg);
+        }
+    }
 }

@@ -16,11 +16,12 @@ use std::time::Duration;
 use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture, WrapFuture,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::backpressure::Handle;
 use crate::domain::{
-    now_unix, random_hex, AgentName, ErrorCode, OmniAccount, Principal, ScopePath, ServiceName,
+    now_unix, random_hex, AgentName, CompletedMint, ErrorCode, Grant, Intent, OmniAccount,
+    Principal, ScopePath, ServiceName,
 };
 use crate::storage::{timed_commit, GrantChanges, GrantStore, StorageError};
 
@@ -64,45 +65,6 @@ impl From<StorageError> for GrantError {
     }
 }
 
-/// What a mint is for: one service and one scope path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Intent {
-    pub service: ServiceName,
-    pub scope_path: ScopePath,
-}
-
-/// An operator's permission for one agent to mint for a service and a
-/// scope prefix, with optional use, time and TTL limits.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Grant {
-    pub id: String,
-    pub agent: AgentName,
-    pub omni_account: OmniAccount,
-    pub service: ServiceName,
-    pub scope_path: ScopePath,
-    pub max_uses: Option<u64>,
-    /// Uses taken, including reservations whose mint is still running.
-    pub uses: u64,
-    pub expires_at: Option<u64>,
-    pub max_ttl_seconds: Option<u64>,
-    pub revoked: bool,
-    pub created_at: u64,
-}
-
-impl Grant {
-    fn is_live(&self, now: u64) -> bool {
-        !self.revoked && self.expires_at.is_none_or(|at| at > now)
-    }
-
-    fn has_uses_left(&self) -> bool {
-        self.max_uses.is_none_or(|max| self.uses < max)
-    }
-
-    fn covers(&self, intent: &Intent) -> bool {
-        self.service == intent.service && intent.scope_path.is_within(&self.scope_path)
-    }
-}
-
 /// What an operator asks for when creating a grant (validated at the edge).
 #[derive(Clone, Debug)]
 pub struct GrantSpec {
@@ -122,18 +84,6 @@ pub struct GrantDecision {
     pub not_after: Option<u64>,
     /// The JWT's lifetime may not exceed this.
     pub max_ttl_seconds: Option<u64>,
-}
-
-/// A finished mint kept for replay under its Idempotency-Key.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CompletedMint {
-    /// SHA-256 of method, path and body of the first request.
-    pub fingerprint: String,
-    /// The response body exactly as first sent.
-    pub body: Vec<u8>,
-    pub jti: String,
-    pub grant_id: Option<String>,
-    pub expires_at: u64,
 }
 
 /// Where an idempotent request's answer is kept: the caller's scope (hash
@@ -177,6 +127,89 @@ impl UseCommitted {
         tokio::time::timeout(limit, self.wait())
             .await
             .unwrap_or(Err(GrantError::CommitTimedOut))
+    }
+}
+
+/// A grant use taken for one mint, with its Idempotency-Key marked in
+/// flight. Dropped before [`Self::keep`] (the mint failed, whatever the
+/// path), it gives the use back and frees the key: no error path can
+/// forget to.
+pub struct GrantUse {
+    grants: Handle<GrantActor>,
+    /// What giving it back means; taken once the JWT is released.
+    release: Option<Release>,
+    committed: Option<UseCommitted>,
+}
+
+impl GrantUse {
+    /// The use `decision` took, durable once `committed` resolves.
+    pub fn taken(
+        grants: Handle<GrantActor>,
+        decision: &GrantDecision,
+        idempotency: Option<IdempotencySlot>,
+        committed: UseCommitted,
+    ) -> Self {
+        Self {
+            grants,
+            release: Some(Release {
+                grant_id: decision.grant_id.clone(),
+                idempotency,
+            }),
+            committed: Some(committed),
+        }
+    }
+
+    /// Waits, at most `limit`, until a durable commit holds the use.
+    pub async fn durable(&mut self, limit: Duration) -> Result<(), GrantError> {
+        match self.committed.take() {
+            Some(committed) => committed.wait_within(limit).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The JWT was released: the use stays taken, and an idempotent
+    /// request's answer is kept for replays, durably before this returns.
+    /// The JWT is out already, so a failure is logged, not returned.
+    pub async fn keep(mut self, body: &[u8], jti: &str, expires_at: u64) {
+        let Some(Release {
+            grant_id,
+            idempotency: Some(claim),
+        }) = self.release.take()
+        else {
+            return;
+        };
+        let complete = Complete {
+            slot: claim.slot,
+            mint: CompletedMint {
+                fingerprint: claim.fingerprint,
+                body: body.to_vec(),
+                jti: jti.to_owned(),
+                grant_id,
+                expires_at,
+            },
+        };
+        match self.grants.ask(complete.clone()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "idempotency record not stored durably"),
+            // The answer must reach the actor, or the key's in-flight mark
+            // would expire and a retry mint a second JWT.
+            Err(_) => self.grants.tell(complete),
+        }
+    }
+}
+
+impl Drop for GrantUse {
+    fn drop(&mut self) {
+        match self.release.take() {
+            Some(Release {
+                grant_id: None,
+                idempotency: None,
+            })
+            | None => {}
+            // The use must come back and the key be freed even past a
+            // full mailbox.
+            Some(release) => self.grants.tell(release),
+        }
     }
 }
 
@@ -910,5 +943,47 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(stored.uses, 1);
+    }
+
+    /// The guard promise: a use taken for a mint that fails, on whatever
+    /// path, comes back when the mint drops it, and its key is freed; a
+    /// use kept for a released JWT stays taken.
+    #[actix::test]
+    async fn a_dropped_grant_use_gives_itself_back_and_a_kept_one_stays_taken() {
+        let store = Arc::new(FlakyStore::default());
+        let grants = start(store);
+        let handle = Handle::new(grants.clone(), "grants", Duration::from_secs(5));
+        grants.send(create_one_use_grant()).await.unwrap().unwrap();
+        let keyed = || Reserve {
+            idempotency: Some(IdempotencySlot {
+                slot: "slot".into(),
+                fingerprint: "same request".into(),
+            }),
+            ..reserve()
+        };
+        let take = |reserved: Result<Reservation, GrantError>| match reserved {
+            Ok(Reservation::Granted(decision, committed)) => {
+                let slot = keyed().idempotency;
+                GrantUse::taken(handle.clone(), &decision, slot, committed)
+            }
+            other => panic!("the one use is granted, got {other:?}"),
+        };
+
+        let mut failed_mint = take(grants.send(keyed()).await.unwrap());
+        failed_mint.durable(Duration::from_secs(5)).await.unwrap();
+        drop(failed_mint);
+        let mut released_mint = take(grants.send(keyed()).await.unwrap());
+        released_mint.durable(Duration::from_secs(5)).await.unwrap();
+        released_mint.keep(b"{}", "jti-1", now_unix() + 60).await;
+
+        assert!(
+            matches!(grants.send(keyed()).await.unwrap(), Ok(Reservation::Replay(done)) if done.jti == "jti-1"),
+            "the kept answer replays"
+        );
+        assert_eq!(
+            grants.send(reserve()).await.unwrap().err(),
+            Some(GrantError::Exhausted),
+            "the kept use stays taken"
+        );
     }
 }

@@ -2,9 +2,12 @@
 //! through typed messages, plus the mint flow that drives them in order.
 //!
 //! # Layout
-//! - [`domain`]: validated newtypes (`DevicePublicKey`, `ScopePath`, ...) and
-//!   the stable error codes every layer reports in.
-//! - [`backpressure`]: bounded sends; a full mailbox or pool becomes `Overloaded`.
+//! - [`domain`]: validated newtypes (`DevicePublicKey`, `ScopePath`, ...),
+//!   the stable error codes every layer reports in, and the records the
+//!   broker keeps (agents, grants, finished mints) that storage persists.
+//! - [`backpressure`]: `Handle`, an actor's address with its name and send
+//!   timeout; a full mailbox or pool becomes `Overloaded`.
+//! - [`system`]: `Actors`, one handle per running actor.
 //! - [`keys`]: the key ring (OIDC ES256 and session Ed25519 keys, rotated
 //!   with overlap), on disk 0600 with its private keys sealed, generated on
 //!   first start.
@@ -23,7 +26,8 @@
 //!   anchor sinks behind one trait (`jsonl`, `evm`), each on its worker;
 //!   verification.
 //! - [`storage`]: the agent and grant stores behind traits; redb inside.
-//! - [`mint`]: the one mint flow, usable with or without HTTP.
+//! - [`mint`]: the one mint flow in three steps (admit, authorize, issue),
+//!   usable with or without HTTP.
 
 pub mod audit;
 pub mod auth;
@@ -37,3 +41,4 @@ pub mod rate_limit;
 pub mod sealing;
 pub mod signer;
 pub mod storage;
+pub mod system;

@@ -7,13 +7,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
+use actix::{Actor, Handler, Message, SyncArbiter, SyncContext};
 use ed25519_dalek::{Signature, VerifyingKey};
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use crate::backpressure::{ask, Overloaded};
+use crate::backpressure::{Handle, Overloaded};
 use crate::domain::{now_unix, DevicePublicKey, ErrorCode, InvalidInput};
 use crate::keys::{KeyError, KeyInfo, KeyRing};
 
@@ -338,10 +338,9 @@ pub struct SignerPoolSettings {
 /// The handle callers use: admission first, then a bounded send.
 #[derive(Clone)]
 pub struct SignerPool {
-    addr: Addr<SignerActor>,
+    workers: Handle<SignerActor>,
     /// Bounds the pool's otherwise unbounded queue.
     admission: Arc<Semaphore>,
-    timeout: Duration,
 }
 
 impl SignerPool {
@@ -357,9 +356,8 @@ impl SignerPool {
             session_validation: session_validation.clone(),
         });
         Self {
-            addr,
+            workers: Handle::new(addr, "signer", settings.timeout),
             admission: Arc::new(Semaphore::new(settings.max_queued.max(1))),
-            timeout: settings.timeout,
         }
     }
 
@@ -379,7 +377,7 @@ impl SignerPool {
         let permit = self
             .admission
             .try_acquire()
-            .map_err(|_| Overloaded("signer pool"))?;
+            .map_err(|_| Overloaded("signer"))?;
         Ok(Admitted {
             pool: self,
             _permit: permit,
@@ -387,7 +385,7 @@ impl SignerPool {
     }
 
     pub fn connected(&self) -> bool {
-        self.addr.connected()
+        self.workers.connected()
     }
 }
 
@@ -405,7 +403,7 @@ impl Admitted<'_> {
         M::Result: Send,
         SignerActor: Handler<M>,
     {
-        ask(&self.pool.addr, msg, self.pool.timeout, "signer pool").await
+        self.pool.workers.ask(msg).await
     }
 }
 

@@ -11,25 +11,26 @@ use std::time::{Duration, Instant};
 use actix::Actor;
 use agentkeys_actors::audit::{MintEvent, Outcome, Record};
 use agentkeys_actors::auth::{IssueChallenge, RegisterAgent, VerifyLogin};
-use agentkeys_actors::backpressure::ask;
+use agentkeys_actors::domain::Intent;
 use agentkeys_actors::domain::OmniAccount;
 use agentkeys_actors::domain::{
     now_unix, random_hex, sha256_hex, AgentName, DevicePublicKey, ScopePath, ServiceName,
 };
-use agentkeys_actors::grant::{CreateGrant, GrantSpec, Intent};
+use agentkeys_actors::grant::{CreateGrant, GrantSpec};
 use agentkeys_actors::keys::KeyRing;
-use agentkeys_actors::mint::{MintPipeline, MintRequest};
+use agentkeys_actors::mint::{MintFlow, MintRequest};
 use agentkeys_actors::rate_limit::{CheckRate, RateLimitActor, RateLimitSettings, TrackedKeys};
 use agentkeys_actors::sealing::Sealer;
 use agentkeys_actors::signer::{
     session_validation, sign_session, verify_session, AwsSessionTags, OidcClaims, SessionClaims,
 };
+use agentkeys_actors::system::Actors;
 use ed25519_dalek::{Signer, SigningKey};
 use futures_util::future::join_all;
 use serde::Serialize;
 
 use crate::settings::Settings;
-use crate::startup::{build_pipeline, StartupError};
+use crate::startup::{build_actors, mint_policy, StartupError};
 
 /// Operations per second on all cores.
 #[derive(Debug, Serialize)]
@@ -150,21 +151,22 @@ pub async fn in_process(
     seconds: f64,
     prefill: Prefill,
 ) -> Result<PipelineRun, StartupError> {
-    let pipeline = build_pipeline(settings)?;
+    let actors = build_actors(settings)?;
+    let flow = MintFlow::new(actors.clone(), mint_policy(settings));
     let mut sessions = Vec::with_capacity(agents);
     for chunk in (0..agents).collect::<Vec<_>>().chunks(512) {
-        for session in join_all(chunk.iter().map(|&i| enroll(&pipeline, i))).await {
+        for session in join_all(chunk.iter().map(|&i| enroll(&actors, i))).await {
             sessions.push(session.map_err(StartupError::Bench)?);
         }
     }
-    fill_audit(&pipeline, prefill.audit_records).await?;
+    fill_audit(&actors, prefill.audit_records).await?;
     if prefill.active_agents > 0 {
         sessions.truncate(prefill.active_agents);
     }
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let loops = (0..concurrency.max(1)).map(|worker| {
-        let (pipeline, sessions) = (&pipeline, &sessions);
+        let (flow, sessions) = (&flow, &sessions);
         async move {
             let mut latencies = Vec::new();
             let mut refused: BTreeMap<String, u64> = BTreeMap::new();
@@ -184,8 +186,8 @@ pub async fn in_process(
                     request_id: String::new(),
                 };
                 let begun = Instant::now();
-                let minted = match pipeline.admit(bearer, None, "").await {
-                    Ok(principal) => pipeline.mint(principal, request).await,
+                let minted = match flow.admit(bearer, None, "").await {
+                    Ok(principal) => flow.mint(principal, request).await,
                     Err(refused) => Err(refused),
                 };
                 match minted {
@@ -227,7 +229,7 @@ pub async fn in_process(
 }
 
 /// Writes `records` audit records through the AuditActor, 1024 in flight.
-async fn fill_audit(pipeline: &MintPipeline, records: u64) -> Result<(), StartupError> {
+async fn fill_audit(actors: &Actors, records: u64) -> Result<(), StartupError> {
     let mut written = 0;
     while written < records {
         let batch = (records - written).min(1024);
@@ -238,7 +240,7 @@ async fn fill_audit(pipeline: &MintPipeline, records: u64) -> Result<(), Startup
                 request_id: format!("prefill-{}", written + i),
                 ..MintEvent::default()
             };
-            pipeline.audit.send(Record(event))
+            actors.audit.ask(Record(event))
         });
         for sent in join_all(sends).await {
             sent.map_err(|e| StartupError::Bench(e.to_string()))?
@@ -322,8 +324,7 @@ fn rss_kib() -> u64 {
 }
 
 /// One agent with a grant for `s3` `load/`, logged in through the actors.
-async fn enroll(pipeline: &MintPipeline, i: usize) -> Result<String, String> {
-    let timeout = pipeline.policy.send_timeout;
+async fn enroll(actors: &Actors, i: usize) -> Result<String, String> {
     let mut seed = [0u8; 32];
     hex::decode_to_slice(random_hex(32), &mut seed).expect("random_hex is hex");
     let device = SigningKey::from_bytes(&seed);
@@ -335,7 +336,9 @@ async fn enroll(pipeline: &MintPipeline, i: usize) -> Result<String, String> {
         public_key,
         enabled: true,
     };
-    let agent = ask(&pipeline.auth, register, timeout, "auth")
+    let agent = actors
+        .auth
+        .ask(register)
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
@@ -351,26 +354,27 @@ async fn enroll(pipeline: &MintPipeline, i: usize) -> Result<String, String> {
         omni_account: agent.omni_account,
         spec,
     };
-    ask(&pipeline.grants, grant, timeout, "grants")
+    actors
+        .grants
+        .ask(grant)
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let challenge = ask(
-        &pipeline.auth,
-        IssueChallenge { public_key },
-        timeout,
-        "auth",
-    )
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    let challenge = actors
+        .auth
+        .ask(IssueChallenge { public_key })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let signature = device.sign(challenge.message.as_bytes()).to_bytes();
     let login = VerifyLogin {
         public_key,
         nonce: challenge.nonce,
         signature,
     };
-    let session = ask(&pipeline.auth, login, timeout, "auth")
+    let session = actors
+        .auth
+        .ask(login)
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;

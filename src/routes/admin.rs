@@ -3,12 +3,10 @@
 use actix_web::{delete, get, patch, post, web, HttpResponse};
 use agentkeys_actors::audit::{ReadRecords, VerifyAudit};
 use agentkeys_actors::auth::{
-    AgentRecord, ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SessionKeysChanged,
-    SetAgentEnabled,
+    ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SessionKeysChanged, SetAgentEnabled,
 };
-use agentkeys_actors::backpressure::ask;
 use agentkeys_actors::domain::{
-    now_unix, AgentName, DevicePublicKey, ErrorCode, ScopePath, ServiceName,
+    now_unix, AgentName, AgentRecord, DevicePublicKey, ErrorCode, ScopePath, ServiceName,
 };
 use agentkeys_actors::grant::{
     CreateGrant, GetGrant, GrantSpec, ListGrants, RevokeAgentGrants, RevokeGrant,
@@ -60,8 +58,7 @@ async fn add_agent(
         public_key: DevicePublicKey::parse(&body.public_key)?,
         enabled: body.enabled,
     };
-    let timeout = state.pipeline.policy.send_timeout;
-    let agent = ask(&state.pipeline.auth, register, timeout, "auth actor").await??;
+    let agent = state.actors.auth.ask(register).await??;
     tracing::info!(agent = agent.name.as_str(), omni_account = %agent.omni_account, "agent registered");
     Ok(HttpResponse::Created().json(agent))
 }
@@ -71,8 +68,7 @@ async fn list_agents(
     _admin: Admin,
     state: web::Data<BrokerState>,
 ) -> Result<HttpResponse, ApiError> {
-    let timeout = state.pipeline.policy.send_timeout;
-    let agents = ask(&state.pipeline.auth, ListAgents, timeout, "auth actor").await?;
+    let agents = state.actors.auth.ask(ListAgents).await?;
     Ok(HttpResponse::Ok().json(json!({ "agents": agents })))
 }
 
@@ -83,9 +79,11 @@ async fn remove_agent(
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let name = AgentName::parse(&name)?;
-    let timeout = state.pipeline.policy.send_timeout;
     let lookup = LookupAgent { name: name.clone() };
-    let agent = ask(&state.pipeline.auth, lookup, timeout, "auth actor")
+    let agent = state
+        .actors
+        .auth
+        .ask(lookup)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such agent"))?;
     // Grants first: if the removal then fails, the agent is left without
@@ -94,14 +92,12 @@ async fn remove_agent(
         agent: agent.name.clone(),
         omni_account: agent.omni_account.clone(),
     };
-    let revoked = ask(&state.pipeline.grants, revoke, timeout, "grant actor").await??;
-    ask(
-        &state.pipeline.auth,
-        RemoveAgent { name: name.clone() },
-        timeout,
-        "auth actor",
-    )
-    .await??;
+    let revoked = state.actors.grants.ask(revoke).await??;
+    state
+        .actors
+        .auth
+        .ask(RemoveAgent { name: name.clone() })
+        .await??;
     tracing::info!(
         agent = name.as_str(),
         revoked,
@@ -169,34 +165,31 @@ async fn add_grant(
 ) -> Result<HttpResponse, ApiError> {
     let name = AgentName::parse(&body.agent)?;
     let spec = body.spec()?;
-    let timeout = state.pipeline.policy.send_timeout;
-    let agent = ask(
-        &state.pipeline.auth,
-        LookupAgent { name },
-        timeout,
-        "auth actor",
-    )
-    .await?
-    .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such agent"))?;
+    let agent = state
+        .actors
+        .auth
+        .ask(LookupAgent { name })
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such agent"))?;
     let create = CreateGrant {
         agent: agent.name.clone(),
         omni_account: agent.omni_account.clone(),
         spec,
     };
-    let grant = ask(&state.pipeline.grants, create, timeout, "grant actor").await??;
+    let grant = state.actors.grants.ask(create).await??;
     // The agent may have been deleted (its grants revoked) while the grant
     // was written: then this grant is revoked too, never left live.
     let lookup = LookupAgent {
         name: agent.name.clone(),
     };
-    let still = ask(&state.pipeline.auth, lookup, timeout, "auth actor").await?;
+    let still = state.actors.auth.ask(lookup).await?;
     let same =
         |a: &AgentRecord| (a.public_key, a.created_at) == (agent.public_key, agent.created_at);
     if !still.as_ref().is_some_and(same) {
         let revoke = RevokeGrant {
             id: grant.id.clone(),
         };
-        ask(&state.pipeline.grants, revoke, timeout, "grant actor").await??;
+        state.actors.grants.ask(revoke).await??;
         return Err(ApiError::new(
             ErrorCode::NotFound,
             "the agent was removed while its grant was created",
@@ -213,14 +206,7 @@ async fn list_grants(
     filter: web::Query<GrantFilter>,
 ) -> Result<HttpResponse, ApiError> {
     let agent = filter.agent.as_deref().map(AgentName::parse).transpose()?;
-    let timeout = state.pipeline.policy.send_timeout;
-    let grants = ask(
-        &state.pipeline.grants,
-        ListGrants { agent },
-        timeout,
-        "grant actor",
-    )
-    .await?;
+    let grants = state.actors.grants.ask(ListGrants { agent }).await?;
     Ok(HttpResponse::Ok().json(json!({ "grants": grants })))
 }
 
@@ -230,11 +216,13 @@ async fn get_grant(
     state: web::Data<BrokerState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let timeout = state.pipeline.policy.send_timeout;
     let get = GetGrant {
         id: id.into_inner(),
     };
-    let grant = ask(&state.pipeline.grants, get, timeout, "grant actor")
+    let grant = state
+        .actors
+        .grants
+        .ask(get)
         .await?
         .ok_or_else(no_such_grant)?;
     Ok(HttpResponse::Ok().json(grant))
@@ -246,11 +234,10 @@ async fn revoke_grant(
     state: web::Data<BrokerState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let timeout = state.pipeline.policy.send_timeout;
     let revoke = RevokeGrant {
         id: id.into_inner(),
     };
-    let grant = ask(&state.pipeline.grants, revoke, timeout, "grant actor").await??;
+    let grant = state.actors.grants.ask(revoke).await??;
     tracing::info!(grant = %grant.id, "grant revoked");
     Ok(HttpResponse::Ok().json(grant))
 }
@@ -276,12 +263,14 @@ async fn read_audit(
     if !(1..=MAX_AUDIT_PAGE).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1-1000"));
     }
-    let timeout = state.pipeline.policy.send_timeout;
     let read = ReadRecords {
         after: page.after,
         limit,
     };
-    let records = ask(&state.pipeline.audit, read, timeout, "audit actor")
+    let records = state
+        .actors
+        .audit
+        .ask(read)
         .await?
         .map_err(ApiError::from)?;
     Ok(HttpResponse::Ok().json(json!({ "records": records })))
@@ -294,11 +283,10 @@ async fn verify_audit(
     state: web::Data<BrokerState>,
 ) -> Result<HttpResponse, ApiError> {
     let report = state
-        .pipeline
+        .actors
         .audit
-        .send(VerifyAudit)
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Overloaded, "the audit actor is unavailable"))?
+        .ask_unbounded(VerifyAudit)
+        .await?
         .map_err(ApiError::from)?;
     Ok(HttpResponse::Ok().json(report))
 }
@@ -311,7 +299,7 @@ struct Rotation {
 
 #[get("/v1/admin/keys")]
 async fn list_keys(_admin: Admin, state: web::Data<BrokerState>) -> Result<HttpResponse, ApiError> {
-    let keys = state.pipeline.signer.call(DescribeKeys).await?;
+    let keys = state.actors.signer.call(DescribeKeys).await?;
     Ok(HttpResponse::Ok().json(json!({ "keys": keys })))
 }
 
@@ -324,7 +312,7 @@ async fn rotate_key(
     body: web::Json<Rotation>,
 ) -> Result<HttpResponse, ApiError> {
     let key = state
-        .pipeline
+        .actors
         .signer
         .call(RotateKey(body.key))
         .await?
@@ -335,11 +323,10 @@ async fn rotate_key(
     // a rotation that reaches it late (or not at all) delays nothing but
     // the cut-off of sessions verified before it, which expire within the
     // session TTL anyway; it never refuses a valid session.
-    let timeout = state.pipeline.policy.send_timeout;
-    let told = match state.pipeline.signer.call(DescribeKeys).await {
+    let told = match state.actors.signer.call(DescribeKeys).await {
         Ok(schedule) => {
             let changed = SessionKeysChanged(schedule);
-            ask(&state.pipeline.auth, changed, timeout, "auth actor").await
+            state.actors.auth.ask(changed).await
         }
         Err(busy) => Err(busy),
     };
@@ -367,8 +354,7 @@ async fn update_agent(
         name: AgentName::parse(&name)?,
         enabled: body.enabled,
     };
-    let timeout = state.pipeline.policy.send_timeout;
-    let agent = ask(&state.pipeline.auth, update, timeout, "auth actor").await??;
+    let agent = state.actors.auth.ask(update).await??;
     tracing::info!(
         agent = agent.name.as_str(),
         enabled = agent.enabled,

@@ -2,7 +2,6 @@
 
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use agentkeys_actors::auth::{IssueChallenge, VerifyLogin};
-use agentkeys_actors::backpressure::ask;
 use agentkeys_actors::domain::DevicePublicKey;
 use agentkeys_actors::rate_limit::CheckLoginRate;
 use serde::Deserialize;
@@ -37,16 +36,13 @@ async fn check_login_rate(state: &BrokerState, request: &HttpRequest) -> Result<
     let Some(peer) = request.peer_addr() else {
         return Ok(());
     };
-    let timeout = state.pipeline.policy.send_timeout;
     let check = CheckLoginRate { ip: peer.ip() };
-    ask(
-        &state.pipeline.rate_limit,
-        check,
-        timeout,
-        "rate limit actor",
-    )
-    .await?
-    .map_err(|e| ApiError::rate_limited("this client address", e.retry_after))
+    state
+        .actors
+        .rate_limit
+        .ask(check)
+        .await?
+        .map_err(|e| ApiError::rate_limited("this client address", e.retry_after))
 }
 
 #[post("/v1/auth/challenge")]
@@ -57,9 +53,8 @@ async fn challenge(
 ) -> Result<HttpResponse, ApiError> {
     check_login_rate(&state, &request).await?;
     let public_key = DevicePublicKey::parse(&body.public_key)?;
-    let auth = &state.pipeline.auth;
-    let timeout = state.pipeline.policy.send_timeout;
-    let challenge = ask(auth, IssueChallenge { public_key }, timeout, "auth actor").await??;
+    let auth = &state.actors.auth;
+    let challenge = auth.ask(IssueChallenge { public_key }).await??;
     Ok(HttpResponse::Ok().json(challenge))
 }
 
@@ -84,8 +79,7 @@ async fn verify(
         nonce: body.nonce,
         signature,
     };
-    let timeout = state.pipeline.policy.send_timeout;
-    let session = ask(&state.pipeline.auth, login, timeout, "auth actor").await??;
+    let session = state.actors.auth.ask(login).await??;
     let span = tracing::Span::current();
     span.record("omni_account", session.omni_account.as_str());
     span.record("agent", session.agent.as_str());

@@ -4,7 +4,6 @@ use actix_web::{get, web, HttpResponse};
 use serde_json::json;
 
 use agentkeys_actors::audit::DescribeSinks;
-use agentkeys_actors::backpressure::ask;
 
 use crate::startup::BrokerState;
 use crate::telemetry;
@@ -24,7 +23,7 @@ async fn healthz() -> HttpResponse {
 /// Every actor of the mint path is running.
 #[get("/readyz")]
 async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
-    let p = &state.pipeline;
+    let p = &state.actors;
     let actors = [
         ("auth", p.auth.connected()),
         ("rate_limit", p.rate_limit.connected()),
@@ -48,8 +47,7 @@ async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
 /// in-flight depth, audit batch sizes and sink lag.
 #[get("/metrics")]
 async fn prometheus_text(state: web::Data<BrokerState>) -> HttpResponse {
-    let timeout = state.pipeline.policy.send_timeout;
-    if let Ok(audit) = ask(&state.pipeline.audit, DescribeSinks, timeout, "audit actor").await {
+    if let Ok(audit) = state.actors.audit.ask(DescribeSinks).await {
         for sink in audit.sinks {
             metrics::gauge!("agentkeys_audit_sink_lag", "sink" => sink.name.clone())
                 .set(sink.lag as f64);

@@ -3,9 +3,8 @@
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use agentkeys_actors::auth::ProofOfPossession;
 use agentkeys_actors::domain::{
-    random_hex, sha256_hex, IdempotencyKey, InvalidInput, ScopePath, ServiceName,
+    random_hex, sha256_hex, IdempotencyKey, Intent, InvalidInput, ScopePath, ServiceName,
 };
-use agentkeys_actors::grant::Intent;
 use agentkeys_actors::mint::{MintError, MintRequest, MINT_PATH};
 use agentkeys_wire::headers;
 use futures_util::StreamExt;
@@ -160,7 +159,7 @@ async fn mint_oidc_jwt(
     // beyond its rate, gets the broker to wait for a body.
     let client = request.peer_addr().map(|peer| peer.ip());
     let principal = state
-        .pipeline
+        .mint
         .admit(bearer, client, &request_id)
         .await
         .map_err(|error| refused(&span, error))?;
@@ -178,14 +177,14 @@ async fn mint_oidc_jwt(
         Err(error) => {
             let (code, request_id) = (error.code(), request_id.clone());
             state
-                .pipeline
+                .mint
                 .record_refused(&principal, request_id, code)
                 .await;
             span.record("outcome", code.as_str());
             return Err(error);
         }
     };
-    let result = state.pipeline.mint(principal, mint).await;
+    let result = state.mint.mint(principal, mint).await;
     match result {
         Ok(minted) => {
             let outcome = if minted.replayed { "replayed" } else { "ok" };

@@ -45,7 +45,7 @@ async fn discovery(state: web::Data<BrokerState>) -> HttpResponse {
 
 #[get("/.well-known/jwks.json")]
 async fn jwks(state: web::Data<BrokerState>) -> Result<HttpResponse, ApiError> {
-    let keys = state.pipeline.signer.call(PublishedKeySet).await?;
+    let keys = state.actors.signer.call(PublishedKeySet).await?;
     Ok(HttpResponse::Ok()
         .insert_header(cacheable(state.jwks_max_age_seconds))
         .content_type("application/json")

@@ -3,9 +3,7 @@
 
 pub mod redb_store;
 
-use crate::auth::AgentRecord;
-use crate::domain::AgentName;
-use crate::grant::{CompletedMint, Grant};
+use crate::domain::{AgentName, AgentRecord, CompletedMint, Grant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

@@ -9,9 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{AgentStore, GrantChanges, GrantStore, StorageError};
-use crate::auth::AgentRecord;
-use crate::domain::{now_unix, AgentName, DevicePublicKey};
-use crate::grant::{CompletedMint, Grant};
+use crate::domain::{now_unix, AgentName, AgentRecord, CompletedMint, DevicePublicKey, Grant};
 use crate::sealing::Sealer;
 
 /// name → JSON of [`StoredAgent`].

@@ -1,11 +1,15 @@
 //! Validated values: every actor receives only these, never raw strings,
 //! so no actor re-checks its input.
 
+mod records;
+
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest, Sha256};
+
+pub use records::{AgentRecord, CompletedMint, Grant, Intent};
 
 /// The stable, machine-readable error codes of the wire contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

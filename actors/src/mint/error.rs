@@ -1,0 +1,48 @@
+//! Why a mint was refused; each reason maps to one stable error code.
+
+use std::time::Duration;
+
+use crate::audit::AuditError;
+use crate::auth::AuthError;
+use crate::backpressure::Overloaded;
+use crate::domain::{ErrorCode, InvalidInput};
+use crate::grant::GrantError;
+use crate::signer::SignerError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("rate limit exceeded")]
+    RateLimited { retry_after: Duration },
+    #[error("too many unauthenticated requests from this address")]
+    UnauthenticatedThrottled { retry_after: Duration },
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+    #[error("{0}")]
+    BadRequest(#[from] InvalidInput),
+    #[error("the audit record could not be made durable; nothing was released")]
+    AuditUnavailable(#[from] AuditError),
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    #[error("signing the JWT failed")]
+    Signing(#[source] SignerError),
+    #[error("encoding the answer failed")]
+    Encoding(#[from] serde_json::Error),
+}
+
+impl MintError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Auth(e) => e.code(),
+            Self::RateLimited { .. } | Self::UnauthenticatedThrottled { .. } => {
+                ErrorCode::RateLimited
+            }
+            Self::Grant(e) => e.code(),
+            Self::BadRequest(_) => ErrorCode::BadRequest,
+            Self::AuditUnavailable(_) => ErrorCode::AuditUnavailable,
+            Self::Overloaded(_) => ErrorCode::Overloaded,
+            Self::Signing(_) | Self::Encoding(_) => ErrorCode::Internal,
+        }
+    }
+}

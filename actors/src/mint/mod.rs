@@ -1,0 +1,361 @@
+//! The one mint path as three steps, usable with or without HTTP:
+//!
+//! 1. [`MintFlow::admit`], before the body is read: the session, then the
+//!    per-account rate limit (nobody without a session, or beyond its rate,
+//!    gets the broker to wait for a body);
+//! 2. `authorize`, after it: the proof of possession over the body, then
+//!    the grant (a use taken, or an earlier answer to replay), then a place
+//!    at the signer;
+//! 3. `issue`: sign the JWT while its audit record and the grant use are
+//!    made durable; release it only when all three are done.
+//!
+//! Every authenticated attempt is recorded, by [`MintFlow::mint`] alone; an
+//! unauthenticated one is not (anyone could fill the ledger with them): it
+//! is counted, and an address over its budget of them gets 429, not 401.
+//! A reserved grant use is a [`GrantUse`] that gives itself back when a
+//! failed mint drops it.
+
+mod attempt;
+mod claims;
+mod error;
+mod request;
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use error::MintError;
+pub use request::{MintPolicy, MintRequest, MintResponse, Minted};
+
+use crate::audit::{MintEvent, Outcome, Record};
+use crate::auth::{AuthError, CheckProof, VerifySession};
+use crate::domain::{
+    now_unix, sha256_hex, CompletedMint, ErrorCode, Intent, InvalidInput, Principal, ScopePath,
+};
+use crate::grant::{GrantUse, IdempotencySlot, Reservation, Reserve};
+use crate::rate_limit::{CheckRate, CheckUnauthenticated};
+use crate::signer::{Admitted, OidcClaims, SignOidc};
+use crate::system::Actors;
+use attempt::Attempt;
+
+/// The one mint path.
+pub const MINT_PATH: &str = agentkeys_wire::paths::MINT;
+
+/// The mint flow: the actors it drives and the policy it applies.
+#[derive(Clone)]
+pub struct MintFlow {
+    actors: Actors,
+    policy: MintPolicy,
+}
+
+/// What the gates allowed. (It lives on one mint's stack for a moment:
+/// boxing the large variant would only add an allocation per mint.)
+#[allow(clippy::large_enum_variant)]
+enum Allowed<'a> {
+    /// An earlier request with the same key: its answer again.
+    Replay(Arc<CompletedMint>),
+    /// A new JWT.
+    Fresh(Fresh<'a>),
+}
+
+/// A new JWT, allowed and not yet signed.
+struct Fresh<'a> {
+    claims: OidcClaims,
+    /// Given back if the mint fails.
+    grant_use: GrantUse,
+    /// A place at the signer, taken before anything is recorded.
+    signer: Admitted<'a>,
+}
+
+impl MintFlow {
+    pub fn new(actors: Actors, policy: MintPolicy) -> Self {
+        Self { actors, policy }
+    }
+
+    /// Step 1, before the body is read: the session, then the rate limit.
+    /// A refused session writes no audit record (see [`Self::authenticate`]);
+    /// every later refusal does.
+    pub async fn admit(
+        &self,
+        bearer: String,
+        client: Option<IpAddr>,
+        request_id: &str,
+    ) -> Result<Principal, MintError> {
+        let principal = match self.authenticate(bearer, client).await {
+            Ok(principal) => principal,
+            // A disabled agent's session is valid: its attempt counts.
+            Err(MintError::Auth(AuthError::AgentDisabled(principal))) => {
+                let request_id = request_id.to_owned();
+                self.record_refused(&principal, request_id, ErrorCode::Forbidden)
+                    .await;
+                return Err(AuthError::AgentDisabled(principal).into());
+            }
+            Err(refused) => return Err(refused),
+        };
+        let check = self.actors.rate_limit.ask(CheckRate {
+            account: principal.omni_account.clone(),
+        });
+        let limited = match timed("rate", check).await {
+            Ok(Ok(())) => return Ok(principal),
+            Ok(Err(limited)) => MintError::RateLimited {
+                retry_after: limited.retry_after,
+            },
+            Err(overloaded) => overloaded.into(),
+        };
+        self.record_refused(&principal, request_id.to_owned(), limited.code())
+            .await;
+        Err(limited)
+    }
+
+    /// The session. A refusal writes no audit record; it is counted, and
+    /// once `client` is over its budget of refusals it is answered 429, not
+    /// 401. A valid session is never refused here, whoever shares its
+    /// address.
+    async fn authenticate(
+        &self,
+        bearer: String,
+        client: Option<IpAddr>,
+    ) -> Result<Principal, MintError> {
+        let verify = self.actors.auth.ask(VerifySession { token: bearer });
+        let refusal = match timed("auth", verify).await? {
+            Ok(principal) => return Ok(principal),
+            Err(refusal @ AuthError::Unauthorized(_)) => refusal,
+            Err(other) => return Err(other.into()),
+        };
+        let throttled = match client {
+            Some(ip) => {
+                let check = CheckUnauthenticated { ip };
+                self.actors.rate_limit.ask(check).await?.err()
+            }
+            None => None,
+        };
+        let answer = if throttled.is_some() { "429" } else { "401" };
+        metrics::counter!("agentkeys_mint_unauthenticated_total", "answer" => answer).increment(1);
+        match throttled {
+            Some(limited) => Err(MintError::UnauthenticatedThrottled {
+                retry_after: limited.retry_after,
+            }),
+            None => Err(refusal.into()),
+        }
+    }
+
+    /// Records an authenticated attempt refused before it became a mint
+    /// request (over its rate, or a body that was malformed, too large or
+    /// late): every authenticated attempt has its record.
+    pub async fn record_refused(&self, principal: &Principal, request_id: String, code: ErrorCode) {
+        let outcome = Outcome::from(code);
+        metrics::counter!("agentkeys_mints_total", "outcome" => outcome.as_str()).increment(1);
+        let attempt = Attempt::of(principal, request_id);
+        self.record_refusal(attempt.ended(outcome)).await;
+    }
+
+    /// Steps 2 and 3 for an admitted caller's parsed request. The one place
+    /// that records the attempt, whatever its outcome.
+    pub async fn mint(
+        &self,
+        principal: Principal,
+        request: MintRequest,
+    ) -> Result<MintResponse, MintError> {
+        let attempt = Attempt::of(&principal, request.request_id.clone());
+        let (intent, allowed) = self.authorize(&principal, request).await;
+        let attempt = attempt.for_intent(intent.as_ref());
+        let released = match allowed {
+            Err(refused) => Err((attempt, refused)),
+            Ok(Allowed::Replay(done)) => {
+                let attempt = attempt.releasing(done.grant_id.clone(), &done.jti);
+                let recorded = self.record(attempt.ended(Outcome::Replayed));
+                match recorded.await {
+                    Ok(_) => Ok(MintResponse {
+                        body: done.body.clone(),
+                        replayed: true,
+                        jti: done.jti.clone(),
+                    }),
+                    Err(unrecorded) => Err((attempt, unrecorded)),
+                }
+            }
+            Ok(Allowed::Fresh(fresh)) => {
+                let (grant_id, jti) = (&fresh.claims.agentkeys_grant_id, &fresh.claims.jti);
+                let attempt = attempt.releasing(grant_id.clone(), jti);
+                let recorded = self.record(attempt.ended(Outcome::Ok));
+                // Once the record may be durable, a failure's record names
+                // the JWT withheld.
+                self.issue(fresh, recorded).await.map_err(|e| (attempt, e))
+            }
+        };
+        let outcome = match &released {
+            Ok(response) if response.replayed => Outcome::Replayed,
+            Ok(_) => Outcome::Ok,
+            Err((_, error)) => error.code().into(),
+        };
+        metrics::counter!("agentkeys_mints_total", "outcome" => outcome.as_str()).increment(1);
+        match released {
+            Ok(response) => Ok(response),
+            Err((attempt, error)) => {
+                self.record_refusal(attempt.refused(&error)).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Step 2: the proof of possession over the body, then the grant (or
+    /// the earlier answer), then a place at the signer. Answers the intent
+    /// too once the proof held, for the record.
+    async fn authorize(
+        &self,
+        principal: &Principal,
+        request: MintRequest,
+    ) -> (Option<Intent>, Result<Allowed<'_>, MintError>) {
+        if let Err(refused) = self.check_proof(principal, &request).await {
+            return (None, Err(refused));
+        }
+        let intent = match (request.intent.clone(), self.policy.grants_required) {
+            (Some(intent), _) => intent,
+            (None, false) => Intent {
+                service: self.policy.default_service.clone(),
+                scope_path: ScopePath::agent_default(&principal.omni_account),
+            },
+            (None, true) => {
+                let missing = InvalidInput("service and scope_path are required".into());
+                return (None, Err(missing.into()));
+            }
+        };
+        let allowed = self.allow(principal, &intent, request).await;
+        (Some(intent), allowed)
+    }
+
+    /// The proof of possession, when the request has one or policy needs it.
+    async fn check_proof(
+        &self,
+        principal: &Principal,
+        request: &MintRequest,
+    ) -> Result<(), MintError> {
+        let Some((proof, body_sha256)) = request.proof.clone() else {
+            if self.policy.require_proof {
+                let missing = "a proof of possession (Agentkeys-Proof) is required";
+                return Err(AuthError::Unauthorized(missing).into());
+            }
+            return Ok(());
+        };
+        let check = self.actors.auth.ask(CheckProof {
+            principal: principal.clone(),
+            proof,
+            session_sha256: request.session_sha256.clone(),
+            method: "POST",
+            path: MINT_PATH,
+            body_sha256,
+        });
+        Ok(timed("proof", check).await??)
+    }
+
+    /// The grant gate for `intent`: a use taken (or the earlier answer to
+    /// the same key), the claims, and a place at the signer.
+    async fn allow(
+        &self,
+        principal: &Principal,
+        intent: &Intent,
+        request: MintRequest,
+    ) -> Result<Allowed<'_>, MintError> {
+        let audience = self.policy.audience(request.audience)?;
+        // Idempotency records are scoped to the caller's session token.
+        let idempotency = request.idempotency.map(|(key, fingerprint)| {
+            let slot = sha256_hex(format!("{}:{}", request.session_sha256, key.as_str()));
+            IdempotencySlot { slot, fingerprint }
+        });
+        let reserve = self.actors.grants.ask(Reserve {
+            principal: principal.clone(),
+            intent: intent.clone(),
+            idempotency: idempotency.clone(),
+            own_scope_allowed: !self.policy.grants_required,
+            // Well inside the ask's timeout: a Reserve handled after the
+            // caller gave up must take nothing.
+            deadline: Instant::now() + self.actors.grants.timeout() / 2,
+        });
+        let (decision, committed) = match timed("grant", reserve).await?? {
+            Reservation::Replay(done) => return Ok(Allowed::Replay(done)),
+            Reservation::Granted(decision, committed) => (decision, committed),
+        };
+        let grants = self.actors.grants.clone();
+        let grant_use = GrantUse::taken(grants, &decision, idempotency, committed);
+        let ttl = request.ttl_seconds;
+        let claims = self
+            .policy
+            .claims(principal, intent, audience, ttl, &decision)?;
+        // A full pool refuses before anything is recorded.
+        let signer = self.actors.signer.admit()?;
+        Ok(Allowed::Fresh(Fresh {
+            claims,
+            grant_use,
+            signer,
+        }))
+    }
+
+    /// Step 3: signs the JWT while its record (`recorded`) and the grant
+    /// use are made durable; only when all three are done is it released.
+    async fn issue(
+        &self,
+        fresh: Fresh<'_>,
+        recorded: impl Future<Output = Result<u64, MintError>>,
+    ) -> Result<MintResponse, MintError> {
+        let Fresh {
+            claims,
+            mut grant_use,
+            signer,
+        } = fresh;
+        let (jti, expiration) = (claims.jti.clone(), claims.exp);
+        let (grant_id, omni_account) = (
+            claims.agentkeys_grant_id.clone(),
+            claims.agentkeys_actor_omni.clone(),
+        );
+        let sign = timed("sign", signer.call(SignOidc(claims)));
+        let audit = timed("audit", recorded);
+        let use_durable = grant_use.durable(self.policy.send_timeout);
+        let (signed, audited, use_durable) = tokio::join!(sign, audit, use_durable);
+        let jwt = signed?.map_err(MintError::Signing)?;
+        audited?;
+        use_durable?;
+        let minted = Minted {
+            jwt,
+            expiration,
+            jti,
+            omni_account,
+            grant_id,
+        };
+        let body = serde_json::to_vec(&minted)?;
+        let kept_until = now_unix() + self.policy.idempotency_retention.as_secs();
+        grant_use.keep(&body, &minted.jti, kept_until).await;
+        Ok(MintResponse {
+            body,
+            replayed: false,
+            jti: minted.jti,
+        })
+    }
+
+    /// Chains `event` into the audit ledger; durable, as the quorum says,
+    /// once this answers.
+    async fn record(&self, event: MintEvent) -> Result<u64, MintError> {
+        let recorded = self.actors.audit.ask(Record(event)).await?;
+        recorded.map_err(|e| {
+            tracing::error!(error = %e, "audit sink failed");
+            e.into()
+        })
+    }
+
+    /// Records a refusal. It releases nothing, so a failed record does not
+    /// change its answer; it rides the next group commit.
+    async fn record_refusal(&self, event: MintEvent) {
+        if let Err(audit) = self.record(event).await {
+            tracing::warn!(error = %audit, "audit of a refused mint failed");
+        }
+    }
+}
+
+/// Runs one gate of the mint path, recording its latency (whatever it
+/// answered) as `stage` for `/metrics`.
+async fn timed<T>(stage: &'static str, step: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let output = step.await;
+    metrics::histogram!("agentkeys_mint_stage_seconds", "stage" => stage)
+        .record(started.elapsed().as_secs_f64());
+    output
+}
