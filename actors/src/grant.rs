@@ -13,9 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{
-    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture, WrapFuture,
-};
+use actix::{Actor, AsyncContext, Context, Handler, Message, ResponseActFuture, WrapFuture};
 use tokio::sync::oneshot;
 
 use crate::backpressure::Handle;
@@ -23,7 +21,8 @@ use crate::domain::{
     now_unix, random_hex, AgentName, CompletedMint, ErrorCode, Grant, Intent, OmniAccount,
     Principal, ScopePath, ServiceName,
 };
-use crate::storage::{timed_commit, GrantChanges, GrantStore, StorageError};
+use crate::group_commit::GroupCommit;
+use crate::storage::{GrantChanges, GrantStore, StorageError};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum GrantError {
@@ -446,7 +445,7 @@ impl GrantActor {
         if let Some(grant) = self.grants.get_mut(grant_id) {
             grant.uses = grant.uses.saturating_sub(1);
             self.dirty_grants.insert(grant_id.to_owned());
-            self.commit_pending(ctx);
+            self.commit_next(ctx);
         }
     }
 
@@ -454,19 +453,59 @@ impl GrantActor {
     fn durable(&mut self, ctx: &mut Context<Self>) -> oneshot::Receiver<Result<(), GrantError>> {
         let (reply, durable) = oneshot::channel();
         self.waiting.push(reply);
-        self.commit_pending(ctx);
+        self.commit_next(ctx);
         durable
     }
 
-    /// Starts the next group commit if there is anything to write.
-    fn commit_pending(&mut self, ctx: &mut Context<Self>) {
+    fn purge_expired_slots(&mut self, ctx: &mut Context<Self>) {
+        let now = now_unix();
+        let in_flight_limit = self.settings.in_flight_limit.as_secs();
+        let mut forgotten = Vec::new();
+        self.slots.retain(|id, slot| {
+            let keep = match slot {
+                Slot::Done(mint) => mint.expires_at > now,
+                Slot::InFlight { since, .. } => now.saturating_sub(*since) < in_flight_limit,
+            };
+            if !keep {
+                forgotten.push(id.clone());
+            }
+            keep
+        });
+        if !forgotten.is_empty() {
+            self.forgotten_slots.extend(forgotten);
+            self.commit_next(ctx);
+        }
+    }
+}
+
+/// One grant commit: the changes, what to write again if it fails, and
+/// who waits for it.
+pub struct GrantBatch {
+    changes: GrantChanges,
+    grant_ids: Vec<String>,
+    slot_ids: Vec<String>,
+    /// Grants that go live once this commit holds them.
+    created: Vec<Grant>,
+    waiting: Vec<CommitReply>,
+}
+
+impl GroupCommit for GrantActor {
+    type Batch = GrantBatch;
+    type Written = Result<(), StorageError>;
+    const STORE: &'static str = "grants";
+
+    fn committing(&mut self) -> &mut bool {
+        &mut self.committing
+    }
+
+    fn next_batch(&mut self) -> Option<GrantBatch> {
         let nothing = self.dirty_grants.is_empty()
             && self.created.is_empty()
             && self.dirty_slots.is_empty()
             && self.forgotten_slots.is_empty()
             && self.waiting.is_empty();
-        if self.committing || nothing {
-            return;
+        if nothing {
+            return None;
         }
         let grant_ids: Vec<String> = self.dirty_grants.drain().collect();
         let slot_ids: Vec<String> = self.dirty_slots.drain().collect();
@@ -486,61 +525,46 @@ impl GrantActor {
                 .collect(),
             forgotten: self.forgotten_slots.drain().collect(),
         };
-        let waiting = std::mem::take(&mut self.waiting);
-        self.committing = true;
-        let store = self.store.clone();
-        let write = async move {
-            tokio::task::spawn_blocking(move || {
-                let result = timed_commit("grants", || store.commit(&changes));
-                (result, changes)
-            })
-            .await
-        };
-        ctx.spawn(write.into_actor(self).map(move |joined, actor, ctx| {
-            actor.committing = false;
-            let result = match joined {
-                Ok((Ok(()), _)) => {
-                    for grant in created {
-                        actor.insert_grant(grant);
-                    }
-                    Ok(())
-                }
-                Ok((Err(e), changes)) => {
-                    // Still to be written: retry with the next commit.
-                    actor.dirty_grants.extend(grant_ids);
-                    actor.dirty_slots.extend(slot_ids);
-                    actor.forgotten_slots.extend(changes.forgotten);
-                    Err(GrantError::from(e))
-                }
-                Err(e) => Err(GrantError::Storage(e.to_string())),
-            };
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "grant commit failed");
-            }
-            for reply in waiting {
-                let _ = reply.send(result.clone());
-            }
-            actor.commit_pending(ctx);
-        }));
+        Some(GrantBatch {
+            changes,
+            grant_ids,
+            slot_ids,
+            created,
+            waiting: std::mem::take(&mut self.waiting),
+        })
     }
 
-    fn purge_expired_slots(&mut self, ctx: &mut Context<Self>) {
-        let now = now_unix();
-        let in_flight_limit = self.settings.in_flight_limit.as_secs();
-        let mut forgotten = Vec::new();
-        self.slots.retain(|id, slot| {
-            let keep = match slot {
-                Slot::Done(mint) => mint.expires_at > now,
-                Slot::InFlight { since, .. } => now.saturating_sub(*since) < in_flight_limit,
-            };
-            if !keep {
-                forgotten.push(id.clone());
+    fn writer(&self) -> impl FnOnce(&GrantBatch) -> Result<(), StorageError> + Send + 'static {
+        let store = self.store.clone();
+        move |batch| store.commit(&batch.changes)
+    }
+
+    /// Created grants go live; a failed commit's changes are written again
+    /// with the next one (but not its created grants: their creator was
+    /// told they were not created).
+    fn committed(
+        &mut self,
+        batch: GrantBatch,
+        written: Result<(), StorageError>,
+        _: &mut Context<Self>,
+    ) {
+        let result = match written {
+            Ok(()) => {
+                for grant in batch.created {
+                    self.insert_grant(grant);
+                }
+                Ok(())
             }
-            keep
-        });
-        if !forgotten.is_empty() {
-            self.forgotten_slots.extend(forgotten);
-            self.commit_pending(ctx);
+            Err(e) => {
+                tracing::error!(error = %e, "grant commit failed");
+                self.dirty_grants.extend(batch.grant_ids);
+                self.dirty_slots.extend(batch.slot_ids);
+                self.forgotten_slots.extend(batch.changes.forgotten);
+                Err(GrantError::from(e))
+            }
+        };
+        for reply in batch.waiting {
+            let _ = reply.send(result.clone());
         }
     }
 }
@@ -740,6 +764,7 @@ mod tests {
     #[derive(Default)]
     struct FlakyStore {
         failing: AtomicBool,
+        panicking: AtomicBool,
         slow_ms: std::sync::atomic::AtomicU64,
         written: std::sync::Mutex<Vec<String>>,
     }
@@ -753,6 +778,9 @@ mod tests {
         fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError> {
             if self.failing.load(Ordering::SeqCst) {
                 return Err(StorageError::Backend("disk gone".into()));
+            }
+            if self.panicking.swap(false, Ordering::SeqCst) {
+                panic!("the store's thread died mid-commit");
             }
             std::thread::sleep(Duration::from_millis(self.slow_ms.load(Ordering::SeqCst)));
             let ids = changes.grants.iter().map(|g| g.id.clone());
@@ -985,5 +1013,24 @@ mod tests {
             Some(GrantError::Exhausted),
             "the kept use stays taken"
         );
+    }
+
+    /// Group commit: a commit whose thread dies answers its waiters with an
+    /// error (their replies are dropped with the batch) and the next
+    /// commit still runs.
+    #[actix::test]
+    async fn a_lost_commit_fails_its_waiters_and_the_next_commit_runs() {
+        let store = Arc::new(FlakyStore::default());
+        let grants = start(store.clone());
+        store.panicking.store(true, Ordering::SeqCst);
+        let lost = grants.send(create_one_use_grant()).await.unwrap();
+        assert!(matches!(lost, Err(GrantError::Storage(_))), "{lost:?}");
+        let created =
+            tokio::time::timeout(Duration::from_secs(5), grants.send(create_one_use_grant()))
+                .await
+                .expect("the next commit runs")
+                .unwrap()
+                .unwrap();
+        assert_eq!(*store.written.lock().unwrap(), vec![created.id]);
     }
 }

@@ -8,6 +8,8 @@
 //! - [`backpressure`]: `Handle`, an actor's address with its name and send
 //!   timeout; a full mailbox or pool becomes `Overloaded`.
 //! - [`system`]: `Actors`, one handle per running actor.
+//! - [`group_commit`]: the one batching of durable writes, used by the
+//!   GrantActor and the AuditActor.
 //! - [`keys`]: the key ring (OIDC ES256 and session Ed25519 keys, rotated
 //!   with overlap), on disk 0600 with its private keys sealed, generated on
 //!   first start.
@@ -35,6 +37,7 @@ pub mod backpressure;
 pub mod data_dir;
 pub mod domain;
 pub mod grant;
+pub mod group_commit;
 pub mod keys;
 pub mod mint;
 pub mod rate_limit;

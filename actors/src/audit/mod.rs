@@ -21,14 +21,12 @@ mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{
-    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseFuture, WrapFuture,
-};
+use actix::{Actor, AsyncContext, Context, Handler, Message, ResponseFuture, WrapFuture};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::domain::{now_unix, sha256_hex, ErrorCode};
-use crate::storage::timed_commit;
+use crate::group_commit::GroupCommit;
 use ledger::LedgerSink;
 pub use worker::{SinkStatus, SinkWorker};
 
@@ -280,7 +278,7 @@ pub struct AuditActor {
     /// Records waiting for the next group commit, with their callers.
     pending: Vec<(MintEvent, Reply)>,
     /// One ledger commit at a time keeps the chain in order.
-    writing: bool,
+    committing: bool,
 }
 
 impl AuditActor {
@@ -297,66 +295,92 @@ impl AuditActor {
             sinks: sinks.into(),
             head,
             pending: Vec::new(),
-            writing: false,
+            committing: false,
         }
     }
+}
 
-    /// Starts the next group commit if none is under way.
-    fn write_pending(&mut self, ctx: &mut Context<Self>) {
-        if self.writing || self.pending.is_empty() {
-            return;
+/// One ledger commit: records chained after the head, their callers, and
+/// where the chain ends once the batch holds.
+pub struct LedgerBatch {
+    records: Arc<Vec<AuditRecord>>,
+    replies: Vec<(u64, Reply)>,
+    head: ChainHead,
+}
+
+impl GroupCommit for AuditActor {
+    type Batch = LedgerBatch;
+    type Written = Result<(), String>;
+    const STORE: &'static str = "ledger";
+
+    fn committing(&mut self) -> &mut bool {
+        &mut self.committing
+    }
+
+    /// Chains up to `max_batch` waiting events after the head.
+    fn next_batch(&mut self) -> Option<LedgerBatch> {
+        if self.pending.is_empty() {
+            return None;
         }
         let take = self.pending.len().min(self.settings.max_batch.max(1));
         let ts = now_unix();
         let mut head = self.head.clone();
-        let mut batch = Vec::with_capacity(take);
+        let mut records = Vec::with_capacity(take);
         let mut replies = Vec::with_capacity(take);
         for (event, reply) in self.pending.drain(..take) {
             head.seq += 1;
             let record = AuditRecord::chain(event, head.seq, ts, head.hash);
             head.hash = record.hash.clone();
             replies.push((head.seq, reply));
-            batch.push(record);
+            records.push(record);
         }
-        metrics::histogram!("agentkeys_audit_batch_records").record(batch.len() as f64);
-        self.writing = true;
-        let batch = Arc::new(batch);
-        let (ledger, for_ledger) = (self.ledger.clone(), batch.clone());
-        let commit = async move {
-            tokio::task::spawn_blocking(move || {
-                timed_commit("ledger", || ledger.append(&for_ledger))
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()))
-        };
-        ctx.spawn(commit.into_actor(self).map(move |committed, actor, ctx| {
-            actor.writing = false;
-            match committed {
-                Ok(()) => {
-                    actor.head = head;
-                    // Handed over now, so every sink gets batches in order.
-                    let quorum = fan_out(&actor.sinks, &actor.settings, batch);
-                    ctx.spawn(
-                        async move {
-                            let quorum = quorum.await;
-                            for (seq, reply) in replies {
-                                let _ = reply.send(quorum.clone().map(|()| seq));
-                            }
-                        }
-                        .into_actor(actor),
-                    );
-                }
-                Err(reason) => {
-                    tracing::error!(%reason, "audit ledger commit failed");
-                    let sink = "ledger".to_owned();
-                    let failed = AuditError::SinkFailed { sink, reason };
-                    for (_, reply) in replies {
-                        let _ = reply.send(Err(failed.clone()));
-                    }
+        metrics::histogram!("agentkeys_audit_batch_records").record(records.len() as f64);
+        Some(LedgerBatch {
+            records: Arc::new(records),
+            replies,
+            head,
+        })
+    }
+
+    fn writer(&self) -> impl FnOnce(&LedgerBatch) -> Result<(), String> + Send + 'static {
+        let ledger = self.ledger.clone();
+        move |batch| ledger.append(&batch.records)
+    }
+
+    /// A batch the ledger holds goes to the sinks; its callers are answered
+    /// once the quorum holds it too. A failed one is answered at once.
+    fn committed(
+        &mut self,
+        batch: LedgerBatch,
+        written: Result<(), String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let LedgerBatch {
+            records,
+            replies,
+            head,
+        } = batch;
+        if let Err(reason) = written {
+            tracing::error!(%reason, "audit ledger commit failed");
+            let sink = "ledger".to_owned();
+            let failed = AuditError::SinkFailed { sink, reason };
+            for (_, reply) in replies {
+                let _ = reply.send(Err(failed.clone()));
+            }
+            return;
+        }
+        self.head = head;
+        // Handed over now, so every sink gets batches in order.
+        let quorum = fan_out(&self.sinks, &self.settings, records);
+        ctx.spawn(
+            async move {
+                let quorum = quorum.await;
+                for (seq, reply) in replies {
+                    let _ = reply.send(quorum.clone().map(|()| seq));
                 }
             }
-            actor.write_pending(ctx);
-        }));
+            .into_actor(self),
+        );
     }
 }
 
@@ -418,7 +442,7 @@ impl Handler<Record> for AuditActor {
     fn handle(&mut self, msg: Record, ctx: &mut Self::Context) -> Self::Result {
         let (reply, durable) = oneshot::channel();
         self.pending.push((msg.0, reply));
-        self.write_pending(ctx);
+        self.commit_next(ctx);
         Box::pin(async move {
             durable.await.unwrap_or_else(|_| {
                 Err(AuditError::SinkFailed {

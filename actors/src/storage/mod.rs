@@ -37,16 +37,6 @@ pub struct GrantChanges {
     pub forgotten: Vec<String>,
 }
 
-/// Runs one durable commit, recording how long it took as
-/// `agentkeys_commit_seconds{store}`.
-pub fn timed_commit<T>(store: &'static str, commit: impl FnOnce() -> T) -> T {
-    let started = std::time::Instant::now();
-    let outcome = commit();
-    metrics::histogram!("agentkeys_commit_seconds", "store" => store)
-        .record(started.elapsed().as_secs_f64());
-    outcome
-}
-
 /// Grants and idempotency records: written by the GrantActor only.
 pub trait GrantStore: Send + Sync + 'static {
     /// All grants and the idempotency records still worth keeping.
