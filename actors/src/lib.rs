@@ -19,11 +19,12 @@
 //! - [`signer`]: `SignerActor`, the `SyncArbiter` pool that does all signing
 //!   and signature checks, behind an admission semaphore (`SignerPool`).
 //! - [`auth`]: `AuthActor`, the agent registry, login nonces, sessions
-//!   (verified ones remembered) and proofs of possession.
+//!   (verified ones remembered) and proofs of possession, a file each.
 //! - [`rate_limit`]: `RateLimitActor`, keyed limiters per OmniAccount and
 //!   per login client address.
 //! - [`grant`]: `GrantActor`, grants consumed atomically and durably (group
-//!   commit), and `Idempotency-Key` records.
+//!   commit), the `GrantUse` guard, and `Idempotency-Key` records, a file
+//!   per concern.
 //! - [`audit`]: `AuditActor`, the hash-chained ledger (group commit) and the
 //!   anchor sinks behind one trait (`jsonl`, `evm`), each on its worker;
 //!   verification.

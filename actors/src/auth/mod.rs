@@ -1,0 +1,383 @@
+//! `AuthActor`: who a caller is. It owns the agent registry in memory
+//! (loaded from its store at start), the pending login nonces, the verified
+//! sessions and the spent proof nonces; signature work goes to the signer
+//! pool. One concern per file:
+//! - [`registry`]: agents registered, listed, enabled, removed;
+//! - [`session`]: login challenges and session tokens;
+//! - [`proof`]: proofs of possession over one request.
+
+mod proof;
+mod registry;
+mod session;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, AsyncContext, Context};
+
+use crate::backpressure::Overloaded;
+use crate::domain::{
+    now_unix, AgentName, AgentRecord, DevicePublicKey, ErrorCode, OmniAccount, Principal,
+};
+use crate::keys::KeyInfo;
+use crate::signer::{SignerError, SignerPool, VerifiedSession};
+use crate::storage::{AgentStore, StorageError};
+
+pub use proof::{CheckProof, ProofOfPossession};
+pub use registry::{ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SetAgentEnabled};
+pub use session::{
+    Challenge, IssueChallenge, Session, SessionKeysChanged, VerifyLogin, VerifySession,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("the agent is disabled")]
+    Forbidden,
+    /// A valid session of a disabled agent: authenticated, so its attempt
+    /// is recorded, and refused.
+    #[error("the agent is disabled")]
+    AgentDisabled(Box<Principal>),
+    #[error("an agent with this {0} already exists")]
+    Conflict(&'static str),
+    #[error("no such agent")]
+    NotFound,
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AuthError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Unauthorized(_) => ErrorCode::Unauthorized,
+            Self::Forbidden | Self::AgentDisabled(_) => ErrorCode::Forbidden,
+            Self::Conflict(_) => ErrorCode::Conflict,
+            Self::NotFound => ErrorCode::NotFound,
+            Self::Overloaded(_) => ErrorCode::Overloaded,
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<SignerError> for AuthError {
+    fn from(e: SignerError) -> Self {
+        match e {
+            SignerError::InvalidToken => Self::Unauthorized("invalid session token"),
+            SignerError::BadSignature => Self::Unauthorized("login signature does not verify"),
+            SignerError::Signing(e) => Self::Internal(e),
+        }
+    }
+}
+
+impl From<StorageError> for AuthError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Conflict => Self::Conflict("name"),
+            StorageError::NotFound => Self::NotFound,
+            StorageError::Backend(e) => Self::Internal(e),
+        }
+    }
+}
+
+/// Tuning of the AuthActor, from config.
+#[derive(Clone, Debug)]
+pub struct AuthSettings {
+    /// Bound of the mailbox; beyond it senders wait, then get 503.
+    pub mailbox_capacity: usize,
+    /// `iss` of session JWTs and part of the signed login message.
+    pub issuer: String,
+    /// `aud` of session JWTs.
+    pub session_audience: String,
+    /// How long a session token lives.
+    pub session_ttl: Duration,
+    /// How long a login nonce may wait for its signature.
+    pub nonce_ttl: Duration,
+    /// Cap on unanswered login nonces, so a flood cannot grow memory.
+    pub max_pending_nonces: usize,
+    /// Cap on the proof nonces remembered for one agent: an agent that
+    /// floods proofs fills its own store, never another agent's.
+    pub max_proof_nonces_per_agent: usize,
+    /// A proof's timestamp may differ from the broker's clock by this much.
+    pub proof_max_skew: Duration,
+    /// Verified sessions remembered (by token hash, never past their
+    /// expiry), so a busy agent's token is checked once, not per mint.
+    pub session_cache_entries: usize,
+    /// The ring's keys when the actor starts; later changes arrive as
+    /// [`SessionKeysChanged`].
+    pub keys: Vec<KeyInfo>,
+}
+
+/// Session clocks may differ this much between the broker that issued a
+/// session and the one checking it (one process today, replicas later).
+const SESSION_CLOCK_ALLOWANCE_SECONDS: u64 = 60;
+
+/// A nonce waiting for its signature.
+struct PendingLogin {
+    public_key: DevicePublicKey,
+    message: String,
+    expires_at: u64,
+}
+
+pub struct AuthActor {
+    settings: AuthSettings,
+    /// Durable registry; written off the actor thread.
+    store: Arc<dyn AgentStore>,
+    /// Crypto work (session signing and checks, login signatures).
+    signer: SignerPool,
+    /// Live agents by name: the registry every session check reads.
+    agents: HashMap<AgentName, AgentRecord>,
+    /// Device key → agent name, for login.
+    names_by_key: HashMap<DevicePublicKey, AgentName>,
+    /// Names and keys of registrations still being written, so two
+    /// concurrent registrations cannot both claim one.
+    reserved: HashSet<String>,
+    /// Nonces issued and not yet used or expired.
+    nonces: HashMap<String, PendingLogin>,
+    /// Proof nonces taken, per agent account, until their timestamp is too
+    /// old to be accepted anyway: a replayed proof is refused.
+    seen_proofs: HashMap<OmniAccount, HashMap<String, u64>>,
+    /// Proofs made before this process started are refused: its nonce
+    /// store is in memory, so it cannot know whether they were used.
+    started_at: u64,
+    /// SHA-256 of a verified session token → its claims and key; bounded.
+    verified: HashMap<[u8; 32], VerifiedSession>,
+    /// Session key id → until when it verifies (`None`: no successor yet).
+    session_keys: HashMap<String, Option<u64>>,
+}
+
+impl AuthActor {
+    /// Loads the registry from `store`.
+    pub fn new(
+        settings: AuthSettings,
+        store: Arc<dyn AgentStore>,
+        signer: SignerPool,
+    ) -> Result<Self, StorageError> {
+        let mut actor = Self {
+            settings,
+            store,
+            signer,
+            agents: HashMap::new(),
+            names_by_key: HashMap::new(),
+            reserved: HashSet::new(),
+            nonces: HashMap::new(),
+            seen_proofs: HashMap::new(),
+            started_at: now_unix(),
+            verified: HashMap::new(),
+            session_keys: HashMap::new(),
+        };
+        actor.learn_session_keys(&actor.settings.keys.clone());
+        for agent in actor.store.load_all()? {
+            actor.add_live(agent);
+        }
+        Ok(actor)
+    }
+
+    fn purge_expired_nonces(&mut self) {
+        let now = now_unix();
+        self.nonces.retain(|_, p| p.expires_at > now);
+        for nonces in self.seen_proofs.values_mut() {
+            nonces.retain(|_, forget_at| *forget_at > now);
+        }
+        self.seen_proofs.retain(|_, nonces| !nonces.is_empty());
+        self.verified.retain(|_, session| session.claims.exp > now);
+    }
+}
+
+impl Actor for AuthActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.settings.mailbox_capacity);
+        ctx.run_interval(self.settings.nonce_ttl, |actor, _| {
+            actor.purge_expired_nonces()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    use actix::Addr;
+
+    use super::*;
+    use crate::keys::{KeyRing, RotationPolicy};
+    use crate::signer::{sign_session, SessionClaims, SignerPoolSettings};
+    use crate::storage::redb_store::RedbAgentStore;
+
+    const ISSUER: &str = "https://broker.test";
+    const POLICY: RotationPolicy = RotationPolicy {
+        oidc_lead_seconds: 10,
+        oidc_publish_after_retire_seconds: 10,
+        session_overlap_seconds: 900,
+    };
+
+    fn sealer() -> crate::sealing::Sealer {
+        crate::sealing::Sealer::from_bytes(&[9; 32]).unwrap()
+    }
+
+    fn settings(keys: Vec<KeyInfo>) -> AuthSettings {
+        AuthSettings {
+            mailbox_capacity: 64,
+            issuer: ISSUER.into(),
+            session_audience: format!("{ISSUER}/v1/session"),
+            session_ttl: Duration::from_secs(900),
+            nonce_ttl: Duration::from_secs(60),
+            max_pending_nonces: 16,
+            max_proof_nonces_per_agent: 16,
+            proof_max_skew: Duration::from_secs(60),
+            session_cache_entries: 16,
+            keys,
+        }
+    }
+
+    fn pool(dir: &std::path::Path) -> SignerPool {
+        let ring = KeyRing::load_or_generate(dir, POLICY, now_unix(), &sealer()).unwrap();
+        SignerPool::start(
+            ring,
+            &SignerPoolSettings {
+                threads: 1,
+                max_queued: 16,
+                timeout: Duration::from_secs(5),
+                issuer: ISSUER.into(),
+                session_audience: format!("{ISSUER}/v1/session"),
+            },
+        )
+    }
+
+    fn device_key(seed: u8) -> DevicePublicKey {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key();
+        DevicePublicKey::parse(&hex::encode(key.to_bytes())).unwrap()
+    }
+
+    /// Review finding 8: a cached session skipped the check that its key
+    /// still verifies, so a session signed by a retired (or stolen and
+    /// rotated-away) key kept working until restart.
+    #[actix::test]
+    async fn a_cached_session_stops_working_when_its_key_stops_verifying() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::load_or_generate(dir.path(), POLICY, now_unix(), &sealer()).unwrap();
+        let schedule = ring.describe();
+        let store =
+            Arc::new(RedbAgentStore::open(&dir.path().join("agents.redb"), 1 << 20).unwrap());
+        let auth = AuthActor::new(settings(schedule.clone()), store, pool(dir.path()))
+            .unwrap()
+            .start();
+        let agent = auth
+            .send(RegisterAgent {
+                name: AgentName::parse("cached").unwrap(),
+                public_key: device_key(9),
+                enabled: true,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let now = now_unix();
+        let claims = SessionClaims {
+            iss: ISSUER.into(),
+            aud: format!("{ISSUER}/v1/session"),
+            sub: agent.omni_account.to_string(),
+            agent: "cached".into(),
+            device_key: agent.public_key.to_hex(),
+            iat: now,
+            exp: now + 600,
+            jti: "j".into(),
+        };
+        let token = sign_session(&ring, &claims).unwrap();
+        let verify = || VerifySession {
+            token: token.clone(),
+        };
+        assert!(
+            auth.send(verify()).await.unwrap().is_ok(),
+            "verified, now cached"
+        );
+
+        let retired: Vec<KeyInfo> = schedule
+            .into_iter()
+            .map(|key| KeyInfo {
+                usable_until: Some(now.saturating_sub(1)),
+                ..key
+            })
+            .collect();
+        auth.send(SessionKeysChanged(retired)).await.unwrap();
+        assert!(
+            matches!(
+                auth.send(verify()).await.unwrap(),
+                Err(AuthError::Unauthorized(_))
+            ),
+            "the cache answers no longer once the key has stopped verifying"
+        );
+    }
+
+    /// An agent store whose `replace` writes, then waits until the test
+    /// lets it answer: the update is durable before the removal runs.
+    struct GatedStore {
+        inner: RedbAgentStore,
+        gate: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl AgentStore for GatedStore {
+        fn load_all(&self) -> Result<Vec<AgentRecord>, StorageError> {
+            self.inner.load_all()
+        }
+        fn insert(&self, agent: &AgentRecord) -> Result<(), StorageError> {
+            self.inner.insert(agent)
+        }
+        fn replace(&self, agent: &AgentRecord) -> Result<(), StorageError> {
+            let written = self.inner.replace(agent);
+            let _ = self.gate.lock().unwrap().recv();
+            written
+        }
+        fn remove(&self, name: &AgentName) -> Result<bool, StorageError> {
+            self.inner.remove(name)
+        }
+    }
+
+    /// Review (suspected, confirmed): an enable/disable still being written
+    /// when the agent was removed put it back in the live registry.
+    #[actix::test]
+    async fn an_update_racing_a_removal_cannot_bring_the_agent_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (release, gate) = mpsc::channel();
+        let store = Arc::new(GatedStore {
+            inner: RedbAgentStore::open(&dir.path().join("agents.redb"), 1 << 20).unwrap(),
+            gate: Mutex::new(gate),
+        });
+        let ring = KeyRing::load_or_generate(dir.path(), POLICY, now_unix(), &sealer()).unwrap();
+        let auth: Addr<AuthActor> =
+            AuthActor::new(settings(ring.describe()), store, pool(dir.path()))
+                .unwrap()
+                .start();
+        let name = AgentName::parse("racer").unwrap();
+        auth.send(RegisterAgent {
+            name: name.clone(),
+            public_key: device_key(5),
+            enabled: true,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+
+        let update = auth.send(SetAgentEnabled {
+            name: name.clone(),
+            enabled: false,
+        });
+        let update = actix::spawn(update);
+        actix::clock::sleep(Duration::from_millis(50)).await;
+        auth.send(RemoveAgent { name: name.clone() })
+            .await
+            .unwrap()
+            .unwrap();
+        release.send(()).unwrap();
+        let answered = update.await.unwrap().unwrap();
+        assert!(matches!(answered, Err(AuthError::NotFound)), "{answered:?}");
+
+        assert_eq!(auth.send(LookupAgent { name }).await.unwrap(), None);
+        assert!(auth.send(ListAgents).await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,174 @@
+//! The agent registry: agents registered, listed, enabled or disabled and
+//! removed, durable before the actor answers.
+
+use actix::{ActorFutureExt, Handler, Message, ResponseActFuture, WrapFuture};
+
+use super::{AuthActor, AuthError};
+use crate::domain::{now_unix, AgentName, AgentRecord, DevicePublicKey};
+
+/// Add an agent to the registry (durable before it answers).
+#[derive(Message)]
+#[rtype(result = "Result<AgentRecord, AuthError>")]
+pub struct RegisterAgent {
+    pub name: AgentName,
+    pub public_key: DevicePublicKey,
+    pub enabled: bool,
+}
+
+/// All registered agents, by name.
+#[derive(Message)]
+#[rtype(result = "Vec<AgentRecord>")]
+pub struct ListAgents;
+
+/// Enable or disable an agent; a disabled agent's sessions get 403 at once.
+#[derive(Message)]
+#[rtype(result = "Result<AgentRecord, AuthError>")]
+pub struct SetAgentEnabled {
+    pub name: AgentName,
+    pub enabled: bool,
+}
+
+/// One agent by name.
+#[derive(Message)]
+#[rtype(result = "Option<AgentRecord>")]
+pub struct LookupAgent {
+    pub name: AgentName,
+}
+
+/// Remove an agent; its sessions stop working at once.
+#[derive(Message)]
+#[rtype(result = "Result<(), AuthError>")]
+pub struct RemoveAgent {
+    pub name: AgentName,
+}
+
+impl AuthActor {
+    pub(super) fn add_live(&mut self, agent: AgentRecord) {
+        self.names_by_key
+            .insert(agent.public_key, agent.name.clone());
+        self.agents.insert(agent.name.clone(), agent);
+    }
+}
+
+impl Handler<RegisterAgent> for AuthActor {
+    type Result = ResponseActFuture<Self, Result<AgentRecord, AuthError>>;
+
+    /// Reserves name and key here, writes on a blocking thread, then goes live.
+    fn handle(&mut self, msg: RegisterAgent, _: &mut Self::Context) -> Self::Result {
+        let name_key = format!("name:{}", msg.name.as_str());
+        let device_key = format!("key:{}", msg.public_key.to_hex());
+        let conflict = if self.agents.contains_key(&msg.name) || self.reserved.contains(&name_key) {
+            Some("name")
+        } else if self.names_by_key.contains_key(&msg.public_key)
+            || self.reserved.contains(&device_key)
+        {
+            Some("public_key")
+        } else {
+            None
+        };
+        if let Some(what) = conflict {
+            return Box::pin(actix::fut::ready(Err(AuthError::Conflict(what))));
+        }
+        self.reserved.insert(name_key.clone());
+        self.reserved.insert(device_key.clone());
+        let record = AgentRecord::new(msg.name, msg.public_key, msg.enabled, now_unix());
+        let store = self.store.clone();
+        let written = record.clone();
+        Box::pin(
+            async move { tokio::task::spawn_blocking(move || store.insert(&written)).await }
+                .into_actor(self)
+                .map(move |result, actor, _| {
+                    actor.reserved.remove(&name_key);
+                    actor.reserved.remove(&device_key);
+                    result.map_err(|e| AuthError::Internal(e.to_string()))??;
+                    actor.add_live(record.clone());
+                    Ok(record)
+                }),
+        )
+    }
+}
+
+impl Handler<ListAgents> for AuthActor {
+    type Result = Vec<AgentRecord>;
+
+    fn handle(&mut self, _: ListAgents, _: &mut Self::Context) -> Self::Result {
+        let mut agents: Vec<_> = self.agents.values().cloned().collect();
+        agents.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        agents
+    }
+}
+
+impl Handler<SetAgentEnabled> for AuthActor {
+    type Result = ResponseActFuture<Self, Result<AgentRecord, AuthError>>;
+
+    /// Durable first, then live.
+    fn handle(&mut self, msg: SetAgentEnabled, _: &mut Self::Context) -> Self::Result {
+        let Some(current) = self.agents.get(&msg.name) else {
+            return Box::pin(actix::fut::ready(Err(AuthError::NotFound)));
+        };
+        let updated = AgentRecord {
+            enabled: msg.enabled,
+            ..current.clone()
+        };
+        let store = self.store.clone();
+        let written = updated.clone();
+        Box::pin(
+            async move { tokio::task::spawn_blocking(move || store.replace(&written)).await }
+                .into_actor(self)
+                .map(move |result, actor, _| {
+                    result.map_err(|e| AuthError::Internal(e.to_string()))??;
+                    // Removed (or replaced by a new registration) while the
+                    // write ran: the removal stands.
+                    let same_agent = actor.agents.get(&updated.name).is_some_and(|live| {
+                        (live.public_key, live.created_at)
+                            == (updated.public_key, updated.created_at)
+                    });
+                    if !same_agent {
+                        return Err(AuthError::NotFound);
+                    }
+                    actor.add_live(updated.clone());
+                    Ok(updated)
+                }),
+        )
+    }
+}
+
+impl Handler<LookupAgent> for AuthActor {
+    type Result = Option<AgentRecord>;
+
+    fn handle(&mut self, msg: LookupAgent, _: &mut Self::Context) -> Self::Result {
+        self.agents.get(&msg.name).cloned()
+    }
+}
+
+impl Handler<RemoveAgent> for AuthActor {
+    type Result = ResponseActFuture<Self, Result<(), AuthError>>;
+
+    /// Leaves the live registry at once (fail-safe: its sessions stop
+    /// now, and an update still being written cannot bring it back), then
+    /// is removed durably; it comes back only if that write fails.
+    fn handle(&mut self, msg: RemoveAgent, _: &mut Self::Context) -> Self::Result {
+        let Some(removed) = self.agents.remove(&msg.name) else {
+            return Box::pin(actix::fut::ready(Err(AuthError::NotFound)));
+        };
+        self.names_by_key.remove(&removed.public_key);
+        let store = self.store.clone();
+        let name = msg.name.clone();
+        Box::pin(
+            async move { tokio::task::spawn_blocking(move || store.remove(&name)).await }
+                .into_actor(self)
+                .map(move |result, actor, _| {
+                    let outcome = result.map_err(|e| AuthError::Internal(e.to_string()))?;
+                    if let Err(e) = outcome {
+                        let free = !actor.agents.contains_key(&removed.name)
+                            && !actor.names_by_key.contains_key(&removed.public_key);
+                        if free {
+                            actor.add_live(removed);
+                        }
+                        return Err(e.into());
+                    }
+                    Ok(())
+                }),
+        )
+    }
+}
