@@ -1,6 +1,7 @@
 //! Builds the actor system and the HTTP server from [`Settings`]; `main`
 //! and the integration tests both go through [`Application::build`].
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use agentkeys_actors::rate_limit::{self, RateLimitActor};
 use agentkeys_actors::sealing::{Sealer, SealingError};
 use agentkeys_actors::signer::{SignerPool, SignerPoolSettings};
 use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
-use agentkeys_actors::storage::StorageError;
+use agentkeys_actors::storage::{GrantStore, StorageError};
 use agentkeys_actors::system::Actors;
 
 use crate::admin_token::AdminToken;
@@ -240,6 +241,8 @@ fn start_actors(
         settings.cache_bytes(),
         sealer,
     )?);
+    let (ledger, head) = LedgerSink::open(&data_dir.join(LEDGER_FILE), settings.cache_bytes())?;
+    let held_uses = held_grant_uses(&ledger, grant_store.as_ref())?;
     let grants = GrantActor::new(
         GrantSettings {
             mailbox_capacity: actors.grant_mailbox,
@@ -250,10 +253,10 @@ fn start_actors(
             purge_interval: Duration::from_secs(settings.idempotency.purge_interval_seconds.max(1)),
         },
         grant_store,
+        &held_uses,
     )?
     .start();
 
-    let (ledger, head) = LedgerSink::open(&data_dir.join(LEDGER_FILE), settings.cache_bytes())?;
     let ledger = Arc::new(ledger);
     let audit_settings = &settings.audit;
     let sinks: Vec<_> = audit_settings
@@ -285,6 +288,26 @@ fn start_actors(
         audit: Handle::new(audit, "audit", timeout),
         signer,
     })
+}
+
+/// Each grant's uses as the audit ledger holds them. A data directory from
+/// before uses rode the ledger's commits has them in the grant store: they
+/// are folded into the ledger once, durably, before anything else runs.
+fn held_grant_uses(
+    ledger: &LedgerSink,
+    grants: &dyn GrantStore,
+) -> Result<HashMap<String, u64>, StorageError> {
+    if let Some(held) = ledger.grant_uses()? {
+        return Ok(held);
+    }
+    let (stored, _) = grants.load()?;
+    let base: Vec<(String, u64)> = stored.into_iter().map(|g| (g.id, g.uses)).collect();
+    ledger.fold_grant_uses(&base)?;
+    tracing::info!(
+        grants = base.len(),
+        "grant use counts moved into the audit ledger"
+    );
+    Ok(base.into_iter().collect())
 }
 
 /// The mint flow's policy, from config.

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use actix::Actor;
-use agentkeys_actors::audit::{MintEvent, Outcome, Record};
+use agentkeys_actors::audit::{MintEvent, Outcome, Record, UseChange};
 use agentkeys_actors::auth::{IssueChallenge, RegisterAgent, VerifyLogin};
 use agentkeys_actors::domain::Intent;
 use agentkeys_actors::domain::OmniAccount;
@@ -240,7 +240,7 @@ async fn fill_audit(actors: &Actors, records: u64) -> Result<(), StartupError> {
                 request_id: format!("prefill-{}", written + i),
                 ..MintEvent::default()
             };
-            actors.audit.ask(Record(event))
+            actors.audit.ask(Record(event, UseChange::None))
         });
         for sent in join_all(sends).await {
             sent.map_err(|e| StartupError::Bench(e.to_string()))?

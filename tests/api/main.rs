@@ -10,6 +10,7 @@ mod crash;
 mod errors;
 #[cfg(feature = "audit-evm")]
 mod evm_anchor;
+mod grant_uses;
 mod grants;
 mod helpers;
 mod hostile;

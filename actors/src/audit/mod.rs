@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 
 use crate::domain::{now_unix, sha256_hex, ErrorCode};
 use crate::group_commit::GroupCommit;
-use ledger::LedgerSink;
+use ledger::{LedgerSink, UseDelta};
 pub use worker::{SinkStatus, SinkWorker};
 
 /// The hash before the first record.
@@ -176,6 +176,11 @@ impl ChainHead {
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AuditError {
+    /// The ledger does not hold the record: its commit failed, or it never
+    /// ran. (Also: reading the ledger failed.)
+    #[error("audit ledger failed: {0}")]
+    Ledger(String),
+    /// The ledger holds the record; a required sink does not.
     #[error("audit sink {sink} failed: {reason}")]
     SinkFailed { sink: String, reason: String },
 }
@@ -183,6 +188,12 @@ pub enum AuditError {
 impl AuditError {
     pub fn code(&self) -> ErrorCode {
         ErrorCode::AuditUnavailable
+    }
+
+    /// True when the ledger holds the record all the same (and with it the
+    /// grant use the record took).
+    pub fn ledger_holds_it(&self) -> bool {
+        matches!(self, Self::SinkFailed { .. })
     }
 }
 
@@ -211,10 +222,32 @@ pub enum Quorum {
     Any,
 }
 
-/// Chain `event` and make it durable per the quorum; answers its `seq`.
+/// What a record does to a grant's uses, in the record's own commit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum UseChange {
+    #[default]
+    None,
+    /// The record releases a JWT under this grant: one use taken.
+    Take(String),
+    /// A JWT whose record the ledger holds was withheld: its use given back.
+    GiveBack(String),
+}
+
+impl UseChange {
+    fn delta(self) -> Option<UseDelta> {
+        match self {
+            Self::None => None,
+            Self::Take(grant_id) => Some((grant_id, 1)),
+            Self::GiveBack(grant_id) => Some((grant_id, -1)),
+        }
+    }
+}
+
+/// Chain `event` and make it durable per the quorum, with the grant use it
+/// changes; answers its `seq`.
 #[derive(Message)]
 #[rtype(result = "Result<u64, AuditError>")]
-pub struct Record(pub MintEvent);
+pub struct Record(pub MintEvent, pub UseChange);
 
 /// Up to `limit` ledger records after `after`, in order.
 #[derive(Message)]
@@ -275,8 +308,9 @@ pub struct AuditActor {
     sinks: Arc<[SinkWorker]>,
     /// The last record the ledger holds.
     head: ChainHead,
-    /// Records waiting for the next group commit, with their callers.
-    pending: Vec<(MintEvent, Reply)>,
+    /// Records waiting for the next group commit, with their use changes
+    /// and callers.
+    pending: Vec<(MintEvent, UseChange, Reply)>,
     /// One ledger commit at a time keeps the chain in order.
     committing: bool,
 }
@@ -304,6 +338,8 @@ impl AuditActor {
 /// where the chain ends once the batch holds.
 pub struct LedgerBatch {
     records: Arc<Vec<AuditRecord>>,
+    /// Grant uses taken or given back, written in the same transaction.
+    uses: Vec<UseDelta>,
     replies: Vec<(u64, Reply)>,
     head: ChainHead,
 }
@@ -327,7 +363,9 @@ impl GroupCommit for AuditActor {
         let mut head = self.head.clone();
         let mut records = Vec::with_capacity(take);
         let mut replies = Vec::with_capacity(take);
-        for (event, reply) in self.pending.drain(..take) {
+        let mut uses = Vec::new();
+        for (event, use_change, reply) in self.pending.drain(..take) {
+            uses.extend(use_change.delta());
             head.seq += 1;
             let record = AuditRecord::chain(event, head.seq, ts, head.hash);
             head.hash = record.hash.clone();
@@ -337,6 +375,7 @@ impl GroupCommit for AuditActor {
         metrics::histogram!("agentkeys_audit_batch_records").record(records.len() as f64);
         Some(LedgerBatch {
             records: Arc::new(records),
+            uses,
             replies,
             head,
         })
@@ -344,7 +383,7 @@ impl GroupCommit for AuditActor {
 
     fn writer(&self) -> impl FnOnce(&LedgerBatch) -> Result<(), String> + Send + 'static {
         let ledger = self.ledger.clone();
-        move |batch| ledger.append(&batch.records)
+        move |batch| ledger.append(&batch.records, &batch.uses)
     }
 
     /// A batch the ledger holds goes to the sinks; its callers are answered
@@ -359,11 +398,11 @@ impl GroupCommit for AuditActor {
             records,
             replies,
             head,
+            ..
         } = batch;
         if let Err(reason) = written {
             tracing::error!(%reason, "audit ledger commit failed");
-            let sink = "ledger".to_owned();
-            let failed = AuditError::SinkFailed { sink, reason };
+            let failed = AuditError::Ledger(reason);
             for (_, reply) in replies {
                 let _ = reply.send(Err(failed.clone()));
             }
@@ -441,14 +480,12 @@ impl Handler<Record> for AuditActor {
     /// Queues the event for the next group commit and answers once durable.
     fn handle(&mut self, msg: Record, ctx: &mut Self::Context) -> Self::Result {
         let (reply, durable) = oneshot::channel();
-        self.pending.push((msg.0, reply));
+        self.pending.push((msg.0, msg.1, reply));
         self.commit_next(ctx);
         Box::pin(async move {
             durable.await.unwrap_or_else(|_| {
-                Err(AuditError::SinkFailed {
-                    sink: "audit actor".into(),
-                    reason: "stopped before the record was written".into(),
-                })
+                let lost = "the commit was lost before the record was written";
+                Err(AuditError::Ledger(lost.into()))
             })
         })
     }
@@ -465,10 +502,7 @@ impl Handler<ReadRecords> for AuditActor {
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|read| read.map_err(|e| e.to_string()))
-                .map_err(|reason| AuditError::SinkFailed {
-                    sink: "ledger".into(),
-                    reason,
-                })
+                .map_err(AuditError::Ledger)
         })
     }
 }
@@ -493,10 +527,7 @@ impl Handler<VerifyAudit> for AuditActor {
                 report
             })
             .await
-            .map_err(|e| AuditError::SinkFailed {
-                sink: "ledger".into(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| AuditError::Ledger(e.to_string()))
         })
     }
 }

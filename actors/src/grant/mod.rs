@@ -5,12 +5,11 @@
 //!
 //! It owns the grants and the idempotency records in memory and is their
 //! only writer. A reservation takes a grant use in memory at once (so no
-//! two mints can take the last use) and answers at once with a
-//! [`UseCommitted`] receipt that resolves when a durable commit holds the
-//! use; the mint path signs and audits meanwhile and releases nothing
-//! before the receipt resolves. Everything that changed while one commit
-//! was under way goes into the next one (group commit): one disk flush
-//! serves many mints.
+//! two mints can take the last use); the use is durable with the audit
+//! record of the mint that releases it, in the ledger's own commit, so a
+//! mint costs one durable commit, not two. What the actor writes itself
+//! (grants created or revoked, answers kept for replays) goes through the
+//! group commit: one disk flush serves many changes.
 
 mod commit;
 mod grants;
@@ -32,7 +31,7 @@ use idempotency::Slot;
 pub use commit::GrantBatch;
 pub use grants::{CreateGrant, GetGrant, GrantSpec, ListGrants, RevokeAgentGrants, RevokeGrant};
 pub use idempotency::{Complete, IdempotencySlot};
-pub use reserve::{GrantDecision, GrantUse, Release, Reservation, Reserve, UseCommitted};
+pub use reserve::{GrantDecision, GrantUse, Release, Reservation, Reserve};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum GrantError {
@@ -48,8 +47,6 @@ pub enum GrantError {
     IdempotencyInFlight,
     #[error("grant storage failed: {0}")]
     Storage(String),
-    #[error("the grant store did not make the use durable in time")]
-    CommitTimedOut,
     #[error("the request waited too long for the grant actor")]
     QueuedTooLong,
 }
@@ -63,7 +60,7 @@ impl GrantError {
             Self::IdempotencyConflict => ErrorCode::IdempotencyConflict,
             Self::IdempotencyInFlight => ErrorCode::IdempotencyInFlight,
             Self::Storage(_) => ErrorCode::Internal,
-            Self::CommitTimedOut | Self::QueuedTooLong => ErrorCode::Overloaded,
+            Self::QueuedTooLong => ErrorCode::Overloaded,
         }
     }
 }
@@ -120,8 +117,14 @@ pub struct GrantActor {
 }
 
 impl GrantActor {
-    /// Loads grants and unexpired idempotency records from `store`.
-    pub fn new(settings: GrantSettings, store: Arc<dyn GrantStore>) -> Result<Self, StorageError> {
+    /// Loads grants and unexpired idempotency records from `store`; each
+    /// grant's uses are the ones the audit ledger holds (`held_uses`: a use
+    /// is durable only with the record of the JWT it released).
+    pub fn new(
+        settings: GrantSettings,
+        store: Arc<dyn GrantStore>,
+        held_uses: &HashMap<String, u64>,
+    ) -> Result<Self, StorageError> {
         let (grants, completed) = store.load()?;
         let mut actor = Self {
             settings,
@@ -136,7 +139,8 @@ impl GrantActor {
             waiting: Vec::new(),
             committing: false,
         };
-        for grant in grants {
+        for mut grant in grants {
+            grant.uses = held_uses.get(&grant.id).copied().unwrap_or(0);
             actor.insert_grant(grant);
         }
         for (slot, mint) in completed {
@@ -180,21 +184,22 @@ mod tests {
     };
     use crate::storage::GrantChanges;
 
-    /// A store whose commits fail while `failing` is set, and take
-    /// `slow_ms` while it is set; it remembers the ids of the grants it
-    /// durably wrote.
+    /// A store whose commits fail while `failing` is set and whose commit
+    /// thread dies once when `panicking` is; it remembers the ids of the
+    /// grants it durably wrote.
     #[derive(Default)]
     struct FlakyStore {
         failing: AtomicBool,
         panicking: AtomicBool,
-        slow_ms: std::sync::atomic::AtomicU64,
         written: std::sync::Mutex<Vec<String>>,
+        /// What `load` answers.
+        loaded: std::sync::Mutex<Vec<Grant>>,
     }
 
     impl GrantStore for FlakyStore {
         #[allow(clippy::type_complexity)]
         fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError> {
-            Ok((Vec::new(), Vec::new()))
+            Ok((self.loaded.lock().unwrap().clone(), Vec::new()))
         }
 
         fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError> {
@@ -204,7 +209,6 @@ mod tests {
             if self.panicking.swap(false, Ordering::SeqCst) {
                 panic!("the store's thread died mid-commit");
             }
-            std::thread::sleep(Duration::from_millis(self.slow_ms.load(Ordering::SeqCst)));
             let ids = changes.grants.iter().map(|g| g.id.clone());
             self.written.lock().unwrap().extend(ids);
             Ok(())
@@ -241,7 +245,9 @@ mod tests {
             in_flight_limit: Duration::from_secs(60),
             purge_interval: Duration::from_secs(60),
         };
-        GrantActor::new(settings, store).unwrap().start()
+        GrantActor::new(settings, store, &HashMap::new())
+            .unwrap()
+            .start()
     }
 
     fn create_one_use_grant() -> CreateGrant {
@@ -297,7 +303,7 @@ mod tests {
             in_flight_limit: Duration::from_secs(2),
             purge_interval: Duration::from_secs(60),
         };
-        let grants = GrantActor::new(settings, Arc::new(FlakyStore::default()))
+        let grants = GrantActor::new(settings, Arc::new(FlakyStore::default()), &HashMap::new())
             .unwrap()
             .start();
         grants.send(create_one_use_grant()).await.unwrap().unwrap();
@@ -327,72 +333,66 @@ mod tests {
         );
     }
 
-    /// Review (suspected, confirmed): the mint waited for the use's commit
-    /// without a bound, so a commit slower than the in-flight mark's expiry
-    /// (12 × send_timeout) let a retry with the same key mint a second JWT
-    /// while the first could still be released.
+    /// A use is taken in memory at once (no two mints get the last one),
+    /// written by no grant commit (it is durable with the audit record of
+    /// the mint that releases it), and a release gives it back.
     #[actix::test]
-    async fn the_wait_for_a_use_to_be_durable_is_bounded() {
-        let store = Arc::new(FlakyStore::default());
-        let grants = start(store.clone());
-        grants.send(create_one_use_grant()).await.unwrap().unwrap();
-        store.slow_ms.store(1500, Ordering::SeqCst);
-        let Ok(Reservation::Granted(_, receipt)) = grants.send(reserve()).await.unwrap() else {
-            panic!("the use is granted");
-        };
-        let started = std::time::Instant::now();
-        let waited = receipt.wait_within(Duration::from_millis(100)).await;
-        assert_eq!(waited, Err(GrantError::CommitTimedOut));
-        assert!(
-            started.elapsed() < Duration::from_millis(1000),
-            "{:?}",
-            started.elapsed()
-        );
-        assert_eq!(
-            GrantError::CommitTimedOut.code(),
-            ErrorCode::Overloaded,
-            "503, retry later"
-        );
-    }
-
-    #[actix::test]
-    async fn a_use_is_taken_at_once_and_its_receipt_fails_when_the_commit_does() {
+    async fn a_use_is_taken_at_once_without_a_grant_commit_and_a_release_gives_it_back() {
         let store = Arc::new(FlakyStore::default());
         let grants = start(store.clone());
         let grant = grants.send(create_one_use_grant()).await.unwrap().unwrap();
+        store.written.lock().unwrap().clear();
 
-        store.failing.store(true, Ordering::SeqCst);
-        let Ok(Reservation::Granted(decision, receipt)) = grants.send(reserve()).await.unwrap()
-        else {
+        let Ok(Reservation::Granted(decision)) = grants.send(reserve()).await.unwrap() else {
             panic!("the one use is granted");
         };
         assert_eq!(decision.grant_id.as_deref(), Some(grant.id.as_str()));
         assert_eq!(
             grants.send(reserve()).await.unwrap().err(),
             Some(GrantError::Exhausted),
-            "the use is taken before its commit"
-        );
-        assert!(
-            matches!(receipt.wait().await, Err(GrantError::Storage(_))),
-            "the receipt reports the failed commit"
+            "the use is taken at once"
         );
         let release = Release {
             grant_id: decision.grant_id,
             idempotency: None,
         };
         grants.send(release).await.unwrap();
+        assert!(
+            matches!(
+                grants.send(reserve()).await.unwrap(),
+                Ok(Reservation::Granted(_))
+            ),
+            "the use given back is granted again"
+        );
+        assert!(
+            store.written.lock().unwrap().is_empty(),
+            "no grant commit for a use"
+        );
+    }
 
-        store.failing.store(false, Ordering::SeqCst);
-        let Ok(Reservation::Granted(_, receipt)) = grants.send(reserve()).await.unwrap() else {
-            panic!("the use given back is granted again");
+    /// After a restart a grant has the uses the audit ledger holds for it,
+    /// whatever its stored row says.
+    #[actix::test]
+    async fn a_grant_starts_with_the_uses_the_ledger_holds() {
+        let store = Arc::new(FlakyStore::default());
+        let grants = start(store.clone());
+        let grant = grants.send(create_one_use_grant()).await.unwrap().unwrap();
+        let settings = GrantSettings {
+            mailbox_capacity: 16,
+            idempotency_retention: Duration::from_secs(60),
+            in_flight_limit: Duration::from_secs(60),
+            purge_interval: Duration::from_secs(60),
         };
-        receipt.wait().await.unwrap();
-        let stored = grants
-            .send(GetGrant { id: grant.id })
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(stored.uses, 1);
+        store.loaded.lock().unwrap().push(grant.clone());
+        let held = HashMap::from([(grant.id.clone(), 1)]);
+        let restarted = GrantActor::new(settings, store, &held).unwrap().start();
+        let stored = restarted.send(GetGrant { id: grant.id }).await.unwrap();
+        assert_eq!(stored.map(|g| g.uses), Some(1));
+        assert_eq!(
+            restarted.send(reserve()).await.unwrap().err(),
+            Some(GrantError::Exhausted),
+            "its one use is spent"
+        );
     }
 
     /// The guard promise: a use taken for a mint that fails, on whatever
@@ -412,18 +412,16 @@ mod tests {
             ..reserve()
         };
         let take = |reserved: Result<Reservation, GrantError>| match reserved {
-            Ok(Reservation::Granted(decision, committed)) => {
+            Ok(Reservation::Granted(decision)) => {
                 let slot = keyed().idempotency;
-                GrantUse::taken(handle.clone(), &decision, slot, committed)
+                GrantUse::taken(handle.clone(), &decision, slot)
             }
             other => panic!("the one use is granted, got {other:?}"),
         };
 
-        let mut failed_mint = take(grants.send(keyed()).await.unwrap());
-        failed_mint.durable(Duration::from_secs(5)).await.unwrap();
+        let failed_mint = take(grants.send(keyed()).await.unwrap());
         drop(failed_mint);
-        let mut released_mint = take(grants.send(keyed()).await.unwrap());
-        released_mint.durable(Duration::from_secs(5)).await.unwrap();
+        let released_mint = take(grants.send(keyed()).await.unwrap());
         released_mint.keep(b"{}", "jti-1", now_unix() + 60).await;
 
         assert!(

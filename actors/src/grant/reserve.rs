@@ -1,17 +1,16 @@
-//! The mint's gate: decide an intent and take a grant use at once, its
-//! durability as a receipt; a [`GrantUse`] gives the use back if the mint
-//! that took it fails.
+//! The mint's gate: decide an intent and take a grant use at once, in
+//! memory, so no two mints can take the last use. The use becomes durable
+//! with the audit record of the mint that releases it (the ledger counts
+//! uses in the record's own commit); a [`GrantUse`] gives it back if the
+//! mint fails first.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use actix::{Context, Handler, Message};
-use tokio::sync::oneshot;
+use actix::{Handler, Message};
 
-use super::{committed, Complete, GrantActor, GrantError, IdempotencySlot};
+use super::{Complete, GrantActor, GrantError, IdempotencySlot};
 use crate::backpressure::Handle;
 use crate::domain::{now_unix, CompletedMint, Grant, Intent, Principal, ScopePath};
-use crate::group_commit::GroupCommit;
 
 /// The gate's answer for an allowed mint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,35 +26,8 @@ pub struct GrantDecision {
 /// Reserve's answer: go ahead, or send back the earlier answer.
 #[derive(Debug)]
 pub enum Reservation {
-    Granted(GrantDecision, UseCommitted),
+    Granted(GrantDecision),
     Replay(Arc<CompletedMint>),
-}
-
-/// Resolves once the reserved use is durable. Nothing may be released
-/// before it resolves `Ok`; on `Err` the use must be given back
-/// ([`Release`]).
-#[derive(Debug)]
-pub struct UseCommitted(Option<oneshot::Receiver<Result<(), GrantError>>>);
-
-impl UseCommitted {
-    /// Waits for the commit that holds the use; at once when no grant use
-    /// was taken (the agent's own scope).
-    pub async fn wait(self) -> Result<(), GrantError> {
-        match self.0 {
-            None => Ok(()),
-            Some(receiver) => committed(receiver.await),
-        }
-    }
-
-    /// Waits at most `limit`, like every other step of a mint, so a mint
-    /// always ends long before its Idempotency-Key's in-flight mark
-    /// expires: a retry must never find the key free while this mint can
-    /// still release a JWT.
-    pub async fn wait_within(self, limit: Duration) -> Result<(), GrantError> {
-        tokio::time::timeout(limit, self.wait())
-            .await
-            .unwrap_or(Err(GrantError::CommitTimedOut))
-    }
 }
 
 /// A grant use taken for one mint, with its Idempotency-Key marked in
@@ -66,16 +38,14 @@ pub struct GrantUse {
     grants: Handle<GrantActor>,
     /// What giving it back means; taken once the JWT is released.
     release: Option<Release>,
-    committed: Option<UseCommitted>,
 }
 
 impl GrantUse {
-    /// The use `decision` took, durable once `committed` resolves.
+    /// The use `decision` took (if any) and the key it marked in flight.
     pub fn taken(
         grants: Handle<GrantActor>,
         decision: &GrantDecision,
         idempotency: Option<IdempotencySlot>,
-        committed: UseCommitted,
     ) -> Self {
         Self {
             grants,
@@ -83,16 +53,12 @@ impl GrantUse {
                 grant_id: decision.grant_id.clone(),
                 idempotency,
             }),
-            committed: Some(committed),
         }
     }
 
-    /// Waits, at most `limit`, until a durable commit holds the use.
-    pub async fn durable(&mut self, limit: Duration) -> Result<(), GrantError> {
-        match self.committed.take() {
-            Some(committed) => committed.wait_within(limit).await,
-            None => Ok(()),
-        }
+    /// The grant the use was taken from, if any.
+    pub fn grant_id(&self) -> Option<&str> {
+        self.release.as_ref()?.grant_id.as_deref()
     }
 
     /// The JWT was released: the use stays taken, and an idempotent
@@ -141,8 +107,9 @@ impl Drop for GrantUse {
     }
 }
 
-/// Decide the intent and take a grant use (durable when its receipt
-/// resolves); or find the answer to an earlier identical request.
+/// Decide the intent and take a grant use (in memory; durable with the
+/// record of the mint that releases it); or find the answer to an earlier
+/// identical request.
 #[derive(Message)]
 #[rtype(result = "Result<Reservation, GrantError>")]
 pub struct Reserve {
@@ -196,12 +163,11 @@ impl GrantActor {
             .ok_or(GrantError::Exhausted)
     }
 
-    /// Gives a reserved use back; persisted with the next commit.
-    pub(super) fn return_use(&mut self, grant_id: &str, ctx: &mut Context<Self>) {
+    /// Gives a reserved use back (in memory: a use is durable only with
+    /// the record of a released JWT, which the ledger counts).
+    pub(super) fn return_use(&mut self, grant_id: &str) {
         if let Some(grant) = self.grants.get_mut(grant_id) {
             grant.uses = grant.uses.saturating_sub(1);
-            self.dirty_grants.insert(grant_id.to_owned());
-            self.commit_next(ctx);
         }
     }
 }
@@ -209,8 +175,8 @@ impl GrantActor {
 impl Handler<Reserve> for GrantActor {
     type Result = Result<Reservation, GrantError>;
 
-    /// Replay, or match + take a use now; its durability comes as a receipt.
-    fn handle(&mut self, msg: Reserve, ctx: &mut Self::Context) -> Self::Result {
+    /// Replay, or match + take a use now.
+    fn handle(&mut self, msg: Reserve, _: &mut Self::Context) -> Self::Result {
         if std::time::Instant::now() >= msg.deadline {
             return Err(GrantError::QueuedTooLong);
         }
@@ -246,7 +212,7 @@ impl Handler<Reserve> for GrantActor {
                 not_after: None,
                 max_ttl_seconds: None,
             };
-            return Ok(Reservation::Granted(decision, UseCommitted(None)));
+            return Ok(Reservation::Granted(decision));
         };
         let grant = self.grants.get_mut(&id).expect("matched grants exist");
         grant.uses += 1;
@@ -255,18 +221,16 @@ impl Handler<Reserve> for GrantActor {
             not_after: grant.expires_at,
             max_ttl_seconds: grant.max_ttl_seconds,
         };
-        self.dirty_grants.insert(id);
-        let durable = self.durable(ctx);
-        Ok(Reservation::Granted(decision, UseCommitted(Some(durable))))
+        Ok(Reservation::Granted(decision))
     }
 }
 
 impl Handler<Release> for GrantActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Release, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Release, _: &mut Self::Context) {
         if let Some(id) = &msg.grant_id {
-            self.return_use(id, ctx);
+            self.return_use(id);
         }
         if let Some(claim) = &msg.idempotency {
             self.free_slot(&claim.slot);

@@ -6,8 +6,9 @@
 //! 2. `authorize`, after it: the proof of possession over the body, then
 //!    the grant (a use taken, or an earlier answer to replay), then a place
 //!    at the signer;
-//! 3. `issue`: sign the JWT while its audit record and the grant use are
-//!    made durable; release it only when all three are done.
+//! 3. `issue`: sign the JWT while its audit record is made durable, and
+//!    with the record the grant use (the ledger counts uses in the record's
+//!    own commit); release it only when both are done.
 //!
 //! Every authenticated attempt is recorded, by [`MintFlow::mint`] alone; an
 //! unauthenticated one is not (anyone could fill the ledger with them): it
@@ -28,7 +29,7 @@ use std::time::Instant;
 pub use error::MintError;
 pub use request::{MintPolicy, MintRequest, MintResponse, Minted};
 
-use crate::audit::{MintEvent, Outcome, Record};
+use crate::audit::{MintEvent, Outcome, Record, UseChange};
 use crate::auth::{AuthError, CheckProof, VerifySession};
 use crate::domain::{
     now_unix, sha256_hex, CompletedMint, ErrorCode, Intent, InvalidInput, Principal, ScopePath,
@@ -147,7 +148,8 @@ impl MintFlow {
         let outcome = Outcome::from(code);
         metrics::counter!("agentkeys_mints_total", "outcome" => outcome.as_str()).increment(1);
         let attempt = Attempt::of(principal, request_id);
-        self.record_refusal(attempt.ended(outcome)).await;
+        let refused = attempt.ended(outcome);
+        self.record_refusal(refused, UseChange::None).await;
     }
 
     /// Steps 2 and 3 for an admitted caller's parsed request. The one place
@@ -161,38 +163,43 @@ impl MintFlow {
         let (intent, allowed) = self.authorize(&principal, request).await;
         let attempt = attempt.for_intent(intent.as_ref());
         let released = match allowed {
-            Err(refused) => Err((attempt, refused)),
+            Err(refused) => Err((attempt, refused, UseChange::None)),
             Ok(Allowed::Replay(done)) => {
                 let attempt = attempt.releasing(done.grant_id.clone(), &done.jti);
-                let recorded = self.record(attempt.ended(Outcome::Replayed));
+                let replayed = attempt.ended(Outcome::Replayed);
+                let recorded = self.record(replayed, UseChange::None);
                 match recorded.await {
                     Ok(_) => Ok(MintResponse {
                         body: done.body.clone(),
                         replayed: true,
                         jti: done.jti.clone(),
                     }),
-                    Err(unrecorded) => Err((attempt, unrecorded)),
+                    Err(unrecorded) => Err((attempt, unrecorded, UseChange::None)),
                 }
             }
             Ok(Allowed::Fresh(fresh)) => {
                 let (grant_id, jti) = (&fresh.claims.agentkeys_grant_id, &fresh.claims.jti);
                 let attempt = attempt.releasing(grant_id.clone(), jti);
-                let recorded = self.record(attempt.ended(Outcome::Ok));
+                let takes = fresh.grant_use.grant_id().map(str::to_owned);
+                let takes = takes.map_or(UseChange::None, UseChange::Take);
+                let recorded = self.record(attempt.ended(Outcome::Ok), takes);
                 // Once the record may be durable, a failure's record names
-                // the JWT withheld.
-                self.issue(fresh, recorded).await.map_err(|e| (attempt, e))
+                // the JWT withheld (and gives its use back if it was held).
+                let issued = self.issue(fresh, recorded).await;
+                issued.map_err(|(error, give_back)| (attempt, error, give_back))
             }
         };
         let outcome = match &released {
             Ok(response) if response.replayed => Outcome::Replayed,
             Ok(_) => Outcome::Ok,
-            Err((_, error)) => error.code().into(),
+            Err((_, error, _)) => error.code().into(),
         };
         metrics::counter!("agentkeys_mints_total", "outcome" => outcome.as_str()).increment(1);
         match released {
             Ok(response) => Ok(response),
-            Err((attempt, error)) => {
-                self.record_refusal(attempt.refused(&error)).await;
+            Err((attempt, error, give_back)) => {
+                self.record_refusal(attempt.refused(&error), give_back)
+                    .await;
                 Err(error)
             }
         }
@@ -271,12 +278,12 @@ impl MintFlow {
             // caller gave up must take nothing.
             deadline: Instant::now() + self.actors.grants.timeout() / 2,
         });
-        let (decision, committed) = match timed("grant", reserve).await?? {
+        let decision = match timed("grant", reserve).await?? {
             Reservation::Replay(done) => return Ok(Allowed::Replay(done)),
-            Reservation::Granted(decision, committed) => (decision, committed),
+            Reservation::Granted(decision) => decision,
         };
         let grants = self.actors.grants.clone();
-        let grant_use = GrantUse::taken(grants, &decision, idempotency, committed);
+        let grant_use = GrantUse::taken(grants, &decision, idempotency);
         let ttl = request.ttl_seconds;
         let claims = self
             .policy
@@ -290,16 +297,18 @@ impl MintFlow {
         }))
     }
 
-    /// Step 3: signs the JWT while its record (`recorded`) and the grant
-    /// use are made durable; only when all three are done is it released.
+    /// Step 3: signs the JWT while its record (`recorded`, which takes the
+    /// grant use) is made durable; only when both are done is it released.
+    /// A failure says what its own record must do to the use: give it back
+    /// if the ledger holds the record that took it.
     async fn issue(
         &self,
         fresh: Fresh<'_>,
         recorded: impl Future<Output = Result<u64, MintError>>,
-    ) -> Result<MintResponse, MintError> {
+    ) -> Result<MintResponse, (MintError, UseChange)> {
         let Fresh {
             claims,
-            mut grant_use,
+            grant_use,
             signer,
         } = fresh;
         let (jti, expiration) = (claims.jti.clone(), claims.exp);
@@ -309,11 +318,21 @@ impl MintFlow {
         );
         let sign = timed("sign", signer.call(SignOidc(claims)));
         let audit = timed("audit", recorded);
-        let use_durable = grant_use.durable(self.policy.send_timeout);
-        let (signed, audited, use_durable) = tokio::join!(sign, audit, use_durable);
-        let jwt = signed?.map_err(MintError::Signing)?;
-        audited?;
-        use_durable?;
+        let (signed, audited) = tokio::join!(sign, audit);
+        // Unknown (the ask timed out): the use stays taken, never lost.
+        let held = match &audited {
+            Ok(_) => true,
+            Err(MintError::AuditUnavailable(e)) => e.ledger_holds_it(),
+            Err(_) => false,
+        };
+        let withheld = |error: MintError| {
+            let taken = grant_use.grant_id().filter(|_| held).map(str::to_owned);
+            (error, taken.map_or(UseChange::None, UseChange::GiveBack))
+        };
+        let jwt = signed
+            .map_err(|e| withheld(e.into()))?
+            .map_err(|e| withheld(MintError::Signing(e)))?;
+        audited.map_err(withheld)?;
         let minted = Minted {
             jwt,
             expiration,
@@ -321,7 +340,7 @@ impl MintFlow {
             omni_account,
             grant_id,
         };
-        let body = serde_json::to_vec(&minted)?;
+        let body = serde_json::to_vec(&minted).map_err(|e| withheld(e.into()))?;
         let kept_until = now_unix() + self.policy.idempotency_retention.as_secs();
         grant_use.keep(&body, &minted.jti, kept_until).await;
         Ok(MintResponse {
@@ -333,8 +352,8 @@ impl MintFlow {
 
     /// Chains `event` into the audit ledger; durable, as the quorum says,
     /// once this answers.
-    async fn record(&self, event: MintEvent) -> Result<u64, MintError> {
-        let recorded = self.actors.audit.ask(Record(event)).await?;
+    async fn record(&self, event: MintEvent, uses: UseChange) -> Result<u64, MintError> {
+        let recorded = self.actors.audit.ask(Record(event, uses)).await?;
         recorded.map_err(|e| {
             tracing::error!(error = %e, "audit sink failed");
             e.into()
@@ -343,8 +362,8 @@ impl MintFlow {
 
     /// Records a refusal. It releases nothing, so a failed record does not
     /// change its answer; it rides the next group commit.
-    async fn record_refusal(&self, event: MintEvent) {
-        if let Err(audit) = self.record(event).await {
+    async fn record_refusal(&self, event: MintEvent, uses: UseChange) {
+        if let Err(audit) = self.record(event, uses).await {
             tracing::warn!(error = %audit, "audit of a refused mint failed");
         }
     }
