@@ -81,6 +81,8 @@ pub struct Application {
 impl Application {
     /// Must run inside an actix system (`#[actix_web::main]` or a test).
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        // Before any actor handle resolves its metrics.
+        telemetry::metrics();
         let actors = build_actors(&settings)?;
         let mint = MintFlow::new(actors.clone(), mint_policy(&settings));
         let admin_token = AdminToken::load_or_create(
@@ -108,7 +110,6 @@ impl Application {
         });
         let max_body = settings.server.max_body_bytes;
         let body_timeout = Duration::from_millis(settings.server.request_body_timeout_ms);
-        telemetry::metrics();
         let mut server = HttpServer::new(move || {
             App::new()
                 .wrap_fn(|request, service| {

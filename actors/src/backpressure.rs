@@ -19,6 +19,9 @@ pub struct Handle<A: Actor> {
     addr: Addr<A>,
     name: &'static str,
     timeout: Duration,
+    /// Requests sent and not yet answered: the actor's mailbox depth plus
+    /// the one it is working on. Resolved once, not per request.
+    inflight: metrics::Gauge,
 }
 
 impl<A: Actor> Clone for Handle<A> {
@@ -27,17 +30,20 @@ impl<A: Actor> Clone for Handle<A> {
             addr: self.addr.clone(),
             name: self.name,
             timeout: self.timeout,
+            inflight: self.inflight.clone(),
         }
     }
 }
 
 impl<A: Actor> Handle<A> {
-    /// `name` is a metric label: lowercase, no spaces.
+    /// `name` is a metric label: lowercase, no spaces. Create handles after
+    /// the process's metrics recorder is installed.
     pub fn new(addr: Addr<A>, name: &'static str, timeout: Duration) -> Self {
         Self {
             addr,
             name,
             timeout,
+            inflight: metrics::gauge!("agentkeys_actor_inflight", "actor" => name),
         }
     }
 
@@ -82,16 +88,13 @@ impl<A: Actor> Handle<A> {
         M: Message + Send + 'static,
         M::Result: Send,
     {
-        // Requests sent and not yet answered: the actor's mailbox depth plus
-        // the one it is working on.
-        let depth = metrics::gauge!("agentkeys_actor_inflight", "actor" => self.name);
-        depth.increment(1.0);
+        self.inflight.increment(1.0);
         let request = self.addr.send(msg);
         let answer = match timeout {
             Some(timeout) => request.timeout(timeout).await,
             None => request.await,
         };
-        depth.decrement(1.0);
+        self.inflight.decrement(1.0);
         answer.map_err(|_| Overloaded(self.name))
     }
 

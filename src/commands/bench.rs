@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use actix::Actor;
 use agentkeys_actors::audit::{MintEvent, Outcome, Record, UseChange};
-use agentkeys_actors::auth::{IssueChallenge, RegisterAgent, VerifyLogin};
+use agentkeys_actors::auth::{BearerToken, IssueChallenge, RegisterAgent, VerifyLogin};
 use agentkeys_actors::domain::Intent;
 use agentkeys_actors::domain::OmniAccount;
 use agentkeys_actors::domain::{
-    now_unix, random_hex, sha256_hex, AgentName, DevicePublicKey, ScopePath, ServiceName,
+    now_unix, random_hex, AgentName, DevicePublicKey, ScopePath, ServiceName,
 };
 use agentkeys_actors::grant::{CreateGrant, GrantSpec};
 use agentkeys_actors::keys::KeyRing;
@@ -172,9 +172,9 @@ pub async fn in_process(
             let mut refused: BTreeMap<String, u64> = BTreeMap::new();
             let mut n = worker;
             while Instant::now() < deadline {
-                let bearer = sessions[n % sessions.len()].clone();
+                let bearer = BearerToken::new(sessions[n % sessions.len()].clone());
                 let request = MintRequest {
-                    session_sha256: sha256_hex(&bearer),
+                    session_sha256: bearer.sha256_hex(),
                     intent: Some(Intent {
                         service: ServiceName::parse("s3").expect("valid"),
                         scope_path: ScopePath::parse("load/jobs/").expect("valid"),

@@ -1,7 +1,7 @@
 //! `POST /v1/mint-oidc-jwt`: the one mint path.
 
 use actix_web::{post, web, HttpRequest, HttpResponse};
-use agentkeys_actors::auth::ProofOfPossession;
+use agentkeys_actors::auth::{BearerToken, ProofOfPossession};
 use agentkeys_actors::domain::{
     random_hex, sha256_hex, IdempotencyKey, Intent, InvalidInput, ScopePath, ServiceName,
 };
@@ -153,8 +153,8 @@ async fn mint_oidc_jwt(
     let request_id = random_hex(8);
     let span = tracing::Span::current();
     span.record("request_id", request_id.as_str());
-    let bearer = bearer_token(&request)?.to_owned();
-    let session_sha256 = sha256_hex(&bearer);
+    let bearer = BearerToken::new(bearer_token(&request)?.to_owned());
+    let session_sha256 = bearer.sha256_hex();
     // The session and the rate limit first: nobody without a session, or
     // beyond its rate, gets the broker to wait for a body.
     let client = request.peer_addr().map(|peer| peer.ip());

@@ -75,6 +75,24 @@ impl From<ErrorCode> for Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order (`ALL[o as usize] == o`).
+    pub const ALL: [Outcome; 14] = [
+        Self::Ok,
+        Self::Replayed,
+        Self::AuthFailed,
+        Self::Forbidden,
+        Self::RateLimited,
+        Self::GrantDenied,
+        Self::GrantExhausted,
+        Self::IdempotencyConflict,
+        Self::IdempotencyInFlight,
+        Self::BadRequest,
+        Self::RequestTimeout,
+        Self::AuditUnavailable,
+        Self::Overloaded,
+        Self::Error,
+    ];
+
     /// The outcome as records and metrics name it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -127,8 +145,11 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    /// Links `event` after `prev_hash` as record number `seq`.
-    fn chain(event: MintEvent, seq: u64, ts: u64, prev_hash: String) -> Self {
+    /// Links `event` after `prev_hash` as record number `seq`; answers the
+    /// record and its JSON as stored, serialised once: the hash covers the
+    /// JSON with `hash` empty, and since `hash` is the last field the stored
+    /// JSON is that one with the hash put in.
+    fn chain(event: MintEvent, seq: u64, ts: u64, prev_hash: String) -> (Self, Vec<u8>) {
         let mut record = Self {
             seq,
             ts,
@@ -143,8 +164,14 @@ impl AuditRecord {
             prev_hash,
             hash: String::new(),
         };
-        record.hash = record.computed_hash();
-        record
+        let mut json = serde_json::to_vec(&record).expect("records serialize");
+        record.hash = sha256_hex(&json);
+        let empty_hash_end = br#""}"#;
+        debug_assert!(json.ends_with(br#","hash":""}"#));
+        json.truncate(json.len() - empty_hash_end.len());
+        json.extend_from_slice(record.hash.as_bytes());
+        json.extend_from_slice(empty_hash_end);
+        (record, json)
     }
 
     /// SHA-256 over the canonical JSON of every field but `hash`
@@ -338,6 +365,8 @@ impl AuditActor {
 /// where the chain ends once the batch holds.
 pub struct LedgerBatch {
     records: Arc<Vec<AuditRecord>>,
+    /// Each record's JSON as the ledger stores it.
+    encoded: Vec<Vec<u8>>,
     /// Grant uses taken or given back, written in the same transaction.
     uses: Vec<UseDelta>,
     replies: Vec<(u64, Reply)>,
@@ -364,10 +393,12 @@ impl GroupCommit for AuditActor {
         let mut records = Vec::with_capacity(take);
         let mut replies = Vec::with_capacity(take);
         let mut uses = Vec::new();
+        let mut encoded = Vec::with_capacity(take);
         for (event, use_change, reply) in self.pending.drain(..take) {
             uses.extend(use_change.delta());
             head.seq += 1;
-            let record = AuditRecord::chain(event, head.seq, ts, head.hash);
+            let (record, json) = AuditRecord::chain(event, head.seq, ts, head.hash);
+            encoded.push(json);
             head.hash = record.hash.clone();
             replies.push((head.seq, reply));
             records.push(record);
@@ -375,6 +406,7 @@ impl GroupCommit for AuditActor {
         metrics::histogram!("agentkeys_audit_batch_records").record(records.len() as f64);
         Some(LedgerBatch {
             records: Arc::new(records),
+            encoded,
             uses,
             replies,
             head,
@@ -383,7 +415,7 @@ impl GroupCommit for AuditActor {
 
     fn writer(&self) -> impl FnOnce(&LedgerBatch) -> Result<(), String> + Send + 'static {
         let ledger = self.ledger.clone();
-        move |batch| ledger.append(&batch.records, &batch.uses)
+        move |batch| ledger.append(&batch.records, &batch.encoded, &batch.uses)
     }
 
     /// A batch the ledger holds goes to the sinks; its callers are answered
@@ -545,5 +577,38 @@ impl Handler<DescribeSinks> for AuditActor {
                 .map(|sink| sink.status().report(self.head.seq))
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON made once while chaining is exactly the record's own, and
+    /// its hash the one `audit verify` recomputes.
+    #[test]
+    fn a_record_is_serialised_once_as_it_is_stored_and_verified() {
+        let event = MintEvent {
+            outcome: Some(Outcome::Ok),
+            agent: Some("a \"quoted\" agent".into()),
+            jti: Some("jti-1".into()),
+            request_id: "r-1".into(),
+            ..MintEvent::default()
+        };
+        let (record, json) = AuditRecord::chain(event, 7, 1_700_000_000, GENESIS_HASH.into());
+        assert_eq!(json, serde_json::to_vec(&record).unwrap());
+        assert_eq!(record.hash, record.computed_hash());
+        assert_eq!(
+            serde_json::from_slice::<AuditRecord>(&json).unwrap(),
+            record
+        );
+    }
+
+    #[test]
+    fn every_outcome_is_listed_once_at_its_own_index() {
+        for (index, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, index, "{outcome:?}");
+        }
+        assert_eq!(Outcome::ALL.len(), Outcome::Error as usize + 1);
     }
 }

@@ -322,7 +322,7 @@ mod tests {
 
     fn batch(seqs: std::ops::RangeInclusive<u64>) -> Arc<Vec<AuditRecord>> {
         let records = seqs
-            .map(|seq| AuditRecord::chain(MintEvent::default(), seq, 0, String::new()))
+            .map(|seq| AuditRecord::chain(MintEvent::default(), seq, 0, String::new()).0)
             .collect();
         Arc::new(records)
     }

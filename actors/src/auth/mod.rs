@@ -27,7 +27,7 @@ use crate::storage::{AgentStore, StorageError};
 pub use proof::{CheckProof, ProofOfPossession};
 pub use registry::{ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SetAgentEnabled};
 pub use session::{
-    Challenge, IssueChallenge, Session, SessionKeysChanged, VerifyLogin, VerifySession,
+    BearerToken, Challenge, IssueChallenge, Session, SessionKeysChanged, VerifyLogin, VerifySession,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +290,7 @@ mod tests {
         };
         let token = sign_session(&ring, &claims).unwrap();
         let verify = || VerifySession {
-            token: token.clone(),
+            token: BearerToken::new(token.clone()),
         };
         assert!(
             auth.send(verify()).await.unwrap().is_ok(),

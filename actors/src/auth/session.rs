@@ -49,11 +49,32 @@ pub struct VerifyLogin {
     pub signature: [u8; 64],
 }
 
+/// A session token as a caller presented it, with its SHA-256, computed
+/// once: it keys the verified-session cache, scopes idempotency records
+/// and binds proofs of possession.
+#[derive(Clone)]
+pub struct BearerToken {
+    token: String,
+    sha256: [u8; 32],
+}
+
+impl BearerToken {
+    pub fn new(token: String) -> Self {
+        let sha256 = Sha256::digest(token.as_bytes()).into();
+        Self { token, sha256 }
+    }
+
+    /// The SHA-256 in lowercase hex: how the token is named anywhere else.
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}
+
 /// Turn a bearer session token into the principal it belongs to.
 #[derive(Message)]
 #[rtype(result = "Result<Principal, AuthError>")]
 pub struct VerifySession {
-    pub token: String,
+    pub token: BearerToken,
 }
 
 /// The session keys' schedule changed (a rotation): cached sessions are
@@ -241,12 +262,15 @@ impl Handler<VerifySession> for AuthActor {
     /// A remembered session is checked against the registry only; a new
     /// one has its signature checked on the pool first.
     fn handle(&mut self, msg: VerifySession, _: &mut Self::Context) -> Self::Result {
-        let token_hash: [u8; 32] = Sha256::digest(msg.token.as_bytes()).into();
+        let BearerToken {
+            token,
+            sha256: token_hash,
+        } = msg.token;
         if let Some(session) = self.remembered(&token_hash, now_unix()) {
             return Box::pin(actix::fut::ready(self.principal_for(&session.claims)));
         }
         // Garbage costs no place in the signing pool.
-        let shaped = jsonwebtoken::decode_header(&msg.token)
+        let shaped = jsonwebtoken::decode_header(&token)
             .is_ok_and(|header| header.typ.as_deref() == Some(SESSION_TYP) && header.kid.is_some());
         if !shaped {
             return Box::pin(actix::fut::ready(Err(AuthError::Unauthorized(
@@ -255,7 +279,7 @@ impl Handler<VerifySession> for AuthActor {
         }
         let signer = self.signer.clone();
         Box::pin(
-            async move { signer.call(VerifySessionToken(msg.token)).await }
+            async move { signer.call(VerifySessionToken(token)).await }
                 .into_actor(self)
                 .map(move |verified, actor, _| {
                     let session = verified??;

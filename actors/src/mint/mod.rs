@@ -19,6 +19,7 @@
 mod attempt;
 mod claims;
 mod error;
+mod measure;
 mod request;
 
 use std::future::Future;
@@ -30,7 +31,7 @@ pub use error::MintError;
 pub use request::{MintPolicy, MintRequest, MintResponse, Minted};
 
 use crate::audit::{MintEvent, Outcome, Record, UseChange};
-use crate::auth::{AuthError, CheckProof, VerifySession};
+use crate::auth::{AuthError, BearerToken, CheckProof, VerifySession};
 use crate::domain::{
     now_unix, sha256_hex, CompletedMint, ErrorCode, Intent, InvalidInput, Principal, ScopePath,
 };
@@ -39,6 +40,7 @@ use crate::rate_limit::{CheckRate, CheckUnauthenticated};
 use crate::signer::{Admitted, OidcClaims, SignOidc};
 use crate::system::Actors;
 use attempt::Attempt;
+use measure::{timed, MintMetrics};
 
 /// The one mint path.
 pub const MINT_PATH: &str = agentkeys_wire::paths::MINT;
@@ -48,6 +50,7 @@ pub const MINT_PATH: &str = agentkeys_wire::paths::MINT;
 pub struct MintFlow {
     actors: Actors,
     policy: MintPolicy,
+    metrics: Arc<MintMetrics>,
 }
 
 /// What the gates allowed. (It lives on one mint's stack for a moment:
@@ -70,8 +73,13 @@ struct Fresh<'a> {
 }
 
 impl MintFlow {
+    /// Create it after the process's metrics recorder is installed.
     pub fn new(actors: Actors, policy: MintPolicy) -> Self {
-        Self { actors, policy }
+        Self {
+            actors,
+            policy,
+            metrics: Arc::new(MintMetrics::new()),
+        }
     }
 
     /// Step 1, before the body is read: the session, then the rate limit.
@@ -79,7 +87,7 @@ impl MintFlow {
     /// every later refusal does.
     pub async fn admit(
         &self,
-        bearer: String,
+        bearer: BearerToken,
         client: Option<IpAddr>,
         request_id: &str,
     ) -> Result<Principal, MintError> {
@@ -97,7 +105,7 @@ impl MintFlow {
         let check = self.actors.rate_limit.ask(CheckRate {
             account: principal.omni_account.clone(),
         });
-        let limited = match timed("rate", check).await {
+        let limited = match timed(&self.metrics.rate, check).await {
             Ok(Ok(())) => return Ok(principal),
             Ok(Err(limited)) => MintError::RateLimited {
                 retry_after: limited.retry_after,
@@ -115,11 +123,11 @@ impl MintFlow {
     /// address.
     async fn authenticate(
         &self,
-        bearer: String,
+        bearer: BearerToken,
         client: Option<IpAddr>,
     ) -> Result<Principal, MintError> {
         let verify = self.actors.auth.ask(VerifySession { token: bearer });
-        let refusal = match timed("auth", verify).await? {
+        let refusal = match timed(&self.metrics.auth, verify).await? {
             Ok(principal) => return Ok(principal),
             Err(refusal @ AuthError::Unauthorized(_)) => refusal,
             Err(other) => return Err(other.into()),
@@ -131,8 +139,10 @@ impl MintFlow {
             }
             None => None,
         };
-        let answer = if throttled.is_some() { "429" } else { "401" };
-        metrics::counter!("agentkeys_mint_unauthenticated_total", "answer" => answer).increment(1);
+        match throttled {
+            Some(_) => self.metrics.unauthenticated_429.increment(1),
+            None => self.metrics.unauthenticated_401.increment(1),
+        }
         match throttled {
             Some(limited) => Err(MintError::UnauthenticatedThrottled {
                 retry_after: limited.retry_after,
@@ -146,7 +156,7 @@ impl MintFlow {
     /// late): every authenticated attempt has its record.
     pub async fn record_refused(&self, principal: &Principal, request_id: String, code: ErrorCode) {
         let outcome = Outcome::from(code);
-        metrics::counter!("agentkeys_mints_total", "outcome" => outcome.as_str()).increment(1);
+        self.metrics.count(outcome);
         let attempt = Attempt::of(principal, request_id);
         let refused = attempt.ended(outcome);
         self.record_refusal(refused, UseChange::None).await;
@@ -194,7 +204,7 @@ impl MintFlow {
             Ok(_) => Outcome::Ok,
             Err((_, error, _)) => error.code().into(),
         };
-        metrics::counter!("agentkeys_mints_total", "outcome" => outcome.as_str()).increment(1);
+        self.metrics.count(outcome);
         match released {
             Ok(response) => Ok(response),
             Err((attempt, error, give_back)) => {
@@ -252,7 +262,7 @@ impl MintFlow {
             path: MINT_PATH,
             body_sha256,
         });
-        Ok(timed("proof", check).await??)
+        Ok(timed(&self.metrics.proof, check).await??)
     }
 
     /// The grant gate for `intent`: a use taken (or the earlier answer to
@@ -278,7 +288,7 @@ impl MintFlow {
             // caller gave up must take nothing.
             deadline: Instant::now() + self.actors.grants.timeout() / 2,
         });
-        let decision = match timed("grant", reserve).await?? {
+        let decision = match timed(&self.metrics.grant, reserve).await?? {
             Reservation::Replay(done) => return Ok(Allowed::Replay(done)),
             Reservation::Granted(decision) => decision,
         };
@@ -316,8 +326,8 @@ impl MintFlow {
             claims.agentkeys_grant_id.clone(),
             claims.agentkeys_actor_omni.clone(),
         );
-        let sign = timed("sign", signer.call(SignOidc(claims)));
-        let audit = timed("audit", recorded);
+        let sign = timed(&self.metrics.sign, signer.call(SignOidc(claims)));
+        let audit = timed(&self.metrics.audit, recorded);
         let (signed, audited) = tokio::join!(sign, audit);
         // Unknown (the ask timed out): the use stays taken, never lost.
         let held = match &audited {
@@ -367,14 +377,4 @@ impl MintFlow {
             tracing::warn!(error = %audit, "audit of a refused mint failed");
         }
     }
-}
-
-/// Runs one gate of the mint path, recording its latency (whatever it
-/// answered) as `stage` for `/metrics`.
-async fn timed<T>(stage: &'static str, step: impl Future<Output = T>) -> T {
-    let started = Instant::now();
-    let output = step.await;
-    metrics::histogram!("agentkeys_mint_stage_seconds", "stage" => stage)
-        .record(started.elapsed().as_secs_f64());
-    output
 }
