@@ -17,6 +17,7 @@
 #   TARGET_RATE=7400 harness/mint-load.sh     # latency at a fixed offered rate (hey from
 #                                             # Debian, one agent; hey takes far more CPU than wrk)
 #   EXPECT_REFUSALS=1 harness/mint-load.sh    # an overload run: non-200 answers are expected
+#   BROKER=/path/to/agentkeys-broker harness/mint-load.sh   # measure another build
 #
 # Exits 1 when any mint was answered other than 200 (unless EXPECT_REFUSALS
 # is set) and, always, when the first mint after the run is not a 200.
@@ -31,10 +32,15 @@ RATE=${RATE:-1000000}
 SINKS=${SINKS:-default}
 
 command -v wrk >/dev/null || { echo "wrk is required (Debian package wrk)" >&2; exit 2; }
-cargo build --release --quiet
+# BROKER: another build of the broker to measure (say, the previous
+# release, side by side with this one); default: this tree's, built now.
+if [ -z "${BROKER:-}" ]; then
+  cargo build --release --quiet
+  BROKER=./target/release/agentkeys-broker
+fi
 
 # The limit every figure below is read against, measured in this run.
-limit=$(./target/release/agentkeys-broker load crypto --seconds 4 |
+limit=$("$BROKER" load crypto --seconds 4 |
   python3 -c 'import json, sys; print(round(json.load(sys.stdin)["verify_and_sign_per_second"]))')
 
 work=$(mktemp -d)
@@ -70,7 +76,7 @@ AGENTKEYS__RATE_LIMIT__PER_SECOND="$RATE" \
 AGENTKEYS__RATE_LIMIT__BURST="$RATE" \
 AGENTKEYS__RATE_LIMIT__LOGIN_PER_SECOND_PER_IP="$RATE" \
 AGENTKEYS__RATE_LIMIT__LOGIN_BURST_PER_IP="$RATE" \
-  ./target/release/agentkeys-broker serve --config "$work/broker.toml" >"$work/broker.log" 2>&1 &
+  "$BROKER" serve --config "$work/broker.toml" >"$work/broker.log" 2>&1 &
 broker_pid=$!
 
 for _ in $(seq 100); do
@@ -79,7 +85,7 @@ for _ in $(seq 100); do
 done
 curl -fs "$url/readyz" >/dev/null || { echo "broker did not become ready" >&2; cat "$work/broker.log" >&2; exit 1; }
 
-./target/release/agentkeys-broker load prepare --broker-url "$url" \
+"$BROKER" load prepare --broker-url "$url" \
   --admin-token-file "$work/data/admin.token" --agents "$AGENTS" --grant "s3:load/" \
   --out "$work/tokens.txt"
 
