@@ -134,7 +134,9 @@ impl From<MintError> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
-            AuthError::Internal(detail) => Self::internal(&detail),
+            internal if internal.code() == ErrorCode::Internal => {
+                Self::internal(&with_causes(&internal))
+            }
             other => Self::new(other.code(), other.to_string()),
         }
     }
@@ -176,13 +178,17 @@ impl From<InvalidInput> for ApiError {
     }
 }
 
-/// An error and every cause under it, for the log.
+/// An error and every cause under it, for the log (a cause whose text the
+/// error already shows is not repeated).
 fn with_causes(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
+        let shown = inner.to_string();
+        if !text.ends_with(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
         cause = inner.source();
     }
     text

@@ -14,7 +14,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use super::{AuditRecord, ChainHead};
-use crate::storage::redb_store::open_database;
+use crate::storage::redb_store::{backend, open_database};
 use crate::storage::StorageError;
 
 /// seq → JSON of the record.
@@ -156,10 +156,6 @@ impl LedgerSink {
         }
         Ok(records)
     }
-}
-
-fn backend(e: impl std::fmt::Display) -> StorageError {
-    StorageError::Backend(e.to_string())
 }
 
 fn decode(bytes: &[u8]) -> Result<AuditRecord, StorageError> {

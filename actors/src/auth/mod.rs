@@ -46,8 +46,14 @@ pub enum AuthError {
     NotFound,
     #[error(transparent)]
     Overloaded(#[from] Overloaded),
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("the agent registry failed")]
+    Storage(#[source] StorageError),
+    #[error("a session could not be signed")]
+    Signing(#[source] SignerError),
+    #[error("a registry write was lost")]
+    Lost(#[from] tokio::task::JoinError),
+    #[error("the login message could not be made")]
+    Message(#[from] agentkeys_wire::signed::WireError),
 }
 
 impl AuthError {
@@ -58,7 +64,9 @@ impl AuthError {
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::NotFound => ErrorCode::NotFound,
             Self::Overloaded(_) => ErrorCode::Overloaded,
-            Self::Internal(_) => ErrorCode::Internal,
+            Self::Storage(_) | Self::Signing(_) | Self::Lost(_) | Self::Message(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 }
@@ -68,7 +76,7 @@ impl From<SignerError> for AuthError {
         match e {
             SignerError::InvalidToken => Self::Unauthorized("invalid session token"),
             SignerError::BadSignature => Self::Unauthorized("login signature does not verify"),
-            SignerError::Signing(e) => Self::Internal(e),
+            signing @ SignerError::Signing(_) => Self::Signing(signing),
         }
     }
 }
@@ -78,7 +86,7 @@ impl From<StorageError> for AuthError {
         match e {
             StorageError::Conflict => Self::Conflict("name"),
             StorageError::NotFound => Self::NotFound,
-            StorageError::Backend(e) => Self::Internal(e),
+            backend @ StorageError::Backend(_) => Self::Storage(backend),
         }
     }
 }

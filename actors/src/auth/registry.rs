@@ -80,7 +80,7 @@ impl Handler<RegisterAgent> for AuthActor {
                 .map(move |result, actor, _| {
                     actor.reserved.remove(&name_key);
                     actor.reserved.remove(&device_key);
-                    result.map_err(|e| AuthError::Internal(e.to_string()))??;
+                    result.map_err(AuthError::from)??;
                     actor.add_live(record.clone());
                     Ok(record)
                 }),
@@ -116,7 +116,7 @@ impl Handler<SetAgentEnabled> for AuthActor {
             async move { tokio::task::spawn_blocking(move || store.replace(&written)).await }
                 .into_actor(self)
                 .map(move |result, actor, _| {
-                    result.map_err(|e| AuthError::Internal(e.to_string()))??;
+                    result.map_err(AuthError::from)??;
                     // Removed (or replaced by a new registration) while the
                     // write ran: the removal stands.
                     let same_agent = actor.agents.get(&updated.name).is_some_and(|live| {
@@ -158,7 +158,7 @@ impl Handler<RemoveAgent> for AuthActor {
             async move { tokio::task::spawn_blocking(move || store.remove(&name)).await }
                 .into_actor(self)
                 .map(move |result, actor, _| {
-                    let outcome = result.map_err(|e| AuthError::Internal(e.to_string()))?;
+                    let outcome = result.map_err(AuthError::from)?;
                     if let Err(e) = outcome {
                         let free = !actor.agents.contains_key(&removed.name)
                             && !actor.names_by_key.contains_key(&removed.public_key);

@@ -187,7 +187,7 @@ impl Handler<IssueChallenge> for AuthActor {
             &nonce,
             expires_at,
         )
-        .map_err(|e| AuthError::Internal(e.to_string()))?
+        .map_err(AuthError::from)?
         .text();
         self.nonces.insert(
             nonce.clone(),

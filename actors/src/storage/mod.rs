@@ -11,8 +11,10 @@ pub enum StorageError {
     Conflict,
     #[error("no such record")]
     NotFound,
+    /// The backend failed; its own error is kept as the source (and shown:
+    /// operators read this one at startup).
     #[error("storage backend: {0}")]
-    Backend(String),
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The agent registry: written by the AuthActor only, read once at start.

@@ -70,9 +70,7 @@ impl StoredCompleted {
                 .map_err(backend)?,
             (None, Some(plain)) => plain,
             (None, None) => {
-                return Err(StorageError::Backend(format!(
-                    "idempotency record {slot} has no answer"
-                )))
+                return Err(backend(format!("idempotency record {slot} has no answer")))
             }
         };
         Ok(CompletedMint {
@@ -85,8 +83,14 @@ impl StoredCompleted {
     }
 }
 
-fn backend(e: impl std::fmt::Display) -> StorageError {
-    StorageError::Backend(e.to_string())
+pub(crate) fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StorageError {
+    StorageError::Backend(e.into())
+}
+
+/// A lock a panicking writer left behind (its guard cannot be the source:
+/// it stays on this thread).
+fn poisoned<T>(e: std::sync::PoisonError<T>) -> StorageError {
+    backend(e.to_string())
 }
 
 /// Opens (or creates) a redb file and makes sure `table` exists.
@@ -249,7 +253,7 @@ impl GrantStore for RedbGrantStore {
     fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError> {
         let txn = self.db.begin_read().map_err(backend)?;
         let folded = grants_in(&txn.open_table(GRANTS).map_err(backend)?)?;
-        let journaled = self.journaled.lock().map_err(backend)?;
+        let journaled = self.journaled.lock().map_err(poisoned)?;
         // By id, as the table alone gave them before the journal.
         let mut grants: BTreeMap<String, Grant> =
             folded.into_iter().map(|g| (g.id.clone(), g)).collect();
@@ -295,7 +299,7 @@ impl GrantStore for RedbGrantStore {
     /// state of each journaled grant is folded into `GRANTS` in the same
     /// transaction, and the journal starts over.
     fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError> {
-        let mut journaled = self.journaled.lock().map_err(backend)?;
+        let mut journaled = self.journaled.lock().map_err(poisoned)?;
         let fresh = changes
             .grants
             .iter()
