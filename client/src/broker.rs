@@ -43,14 +43,7 @@ pub struct MintRequest {
 }
 
 /// The broker's answer to a mint.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Minted {
-    pub jwt: String,
-    pub expiration: u64,
-    pub jti: String,
-    pub omni_account: String,
-    pub grant_id: Option<String>,
-}
+pub use agentkeys_wire::answers::Minted;
 
 pub struct Broker {
     base_url: String,

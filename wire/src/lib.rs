@@ -3,12 +3,14 @@
 //!
 //! # Layout
 //! - [`paths`] and [`headers`]: the routes and header names of the contract.
+//! - [`answers`]: the broker's answers both sides read.
 //! - [`signed`]: every message a key signs (login, proof of possession),
 //!   each beginning with its own purpose line, so one kind can never be
 //!   accepted as another, and built from typed fields that cannot add a
 //!   line: a client rebuilds what it signs instead of signing what it is
 //!   handed.
 
+pub mod answers;
 pub mod headers;
 pub mod paths;
 pub mod signed;

@@ -238,16 +238,32 @@ mod tests {
         }
     }
 
-    fn start(store: Arc<FlakyStore>) -> actix::Addr<GrantActor> {
-        let settings = GrantSettings {
+    /// Settings for a test: keys in flight are freed after `in_flight_limit`.
+    fn settings(in_flight_limit: Duration) -> GrantSettings {
+        GrantSettings {
             mailbox_capacity: 16,
             idempotency_retention: Duration::from_secs(60),
-            in_flight_limit: Duration::from_secs(60),
+            in_flight_limit,
             purge_interval: Duration::from_secs(60),
-        };
+        }
+    }
+
+    fn start(store: Arc<FlakyStore>) -> actix::Addr<GrantActor> {
+        let settings = settings(Duration::from_secs(60));
         GrantActor::new(settings, store, &HashMap::new())
             .unwrap()
             .start()
+    }
+
+    /// [`reserve`] under an Idempotency-Key.
+    fn keyed() -> Reserve {
+        Reserve {
+            idempotency: Some(IdempotencySlot {
+                slot: "slot".into(),
+                fingerprint: "same request".into(),
+            }),
+            ..reserve()
+        }
     }
 
     fn create_one_use_grant() -> CreateGrant {
@@ -297,23 +313,11 @@ mod tests {
     /// lost Release does not lock the key for its whole retention.
     #[actix::test]
     async fn an_in_flight_key_is_freed_after_its_limit() {
-        let settings = GrantSettings {
-            mailbox_capacity: 16,
-            idempotency_retention: Duration::from_secs(60),
-            in_flight_limit: Duration::from_secs(2),
-            purge_interval: Duration::from_secs(60),
-        };
+        let settings = settings(Duration::from_secs(2));
         let grants = GrantActor::new(settings, Arc::new(FlakyStore::default()), &HashMap::new())
             .unwrap()
             .start();
         grants.send(create_one_use_grant()).await.unwrap().unwrap();
-        let keyed = || Reserve {
-            idempotency: Some(IdempotencySlot {
-                slot: "slot".into(),
-                fingerprint: "same request".into(),
-            }),
-            ..reserve()
-        };
         assert!(matches!(
             grants.send(keyed()).await.unwrap(),
             Ok(Reservation::Granted(..))
@@ -377,12 +381,7 @@ mod tests {
         let store = Arc::new(FlakyStore::default());
         let grants = start(store.clone());
         let grant = grants.send(create_one_use_grant()).await.unwrap().unwrap();
-        let settings = GrantSettings {
-            mailbox_capacity: 16,
-            idempotency_retention: Duration::from_secs(60),
-            in_flight_limit: Duration::from_secs(60),
-            purge_interval: Duration::from_secs(60),
-        };
+        let settings = settings(Duration::from_secs(60));
         store.loaded.lock().unwrap().push(grant.clone());
         let held = HashMap::from([(grant.id.clone(), 1)]);
         let restarted = GrantActor::new(settings, store, &held).unwrap().start();
@@ -404,13 +403,6 @@ mod tests {
         let grants = start(store);
         let handle = Handle::new(grants.clone(), "grants", Duration::from_secs(5));
         grants.send(create_one_use_grant()).await.unwrap().unwrap();
-        let keyed = || Reserve {
-            idempotency: Some(IdempotencySlot {
-                slot: "slot".into(),
-                fingerprint: "same request".into(),
-            }),
-            ..reserve()
-        };
         let take = |reserved: Result<Reservation, GrantError>| match reserved {
             Ok(Reservation::Granted(decision)) => {
                 let slot = keyed().idempotency;

@@ -27,8 +27,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use agentkeys_wire::answers::Minted;
 pub use error::MintError;
-pub use request::{MintPolicy, MintRequest, MintResponse, Minted};
+pub use request::{MintPolicy, MintRequest, MintResponse};
 
 use crate::audit::{MintEvent, Outcome, Record, UseChange};
 use crate::auth::{AuthError, BearerToken, CheckProof, VerifySession};

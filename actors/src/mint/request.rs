@@ -25,16 +25,6 @@ pub struct MintRequest {
     pub request_id: String,
 }
 
-/// The body of a successful mint, as sent (and replayed) byte for byte.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Minted {
-    pub jwt: String,
-    pub expiration: u64,
-    pub jti: String,
-    pub omni_account: String,
-    pub grant_id: Option<String>,
-}
-
 /// What the HTTP layer sends back for a successful mint.
 #[derive(Clone, Debug)]
 pub struct MintResponse {
