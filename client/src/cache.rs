@@ -3,7 +3,6 @@
 //! each time.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -118,21 +117,17 @@ fn read<T: DeserializeOwned>(path: &Path) -> Option<T> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// Writes a 0600 file through a temporary name, so readers never see half.
+/// Writes a 0600 file through a temporary file of its own (a unique name:
+/// two runs at once never touch each other's), so readers never see half.
 fn write<T: Serialize>(path: &Path, value: &T) -> Result<(), ClientError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(&serde_json::to_vec(value).map_err(|e| ClientError::Local(e.to_string()))?)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let bytes = serde_json::to_vec(value).map_err(|e| ClientError::Local(e.to_string()))?;
+    // Created 0600, in the same directory so the rename stays atomic.
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    file.write_all(&bytes)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
 
@@ -218,5 +213,34 @@ mod tests {
         assert!(cache.fresh_session("k1").unwrap().is_none());
         cache.forget_session().unwrap();
         cache.forget_session().unwrap();
+    }
+
+    /// Issue 17: two `credential_process` runs at once shared one temporary
+    /// name, so one could delete or rename away the other's file (and lose
+    /// a minted JWT). Every write must succeed and leave a whole file.
+    #[test]
+    fn concurrent_writes_to_one_cache_file_all_succeed_and_leave_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwt.json");
+        let writers: Vec<_> = (0..8)
+            .map(|writer| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|n| write(&path, &serde_json::json!({ "writer": writer, "n": n })))
+                        .filter(Result::is_err)
+                        .count()
+                })
+            })
+            .collect();
+        let failed: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();
+        assert_eq!(failed, 0, "writes that failed");
+        let last: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(last["n"], 49, "a whole file from one of the last writes");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind");
     }
 }
