@@ -268,7 +268,7 @@ impl Default for AuditSettings {
         .expect("the default sinks deserialize");
         Self {
             quorum: Quorum::AllRequired,
-            sink_timeout_ms: 2000,
+            sink_timeout_ms: 1000,
             retry_interval_seconds: 5,
             sink_queue: 1024,
             sinks,

@@ -167,6 +167,14 @@ impl Application {
 /// in-process load driver drives. Must run inside an actix system.
 pub fn build_actors(settings: &Settings) -> Result<Actors, StartupError> {
     settings.validate()?;
+    if settings.audit.sink_timeout_ms >= settings.actors.send_timeout_ms {
+        tracing::warn!(
+            sink_timeout_ms = settings.audit.sink_timeout_ms,
+            send_timeout_ms = settings.actors.send_timeout_ms,
+            "audit.sink_timeout_ms is not below actors.send_timeout_ms: a hung sink is \
+             answered 503 overloaded and the grant uses of its mints stay taken"
+        );
+    }
     let data_dir = &settings.storage.data_dir;
     agentkeys_actors::data_dir::secure(data_dir).map_err(StartupError::DataDir)?;
     let sealer = Sealer::load_or_generate(&settings.secrets.sealing_key_file, data_dir)?;

@@ -468,12 +468,15 @@ fn fan_out(
         .collect();
     let (quorum, sink_timeout) = (settings.quorum, settings.sink_timeout);
     async move {
+        // One deadline for all of them: a mint waits at most `sink_timeout`
+        // for its sinks, however many are required.
+        let deadline = tokio::time::Instant::now() + sink_timeout;
         let mut required = 0usize;
         let mut failures = Vec::new();
         for (name, done) in waits {
             let Some(done) = done else { continue };
             required += 1;
-            let outcome = match tokio::time::timeout(sink_timeout, done).await {
+            let outcome = match tokio::time::timeout_at(deadline, done).await {
                 Ok(Ok(Ok(()))) => continue,
                 Ok(Ok(Err(reason))) => reason,
                 Ok(Err(_)) => "the sink worker stopped".to_owned(),

@@ -427,6 +427,25 @@ mod tests {
         );
     }
 
+    /// A mint whose outcome is unknown (its record may yet be durable, and
+    /// the ledger count with it) keeps its use taken in memory too, and
+    /// frees its key for a retry.
+    #[actix::test]
+    async fn a_use_whose_mint_outcome_is_unknown_stays_taken_and_frees_its_key() {
+        let grants = start(Arc::new(FlakyStore::default()));
+        let handle = Handle::new(grants.clone(), "grants", Duration::from_secs(5));
+        grants.send(create_one_use_grant()).await.unwrap().unwrap();
+        let Ok(Reservation::Granted(decision)) = grants.send(keyed()).await.unwrap() else {
+            panic!("the one use is granted");
+        };
+        GrantUse::taken(handle, &decision, keyed().idempotency).keep_taken();
+        assert_eq!(
+            grants.send(keyed()).await.unwrap().err(),
+            Some(GrantError::Exhausted),
+            "the key is free (not in flight) and the use still taken"
+        );
+    }
+
     /// Group commit: a commit whose thread dies answers its waiters with an
     /// error (their replies are dropped with the batch) and the next
     /// commit still runs.

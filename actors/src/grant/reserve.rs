@@ -61,6 +61,21 @@ impl GrantUse {
         self.release.as_ref()?.grant_id.as_deref()
     }
 
+    /// The mint's outcome is unknown (its record, and with it the use, may
+    /// yet be durable): the use stays taken, the key is freed for a retry.
+    pub fn keep_taken(mut self) {
+        if let Some(Release {
+            idempotency: Some(claim),
+            ..
+        }) = self.release.take()
+        {
+            self.grants.tell(Release {
+                grant_id: None,
+                idempotency: Some(claim),
+            });
+        }
+    }
+
     /// The JWT was released: the use stays taken, and an idempotent
     /// request's answer is kept for replays, durably before this returns.
     /// The JWT is out already, so a failure is logged, not returned.

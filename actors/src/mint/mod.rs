@@ -330,20 +330,20 @@ impl MintFlow {
         let sign = timed(&self.metrics.sign, signer.call(SignOidc(claims)));
         let audit = timed(&self.metrics.audit, recorded);
         let (signed, audited) = tokio::join!(sign, audit);
-        // Unknown (the ask timed out): the use stays taken, never lost.
+        // Whether the ledger holds the record, and with it the use; `None`:
+        // unknown (the record's ask timed out, its commit may still land).
         let held = match &audited {
-            Ok(_) => true,
-            Err(MintError::AuditUnavailable(e)) => e.ledger_holds_it(),
-            Err(_) => false,
+            Ok(_) => Some(true),
+            Err(MintError::AuditUnavailable(e)) => Some(e.ledger_holds_it()),
+            Err(_) => None,
         };
-        let withheld = |error: MintError| {
-            let taken = grant_use.grant_id().filter(|_| held).map(str::to_owned);
-            (error, taken.map_or(UseChange::None, UseChange::GiveBack))
+        let signed = signed
+            .map_err(MintError::from)
+            .and_then(|jwt| jwt.map_err(MintError::Signing));
+        let jwt = match signed.and_then(|jwt| audited.map(|_| jwt)) {
+            Ok(jwt) => jwt,
+            Err(error) => return Err(withhold(grant_use, error, held)),
         };
-        let jwt = signed
-            .map_err(|e| withheld(e.into()))?
-            .map_err(|e| withheld(MintError::Signing(e)))?;
-        audited.map_err(withheld)?;
         let minted = Minted {
             jwt,
             expiration,
@@ -351,7 +351,10 @@ impl MintFlow {
             omni_account,
             grant_id,
         };
-        let body = serde_json::to_vec(&minted).map_err(|e| withheld(e.into()))?;
+        let body = match serde_json::to_vec(&minted) {
+            Ok(body) => body,
+            Err(e) => return Err(withhold(grant_use, e.into(), held)),
+        };
         let kept_until = now_unix() + self.policy.idempotency_retention.as_secs();
         grant_use.keep(&body, &minted.jti, kept_until).await;
         Ok(MintResponse {
@@ -376,6 +379,25 @@ impl MintFlow {
     async fn record_refusal(&self, event: MintEvent, uses: UseChange) {
         if let Err(audit) = self.record(event, uses).await {
             tracing::warn!(error = %audit, "audit of a refused mint failed");
+        }
+    }
+}
+
+/// Settles the use of a JWT withheld after its record was sent: given back
+/// on disk by the refusal's record (the answer) when the ledger holds the
+/// record that took it, and in memory by the guard; kept taken in memory
+/// too when nobody knows (so memory never allows what the ledger may
+/// already count).
+fn withhold(grant_use: GrantUse, error: MintError, held: Option<bool>) -> (MintError, UseChange) {
+    match held {
+        Some(true) => {
+            let taken = grant_use.grant_id().map(str::to_owned);
+            (error, taken.map_or(UseChange::None, UseChange::GiveBack))
+        }
+        Some(false) => (error, UseChange::None),
+        None => {
+            grant_use.keep_taken();
+            (error, UseChange::None)
         }
     }
 }
