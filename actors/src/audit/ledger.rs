@@ -71,9 +71,13 @@ impl LedgerSink {
         {
             let mut table = txn.open_table(RECORDS).map_err(|e| e.to_string())?;
             for (record, json) in batch.iter().zip(encoded) {
-                table
+                let earlier = table
                     .insert(record.seq, json.as_slice())
                     .map_err(|e| e.to_string())?;
+                // The chain's head went wrong: never overwrite a record.
+                if earlier.is_some() {
+                    return Err(format!("record {} is already in the ledger", record.seq));
+                }
             }
         }
         if !uses.is_empty() {

@@ -119,7 +119,8 @@ pub struct GrantActor {
 impl GrantActor {
     /// Loads grants and unexpired idempotency records from `store`; each
     /// grant's uses are the ones the audit ledger holds (`held_uses`: a use
-    /// is durable only with the record of the JWT it released).
+    /// is durable only with the record of the JWT it released), or its
+    /// stored row's if higher.
     pub fn new(
         settings: GrantSettings,
         store: Arc<dyn GrantStore>,
@@ -140,7 +141,10 @@ impl GrantActor {
             committing: false,
         };
         for mut grant in grants {
-            grant.uses = held_uses.get(&grant.id).copied().unwrap_or(0);
+            // The ledger's count is exact; a stored row can only be higher
+            // (written with uses in flight), and wins if the ledger was lost.
+            let held = held_uses.get(&grant.id).copied().unwrap_or(0);
+            grant.uses = grant.uses.max(held);
             actor.insert_grant(grant);
         }
         for (slot, mint) in completed {
