@@ -1,8 +1,8 @@
 //! Group commit, the one way an actor batches durable writes: one commit
 //! at a time, on a blocking thread; whatever changes while it runs goes
 //! into the next one, so a flood costs one disk flush per batch, not one
-//! per change. The batch carries its waiters: if its write is lost (the
-//! blocking thread panicked), dropping it answers them with an error.
+//! per change. A write that panics is settled like one that failed (its
+//! changes are written again or its waiters told), never silently lost.
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, WrapFuture};
 
@@ -24,6 +24,9 @@ pub trait GroupCommit: Actor<Context = Context<Self>> {
     /// The durable write of one batch, run off the actor's thread.
     fn writer(&self) -> impl FnOnce(&Self::Batch) -> Self::Written + Send + 'static;
 
+    /// What a write that panicked answers (a failure naming `reason`).
+    fn lost(reason: String) -> Self::Written;
+
     /// Settles a written batch: answers its waiters, applies or retries
     /// its changes. The next commit starts right after.
     fn committed(&mut self, batch: Self::Batch, written: Self::Written, ctx: &mut Context<Self>);
@@ -40,7 +43,11 @@ pub trait GroupCommit: Actor<Context = Context<Self>> {
         let write = self.writer();
         let job = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let written = write(&batch);
+            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(&batch)))
+                .unwrap_or_else(|_| {
+                    tracing::error!(store = Self::STORE, "a commit panicked");
+                    Self::lost("the commit panicked".into())
+                });
             metrics::histogram!("agentkeys_commit_seconds", "store" => Self::STORE)
                 .record(started.elapsed().as_secs_f64());
             (batch, written)
@@ -49,10 +56,10 @@ pub trait GroupCommit: Actor<Context = Context<Self>> {
             *actor.committing() = false;
             match joined {
                 Ok((batch, written)) => actor.committed(batch, written, ctx),
-                // The batch and its waiters are gone: they learn it from
-                // their dropped replies.
-                Err(lost) => {
-                    tracing::error!(store = Self::STORE, error = %lost, "a commit was lost")
+                // Only when the runtime shuts down: the batch's waiters
+                // learn it from their dropped replies.
+                Err(gone) => {
+                    tracing::error!(store = Self::STORE, error = %gone, "a commit was cancelled")
                 }
             }
             actor.commit_next(ctx);

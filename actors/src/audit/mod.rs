@@ -413,6 +413,10 @@ impl GroupCommit for AuditActor {
         })
     }
 
+    fn lost(reason: String) -> Result<(), String> {
+        Err(reason)
+    }
+
     fn writer(&self) -> impl FnOnce(&LedgerBatch) -> Result<(), String> + Send + 'static {
         let ledger = self.ledger.clone();
         move |batch| ledger.append(&batch.records, &batch.encoded, &batch.uses)

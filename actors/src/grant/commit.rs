@@ -64,6 +64,10 @@ impl GroupCommit for GrantActor {
         })
     }
 
+    fn lost(reason: String) -> Result<(), StorageError> {
+        Err(StorageError::Backend(reason.into()))
+    }
+
     fn writer(&self) -> impl FnOnce(&GrantBatch) -> Result<(), StorageError> + Send + 'static {
         let store = self.store.clone();
         move |batch| store.commit(&batch.changes)

@@ -468,4 +468,26 @@ mod tests {
                 .unwrap();
         assert_eq!(*store.written.lock().unwrap(), vec![created.id]);
     }
+
+    /// A revoke whose commit panicked took effect in memory at once; it is
+    /// written by the next commit, never left unwritten (it would come back
+    /// live after a restart).
+    #[actix::test]
+    async fn a_revoke_whose_commit_panicked_is_written_by_the_next_commit() {
+        let store = Arc::new(FlakyStore::default());
+        let grants = start(store.clone());
+        let grant = grants.send(create_one_use_grant()).await.unwrap().unwrap();
+        store.written.lock().unwrap().clear();
+        store.panicking.store(true, Ordering::SeqCst);
+        let revoke = RevokeGrant {
+            id: grant.id.clone(),
+        };
+        let lost = grants.send(revoke).await.unwrap();
+        assert!(matches!(lost, Err(GrantError::Storage(_))), "{lost:?}");
+        grants.send(create_one_use_grant()).await.unwrap().unwrap();
+        assert!(
+            store.written.lock().unwrap().contains(&grant.id),
+            "the revoke is written by the next commit"
+        );
+    }
 }
