@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod verify;
 mod worker;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -166,11 +167,11 @@ impl AuditRecord {
         };
         let mut json = serde_json::to_vec(&record).expect("records serialize");
         record.hash = sha256_hex(&json);
-        let empty_hash_end = br#""}"#;
+        let closing = br#""}"#;
         debug_assert!(json.ends_with(br#","hash":""}"#));
-        json.truncate(json.len() - empty_hash_end.len());
+        json.truncate(json.len() - closing.len());
         json.extend_from_slice(record.hash.as_bytes());
-        json.extend_from_slice(empty_hash_end);
+        json.extend_from_slice(closing);
         (record, json)
     }
 
@@ -392,10 +393,13 @@ impl GroupCommit for AuditActor {
         let mut head = self.head.clone();
         let mut records = Vec::with_capacity(take);
         let mut replies = Vec::with_capacity(take);
-        let mut uses = Vec::new();
+        // Net change per grant: the ledger reads and writes each count once.
+        let mut uses: BTreeMap<String, i64> = BTreeMap::new();
         let mut encoded = Vec::with_capacity(take);
         for (event, use_change, reply) in self.pending.drain(..take) {
-            uses.extend(use_change.delta());
+            if let Some((grant_id, delta)) = use_change.delta() {
+                *uses.entry(grant_id).or_default() += delta;
+            }
             head.seq += 1;
             let (record, json) = AuditRecord::chain(event, head.seq, ts, head.hash);
             encoded.push(json);
@@ -407,7 +411,7 @@ impl GroupCommit for AuditActor {
         Some(LedgerBatch {
             records: Arc::new(records),
             encoded,
-            uses,
+            uses: uses.into_iter().filter(|(_, delta)| *delta != 0).collect(),
             replies,
             head,
         })

@@ -141,14 +141,16 @@ impl MintFlow {
             None => None,
         };
         match throttled {
-            Some(_) => self.metrics.unauthenticated_429.increment(1),
-            None => self.metrics.unauthenticated_401.increment(1),
-        }
-        match throttled {
-            Some(limited) => Err(MintError::UnauthenticatedThrottled {
-                retry_after: limited.retry_after,
-            }),
-            None => Err(refusal.into()),
+            Some(limited) => {
+                self.metrics.unauthenticated_429.increment(1);
+                Err(MintError::UnauthenticatedThrottled {
+                    retry_after: limited.retry_after,
+                })
+            }
+            None => {
+                self.metrics.unauthenticated_401.increment(1);
+                Err(refusal.into())
+            }
         }
     }
 
@@ -191,8 +193,7 @@ impl MintFlow {
             Ok(Allowed::Fresh(fresh)) => {
                 let (grant_id, jti) = (&fresh.claims.agentkeys_grant_id, &fresh.claims.jti);
                 let attempt = attempt.releasing(grant_id.clone(), jti);
-                let takes = fresh.grant_use.grant_id().map(str::to_owned);
-                let takes = takes.map_or(UseChange::None, UseChange::Take);
+                let takes = grant_id.clone().map_or(UseChange::None, UseChange::Take);
                 let recorded = self.record(attempt.ended(Outcome::Ok), takes);
                 // Once the record may be durable, a failure's record names
                 // the JWT withheld (and gives its use back if it was held).
