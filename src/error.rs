@@ -180,7 +180,7 @@ impl From<InvalidInput> for ApiError {
 
 /// An error and every cause under it, for the log (a cause whose text the
 /// error already shows is not repeated).
-fn with_causes(error: &dyn std::error::Error) -> String {
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(inner) = cause {

@@ -2,8 +2,12 @@
 //!
 //! # Layout
 //! - [`settings`]: the typed, layered config (file + `AGENTKEYS__*` env).
-//! - [`startup`]: builds the actors and the server; `main` and tests share it.
-//! - [`routes`]: one file per area (oidc, auth, mint, admin, health).
+//! - [`startup`]: builds the actors and the servers; `main` and tests share it.
+//! - [`listen`]: the public and admin listeners, their TLS certificates
+//!   (reloaded live), the client's address behind trusted proxies and the
+//!   request id every answer carries.
+//! - [`routes`]: one file per area (oidc, auth, mint, admin, metrics,
+//!   health), and which listener serves which.
 //! - [`error`]: the one HTTP error type and its status mapping.
 //! - [`admin_token`]: the operator's bearer token.
 //! - [`commands`]: the CLI commands: admin API calls, offline audit
@@ -14,6 +18,7 @@ pub mod admin_token;
 pub mod body_deadline;
 pub mod commands;
 pub mod error;
+pub mod listen;
 pub mod routes;
 pub mod settings;
 pub mod startup;

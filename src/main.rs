@@ -68,6 +68,12 @@ struct Target {
         default_value = "http://127.0.0.1:8080"
     )]
     broker_url: String,
+    /// The admin listener (`server.admin_bind`), when it is not the public one.
+    #[arg(long, global = true, env = "AGENTKEYS_ADMIN_URL")]
+    admin_url: Option<String>,
+    /// PEM certificates to trust besides the system's roots (a private CA).
+    #[arg(long, global = true, env = "AGENTKEYS_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// File holding the admin token.
     #[arg(
         long,
@@ -141,8 +147,11 @@ impl Target {
     fn connect(&self) -> Result<AdminTarget, Box<dyn std::error::Error>> {
         let token = std::fs::read_to_string(&self.admin_token_file)
             .map_err(|e| format!("admin token file {}: {e}", self.admin_token_file.display()))?;
+        let ca_file = self.ca_file.as_deref();
+        let admin_url = self.admin_url.as_deref().unwrap_or(&self.broker_url);
         Ok(AdminTarget {
-            client: BrokerClient::new(&self.broker_url),
+            admin: BrokerClient::new(admin_url, ca_file)?,
+            public: BrokerClient::new(&self.broker_url, ca_file)?,
             token: token.trim().to_owned(),
         })
     }

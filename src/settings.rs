@@ -50,6 +50,52 @@ pub struct ServerSettings {
     pub request_body_timeout_ms: u64,
     /// Idle keep-alive connections are closed after this.
     pub keep_alive_seconds: u64,
+    /// Serve https with this certificate and key (PEM); unset: plain http.
+    pub tls: Option<TlsFiles>,
+    /// A second listener for `/v1/admin/*` and `/metrics`, which then answer
+    /// only there (404 on `bind`). Unset: one listener serves everything.
+    pub admin_bind: Option<String>,
+    /// The admin listener's own certificate and key; unset: plain http.
+    pub admin_tls: Option<TlsFiles>,
+    /// How often the certificate files are checked for a change (they are
+    /// also reloaded on SIGHUP).
+    pub tls_check_interval_seconds: u64,
+    /// Proxies (addresses or CIDRs) whose `Forwarded` / `X-Forwarded-For`
+    /// and `X-Request-Id` headers are believed; from anyone else they are
+    /// ignored.
+    pub trusted_proxies: Vec<ProxyNetwork>,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// An address or a network in CIDR form (`10.0.0.7`, `10.0.0.0/8`,
+/// `fd00::/8`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyNetwork(pub ipnet::IpNet);
+
+impl std::str::FromStr for ProxyNetwork {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        text.parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map(Self)
+            .map_err(|_| format!("{text:?} is not an address or a CIDR network"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ProxyNetwork {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for ServerSettings {
@@ -63,6 +109,11 @@ impl Default for ServerSettings {
             client_request_timeout_ms: 5000,
             request_body_timeout_ms: 5000,
             keep_alive_seconds: 30,
+            tls: None,
+            admin_bind: None,
+            admin_tls: None,
+            tls_check_interval_seconds: 10,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -380,6 +431,7 @@ impl Settings {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("oidc.audiences")
+                    .with_list_parse_key("server.trusted_proxies")
                     .try_parsing(true),
             )
             .build()?
@@ -422,6 +474,12 @@ impl Settings {
             return invalid(
                 "server.max_connections, client_request_timeout_ms and request_body_timeout_ms must be at least 1",
             );
+        }
+        if self.server.admin_tls.is_some() && self.server.admin_bind.is_none() {
+            return invalid("server.admin_tls needs server.admin_bind");
+        }
+        if self.server.tls_check_interval_seconds == 0 {
+            return invalid("server.tls_check_interval_seconds must be at least 1");
         }
         if self.mint.default_ttl_seconds == 0
             || self.mint.default_ttl_seconds > self.mint.max_ttl_seconds

@@ -2,7 +2,6 @@
 //! and the integration tests both go through [`Application::build`].
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +27,9 @@ use agentkeys_actors::storage::{GrantStore, StorageError};
 use agentkeys_actors::system::Actors;
 
 use crate::admin_token::AdminToken;
+use crate::listen::client_address::TrustedProxies;
+use crate::listen::{request_context, tls, ListenError, Listener, Listeners};
+use crate::routes::Serves;
 use crate::settings::{Settings, SettingsError};
 use crate::{body_deadline, routes, telemetry};
 
@@ -49,11 +51,8 @@ pub enum StartupError {
     Bench(String),
     #[error("admin token: {0}")]
     AdminToken(std::io::Error),
-    #[error("cannot listen on {bind}: {source}")]
-    Bind {
-        bind: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
 }
 
 /// The audit ledger's file in the data directory.
@@ -72,15 +71,20 @@ pub struct BrokerState {
     pub max_body_bytes: usize,
 }
 
-/// A built broker: actors running, listener bound, server not yet polled.
+/// A built broker: listeners bound, actors running, servers not yet polled.
 pub struct Application {
     port: u16,
-    server: Server,
+    admin_port: Option<u16>,
+    servers: Vec<Server>,
 }
 
 impl Application {
     /// Must run inside an actix system (`#[actix_web::main]` or a test).
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        settings.validate()?;
+        // Before anything starts: a port in use or a bad certificate is a
+        // clean error, not actors torn down half-started.
+        let listeners = Listeners::bind(&settings.server)?;
         // Before any actor handle resolves its metrics.
         telemetry::metrics();
         let actors = build_actors(&settings)?;
@@ -90,16 +94,6 @@ impl Application {
             &settings.storage.data_dir,
         )
         .map_err(StartupError::AdminToken)?;
-
-        let bind = settings.server.bind.clone();
-        let listener = TcpListener::bind(&bind).map_err(|source| StartupError::Bind {
-            bind: bind.clone(),
-            source,
-        })?;
-        let port = listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind { bind, source })?
-            .port();
         let state = web::Data::new(BrokerState {
             actors,
             mint,
@@ -108,59 +102,107 @@ impl Application {
             jwks_max_age_seconds: settings.oidc.jwks_max_age_seconds,
             max_body_bytes: settings.server.max_body_bytes,
         });
-        let max_body = settings.server.max_body_bytes;
-        let body_timeout = Duration::from_millis(settings.server.request_body_timeout_ms);
-        let mut server = HttpServer::new(move || {
-            App::new()
-                .wrap_fn(|request, service| {
-                    let route = request.match_pattern().unwrap_or_else(|| "unmatched".into());
-                    let started = std::time::Instant::now();
-                    let answer = service.call(request);
-                    async move {
-                        let response = answer.await?;
-                        let status = response.status().as_u16().to_string();
-                        metrics::counter!("agentkeys_http_requests_total", "route" => route.clone(), "status" => status).increment(1);
-                        metrics::histogram!("agentkeys_http_request_seconds", "route" => route).record(started.elapsed().as_secs_f64());
-                        Ok(response)
-                    }
-                })
-                .wrap_fn(move |mut request, service| {
-                    let payload = request.take_payload();
-                    request.set_payload(body_deadline::with_deadline(payload, body_timeout));
-                    service.call(request)
-                })
-                .app_data(state.clone())
-                .configure(|cfg| routes::configure(cfg, max_body))
-        })
-        .shutdown_timeout(settings.server.shutdown_timeout_seconds)
-        .max_connections(settings.server.max_connections)
-        .client_request_timeout(Duration::from_millis(
-            settings.server.client_request_timeout_ms,
-        ))
-        .keep_alive(Duration::from_secs(settings.server.keep_alive_seconds));
-        if settings.server.workers > 0 {
-            server = server.workers(settings.server.workers);
+        tls::watch(
+            listeners.certificates(),
+            Duration::from_secs(settings.server.tls_check_interval_seconds),
+        );
+        let port = listeners.public.port;
+        let admin_port = listeners.admin.as_ref().map(|admin| admin.port);
+        let mut servers = vec![http_server(listeners.public, &state, &settings)?];
+        if let Some(admin) = listeners.admin {
+            servers.push(http_server(admin, &state, &settings)?);
         }
-        let server = server
-            .listen(listener)
-            .map_err(|source| StartupError::Bind {
-                bind: settings.server.bind.clone(),
-                source,
-            })?
-            .run();
-        tracing::info!(port, issuer = %settings.oidc.issuer, "agentkeys-broker listening");
-        Ok(Self { port, server })
+        tracing::info!(port, admin_port, issuer = %settings.oidc.issuer, "agentkeys-broker listening");
+        Ok(Self {
+            port,
+            admin_port,
+            servers,
+        })
     }
 
-    /// The port actually bound (useful with port 0).
+    /// The public listener's port (useful with port 0).
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// The admin listener's port, when `server.admin_bind` is set.
+    pub fn admin_port(&self) -> Option<u16> {
+        self.admin_port
+    }
+
     /// Serves until SIGINT/SIGTERM, then drains requests in flight.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        futures_util::future::try_join_all(self.servers).await?;
+        Ok(())
     }
+}
+
+/// The HTTP server of one listener: its routes, wrapped in the request
+/// context (id, client address), metrics and the body deadline.
+fn http_server(
+    listener: Listener,
+    state: &web::Data<BrokerState>,
+    settings: &Settings,
+) -> Result<Server, StartupError> {
+    let server_settings = &settings.server;
+    let state = state.clone();
+    let max_body = server_settings.max_body_bytes;
+    let body_timeout = Duration::from_millis(server_settings.request_body_timeout_ms);
+    let proxies = TrustedProxies::new(&server_settings.trusted_proxies);
+    let serves = listener.serves;
+    let mut server = HttpServer::new(move || {
+        let proxies = proxies.clone();
+        App::new()
+            .wrap_fn(|request, service| {
+                let route = request.match_pattern().unwrap_or_else(|| "unmatched".into());
+                let started = std::time::Instant::now();
+                let answer = service.call(request);
+                async move {
+                    let response = answer.await?;
+                    let status = response.status().as_u16().to_string();
+                    metrics::counter!("agentkeys_http_requests_total", "route" => route.clone(), "status" => status).increment(1);
+                    metrics::histogram!("agentkeys_http_request_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+                    Ok(response)
+                }
+            })
+            .wrap_fn(move |mut request, service| {
+                let payload = request.take_payload();
+                request.set_payload(body_deadline::with_deadline(payload, body_timeout));
+                service.call(request)
+            })
+            .wrap_fn(move |request, service| request_context::serve(&proxies, request, service))
+            .app_data(state.clone())
+            .configure(|cfg| routes::configure(cfg, max_body, serves))
+    })
+    .shutdown_timeout(server_settings.shutdown_timeout_seconds)
+    .max_connections(server_settings.max_connections)
+    .client_request_timeout(Duration::from_millis(
+        server_settings.client_request_timeout_ms,
+    ))
+    .keep_alive(Duration::from_secs(server_settings.keep_alive_seconds));
+    server = match (serves, server_settings.workers) {
+        // Admin traffic is an operator's: one worker is plenty.
+        (Serves::Admin, _) => server.workers(1),
+        (_, 0) => server,
+        (_, workers) => server.workers(workers),
+    };
+    let bound = match &listener.tls {
+        Some(certificate) => {
+            let config = certificate
+                .server_config()
+                .map_err(|source| ListenError::Tls {
+                    listener: listener.name,
+                    source,
+                })?;
+            server.listen_rustls_0_23(listener.socket, config)
+        }
+        None => server.listen(listener.socket),
+    };
+    let bound = bound.map_err(|source| ListenError::Bind {
+        bind: format!("the {} listener's port {}", listener.name, listener.port),
+        source,
+    })?;
+    Ok(bound.run())
 }
 
 /// The actor system without HTTP: what the server runs on, and what the

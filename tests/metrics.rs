@@ -7,7 +7,7 @@
 #[allow(dead_code)]
 mod helpers;
 
-use actix_web::http::StatusCode;
+use reqwest::StatusCode;
 use serde_json::json;
 
 use helpers::spawn_app_with;
@@ -36,10 +36,11 @@ async fn metrics_show_outcomes_stages_depth_batches_and_lag() {
     )
     .await;
 
-    let client = awc::Client::default();
-    let mut response = client.get(app.url("/metrics")).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let text = String::from_utf8(response.body().await.unwrap().to_vec()).unwrap();
+    let reply = app
+        .send_to("GET", &app.url("/metrics"), None, &[], None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let text = String::from_utf8(reply.raw).unwrap();
 
     let value = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("{name} in {text}"));
     assert_eq!(value("agentkeys_mints_total{outcome=\"ok\"}"), 3.0);
@@ -74,8 +75,10 @@ async fn metrics_show_outcomes_stages_depth_batches_and_lag() {
     for _ in 0..2 {
         app.mint("not-a-session", &json!({})).await;
     }
-    let mut response = client.get(app.url("/metrics")).send().await.unwrap();
-    let text = String::from_utf8(response.body().await.unwrap().to_vec()).unwrap();
+    let reply = app
+        .send_to("GET", &app.url("/metrics"), None, &[], None)
+        .await;
+    let text = String::from_utf8(reply.raw).unwrap();
     assert_eq!(
         sample(
             &text,

@@ -2,8 +2,10 @@
 //! an `Idempotency-Key`, so retries after 409/429/503 or a lost answer can
 //! never release a second JWT.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use agentkeys_wire::http_client::http_client;
 use agentkeys_wire::signed::{is_nonce, LoginMessage, ProofHeader, ProofMessage};
 use agentkeys_wire::{headers, paths};
 use reqwest::StatusCode;
@@ -54,17 +56,38 @@ pub struct Broker {
     http: reqwest::Client,
 }
 
+/// Where a daemon finds its broker.
+#[derive(Clone, Debug, Default)]
+pub struct Endpoint {
+    /// The broker's public URL (http or https).
+    pub url: String,
+    /// The broker's OIDC issuer, when it is not `url` (a broker behind a
+    /// proxy or known by another name).
+    pub issuer: Option<String>,
+    /// PEM certificates trusted besides the system's roots (a private CA).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Endpoint {
+    /// The broker at `url`, its own issuer, trusted through the system roots.
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
 impl Broker {
-    /// `issuer` defaults to `base_url` (they are the same unless the
-    /// broker sits behind a proxy or a different name).
-    pub fn new(base_url: &str, issuer: Option<&str>) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
+    pub fn new(endpoint: &Endpoint) -> Result<Self, ClientError> {
+        let http = http_client(endpoint.ca_file.as_deref(), Duration::from_secs(30))
             .map_err(|e| ClientError::Local(e.to_string()))?;
-        let base_url = base_url.trim_end_matches('/').to_owned();
+        let base_url = endpoint.url.trim_end_matches('/').to_owned();
         Ok(Self {
-            issuer: issuer.map_or_else(|| base_url.clone(), |i| i.trim_end_matches('/').to_owned()),
+            issuer: endpoint
+                .issuer
+                .as_deref()
+                .map_or_else(|| base_url.clone(), |i| i.trim_end_matches('/').to_owned()),
             base_url,
             http,
         })

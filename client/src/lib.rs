@@ -17,7 +17,7 @@ pub mod sts;
 
 use std::path::PathBuf;
 
-use broker::{Broker, MintRequest, Minted};
+use broker::{Broker, Endpoint, MintRequest, Minted};
 use cache::Cache;
 use device_key::DeviceKey;
 
@@ -69,17 +69,15 @@ pub struct Agent {
 
 impl Agent {
     /// Loads the device key and prepares the caches under `state_dir`.
-    /// `issuer` is the broker's OIDC issuer, when it is not `broker_url`.
     pub fn new(
-        broker_url: &str,
-        issuer: Option<&str>,
+        broker: &Endpoint,
         key_file: PathBuf,
         state_dir: PathBuf,
     ) -> Result<Self, ClientError> {
         Ok(Self {
             key: DeviceKey::load(&key_file)?,
-            broker: Broker::new(broker_url, issuer)?,
-            cache: Cache::new(state_dir, broker_url),
+            broker: Broker::new(broker)?,
+            cache: Cache::new(state_dir, &broker.url),
         })
     }
 

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agentkeys_client::broker::MintRequest;
+use agentkeys_client::broker::{Endpoint, MintRequest};
 use agentkeys_client::device_key::DeviceKey;
 use agentkeys_client::sts::{self, AssumeRole};
 use agentkeys_client::{Agent, ClientError};
@@ -35,6 +35,9 @@ struct Where {
     /// this client signs; default: the broker URL.
     #[arg(long, global = true, env = "AGENTKEYS_ISSUER")]
     issuer: Option<String>,
+    /// PEM certificates to trust besides the system's roots (a private CA).
+    #[arg(long, global = true, env = "AGENTKEYS_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Holds the device key, the session and the JWT caches.
     #[arg(
         long,
@@ -63,12 +66,12 @@ impl Where {
     }
 
     fn agent(&self) -> Result<Agent, ClientError> {
-        Agent::new(
-            &self.broker_url,
-            self.issuer.as_deref(),
-            self.key_file(),
-            self.state_dir(),
-        )
+        let broker = Endpoint {
+            url: self.broker_url.clone(),
+            issuer: self.issuer.clone(),
+            ca_file: self.ca_file.clone(),
+        };
+        Agent::new(&broker, self.key_file(), self.state_dir())
     }
 }
 

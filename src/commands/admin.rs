@@ -6,9 +6,11 @@ use serde_json::{json, Value};
 
 use super::client::{BrokerClient, ClientError};
 
-/// Where the broker is and the admin token to present.
+/// Where the broker's admin API is, the admin token to present there, and
+/// the public API (the same listener unless `server.admin_bind` is set).
 pub struct AdminTarget {
-    pub client: BrokerClient,
+    pub admin: BrokerClient,
+    pub public: BrokerClient,
     pub token: String,
 }
 
@@ -80,12 +82,12 @@ impl AdminTarget {
         match command {
             AgentCommand::Add { name, public_key } => {
                 let body = json!({ "name": name, "public_key": public_key });
-                self.client
+                self.admin
                     .call("POST", "/v1/admin/agents", self.token(), Some(&body))
                     .await
             }
             AgentCommand::List => {
-                self.client
+                self.admin
                     .call("GET", "/v1/admin/agents", self.token(), None)
                     .await
             }
@@ -93,9 +95,7 @@ impl AdminTarget {
             AgentCommand::Enable { name } => self.set_enabled(&name, true).await,
             AgentCommand::Remove { name } => {
                 let path = format!("/v1/admin/agents/{name}");
-                self.client
-                    .call("DELETE", &path, self.token(), None)
-                    .await?;
+                self.admin.call("DELETE", &path, self.token(), None).await?;
                 Ok(json!({ "removed": name }))
             }
         }
@@ -104,7 +104,7 @@ impl AdminTarget {
     async fn set_enabled(&self, name: &str, enabled: bool) -> Result<Value, ClientError> {
         let path = format!("/v1/admin/agents/{name}");
         let body = json!({ "enabled": enabled });
-        self.client
+        self.admin
             .call("PATCH", &path, self.token(), Some(&body))
             .await
     }
@@ -123,7 +123,7 @@ impl AdminTarget {
                     "agent": agent, "service": service, "scope_path": scope_path,
                     "max_uses": max_uses, "expires_at": expires_at, "max_ttl_seconds": max_ttl_seconds,
                 });
-                self.client
+                self.admin
                     .call("POST", "/v1/admin/grants", self.token(), Some(&body))
                     .await
             }
@@ -132,11 +132,11 @@ impl AdminTarget {
                     Some(agent) => format!("/v1/admin/grants?agent={agent}"),
                     None => "/v1/admin/grants".to_owned(),
                 };
-                self.client.call("GET", &path, self.token(), None).await
+                self.admin.call("GET", &path, self.token(), None).await
             }
             GrantCommand::Revoke { id } => {
                 let path = format!("/v1/admin/grants/{id}");
-                self.client.call("DELETE", &path, self.token(), None).await
+                self.admin.call("DELETE", &path, self.token(), None).await
             }
         }
     }
@@ -145,12 +145,12 @@ impl AdminTarget {
         match command {
             KeysCommand::Rotate { session } => {
                 let body = json!({ "key": if session { "session" } else { "oidc" } });
-                self.client
+                self.admin
                     .call("POST", "/v1/admin/keys/rotate", self.token(), Some(&body))
                     .await
             }
             KeysCommand::List => {
-                self.client
+                self.admin
                     .call("GET", "/v1/admin/keys", self.token(), None)
                     .await
             }

@@ -18,7 +18,7 @@ use agentkeys_actors::domain::{
 };
 use agentkeys_actors::grant::{CreateGrant, GrantSpec};
 use agentkeys_actors::keys::KeyRing;
-use agentkeys_actors::mint::{MintFlow, MintRequest};
+use agentkeys_actors::mint::{MintFlow, MintRequest, RequestIds};
 use agentkeys_actors::rate_limit::{CheckRate, RateLimitActor, RateLimitSettings, TrackedKeys};
 use agentkeys_actors::sealing::Sealer;
 use agentkeys_actors::signer::{
@@ -183,10 +183,10 @@ pub async fn in_process(
                     audience: None,
                     idempotency: None,
                     proof: None,
-                    request_id: String::new(),
+                    ids: RequestIds::default(),
                 };
                 let begun = Instant::now();
-                let minted = match flow.admit(bearer, None, "").await {
+                let minted = match flow.admit(bearer, None, &RequestIds::default()).await {
                     Ok(principal) => flow.mint(principal, request).await,
                     Err(refused) => Err(refused),
                 };

@@ -1,7 +1,9 @@
 //! A small HTTP client for the broker's API, shared by the commands.
 
+use std::path::Path;
 use std::time::Duration;
 
+use agentkeys_wire::http_client::{http_client, HttpClientError};
 use agentkeys_wire::paths;
 use agentkeys_wire::signed::LoginMessage;
 use ed25519_dalek::{Signer, SigningKey};
@@ -9,6 +11,8 @@ use serde_json::{json, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    #[error(transparent)]
+    Setup(#[from] HttpClientError),
     #[error("cannot reach the broker: {0}")]
     Transport(String),
     #[error("broker answered {status} {code}: {message}")]
@@ -23,17 +27,17 @@ pub enum ClientError {
 
 pub struct BrokerClient {
     base_url: String,
-    http: awc::Client,
+    http: reqwest::Client,
 }
 
 impl BrokerClient {
-    pub fn new(base_url: &str) -> Self {
-        Self {
+    /// A client of the broker at `base_url` (http or https), trusting the
+    /// system roots plus `ca_file`'s certificates.
+    pub fn new(base_url: &str, ca_file: Option<&Path>) -> Result<Self, ClientError> {
+        Ok(Self {
             base_url: base_url.trim_end_matches('/').to_owned(),
-            http: awc::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .finish(),
-        }
+            http: http_client(ca_file, Duration::from_secs(30))?,
+        })
     }
 
     /// Sends a request and returns the JSON body of a 2xx answer (or null).
@@ -44,30 +48,32 @@ impl BrokerClient {
         bearer: Option<&str>,
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
-        let method = awc::http::Method::from_bytes(method.as_bytes())
+        let method = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.base_url));
         if let Some(token) = bearer {
-            request = request.insert_header(("Authorization", format!("Bearer {token}")));
+            request = request.bearer_auth(token);
         }
-        let sent = match body {
-            Some(body) => request.send_json(body).await,
-            None => request.send().await,
-        };
-        let mut response = sent.map_err(|e| ClientError::Transport(e.to_string()))?;
-        let bytes = response
-            .body()
-            .limit(16 << 20)
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
             .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(|e| ClientError::Transport(transport_error(&e)))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Transport(transport_error(&e)))?;
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        if response.status().is_success() {
+        if status.is_success() {
             Ok(value)
         } else {
             Err(ClientError::Refused {
-                status: response.status().as_u16(),
+                status: status.as_u16(),
                 code: value["error"].as_str().unwrap_or("unknown").to_owned(),
                 message: value["message"].as_str().unwrap_or_default().to_owned(),
             })
@@ -123,4 +129,10 @@ impl BrokerClient {
             .unwrap_or_default()
             .to_owned())
     }
+}
+
+/// A transport error with its causes (reqwest's own text hides the TLS
+/// reason, "invalid peer certificate: UnknownIssuer", further down).
+fn transport_error(error: &reqwest::Error) -> String {
+    crate::error::with_causes(error)
 }

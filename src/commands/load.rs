@@ -53,7 +53,7 @@ pub async fn prepare(
                 })
                 .await?;
         }
-        tokens.push(target.client.login(&key).await?);
+        tokens.push(target.public.login(&key).await?);
     }
     let mut file = std::fs::File::create(out)?;
     for token in tokens {

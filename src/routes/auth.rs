@@ -7,6 +7,7 @@ use agentkeys_actors::rate_limit::CheckLoginRate;
 use serde::Deserialize;
 
 use crate::error::ApiError;
+use crate::listen::request_context::RequestContext;
 use crate::startup::BrokerState;
 
 /// Longest nonce we could have issued; anything longer is not ours.
@@ -30,19 +31,18 @@ struct VerifyBody {
     signature: String,
 }
 
-/// Login is unauthenticated, so it is rate limited per client IP (the
-/// TCP peer: behind a proxy, the proxy's).
+/// Login is unauthenticated, so it is rate limited per client address
+/// (the TCP peer, or behind a trusted proxy the address it forwarded for).
 async fn check_login_rate(state: &BrokerState, request: &HttpRequest) -> Result<(), ApiError> {
-    let Some(peer) = request.peer_addr() else {
+    let Some(ip) = RequestContext::of(request).client else {
         return Ok(());
     };
-    let check = CheckLoginRate { ip: peer.ip() };
-    state
-        .actors
-        .rate_limit
-        .ask(check)
-        .await?
-        .map_err(|e| ApiError::rate_limited("this client address", e.retry_after))
+    let check = CheckLoginRate { ip };
+    state.actors.rate_limit.ask(check).await?.map_err(|e| {
+        // The request's span names the client address.
+        tracing::info!("login refused: over the per-address rate");
+        ApiError::rate_limited("this client address", e.retry_after)
+    })
 }
 
 #[post("/v1/auth/challenge")]

@@ -3,15 +3,16 @@
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use agentkeys_actors::auth::{BearerToken, ProofOfPossession};
 use agentkeys_actors::domain::{
-    random_hex, sha256_hex, IdempotencyKey, Intent, InvalidInput, ScopePath, ServiceName,
+    sha256_hex, IdempotencyKey, Intent, InvalidInput, ScopePath, ServiceName,
 };
-use agentkeys_actors::mint::{MintError, MintRequest, MINT_PATH};
+use agentkeys_actors::mint::{MintError, MintRequest, RequestIds, MINT_PATH};
 use agentkeys_wire::headers;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::admin_token::bearer_token;
 use crate::error::ApiError;
+use crate::listen::request_context::RequestContext;
 use crate::startup::BrokerState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -100,6 +101,21 @@ async fn read_body(
     Ok(body)
 }
 
+/// The caller's own `Agentkeys-Client-Request-Id`, if it sent one.
+fn client_request_id(request: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(header) = request.headers().get(headers::CLIENT_REQUEST_ID) else {
+        return Ok(None);
+    };
+    match header.to_str() {
+        Ok(id) if headers::is_request_id(id) => Ok(Some(id.to_owned())),
+        _ => Err(ApiError::bad_request(format!(
+            "{} must be 1-{} visible ASCII characters",
+            headers::CLIENT_REQUEST_ID,
+            headers::MAX_CLIENT_REQUEST_ID
+        ))),
+    }
+}
+
 fn proof_of_possession(
     request: &HttpRequest,
     body: &[u8],
@@ -121,7 +137,7 @@ async fn parse(
     payload: web::Payload,
     max_body_bytes: usize,
     session_sha256: String,
-    request_id: String,
+    ids: RequestIds,
 ) -> Result<MintRequest, ApiError> {
     let raw = read_body(request, payload, max_body_bytes).await?;
     let body: MintBody = serde_json::from_slice(&raw)
@@ -139,47 +155,43 @@ async fn parse(
         audience: body.audience,
         idempotency,
         proof,
-        request_id,
+        ids,
     })
 }
 
-#[tracing::instrument(skip_all, fields(request_id, outcome))]
+#[tracing::instrument(skip_all, fields(outcome))]
 #[post("/v1/mint-oidc-jwt")]
 async fn mint_oidc_jwt(
     state: web::Data<BrokerState>,
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let request_id = random_hex(8);
     let span = tracing::Span::current();
-    span.record("request_id", request_id.as_str());
+    let context = RequestContext::of(&request);
+    let sent_id = client_request_id(&request);
+    let ids = RequestIds {
+        request_id: context.request_id,
+        client_request_id: sent_id.as_ref().ok().cloned().flatten(),
+    };
     let bearer = BearerToken::new(bearer_token(&request)?.to_owned());
     let session_sha256 = bearer.sha256_hex();
     // The session and the rate limit first: nobody without a session, or
     // beyond its rate, gets the broker to wait for a body.
-    let client = request.peer_addr().map(|peer| peer.ip());
     let principal = state
         .mint
-        .admit(bearer, client, &request_id)
+        .admit(bearer, context.client, &ids)
         .await
         .map_err(|error| refused(&span, error))?;
     let max_body = state.max_body_bytes;
-    let parsed = parse(
-        &request,
-        payload,
-        max_body,
-        session_sha256,
-        request_id.clone(),
-    )
-    .await;
+    let parsed = match sent_id {
+        Ok(_) => parse(&request, payload, max_body, session_sha256, ids.clone()).await,
+        Err(error) => Err(error),
+    };
     let mint = match parsed {
         Ok(mint) => mint,
         Err(error) => {
-            let (code, request_id) = (error.code(), request_id.clone());
-            state
-                .mint
-                .record_refused(&principal, request_id, code)
-                .await;
+            let code = error.code();
+            state.mint.record_refused(&principal, ids, code).await;
             span.record("outcome", code.as_str());
             return Err(error);
         }
@@ -192,9 +204,7 @@ async fn mint_oidc_jwt(
             // Every mint is in the audit ledger; the log line is for debugging.
             tracing::debug!(jti = %minted.jti, "minted");
             let mut response = HttpResponse::Ok();
-            response
-                .insert_header((headers::REQUEST_ID, request_id))
-                .content_type("application/json");
+            response.content_type("application/json");
             if minted.replayed {
                 response.insert_header((headers::IDEMPOTENT_REPLAYED, "true"));
             }

@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod health;
+mod metrics;
 mod mint;
 mod oidc;
 
@@ -11,9 +12,21 @@ use actix_web::{error::JsonPayloadError, web, HttpRequest, HttpResponse};
 
 use crate::error::ApiError;
 
-/// Registers every route; anything else is a JSON 404. There is
-/// deliberately no `/v1/mint-aws-creds`: the broker holds no cloud principal.
-pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
+/// Which routes a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serves {
+    /// One listener for everything (no `server.admin_bind`).
+    Everything,
+    /// OIDC discovery, login, mint and the probes.
+    Public,
+    /// `/v1/admin/*`, `/metrics` and the probes.
+    Admin,
+}
+
+/// Registers the routes `serves` names; anything else is a JSON 404. There
+/// is deliberately no `/v1/mint-aws-creds`: the broker holds no cloud
+/// principal.
+pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize, serves: Serves) {
     cfg.app_data(
         web::JsonConfig::default()
             .limit(max_body_bytes)
@@ -27,12 +40,17 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
         web::QueryConfig::default()
             .error_handler(|e, _| ApiError::bad_request(e.to_string()).into()),
     )
-    .configure(oidc::configure)
-    .configure(auth::configure)
-    .configure(mint::configure)
-    .configure(admin::configure)
     .configure(health::configure)
     .default_service(web::to(not_found));
+    if serves != Serves::Admin {
+        cfg.configure(oidc::configure)
+            .configure(auth::configure)
+            .configure(mint::configure);
+    }
+    if serves != Serves::Public {
+        cfg.configure(admin::configure)
+            .configure(metrics::configure);
+    }
 }
 
 /// Malformed, mistyped, unknown-field and oversize bodies are all 400.

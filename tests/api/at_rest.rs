@@ -5,8 +5,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use actix_web::http::StatusCode;
 use agentkeys_broker::startup::{Application, StartupError};
+use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::helpers::{spawn_app, spawn_app_with};

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use actix_web::http::StatusCode;
 use agentkeys_actors::audit::config::SinkConfig;
 use agentkeys_actors::audit::Quorum;
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{spawn_app_with, TestApp};

@@ -6,13 +6,21 @@ use serde_json::Value;
 
 use crate::helpers::{spawn_app, TestApp};
 
-fn broker_cli(app: &TestApp, args: &[&str]) -> (bool, Value, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
+/// Runs the broker binary's `args` against `app`: its admin listener and
+/// its test CA, when it has them.
+pub fn broker_cli(app: &TestApp, args: &[&str]) -> (bool, Value, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"));
+    command
         .args(args)
         .env("AGENTKEYS_BROKER_URL", &app.address)
-        .env("AGENTKEYS_ADMIN_TOKEN_FILE", app.data_file("admin.token"))
-        .output()
-        .expect("the binary runs");
+        .env("AGENTKEYS_ADMIN_TOKEN_FILE", app.data_file("admin.token"));
+    if let Some(admin) = &app.admin_address {
+        command.env("AGENTKEYS_ADMIN_URL", admin);
+    }
+    if let Some(ca_file) = app.ca_file() {
+        command.env("AGENTKEYS_CA_FILE", ca_file);
+    }
+    let output = command.output().expect("the binary runs");
     let stdout = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
     (
         output.status.success(),

@@ -1,7 +1,7 @@
 //! The daemon-side library against a real broker: login, mint with cache,
 //! errors with their codes and exit codes.
 
-use agentkeys_client::broker::MintRequest;
+use agentkeys_client::broker::{Endpoint, MintRequest};
 use agentkeys_client::device_key::DeviceKey;
 use agentkeys_client::{Agent, ClientError};
 use serde_json::json;
@@ -33,14 +33,11 @@ async fn a_daemon_logs_in_mints_reuses_its_cache_and_reads_refusals() {
     let grant = json!({ "agent": "daemon", "service": "s3", "scope_path": "daemon/" });
     app.post("/v1/admin/grants", admin, &grant).await;
 
-    let issuer = Some(app.settings.oidc.issuer.as_str());
-    let agent = Agent::new(
-        &app.address,
-        issuer,
-        key_file.clone(),
-        state.path().to_owned(),
-    )
-    .unwrap();
+    let broker = Endpoint {
+        issuer: Some(app.settings.oidc.issuer.clone()),
+        ..Endpoint::new(&app.address)
+    };
+    let agent = Agent::new(&broker, key_file.clone(), state.path().to_owned()).unwrap();
     let first = agent.mint(&intent("daemon/creds/")).await.unwrap();
     let claims = verify_against_jwks(
         &first.jwt,
@@ -70,8 +67,7 @@ async fn a_daemon_logs_in_mints_reuses_its_cache_and_reads_refusals() {
     assert_eq!(refused.exit_code(), 3, "{refused}");
 
     let down = Agent::new(
-        "http://127.0.0.1:9",
-        None,
+        &Endpoint::new("http://127.0.0.1:9"),
         key_file,
         state.path().join("down"),
     )
@@ -159,8 +155,11 @@ async fn the_client_signs_only_the_login_message_it_rebuilt_itself() {
         ("another key's login", other_key),
     ] {
         let (url, signatures) = hostile_broker(message, nonce).await;
-        let agent =
-            Agent::new(&url, Some(issuer), key_file.clone(), state.path().join("s")).unwrap();
+        let broker = Endpoint {
+            issuer: Some(issuer.to_owned()),
+            ..Endpoint::new(&url)
+        };
+        let agent = Agent::new(&broker, key_file.clone(), state.path().join("s")).unwrap();
         let refused = agent.session().await.unwrap_err();
         assert!(
             matches!(&refused, ClientError::Local(why) if why.contains("refusing to sign")),

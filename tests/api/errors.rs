@@ -1,10 +1,10 @@
 //! Every bad input gets its status and stable error code, and changes nothing.
 
-use actix_web::http::StatusCode;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ed25519_dalek::Signer;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{own_scope, spawn_open_app, TestApp};

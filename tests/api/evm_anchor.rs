@@ -60,10 +60,10 @@ fn start_anvil() -> Option<(Anvil, String)> {
 }
 
 async fn rpc_ready(url: &str) -> bool {
-    let client = awc::Client::default();
+    let client = reqwest::Client::new();
     let ask = json!({ "jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": [] });
     for _ in 0..100 {
-        if client.post(url).send_json(&ask).await.is_ok() {
+        if client.post(url).json(&ask).send().await.is_ok() {
             return true;
         }
         actix_web::rt::time::sleep(Duration::from_millis(100)).await;
@@ -94,7 +94,7 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
                 &json!({ "service": "s3", "scope_path": "chain/" }),
             )
             .await;
-        assert_eq!(reply.status, actix_web::http::StatusCode::OK);
+        assert_eq!(reply.status, reqwest::StatusCode::OK);
     }
 
     let mut report = serde_json::Value::Null;

@@ -4,12 +4,12 @@
 //! back after its record was held stays given back, and a data directory
 //! from before uses rode the ledger keeps the counts it had.
 
-use actix_web::http::StatusCode;
 use agentkeys_actors::audit::config::SinkConfig;
 use agentkeys_actors::domain::Grant;
 use agentkeys_actors::sealing::Sealer;
 use agentkeys_actors::storage::redb_store::RedbGrantStore;
 use agentkeys_actors::storage::{GrantChanges, GrantStore};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{spawn_app, spawn_app_with, TestApp};

@@ -1,7 +1,7 @@
 //! Explicit grants on the mint path: matching, limits, atomic consumption.
 
-use actix_web::http::StatusCode;
 use futures_util::future::join_all;
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{own_scope, spawn_app, spawn_app_with, verify_against_jwks};

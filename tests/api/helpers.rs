@@ -6,15 +6,21 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use actix_web::http::StatusCode;
 use agentkeys_broker::settings::Settings;
 use agentkeys_broker::startup::Application;
 use ed25519_dalek::{Signer, SigningKey};
 use jsonwebtoken::jwk::JwkSet;
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 pub struct TestApp {
+    /// The public listener: `http://127.0.0.1:<port>`, or with TLS
+    /// `https://localhost:<port>`.
     pub address: String,
+    /// The admin listener, when `server.admin_bind` is set.
+    pub admin_address: Option<String>,
+    /// Trusts the test CA when the broker serves https.
+    pub http: reqwest::Client,
     pub settings: Settings,
     pub admin_token: String,
     system: actix_web::rt::System,
@@ -38,13 +44,26 @@ impl TestAgent {
 /// A response as the tests look at it.
 pub struct Reply {
     pub status: StatusCode,
-    pub headers: actix_web::http::header::HeaderMap,
+    pub headers: reqwest::header::HeaderMap,
     pub body: Value,
     /// The body exactly as received.
     pub raw: Vec<u8>,
 }
 
 impl Reply {
+    /// Reads a whole answer.
+    pub async fn read(response: reqwest::Response) -> Result<Self, reqwest::Error> {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await?;
+        Ok(Self {
+            status,
+            headers,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            raw: bytes.to_vec(),
+        })
+    }
+
     pub fn error_code(&self) -> &str {
         self.body["error"].as_str().unwrap_or("<no error code>")
     }
@@ -84,28 +103,35 @@ fn start(settings: Settings) -> TestApp {
     let for_thread = settings.clone();
     let thread = std::thread::spawn(move || {
         let runner = actix_web::rt::System::new();
-        let port = runner.block_on(async move {
+        let ports = runner.block_on(async move {
             let app = Application::build(for_thread)
                 .await
                 .expect("the broker starts");
-            let port = app.port();
+            let ports = (app.port(), app.admin_port());
             actix_web::rt::spawn(app.run_until_stopped());
-            port
+            ports
         });
         ready_tx
-            .send((port, actix_web::rt::System::current()))
+            .send((ports, actix_web::rt::System::current()))
             .expect("test is waiting");
         runner.run().expect("system runs");
     });
-    let (port, system) = ready_rx.recv().expect("the broker thread reports its port");
+    let ((port, admin_port), system) = ready_rx.recv().expect("the broker thread reports its port");
     let token_file = (settings.admin.token_file.clone())
         .unwrap_or_else(|| settings.storage.data_dir.join("admin.token"));
     let admin_token = std::fs::read_to_string(token_file)
         .expect("admin token written")
         .trim()
         .to_owned();
+    let base = |port: u16, https: bool| match https {
+        true => format!("https://localhost:{port}"),
+        false => format!("http://127.0.0.1:{port}"),
+    };
+    let server = &settings.server;
     TestApp {
-        address: format!("http://127.0.0.1:{port}"),
+        address: base(port, server.tls.is_some()),
+        admin_address: admin_port.map(|port| base(port, server.admin_tls.is_some())),
+        http: http_client(test_ca_file(&settings).as_deref()),
         settings,
         admin_token,
         system,
@@ -139,6 +165,61 @@ impl TestApp {
         format!("{}{}", self.address, path)
     }
 
+    /// The test CA's certificate, when the broker serves https.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        test_ca_file(&self.settings)
+    }
+
+    /// `path` on the admin listener (the public one when there is none).
+    pub fn admin_url(&self, path: &str) -> String {
+        let base = self.admin_address.as_ref().unwrap_or(&self.address);
+        format!("{base}{path}")
+    }
+
+    /// Sends raw body bytes (as JSON) with a bearer token and more headers.
+    pub async fn send_to(
+        &self,
+        method: &str,
+        url: &str,
+        bearer: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Reply {
+        let authorization = bearer.map(|token| format!("Bearer {token}"));
+        let mut all = headers.to_vec();
+        all.extend(
+            authorization
+                .as_deref()
+                .map(|value| ("Authorization", value)),
+        );
+        if body.is_some() {
+            all.push(("Content-Type", "application/json"));
+        }
+        self.send_raw(method, url, &all, body.map(<[u8]>::to_vec))
+            .await
+            .expect("request sent")
+    }
+
+    /// Sends exactly these headers and body; a request the client itself
+    /// cannot send (or a transport failure) is an error.
+    pub async fn send_raw(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, reqwest::Error> {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.http.request(method, url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(bytes) = body {
+            request = request.body(bytes);
+        }
+        Reply::read(request.send().await?).await
+    }
+
     /// Sends `body` (raw bytes, so tests can send anything) with headers.
     pub async fn send(
         &self,
@@ -147,27 +228,16 @@ impl TestApp {
         bearer: Option<&str>,
         body: Option<&[u8]>,
     ) -> Reply {
-        let client = awc::Client::default();
-        let method = actix_web::http::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = client.request(method, self.url(path));
-        if let Some(token) = bearer {
-            request = request.insert_header(("Authorization", format!("Bearer {token}")));
-        }
-        let mut response = match body {
-            Some(bytes) => request
-                .insert_header(("Content-Type", "application/json"))
-                .send_body(bytes.to_vec())
-                .await
-                .expect("request sent"),
-            None => request.send().await.expect("request sent"),
-        };
-        let bytes = response.body().limit(1 << 20).await.expect("body read");
-        Reply {
-            status: response.status(),
-            headers: response.headers().clone(),
-            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            raw: bytes.to_vec(),
-        }
+        self.send_to(method, &self.url(path), bearer, &[], body)
+            .await
+    }
+
+    /// An admin call with the admin token, on the admin listener.
+    pub async fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let url = self.admin_url(path);
+        self.send_to(method, &url, Some(&self.admin_token), &[], body.as_deref())
+            .await
     }
 
     pub async fn post(&self, path: &str, bearer: Option<&str>, body: &Value) -> Reply {
@@ -187,13 +257,8 @@ impl TestApp {
             name: name.to_owned(),
             key: SigningKey::from_bytes(&seed),
         };
-        let reply = self
-            .post(
-                "/v1/admin/agents",
-                Some(&self.admin_token),
-                &json!({ "name": name, "public_key": agent.public_key_hex() }),
-            )
-            .await;
+        let body = json!({ "name": name, "public_key": agent.public_key_hex() });
+        let reply = self.admin("POST", "/v1/admin/agents", Some(&body)).await;
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
         agent
     }
@@ -206,13 +271,8 @@ impl TestApp {
         scope: &str,
         max_uses: Option<u64>,
     ) -> Value {
-        let reply = self
-            .post(
-                "/v1/admin/grants",
-                Some(&self.admin_token),
-                &json!({ "agent": agent.name, "service": service, "scope_path": scope, "max_uses": max_uses }),
-            )
-            .await;
+        let body = json!({ "agent": agent.name, "service": service, "scope_path": scope, "max_uses": max_uses });
+        let reply = self.admin("POST", "/v1/admin/grants", Some(&body)).await;
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
         reply.body
     }
@@ -255,16 +315,13 @@ impl TestApp {
     /// Revokes `grant` through the admin API.
     pub async fn revoke(&self, grant: &Value) -> Reply {
         let id = grant["id"].as_str().expect("a grant has an id");
-        let path = format!("/v1/admin/grants/{id}");
-        self.send("DELETE", &path, Some(&self.admin_token), None)
+        self.admin("DELETE", &format!("/v1/admin/grants/{id}"), None)
             .await
     }
 
     /// The outcomes of the first 1000 audit records, in order.
     pub async fn audit_outcomes(&self) -> Vec<String> {
-        let page = self
-            .get("/v1/admin/audit?limit=1000", Some(&self.admin_token))
-            .await;
+        let page = self.admin("GET", "/v1/admin/audit?limit=1000", None).await;
         assert_eq!(page.status, StatusCode::OK, "{}", page.body);
         page.body["records"]
             .as_array()
@@ -276,21 +333,11 @@ impl TestApp {
 
     /// A mint with an `Idempotency-Key`.
     pub async fn mint_with_key(&self, session: &str, key: &str, body: &Value) -> Reply {
-        let client = awc::Client::default();
-        let mut response = client
-            .post(self.url("/v1/mint-oidc-jwt"))
-            .insert_header(("Authorization", format!("Bearer {session}")))
-            .insert_header(("Idempotency-Key", key))
-            .send_json(body)
+        let url = self.url("/v1/mint-oidc-jwt");
+        let headers = [("Idempotency-Key", key)];
+        let body = body.to_string();
+        self.send_to("POST", &url, Some(session), &headers, Some(body.as_bytes()))
             .await
-            .unwrap();
-        let bytes = response.body().await.unwrap();
-        Reply {
-            status: response.status(),
-            headers: response.headers().clone(),
-            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            raw: bytes.to_vec(),
-        }
     }
 
     pub async fn jwks(&self) -> JwkSet {
@@ -434,5 +481,70 @@ impl PipeShipper {
     /// Every byte read so far.
     pub fn received(&self) -> Vec<u8> {
         self.received.lock().unwrap().clone()
+    }
+}
+
+/// The test CA's certificate, when the broker under test serves https (the
+/// CA's files sit beside the listener's certificate: see [`TestCa`]).
+fn test_ca_file(settings: &Settings) -> Option<PathBuf> {
+    let tls = settings
+        .server
+        .tls
+        .as_ref()
+        .or(settings.server.admin_tls.as_ref())?;
+    Some(tls.cert_file.with_file_name(TestCa::CA_FILE))
+}
+
+/// The workspace's one HTTP client, trusting `ca_file` when given.
+pub fn http_client(ca_file: Option<&Path>) -> reqwest::Client {
+    agentkeys_wire::http_client::http_client(ca_file, std::time::Duration::from_secs(30))
+        .expect("the HTTP client builds")
+}
+
+/// A certificate authority made for one test, and the certificates it
+/// issues for `localhost`, written as PEM files in `dir`.
+pub struct TestCa {
+    dir: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// The CA certificate's file name in its folder.
+    pub const CA_FILE: &'static str = "ca.pem";
+
+    pub fn new(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "agentkeys test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(Self::CA_FILE), certificate.pem()).unwrap();
+        Self {
+            dir: dir.to_owned(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join(Self::CA_FILE)
+    }
+
+    /// A fresh certificate and key for `localhost` and 127.0.0.1, written as
+    /// `<name>.pem` and `<name>.key`.
+    pub fn issue(&self, name: &str) -> agentkeys_broker::settings::TlsFiles {
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let params = rcgen::CertificateParams::new(names).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = params.signed_by(&key, &self.issuer).unwrap();
+        let files = agentkeys_broker::settings::TlsFiles {
+            cert_file: self.dir.join(format!("{name}.pem")),
+            key_file: self.dir.join(format!("{name}.key")),
+        };
+        std::fs::write(&files.cert_file, certificate.pem()).unwrap();
+        std::fs::write(&files.key_file, key.serialize_pem()).unwrap();
+        files
     }
 }

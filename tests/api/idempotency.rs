@@ -1,7 +1,7 @@
 //! Idempotency-Key on the mint path: replay, conflict, in-flight, isolation.
 
-use actix_web::http::StatusCode;
 use futures_util::future::join_all;
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{spawn_app, TestApp};

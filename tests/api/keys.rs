@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use actix_web::http::StatusCode;
 use agentkeys_actors::domain::now_unix;
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{spawn_app, spawn_app_with, verify_against_jwks, TestApp};

@@ -1,4 +1,4 @@
-use actix_web::http::StatusCode;
+use reqwest::StatusCode;
 use serde_json::json;
 
 use sha2::Digest;
@@ -281,15 +281,23 @@ async fn a_session_with_a_lifetime_the_broker_never_issues_is_refused() {
 /// A record's hash as docs/audit.md defines it, rebuilt here from the
 /// text, not from the broker's code: SHA-256 (hex) over the canonical JSON
 /// of the record with its fields in the documented order, compact, and
-/// `hash` set to `""`.
-fn documented_hash(record: &serde_json::Value) -> String {
-    let fields: Vec<String> = crate::helpers::RECORD_FIELDS
-        .iter()
+/// `hash` set to `""`; `client_request_id` after `request_id` only when
+/// the record has one.
+pub fn documented_hash(record: &serde_json::Value) -> String {
+    let mut names = Vec::new();
+    for name in crate::helpers::RECORD_FIELDS {
+        names.push(name);
+        if name == "request_id" && record.get("client_request_id").is_some() {
+            names.push("client_request_id");
+        }
+    }
+    let fields: Vec<String> = names
+        .into_iter()
         .map(|name| {
-            let value = if *name == "hash" {
+            let value = if name == "hash" {
                 serde_json::Value::from("")
             } else {
-                record[*name].clone()
+                record[name].clone()
             };
             format!("\"{name}\":{value}")
         })

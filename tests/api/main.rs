@@ -16,6 +16,7 @@ mod helpers;
 mod hostile;
 mod idempotency;
 mod keys;
+mod listeners;
 mod login_and_mint;
 mod overload;
 mod process;

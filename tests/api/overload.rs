@@ -1,8 +1,8 @@
 //! Backpressure and hostile traffic: a full pool answers 503 at once and the
 //! broker recovers; login is rate limited per client address.
 
-use actix_web::http::StatusCode;
 use futures_util::future::join_all;
+use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::helpers::{spawn_app_with, TestApp};

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use actix_web::http::StatusCode;
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::Reply;
@@ -15,7 +15,17 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_agentkeys-broker");
 /// The broker as a real process on `port`, with its data in `data_dir`
 /// and its sealing key beside it (`data_dir` is a folder of its own).
 pub fn start_broker(data_dir: &Path, port: u16) -> Child {
-    Command::new(BIN)
+    broker_command(data_dir, port)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the broker starts")
+}
+
+/// The command [`start_broker`] runs, for a test to add to.
+pub fn broker_command(data_dir: &Path, port: u16) -> Command {
+    let mut command = Command::new(BIN);
+    command
         .arg("serve")
         .env("AGENTKEYS__SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("AGENTKEYS__STORAGE__DATA_DIR", data_dir)
@@ -26,11 +36,8 @@ pub fn start_broker(data_dir: &Path, port: u16) -> Child {
         .env("AGENTKEYS__OIDC__ISSUER", "https://broker.test")
         .env("AGENTKEYS__RATE_LIMIT__PER_SECOND", "100000")
         .env("AGENTKEYS__RATE_LIMIT__BURST", "100000")
-        .env("AGENTKEYS__LOG__FILTER", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the broker starts")
+        .env("AGENTKEYS__LOG__FILTER", "warn");
+    command
 }
 
 /// Where the tests keep the sealing key of a broker with `data_dir`.
@@ -56,25 +63,19 @@ pub async fn call(
     bearer: Option<&str>,
     body: Option<Value>,
 ) -> Result<Reply, String> {
-    let client = awc::Client::builder()
+    let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
-        .finish();
+        .build()
+        .unwrap();
     let mut request = client.request(method.parse().unwrap(), format!("{base}{path}"));
     if let Some(token) = bearer {
-        request = request.insert_header(("Authorization", format!("Bearer {token}")));
+        request = request.bearer_auth(token);
     }
-    let sent = match body {
-        Some(body) => request.send_json(&body).await,
-        None => request.send().await,
-    };
-    let mut response = sent.map_err(|e| e.to_string())?;
-    let bytes = response.body().await.map_err(|e| e.to_string())?;
-    Ok(Reply {
-        status: response.status(),
-        headers: response.headers().clone(),
-        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        raw: bytes.to_vec(),
-    })
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    Reply::read(response).await.map_err(|e| e.to_string())
 }
 
 pub async fn wait_ready(base: &str) {
@@ -113,7 +114,8 @@ pub async fn agent_with_grant(
         .unwrap();
     assert_eq!(grant.status, StatusCode::CREATED, "{}", grant.body);
     let grant = grant.body;
-    let session = agentkeys_broker::commands::client::BrokerClient::new(base)
+    let session = agentkeys_broker::commands::client::BrokerClient::new(base, None)
+        .unwrap()
         .login(&key)
         .await
         .unwrap();

@@ -1,10 +1,10 @@
 //! Proof of possession (`auth.require_pop`): a stolen session token alone
 //! cannot mint, and a proof cannot be replayed or moved to another body.
 
-use actix_web::http::StatusCode;
 use agentkeys_actors::domain::{now_unix, sha256_hex};
 use agentkeys_wire::signed::{ProofHeader, ProofMessage};
 use ed25519_dalek::{Signer, SigningKey};
+use reqwest::StatusCode;
 
 use crate::helpers::{spawn_app_with, Reply, TestApp};
 
@@ -43,22 +43,13 @@ fn proof(key: &SigningKey, session: &str, body: &str, timestamp: u64, nonce: &st
 }
 
 async fn mint_with_proof(app: &TestApp, session: &str, body: &str, proof: Option<&str>) -> Reply {
-    let client = awc::Client::default();
-    let mut request = client
-        .post(app.url("/v1/mint-oidc-jwt"))
-        .insert_header(("Authorization", format!("Bearer {session}")))
-        .insert_header(("Content-Type", "application/json"));
-    if let Some(proof) = proof {
-        request = request.insert_header(("Agentkeys-Proof", proof));
-    }
-    let mut response = request.send_body(body.to_owned()).await.unwrap();
-    let bytes = response.body().await.unwrap();
-    Reply {
-        status: response.status(),
-        headers: response.headers().clone(),
-        body: serde_json::from_slice(&bytes).unwrap_or_default(),
-        raw: bytes.to_vec(),
-    }
+    let headers: Vec<_> = proof
+        .map(|proof| ("Agentkeys-Proof", proof))
+        .into_iter()
+        .collect();
+    let url = app.url("/v1/mint-oidc-jwt");
+    app.send_to("POST", &url, Some(session), &headers, Some(body.as_bytes()))
+        .await
 }
 
 #[actix_web::test]

@@ -1,4 +1,4 @@
-use actix_web::http::StatusCode;
+use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::helpers::spawn_app_with;

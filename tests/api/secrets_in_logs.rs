@@ -3,7 +3,7 @@
 
 use std::process::{Command, Stdio};
 
-use actix_web::http::StatusCode;
+use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::process::{agent_with_grant, call, free_port, wait_ready, BIN};

@@ -9,8 +9,12 @@
 //!   accepted as another, and built from typed fields that cannot add a
 //!   line: a client rebuilds what it signs instead of signing what it is
 //!   handed.
+//! - `http_client` (feature `http-client`): the one HTTP client both the
+//!   admin commands and the daemon client build.
 
 pub mod answers;
 pub mod headers;
+#[cfg(feature = "http-client")]
+pub mod http_client;
 pub mod paths;
 pub mod signed;

@@ -148,6 +148,7 @@ mod tests {
             scope_path: None,
             jti: Some(format!("j{seq}")),
             request_id: "r".into(),
+            client_request_id: None,
             prev_hash: String::new(),
             hash: String::new(),
         }

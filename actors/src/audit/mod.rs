@@ -126,6 +126,7 @@ pub struct MintEvent {
     pub scope_path: Option<String>,
     pub jti: Option<String>,
     pub request_id: String,
+    pub client_request_id: Option<String>,
 }
 
 /// One link of the audit chain, as every sink stores it.
@@ -141,6 +142,10 @@ pub struct AuditRecord {
     pub scope_path: Option<String>,
     pub jti: Option<String>,
     pub request_id: String,
+    /// The caller's own id for the request, when it sent one; absent from
+    /// the JSON otherwise (so records from before it hash as they did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
     pub prev_hash: String,
     pub hash: String,
 }
@@ -162,6 +167,7 @@ impl AuditRecord {
             scope_path: event.scope_path,
             jti: event.jti,
             request_id: event.request_id,
+            client_request_id: event.client_request_id,
             prev_hash,
             hash: String::new(),
         };
@@ -613,6 +619,27 @@ mod tests {
             serde_json::from_slice::<AuditRecord>(&json).unwrap(),
             record
         );
+    }
+
+    /// A caller's own request id is hashed with the record; a record
+    /// without one serialises (and so hashes) exactly as before the field.
+    #[test]
+    fn a_client_request_id_is_kept_and_hashed_only_when_sent() {
+        let event = |client_request_id: Option<&str>| MintEvent {
+            outcome: Some(Outcome::Ok),
+            request_id: "r-1".into(),
+            client_request_id: client_request_id.map(str::to_owned),
+            ..MintEvent::default()
+        };
+        let (without, json) = AuditRecord::chain(event(None), 1, 1, GENESIS_HASH.into());
+        assert!(!String::from_utf8(json)
+            .unwrap()
+            .contains("client_request_id"));
+        let (with, json) = AuditRecord::chain(event(Some("job-7")), 1, 1, GENESIS_HASH.into());
+        let json = String::from_utf8(json).unwrap();
+        assert!(json.contains(r#""request_id":"r-1","client_request_id":"job-7","prev_hash""#));
+        assert_ne!(with.hash, without.hash);
+        assert_eq!(with.hash, with.computed_hash());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! how it ended. Never a token, only ids.
 
 use super::MintError;
+use super::RequestIds;
 use crate::audit::{MintEvent, Outcome};
 use crate::domain::{Intent, Principal};
 
@@ -12,9 +13,10 @@ pub(crate) struct Attempt(MintEvent);
 
 impl Attempt {
     /// An authenticated attempt, before anything else is known.
-    pub(crate) fn of(principal: &Principal, request_id: String) -> Self {
+    pub(crate) fn of(principal: &Principal, ids: RequestIds) -> Self {
         Self(MintEvent {
-            request_id,
+            request_id: ids.request_id,
+            client_request_id: ids.client_request_id,
             omni_account: Some(principal.omni_account.to_string()),
             agent: Some(principal.agent.as_str().to_owned()),
             ..MintEvent::default()

@@ -29,7 +29,7 @@ use std::time::Instant;
 
 pub use agentkeys_wire::answers::Minted;
 pub use error::MintError;
-pub use request::{MintPolicy, MintRequest, MintResponse};
+pub use request::{MintPolicy, MintRequest, MintResponse, RequestIds};
 
 use crate::audit::{MintEvent, Outcome, Record, UseChange};
 use crate::auth::{AuthError, BearerToken, CheckProof, VerifySession};
@@ -90,14 +90,13 @@ impl MintFlow {
         &self,
         bearer: BearerToken,
         client: Option<IpAddr>,
-        request_id: &str,
+        ids: &RequestIds,
     ) -> Result<Principal, MintError> {
         let principal = match self.authenticate(bearer, client).await {
             Ok(principal) => principal,
             // A disabled agent's session is valid: its attempt counts.
             Err(MintError::Auth(AuthError::AgentDisabled(principal))) => {
-                let request_id = request_id.to_owned();
-                self.record_refused(&principal, request_id, ErrorCode::Forbidden)
+                self.record_refused(&principal, ids.clone(), ErrorCode::Forbidden)
                     .await;
                 return Err(AuthError::AgentDisabled(principal).into());
             }
@@ -113,7 +112,7 @@ impl MintFlow {
             },
             Err(overloaded) => overloaded.into(),
         };
-        self.record_refused(&principal, request_id.to_owned(), limited.code())
+        self.record_refused(&principal, ids.clone(), limited.code())
             .await;
         Err(limited)
     }
@@ -157,10 +156,10 @@ impl MintFlow {
     /// Records an authenticated attempt refused before it became a mint
     /// request (over its rate, or a body that was malformed, too large or
     /// late): every authenticated attempt has its record.
-    pub async fn record_refused(&self, principal: &Principal, request_id: String, code: ErrorCode) {
+    pub async fn record_refused(&self, principal: &Principal, ids: RequestIds, code: ErrorCode) {
         let outcome = Outcome::from(code);
         self.metrics.count(outcome);
-        let attempt = Attempt::of(principal, request_id);
+        let attempt = Attempt::of(principal, ids);
         let refused = attempt.ended(outcome);
         self.record_refusal(refused, UseChange::None).await;
     }
@@ -172,7 +171,7 @@ impl MintFlow {
         principal: Principal,
         request: MintRequest,
     ) -> Result<MintResponse, MintError> {
-        let attempt = Attempt::of(&principal, request.request_id.clone());
+        let attempt = Attempt::of(&principal, request.ids.clone());
         let (intent, allowed) = self.authorize(&principal, request).await;
         let attempt = attempt.for_intent(intent.as_ref());
         let released = match allowed {

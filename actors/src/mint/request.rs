@@ -21,8 +21,17 @@ pub struct MintRequest {
     /// The device's proof over this request, with the SHA-256 (hex) of
     /// the exact body it signed.
     pub proof: Option<(ProofOfPossession, String)>,
-    /// Correlates the response, the log line and the audit record.
+    /// The ids the audit record carries.
+    pub ids: RequestIds,
+}
+
+/// How a request is found again: the broker's id (in the answer's
+/// `X-Request-Id`, the log and the audit record) and the caller's own, if
+/// it sent one (`Agentkeys-Client-Request-Id`, kept in the audit record).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestIds {
     pub request_id: String,
+    pub client_request_id: Option<String>,
 }
 
 /// What the HTTP layer sends back for a successful mint.

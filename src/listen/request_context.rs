@@ -1,0 +1,78 @@
+//! What the listener knows of every request before a route runs: its id
+//! and the client's address. Every answer, on every route, carries the id
+//! in `X-Request-Id`, and the request's log span names both.
+
+use std::future::Future;
+use std::net::IpAddr;
+
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{HttpMessage, HttpRequest};
+use agentkeys_actors::domain::random_hex;
+use agentkeys_wire::headers;
+use tracing::Instrument;
+
+use super::client_address::TrustedProxies;
+
+/// A request's id and its client's address.
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    /// Generated here, or a trusted proxy's `X-Request-Id`.
+    pub request_id: String,
+    /// The client as far as the trusted proxies let us see.
+    pub client: Option<IpAddr>,
+}
+
+impl RequestContext {
+    /// The context the listener gave `request`.
+    pub fn of(request: &HttpRequest) -> Self {
+        request
+            .extensions()
+            .get::<Self>()
+            .cloned()
+            .expect("every listener wraps its routes in request_context::serve")
+    }
+
+    fn new(proxies: &TrustedProxies, request: &ServiceRequest) -> Self {
+        let peer = request.peer_addr().map(|peer| peer.ip());
+        let from_proxy = peer.is_some_and(|peer| proxies.trusts(peer));
+        let proxy_id = request
+            .headers()
+            .get(headers::REQUEST_ID)
+            .and_then(|value| value.to_str().ok())
+            .filter(|id| from_proxy && headers::is_request_id(id));
+        Self {
+            request_id: proxy_id.map_or_else(|| random_hex(8), str::to_owned),
+            client: peer.map(|peer| proxies.client_address(peer, request.headers())),
+        }
+    }
+}
+
+/// Runs `request` through `service` with its context: in its extensions,
+/// in a log span around it, and as `X-Request-Id` on the answer.
+pub fn serve<S, B>(
+    proxies: &TrustedProxies,
+    request: ServiceRequest,
+    service: &S,
+) -> impl Future<Output = Result<ServiceResponse<B>, actix_web::Error>> + use<S, B>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
+{
+    let context = RequestContext::new(proxies, &request);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %context.request_id,
+        client = ?context.client,
+    );
+    let id = HeaderValue::from_str(&context.request_id).expect("a request id is visible ASCII");
+    request.extensions_mut().insert(context);
+    let answer = span.in_scope(|| service.call(request));
+    async move {
+        let mut response = answer.await?;
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), id);
+        Ok(response)
+    }
+    .instrument(span)
+}
