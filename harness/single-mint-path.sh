@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole single mint path on this machine, with real processes only:
-#   daemon (agentkeys) → broker JWT (agentkeys-broker) → STS → S3,
+#   daemon (agentkeys) → broker JWT (agentkeys-broker, https) → STS → S3,
+# the broker serving https with a certificate of a CA made here (openssl),
+# its admin API and metrics on a separate admin listener,
 # the STS and S3 APIs served on loopback by moto_server (PyPI moto[server]),
 # the AWS CLI (PyPI awscli) using the credential_process profile. The JWT is
 # first verified against the broker's JWKS with an independent JOSE library
@@ -11,15 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n== %s\n' "$*"; }
-ok() { printf 'ok: %s\n' "$*"; }
-fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
-json() { python3 -c "import json, sys; print(json.load(sys.stdin)$1)"; }
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_for() {
-  for _ in $(seq 150); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
-  fail "$1 did not answer"
-}
+source harness/lib.sh
 
 work=$(mktemp -d)
 pids=()
@@ -39,30 +33,52 @@ fi
 ok "$("$venv/bin/aws" --version 2>&1 | cut -d' ' -f1), moto $("$venv/bin/python" -c 'import moto; print(moto.__version__)'), PyJWT $("$venv/bin/python" -c 'import jwt; print(jwt.__version__)')"
 
 step "build the workspace"
-cargo build --release --quiet --workspace
-broker_bin=$PWD/target/release/agentkeys-broker
-daemon_bin=$PWD/target/release/agentkeys
+build_binaries
 ok "agentkeys-broker and agentkeys built"
 
-step "start the broker on a fresh data directory"
+step "a CA and the broker's certificate (openssl)"
+tls="$work/tls"
+make_tls "$tls"
+ok "CA $(openssl x509 -in "$tls/ca.pem" -noout -subject), certificate for localhost and 127.0.0.1"
+wait_for() {
+  for _ in $(seq 150); do curl -fs --cacert "$tls/ca.pem" -o /dev/null "$1" && return 0; sleep 0.1; done
+  fail "$1 did not answer"
+}
+
+step "start the broker on a fresh data directory: https, admin listener apart"
 broker_port=$(free_port)
-broker_url="http://127.0.0.1:$broker_port"
+admin_port=$(free_port)
+broker_url="https://localhost:$broker_port"
+admin_url="https://localhost:$admin_port"
 AGENTKEYS__SERVER__BIND="127.0.0.1:$broker_port" \
+AGENTKEYS__SERVER__TLS__CERT_FILE="$tls/fullchain.pem" \
+AGENTKEYS__SERVER__TLS__KEY_FILE="$tls/privkey.pem" \
+AGENTKEYS__SERVER__ADMIN_BIND="127.0.0.1:$admin_port" \
+AGENTKEYS__SERVER__ADMIN_TLS__CERT_FILE="$tls/fullchain.pem" \
+AGENTKEYS__SERVER__ADMIN_TLS__KEY_FILE="$tls/privkey.pem" \
 AGENTKEYS__STORAGE__DATA_DIR="$work/data" \
 AGENTKEYS__SECRETS__SEALING_KEY_FILE="$work/sealing.key" \
 AGENTKEYS__OIDC__ISSUER="$broker_url" \
   "$broker_bin" serve --config config/default.toml >"$work/broker.log" 2>&1 &
 pids+=($!)
 wait_for "$broker_url/readyz"
-ok "broker ready at $broker_url"
+wait_for "$admin_url/readyz"
+ok "broker ready at $broker_url, admin listener at $admin_url"
+curl_tls() { curl -s --cacert "$tls/ca.pem" "$@"; }
+status=$(curl_tls -o /dev/null -w '%{http_code}' "$broker_url/metrics")
+[ "$status" = 404 ] || fail "/metrics on the public listener answered $status"
+status=$(curl_tls -o /dev/null -w '%{http_code}' "$admin_url/metrics")
+[ "$status" = 200 ] || fail "/metrics on the admin listener answered $status"
+ok "/metrics: 404 on the public listener, 200 on the admin listener"
 
 step "the legacy server-side route does not exist"
-status=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$broker_url/v1/mint-aws-creds" -H 'Content-Type: application/json' -d '{}')
+status=$(curl_tls -o /dev/null -w '%{http_code}' -X POST "$broker_url/v1/mint-aws-creds" -H 'Content-Type: application/json' -d '{}')
 [ "$status" = 404 ] || fail "POST /v1/mint-aws-creds answered $status"
 ok "POST /v1/mint-aws-creds → 404"
 
 step "device key, registration, grant"
-export AGENTKEYS_BROKER_URL="$broker_url" AGENTKEYS_STATE_DIR="$work/daemon" AGENTKEYS_ADMIN_TOKEN_FILE="$work/data/admin.token"
+export AGENTKEYS_BROKER_URL="$broker_url" AGENTKEYS_ADMIN_URL="$admin_url" AGENTKEYS_CA_FILE="$tls/ca.pem"
+export AGENTKEYS_STATE_DIR="$work/daemon" AGENTKEYS_ADMIN_TOKEN_FILE="$work/data/admin.token"
 public_key=$("$daemon_bin" keygen | json '["public_key"]')
 "$broker_bin" agent add demo-daemon --public-key "$public_key" >/dev/null
 omni=$("$daemon_bin" login | json '["omni_account"]')
@@ -74,25 +90,27 @@ step "agentkeys mint"
 "$daemon_bin" mint --service s3 --scope "$scope" >"$work/mint.json"
 [ "$(json '["grant_id"]' <"$work/mint.json")" = "$grant_id" ] || fail "the JWT is not under the grant"
 ok "JWT $(json '["jti"]' <"$work/mint.json") expires at $(json '["expiration"]' <"$work/mint.json")"
-status=$(curl -s -o /dev/null -w '%{http_code}' "$broker_url/v1/mint-oidc-jwt" -X POST \
+status=$(curl_tls -o /dev/null -w '%{http_code}' "$broker_url/v1/mint-oidc-jwt" -X POST \
   -H "Authorization: Bearer $(python3 -c 'import json; print(json.load(open("'"$work/daemon/session.json"'"))["session"]["session_token"])')" \
   -H 'Content-Type: application/json' -d "{\"service\": \"s3\", \"scope_path\": \"bots/someone-else/\"}")
 [ "$status" = 403 ] || fail "a scope outside the grant answered $status"
 ok "a scope outside the grant → 403"
 
 step "the JWT against the broker's JWKS, checked with PyJWT (not the broker's code)"
-"$venv/bin/python" - "$broker_url" "$work/mint.json" "$omni" "$scope" "$grant_id" <<'PY' || fail "the JWT does not verify against the JWKS as STS would check it"
-import json, sys, urllib.request
+"$venv/bin/python" - "$broker_url" "$work/mint.json" "$omni" "$scope" "$grant_id" "$tls/ca.pem" <<'PY' || fail "the JWT does not verify against the JWKS as STS would check it"
+import json, ssl, sys, urllib.request
 import jwt
 
-issuer, minted, omni, scope, grant = sys.argv[1:]
+issuer, minted, omni, scope, grant, ca_file = sys.argv[1:]
+tls = ssl.create_default_context(cafile=ca_file)
+fetch = lambda url: json.load(urllib.request.urlopen(url, context=tls))
 token = json.load(open(minted))["jwt"]
-config = json.load(urllib.request.urlopen(issuer + "/.well-known/openid-configuration"))
+config = fetch(issuer + "/.well-known/openid-configuration")
 assert config["issuer"] == issuer, config
 assert "ES256" in config["id_token_signing_alg_values_supported"], config
 header = jwt.get_unverified_header(token)
 assert header["alg"] == "ES256" and header["typ"] == "JWT" and header["kid"], header
-key = jwt.PyJWKClient(config["jwks_uri"]).get_signing_key_from_jwt(token)
+key = jwt.PyJWKSet.from_dict(fetch(config["jwks_uri"]))[header["kid"]]
 claims = jwt.decode(
     token, key.key, algorithms=["ES256"], audience="sts.amazonaws.com", issuer=issuer,
     options={"require": ["exp", "iat", "nbf", "sub", "jti", "iss", "aud"]},
@@ -125,17 +143,27 @@ pids+=($!)
 wait_for "$moto/moto-api/"
 ok "moto at $moto"
 
+step "operator: the OIDC provider's thumbprint, as the runbook takes it"
+# The SHA-1 of the last certificate the issuer's host serves (the top CA
+# of its chain): docs/runbook.md, "An OIDC provider in IAM".
+openssl s_client -connect "127.0.0.1:$broker_port" -servername localhost -showcerts </dev/null 2>/dev/null \
+  | awk '/BEGIN CERTIFICATE/{pem=""} {pem=pem $0 "\n"} /END CERTIFICATE/{last=pem} END{printf "%s", last}' >"$work/top.pem"
+thumbprint=$(openssl x509 -in "$work/top.pem" -noout -fingerprint -sha1 | cut -d= -f2 | tr -d : | tr 'A-F' 'a-f')
+expected=$(openssl x509 -in "$tls/ca.pem" -noout -fingerprint -sha1 | cut -d= -f2 | tr -d : | tr 'A-F' 'a-f')
+[ "$thumbprint" = "$expected" ] || fail "thumbprint $thumbprint is not the CA's $expected"
+ok "thumbprint $thumbprint (the CA that signed the broker's certificate)"
+
 step "operator: IAM OIDC provider for the broker's issuer, and the role"
 cat >"$work/trust.json" <<JSON
 {"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
-  "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/127.0.0.1:$broker_port"},
+  "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/localhost:$broker_port"},
   "Action": ["sts:AssumeRoleWithWebIdentity", "sts:TagSession"],
-  "Condition": {"StringEquals": {"127.0.0.1:$broker_port:aud": "sts.amazonaws.com"},
-                "StringLike": {"127.0.0.1:$broker_port:sub": "agentkeys:agent:*"}}}]}
+  "Condition": {"StringEquals": {"localhost:$broker_port:aud": "sts.amazonaws.com"},
+                "StringLike": {"localhost:$broker_port:sub": "agentkeys:agent:*"}}}]}
 JSON
 operator() { AWS_ACCESS_KEY_ID=operator AWS_SECRET_ACCESS_KEY=operator AWS_DEFAULT_REGION=us-east-1 "$venv/bin/aws" --endpoint-url "$moto" "$@"; }
 operator iam create-open-id-connect-provider --url "$broker_url" --client-id-list sts.amazonaws.com \
-  --thumbprint-list 0000000000000000000000000000000000000000 >/dev/null
+  --thumbprint-list "$thumbprint" >/dev/null
 role_arn=$(operator iam create-role --role-name agentkeys-demo --assume-role-policy-document "file://$work/trust.json" | json '["Role"]["Arn"]')
 ok "role $role_arn, its trust policy naming the broker's issuer (moto does not enforce trust policies: the JWT was checked against the JWKS above)"
 
@@ -153,7 +181,7 @@ step "the AWS CLI through credential_process: STS identity and S3"
 cat >"$work/aws-config" <<CONFIG
 [profile agentkeys]
 region = us-east-1
-credential_process = $daemon_bin aws-credentials --role-arn $role_arn --service s3 --scope $scope --sts-endpoint $moto --broker-url $broker_url --state-dir $work/daemon
+credential_process = $daemon_bin aws-credentials --role-arn $role_arn --service s3 --scope $scope --sts-endpoint $moto --broker-url $broker_url --ca-file $tls/ca.pem --state-dir $work/daemon
 CONFIG
 daemon_aws() { "${no_aws[@]}" AWS_CONFIG_FILE="$work/aws-config" AWS_SHARED_CREDENTIALS_FILE="$work/no-credentials" "$venv/bin/aws" --profile agentkeys --endpoint-url "$moto" "$@"; }
 arn=$(daemon_aws sts get-caller-identity | json '["Arn"]')
@@ -166,7 +194,7 @@ cmp -s "$work/hello.txt" "$work/back.txt" || fail "the object read back differs"
 ok "s3 mb, put and get under $scope with the daemon's credentials"
 
 step "audit: the chain and every sink verify"
-report=$(curl -fs "$broker_url/v1/admin/audit/verify" -H "Authorization: Bearer $(cat "$work/data/admin.token")")
+report=$(curl_tls -f "$admin_url/v1/admin/audit/verify" -H "Authorization: Bearer $(cat "$work/data/admin.token")")
 [ "$(json '["ok"]' <<<"$report")" = True ] || fail "audit verify: $report"
 ok "audit verify ok, $(json '["records"]' <<<"$report") records"
 

@@ -1,0 +1,37 @@
+# Shared by the harness scripts (source it from the repository's root):
+# output helpers, free ports, the binaries under test, and a CA made on the
+# spot with openssl.
+
+step() { printf '\n== %s\n' "$*"; }
+ok() { printf 'ok: %s\n' "$*"; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+json() { python3 -c "import json, sys; print(json.load(sys.stdin)$1)"; }
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# Sets broker_bin and daemon_bin: from AGENTKEYS_BIN_DIR when set (CI reuses
+# the binaries of its test build), else from a release build made now.
+build_binaries() {
+  local bin_dir=${AGENTKEYS_BIN_DIR:-}
+  if [ -z "$bin_dir" ]; then
+    cargo build --release --quiet --workspace
+    bin_dir=$PWD/target/release
+  fi
+  broker_bin=$bin_dir/agentkeys-broker
+  daemon_bin=$bin_dir/agentkeys
+}
+
+# make_tls DIR: a CA (DIR/ca.pem) and a certificate it signed for localhost
+# and 127.0.0.1: DIR/fullchain.pem (the certificate, then the CA) and its
+# key DIR/privkey.pem.
+make_tls() {
+  local dir=$1
+  mkdir -p "$dir"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=agentkeys harness CA" -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+    -keyout "$dir/privkey.pem" -out "$dir/leaf.csr" 2>/dev/null
+  printf 'subjectAltName = DNS:localhost, IP:127.0.0.1\n' >"$dir/san.cnf"
+  openssl x509 -req -in "$dir/leaf.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 2 -extfile "$dir/san.cnf" -out "$dir/leaf.pem" 2>/dev/null
+  cat "$dir/leaf.pem" "$dir/ca.pem" >"$dir/fullchain.pem"
+}
