@@ -88,7 +88,11 @@ for path in /v1/admin/agents /v1/admin/audit /metrics /v1/mint-aws-creds; do
   status=$(through -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(cat "$work/data/admin.token")" "$public_url$path")
   [ "$status" = 404 ] || fail "$path through nginx answered $status"
 done
-ok "discovery and JWKS through nginx; /v1/admin/*, /metrics and /v1/mint-aws-creds → 404"
+# nginx matches a decoded, resolved path; the broker must get that one.
+reply=$(through --path-as-is -X POST "$public_url/v1/admin/agents/..%2F..%2Fauth%2Fchallenge" \
+  -H 'Content-Type: application/json' -d "{\"public_key\": \"$(printf '11%.0s' $(seq 32))\"}")
+[ -n "$(json '.get("nonce", "")' <<<"$reply")" ] || fail "an encoded traversal reached the broker as another path: $reply"
+ok "discovery and JWKS through nginx; /v1/admin/*, /metrics and /v1/mint-aws-creds → 404; an encoded traversal reaches the broker as the path nginx matched"
 
 step "the daemon logs in and mints through nginx"
 export AGENTKEYS_BROKER_URL="$public_url" AGENTKEYS_ADMIN_URL="$admin_url" AGENTKEYS_CA_FILE="$tls/ca.pem"
@@ -106,13 +110,14 @@ ok "minted $jti through nginx; its audit record carries nginx's request id $requ
 
 step "the login limit counts each client behind nginx, not nginx"
 challenge() { through -o /dev/null -w '%{http_code}' --interface "$1" -X POST "$public_url/v1/auth/challenge" \
-  -H 'Content-Type: application/json' -H 'X-Forwarded-For: 203.0.113.77' -d "{\"public_key\": \"$public_key\"}"; }
+  -H 'Content-Type: application/json' -H 'X-Forwarded-For: 203.0.113.77' -H "Forwarded: for=198.51.100.$((RANDOM % 250))" \
+  -d "{\"public_key\": \"$public_key\"}"; }
 statuses=""
 for _ in 1 2 3 4 5 6; do statuses+="$(challenge 127.0.0.2) "; done
 [[ "$statuses" == *429* ]] || fail "127.0.0.2 was never limited: $statuses"
 first=$(challenge 127.0.0.3)
 [ "$first" = 200 ] || fail "127.0.0.3 shares 127.0.0.2's budget: $first"
 grep -q "127.0.0.2" "$work/broker.log" || fail "the broker's log does not name the client 127.0.0.2"
-ok "127.0.0.2: $statuses; 127.0.0.3 then: $first (a forged X-Forwarded-For changes nothing: nginx replaces it)"
+ok "127.0.0.2: $statuses; 127.0.0.3 then: $first (forged X-Forwarded-For and Forwarded headers change nothing)"
 
 printf '\nbehind nginx: every step passed\n'

@@ -60,10 +60,23 @@ pub struct ServerSettings {
     /// How often the certificate files are checked for a change (they are
     /// also reloaded on SIGHUP).
     pub tls_check_interval_seconds: u64,
-    /// Proxies (addresses or CIDRs) whose `Forwarded` / `X-Forwarded-For`
-    /// and `X-Request-Id` headers are believed; from anyone else they are
-    /// ignored.
+    /// Proxies (addresses or CIDRs) whose `client_address_header` and
+    /// `X-Request-Id` are believed; from anyone else they are ignored.
     pub trusted_proxies: Vec<ProxyNetwork>,
+    /// The one header the trusted proxies write the client's address in;
+    /// the other is never read (a proxy passes on what it does not set).
+    pub client_address_header: ClientAddressHeader,
+}
+
+/// Where a trusted proxy puts the address it forwarded for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum ClientAddressHeader {
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=…`.
+    #[serde(rename = "forwarded")]
+    Forwarded,
 }
 
 /// A certificate chain and its private key, both PEM files.
@@ -114,6 +127,7 @@ impl Default for ServerSettings {
             admin_tls: None,
             tls_check_interval_seconds: 10,
             trusted_proxies: Vec::new(),
+            client_address_header: ClientAddressHeader::default(),
         }
     }
 }

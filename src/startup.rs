@@ -53,6 +53,8 @@ pub enum StartupError {
     AdminToken(std::io::Error),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error("cannot handle SIGHUP: {0}")]
+    Signal(std::io::Error),
 }
 
 /// The audit ledger's file in the data directory.
@@ -82,6 +84,7 @@ impl Application {
     /// Must run inside an actix system (`#[actix_web::main]` or a test).
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         settings.validate()?;
+        let hangup = tls::Hangup::catch().map_err(StartupError::Signal)?;
         // Before anything starts: a port in use or a bad certificate is a
         // clean error, not actors torn down half-started.
         let listeners = Listeners::bind(&settings.server)?;
@@ -105,6 +108,7 @@ impl Application {
         tls::watch(
             listeners.certificates(),
             Duration::from_secs(settings.server.tls_check_interval_seconds),
+            hangup,
         );
         let port = listeners.public.port;
         let admin_port = listeners.admin.as_ref().map(|admin| admin.port);
@@ -148,7 +152,10 @@ fn http_server(
     let state = state.clone();
     let max_body = server_settings.max_body_bytes;
     let body_timeout = Duration::from_millis(server_settings.request_body_timeout_ms);
-    let proxies = TrustedProxies::new(&server_settings.trusted_proxies);
+    let proxies = TrustedProxies::new(
+        &server_settings.trusted_proxies,
+        server_settings.client_address_header,
+    );
     let serves = listener.serves;
     let mut server = HttpServer::new(move || {
         let proxies = proxies.clone();

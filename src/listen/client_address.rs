@@ -1,41 +1,49 @@
 //! Who sent a request. The TCP peer, unless the peer is a trusted proxy:
-//! then the address the proxies say they forwarded for, read from the
-//! right (the hop nearest us) past every trusted proxy. Headers from anyone
-//! else are ignored, so a client cannot choose its own address for the
-//! per-address limits.
+//! then the address the proxies say they forwarded for, in the one header
+//! they are configured to write, read from the right (the hop nearest us)
+//! past every trusted proxy. Headers from anyone else, and the other
+//! header from anyone, are ignored, so a client cannot choose its own
+//! address for the per-address limits.
 
 use std::net::{IpAddr, SocketAddr};
 
 use actix_web::http::header::HeaderMap;
 
-use crate::settings::ProxyNetwork;
+use crate::settings::{ClientAddressHeader, ProxyNetwork};
 
-/// The proxies whose forwarding headers are believed.
+/// The proxies whose forwarding header is believed, and which header that is.
 #[derive(Clone, Debug, Default)]
-pub struct TrustedProxies(Vec<ProxyNetwork>);
+pub struct TrustedProxies {
+    networks: Vec<ProxyNetwork>,
+    header: ClientAddressHeader,
+}
 
 impl TrustedProxies {
-    pub fn new(networks: &[ProxyNetwork]) -> Self {
-        Self(networks.to_vec())
+    pub fn new(networks: &[ProxyNetwork], header: ClientAddressHeader) -> Self {
+        Self {
+            networks: networks.to_vec(),
+            header,
+        }
     }
 
     /// True when `peer` is one of the trusted proxies.
     pub fn trusts(&self, peer: IpAddr) -> bool {
         let peer = canonical(peer);
-        self.0.iter().any(|network| network.0.contains(&peer))
+        self.networks
+            .iter()
+            .any(|network| network.0.contains(&peer))
     }
 
     /// The client's address: `peer`, or what a trusted `peer` forwarded for.
-    /// `Forwarded` wins over `X-Forwarded-For`; a hop that does not parse
-    /// ends the walk at the proxy that named it.
+    /// A hop that does not parse ends the walk at the proxy that named it.
     pub fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         if !self.trusts(peer) {
             return peer;
         }
-        let mut hops = forwarded_for(headers);
-        if hops.is_empty() {
-            hops = x_forwarded_for(headers);
-        }
+        let hops = match self.header {
+            ClientAddressHeader::XForwardedFor => x_forwarded_for(headers),
+            ClientAddressHeader::Forwarded => forwarded_for(headers),
+        };
         let mut client = peer;
         for hop in hops.into_iter().rev() {
             match hop {
@@ -101,7 +109,12 @@ mod tests {
     use super::*;
 
     fn proxies(list: &[&str]) -> TrustedProxies {
-        TrustedProxies::new(&list.iter().map(|p| p.parse().unwrap()).collect::<Vec<_>>())
+        proxies_writing(list, ClientAddressHeader::XForwardedFor)
+    }
+
+    fn proxies_writing(list: &[&str], header: ClientAddressHeader) -> TrustedProxies {
+        let networks: Vec<_> = list.iter().map(|p| p.parse().unwrap()).collect();
+        TrustedProxies::new(&networks, header)
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
@@ -155,40 +168,62 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_wins_and_understands_ports_quotes_and_ipv6() {
-        let trusted = proxies(&["::1", "127.0.0.1"]);
-        let both = headers(&[
-            ("forwarded", r#"for="[2001:db8:cafe::17]:4711";proto=https"#),
+    fn only_the_configured_header_is_read_and_forwarded_understands_ports_quotes_and_ipv6() {
+        let forged_forwarded = headers(&[
+            ("forwarded", "for=203.0.113.66"),
             ("x-forwarded-for", "198.51.100.1"),
         ]);
+        // A proxy that writes X-Forwarded-For passes a client's Forwarded on.
+        let xff = proxies(&["127.0.0.1"]);
         assert_eq!(
-            trusted.client_address(ip("::1"), &both),
+            xff.client_address(ip("127.0.0.1"), &forged_forwarded),
+            ip("198.51.100.1")
+        );
+        let only_forwarded = headers(&[("forwarded", "for=203.0.113.66")]);
+        assert_eq!(
+            xff.client_address(ip("127.0.0.1"), &only_forwarded),
+            ip("127.0.0.1")
+        );
+        let rfc7239 = proxies_writing(&["::1", "127.0.0.1"], ClientAddressHeader::Forwarded);
+        assert_eq!(
+            rfc7239.client_address(ip("127.0.0.1"), &forged_forwarded),
+            ip("203.0.113.66")
+        );
+        let only_xff = headers(&[("x-forwarded-for", "198.51.100.1")]);
+        assert_eq!(
+            rfc7239.client_address(ip("127.0.0.1"), &only_xff),
+            ip("127.0.0.1")
+        );
+
+        let v6 = headers(&[("forwarded", r#"for="[2001:db8:cafe::17]:4711";proto=https"#)]);
+        assert_eq!(
+            rfc7239.client_address(ip("::1"), &v6),
             ip("2001:db8:cafe::17")
         );
         let v4 = headers(&[("forwarded", r#"for="198.51.100.2:80", For=127.0.0.1"#)]);
         assert_eq!(
-            trusted.client_address(ip("127.0.0.1"), &v4),
+            rfc7239.client_address(ip("127.0.0.1"), &v4),
             ip("198.51.100.2")
         );
         // A mapped peer address is its IPv4 self.
         let mapped = headers(&[("x-forwarded-for", "198.51.100.3")]);
         assert_eq!(
-            trusted.client_address(ip("::ffff:127.0.0.1"), &mapped),
+            xff.client_address(ip("::ffff:127.0.0.1"), &mapped),
             ip("198.51.100.3")
         );
     }
 
     #[test]
     fn a_hop_that_is_not_an_address_stops_at_the_proxy_that_named_it() {
-        let trusted = proxies(&["10.0.0.0/8"]);
+        let rfc7239 = proxies_writing(&["10.0.0.0/8"], ClientAddressHeader::Forwarded);
         let unknown = headers(&[("forwarded", "for=unknown, for=10.0.0.2")]);
         assert_eq!(
-            trusted.client_address(ip("10.0.0.1"), &unknown),
+            rfc7239.client_address(ip("10.0.0.1"), &unknown),
             ip("10.0.0.2")
         );
         let garbage = headers(&[("x-forwarded-for", "not-an-ip")]);
         assert_eq!(
-            trusted.client_address(ip("10.0.0.1"), &garbage),
+            proxies(&["10.0.0.0/8"]).client_address(ip("10.0.0.1"), &garbage),
             ip("10.0.0.1")
         );
     }

@@ -14,6 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::settings::TlsFiles;
 
@@ -37,8 +38,15 @@ pub enum TlsError {
     Config(#[source] rustls::Error),
 }
 
-/// When the files were last seen changed: their modification times and sizes.
+/// The files' modification times and sizes.
 type FilesSeen = Option<[(SystemTime, u64); 2]>;
+
+/// What the files looked like when last loaded, and at the previous check.
+#[derive(Debug)]
+struct Seen {
+    loaded: FilesSeen,
+    last_check: FilesSeen,
+}
 
 /// The certificate a listener presents, swapped whole on reload.
 #[derive(Debug)]
@@ -48,7 +56,7 @@ pub struct CertificateStore {
     files: TlsFiles,
     provider: Arc<CryptoProvider>,
     current: RwLock<Arc<CertifiedKey>>,
-    seen: Mutex<FilesSeen>,
+    seen: Mutex<Seen>,
 }
 
 impl CertificateStore {
@@ -62,7 +70,10 @@ impl CertificateStore {
             files: files.clone(),
             provider,
             current: RwLock::new(Arc::new(certified)),
-            seen: Mutex::new(seen),
+            seen: Mutex::new(Seen {
+                loaded: seen,
+                last_check: seen,
+            }),
         }))
     }
 
@@ -76,19 +87,37 @@ impl CertificateStore {
             .with_cert_resolver(resolver))
     }
 
-    /// Loads the files again; on failure the current certificate stays.
+    /// Loads the files again now; on failure the current certificate stays
+    /// (and the same files are not tried again until they change).
     pub fn reload(&self) -> Result<(), TlsError> {
-        *self.seen.lock().expect("not poisoned") = files_seen(&self.files);
+        let now = files_seen(&self.files);
+        *self.seen.lock().expect("not poisoned") = Seen {
+            loaded: now,
+            last_check: now,
+        };
+        self.swap_in()
+    }
+
+    fn swap_in(&self) -> Result<(), TlsError> {
         let certified = load_pair(&self.files, &self.provider)?;
         *self.current.write().expect("not poisoned") = Arc::new(certified);
         Ok(())
     }
 
-    /// Reloads when either file changed since it was last read.
-    fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
+    /// Reloads when the files changed since they were loaded and have not
+    /// changed since the previous check: a pair being written (the
+    /// certificate already new, the key not yet) is left for the next one.
+    fn reload_if_settled(&self) -> Option<Result<(), TlsError>> {
         let now = files_seen(&self.files);
-        let changed = *self.seen.lock().expect("not poisoned") != now;
-        changed.then(|| self.reload())
+        let mut seen = self.seen.lock().expect("not poisoned");
+        let settled = seen.last_check == now;
+        seen.last_check = now;
+        if now == seen.loaded || !settled {
+            return None;
+        }
+        seen.loaded = now;
+        drop(seen);
+        Some(self.swap_in())
     }
 
     /// Reloads and says how it went, in the log and the metrics.
@@ -118,39 +147,36 @@ impl ResolvesServerCert for CertificateStore {
     }
 }
 
-/// Reloads every store on SIGHUP, and any whose files changed every
-/// `interval`. Runs until the process ends.
-pub fn watch(stores: Vec<Arc<CertificateStore>>, interval: Duration) {
-    if stores.is_empty() {
-        return;
+/// SIGHUP, taken over from its default action (ending the process) as the
+/// first thing a broker does, whether it has certificates or not.
+pub struct Hangup(Signal);
+
+impl Hangup {
+    pub fn catch() -> std::io::Result<Self> {
+        signal(SignalKind::hangup()).map(Self)
     }
+}
+
+/// Reloads every store on SIGHUP, and any whose files changed (and then
+/// settled) every `interval`. Runs until the process ends.
+pub fn watch(stores: Vec<Arc<CertificateStore>>, interval: Duration, hangup: Hangup) {
+    let Hangup(mut hangup) = hangup;
     actix_web::rt::spawn(async move {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(signal) => Some(signal),
-            Err(error) => {
-                tracing::warn!(%error, "no SIGHUP handler: certificates reload on change only");
-                None
-            }
-        };
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let signalled = async {
-                match hangup.as_mut() {
-                    Some(signal) => signal.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
-                _ = signalled => {
+                _ = hangup.recv() => {
+                    if stores.is_empty() {
+                        tracing::info!("SIGHUP: no TLS certificate to reload");
+                    }
                     for store in &stores {
                         store.report(store.reload());
                     }
                 }
                 _ = tick.tick() => {
                     for store in &stores {
-                        if let Some(reloaded) = store.reload_if_changed() {
+                        if let Some(reloaded) = store.reload_if_settled() {
                             store.report(reloaded);
                         }
                     }

@@ -460,14 +460,17 @@ impl PipeShipper {
             {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
+            // Bytes are kept as they arrive: the sink may hold the pipe
+            // open across batches, so waiting for its end would hide them.
+            let mut chunk = [0u8; 4096];
             loop {
                 use std::io::Read;
                 let Ok(mut reader) = std::fs::File::open(&pipe) else {
                     return;
                 };
-                let mut batch = Vec::new();
-                let _ = reader.read_to_end(&mut batch);
-                into.lock().unwrap().extend(batch);
+                while let Ok(read @ 1..) = reader.read(&mut chunk) {
+                    into.lock().unwrap().extend_from_slice(&chunk[..read]);
+                }
             }
         });
         Self { go, received }
@@ -478,9 +481,14 @@ impl PipeShipper {
         self.go.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Every byte read so far.
+    /// Every whole line read so far.
     pub fn received(&self) -> Vec<u8> {
-        self.received.lock().unwrap().clone()
+        let received = self.received.lock().unwrap();
+        let whole = received
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        received[..whole].to_vec()
     }
 }
 

@@ -385,6 +385,29 @@ async fn sighup_reloads_the_certificate_of_a_running_broker_process() {
 }
 
 #[actix_web::test]
+async fn sighup_does_not_stop_a_broker_without_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::process::free_port();
+    let mut broker = crate::process::start_broker(&dir.path().join("data"), port);
+    let base = format!("http://127.0.0.1:{port}");
+    crate::process::wait_ready(&base).await;
+    let hangup = Command::new("kill")
+        .args(["-HUP", &broker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hangup.success());
+    actix_web::rt::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        broker.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the broker"
+    );
+    let probe = crate::process::call(&base, "GET", "/healthz", None, None).await;
+    assert_eq!(probe.unwrap().status, StatusCode::OK);
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+}
+
+#[actix_web::test]
 async fn a_port_in_use_is_one_clear_error_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
