@@ -201,6 +201,12 @@ pub struct AuthSettings {
     /// Verified sessions remembered by token hash (never past expiry), so
     /// a session's signature is checked once, not on every mint; 0: off.
     pub session_cache_entries: usize,
+    /// Chain ids a wallet may sign in on (the SIWE message's Chain ID).
+    pub wallet_chain_ids: Vec<u64>,
+    /// A wallet that no agent has may sign in, and then owns its own
+    /// account and is its own agent. Off: only wallets the admin added (or
+    /// an owner linked) sign in.
+    pub open_signup: bool,
 }
 
 impl Default for AuthSettings {
@@ -213,6 +219,8 @@ impl Default for AuthSettings {
             require_pop: false,
             proof_max_skew_seconds: 60,
             session_cache_entries: 100_000,
+            wallet_chain_ids: vec![1],
+            open_signup: false,
         }
     }
 }
@@ -446,6 +454,7 @@ impl Settings {
                     .list_separator(",")
                     .with_list_parse_key("oidc.audiences")
                     .with_list_parse_key("server.trusted_proxies")
+                    .with_list_parse_key("auth.wallet_chain_ids")
                     .try_parsing(true),
             )
             .build()?
@@ -491,6 +500,9 @@ impl Settings {
         }
         if self.server.admin_tls.is_some() && self.server.admin_bind.is_none() {
             return invalid("server.admin_tls needs server.admin_bind");
+        }
+        if self.auth.wallet_chain_ids.is_empty() {
+            return invalid("auth.wallet_chain_ids must list at least one chain id");
         }
         if self.server.tls_check_interval_seconds == 0 {
             return invalid("server.tls_check_interval_seconds must be at least 1");

@@ -273,6 +273,8 @@ fn start_actors(
             proof_max_skew: Duration::from_secs(settings.auth.proof_max_skew_seconds),
             session_cache_entries: settings.auth.session_cache_entries,
             keys: key_schedule,
+            wallet_chain_ids: settings.auth.wallet_chain_ids.clone(),
+            open_signup: settings.auth.open_signup,
         },
         agents,
         signer.clone(),

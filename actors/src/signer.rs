@@ -14,7 +14,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use crate::backpressure::{Handle, Overloaded};
-use crate::domain::{now_unix, DevicePublicKey, ErrorCode, InvalidInput};
+use agentkeys_wire::wallet::WalletSignature;
+
+use crate::domain::{
+    now_unix, AgentIdentity, DevicePublicKey, ErrorCode, EvmAddress, InvalidInput,
+};
 use crate::keys::{KeyError, KeyInfo, KeyRing};
 
 /// The `typ` of session JWTs, so one is never taken for an OIDC JWT.
@@ -39,19 +43,45 @@ impl SignerError {
     }
 }
 
-/// Claims of a session JWT (EdDSA, audience = the broker's session audience).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// Claims of a session JWT (EdDSA, audience = the broker's session
+/// audience). Who the agent is, its accounts and its role are read again
+/// from the live registry on every use; the claims only name the agent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SessionClaims {
     pub iss: String,
     pub aud: String,
-    /// The OmniAccount.
+    /// The agent's own (actor) OmniAccount.
     pub sub: String,
     pub agent: String,
-    /// Lowercase hex device public key.
+    /// Lowercase hex device public key, for a device-key agent.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub device_key: String,
+    /// Lowercase `0x…` address, for a wallet agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wallet: Option<String>,
+    /// The owner account when the session was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// `agent`, or `owner` for a wallet that owns its account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
     pub iat: u64,
     pub exp: u64,
     pub jti: String,
+}
+
+impl SessionClaims {
+    /// True when the claims name `identity`.
+    pub fn names(&self, identity: &AgentIdentity) -> bool {
+        match identity {
+            AgentIdentity::DeviceKey(key) => {
+                self.wallet.is_none() && self.device_key == key.to_hex()
+            }
+            AgentIdentity::Wallet(address) => {
+                self.device_key.is_empty() && self.wallet.as_deref() == Some(&address.lowercase())
+            }
+        }
+    }
 }
 
 /// A session token whose signature verified: its claims and the key that
@@ -123,7 +153,11 @@ pub struct OidcClaims {
     pub exp: u64,
     pub jti: String,
     pub agentkeys_actor_omni: String,
+    pub agentkeys_owner_omni: String,
     pub agentkeys_agent: String,
+    /// A wallet agent's lowercase address, as the old broker named it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agentkeys_user_wallet: Option<String>,
     pub agentkeys_grant_id: Option<String>,
     pub agentkeys_service: String,
     pub agentkeys_scope_path: String,
@@ -153,6 +187,15 @@ pub struct VerifyDeviceSignature {
     pub key: DevicePublicKey,
     pub message: String,
     pub signature: [u8; 64],
+}
+
+/// Check that `wallet` signed `message` as an EIP-191 personal message.
+#[derive(Message)]
+#[rtype(result = "Result<(), SignerError>")]
+pub struct VerifyWalletSignature {
+    pub wallet: EvmAddress,
+    pub message: String,
+    pub signature: WalletSignature,
 }
 
 /// The JWKS document: public OIDC keys only, those published now.
@@ -286,6 +329,18 @@ impl Handler<VerifyDeviceSignature> for SignerActor {
             &Signature::from_bytes(&msg.signature),
         )
         .map_err(|_| SignerError::BadSignature)
+    }
+}
+
+impl Handler<VerifyWalletSignature> for SignerActor {
+    type Result = Result<(), SignerError>;
+
+    /// Recovery of the signer (a high `s` refused), then the address compared.
+    fn handle(&mut self, msg: VerifyWalletSignature, _: &mut Self::Context) -> Self::Result {
+        match msg.signature.signer_of(msg.message.as_bytes()) {
+            Ok(signer) if signer == msg.wallet => Ok(()),
+            _ => Err(SignerError::BadSignature),
+        }
     }
 }
 

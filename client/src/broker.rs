@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentkeys_wire::http_client::http_client;
-use agentkeys_wire::signed::{is_nonce, LoginMessage, ProofHeader, ProofMessage};
+use agentkeys_wire::signed::{is_nonce, LoginMessage, ProofHeader, ProofMessage, ProofSignature};
 use agentkeys_wire::{headers, paths};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -261,7 +261,7 @@ impl Broker {
         let header = ProofHeader {
             timestamp,
             nonce,
-            signature: key.sign(&message.text()),
+            signature: ProofSignature::Ed25519(key.sign(&message.text())),
         };
         Ok(header.format())
     }

@@ -151,9 +151,11 @@ mod tests {
             minted_at: now() - age,
             minted: Minted {
                 jwt: "j".into(),
+                wallet: None,
                 expiration: now() - age + lifetime,
                 jti: "t".into(),
                 omni_account: "o".into(),
+                owner_omni_account: "o".into(),
                 grant_id: None,
             },
         }

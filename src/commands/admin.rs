@@ -16,11 +16,21 @@ pub struct AdminTarget {
 
 #[derive(Subcommand)]
 pub enum AgentCommand {
-    /// Register an agent by name and Ed25519 public key (64 hex).
+    /// Register an agent: a device key (a name and --public-key, 64 hex) or
+    /// a wallet (--wallet-address; the name defaults to the address).
     Add {
-        name: String,
+        name: Option<String>,
+        #[arg(
+            long,
+            required_unless_present = "wallet_address",
+            conflicts_with = "wallet_address"
+        )]
+        public_key: Option<String>,
         #[arg(long)]
-        public_key: String,
+        wallet_address: Option<String>,
+        /// The OmniAccount (64 hex) that owns the agent; default: its own.
+        #[arg(long)]
+        owner: Option<String>,
     },
     /// List registered agents.
     List,
@@ -80,8 +90,17 @@ impl AdminTarget {
 
     pub async fn agent(&self, command: AgentCommand) -> Result<Value, ClientError> {
         match command {
-            AgentCommand::Add { name, public_key } => {
-                let body = json!({ "name": name, "public_key": public_key });
+            AgentCommand::Add {
+                name,
+                public_key,
+                wallet_address,
+                owner,
+            } => {
+                let mut body = json!({ "name": name, "public_key": public_key,
+                    "wallet_address": wallet_address, "owner": owner });
+                if let Some(fields) = body.as_object_mut() {
+                    fields.retain(|_, value| !value.is_null());
+                }
                 self.admin
                     .call("POST", "/v1/admin/agents", self.token(), Some(&body))
                     .await

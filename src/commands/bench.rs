@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use actix::Actor;
 use agentkeys_actors::audit::{MintEvent, Outcome, Record, UseChange};
 use agentkeys_actors::auth::{BearerToken, IssueChallenge, RegisterAgent, VerifyLogin};
-use agentkeys_actors::domain::Intent;
 use agentkeys_actors::domain::OmniAccount;
 use agentkeys_actors::domain::{
     now_unix, random_hex, AgentName, DevicePublicKey, ScopePath, ServiceName,
 };
+use agentkeys_actors::domain::{AgentIdentity, Intent};
 use agentkeys_actors::grant::{CreateGrant, GrantSpec};
 use agentkeys_actors::keys::KeyRing;
 use agentkeys_actors::mint::{MintFlow, MintRequest, RequestIds};
@@ -60,6 +60,7 @@ pub fn crypto_limit(scratch: &Path, seconds: f64) -> Result<CryptoLimit, Startup
         iat: now,
         exp: now + 3600,
         jti: random_hex(16),
+        ..SessionClaims::default()
     };
     let token = sign_session(&ring, &session).map_err(|e| StartupError::Bench(e.to_string()))?;
     let validation = session_validation(&issuer, &audience);
@@ -76,7 +77,9 @@ pub fn crypto_limit(scratch: &Path, seconds: f64) -> Result<CryptoLimit, Startup
         exp: now + 300,
         jti: random_hex(16),
         agentkeys_actor_omni: omni.clone(),
+        agentkeys_owner_omni: omni.clone(),
         agentkeys_agent: "bench".into(),
+        agentkeys_user_wallet: None,
         agentkeys_grant_id: None,
         agentkeys_service: "s3".into(),
         agentkeys_scope_path: format!("bots/{omni}/"),
@@ -333,7 +336,8 @@ async fn enroll(actors: &Actors, i: usize) -> Result<String, String> {
     let name = AgentName::parse(&format!("bench-{i}")).map_err(|e| e.0)?;
     let register = RegisterAgent {
         name,
-        public_key,
+        identity: AgentIdentity::DeviceKey(public_key),
+        owner: None,
         enabled: true,
     };
     let agent = actors

@@ -37,8 +37,10 @@ pub async fn prepare(
         let public_key = hex::encode(key.verifying_key().to_bytes());
         target
             .agent(AgentCommand::Add {
-                name: name.clone(),
-                public_key,
+                name: Some(name.clone()),
+                public_key: Some(public_key),
+                wallet_address: None,
+                owner: None,
             })
             .await?;
         if let Some((service, scope_path)) = &grant {

@@ -6,7 +6,7 @@ use agentkeys_actors::auth::{
     ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SessionKeysChanged, SetAgentEnabled,
 };
 use agentkeys_actors::domain::{
-    now_unix, AgentName, AgentRecord, DevicePublicKey, ErrorCode, ScopePath, ServiceName,
+    now_unix, AgentIdentity, AgentName, AgentRecord, ErrorCode, OmniAccount, ScopePath, ServiceName,
 };
 use agentkeys_actors::grant::{
     CreateGrant, GetGrant, GrantSpec, ListGrants, RevokeAgentGrants, RevokeGrant,
@@ -34,13 +34,43 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(rotate_key);
 }
 
+/// A device-key agent (`name` and `public_key`) or a wallet agent
+/// (`wallet_address`; its name defaults to the lowercase address), owned
+/// by its own account unless `owner` names another.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewAgent {
-    name: String,
-    public_key: String,
+    name: Option<String>,
+    public_key: Option<String>,
+    wallet_address: Option<String>,
+    owner: Option<String>,
     #[serde(default = "enabled_by_default")]
     enabled: bool,
+}
+
+impl NewAgent {
+    fn register(&self) -> Result<RegisterAgent, ApiError> {
+        let identity = match (&self.public_key, &self.wallet_address) {
+            (Some(key), None) => AgentIdentity::parse("ed25519", key)?,
+            (None, Some(wallet)) => AgentIdentity::parse("evm", wallet)?,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "give either public_key or wallet_address",
+                ))
+            }
+        };
+        let name = match (&self.name, identity.wallet()) {
+            (Some(name), _) => name.clone(),
+            (None, Some(wallet)) => wallet,
+            (None, None) => return Err(ApiError::bad_request("a device-key agent needs a name")),
+        };
+        Ok(RegisterAgent {
+            name: AgentName::parse(&name)?,
+            identity,
+            owner: self.owner.as_deref().map(OmniAccount::parse).transpose()?,
+            enabled: self.enabled,
+        })
+    }
 }
 
 fn enabled_by_default() -> bool {
@@ -53,11 +83,7 @@ async fn add_agent(
     state: web::Data<BrokerState>,
     body: web::Json<NewAgent>,
 ) -> Result<HttpResponse, ApiError> {
-    let register = RegisterAgent {
-        name: AgentName::parse(&body.name)?,
-        public_key: DevicePublicKey::parse(&body.public_key)?,
-        enabled: body.enabled,
-    };
+    let register = body.register()?;
     let agent = state.actors.auth.ask(register).await??;
     tracing::info!(agent = agent.name.as_str(), omni_account = %agent.omni_account, "agent registered");
     Ok(HttpResponse::Created().json(agent))
@@ -183,8 +209,7 @@ async fn add_grant(
         name: agent.name.clone(),
     };
     let still = state.actors.auth.ask(lookup).await?;
-    let same =
-        |a: &AgentRecord| (a.public_key, a.created_at) == (agent.public_key, agent.created_at);
+    let same = |a: &AgentRecord| (a.identity, a.created_at) == (agent.identity, agent.created_at);
     if !still.as_ref().is_some_and(same) {
         let revoke = RevokeGrant {
             id: grant.id.clone(),

@@ -1,9 +1,13 @@
-//! Agent login: a challenge for the device key, then its signature.
+//! Agent login: a challenge for the device key, then its signature; or a
+//! Sign-In with Ethereum message for a wallet, then its signature.
 
 use actix_web::{post, web, HttpRequest, HttpResponse};
-use agentkeys_actors::auth::{IssueChallenge, VerifyLogin};
-use agentkeys_actors::domain::DevicePublicKey;
+use agentkeys_actors::auth::{
+    IssueChallenge, IssueWalletChallenge, VerifyLogin, VerifyWalletLogin,
+};
+use agentkeys_actors::domain::{DevicePublicKey, EvmAddress};
 use agentkeys_actors::rate_limit::CheckLoginRate;
+use agentkeys_wire::wallet::WalletSignature;
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -14,7 +18,24 @@ use crate::startup::BrokerState;
 const MAX_NONCE_LEN: usize = 128;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(challenge).service(verify);
+    cfg.service(challenge)
+        .service(verify)
+        .service(wallet_start)
+        .service(wallet_verify);
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WalletStartBody {
+    address: String,
+    chain_id: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WalletVerifyBody {
+    request_id: String,
+    signature: String,
 }
 
 #[derive(Deserialize)]
@@ -84,5 +105,47 @@ async fn verify(
     span.record("omni_account", session.omni_account.as_str());
     span.record("agent", session.agent.as_str());
     tracing::info!("session issued");
+    Ok(HttpResponse::Ok().json(session))
+}
+
+#[post("/v1/auth/wallet/start")]
+async fn wallet_start(
+    state: web::Data<BrokerState>,
+    request: HttpRequest,
+    body: web::Json<WalletStartBody>,
+) -> Result<HttpResponse, ApiError> {
+    check_login_rate(&state, &request).await?;
+    let address = EvmAddress::parse(&body.address).map_err(|e| ApiError::bad_request(e.0))?;
+    let start = IssueWalletChallenge {
+        address,
+        chain_id: body.chain_id,
+    };
+    let issued = state.actors.auth.ask(start).await??;
+    Ok(HttpResponse::Ok().json(issued))
+}
+
+#[tracing::instrument(skip_all, fields(omni_account, agent))]
+#[post("/v1/auth/wallet/verify")]
+async fn wallet_verify(
+    state: web::Data<BrokerState>,
+    request: HttpRequest,
+    body: web::Json<WalletVerifyBody>,
+) -> Result<HttpResponse, ApiError> {
+    check_login_rate(&state, &request).await?;
+    let body = body.into_inner();
+    if body.request_id.is_empty() || body.request_id.len() > MAX_NONCE_LEN {
+        return Err(ApiError::bad_request("request_id must be 1-128 characters"));
+    }
+    let signature =
+        WalletSignature::parse(&body.signature).map_err(|e| ApiError::bad_request(e.0))?;
+    let login = VerifyWalletLogin {
+        request_id: body.request_id,
+        signature,
+    };
+    let session = state.actors.auth.ask(login).await??;
+    let span = tracing::Span::current();
+    span.record("omni_account", session.omni_account.as_str());
+    span.record("agent", session.agent.as_str());
+    tracing::info!("wallet session issued");
     Ok(HttpResponse::Ok().json(session))
 }

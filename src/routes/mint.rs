@@ -19,7 +19,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(mint_oidc_jwt);
 }
 
-#[derive(Deserialize, Serialize)]
+#[derive(Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct MintBody {
     service: Option<String>,
@@ -62,12 +62,12 @@ fn idempotency_key(request: &HttpRequest) -> Result<Option<IdempotencyKey>, ApiE
 }
 
 /// The body's exact bytes: a proof of possession signs them. JSON only,
-/// at most `max_bytes`.
+/// at most `max_bytes`; `None` for a request without one.
 async fn read_body(
     request: &HttpRequest,
     mut payload: web::Payload,
     max_bytes: usize,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<Option<Vec<u8>>, ApiError> {
     let json = request
         .headers()
         .get(actix_web::http::header::CONTENT_TYPE)
@@ -77,6 +77,23 @@ async fn read_body(
                 .next()
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
         });
+    // A bearer-only request (no body, no Content-Type), as the daemons of
+    // the system this broker replaces send it, names no intent: `{}`.
+    let bodiless = request
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .is_none()
+        && request
+            .headers()
+            .get(actix_web::http::header::CONTENT_LENGTH)
+            .is_none_or(|length| length.as_bytes() == b"0")
+        && request
+            .headers()
+            .get(actix_web::http::header::TRANSFER_ENCODING)
+            .is_none();
+    if bodiless {
+        return Ok(None);
+    }
     if !json {
         return Err(ApiError::bad_request(
             "Content-Type must be application/json",
@@ -98,7 +115,7 @@ async fn read_body(
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok(Some(body))
 }
 
 /// The caller's own `Agentkeys-Client-Request-Id`, if it sent one.
@@ -139,9 +156,14 @@ async fn parse(
     session_sha256: String,
     ids: RequestIds,
 ) -> Result<MintRequest, ApiError> {
-    let raw = read_body(request, payload, max_body_bytes).await?;
-    let body: MintBody = serde_json::from_slice(&raw)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let (raw, body) = match read_body(request, payload, max_body_bytes).await? {
+        Some(raw) => {
+            let body: MintBody = serde_json::from_slice(&raw)
+                .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+            (raw, body)
+        }
+        None => (Vec::new(), MintBody::default()),
+    };
     let proof = proof_of_possession(request, &raw)?;
     let intent = body.intent()?;
     if body.ttl_seconds == Some(0) {

@@ -260,13 +260,24 @@ async fn malformed_unknown_oversize_and_invalid_mint_bodies_are_400() {
         assert_eq!(reply.error_code(), "bad_request", "{why}");
     }
 
+    // A JSON body of another type is refused; no body at all is the
+    // bearer-only mint of the old daemons (tests/api/accounts.rs).
     let text = app
-        .send("POST", "/v1/mint-oidc-jwt", Some(&session), None)
-        .await;
+        .send_raw(
+            "POST",
+            &app.url("/v1/mint-oidc-jwt"),
+            &[
+                ("Authorization", &format!("Bearer {session}")),
+                ("Content-Type", "text/plain"),
+            ],
+            Some(b"{}".to_vec()),
+        )
+        .await
+        .unwrap();
     assert_eq!(
         text.status,
         StatusCode::BAD_REQUEST,
-        "no body, no content type"
+        "a body that is not JSON"
     );
 }
 

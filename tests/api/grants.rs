@@ -117,11 +117,22 @@ async fn matching_is_by_whole_segments_service_and_agent() {
         "grant_denied",
         "grants.required covers the agent's own scope too"
     );
+    // No intent named: the agent's one live grant for the default service
+    // (s3) is its intent; with two, it must name one.
     let no_intent = app.mint(&session, &json!({})).await;
+    assert_eq!(no_intent.status, StatusCode::OK, "{}", no_intent.body);
+    let claims = crate::helpers::claims_of(&no_intent);
+    assert_eq!(claims["agentkeys_scope_path"], "bots/x/cred/");
+    app.grant(&agent, "s3", "bots/x/other/", None).await;
+    let ambiguous = app.mint(&session, &json!({})).await;
     assert_eq!(
-        (no_intent.status, no_intent.error_code()),
+        (ambiguous.status, ambiguous.error_code()),
         (StatusCode::BAD_REQUEST, "bad_request")
     );
+    assert!(ambiguous.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("several live grants"));
 }
 
 #[actix_web::test]

@@ -251,13 +251,19 @@ impl TestApp {
 
     /// Registers an agent with a fresh device key through the admin API.
     pub async fn register_agent(&self, name: &str) -> TestAgent {
+        self.register_agent_owned_by(name, None).await
+    }
+
+    /// Registers a device-key agent owned by `owner` (an OmniAccount), or
+    /// by its own account.
+    pub async fn register_agent_owned_by(&self, name: &str, owner: Option<&str>) -> TestAgent {
         let mut seed = [0u8; 32];
         seed.copy_from_slice(&hex::decode(agentkeys_actors::domain::random_hex(32)).unwrap());
         let agent = TestAgent {
             name: name.to_owned(),
             key: SigningKey::from_bytes(&seed),
         };
-        let body = json!({ "name": name, "public_key": agent.public_key_hex() });
+        let body = json!({ "name": name, "public_key": agent.public_key_hex(), "owner": owner });
         let reply = self.admin("POST", "/v1/admin/agents", Some(&body)).await;
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
         agent
@@ -382,6 +388,18 @@ pub fn verify_against_jwks(
     validation.set_issuer(&[issuer]);
     validation.set_audience(&[audience]);
     Ok(jsonwebtoken::decode::<Value>(jwt, &key, &validation)?.claims)
+}
+
+/// The claims of the JWT a successful mint answered (unverified: for
+/// reading what the broker put in; signatures are checked elsewhere).
+pub fn claims_of(minted: &Reply) -> Value {
+    use base64::Engine;
+    let jwt = minted.body["jwt"].as_str().expect("a minted JWT");
+    let payload = jwt.split('.').nth(1).expect("a JWT");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url");
+    serde_json::from_slice(&bytes).expect("JSON claims")
 }
 
 /// The claims of a session token, as the broker signed them.

@@ -72,6 +72,7 @@ async fn a_device_key_login_then_mint_returns_a_jwt_that_verifies_against_the_se
         transitive,
         [
             "agentkeys_actor_omni",
+            "agentkeys_owner_omni",
             "agentkeys_scope_path",
             "agentkeys_service"
         ]

@@ -1,6 +1,7 @@
 //! Integration tests: each starts the real broker on port 0 with a fresh
 //! data directory and talks HTTP to it.
 
+mod accounts;
 mod admin;
 mod at_rest;
 mod audit;

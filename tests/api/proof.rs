@@ -2,7 +2,7 @@
 //! cannot mint, and a proof cannot be replayed or moved to another body.
 
 use agentkeys_actors::domain::{now_unix, sha256_hex};
-use agentkeys_wire::signed::{ProofHeader, ProofMessage};
+use agentkeys_wire::signed::{ProofHeader, ProofMessage, ProofSignature};
 use ed25519_dalek::{Signer, SigningKey};
 use reqwest::StatusCode;
 
@@ -33,7 +33,7 @@ fn proof_for(
     ProofHeader {
         timestamp,
         nonce: nonce.to_owned(),
-        signature: key.sign(message.text().as_bytes()).to_bytes(),
+        signature: ProofSignature::Ed25519(key.sign(message.text().as_bytes()).to_bytes()),
     }
     .format()
 }

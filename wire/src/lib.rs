@@ -9,6 +9,8 @@
 //!   accepted as another, and built from typed fields that cannot add a
 //!   line: a client rebuilds what it signs instead of signing what it is
 //!   handed.
+//! - [`wallet`]: what an Ethereum wallet signs (Sign-In with Ethereum,
+//!   EIP-191 personal messages) and the address that signed.
 //! - `http_client` (feature `http-client`): the one HTTP client both the
 //!   admin commands and the daemon client build.
 
@@ -18,3 +20,4 @@ pub mod headers;
 pub mod http_client;
 pub mod paths;
 pub mod signed;
+pub mod wallet;

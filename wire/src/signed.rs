@@ -6,6 +6,8 @@
 
 use std::fmt::Write;
 
+use crate::wallet::WalletSignature;
+
 /// Why a message or header was refused; the text is safe to show.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -163,33 +165,61 @@ impl ProofMessage {
     }
 }
 
-/// The `Agentkeys-Proof` header: `t=<unix seconds>,n=<nonce>,s=<128 hex
-/// Ed25519 signature over the ProofMessage text>`.
+/// The signature of a proof: Ed25519 by a device key (64 bytes), or an
+/// EIP-191 personal-message signature by a wallet (65 bytes, `r‖s‖v`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProofSignature {
+    Ed25519([u8; 64]),
+    Wallet(WalletSignature),
+}
+
+impl ProofSignature {
+    fn parse(hex_text: &str) -> Option<Self> {
+        match hex_text.len() {
+            128 => {
+                let mut bytes = [0u8; 64];
+                hex::decode_to_slice(hex_text, &mut bytes).ok()?;
+                Some(Self::Ed25519(bytes))
+            }
+            130 => WalletSignature::parse(hex_text).ok().map(Self::Wallet),
+            _ => None,
+        }
+    }
+
+    fn to_hex(self) -> String {
+        match self {
+            Self::Ed25519(bytes) => hex::encode(bytes),
+            Self::Wallet(signature) => hex::encode(signature.0),
+        }
+    }
+}
+
+/// The `Agentkeys-Proof` header: `t=<unix seconds>,n=<nonce>,s=<signature
+/// over the ProofMessage text: 128 hex (Ed25519) or 130 hex (wallet)>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProofHeader {
     pub timestamp: u64,
     /// 8-64 characters of `[A-Za-z0-9_-]`, never reused.
     pub nonce: String,
-    pub signature: [u8; 64],
+    pub signature: ProofSignature,
 }
 
 impl ProofHeader {
     pub fn parse(header: &str) -> Result<Self, WireError> {
-        let bad = WireError("Agentkeys-Proof must be t=<unix>,n=<nonce>,s=<128 hex>");
+        let bad = WireError("Agentkeys-Proof must be t=<unix>,n=<nonce>,s=<128 or 130 hex>");
         let mut fields = header.split(',').map(|f| f.trim().split_once('='));
         let (Some(Some(("t", t))), Some(Some(("n", n))), Some(Some(("s", s))), None) =
             (fields.next(), fields.next(), fields.next(), fields.next())
         else {
             return Err(bad);
         };
-        let mut signature = [0u8; 64];
-        if !is_nonce(n) || n.len() > 64 || hex::decode_to_slice(s, &mut signature).is_err() {
+        if !is_nonce(n) || n.len() > 64 || s.starts_with("0x") {
             return Err(bad);
         }
         Ok(Self {
             timestamp: t.parse().map_err(|_| bad.clone())?,
             nonce: n.to_owned(),
-            signature,
+            signature: ProofSignature::parse(s).ok_or(bad)?,
         })
     }
 
@@ -199,7 +229,7 @@ impl ProofHeader {
             "t={},n={},s={}",
             self.timestamp,
             self.nonce,
-            hex::encode(self.signature)
+            self.signature.to_hex()
         )
     }
 }
@@ -263,7 +293,7 @@ mod tests {
         let header = ProofHeader {
             timestamp: 42,
             nonce: "abcdefgh".into(),
-            signature: [7; 64],
+            signature: ProofSignature::Ed25519([7; 64]),
         };
         assert_eq!(ProofHeader::parse(&header.format()).unwrap(), header);
         for bad in [

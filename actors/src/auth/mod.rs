@@ -4,11 +4,13 @@
 //! pool. One concern per file:
 //! - [`registry`]: agents registered, listed, enabled, removed;
 //! - [`session`]: login challenges and session tokens;
+//! - [`wallet`]: wallet sign-in (Sign-In with Ethereum);
 //! - [`proof`]: proofs of possession over one request.
 
 mod proof;
 mod registry;
 mod session;
+mod wallet;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use actix::{Actor, AsyncContext, Context};
 
 use crate::backpressure::Overloaded;
 use crate::domain::{
-    now_unix, AgentName, AgentRecord, DevicePublicKey, ErrorCode, OmniAccount, Principal,
+    now_unix, AgentIdentity, AgentName, AgentRecord, ErrorCode, OmniAccount, Principal,
 };
 use crate::keys::KeyInfo;
 use crate::signer::{SignerError, SignerPool, VerifiedSession};
@@ -29,11 +31,14 @@ pub use registry::{ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SetAgent
 pub use session::{
     BearerToken, Challenge, IssueChallenge, Session, SessionKeysChanged, VerifyLogin, VerifySession,
 };
+pub use wallet::{IssueWalletChallenge, VerifyWalletLogin, WalletChallenge, WalletSession};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("{0}")]
     Unauthorized(&'static str),
+    #[error("{0}")]
+    BadRequest(&'static str),
     #[error("the agent is disabled")]
     Forbidden,
     /// A valid session of a disabled agent: authenticated, so its attempt
@@ -60,6 +65,7 @@ impl AuthError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Unauthorized(_) => ErrorCode::Unauthorized,
+            Self::BadRequest(_) => ErrorCode::BadRequest,
             Self::Forbidden | Self::AgentDisabled(_) => ErrorCode::Forbidden,
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::NotFound => ErrorCode::NotFound,
@@ -117,15 +123,20 @@ pub struct AuthSettings {
     /// The ring's keys when the actor starts; later changes arrive as
     /// [`SessionKeysChanged`].
     pub keys: Vec<KeyInfo>,
+    /// Chain ids a wallet may sign in on.
+    pub wallet_chain_ids: Vec<u64>,
+    /// A wallet no agent has may sign in and become its own account.
+    pub open_signup: bool,
 }
 
 /// Session clocks may differ this much between the broker that issued a
 /// session and the one checking it (one process today, replicas later).
 const SESSION_CLOCK_ALLOWANCE_SECONDS: u64 = 60;
 
-/// A nonce waiting for its signature.
+/// A login message waiting for its signature (by nonce, or by request
+/// id for a wallet).
 struct PendingLogin {
-    public_key: DevicePublicKey,
+    identity: AgentIdentity,
     message: String,
     expires_at: u64,
 }
@@ -138,8 +149,8 @@ pub struct AuthActor {
     signer: SignerPool,
     /// Live agents by name: the registry every session check reads.
     agents: HashMap<AgentName, AgentRecord>,
-    /// Device key → agent name, for login.
-    names_by_key: HashMap<DevicePublicKey, AgentName>,
+    /// Device key or wallet → agent name, for login.
+    names_by_identity: HashMap<AgentIdentity, AgentName>,
     /// Names and keys of registrations still being written, so two
     /// concurrent registrations cannot both claim one.
     reserved: HashSet<String>,
@@ -169,7 +180,7 @@ impl AuthActor {
             store,
             signer,
             agents: HashMap::new(),
-            names_by_key: HashMap::new(),
+            names_by_identity: HashMap::new(),
             reserved: HashSet::new(),
             nonces: HashMap::new(),
             seen_proofs: HashMap::new(),
@@ -241,6 +252,8 @@ mod tests {
             proof_max_skew: Duration::from_secs(60),
             session_cache_entries: 16,
             keys,
+            wallet_chain_ids: vec![1],
+            open_signup: false,
         }
     }
 
@@ -258,9 +271,9 @@ mod tests {
         )
     }
 
-    fn device_key(seed: u8) -> DevicePublicKey {
+    fn device_key(seed: u8) -> crate::domain::DevicePublicKey {
         let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key();
-        DevicePublicKey::parse(&hex::encode(key.to_bytes())).unwrap()
+        crate::domain::DevicePublicKey::parse(&hex::encode(key.to_bytes())).unwrap()
     }
 
     /// Review finding 8: a cached session skipped the check that its key
@@ -279,7 +292,8 @@ mod tests {
         let agent = auth
             .send(RegisterAgent {
                 name: AgentName::parse("cached").unwrap(),
-                public_key: device_key(9),
+                identity: AgentIdentity::DeviceKey(device_key(9)),
+                owner: None,
                 enabled: true,
             })
             .await
@@ -291,10 +305,11 @@ mod tests {
             aud: format!("{ISSUER}/v1/session"),
             sub: agent.omni_account.to_string(),
             agent: "cached".into(),
-            device_key: agent.public_key.to_hex(),
+            device_key: agent.identity.identity_value(),
             iat: now,
             exp: now + 600,
             jti: "j".into(),
+            ..SessionClaims::default()
         };
         let token = sign_session(&ring, &claims).unwrap();
         let verify = || VerifySession {
@@ -364,7 +379,8 @@ mod tests {
         let name = AgentName::parse("racer").unwrap();
         auth.send(RegisterAgent {
             name: name.clone(),
-            public_key: device_key(5),
+            identity: AgentIdentity::DeviceKey(device_key(5)),
+            owner: None,
             enabled: true,
         })
         .await

@@ -3,12 +3,12 @@
 
 use actix::{ActorFutureExt, Handler, Message, ResponseActFuture, WrapFuture};
 
-use agentkeys_wire::signed::{ProofHeader, ProofMessage};
+use agentkeys_wire::signed::{ProofHeader, ProofMessage, ProofSignature};
 
 use super::{AuthActor, AuthError};
 use crate::backpressure::Overloaded;
-use crate::domain::{now_unix, Principal};
-use crate::signer::VerifyDeviceSignature;
+use crate::domain::{now_unix, AgentIdentity, Principal};
+use crate::signer::{VerifyDeviceSignature, VerifyWalletSignature};
 
 /// A device's proof that it holds the key behind a session, as the
 /// `Agentkeys-Proof` header carries it (format in the wire crate).
@@ -40,6 +40,14 @@ impl Handler<CheckProof> for AuthActor {
         let refuse = |why| -> Self::Result {
             Box::pin(actix::fut::ready(Err(AuthError::Unauthorized(why))))
         };
+        let kind_matches = matches!(
+            (&msg.principal.identity, &msg.proof.signature),
+            (AgentIdentity::DeviceKey(_), ProofSignature::Ed25519(_))
+                | (AgentIdentity::Wallet(_), ProofSignature::Wallet(_))
+        );
+        if !kind_matches {
+            return refuse("proof of possession is not signed the way this agent signs in");
+        }
         let now = now_unix();
         let skew = self.settings.proof_max_skew.as_secs();
         if msg.proof.timestamp.abs_diff(now) > skew {
@@ -82,25 +90,38 @@ impl Handler<CheckProof> for AuthActor {
             }
         }
         taken.insert(nonce.clone(), msg.proof.timestamp + skew + 1);
-        let check = VerifyDeviceSignature {
-            key: msg.principal.device_key,
-            message: message.text(),
-            signature: msg.proof.signature,
-        };
+        let (identity, signature, message) =
+            (msg.principal.identity, msg.proof.signature, message.text());
         let signer = self.signer.clone();
-        Box::pin(
-            async move { signer.call(check).await }
-                .into_actor(self)
-                .map(move |checked, actor, _| {
-                    let verified = matches!(checked, Ok(Ok(())));
-                    if !verified {
-                        if let Some(taken) = actor.seen_proofs.get_mut(&account) {
-                            taken.remove(&nonce);
-                        }
-                    }
-                    checked?
-                        .map_err(|_| AuthError::Unauthorized("proof of possession does not verify"))
-                }),
-        )
+        let checked = async move {
+            match (identity, signature) {
+                (AgentIdentity::DeviceKey(key), ProofSignature::Ed25519(signature)) => {
+                    let check = VerifyDeviceSignature {
+                        key,
+                        message,
+                        signature,
+                    };
+                    signer.call(check).await
+                }
+                (AgentIdentity::Wallet(wallet), ProofSignature::Wallet(signature)) => {
+                    let check = VerifyWalletSignature {
+                        wallet,
+                        message,
+                        signature,
+                    };
+                    signer.call(check).await
+                }
+                _ => Ok(Err(crate::signer::SignerError::BadSignature)),
+            }
+        };
+        Box::pin(checked.into_actor(self).map(move |checked, actor, _| {
+            let verified = matches!(checked, Ok(Ok(())));
+            if !verified {
+                if let Some(taken) = actor.seen_proofs.get_mut(&account) {
+                    taken.remove(&nonce);
+                }
+            }
+            checked?.map_err(|_| AuthError::Unauthorized("proof of possession does not verify"))
+        }))
     }
 }

@@ -4,14 +4,16 @@
 use actix::{ActorFutureExt, Handler, Message, ResponseActFuture, WrapFuture};
 
 use super::{AuthActor, AuthError};
-use crate::domain::{now_unix, AgentName, AgentRecord, DevicePublicKey};
+use crate::domain::{now_unix, AgentIdentity, AgentName, AgentRecord, OmniAccount};
 
 /// Add an agent to the registry (durable before it answers).
 #[derive(Message)]
 #[rtype(result = "Result<AgentRecord, AuthError>")]
 pub struct RegisterAgent {
     pub name: AgentName,
-    pub public_key: DevicePublicKey,
+    pub identity: AgentIdentity,
+    /// The owning account; `None`: the agent owns its own.
+    pub owner: Option<OmniAccount>,
     pub enabled: bool,
 }
 
@@ -44,8 +46,8 @@ pub struct RemoveAgent {
 
 impl AuthActor {
     pub(super) fn add_live(&mut self, agent: AgentRecord) {
-        self.names_by_key
-            .insert(agent.public_key, agent.name.clone());
+        self.names_by_identity
+            .insert(agent.identity, agent.name.clone());
         self.agents.insert(agent.name.clone(), agent);
     }
 }
@@ -56,13 +58,20 @@ impl Handler<RegisterAgent> for AuthActor {
     /// Reserves name and key here, writes on a blocking thread, then goes live.
     fn handle(&mut self, msg: RegisterAgent, _: &mut Self::Context) -> Self::Result {
         let name_key = format!("name:{}", msg.name.as_str());
-        let device_key = format!("key:{}", msg.public_key.to_hex());
+        let identity_key = format!(
+            "{}:{}",
+            msg.identity.identity_type(),
+            msg.identity.identity_value()
+        );
         let conflict = if self.agents.contains_key(&msg.name) || self.reserved.contains(&name_key) {
             Some("name")
-        } else if self.names_by_key.contains_key(&msg.public_key)
-            || self.reserved.contains(&device_key)
+        } else if self.names_by_identity.contains_key(&msg.identity)
+            || self.reserved.contains(&identity_key)
         {
-            Some("public_key")
+            Some(match msg.identity {
+                AgentIdentity::DeviceKey(_) => "public_key",
+                AgentIdentity::Wallet(_) => "wallet_address",
+            })
         } else {
             None
         };
@@ -70,8 +79,8 @@ impl Handler<RegisterAgent> for AuthActor {
             return Box::pin(actix::fut::ready(Err(AuthError::Conflict(what))));
         }
         self.reserved.insert(name_key.clone());
-        self.reserved.insert(device_key.clone());
-        let record = AgentRecord::new(msg.name, msg.public_key, msg.enabled, now_unix());
+        self.reserved.insert(identity_key.clone());
+        let record = AgentRecord::new(msg.name, msg.identity, msg.owner, msg.enabled, now_unix());
         let store = self.store.clone();
         let written = record.clone();
         Box::pin(
@@ -79,7 +88,7 @@ impl Handler<RegisterAgent> for AuthActor {
                 .into_actor(self)
                 .map(move |result, actor, _| {
                     actor.reserved.remove(&name_key);
-                    actor.reserved.remove(&device_key);
+                    actor.reserved.remove(&identity_key);
                     result.map_err(AuthError::from)??;
                     actor.add_live(record.clone());
                     Ok(record)
@@ -120,8 +129,7 @@ impl Handler<SetAgentEnabled> for AuthActor {
                     // Removed (or replaced by a new registration) while the
                     // write ran: the removal stands.
                     let same_agent = actor.agents.get(&updated.name).is_some_and(|live| {
-                        (live.public_key, live.created_at)
-                            == (updated.public_key, updated.created_at)
+                        (live.identity, live.created_at) == (updated.identity, updated.created_at)
                     });
                     if !same_agent {
                         return Err(AuthError::NotFound);
@@ -151,7 +159,7 @@ impl Handler<RemoveAgent> for AuthActor {
         let Some(removed) = self.agents.remove(&msg.name) else {
             return Box::pin(actix::fut::ready(Err(AuthError::NotFound)));
         };
-        self.names_by_key.remove(&removed.public_key);
+        self.names_by_identity.remove(&removed.identity);
         let store = self.store.clone();
         let name = msg.name.clone();
         Box::pin(
@@ -161,7 +169,7 @@ impl Handler<RemoveAgent> for AuthActor {
                     let outcome = result.map_err(AuthError::from)?;
                     if let Err(e) = outcome {
                         let free = !actor.agents.contains_key(&removed.name)
-                            && !actor.names_by_key.contains_key(&removed.public_key);
+                            && !actor.names_by_identity.contains_key(&removed.identity);
                         if free {
                             actor.add_live(removed);
                         }

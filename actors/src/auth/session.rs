@@ -9,7 +9,10 @@ use agentkeys_wire::signed::LoginMessage;
 
 use super::{AuthActor, AuthError, PendingLogin, SESSION_CLOCK_ALLOWANCE_SECONDS};
 use crate::backpressure::Overloaded;
-use crate::domain::{now_unix, random_hex, AgentName, DevicePublicKey, OmniAccount, Principal};
+use crate::domain::{
+    now_unix, random_hex, AgentIdentity, AgentName, AgentRecord, DevicePublicKey, OmniAccount,
+    Principal,
+};
 use crate::keys::KeyInfo;
 use crate::signer::{
     SessionClaims, SignSession, VerifiedSession, VerifyDeviceSignature, VerifySessionToken,
@@ -31,6 +34,60 @@ pub struct Session {
     pub expires_at: u64,
     pub omni_account: OmniAccount,
     pub agent: AgentName,
+    pub owner_omni_account: OmniAccount,
+    pub role: &'static str,
+}
+
+/// A session token just signed for an agent, with the key that signed it.
+pub(super) struct IssuedSession {
+    pub token: String,
+    pub kid: String,
+    pub expires_at: u64,
+}
+
+/// `owner` for a wallet that owns its own account, else `agent`.
+pub(super) fn role_of(agent: &AgentRecord) -> &'static str {
+    if agent.is_owner() {
+        "owner"
+    } else {
+        "agent"
+    }
+}
+
+/// Signs a session for `agent`, on the pool.
+pub(super) async fn issue_session(
+    settings: &super::AuthSettings,
+    signer: &crate::signer::SignerPool,
+    agent: &AgentRecord,
+) -> Result<IssuedSession, AuthError> {
+    let now = now_unix();
+    let claims = SessionClaims {
+        iss: settings.issuer.clone(),
+        aud: settings.session_audience.clone(),
+        sub: agent.omni_account.to_string(),
+        agent: agent.name.as_str().to_owned(),
+        device_key: match agent.identity {
+            AgentIdentity::DeviceKey(key) => key.to_hex(),
+            AgentIdentity::Wallet(_) => String::new(),
+        },
+        wallet: agent.identity.wallet(),
+        owner: Some(agent.owner.to_string()),
+        role: Some(role_of(agent).to_owned()),
+        iat: now,
+        exp: now + settings.session_ttl.as_secs(),
+        jti: random_hex(16),
+    };
+    let expires_at = claims.exp;
+    let token = signer.call(SignSession(claims)).await??;
+    let kid = jsonwebtoken::decode_header(&token)
+        .ok()
+        .and_then(|header| header.kid)
+        .unwrap_or_default();
+    Ok(IssuedSession {
+        token,
+        kid,
+        expires_at,
+    })
 }
 
 /// Issue a single-use login nonce. Unknown keys get one too (no enumeration).
@@ -149,7 +206,7 @@ impl AuthActor {
         let agent = AgentName::parse(&claims.agent)
             .ok()
             .and_then(|name| self.agents.get(&name))
-            .filter(|a| a.public_key.to_hex() == claims.device_key)
+            .filter(|a| claims.names(&a.identity))
             // A session issued before this agent was (re-)registered
             // belonged to an agent that was deleted.
             .filter(|a| claims.iat >= a.created_at)
@@ -158,8 +215,9 @@ impl AuthActor {
             ))?;
         let principal = Principal {
             omni_account: agent.omni_account.clone(),
+            owner: agent.owner.clone(),
             agent: agent.name.clone(),
-            device_key: agent.public_key,
+            identity: agent.identity,
         };
         if !agent.enabled {
             return Err(AuthError::AgentDisabled(Box::new(principal)));
@@ -192,7 +250,7 @@ impl Handler<IssueChallenge> for AuthActor {
         self.nonces.insert(
             nonce.clone(),
             PendingLogin {
-                public_key: msg.public_key,
+                identity: AgentIdentity::DeviceKey(msg.public_key),
                 message: message.clone(),
                 expires_at,
             },
@@ -211,16 +269,17 @@ impl Handler<VerifyLogin> for AuthActor {
     /// The nonce is spent by any attempt, right or wrong.
     fn handle(&mut self, msg: VerifyLogin, _: &mut Self::Context) -> Self::Result {
         let pending = self.nonces.remove(&msg.nonce);
+        let identity = AgentIdentity::DeviceKey(msg.public_key);
         let agent = self
-            .names_by_key
-            .get(&msg.public_key)
+            .names_by_identity
+            .get(&identity)
             .and_then(|name| self.agents.get(name))
             .cloned();
         let signer = self.signer.clone();
         let settings = self.settings.clone();
         Box::pin(async move {
             let pending = pending
-                .filter(|p| p.public_key == msg.public_key && p.expires_at > now_unix())
+                .filter(|p| p.identity == identity && p.expires_at > now_unix())
                 .ok_or(AuthError::Unauthorized("unknown, used or expired nonce"))?;
             signer
                 .call(VerifyDeviceSignature {
@@ -233,23 +292,13 @@ impl Handler<VerifyLogin> for AuthActor {
             if !agent.enabled {
                 return Err(AuthError::Forbidden);
             }
-            let now = now_unix();
-            let claims = SessionClaims {
-                iss: settings.issuer,
-                aud: settings.session_audience,
-                sub: agent.omni_account.to_string(),
-                agent: agent.name.as_str().to_owned(),
-                device_key: agent.public_key.to_hex(),
-                iat: now,
-                exp: now + settings.session_ttl.as_secs(),
-                jti: random_hex(16),
-            };
-            let expires_at = claims.exp;
-            let session_token = signer.call(SignSession(claims)).await??;
+            let issued = issue_session(&settings, &signer, &agent).await?;
             Ok(Session {
-                session_token,
-                expires_at,
+                session_token: issued.token,
+                expires_at: issued.expires_at,
+                role: role_of(&agent),
                 omni_account: agent.omni_account,
+                owner_omni_account: agent.owner,
                 agent: agent.name,
             })
         })

@@ -1,6 +1,7 @@
 //! Validated values: every actor receives only these, never raw strings,
 //! so no actor re-checks its input.
 
+mod identity;
 mod records;
 
 use std::fmt;
@@ -9,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
+pub use identity::{AgentIdentity, EvmAddress, OmniAccount};
 pub use records::{AgentRecord, CompletedMint, Grant, Intent};
 
 /// The stable, machine-readable error codes of the wire contract.
@@ -127,38 +129,6 @@ impl fmt::Debug for DevicePublicKey {
 impl Serialize for DevicePublicKey {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_hex())
-    }
-}
-
-/// The stable anchor of an identity:
-/// hex(SHA-256("agentkeys" ‖ identity type ‖ identity value)).
-#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct OmniAccount(String);
-
-impl OmniAccount {
-    /// The account of a device key: type `ed25519`, value the lowercase hex key.
-    pub fn of_device_key(key: &DevicePublicKey) -> Self {
-        let mut hasher = Sha256::new();
-        hasher.update(b"agentkeys");
-        hasher.update(b"ed25519");
-        hasher.update(key.to_hex().as_bytes());
-        Self(hex::encode(hasher.finalize()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Any value, for tests and benchmarks that need many accounts.
-    pub fn for_tests(value: &str) -> Self {
-        Self(value.to_owned())
-    }
-}
-
-impl fmt::Display for OmniAccount {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
     }
 }
 
@@ -310,9 +280,12 @@ impl IdempotencyKey {
 /// Who a verified session belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
+    /// The agent's own (actor) account.
     pub omni_account: OmniAccount,
+    /// The account that owns the agent: its rate budget and namespace.
+    pub owner: OmniAccount,
     pub agent: AgentName,
-    pub device_key: DevicePublicKey,
+    pub identity: AgentIdentity,
 }
 
 #[cfg(test)]
@@ -609,7 +582,8 @@ mod hostile_input {
             let good = format!("t={t},n={nonce},s={sig}");
             let parsed = ProofOfPossession::parse(&good).unwrap();
             prop_assert_eq!(parsed.format(), good.clone());
-            prop_assert_eq!((parsed.timestamp, parsed.nonce.as_str(), parsed.signature), (t, nonce.as_str(), signature));
+            let expected = agentkeys_wire::signed::ProofSignature::Ed25519(signature);
+            prop_assert_eq!((parsed.timestamp, parsed.nonce.as_str(), parsed.signature), (t, nonce.as_str(), expected));
             let near_miss = match miss {
                 0 => format!("n={nonce},s={sig}"),
                 1 => format!("n={nonce},t={t},s={sig}"),
@@ -652,7 +626,8 @@ mod hostile_input {
             let proof = ProofOfPossession::parse(&header).unwrap();
             prop_assert_eq!(proof.timestamp, t);
             prop_assert_eq!(proof.nonce, nonce);
-            prop_assert_eq!(proof.signature.to_vec(), sig);
+            let expected = agentkeys_wire::signed::ProofSignature::Ed25519(sig.try_into().unwrap());
+            prop_assert_eq!(proof.signature, expected);
         }
     }
 }

@@ -4,32 +4,69 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{AgentName, DevicePublicKey, OmniAccount, ScopePath, ServiceName};
+use super::{AgentIdentity, AgentName, OmniAccount, ScopePath, ServiceName};
 
-/// A registered agent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// A registered agent: its identity, its own (actor) account, and the
+/// account that owns it (its own unless it was added or linked under
+/// another).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentRecord {
     pub name: AgentName,
-    pub public_key: DevicePublicKey,
+    pub identity: AgentIdentity,
     pub omni_account: OmniAccount,
+    pub owner: OmniAccount,
     pub enabled: bool,
     pub created_at: u64,
 }
 
 impl AgentRecord {
+    /// `owner: None` makes the agent the owner of its own account.
     pub fn new(
         name: AgentName,
-        public_key: DevicePublicKey,
+        identity: AgentIdentity,
+        owner: Option<OmniAccount>,
         enabled: bool,
         created_at: u64,
     ) -> Self {
+        let omni_account = identity.omni_account();
         Self {
-            omni_account: OmniAccount::of_device_key(&public_key),
+            owner: owner.unwrap_or_else(|| omni_account.clone()),
+            omni_account,
             name,
-            public_key,
+            identity,
             enabled,
             created_at,
         }
+    }
+
+    /// True for a wallet agent that owns its own account: its session
+    /// is an owner's (it manages the agents of that account).
+    pub fn is_owner(&self) -> bool {
+        matches!(self.identity, AgentIdentity::Wallet(_)) && self.owner == self.omni_account
+    }
+}
+
+/// How answers show an agent: the old system's `public_key` (device-key
+/// agents) or `wallet_address` (wallet agents), then the identity and both
+/// accounts.
+impl Serialize for AgentRecord {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(8))?;
+        map.serialize_entry("name", &self.name)?;
+        match self.identity {
+            AgentIdentity::DeviceKey(key) => map.serialize_entry("public_key", &key)?,
+            AgentIdentity::Wallet(address) => {
+                map.serialize_entry("wallet_address", &address.lowercase())?
+            }
+        }
+        map.serialize_entry("identity_type", self.identity.identity_type())?;
+        map.serialize_entry("identity_value", &self.identity.identity_value())?;
+        map.serialize_entry("omni_account", &self.omni_account)?;
+        map.serialize_entry("owner_omni_account", &self.owner)?;
+        map.serialize_entry("enabled", &self.enabled)?;
+        map.serialize_entry("created_at", &self.created_at)?;
+        map.end()
     }
 }
 

@@ -31,7 +31,7 @@ use idempotency::Slot;
 pub use commit::GrantBatch;
 pub use grants::{CreateGrant, GetGrant, GrantSpec, ListGrants, RevokeAgentGrants, RevokeGrant};
 pub use idempotency::{Complete, IdempotencySlot};
-pub use reserve::{GrantDecision, GrantUse, Release, Reservation, Reserve};
+pub use reserve::{DefaultIntent, GrantDecision, GrantUse, Release, Reservation, Reserve};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum GrantError {
@@ -49,6 +49,9 @@ pub enum GrantError {
     Storage(String),
     #[error("the request waited too long for the grant actor")]
     QueuedTooLong,
+    /// A mint that named no intent, where none can be chosen for it.
+    #[error("{0}")]
+    NoDefaultIntent(&'static str),
 }
 
 impl GrantError {
@@ -61,6 +64,7 @@ impl GrantError {
             Self::IdempotencyInFlight => ErrorCode::IdempotencyInFlight,
             Self::Storage(_) => ErrorCode::Internal,
             Self::QueuedTooLong => ErrorCode::Overloaded,
+            Self::NoDefaultIntent(_) => ErrorCode::BadRequest,
         }
     }
 }
@@ -222,10 +226,12 @@ mod tests {
     fn principal() -> Principal {
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
         let device_key = DevicePublicKey::parse(&hex::encode(key.to_bytes())).unwrap();
+        let omni_account = OmniAccount::of_device_key(&device_key);
         Principal {
-            omni_account: OmniAccount::of_device_key(&device_key),
+            owner: omni_account.clone(),
+            omni_account,
             agent: AgentName::parse("flaky").unwrap(),
-            device_key,
+            identity: crate::domain::AgentIdentity::DeviceKey(device_key),
         }
     }
 

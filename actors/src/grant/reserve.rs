@@ -10,7 +10,7 @@ use actix::{Handler, Message};
 
 use super::{Complete, GrantActor, GrantError, IdempotencySlot};
 use crate::backpressure::Handle;
-use crate::domain::{now_unix, CompletedMint, Grant, Intent, Principal, ScopePath};
+use crate::domain::{now_unix, CompletedMint, Grant, Intent, Principal, ScopePath, ServiceName};
 
 /// The gate's answer for an allowed mint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,11 +131,20 @@ pub struct Reserve {
     pub principal: Principal,
     pub intent: Intent,
     pub idempotency: Option<IdempotencySlot>,
-    /// Without explicit grants, the agent's own `bots/<omni>/` is allowed.
+    /// Without explicit grants, the owner's `bots/<owner omni>/` is allowed.
     pub own_scope_allowed: bool,
     /// Past this the sender has given up waiting: the actor then takes
     /// nothing (a use taken for nobody would never be given back).
     pub deadline: std::time::Instant,
+}
+
+/// The intent of a mint that named none (a bearer-only request): the
+/// scope of the caller's one live grant for `service`.
+#[derive(Message)]
+#[rtype(result = "Result<Intent, GrantError>")]
+pub struct DefaultIntent {
+    pub principal: Principal,
+    pub service: ServiceName,
 }
 
 /// A reserved mint failed: give the use back and free the key.
@@ -144,6 +153,34 @@ pub struct Reserve {
 pub struct Release {
     pub grant_id: Option<String>,
     pub idempotency: Option<IdempotencySlot>,
+}
+
+impl Handler<DefaultIntent> for GrantActor {
+    type Result = Result<Intent, GrantError>;
+
+    fn handle(&mut self, msg: DefaultIntent, _: &mut Self::Context) -> Self::Result {
+        let now = now_unix();
+        let principal = &msg.principal;
+        let mut live = self
+            .by_account
+            .get(&principal.omni_account)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.grants.get(id))
+            .filter(|g| g.agent == principal.agent && g.is_live(now) && g.service == msg.service);
+        match (live.next(), live.next()) {
+            (Some(grant), None) => Ok(Intent {
+                service: grant.service.clone(),
+                scope_path: grant.scope_path.clone(),
+            }),
+            (None, _) => Err(GrantError::NoDefaultIntent(
+                "no live grant for the default service: send service and scope_path",
+            )),
+            (Some(_), Some(_)) => Err(GrantError::NoDefaultIntent(
+                "several live grants for the default service: send service and scope_path",
+            )),
+        }
+    }
 }
 
 impl GrantActor {
@@ -202,7 +239,8 @@ impl Handler<Reserve> for GrantActor {
                 Err(e) => return Err(e),
             }
         }
-        let account = &msg.principal.omni_account;
+        // The namespace of the account that owns the agent.
+        let account = &msg.principal.owner;
         let own_scope = msg.own_scope_allowed
             && msg
                 .intent

@@ -34,21 +34,33 @@ impl MintPolicy {
             .min(decision.max_ttl_seconds.unwrap_or(u64::MAX));
         let expiration = (now + ttl).min(decision.not_after.unwrap_or(u64::MAX));
         let omni = principal.omni_account.as_str();
-        let aws_tags = AwsSessionTags::transitive(&[
+        let owner = principal.owner.as_str();
+        let wallet = principal.identity.wallet();
+        let mut tags = vec![
             ("agentkeys_actor_omni", omni),
+            ("agentkeys_owner_omni", owner),
             ("agentkeys_service", intent.service.as_str()),
             ("agentkeys_scope_path", intent.scope_path.as_str()),
-        ])?;
+        ];
+        if let Some(wallet) = &wallet {
+            tags.push(("agentkeys_user_wallet", wallet));
+        }
+        let aws_tags = AwsSessionTags::transitive(&tags)?;
+        // A wallet agent is named by its wallet, exactly as the system this
+        // broker replaces named it, so its cloud policies match unchanged.
+        let subject = wallet.as_deref().unwrap_or(omni);
         Ok(OidcClaims {
             iss: self.issuer.clone(),
-            sub: format!("agentkeys:agent:{omni}"),
+            sub: format!("agentkeys:agent:{subject}"),
             aud: audience,
             iat: now,
             nbf: now,
             exp: expiration,
             jti: random_hex(16),
             agentkeys_actor_omni: omni.to_owned(),
+            agentkeys_owner_omni: owner.to_owned(),
             agentkeys_agent: principal.agent.as_str().to_owned(),
+            agentkeys_user_wallet: wallet.clone(),
             agentkeys_grant_id: decision.grant_id.clone(),
             agentkeys_service: intent.service.as_str().to_owned(),
             agentkeys_scope_path: intent.scope_path.as_str().to_owned(),

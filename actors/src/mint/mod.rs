@@ -33,10 +33,8 @@ pub use request::{MintPolicy, MintRequest, MintResponse, RequestIds};
 
 use crate::audit::{MintEvent, Outcome, Record, UseChange};
 use crate::auth::{AuthError, BearerToken, CheckProof, VerifySession};
-use crate::domain::{
-    now_unix, sha256_hex, CompletedMint, ErrorCode, Intent, InvalidInput, Principal, ScopePath,
-};
-use crate::grant::{GrantUse, IdempotencySlot, Reservation, Reserve};
+use crate::domain::{now_unix, sha256_hex, CompletedMint, ErrorCode, Intent, Principal, ScopePath};
+use crate::grant::{DefaultIntent, GrantUse, IdempotencySlot, Reservation, Reserve};
 use crate::rate_limit::{CheckRate, CheckUnauthenticated};
 use crate::signer::{Admitted, OidcClaims, SignOidc};
 use crate::system::Actors;
@@ -103,7 +101,7 @@ impl MintFlow {
             Err(refused) => return Err(refused),
         };
         let check = self.actors.rate_limit.ask(CheckRate {
-            account: principal.omni_account.clone(),
+            account: principal.owner.clone(),
         });
         let limited = match timed(&self.metrics.rate, check).await {
             Ok(Ok(())) => return Ok(principal),
@@ -231,15 +229,25 @@ impl MintFlow {
             (Some(intent), _) => intent,
             (None, false) => Intent {
                 service: self.policy.default_service.clone(),
-                scope_path: ScopePath::agent_default(&principal.omni_account),
+                scope_path: ScopePath::agent_default(&principal.owner),
             },
-            (None, true) => {
-                let missing = InvalidInput("service and scope_path are required".into());
-                return (None, Err(missing.into()));
-            }
+            (None, true) => match self.default_intent(principal).await {
+                Ok(intent) => intent,
+                Err(missing) => return (None, Err(missing)),
+            },
         };
         let allowed = self.allow(principal, &intent, request).await;
         (Some(intent), allowed)
+    }
+
+    /// The intent of a mint that named none, with grants required: its
+    /// one live grant for the default service.
+    async fn default_intent(&self, principal: &Principal) -> Result<Intent, MintError> {
+        let ask = self.actors.grants.ask(DefaultIntent {
+            principal: principal.clone(),
+            service: self.policy.default_service.clone(),
+        });
+        Ok(ask.await??)
     }
 
     /// The proof of possession, when the request has one or policy needs it.
@@ -327,6 +335,10 @@ impl MintFlow {
             claims.agentkeys_grant_id.clone(),
             claims.agentkeys_actor_omni.clone(),
         );
+        let (wallet, owner_omni_account) = (
+            claims.agentkeys_user_wallet.clone(),
+            claims.agentkeys_owner_omni.clone(),
+        );
         let sign = timed(&self.metrics.sign, signer.call(SignOidc(claims)));
         let audit = timed(&self.metrics.audit, recorded);
         let (signed, audited) = tokio::join!(sign, audit);
@@ -346,9 +358,11 @@ impl MintFlow {
         };
         let minted = Minted {
             jwt,
+            wallet,
             expiration,
             jti,
             omni_account,
+            owner_omni_account,
             grant_id,
         };
         let body = match serde_json::to_vec(&minted) {

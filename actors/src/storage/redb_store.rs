@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{AgentStore, GrantChanges, GrantStore, StorageError};
-use crate::domain::{now_unix, AgentName, AgentRecord, CompletedMint, DevicePublicKey, Grant};
+use crate::domain::{
+    now_unix, AgentIdentity, AgentName, AgentRecord, CompletedMint, Grant, OmniAccount,
+};
 use crate::sealing::Sealer;
 
 /// name → JSON of [`StoredAgent`].
@@ -113,13 +115,54 @@ pub(crate) fn open_database<K: redb::Key + 'static, V: redb::Value + 'static>(
     Ok(db)
 }
 
-/// The on-disk shape of an agent; re-validated when loaded.
+/// The on-disk shape of an agent; re-validated when loaded. Agents
+/// stored before wallets and owners have only a `public_key`, and own
+/// their own account.
 #[derive(Serialize, Deserialize)]
 struct StoredAgent {
     name: String,
-    public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    public_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wallet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
     enabled: bool,
     created_at: u64,
+}
+
+impl StoredAgent {
+    fn of(agent: &AgentRecord) -> Self {
+        let (public_key, wallet) = match agent.identity {
+            AgentIdentity::DeviceKey(key) => (Some(key.to_hex()), None),
+            AgentIdentity::Wallet(address) => (None, Some(address.lowercase())),
+        };
+        Self {
+            name: agent.name.as_str().to_owned(),
+            public_key,
+            wallet,
+            owner: (agent.owner != agent.omni_account).then(|| agent.owner.to_string()),
+            enabled: agent.enabled,
+            created_at: agent.created_at,
+        }
+    }
+
+    fn record(self) -> Result<AgentRecord, StorageError> {
+        let identity = match (&self.public_key, &self.wallet) {
+            (Some(key), None) => AgentIdentity::parse("ed25519", key),
+            (None, Some(wallet)) => AgentIdentity::parse("evm", wallet),
+            _ => return Err(backend(format!("agent {} has no one identity", self.name))),
+        }
+        .map_err(backend)?;
+        let owner = self.owner.as_deref().map(OmniAccount::parse).transpose();
+        Ok(AgentRecord::new(
+            AgentName::parse(&self.name).map_err(backend)?,
+            identity,
+            owner.map_err(backend)?,
+            self.enabled,
+            self.created_at,
+        ))
+    }
 }
 
 /// The agent registry in `agents.redb`.
@@ -138,19 +181,17 @@ impl RedbAgentStore {
 impl RedbAgentStore {
     /// Writes `agent`; it must already exist (`replace`) or must not (`insert`).
     fn write(&self, agent: &AgentRecord, replace: bool) -> Result<(), StorageError> {
-        let stored = StoredAgent {
-            name: agent.name.as_str().to_owned(),
-            public_key: agent.public_key.to_hex(),
-            enabled: agent.enabled,
-            created_at: agent.created_at,
-        };
-        let bytes = serde_json::to_vec(&stored).map_err(backend)?;
+        let bytes = serde_json::to_vec(&StoredAgent::of(agent)).map_err(backend)?;
         let txn = self.db.begin_write().map_err(backend)?;
         {
             let mut table = txn.open_table(AGENTS).map_err(backend)?;
-            let existing: Option<StoredAgent> =
+            let existing: Option<AgentRecord> =
                 match table.get(agent.name.as_str()).map_err(backend)? {
-                    Some(value) => Some(serde_json::from_slice(value.value()).map_err(backend)?),
+                    Some(value) => Some(
+                        serde_json::from_slice::<StoredAgent>(value.value())
+                            .map_err(backend)?
+                            .record()?,
+                    ),
                     None => None,
                 };
             match (existing, replace) {
@@ -159,8 +200,8 @@ impl RedbAgentStore {
                 // Only the same agent is replaced, never one registered
                 // under its name since.
                 (Some(stored), true)
-                    if (stored.public_key.as_str(), stored.created_at)
-                        != (agent.public_key.to_hex().as_str(), agent.created_at) =>
+                    if (stored.identity, stored.created_at)
+                        != (agent.identity, agent.created_at) =>
                 {
                     return Err(StorageError::NotFound);
                 }
@@ -182,14 +223,7 @@ impl AgentStore for RedbAgentStore {
         for entry in table.iter().map_err(backend)? {
             let (_, value) = entry.map_err(backend)?;
             let stored: StoredAgent = serde_json::from_slice(value.value()).map_err(backend)?;
-            let name = AgentName::parse(&stored.name).map_err(backend)?;
-            let key = DevicePublicKey::parse(&stored.public_key).map_err(backend)?;
-            agents.push(AgentRecord::new(
-                name,
-                key,
-                stored.enabled,
-                stored.created_at,
-            ));
+            agents.push(stored.record()?);
         }
         Ok(agents)
     }
@@ -428,6 +462,7 @@ fn json_array<'a>(values: impl Iterator<Item = &'a Vec<u8>>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::DevicePublicKey;
 
     fn sealer() -> Sealer {
         Sealer::from_bytes(&[9; 32]).unwrap()
@@ -435,9 +470,11 @@ mod tests {
 
     fn agent(name: &str, seed: u8) -> AgentRecord {
         let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key();
+        let key = DevicePublicKey::parse(&hex::encode(key.to_bytes())).unwrap();
         AgentRecord::new(
             AgentName::parse(name).unwrap(),
-            DevicePublicKey::parse(&hex::encode(key.to_bytes())).unwrap(),
+            AgentIdentity::DeviceKey(key),
+            None,
             true,
             1,
         )
@@ -618,5 +655,42 @@ mod tests {
         let all = store.load_all().unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!((all[0].name.as_str(), all[0].enabled), ("a", false));
+    }
+
+    /// A registry written before wallets and owners (only `public_key`)
+    /// loads with each agent owning its own account, its OmniAccount
+    /// unchanged; a wallet agent under another owner round-trips.
+    #[test]
+    fn agents_stored_before_owners_load_as_their_own_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agents.redb");
+        let old = agent("old", 1);
+        {
+            let db = open_database(&path, AGENTS, 1 << 20).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(AGENTS).unwrap();
+                let json = format!(
+                    r#"{{"name":"old","public_key":"{}","enabled":true,"created_at":1}}"#,
+                    old.identity.identity_value()
+                );
+                table.insert("old", json.as_bytes()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = RedbAgentStore::open(&path, 1 << 20).unwrap();
+        let wallet = AgentRecord::new(
+            AgentName::parse("w").unwrap(),
+            AgentIdentity::parse("evm", "0x8ba1f109551bd432803012645ac136ddd64dba72").unwrap(),
+            Some(old.omni_account.clone()),
+            true,
+            2,
+        );
+        store.insert(&wallet).unwrap();
+        let mut all = store.load_all().unwrap();
+        all.sort_by_key(|a| a.created_at);
+        assert_eq!(all, vec![old.clone(), wallet]);
+        assert_eq!(all[0].owner, old.omni_account);
+        assert_eq!(all[1].owner, old.omni_account);
     }
 }
