@@ -9,7 +9,8 @@
 //! - [`routes`]: one file per area (oidc, auth, mint, admin, metrics,
 //!   health), and which listener serves which.
 //! - [`error`]: the one HTTP error type and its status mapping.
-//! - [`admin_token`]: the operator's bearer token.
+//! - [`admin_token`]: the operator's bearer token; [`session_auth`]: an
+//!   agent's or an owner's session, for the routes that act for them.
 //! - [`commands`]: the CLI commands: admin API calls, offline audit
 //!   verification, load drivers and benchmarks.
 //! - [`telemetry`]: tracing and the Prometheus recorder.
@@ -20,6 +21,7 @@ pub mod commands;
 pub mod error;
 pub mod listen;
 pub mod routes;
+pub mod session_auth;
 pub mod settings;
 pub mod startup;
 pub mod telemetry;

@@ -95,6 +95,10 @@ enum AuditCommand {
         /// Data directory, overriding the config's.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The sealing key (it opens the key ring whose receipt keys the
+        /// grants' receipts are checked against), overriding the config's.
+        #[arg(long)]
+        sealing_key_file: Option<PathBuf>,
     },
 }
 
@@ -225,10 +229,17 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", serde_json::to_string_pretty(&run)?);
             return Ok(());
         }
-        Command::Audit(AuditCommand::Verify { config, data_dir }) => {
+        Command::Audit(AuditCommand::Verify {
+            config,
+            data_dir,
+            sealing_key_file,
+        }) => {
             let mut settings = Settings::load(config.as_deref())?;
             if let Some(dir) = data_dir {
                 settings.storage.data_dir = dir;
+            }
+            if let Some(file) = sealing_key_file {
+                settings.secrets.sealing_key_file = file;
             }
             let report = audit::verify_offline(&settings)?;
             println!("{}", serde_json::to_string_pretty(&report)?);

@@ -113,10 +113,19 @@ impl StoredKey {
 struct StoredRing {
     oidc: Vec<StoredKey>,
     session: Vec<StoredKey>,
+    /// Grant-receipt keys; rings from before receipts have none, and get
+    /// one on their first start.
+    #[serde(default)]
+    receipt: Vec<StoredKey>,
 }
 
-/// An ES256 key that signs OIDC JWTs, and its public JWK.
-pub struct OidcKey {
+/// The `typ` of grant receipts: never a JWT a verifier of the broker's
+/// OIDC tokens would take for a credential.
+pub const RECEIPT_TYP: &str = "agentkeys-grant-receipt+jwt";
+
+/// An ES256 key that signs OIDC JWTs (or, with its own `typ` and `kid`,
+/// grant receipts), and its public JWK.
+pub struct Es256Key {
     pub kid: String,
     /// Parsed once: re-parsing PKCS#8 per signature would cost a third of it.
     pair: EcdsaKeyPair,
@@ -126,8 +135,9 @@ pub struct OidcKey {
     pub activates_at: u64,
 }
 
-impl OidcKey {
-    /// An ES256 JWT over `claims`: header `{"typ":"JWT","alg":"ES256","kid"}`.
+impl Es256Key {
+    /// An ES256 JWT over `claims`: header `{"typ":"JWT","alg":"ES256","kid"}`
+    /// (a receipt key's `typ` is [`RECEIPT_TYP`]).
     pub fn sign(&self, claims: &impl Serialize) -> Result<String, String> {
         let payload = serde_json::to_vec(claims).map_err(|e| e.to_string())?;
         let mut jwt =
@@ -172,8 +182,11 @@ pub struct KeyRing {
     sealer: Sealer,
     stored: StoredRing,
     /// Oldest first, as stored.
-    oidc: Vec<OidcKey>,
+    oidc: Vec<Es256Key>,
     session: Vec<SessionKey>,
+    /// Every receipt key ever made: receipts are checked for as long as
+    /// their grants are kept.
+    receipt: Vec<Es256Key>,
 }
 
 impl KeyRing {
@@ -206,11 +219,13 @@ impl KeyRing {
             stored: StoredRing::default(),
             oidc: Vec::new(),
             session: Vec::new(),
+            receipt: Vec::new(),
         };
         let unsealed = stored
             .oidc
             .iter()
             .chain(&stored.session)
+            .chain(&stored.receipt)
             .any(|k| k.sealed_pkcs8.is_none());
         for key in stored.oidc {
             let (der, stored) = key.open("oidc", sealer)?;
@@ -219,6 +234,10 @@ impl KeyRing {
         for key in stored.session {
             let (der, stored) = key.open("session", sealer)?;
             ring.add_session(&der, stored)?;
+        }
+        for key in stored.receipt {
+            let (der, stored) = key.open("receipt", sealer)?;
+            ring.add_receipt(&der, stored)?;
         }
         let mut changed = unsealed;
         if unsealed {
@@ -232,10 +251,34 @@ impl KeyRing {
             ring.rotate_in_session(now)?;
             changed = true;
         }
+        if ring.receipt.is_empty() {
+            ring.rotate_in_receipt(now)?;
+            changed = true;
+        }
         if changed {
             ring.persist()?;
         }
         Ok(ring)
+    }
+
+    fn add_receipt(&mut self, der: &[u8], stored: StoredKey) -> Result<(), KeyError> {
+        let key = receipt_key(der, stored.activates_at)
+            .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))?;
+        self.receipt.push(key);
+        self.stored.receipt.push(stored);
+        Ok(())
+    }
+
+    /// Generates a receipt key signing from `now` and adds it.
+    fn rotate_in_receipt(&mut self, now: u64) -> Result<(), KeyError> {
+        let der = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
+            .and_then(|k| k.to_pkcs8v1())
+            .map_err(|_| KeyError::Invalid("a new ES256 key".into()))?;
+        let kid = receipt_key(der.as_ref(), now)
+            .expect("a fresh key parses")
+            .kid;
+        let stored = self.stored_key("receipt", kid, der.as_ref(), now, now)?;
+        self.add_receipt(der.as_ref(), stored)
     }
 
     fn add_oidc(&mut self, der: &[u8], stored: StoredKey) -> Result<(), KeyError> {
@@ -315,12 +358,26 @@ impl KeyRing {
     }
 
     /// The OIDC key that signs now: the newest one already active.
-    pub fn signing_oidc(&self, now: u64) -> &OidcKey {
+    pub fn signing_oidc(&self, now: u64) -> &Es256Key {
         self.oidc
             .iter()
             .rev()
             .find(|k| k.activates_at <= now)
             .unwrap_or(&self.oidc[0])
+    }
+
+    /// The receipt key that signs now: the newest one.
+    pub fn signing_receipt(&self) -> &Es256Key {
+        self.receipt
+            .last()
+            .expect("the ring always holds a receipt key")
+    }
+
+    /// Every receipt key's public JWK: the document receipts are checked
+    /// against (never the OIDC JWKS).
+    pub fn receipt_jwks(&self) -> serde_json::Value {
+        let keys: Vec<_> = self.receipt.iter().map(|k| k.jwk.clone()).collect();
+        json!({ "keys": keys })
     }
 
     /// The session key that signs now: the newest one.
@@ -376,7 +433,22 @@ impl KeyRing {
                 usable_until: retires_at.map(|r| r + self.policy.session_overlap_seconds),
             }
         });
-        oidc.chain(session).collect()
+        let receipt = (0..self.receipt.len()).map(|i| KeyInfo {
+            kind: "receipt",
+            kid: self.receipt[i].kid.clone(),
+            activates_at: self.receipt[i].activates_at,
+            retires_at: Self::retires_at(&self.receipt, i, |k| k.activates_at),
+            usable_until: None,
+        });
+        oidc.chain(session).chain(receipt).collect()
+    }
+
+    /// Adds the next receipt key; it signs at once, and every earlier one
+    /// stays published for the receipts it signed.
+    pub fn rotate_receipt(&mut self, now: u64) -> Result<KeyInfo, KeyError> {
+        self.rotate_in_receipt(now)?;
+        self.persist()?;
+        Ok(self.describe().into_iter().last().expect("just added"))
     }
 
     /// Adds the next OIDC key, published now, signing after the lead time.
@@ -406,7 +478,12 @@ impl KeyRing {
         let activates_at = self.signing_session().activates_at.max(now);
         self.rotate_in_session(activates_at)?;
         self.persist()?;
-        Ok(self.describe().into_iter().last().expect("just added"))
+        Ok(self
+            .describe()
+            .into_iter()
+            .rev()
+            .find(|k| k.kind == "session")
+            .expect("just added"))
     }
 
     /// Drops keys that can no longer sign, be published or verify.
@@ -436,7 +513,16 @@ fn retain_by<T>(items: &mut Vec<T>, keep: &[bool]) {
     });
 }
 
-fn oidc_key(der: &[u8], activates_at: u64) -> Option<OidcKey> {
+fn oidc_key(der: &[u8], activates_at: u64) -> Option<Es256Key> {
+    es256_key(der, activates_at, "JWT", "")
+}
+
+/// A receipt key: its own `typ`, and a `kid` that cannot be an OIDC key's.
+fn receipt_key(der: &[u8], activates_at: u64) -> Option<Es256Key> {
+    es256_key(der, activates_at, RECEIPT_TYP, "receipt-")
+}
+
+fn es256_key(der: &[u8], activates_at: u64, typ: &str, kid_prefix: &str) -> Option<Es256Key> {
     let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der).ok()?;
     // Uncompressed SEC1 point: 0x04 ‖ x ‖ y.
     let point = pair.public_key().as_ref();
@@ -444,13 +530,13 @@ fn oidc_key(der: &[u8], activates_at: u64) -> Option<OidcKey> {
     let y = URL_SAFE_NO_PAD.encode(&point[33..65]);
     // RFC 7638 thumbprint: the required members, sorted, no spaces.
     let thumbprint = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
-    let kid = sha256_hex(thumbprint)[..32].to_owned();
+    let kid = format!("{kid_prefix}{}", &sha256_hex(thumbprint)[..32]);
     let jwk = json!({
         "kty": "EC", "crv": "P-256", "x": x, "y": y,
         "kid": kid, "alg": "ES256", "use": "sig",
     });
-    let header = json!({ "typ": "JWT", "alg": "ES256", "kid": kid });
-    Some(OidcKey {
+    let header = json!({ "typ": typ, "alg": "ES256", "kid": kid });
+    Some(Es256Key {
         encoded_header: URL_SAFE_NO_PAD.encode(header.to_string()),
         kid,
         pair,
@@ -553,6 +639,31 @@ mod tests {
             new.kid,
             "the rotation was persisted"
         );
+    }
+
+    /// A ring from before receipts gets a receipt key on its first start;
+    /// it is never in the OIDC JWKS, and rotating it keeps the old one
+    /// published for the receipts it signed.
+    #[test]
+    fn receipt_keys_live_apart_from_the_jwks_and_stay_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let path = dir.path().join(KEYRING_FILE);
+        let mut stored: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        stored.as_object_mut().unwrap().remove("receipt");
+        fs::remove_file(&path).unwrap();
+        write_secret_file(&path, stored.to_string().as_bytes()).unwrap();
+        drop(ring);
+        ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let first = ring.signing_receipt().kid.clone();
+        assert!(first.starts_with("receipt-"));
+        let jwks = ring.jwks(1000).to_string();
+        assert!(!jwks.contains(&first));
+        ring.rotate_receipt(1001).unwrap();
+        let document = ring.receipt_jwks().to_string();
+        assert!(document.contains(&first) && document.contains(&ring.signing_receipt().kid));
+        assert_ne!(ring.signing_receipt().kid, first);
     }
 
     #[test]

@@ -198,6 +198,16 @@ pub struct VerifyWalletSignature {
     pub signature: WalletSignature,
 }
 
+/// Sign a grant receipt with the current receipt key.
+#[derive(Message)]
+#[rtype(result = "Result<String, SignerError>")]
+pub struct SignReceipt(pub crate::grant::receipt::GrantReceipt);
+
+/// The receipt key document: every receipt key's public JWK.
+#[derive(Message)]
+#[rtype(result = "String")]
+pub struct PublishedReceiptKeys;
+
 /// The JWKS document: public OIDC keys only, those published now.
 #[derive(Message)]
 #[rtype(result = "String")]
@@ -209,6 +219,7 @@ pub struct PublishedKeySet;
 pub enum KeyKind {
     Oidc,
     Session,
+    Receipt,
 }
 
 /// Add the next key of a kind (persisted before it answers).
@@ -344,6 +355,25 @@ impl Handler<VerifyWalletSignature> for SignerActor {
     }
 }
 
+impl Handler<SignReceipt> for SignerActor {
+    type Result = Result<String, SignerError>;
+
+    fn handle(&mut self, msg: SignReceipt, _: &mut Self::Context) -> Self::Result {
+        self.ring()
+            .signing_receipt()
+            .sign(&msg.0)
+            .map_err(SignerError::Signing)
+    }
+}
+
+impl Handler<PublishedReceiptKeys> for SignerActor {
+    type Result = String;
+
+    fn handle(&mut self, _: PublishedReceiptKeys, _: &mut Self::Context) -> Self::Result {
+        self.ring().receipt_jwks().to_string()
+    }
+}
+
 impl Handler<PublishedKeySet> for SignerActor {
     type Result = String;
 
@@ -363,6 +393,7 @@ impl Handler<RotateKey> for SignerActor {
         match msg.0 {
             KeyKind::Oidc => ring.rotate_oidc(now_unix()),
             KeyKind::Session => ring.rotate_session(now_unix()),
+            KeyKind::Receipt => ring.rotate_receipt(now_unix()),
         }
     }
 }

@@ -76,8 +76,11 @@ pub enum KeysCommand {
     /// Add the next OIDC key (published now, signing after the lead time),
     /// or with --session the next session key (signing at once).
     Rotate {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "receipt")]
         session: bool,
+        /// The grant-receipt key instead (earlier ones stay published).
+        #[arg(long)]
+        receipt: bool,
     },
     /// Every key with its schedule.
     List,
@@ -162,8 +165,13 @@ impl AdminTarget {
 
     pub async fn keys(&self, command: KeysCommand) -> Result<Value, ClientError> {
         match command {
-            KeysCommand::Rotate { session } => {
-                let body = json!({ "key": if session { "session" } else { "oidc" } });
+            KeysCommand::Rotate { session, receipt } => {
+                let key = match (session, receipt) {
+                    (true, _) => "session",
+                    (_, true) => "receipt",
+                    _ => "oidc",
+                };
+                let body = json!({ "key": key });
                 self.admin
                     .call("POST", "/v1/admin/keys/rotate", self.token(), Some(&body))
                     .await

@@ -354,9 +354,7 @@ async fn enroll(actors: &Actors, i: usize) -> Result<String, String> {
         max_ttl_seconds: None,
     };
     let grant = CreateGrant {
-        agent: agent.name,
-        omni_account: agent.omni_account,
-        spec,
+        grant: spec.grant_for(agent.name, agent.omni_account),
     };
     actors
         .grants

@@ -3,18 +3,15 @@
 use actix_web::{delete, get, patch, post, web, HttpResponse};
 use agentkeys_actors::audit::{ReadRecords, VerifyAudit};
 use agentkeys_actors::auth::{
-    ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SessionKeysChanged, SetAgentEnabled,
+    ListAgents, LookupAgent, RegisterAgent, SessionKeysChanged, SetAgentEnabled,
 };
-use agentkeys_actors::domain::{
-    now_unix, AgentIdentity, AgentName, AgentRecord, ErrorCode, OmniAccount, ScopePath, ServiceName,
-};
-use agentkeys_actors::grant::{
-    CreateGrant, GetGrant, GrantSpec, ListGrants, RevokeAgentGrants, RevokeGrant,
-};
+use agentkeys_actors::domain::{AgentIdentity, AgentName, ErrorCode, OmniAccount};
+use agentkeys_actors::grant::{GetGrant, GrantSpec, ListGrants, RevokeGrant};
 use agentkeys_actors::signer::{DescribeKeys, KeyKind, RotateKey};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::agent_ops;
 use crate::admin_token::Admin;
 use crate::error::ApiError;
 use crate::startup::BrokerState;
@@ -112,23 +109,7 @@ async fn remove_agent(
         .ask(lookup)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such agent"))?;
-    // Grants first: if the removal then fails, the agent is left without
-    // grants, never a later agent with its grants.
-    let revoke = RevokeAgentGrants {
-        agent: agent.name.clone(),
-        omni_account: agent.omni_account.clone(),
-    };
-    let revoked = state.actors.grants.ask(revoke).await??;
-    state
-        .actors
-        .auth
-        .ask(RemoveAgent { name: name.clone() })
-        .await??;
-    tracing::info!(
-        agent = name.as_str(),
-        revoked,
-        "agent removed, its grants revoked"
-    );
+    agent_ops::remove_agent(&state, &agent).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -148,28 +129,13 @@ struct NewGrant {
 
 impl NewGrant {
     fn spec(&self) -> Result<GrantSpec, ApiError> {
-        if self.max_uses == Some(0) {
-            return Err(ApiError::bad_request(
-                "max_uses must be at least 1 (or null)",
-            ));
-        }
-        if self.expires_at.is_some_and(|at| at <= now_unix()) {
-            return Err(ApiError::bad_request(
-                "expires_at must be in the future (or null)",
-            ));
-        }
-        if self.max_ttl_seconds == Some(0) {
-            return Err(ApiError::bad_request(
-                "max_ttl_seconds must be at least 1 (or null)",
-            ));
-        }
-        Ok(GrantSpec {
-            service: ServiceName::parse(&self.service)?,
-            scope_path: ScopePath::parse(&self.scope_path)?,
-            max_uses: self.max_uses,
-            expires_at: self.expires_at,
-            max_ttl_seconds: self.max_ttl_seconds,
-        })
+        agent_ops::grant_spec(
+            &self.service,
+            &self.scope_path,
+            self.max_uses,
+            self.expires_at,
+            self.max_ttl_seconds,
+        )
     }
 }
 
@@ -197,30 +163,7 @@ async fn add_grant(
         .ask(LookupAgent { name })
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such agent"))?;
-    let create = CreateGrant {
-        agent: agent.name.clone(),
-        omni_account: agent.omni_account.clone(),
-        spec,
-    };
-    let grant = state.actors.grants.ask(create).await??;
-    // The agent may have been deleted (its grants revoked) while the grant
-    // was written: then this grant is revoked too, never left live.
-    let lookup = LookupAgent {
-        name: agent.name.clone(),
-    };
-    let still = state.actors.auth.ask(lookup).await?;
-    let same = |a: &AgentRecord| (a.identity, a.created_at) == (agent.identity, agent.created_at);
-    if !still.as_ref().is_some_and(same) {
-        let revoke = RevokeGrant {
-            id: grant.id.clone(),
-        };
-        state.actors.grants.ask(revoke).await??;
-        return Err(ApiError::new(
-            ErrorCode::NotFound,
-            "the agent was removed while its grant was created",
-        ));
-    }
-    tracing::info!(grant = %grant.id, agent = grant.agent.as_str(), "grant created");
+    let grant = agent_ops::create_grant(&state, &agent, spec).await?;
     Ok(HttpResponse::Created().json(grant))
 }
 

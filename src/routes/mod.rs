@@ -2,11 +2,14 @@
 //! policy lives here. One file per area.
 
 mod admin;
+mod agent_ops;
 mod auth;
 mod health;
 mod metrics;
 mod mint;
 mod oidc;
+mod owner;
+mod owner_grants;
 
 use actix_web::{error::JsonPayloadError, web, HttpRequest, HttpResponse};
 
@@ -17,7 +20,7 @@ use crate::error::ApiError;
 pub enum Serves {
     /// One listener for everything (no `server.admin_bind`).
     Everything,
-    /// OIDC discovery, login, mint and the probes.
+    /// OIDC discovery, login, mint, the owner API and the probes.
     Public,
     /// `/v1/admin/*`, `/metrics` and the probes.
     Admin,
@@ -45,7 +48,9 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize, serves: Se
     if serves != Serves::Admin {
         cfg.configure(oidc::configure)
             .configure(auth::configure)
-            .configure(mint::configure);
+            .configure(mint::configure)
+            .configure(owner::configure)
+            .configure(owner_grants::configure);
     }
     if serves != Serves::Public {
         cfg.configure(admin::configure)

@@ -17,20 +17,20 @@ use crate::helpers::{claims_of, spawn_app_with, verify_against_jwks, Reply, Test
 const ISSUER: &str = "https://broker.test";
 
 /// A wallet held by the test: a secp256k1 key and its address.
-struct Wallet {
+pub struct Wallet {
     key: SigningKey,
-    address: String,
+    pub address: String,
 }
 
 impl Wallet {
-    fn new(seed: u8) -> Self {
+    pub fn new(seed: u8) -> Self {
         let key = SigningKey::from_slice(&[seed; 32]).unwrap();
         let address = address_of(key.verifying_key()).lowercase();
         Self { key, address }
     }
 
     /// `personal_sign`, `v` as 27/28, as wallets answer it.
-    fn sign(&self, message: &str) -> WalletSignature {
+    pub fn sign(&self, message: &str) -> WalletSignature {
         let digest = personal_message_hash(message.as_bytes());
         let (signature, recovery) = self.key.sign_prehash_recoverable(&digest).unwrap();
         let mut bytes = [0u8; 65];
@@ -42,7 +42,7 @@ impl Wallet {
 
 /// SHA-256("agentkeys" ‖ type ‖ value), computed here from the text of the
 /// contract, not by the broker's code.
-fn omni(identity_type: &str, value: &str) -> String {
+pub fn omni(identity_type: &str, value: &str) -> String {
     hex::encode(Sha256::digest(format!("agentkeys{identity_type}{value}")))
 }
 
@@ -64,21 +64,21 @@ async fn sign_in_with(app: &TestApp, address: &str, sign: impl FnOnce(&str) -> S
     verify(app, &started.body["request_id"], &sign(message)).await
 }
 
-async fn sign_in(app: &TestApp, wallet: &Wallet) -> Reply {
+pub async fn sign_in(app: &TestApp, wallet: &Wallet) -> Reply {
     sign_in_with(app, &wallet.address, |m| {
         format!("0x{}", hex::encode(wallet.sign(m).0))
     })
     .await
 }
 
-async fn add_wallet_agent(app: &TestApp, wallet: &Wallet, owner: Option<&str>) -> Value {
+pub async fn add_wallet_agent(app: &TestApp, wallet: &Wallet, owner: Option<&str>) -> Value {
     let body = json!({ "wallet_address": wallet.address, "owner": owner });
     let added = app.admin("POST", "/v1/admin/agents", Some(&body)).await;
     assert_eq!(added.status, StatusCode::CREATED, "{}", added.body);
     added.body
 }
 
-async fn bearer_only_mint(app: &TestApp, session: &str) -> Reply {
+pub async fn bearer_only_mint(app: &TestApp, session: &str) -> Reply {
     let authorization = format!("Bearer {session}");
     app.send_raw(
         "POST",

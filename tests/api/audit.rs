@@ -437,7 +437,8 @@ async fn audit_verify_finds_each_kind_of_tampering_and_exits_1() {
     })
     .await;
     app.stop();
-    let (ok, report) = crate::process::verify_offline(app.data_dir());
+    let sealing_key = app.settings.secrets.sealing_key_file.clone();
+    let (ok, report) = crate::process::verify_offline(app.data_dir(), &sealing_key);
     assert!(ok, "the untouched trail verifies: {report}");
 
     type Tamper = Box<dyn Fn(&std::path::Path)>;
@@ -491,7 +492,7 @@ async fn audit_verify_finds_each_kind_of_tampering_and_exits_1() {
         let data = copy.path().join("data");
         copy_dir(app.data_dir(), &data);
         tamper(&data);
-        let (ok, report) = crate::process::verify_offline(&data);
+        let (ok, report) = crate::process::verify_offline(&data, &sealing_key);
         assert!(!ok, "{what} verified: {report}");
         assert!(report.to_string().contains(expected), "{what}: {report}");
     }

@@ -134,6 +134,8 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
         .arg(&config)
         .arg("--data-dir")
         .arg(app.data_dir())
+        .arg("--sealing-key-file")
+        .arg(&app.settings.secrets.sealing_key_file)
         .output()
         .unwrap();
     let offline: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();

@@ -20,6 +20,7 @@ mod keys;
 mod listeners;
 mod login_and_mint;
 mod overload;
+mod owners;
 mod process;
 mod proof;
 mod rate_limit;

@@ -164,12 +164,15 @@ pub async fn audited_jtis(base: &str, admin: &str) -> std::collections::HashSet<
     }
 }
 
-/// `agentkeys-broker audit verify` on a stopped broker's data directory:
-/// whether it exited 0 (it must exit 1 otherwise), and its report.
-pub fn verify_offline(data_dir: &Path) -> (bool, Value) {
+/// `agentkeys-broker audit verify` on a stopped broker's data directory
+/// (with the sealing key that opens its key ring): whether it exited 0 (it
+/// must exit 1 otherwise), and its report.
+pub fn verify_offline(data_dir: &Path, sealing_key: &Path) -> (bool, Value) {
     let verify = Command::new(BIN)
         .args(["audit", "verify", "--data-dir"])
         .arg(data_dir)
+        .arg("--sealing-key-file")
+        .arg(sealing_key)
         .env(
             "AGENTKEYS_CONFIG",
             concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),

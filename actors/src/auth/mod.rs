@@ -27,7 +27,10 @@ use crate::signer::{SignerError, SignerPool, VerifiedSession};
 use crate::storage::{AgentStore, StorageError};
 
 pub use proof::{CheckProof, ProofOfPossession};
-pub use registry::{ListAgents, LookupAgent, RegisterAgent, RemoveAgent, SetAgentEnabled};
+pub use registry::{
+    ListAgents, ListOwnedAgents, LookupAgent, LookupIdentity, RegisterAgent, RemoveAgent,
+    SetAgentEnabled,
+};
 pub use session::{
     BearerToken, Challenge, IssueChallenge, Session, SessionKeysChanged, VerifyLogin, VerifySession,
 };

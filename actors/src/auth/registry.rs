@@ -37,6 +37,20 @@ pub struct LookupAgent {
     pub name: AgentName,
 }
 
+/// The agent that has `identity`, if any.
+#[derive(Message)]
+#[rtype(result = "Option<AgentRecord>")]
+pub struct LookupIdentity {
+    pub identity: AgentIdentity,
+}
+
+/// The agents `owner` owns, by name, the owner's own agent excepted.
+#[derive(Message)]
+#[rtype(result = "Vec<AgentRecord>")]
+pub struct ListOwnedAgents {
+    pub owner: OmniAccount,
+}
+
 /// Remove an agent; its sessions stop working at once.
 #[derive(Message)]
 #[rtype(result = "Result<(), AuthError>")]
@@ -146,6 +160,30 @@ impl Handler<LookupAgent> for AuthActor {
 
     fn handle(&mut self, msg: LookupAgent, _: &mut Self::Context) -> Self::Result {
         self.agents.get(&msg.name).cloned()
+    }
+}
+
+impl Handler<LookupIdentity> for AuthActor {
+    type Result = Option<AgentRecord>;
+
+    fn handle(&mut self, msg: LookupIdentity, _: &mut Self::Context) -> Self::Result {
+        let name = self.names_by_identity.get(&msg.identity)?;
+        self.agents.get(name).cloned()
+    }
+}
+
+impl Handler<ListOwnedAgents> for AuthActor {
+    type Result = Vec<AgentRecord>;
+
+    fn handle(&mut self, msg: ListOwnedAgents, _: &mut Self::Context) -> Self::Result {
+        let mut owned: Vec<_> = self
+            .agents
+            .values()
+            .filter(|a| a.owner == msg.owner && a.omni_account != msg.owner)
+            .cloned()
+            .collect();
+        owned.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        owned
     }
 }
 

@@ -288,6 +288,13 @@ pub struct Principal {
     pub identity: AgentIdentity,
 }
 
+impl Principal {
+    /// An owner's session: a wallet that owns its own account.
+    pub fn is_owner(&self) -> bool {
+        matches!(self.identity, AgentIdentity::Wallet(_)) && self.owner == self.omni_account
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

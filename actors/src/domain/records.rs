@@ -93,6 +93,9 @@ pub struct Grant {
     pub max_ttl_seconds: Option<u64>,
     pub revoked: bool,
     pub created_at: u64,
+    /// Its receipt (`audit_proof`), for grants made since receipts exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<String>,
 }
 
 impl Grant {

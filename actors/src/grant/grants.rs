@@ -15,13 +15,32 @@ pub struct GrantSpec {
     pub max_ttl_seconds: Option<u64>,
 }
 
-/// Create a grant for a registered agent.
+impl GrantSpec {
+    /// A new grant on these terms for an agent, with a fresh id, made now.
+    pub fn grant_for(self, agent: AgentName, omni_account: OmniAccount) -> Grant {
+        Grant {
+            id: format!("g_{}", random_hex(12)),
+            agent,
+            omni_account,
+            service: self.service,
+            scope_path: self.scope_path,
+            max_uses: self.max_uses,
+            uses: 0,
+            expires_at: self.expires_at,
+            max_ttl_seconds: self.max_ttl_seconds,
+            revoked: false,
+            created_at: now_unix(),
+            receipt: None,
+        }
+    }
+}
+
+/// Store a new grant (made by [`GrantSpec::grant_for`], its receipt
+/// attached) for a registered agent.
 #[derive(Message)]
 #[rtype(result = "Result<Grant, GrantError>")]
 pub struct CreateGrant {
-    pub agent: AgentName,
-    pub omni_account: OmniAccount,
-    pub spec: GrantSpec,
+    pub grant: Grant,
 }
 
 /// Revoke a grant; it matches nothing from now on.
@@ -70,19 +89,11 @@ impl Handler<CreateGrant> for GrantActor {
 
     /// Live only once durable; never written after a failure was reported.
     fn handle(&mut self, msg: CreateGrant, ctx: &mut Self::Context) -> Self::Result {
-        let grant = Grant {
-            id: format!("g_{}", random_hex(12)),
-            agent: msg.agent,
-            omni_account: msg.omni_account,
-            service: msg.spec.service,
-            scope_path: msg.spec.scope_path,
-            max_uses: msg.spec.max_uses,
-            uses: 0,
-            expires_at: msg.spec.expires_at,
-            max_ttl_seconds: msg.spec.max_ttl_seconds,
-            revoked: false,
-            created_at: now_unix(),
-        };
+        let grant = msg.grant;
+        if self.grants.contains_key(&grant.id) || self.created.iter().any(|g| g.id == grant.id) {
+            let taken = GrantError::Storage(format!("grant id {} is taken", grant.id));
+            return Box::pin(actix::fut::ready(Err(taken)));
+        }
         self.created.push(grant.clone());
         let durable = self.durable(ctx);
         Box::pin(async move { committed(durable.await).map(|()| grant) }.into_actor(self))

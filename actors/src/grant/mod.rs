@@ -14,6 +14,7 @@
 mod commit;
 mod grants;
 mod idempotency;
+pub mod receipt;
 mod reserve;
 
 use std::collections::{HashMap, HashSet};
@@ -285,9 +286,7 @@ mod tests {
             max_ttl_seconds: None,
         };
         CreateGrant {
-            agent: principal().agent,
-            omni_account: principal().omni_account,
-            spec,
+            grant: spec.grant_for(principal().agent, principal().omni_account),
         }
     }
 

@@ -493,6 +493,7 @@ mod tests {
             max_ttl_seconds: None,
             revoked: false,
             created_at: 1,
+            receipt: None,
         }
     }
 

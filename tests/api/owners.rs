@@ -1,0 +1,380 @@
+//! Owners: a wallet that owns its account links identities as its agents,
+//! grants them intents inside its namespace (each grant with its receipt),
+//! lists, disables and unlinks them, and touches nothing of another
+//! account; an agent lists the grants it holds.
+
+use jsonwebtoken::jwk::JwkSet;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::accounts::{add_wallet_agent, bearer_only_mint, omni, sign_in, Wallet};
+use crate::helpers::{claims_of, spawn_app, Reply, TestApp};
+
+/// An owner: a wallet the admin added (its own account), signed in.
+struct Owner {
+    wallet: Wallet,
+    session: String,
+    account: String,
+}
+
+async fn owner(app: &TestApp, seed: u8) -> Owner {
+    let wallet = Wallet::new(seed);
+    add_wallet_agent(app, &wallet, None).await;
+    let signed_in = sign_in(app, &wallet).await;
+    assert_eq!(signed_in.body["role"], "owner", "{}", signed_in.body);
+    Owner {
+        account: omni("evm", &wallet.address),
+        session: signed_in.body["session_jwt"].as_str().unwrap().to_owned(),
+        wallet,
+    }
+}
+
+async fn call(
+    app: &TestApp,
+    session: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Reply {
+    let body = body.map(|b| b.to_string().into_bytes());
+    app.send_to(method, &app.url(path), Some(session), &[], body.as_deref())
+        .await
+}
+
+fn wallet_identity(wallet: &Wallet) -> Value {
+    json!({ "identity_type": "evm", "identity_value": wallet.address })
+}
+
+async fn create_grant(app: &TestApp, owner: &Owner, daemon: &str, scope: &str) -> Reply {
+    let body = json!({ "daemon_address": daemon, "service": "s3", "scope_path": scope,
+        "expires_at": null, "max_uses": 5 });
+    call(app, &owner.session, "POST", "/v1/grant/create", Some(body)).await
+}
+
+#[actix_web::test]
+async fn an_owner_manages_its_own_agents_and_grants_and_nothing_of_another_account() {
+    let app = spawn_app().await;
+    let (alice, bob) = (owner(&app, 31).await, owner(&app, 32).await);
+    let daemon = Wallet::new(33);
+
+    let linked = call(
+        &app,
+        &alice.session,
+        "POST",
+        "/v1/wallet/link",
+        Some(wallet_identity(&daemon)),
+    )
+    .await;
+    assert_eq!(linked.status, StatusCode::OK, "{}", linked.body);
+    assert_eq!(linked.body["linked"], true);
+    assert_eq!(
+        linked.body["omni_account"],
+        omni("evm", &daemon.address).as_str()
+    );
+    assert_eq!(linked.body["identity_type"], "evm");
+    assert_eq!(linked.body["identity_value"], daemon.address.as_str());
+    assert!(linked.body["linked_at"].as_u64().is_some());
+    for (who, identity) in [
+        (&alice, wallet_identity(&daemon)),
+        (&bob, wallet_identity(&daemon)),
+        (&alice, wallet_identity(&bob.wallet)),
+    ] {
+        let again = call(
+            &app,
+            &who.session,
+            "POST",
+            "/v1/wallet/link",
+            Some(identity),
+        )
+        .await;
+        assert_eq!(
+            again.status,
+            StatusCode::CONFLICT,
+            "an identity that is an agent is not taken over"
+        );
+    }
+    let device = ed25519_dalek::SigningKey::from_bytes(&[34; 32]);
+    let device_hex = hex::encode(device.verifying_key().to_bytes());
+    let device_identity = json!({ "identity_type": "ed25519", "identity_value": device_hex });
+    let linked_key = call(
+        &app,
+        &alice.session,
+        "POST",
+        "/v1/wallet/link",
+        Some(device_identity),
+    )
+    .await;
+    assert_eq!(linked_key.status, StatusCode::OK, "{}", linked_key.body);
+
+    let alices = call(&app, &alice.session, "GET", "/v1/wallet/links", None).await;
+    assert_eq!(alices.body["owner"], alice.account.as_str());
+    assert_eq!(alices.body["links"].as_array().unwrap().len(), 2);
+    let bobs = call(&app, &bob.session, "GET", "/v1/wallet/links", None).await;
+    assert_eq!(bobs.body["links"], json!([]));
+
+    // An agent's session is not an owner's.
+    let device_agent = crate::helpers::TestAgent {
+        name: linked_key.body["agent"].as_str().unwrap().to_owned(),
+        key: device,
+    };
+    let device_session = app.login(&device_agent).await;
+    for (method, path) in [("GET", "/v1/wallet/links"), ("POST", "/v1/grant/create")] {
+        let body = (method == "POST")
+            .then(|| json!({ "daemon_address": device_hex, "service": "s3", "scope_path": "x/" }));
+        let refused = call(&app, &device_session, method, path, body).await;
+        assert_eq!(
+            (refused.status, refused.error_code()),
+            (StatusCode::FORBIDDEN, "forbidden"),
+            "{path}"
+        );
+    }
+
+    let daemon_session = sign_in(&app, &daemon).await;
+    assert_eq!(daemon_session.body["role"], "agent");
+    assert_eq!(
+        daemon_session.body["owner_omni_account"],
+        alice.account.as_str()
+    );
+    let daemon_session = daemon_session.body["session_jwt"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let scope = format!("bots/{}/daemon/", alice.account);
+    let granted = create_grant(&app, &alice, &daemon.address, &scope).await;
+    assert_eq!(granted.status, StatusCode::OK, "{}", granted.body);
+    for field in ["grant_id", "audit_proof", "granted_at"] {
+        assert!(!granted.body[field].is_null(), "{field}");
+    }
+    assert_eq!(granted.body["max_uses"], 5);
+    let grant_id = granted.body["grant_id"].as_str().unwrap().to_owned();
+    let outside = create_grant(
+        &app,
+        &alice,
+        &daemon.address,
+        &format!("bots/{}/", bob.account),
+    )
+    .await;
+    assert_eq!(
+        outside.status,
+        StatusCode::FORBIDDEN,
+        "outside the owner's namespace"
+    );
+    let foreign = create_grant(
+        &app,
+        &bob,
+        &daemon.address,
+        &format!("bots/{}/x/", bob.account),
+    )
+    .await;
+    assert_eq!(
+        foreign.status,
+        StatusCode::NOT_FOUND,
+        "another account's agent"
+    );
+    let revoke = json!({ "grant_id": grant_id });
+    let foreign_revoke = call(
+        &app,
+        &bob.session,
+        "POST",
+        "/v1/grant/revoke",
+        Some(revoke.clone()),
+    )
+    .await;
+    assert_eq!(foreign_revoke.status, StatusCode::NOT_FOUND);
+
+    let held = call(&app, &daemon_session, "GET", "/v1/grant/list", None).await;
+    assert_eq!(held.body["grants"][0]["id"], grant_id.as_str());
+    let alices_grants = call(&app, &alice.session, "GET", "/v1/grant/list", None).await;
+    assert_eq!(alices_grants.body["grants"].as_array().unwrap().len(), 1);
+    let bobs_grants = call(&app, &bob.session, "GET", "/v1/grant/list", None).await;
+    assert_eq!(bobs_grants.body["grants"], json!([]));
+
+    let minted = bearer_only_mint(&app, &daemon_session).await;
+    assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);
+    let claims = claims_of(&minted);
+    assert_eq!(claims["agentkeys_owner_omni"], alice.account.as_str());
+    assert_eq!(claims["agentkeys_user_wallet"], daemon.address.as_str());
+    assert_eq!(claims["agentkeys_scope_path"], scope.as_str());
+
+    let identity = wallet_identity(&daemon);
+    let by_bob = call(
+        &app,
+        &bob.session,
+        "POST",
+        "/v1/wallet/disable",
+        Some(identity.clone()),
+    )
+    .await;
+    assert_eq!(by_bob.status, StatusCode::NOT_FOUND);
+    let disabled = call(
+        &app,
+        &alice.session,
+        "POST",
+        "/v1/wallet/disable",
+        Some(identity.clone()),
+    )
+    .await;
+    assert_eq!(
+        (disabled.status, &disabled.body["enabled"]),
+        (StatusCode::OK, &json!(false))
+    );
+    assert_eq!(
+        bearer_only_mint(&app, &daemon_session).await.status,
+        StatusCode::FORBIDDEN
+    );
+    call(
+        &app,
+        &alice.session,
+        "POST",
+        "/v1/wallet/enable",
+        Some(identity.clone()),
+    )
+    .await;
+    assert_eq!(
+        bearer_only_mint(&app, &daemon_session).await.status,
+        StatusCode::OK
+    );
+
+    let unlinked = call(
+        &app,
+        &alice.session,
+        "POST",
+        "/v1/wallet/unlink",
+        Some(identity),
+    )
+    .await;
+    assert_eq!(unlinked.status, StatusCode::OK, "{}", unlinked.body);
+    assert_eq!(unlinked.body["grants_revoked"], 1);
+    let after = bearer_only_mint(&app, &daemon_session).await;
+    assert_eq!(
+        after.status,
+        StatusCode::UNAUTHORIZED,
+        "its sessions stop at once"
+    );
+    let grant = app
+        .admin("GET", &format!("/v1/admin/grants/{grant_id}"), None)
+        .await;
+    assert_eq!(grant.body["revoked"], true);
+    let revoked_again = call(
+        &app,
+        &alice.session,
+        "POST",
+        "/v1/grant/revoke",
+        Some(revoke),
+    )
+    .await;
+    assert_eq!(
+        revoked_again.status,
+        StatusCode::NOT_FOUND,
+        "no longer an agent of the account"
+    );
+}
+
+#[actix_web::test]
+async fn a_grant_receipt_verifies_against_its_own_key_document_and_never_the_jwks() {
+    let app = spawn_app().await;
+    let alice = owner(&app, 41).await;
+    let scope = format!("bots/{}/own/", alice.account);
+    let granted = create_grant(&app, &alice, &alice.wallet.address, &scope).await;
+    assert_eq!(granted.status, StatusCode::OK, "{}", granted.body);
+    let receipt = granted.body["audit_proof"].as_str().unwrap();
+
+    let header = jsonwebtoken::decode_header(receipt).unwrap();
+    assert_eq!(header.typ.as_deref(), Some("agentkeys-grant-receipt+jwt"));
+    let kid = header.kid.unwrap();
+    let document = app
+        .get("/.well-known/agentkeys-grant-receipt-keys.json", None)
+        .await;
+    let receipt_keys: JwkSet = serde_json::from_value(document.body).unwrap();
+    let jwks = app.jwks().await;
+    assert!(
+        jwks.find(&kid).is_none(),
+        "the receipt key is not in the OIDC JWKS"
+    );
+    assert!(receipt_keys
+        .keys
+        .iter()
+        .all(|k| jwks.find(k.common.key_id.as_deref().unwrap()).is_none()));
+
+    let key = jsonwebtoken::DecodingKey::from_jwk(receipt_keys.find(&kid).unwrap()).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_issuer(&["https://broker.test"]);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    let stated = jsonwebtoken::decode::<Value>(receipt, &key, &validation)
+        .unwrap()
+        .claims;
+    assert_eq!(stated["grant_id"], granted.body["grant_id"]);
+    assert_eq!(stated["scope_path"], scope.as_str());
+    assert_eq!(stated["owner_omni_account"], alice.account.as_str());
+    assert_eq!(stated["max_uses"], 5);
+    // No verifier that trusts the broker's OIDC keys accepts a receipt.
+    assert!(crate::helpers::verify_against_jwks(
+        receipt,
+        &jwks,
+        "https://broker.test",
+        "sts.amazonaws.com"
+    )
+    .is_err());
+
+    let admin_grant = app
+        .grant(
+            &crate::helpers::TestAgent {
+                name: alice.wallet.address.clone(),
+                key: ed25519_dalek::SigningKey::from_bytes(&[0; 32]),
+            },
+            "s3",
+            "anywhere/",
+            None,
+        )
+        .await;
+    assert!(
+        admin_grant["receipt"].is_string(),
+        "an admin's grant has its receipt too"
+    );
+}
+
+/// `audit verify` reports a stored grant whose terms were changed behind
+/// the broker's back (a wider scope written into grants.redb).
+#[actix_web::test]
+async fn audit_verify_reports_a_grant_that_no_longer_matches_its_receipt() {
+    let mut app = spawn_app().await;
+    let agent = app.register_agent("receipted").await;
+    app.grant(&agent, "s3", "narrow/", Some(3)).await;
+    app.stop();
+    let sealing_key = app.settings.secrets.sealing_key_file.clone();
+    let (ok, report) = crate::process::verify_offline(app.data_dir(), &sealing_key);
+    assert!(ok, "{report}");
+    assert_eq!(report["receipts"]["verified"], 1, "{report}");
+
+    let db = redb::Database::create(app.data_file("grants.redb")).unwrap();
+    let journal: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("grant_journal");
+    let txn = db.begin_write().unwrap();
+    {
+        use redb::ReadableTable;
+        let mut table = txn.open_table(journal).unwrap();
+        let entries: Vec<(u64, Vec<u8>)> = table
+            .iter()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|(k, v)| (k.value(), v.value().to_vec()))
+            .collect();
+        assert!(!entries.is_empty());
+        for (seq, bytes) in entries {
+            let widened = String::from_utf8(bytes)
+                .unwrap()
+                .replace("\"narrow/\"", "\"\"");
+            let widened = widened.replace("\"scope_path\":\"\"", "\"scope_path\":\"n/\"");
+            table.insert(seq, widened.as_bytes()).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+    drop(db);
+    let (ok, report) = crate::process::verify_offline(app.data_dir(), &sealing_key);
+    assert!(!ok, "{report}");
+    assert!(
+        report.to_string().contains("no longer matches its receipt"),
+        "{report}"
+    );
+}
