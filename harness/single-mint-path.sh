@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole single mint path on this machine, with real processes only:
 #   daemon (agentkeys) → broker JWT (agentkeys-broker, https) → STS → S3,
+# for a device-key agent and for a wallet agent (Sign-In with Ethereum,
+# linked and granted by an owner wallet, minting bearer-only),
 # the broker serving https with a certificate of a CA made here (openssl),
 # its admin API and metrics on a separate admin listener,
 # the STS and S3 APIs served on loopback by moto_server (PyPI moto[server]),
@@ -192,6 +194,62 @@ daemon_aws s3 cp "$work/hello.txt" "s3://agentkeys-demo/${scope}hello.txt" >/dev
 daemon_aws s3 cp "s3://agentkeys-demo/${scope}hello.txt" "$work/back.txt" >/dev/null
 cmp -s "$work/hello.txt" "$work/back.txt" || fail "the object read back differs"
 ok "s3 mb, put and get under $scope with the daemon's credentials"
+
+step "a wallet agent: an owner wallet links it and grants it; it signs in with SIWE and mints bearer-only"
+owner_key="$work/owner.key"; wallet_key="$work/wallet.key"
+owner_address=$("$daemon_bin" keygen --wallet --wallet-key-file "$owner_key" | json '["wallet_address"]')
+wallet_address=$("$daemon_bin" keygen --wallet --wallet-key-file "$wallet_key" | json '["wallet_address"]')
+"$broker_bin" agent add --wallet-address "$owner_address" >/dev/null
+as_owner=(--wallet-key-file "$owner_key" --state-dir "$work/owner")
+as_wallet=(--wallet-key-file "$wallet_key" --state-dir "$work/wallet")
+owner_omni=$("$daemon_bin" login "${as_owner[@]}" | json '["omni_account"]')
+"$daemon_bin" owner link --wallet-address "$wallet_address" "${as_owner[@]}" >/dev/null
+wallet_scope="bots/$owner_omni/wallet/"
+receipt=$("$daemon_bin" owner grant --daemon "$wallet_address" --service s3 --scope "$wallet_scope" "${as_owner[@]}" | json '["audit_proof"]')
+[ -n "$receipt" ] && [ "$receipt" != None ] || fail "the grant has no receipt"
+"$daemon_bin" login "${as_wallet[@]}" >/dev/null
+wallet_session=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["session"]["session_token"])' "$work/wallet/session.json")
+curl_tls -f -X POST "$broker_url/v1/mint-oidc-jwt" -H "Authorization: Bearer $wallet_session" >"$work/wallet-mint.json" \
+  || fail "a bearer-only mint by the wallet agent was refused"
+[ "$(json '["wallet"]' <"$work/wallet-mint.json")" = "$wallet_address" ] || fail "the answer does not name the wallet"
+"$venv/bin/python" - "$broker_url" "$work/wallet-mint.json" "$wallet_address" "$owner_omni" "$wallet_scope" "$tls/ca.pem" <<'PY' || fail "the wallet agent's JWT does not carry the old broker's claims"
+import hashlib, json, ssl, sys, urllib.request
+import jwt
+
+issuer, minted, wallet, owner, scope, ca_file = sys.argv[1:]
+tls = ssl.create_default_context(cafile=ca_file)
+fetch = lambda url: json.load(urllib.request.urlopen(url, context=tls))
+answer = json.load(open(minted))
+assert {"jwt", "wallet", "expiration"} <= answer.keys(), answer
+token = answer["jwt"]
+header = jwt.get_unverified_header(token)
+key = jwt.PyJWKSet.from_dict(fetch(issuer + "/.well-known/jwks.json"))[header["kid"]]
+claims = jwt.decode(token, key.key, algorithms=["ES256"], audience="sts.amazonaws.com", issuer=issuer)
+actor = hashlib.sha256(("agentkeys" + "evm" + wallet).encode()).hexdigest()
+assert claims["sub"] == f"agentkeys:agent:{wallet}", claims["sub"]
+assert claims["agentkeys_user_wallet"] == wallet, claims
+assert claims["agentkeys_actor_omni"] == actor, claims
+assert claims["agentkeys_owner_omni"] == owner, claims
+assert claims["agentkeys_scope_path"] == scope, claims
+tags = claims["https://aws.amazon.com/tags"]
+assert tags["principal_tags"]["agentkeys_user_wallet"] == [wallet], tags
+assert tags["principal_tags"]["agentkeys_actor_omni"] == [actor], tags
+assert "agentkeys_user_wallet" in tags["transitive_tag_keys"], tags
+print(f"sub {claims['sub']}, actor {actor[:16]}…, owner {owner[:16]}…")
+PY
+ok "bearer-only mint: jwt, wallet, expiration; sub, agentkeys_user_wallet and actor claims and tags as the old broker's, checked with PyJWT"
+cat >>"$work/aws-config" <<CONFIG
+[profile wallet]
+region = us-east-1
+credential_process = $daemon_bin aws-credentials --role-arn $role_arn --service s3 --scope $wallet_scope --sts-endpoint $moto --broker-url $broker_url --ca-file $tls/ca.pem --wallet-key-file $wallet_key --state-dir $work/wallet
+CONFIG
+wallet_aws() { "${no_aws[@]}" AWS_CONFIG_FILE="$work/aws-config" AWS_SHARED_CREDENTIALS_FILE="$work/no-credentials" "$venv/bin/aws" --profile wallet --endpoint-url "$moto" "$@"; }
+arn=$(wallet_aws sts get-caller-identity | json '["Arn"]')
+case "$arn" in *assumed-role/agentkeys-demo/agentkeys-"$wallet_address"-*) ok "caller is $arn" ;; *) fail "caller is $arn" ;; esac
+wallet_aws s3 cp "$work/hello.txt" "s3://agentkeys-demo/${wallet_scope}hello.txt" >/dev/null
+wallet_aws s3 cp "s3://agentkeys-demo/${wallet_scope}hello.txt" "$work/wallet-back.txt" >/dev/null
+cmp -s "$work/hello.txt" "$work/wallet-back.txt" || fail "the object the wallet agent read back differs"
+ok "STS session agentkeys-<wallet>-…, s3 put and get under $wallet_scope with the wallet agent's credentials"
 
 step "audit: the chain and every sink verify"
 report=$(curl_tls -f "$admin_url/v1/admin/audit/verify" -H "Authorization: Bearer $(cat "$work/data/admin.token")")

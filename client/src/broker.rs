@@ -6,14 +6,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentkeys_wire::http_client::http_client;
-use agentkeys_wire::signed::{is_nonce, LoginMessage, ProofHeader, ProofMessage, ProofSignature};
+use agentkeys_wire::signed::{is_nonce, LoginMessage, ProofHeader, ProofMessage};
+use agentkeys_wire::wallet::WalletLoginMessage;
 use agentkeys_wire::{headers, paths};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::agent_key::AgentKey;
 use crate::device_key::DeviceKey;
+use crate::wallet_key::WalletKey;
 use crate::ClientError;
 
 /// Attempts per mint, the first included.
@@ -24,13 +27,19 @@ const MAX_WAIT: Duration = Duration::from_secs(10);
 /// live a minute by default, and the client signs nothing open-ended.
 const MAX_CHALLENGE_LIFETIME_SECONDS: u64 = 3600;
 
-/// A session as the broker issued it.
+/// A session as the broker issued it (a wallet's `session_jwt` is kept
+/// as its `session_token`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Session {
+    #[serde(alias = "session_jwt")]
     pub session_token: String,
     pub expires_at: u64,
     pub omni_account: String,
     pub agent: String,
+    #[serde(default)]
+    pub owner_omni_account: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
 }
 
 /// What to mint for.
@@ -49,6 +58,7 @@ pub use agentkeys_wire::answers::Minted;
 
 pub struct Broker {
     base_url: String,
+    chain_id: u64,
     /// The broker's OIDC issuer as this client expects it: every message
     /// the client signs names it, so a signature made for one broker is
     /// useless at another.
@@ -66,6 +76,8 @@ pub struct Endpoint {
     pub issuer: Option<String>,
     /// PEM certificates trusted besides the system's roots (a private CA).
     pub ca_file: Option<PathBuf>,
+    /// The chain a wallet signs in on (the SIWE message's Chain ID).
+    pub chain_id: u64,
 }
 
 impl Endpoint {
@@ -73,6 +85,7 @@ impl Endpoint {
     pub fn new(url: &str) -> Self {
         Self {
             url: url.to_owned(),
+            chain_id: 1,
             ..Self::default()
         }
     }
@@ -89,6 +102,7 @@ impl Broker {
                 .as_deref()
                 .map_or_else(|| base_url.clone(), |i| i.trim_end_matches('/').to_owned()),
             base_url,
+            chain_id: endpoint.chain_id,
             http,
         })
     }
@@ -149,7 +163,14 @@ impl Broker {
     /// the nonce and expiry it was given; a challenge whose message is
     /// anything else (a proof for a body of the server's choosing, say) is
     /// refused unsigned.
-    pub async fn login(&self, key: &DeviceKey) -> Result<Session, ClientError> {
+    pub async fn login(&self, key: &AgentKey) -> Result<Session, ClientError> {
+        match key {
+            AgentKey::Device(key) => self.device_login(key).await,
+            AgentKey::Wallet(key) => self.wallet_login(key).await,
+        }
+    }
+
+    async fn device_login(&self, key: &DeviceKey) -> Result<Session, ClientError> {
         let public_key = key.public_key_hex();
         let challenge = self
             .post(
@@ -168,6 +189,78 @@ impl Broker {
             .map_err(Attempt::into_error)?;
         serde_json::from_value(session)
             .map_err(|e| ClientError::Local(format!("unexpected login answer: {e}")))
+    }
+
+    /// Sign-In with Ethereum: the broker's EIP-4361 message is parsed and
+    /// checked (this client's broker, address and chain, a fresh time
+    /// window, nothing else asked) before the wallet signs it.
+    async fn wallet_login(&self, key: &WalletKey) -> Result<Session, ClientError> {
+        let address = key.address();
+        let start = json!({ "address": address.checksummed(), "chain_id": self.chain_id });
+        let challenge = self
+            .post(paths::WALLET_START, None, &[], start.to_string().as_bytes())
+            .await
+            .map_err(Attempt::into_error)?;
+        let text = challenge["siwe_message"].as_str().unwrap_or_default();
+        let refuse = |why: &str| {
+            ClientError::Local(format!(
+                "refusing to sign the broker's login challenge: {why} (expected issuer {})",
+                self.issuer
+            ))
+        };
+        let message = WalletLoginMessage::parse(text).map_err(|e| refuse(e.0))?;
+        message
+            .check(&self.issuer, address, self.chain_id, unix_now())
+            .map_err(|e| refuse(e.0))?;
+        let signature = key.sign(&message.text());
+        let verify = json!({
+            "request_id": challenge["request_id"],
+            "signature": format!("0x{}", hex::encode(signature.0)),
+        });
+        let session = self
+            .post(
+                paths::WALLET_VERIFY,
+                None,
+                &[],
+                verify.to_string().as_bytes(),
+            )
+            .await
+            .map_err(Attempt::into_error)?;
+        serde_json::from_value(session)
+            .map_err(|e| ClientError::Local(format!("unexpected login answer: {e}")))
+    }
+
+    /// A call of the owner API with `session`: the JSON answer of a 2xx.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        session: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base_url))
+            .bearer_auth(session);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = response.status();
+        let value: Value = response.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(value);
+        }
+        Err(ClientError::Refused {
+            status: status.as_u16(),
+            code: value["error"].as_str().unwrap_or("unknown").to_owned(),
+            message: value["message"].as_str().unwrap_or_default().to_owned(),
+        })
     }
 
     /// The login message this client expects for `challenge`, if the
@@ -207,7 +300,7 @@ impl Broker {
     /// a fresh proof of possession of the device key.
     pub async fn mint(
         &self,
-        key: &DeviceKey,
+        key: &AgentKey,
         session: &str,
         request: &MintRequest,
     ) -> Result<Minted, ClientError> {
@@ -242,7 +335,7 @@ impl Broker {
     /// this session and this body.
     fn proof_header(
         &self,
-        key: &DeviceKey,
+        key: &AgentKey,
         session_sha256: &str,
         body_sha256: &str,
     ) -> Result<String, ClientError> {
@@ -261,7 +354,7 @@ impl Broker {
         let header = ProofHeader {
             timestamp,
             nonce,
-            signature: ProofSignature::Ed25519(key.sign(&message.text())),
+            signature: key.sign_proof(&message.text()),
         };
         Ok(header.format())
     }

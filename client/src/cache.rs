@@ -203,6 +203,8 @@ mod tests {
             expires_at,
             omni_account: "o".into(),
             agent: "a".into(),
+            owner_omni_account: None,
+            role: None,
         };
         cache.store_session("k1", &session(now() + 600)).unwrap();
         assert!(cache.fresh_session("k1").unwrap().is_some());

@@ -1,12 +1,10 @@
 //! The device key: an Ed25519 seed in a file only its owner can read.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use ed25519_dalek::{Signer, SigningKey};
 
-use crate::ClientError;
+use crate::{key_file, ClientError};
 
 pub struct DeviceKey(SigningKey);
 
@@ -15,31 +13,13 @@ impl DeviceKey {
     pub fn generate(path: &Path) -> Result<Self, ClientError> {
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| ClientError::Local(e.to_string()))?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| ClientError::Local(format!("{}: {e}", path.display())))?;
-        file.write_all(format!("{}\n", hex::encode(seed)).as_bytes())?;
-        file.sync_all()?;
+        key_file::write_new(path, &seed)?;
         Ok(Self(SigningKey::from_bytes(&seed)))
     }
 
     /// Loads a key file, refusing one that others can read.
     pub fn load(path: &Path) -> Result<Self, ClientError> {
-        let meta = std::fs::metadata(path)
-            .map_err(|e| ClientError::Local(format!("{}: {e}", path.display())))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(ClientError::Local(format!(
-                "{} must be readable by its owner only (chmod 600)",
-                path.display()
-            )));
-        }
-        let text = std::fs::read_to_string(path)?;
+        let text = key_file::read_private(path)?;
         let mut seed = [0u8; 32];
         hex::decode_to_slice(text.trim(), &mut seed).map_err(|_| {
             ClientError::Local(format!("{} does not hold a device key", path.display()))
@@ -64,6 +44,8 @@ impl DeviceKey {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

@@ -4,22 +4,26 @@
 //! `AssumeRoleWithWebIdentity` (no AWS credentials needed).
 //!
 //! # Layout
-//! - [`device_key`]: the device key file (0600).
+//! - [`device_key`]: the device key file (0600); [`wallet_key`]: a wallet
+//!   agent's key file or Ethereum keystore; [`agent_key`]: either.
 //! - [`broker`]: HTTP calls to the broker: login and mint, with retries.
 //! - [`cache`]: session and JWT caches on disk (0600), reused while fresh.
 //! - [`sts`]: the client-side STS exchange and `credential_process` output.
 //! - [`Agent`]: the above together, as a daemon embeds it.
 
+pub mod agent_key;
 pub mod broker;
 pub mod cache;
 pub mod device_key;
+mod key_file;
 pub mod sts;
+pub mod wallet_key;
 
 use std::path::PathBuf;
 
+use agent_key::AgentKey;
 use broker::{Broker, Endpoint, MintRequest, Minted};
 use cache::Cache;
-use device_key::DeviceKey;
 
 /// Why a client operation failed; the binary's exit code follows the kind.
 #[derive(Debug, thiserror::Error)]
@@ -62,20 +66,16 @@ impl From<std::io::Error> for ClientError {
 
 /// A daemon's handle: its key, its broker and its caches.
 pub struct Agent {
-    pub key: DeviceKey,
+    pub key: AgentKey,
     pub broker: Broker,
     pub cache: Cache,
 }
 
 impl Agent {
-    /// Loads the device key and prepares the caches under `state_dir`.
-    pub fn new(
-        broker: &Endpoint,
-        key_file: PathBuf,
-        state_dir: PathBuf,
-    ) -> Result<Self, ClientError> {
+    /// An agent signing with `key`, its caches under `state_dir`.
+    pub fn new(broker: &Endpoint, key: AgentKey, state_dir: PathBuf) -> Result<Self, ClientError> {
         Ok(Self {
-            key: DeviceKey::load(&key_file)?,
+            key,
             broker: Broker::new(broker)?,
             cache: Cache::new(state_dir, &broker.url),
         })
@@ -83,12 +83,12 @@ impl Agent {
 
     /// A session token: the cached one while fresh, else a new login.
     pub async fn session(&self) -> Result<String, ClientError> {
-        let public_key = self.key.public_key_hex();
-        if let Some(session) = self.cache.fresh_session(&public_key)? {
+        let identity = self.key.identity_value();
+        if let Some(session) = self.cache.fresh_session(&identity)? {
             return Ok(session.session_token);
         }
         let session = self.broker.login(&self.key).await?;
-        self.cache.store_session(&public_key, &session)?;
+        self.cache.store_session(&identity, &session)?;
         Ok(session.session_token)
     }
 

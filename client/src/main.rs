@@ -5,10 +5,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use agentkeys_client::agent_key::AgentKey;
 use agentkeys_client::broker::{Endpoint, MintRequest};
 use agentkeys_client::device_key::DeviceKey;
 use agentkeys_client::sts::{self, AssumeRole};
+use agentkeys_client::wallet_key::WalletKey;
 use agentkeys_client::{Agent, ClientError};
+use agentkeys_wire::paths;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
@@ -49,6 +52,19 @@ struct Where {
     /// The device key file; default `<state dir>/device.key`.
     #[arg(long, global = true, env = "AGENTKEYS_KEY_FILE")]
     key_file: Option<PathBuf>,
+    /// Sign in as a wallet instead: a key file (64 hex, 0600) or an
+    /// Ethereum keystore (JSON v3, 0600).
+    #[arg(long, global = true, env = "AGENTKEYS_WALLET_KEY_FILE")]
+    wallet_key_file: Option<PathBuf>,
+    /// The keystore's passphrase is in this environment variable.
+    #[arg(long, global = true, conflicts_with = "keystore_passphrase_file")]
+    keystore_passphrase_env: Option<String>,
+    /// The keystore's passphrase is this file's first line.
+    #[arg(long, global = true)]
+    keystore_passphrase_file: Option<PathBuf>,
+    /// The chain a wallet signs in on (the broker's auth.wallet_chain_ids).
+    #[arg(long, global = true, env = "AGENTKEYS_CHAIN_ID", default_value_t = 1)]
+    chain_id: u64,
 }
 
 impl Where {
@@ -65,13 +81,39 @@ impl Where {
             .unwrap_or_else(|| self.state_dir().join("device.key"))
     }
 
+    fn passphrase(&self) -> Result<Option<String>, ClientError> {
+        if let Some(name) = &self.keystore_passphrase_env {
+            let value = std::env::var(name)
+                .map_err(|_| ClientError::Local(format!("${name} holds no passphrase")))?;
+            return Ok(Some(value));
+        }
+        if let Some(file) = &self.keystore_passphrase_file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| ClientError::Local(format!("{}: {e}", file.display())))?;
+            return Ok(Some(text.lines().next().unwrap_or_default().to_owned()));
+        }
+        Ok(None)
+    }
+
+    /// The wallet when one is named, else the device key.
+    fn key(&self) -> Result<AgentKey, ClientError> {
+        match &self.wallet_key_file {
+            Some(file) => Ok(AgentKey::Wallet(WalletKey::load(
+                file,
+                self.passphrase()?.as_deref(),
+            )?)),
+            None => Ok(AgentKey::Device(DeviceKey::load(&self.key_file())?)),
+        }
+    }
+
     fn agent(&self) -> Result<Agent, ClientError> {
         let broker = Endpoint {
             url: self.broker_url.clone(),
             issuer: self.issuer.clone(),
             ca_file: self.ca_file.clone(),
+            chain_id: self.chain_id,
         };
-        Agent::new(&broker, self.key_file(), self.state_dir())
+        Agent::new(&broker, self.key()?, self.state_dir())
     }
 }
 
@@ -101,10 +143,20 @@ impl Intent {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write a new Ed25519 device key (0600) and print its public key.
+    /// Write a new Ed25519 device key (0600) and print its public key; with
+    /// --wallet, a new wallet key (to --wallet-key-file) and its address.
     Keygen {
         #[command(flatten)]
         at: Where,
+        #[arg(long)]
+        wallet: bool,
+    },
+    /// An owner's agents and grants (a wallet that owns its account).
+    Owner {
+        #[command(flatten)]
+        at: Where,
+        #[command(subcommand)]
+        command: OwnerCommand,
     },
     /// Log in to the broker and cache the session.
     Login {
@@ -136,6 +188,85 @@ enum Command {
     },
 }
 
+/// An identity: a wallet address or a device key (64 hex).
+#[derive(Args)]
+struct Identity {
+    #[arg(
+        long,
+        required_unless_present = "public_key",
+        conflicts_with = "public_key"
+    )]
+    wallet_address: Option<String>,
+    #[arg(long)]
+    public_key: Option<String>,
+}
+
+impl Identity {
+    fn body(&self) -> serde_json::Value {
+        match (&self.wallet_address, &self.public_key) {
+            (Some(wallet), _) => json!({ "identity_type": "evm", "identity_value": wallet }),
+            (None, key) => json!({ "identity_type": "ed25519", "identity_value": key }),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum OwnerCommand {
+    /// Make a new identity an agent of this account.
+    Link(Identity),
+    /// Remove an agent from this account (its grants revoked, its sessions ended).
+    Unlink(Identity),
+    /// This account's agents.
+    Links,
+    /// Grant an agent of this account an intent inside bots/<owner omni>/.
+    Grant {
+        /// The agent: a wallet address or a device key (64 hex).
+        #[arg(long)]
+        daemon: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long = "scope")]
+        scope_path: String,
+        #[arg(long)]
+        max_uses: Option<u64>,
+        #[arg(long)]
+        expires_at: Option<u64>,
+    },
+    /// This account's grants (an agent's session: the grants it holds).
+    Grants,
+    /// Revoke a grant of this account.
+    Revoke { grant_id: String },
+}
+
+impl OwnerCommand {
+    /// The route, method and body of the command.
+    fn request(&self) -> (&'static str, &'static str, Option<serde_json::Value>) {
+        match self {
+            Self::Link(identity) => ("POST", paths::WALLET_LINK, Some(identity.body())),
+            Self::Unlink(identity) => ("POST", paths::WALLET_UNLINK, Some(identity.body())),
+            Self::Links => ("GET", paths::WALLET_LINKS, None),
+            Self::Grant {
+                daemon,
+                service,
+                scope_path,
+                max_uses,
+                expires_at,
+            } => (
+                "POST",
+                paths::GRANT_CREATE,
+                Some(json!({ "daemon_address": daemon, "service": service,
+                    "scope_path": scope_path, "max_uses": max_uses, "expires_at": expires_at })),
+            ),
+            Self::Grants => ("GET", paths::GRANT_LIST, None),
+            Self::Revoke { grant_id } => (
+                "POST",
+                paths::GRANT_REVOKE,
+                Some(json!({ "grant_id": grant_id })),
+            ),
+        }
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     match run(Cli::parse().command).await {
@@ -154,7 +285,17 @@ async fn run(command: Command) -> Result<String, ClientError> {
     let pretty =
         |value: serde_json::Value| serde_json::to_string_pretty(&value).unwrap_or_default();
     match command {
-        Command::Keygen { at } => {
+        Command::Keygen { at, wallet: true } => {
+            let file = at
+                .wallet_key_file
+                .clone()
+                .ok_or_else(|| ClientError::Local("--wallet needs --wallet-key-file".into()))?;
+            let key = WalletKey::generate(&file)?;
+            Ok(pretty(
+                json!({ "wallet_address": key.address().lowercase(), "wallet_key_file": file }),
+            ))
+        }
+        Command::Keygen { at, wallet: false } => {
             let key = DeviceKey::generate(&at.key_file())?;
             Ok(pretty(
                 json!({ "public_key": key.public_key_hex(), "key_file": at.key_file() }),
@@ -163,12 +304,24 @@ async fn run(command: Command) -> Result<String, ClientError> {
         Command::Login { at } => {
             let agent = at.agent()?;
             agent.session().await?;
-            let session = agent.cache.fresh_session(&agent.key.public_key_hex())?;
+            let session = agent.cache.fresh_session(&agent.key.identity_value())?;
             let session =
                 session.ok_or_else(|| ClientError::Local("the session was not cached".into()))?;
-            Ok(pretty(
-                json!({ "agent": session.agent, "omni_account": session.omni_account, "expires_at": session.expires_at }),
-            ))
+            Ok(pretty(json!({
+                "agent": session.agent, "omni_account": session.omni_account,
+                "owner_omni_account": session.owner_omni_account, "role": session.role,
+                "expires_at": session.expires_at,
+            })))
+        }
+        Command::Owner { at, command } => {
+            let agent = at.agent()?;
+            let session = agent.session().await?;
+            let (method, path, body) = command.request();
+            let answer = agent
+                .broker
+                .call(method, path, &session, body.as_ref())
+                .await?;
+            Ok(pretty(answer))
         }
         Command::Mint { at, intent } => {
             let minted = at.agent()?.mint(&intent.request()).await?;
@@ -183,7 +336,10 @@ async fn run(command: Command) -> Result<String, ClientError> {
             duration_seconds,
         } => {
             let minted = at.agent()?.mint(&intent.request()).await?;
-            let session_name = sts::session_name(&minted.omni_account);
+            let session_name = match &minted.wallet {
+                Some(wallet) => sts::wallet_session_name(wallet, std::time::SystemTime::now()),
+                None => sts::session_name(&minted.omni_account),
+            };
             let role = AssumeRole {
                 role_arn: &role_arn,
                 session_name: &session_name,

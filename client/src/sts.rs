@@ -78,9 +78,39 @@ pub fn session_name(omni_account: &str) -> String {
     format!("agentkeys-{short}")
 }
 
+/// A wallet agent's STS session name as the old provisioner made it:
+/// `agentkeys-<wallet>-<secs>-<micros>`, cut to STS's 64 characters.
+pub fn wallet_session_name(wallet: &str, at: std::time::SystemTime) -> String {
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mut name = format!(
+        "agentkeys-{wallet}-{}-{}",
+        since.as_secs(),
+        since.subsec_micros()
+    );
+    name.truncate(64);
+    name
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wallet_session_name_is_the_old_provisioners_cut_to_64() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_800_000_000, 123_456_000);
+        let wallet = "0x8ba1f109551bd432803012645ac136ddd64dba72";
+        let name = wallet_session_name(wallet, at);
+        assert_eq!(
+            name,
+            "agentkeys-0x8ba1f109551bd432803012645ac136ddd64dba72-1800000000-"
+        );
+        assert_eq!(name.len(), 64);
+        let early = wallet_session_name(
+            wallet,
+            std::time::UNIX_EPOCH + std::time::Duration::new(5, 7_000),
+        );
+        assert_eq!(early, format!("agentkeys-{wallet}-5-7"));
+    }
 
     #[test]
     fn credential_process_output_has_the_aws_cli_shape() {

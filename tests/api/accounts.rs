@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use agentkeys_wire::signed::{ProofHeader, ProofMessage, ProofSignature};
-use agentkeys_wire::wallet::{address_of, personal_message_hash, WalletSignature};
+use agentkeys_wire::wallet::{address_of, personal_sign, WalletSignature};
 use k256::ecdsa::SigningKey;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -31,12 +31,7 @@ impl Wallet {
 
     /// `personal_sign`, `v` as 27/28, as wallets answer it.
     pub fn sign(&self, message: &str) -> WalletSignature {
-        let digest = personal_message_hash(message.as_bytes());
-        let (signature, recovery) = self.key.sign_prehash_recoverable(&digest).unwrap();
-        let mut bytes = [0u8; 65];
-        bytes[..64].copy_from_slice(&signature.to_bytes());
-        bytes[64] = 27 + recovery.to_byte();
-        WalletSignature(bytes)
+        personal_sign(&self.key, message.as_bytes())
     }
 }
 
@@ -441,7 +436,7 @@ async fn a_wallet_agent_proves_possession_with_its_wallet() {
 }
 
 /// `cast` from Foundry (npm @foundry-rs/cast), or None with the reason.
-fn cast() -> Result<String, String> {
+pub fn cast() -> Result<String, String> {
     let binary = std::env::var("CAST").unwrap_or_else(|_| "cast".into());
     match Command::new(&binary).arg("--version").output() {
         Ok(output) if output.status.success() => Ok(binary),

@@ -1,9 +1,15 @@
 //! The daemon-side library against a real broker: login, mint with cache,
 //! errors with their codes and exit codes.
 
+use agentkeys_client::agent_key::AgentKey;
 use agentkeys_client::broker::{Endpoint, MintRequest};
 use agentkeys_client::device_key::DeviceKey;
 use agentkeys_client::{Agent, ClientError};
+
+/// The device key in `file`, as an agent's signing key.
+pub fn device(file: &std::path::Path) -> AgentKey {
+    AgentKey::Device(DeviceKey::load(file).unwrap())
+}
 use serde_json::json;
 
 use crate::helpers::{spawn_app_with, verify_against_jwks};
@@ -37,7 +43,7 @@ async fn a_daemon_logs_in_mints_reuses_its_cache_and_reads_refusals() {
         issuer: Some(app.settings.oidc.issuer.clone()),
         ..Endpoint::new(&app.address)
     };
-    let agent = Agent::new(&broker, key_file.clone(), state.path().to_owned()).unwrap();
+    let agent = Agent::new(&broker, device(&key_file), state.path().to_owned()).unwrap();
     let first = agent.mint(&intent("daemon/creds/")).await.unwrap();
     let claims = verify_against_jwks(
         &first.jwt,
@@ -68,7 +74,7 @@ async fn a_daemon_logs_in_mints_reuses_its_cache_and_reads_refusals() {
 
     let down = Agent::new(
         &Endpoint::new("http://127.0.0.1:9"),
-        key_file,
+        device(&key_file),
         state.path().join("down"),
     )
     .unwrap();
@@ -159,7 +165,7 @@ async fn the_client_signs_only_the_login_message_it_rebuilt_itself() {
             issuer: Some(issuer.to_owned()),
             ..Endpoint::new(&url)
         };
-        let agent = Agent::new(&broker, key_file.clone(), state.path().join("s")).unwrap();
+        let agent = Agent::new(&broker, device(&key_file), state.path().join("s")).unwrap();
         let refused = agent.session().await.unwrap_err();
         assert!(
             matches!(&refused, ClientError::Local(why) if why.contains("refusing to sign")),

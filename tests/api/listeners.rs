@@ -77,7 +77,12 @@ async fn an_https_broker_serves_discovery_jwks_login_and_mint_to_a_client_trusti
         ca_file: app.ca_file(),
         ..Endpoint::new(&app.address)
     };
-    let daemon = Agent::new(&broker, key_file, dir.path().join("state")).unwrap();
+    let daemon = Agent::new(
+        &broker,
+        crate::client::device(&key_file),
+        dir.path().join("state"),
+    )
+    .unwrap();
     let intent = MintRequest {
         service: "s3".into(),
         scope_path: format!("bots/{}/", added.body["omni_account"].as_str().unwrap()),

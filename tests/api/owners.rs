@@ -378,3 +378,127 @@ async fn audit_verify_reports_a_grant_that_no_longer_matches_its_receipt() {
         "{report}"
     );
 }
+
+/// The daemon client's library signs in with a wallet key file (an owner)
+/// and with an Ethereum keystore written by Foundry's `cast` (a linked
+/// agent); the owner API is driven through it. (harness/single-mint-path.sh
+/// runs the same through the `agentkeys` binary's commands.)
+#[actix_web::test]
+async fn the_client_signs_in_with_a_wallet_key_or_a_cast_keystore_and_drives_the_owner_api() {
+    use agentkeys_client::agent_key::AgentKey;
+    use agentkeys_client::broker::{Endpoint, MintRequest};
+    use agentkeys_client::wallet_key::WalletKey;
+    use agentkeys_client::Agent;
+
+    let cast = match crate::accounts::cast() {
+        Ok(cast) => cast,
+        Err(why) if std::env::var_os("CAST").is_some() || std::env::var_os("CI").is_some() => {
+            panic!("the keystore test must run here: {why}")
+        }
+        Err(why) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr().lock(), "SKIPPED the keystore test: {why}");
+            return;
+        }
+    };
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Endpoint {
+        issuer: Some(app.settings.oidc.issuer.clone()),
+        ..Endpoint::new(&app.address)
+    };
+    let owner_key = WalletKey::generate(&dir.path().join("owner.key")).unwrap();
+    let owner_address = owner_key.address().lowercase();
+    let added = app
+        .admin(
+            "POST",
+            "/v1/admin/agents",
+            Some(&json!({ "wallet_address": owner_address })),
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED);
+    let owner_account = omni("evm", &owner_address);
+    let owner = Agent::new(
+        &broker,
+        AgentKey::Wallet(owner_key),
+        dir.path().join("owner"),
+    )
+    .unwrap();
+    let owner_session = owner.session().await.unwrap();
+
+    let keystores = dir.path().join("keystores");
+    std::fs::create_dir_all(&keystores).unwrap();
+    let created = std::process::Command::new(&cast)
+        .args(["wallet", "new"])
+        .arg(&keystores)
+        .args(["--unsafe-password", "daemon passphrase"])
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let keystore = std::fs::read_dir(&keystores)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&keystore, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(WalletKey::load(&keystore, Some("wrong passphrase")).is_err());
+    let daemon_key = WalletKey::load(&keystore, Some("daemon passphrase")).unwrap();
+    let daemon_address = daemon_key.address().lowercase();
+    let printed = String::from_utf8_lossy(&created.stdout).to_lowercase();
+    assert!(
+        printed.contains(&daemon_address),
+        "cast and the client agree on the address"
+    );
+
+    let link = json!({ "identity_type": "evm", "identity_value": daemon_address });
+    let linked = owner
+        .broker
+        .call("POST", "/v1/wallet/link", &owner_session, Some(&link))
+        .await
+        .unwrap();
+    assert_eq!(
+        linked["omni_account"],
+        omni("evm", &daemon_address).as_str()
+    );
+    let scope = format!("bots/{owner_account}/daemon/");
+    let grant = json!({ "daemon_address": daemon_address, "service": "s3", "scope_path": scope, "max_uses": 3 });
+    let granted = owner
+        .broker
+        .call("POST", "/v1/grant/create", &owner_session, Some(&grant))
+        .await
+        .unwrap();
+    assert!(granted["audit_proof"].is_string());
+
+    let daemon = Agent::new(
+        &broker,
+        AgentKey::Wallet(daemon_key),
+        dir.path().join("daemon"),
+    )
+    .unwrap();
+    let intent = MintRequest {
+        service: "s3".into(),
+        scope_path: scope.clone(),
+        ttl_seconds: None,
+        audience: None,
+    };
+    let minted = daemon.mint(&intent).await.unwrap();
+    assert_eq!(minted.wallet.as_deref(), Some(daemon_address.as_str()));
+    assert_eq!(minted.owner_omni_account, owner_account);
+    let held = daemon
+        .broker
+        .call(
+            "GET",
+            "/v1/grant/list",
+            &daemon.session().await.unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(held["grants"].as_array().unwrap().len(), 1);
+}

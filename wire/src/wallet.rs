@@ -7,7 +7,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
+use k256::ecdsa::{RecoveryId, Signature, SigningKey, VerifyingKey};
 use sha3::{Digest, Keccak256};
 use time::OffsetDateTime;
 
@@ -89,6 +89,19 @@ impl WalletSignature {
             VerifyingKey::recover_from_prehash(&digest, &signature, recovery).map_err(|_| bad)?;
         Ok(address_of(&key))
     }
+}
+
+/// `personal_sign`: the EIP-191 signature of `message` by `key`, `v` as
+/// 27/28 and `s` low, as wallets make it.
+pub fn personal_sign(key: &SigningKey, message: &[u8]) -> WalletSignature {
+    let digest = personal_message_hash(message);
+    let (signature, recovery) = key
+        .sign_prehash_recoverable(&digest)
+        .expect("a 32-byte digest signs");
+    let mut bytes = [0u8; 65];
+    bytes[..64].copy_from_slice(&signature.to_bytes());
+    bytes[64] = 27 + recovery.to_byte();
+    WalletSignature(bytes)
 }
 
 /// Keccak-256 of `"\x19Ethereum Signed Message:\n" ‖ len ‖ message` (EIP-191).
@@ -177,6 +190,45 @@ impl WalletLoginMessage {
         &self.0.nonce
     }
 
+    /// What a client checks before it signs a message the broker wrote:
+    /// the broker it expects (domain and URI from its issuer), its own
+    /// address, its chain, our statement, issued within five minutes of
+    /// `now` and expiring within the hour after it.
+    pub fn check(
+        &self,
+        issuer: &str,
+        address: EvmAddress,
+        chain_id: u64,
+        now: u64,
+    ) -> Result<(), WireError> {
+        let expected = Self::new(issuer, address, chain_id, &self.0.nonce, now, now)?;
+        let refuse = WireError;
+        if self.0.domain != expected.0.domain || self.0.uri != expected.0.uri {
+            return Err(refuse("the message names another broker"));
+        }
+        if self.0.address != address.0 {
+            return Err(refuse("the message names another address"));
+        }
+        if self.0.chain_id != chain_id {
+            return Err(refuse("the message names another chain"));
+        }
+        if self.0.statement.as_deref() != Some(WALLET_LOGIN_STATEMENT)
+            || self.0.not_before.is_some()
+            || self.0.request_id.is_some()
+            || !self.0.resources.is_empty()
+        {
+            return Err(refuse("the message asks for more than a sign-in"));
+        }
+        let issued = u64::try_from(self.0.issued_at.as_ref().unix_timestamp()).unwrap_or(0);
+        if issued.abs_diff(now) > 300 {
+            return Err(refuse("the message was not issued now"));
+        }
+        match self.expires_at() {
+            Some(at) if at > now && at <= now + 3600 => Ok(()),
+            _ => Err(refuse("the message does not expire within the hour")),
+        }
+    }
+
     /// The `Expiration Time`, as Unix seconds.
     pub fn expires_at(&self) -> Option<u64> {
         let expiry = self.0.expiration_time.as_ref()?;
@@ -198,19 +250,7 @@ fn timestamp(unix: u64) -> Result<OffsetDateTime, WireError> {
 
 #[cfg(test)]
 mod tests {
-    use k256::ecdsa::SigningKey;
-
     use super::*;
-
-    /// A personal-sign signature by `key`, `v` as 27/28, as wallets make.
-    fn personal_sign(key: &SigningKey, message: &[u8]) -> WalletSignature {
-        let digest = personal_message_hash(message);
-        let (signature, recovery) = key.sign_prehash_recoverable(&digest).unwrap();
-        let mut bytes = [0u8; 65];
-        bytes[..64].copy_from_slice(&signature.to_bytes());
-        bytes[64] = 27 + recovery.to_byte();
-        WalletSignature(bytes)
-    }
 
     #[test]
     fn addresses_parse_in_lower_upper_and_checksum_case_only() {
@@ -289,5 +329,50 @@ mod tests {
         assert_eq!(parsed.expires_at(), Some(1_800_000_060));
         assert_eq!(parsed.expires_at_iso().unwrap(), "2027-01-15T08:01:00Z");
         assert!(WalletLoginMessage::new("no-scheme", address, 1, "0123456789ab", 1, 2).is_err());
+    }
+
+    /// A client signs only a message for its broker, its address, its
+    /// chain, issued now, expiring within the hour, asking nothing more.
+    #[test]
+    fn a_client_checks_the_message_before_it_signs() {
+        let issuer = "https://broker.example";
+        let address = EvmAddress::parse("0x8ba1f109551bd432803012645ac136ddd64dba72").unwrap();
+        let now = 1_800_000_000;
+        let made = |issuer: &str, address, chain, issued, expires| {
+            WalletLoginMessage::new(issuer, address, chain, "0123456789abcdef", issued, expires)
+                .unwrap()
+        };
+        assert!(made(issuer, address, 1, now, now + 60)
+            .check(issuer, address, 1, now)
+            .is_ok());
+        let other = EvmAddress([1; 20]);
+        for (message, why) in [
+            (
+                made("https://evil.example", address, 1, now, now + 60),
+                "another broker",
+            ),
+            (made(issuer, other, 1, now, now + 60), "another address"),
+            (made(issuer, address, 5, now, now + 60), "another chain"),
+            (
+                made(issuer, address, 1, now - 600, now + 60),
+                "not issued now",
+            ),
+            (
+                made(issuer, address, 1, now, now + 7200),
+                "expiring too late",
+            ),
+            (made(issuer, address, 1, now - 120, now - 1), "expired"),
+        ] {
+            assert!(message.check(issuer, address, 1, now).is_err(), "{why}");
+        }
+        let mut asking_more = made(issuer, address, 1, now, now + 60);
+        asking_more
+            .0
+            .resources
+            .push("https://evil.example/x".parse().unwrap());
+        assert!(
+            asking_more.check(issuer, address, 1, now).is_err(),
+            "resources"
+        );
     }
 }
