@@ -232,6 +232,11 @@ pub struct RateLimitSettings {
     pub per_second: u32,
     /// Mints an idle account may make at once.
     pub burst: u32,
+    /// Sustained mints per second of one agent, within its account's
+    /// budget; 0 (the default): no per-agent limit.
+    pub per_agent_per_second: u32,
+    /// Mints an idle agent may make at once (with per_agent_per_second).
+    pub per_agent_burst: u32,
     /// How often idle accounts are forgotten.
     pub sweep_interval_seconds: u64,
     /// Login requests (challenge + verify) per second per client IP.
@@ -251,6 +256,8 @@ impl Default for RateLimitSettings {
         Self {
             per_second: 50,
             burst: 100,
+            per_agent_per_second: 0,
+            per_agent_burst: 0,
             sweep_interval_seconds: 60,
             login_per_second_per_ip: 10,
             login_burst_per_ip: 40,
@@ -501,6 +508,11 @@ impl Settings {
         if self.server.admin_tls.is_some() && self.server.admin_bind.is_none() {
             return invalid("server.admin_tls needs server.admin_bind");
         }
+        if self.rate_limit.per_agent_per_second > 0 && self.rate_limit.per_agent_burst == 0 {
+            return invalid(
+                "rate_limit.per_agent_burst must be at least 1 with per_agent_per_second",
+            );
+        }
         if self.auth.wallet_chain_ids.is_empty() {
             return invalid("auth.wallet_chain_ids must list at least one chain id");
         }
@@ -568,6 +580,15 @@ impl Settings {
 
     pub fn rate_burst(&self) -> NonZeroU32 {
         NonZeroU32::new(self.rate_limit.burst).unwrap_or(NonZeroU32::MIN)
+    }
+
+    /// The per-agent limit, when one is set.
+    pub fn rate_per_agent(&self) -> Option<(NonZeroU32, NonZeroU32)> {
+        let limits = &self.rate_limit;
+        Some((
+            NonZeroU32::new(limits.per_agent_per_second)?,
+            NonZeroU32::new(limits.per_agent_burst).unwrap_or(NonZeroU32::MIN),
+        ))
     }
 
     pub fn login_rate_per_ip(&self) -> (NonZeroU32, NonZeroU32) {

@@ -288,6 +288,7 @@ fn start_actors(
         mailbox_capacity: actors.rate_limit_mailbox,
         per_second: settings.rate_per_second(),
         burst: settings.rate_burst(),
+        per_agent: settings.rate_per_agent(),
         login_per_second,
         login_burst,
         unauthenticated_per_second,

@@ -21,11 +21,14 @@ pub struct RateLimited {
     pub retry_after: Duration,
 }
 
-/// Take one unit of `account`'s rate, or say when one will be free.
+/// Take one unit of `account`'s rate (the owner's, shared by its
+/// agents) and, when a per-agent limit is set, of `agent`'s own; or say
+/// when one will be free.
 #[derive(Message)]
 #[rtype(result = "Result<(), RateLimited>")]
 pub struct CheckRate {
     pub account: OmniAccount,
+    pub agent: OmniAccount,
 }
 
 /// Take one unit of a client IP's login rate.
@@ -79,6 +82,9 @@ pub struct RateLimitSettings {
     pub per_second: NonZeroU32,
     /// Mints an idle account may make at once.
     pub burst: NonZeroU32,
+    /// Sustained mints per second and burst of one agent, within its
+    /// account's; `None`: agents share their account's budget freely.
+    pub per_agent: Option<(NonZeroU32, NonZeroU32)>,
     /// Login requests per second per client network.
     pub login_per_second: NonZeroU32,
     pub login_burst: NonZeroU32,
@@ -93,6 +99,7 @@ pub struct RateLimitSettings {
 pub struct RateLimitActor {
     settings: RateLimitSettings,
     limiter: DefaultKeyedRateLimiter<OmniAccount>,
+    agent_limiter: Option<DefaultKeyedRateLimiter<OmniAccount>>,
     login_limiter: DefaultKeyedRateLimiter<IpAddr>,
     unauthenticated_limiter: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
@@ -105,9 +112,13 @@ impl RateLimitActor {
             Quota::per_second(settings.login_per_second).allow_burst(settings.login_burst);
         let unauthenticated_quota = Quota::per_second(settings.unauthenticated_per_second)
             .allow_burst(settings.unauthenticated_burst);
+        let agent_limiter = settings.per_agent.map(|(per_second, burst)| {
+            RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst))
+        });
         Self {
             settings,
             limiter: RateLimiter::keyed(quota),
+            agent_limiter,
             login_limiter: RateLimiter::keyed(login_quota),
             unauthenticated_limiter: RateLimiter::keyed(unauthenticated_quota),
             clock: DefaultClock::default(),
@@ -129,7 +140,10 @@ impl RateLimitActor {
 
 impl RateLimitActor {
     fn tracked_keys(&self) -> usize {
-        self.limiter.len() + self.login_limiter.len() + self.unauthenticated_limiter.len()
+        self.limiter.len()
+            + self.agent_limiter.as_ref().map_or(0, |l| l.len())
+            + self.login_limiter.len()
+            + self.unauthenticated_limiter.len()
     }
 }
 
@@ -141,6 +155,10 @@ impl Actor for RateLimitActor {
         ctx.run_interval(self.settings.sweep_interval, |actor, _| {
             actor.limiter.retain_recent();
             actor.limiter.shrink_to_fit();
+            if let Some(agents) = &actor.agent_limiter {
+                agents.retain_recent();
+                agents.shrink_to_fit();
+            }
             actor.login_limiter.retain_recent();
             actor.login_limiter.shrink_to_fit();
             actor.unauthenticated_limiter.retain_recent();
@@ -153,7 +171,12 @@ impl Actor for RateLimitActor {
 impl Handler<CheckRate> for RateLimitActor {
     type Result = Result<(), RateLimited>;
 
+    /// The agent's own limit first, so an agent over it spends none of
+    /// its account's budget.
     fn handle(&mut self, msg: CheckRate, _: &mut Self::Context) -> Self::Result {
+        if let Some(agents) = &self.agent_limiter {
+            self.take(agents, &msg.agent)?;
+        }
         self.take(&self.limiter, &msg.account)
     }
 }
@@ -198,6 +221,7 @@ mod tests {
             mailbox_capacity: 16,
             per_second: NonZeroU32::new(1).unwrap(),
             burst: NonZeroU32::new(3).unwrap(),
+            per_agent: None,
             login_per_second: NonZeroU32::new(1).unwrap(),
             login_burst: NonZeroU32::new(1).unwrap(),
             unauthenticated_per_second: NonZeroU32::new(1).unwrap(),
@@ -208,6 +232,7 @@ mod tests {
         for _ in 0..3 {
             addr.send(CheckRate {
                 account: account(1),
+                agent: account(1),
             })
             .await
             .unwrap()
@@ -216,6 +241,7 @@ mod tests {
         let limited = addr
             .send(CheckRate {
                 account: account(1),
+                agent: account(1),
             })
             .await
             .unwrap();
@@ -228,10 +254,38 @@ mod tests {
         );
         addr.send(CheckRate {
             account: account(2),
+            agent: account(2),
         })
         .await
         .unwrap()
         .unwrap();
+    }
+
+    /// With a per-agent limit, an agent over its own spends none of its
+    /// account's budget, and the account's still binds all its agents.
+    #[actix::test]
+    async fn an_agent_over_its_own_limit_leaves_its_accounts_budget_to_the_others() {
+        let addr = RateLimitActor::new(RateLimitSettings {
+            mailbox_capacity: 16,
+            per_second: NonZeroU32::new(1).unwrap(),
+            burst: NonZeroU32::new(3).unwrap(),
+            per_agent: Some((NonZeroU32::new(1).unwrap(), NonZeroU32::new(2).unwrap())),
+            login_per_second: NonZeroU32::new(1).unwrap(),
+            login_burst: NonZeroU32::new(1).unwrap(),
+            unauthenticated_per_second: NonZeroU32::new(1).unwrap(),
+            unauthenticated_burst: NonZeroU32::new(1).unwrap(),
+            sweep_interval: Duration::from_secs(60),
+        })
+        .start();
+        let check = |agent: u8| CheckRate {
+            account: account(9),
+            agent: account(agent),
+        };
+        let mut answers = Vec::new();
+        for agent in [1, 1, 1, 2, 2] {
+            answers.push(addr.send(check(agent)).await.unwrap().is_ok());
+        }
+        assert_eq!(answers, [true, true, false, true, false]);
     }
 
     #[test]
@@ -270,6 +324,7 @@ mod tests {
             mailbox_capacity: 16,
             per_second: NonZeroU32::new(1).unwrap(),
             burst: NonZeroU32::new(1).unwrap(),
+            per_agent: None,
             login_per_second: NonZeroU32::new(1).unwrap(),
             login_burst: NonZeroU32::new(2).unwrap(),
             unauthenticated_per_second: NonZeroU32::new(1).unwrap(),
@@ -299,6 +354,7 @@ mod tests {
             // One mint marks an account for a second; then it is idle.
             per_second: NonZeroU32::new(1).unwrap(),
             burst: NonZeroU32::new(1).unwrap(),
+            per_agent: None,
             login_per_second: NonZeroU32::new(1).unwrap(),
             login_burst: NonZeroU32::new(1).unwrap(),
             unauthenticated_per_second: NonZeroU32::new(1).unwrap(),
@@ -308,7 +364,13 @@ mod tests {
         .start();
         for i in 0..5_000u32 {
             let account = OmniAccount::for_tests(&format!("{i:064}"));
-            addr.send(CheckRate { account }).await.unwrap().unwrap();
+            addr.send(CheckRate {
+                account: account.clone(),
+                agent: account,
+            })
+            .await
+            .unwrap()
+            .unwrap();
         }
         assert!(
             addr.send(TrackedKeys).await.unwrap() >= 4_000,

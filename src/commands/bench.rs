@@ -275,6 +275,7 @@ pub async fn limiter_memory(
         mailbox_capacity: 4096,
         per_second: settings.rate_per_second(),
         burst: settings.rate_burst(),
+        per_agent: None,
         login_per_second: settings.rate_per_second(),
         login_burst: settings.rate_burst(),
         unauthenticated_per_second: settings.rate_per_second(),
@@ -287,8 +288,10 @@ pub async fn limiter_memory(
     while sent < accounts {
         let batch = (accounts - sent).min(1024);
         let checks = (sent..sent + batch).map(|i| {
+            let account = OmniAccount::for_tests(&format!("{i:064x}"));
             limiter.send(CheckRate {
-                account: OmniAccount::for_tests(&format!("{i:064x}")),
+                agent: account.clone(),
+                account,
             })
         });
         join_all(checks).await;

@@ -4,6 +4,7 @@
 //! and touches nothing of another account.
 
 use actix_web::{get, post, web, HttpResponse};
+use agentkeys_actors::audit::ReadAccountRecords;
 use agentkeys_actors::auth::{ListOwnedAgents, LookupIdentity, RegisterAgent, SetAgentEnabled};
 use agentkeys_actors::domain::{AgentIdentity, AgentName, AgentRecord, ErrorCode};
 use serde::Deserialize;
@@ -17,6 +18,7 @@ use crate::startup::BrokerState;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(link)
         .service(links)
+        .service(audit)
         .service(unlink)
         .service(disable)
         .service(enable);
@@ -158,4 +160,56 @@ async fn enable(
     body: web::Json<IdentityBody>,
 ) -> Result<HttpResponse, ApiError> {
     set_enabled(owner, state, body, true).await
+}
+
+/// Records scanned at most per page of an owner's audit: the next page
+/// starts at `next_after` even when none of them were the account's.
+const MAX_AUDIT_SCAN: usize = 10_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditPage {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+/// The audit records of the account's agents (the owner's own included),
+/// in order: `{"owner", "records", "next_after"}`.
+#[get("/v1/wallet/audit")]
+async fn audit(
+    owner: OwnerSession,
+    state: web::Data<BrokerState>,
+    page: web::Query<AuditPage>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = page.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be 1-1000"));
+    }
+    let owned_agents = ListOwnedAgents {
+        owner: owner.0.owner.clone(),
+    };
+    let agents = state.actors.auth.ask(owned_agents).await?;
+    let accounts = agents
+        .iter()
+        .map(|a| a.omni_account.to_string())
+        .chain([owner.0.owner.to_string()])
+        .collect();
+    let read = ReadAccountRecords {
+        accounts,
+        after: page.after,
+        limit,
+        max_scan: MAX_AUDIT_SCAN,
+    };
+    let (records, next_after) = state
+        .actors
+        .audit
+        .ask(read)
+        .await?
+        .map_err(ApiError::from)?;
+    Ok(HttpResponse::Ok().json(json!({
+        "owner": owner.0.owner,
+        "records": records,
+        "next_after": next_after,
+    })))
 }

@@ -197,6 +197,32 @@ async fn an_owner_manages_its_own_agents_and_grants_and_nothing_of_another_accou
     assert_eq!(claims["agentkeys_user_wallet"], daemon.address.as_str());
     assert_eq!(claims["agentkeys_scope_path"], scope.as_str());
 
+    // Each owner reads the records of its own account's agents only.
+    let daemon_account = omni("evm", &daemon.address);
+    let alices_audit = call(&app, &alice.session, "GET", "/v1/wallet/audit", None).await;
+    let records = alices_audit.body["records"].as_array().unwrap();
+    assert!(!records.is_empty(), "{}", alices_audit.body);
+    assert!(records
+        .iter()
+        .all(|r| r["omni_account"] == daemon_account.as_str()
+            || r["omni_account"] == alice.account.as_str()));
+    assert!(
+        alices_audit.body["next_after"].as_u64().unwrap()
+            >= records.last().unwrap()["seq"].as_u64().unwrap()
+    );
+    let bobs_audit = call(&app, &bob.session, "GET", "/v1/wallet/audit", None).await;
+    assert_eq!(
+        bobs_audit.body["records"],
+        json!([]),
+        "nothing of another account"
+    );
+    let agents_audit = call(&app, &daemon_session, "GET", "/v1/wallet/audit", None).await;
+    assert_eq!(
+        agents_audit.status,
+        StatusCode::FORBIDDEN,
+        "an agent's session is no owner's"
+    );
+
     let identity = wallet_identity(&daemon);
     let by_bob = call(
         &app,

@@ -146,6 +146,37 @@ impl LedgerSink {
     }
 
     /// Up to `limit` records with `seq > after`, in order.
+    /// Up to `limit` records after `after` that `keep` accepts, looking at
+    /// no more than `max_scan` records; with the last seq looked at, where
+    /// the next page starts.
+    pub fn read_matching(
+        &self,
+        after: u64,
+        limit: usize,
+        max_scan: usize,
+        keep: impl Fn(&AuditRecord) -> bool,
+    ) -> Result<(Vec<AuditRecord>, u64), StorageError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(RECORDS).map_err(backend)?;
+        let (mut records, mut scanned_to) = (Vec::new(), after);
+        for entry in table
+            .range(after.saturating_add(1)..)
+            .map_err(backend)?
+            .take(max_scan)
+        {
+            let (seq, value) = entry.map_err(backend)?;
+            scanned_to = seq.value();
+            let record = decode(value.value())?;
+            if keep(&record) {
+                records.push(record);
+                if records.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok((records, scanned_to))
+    }
+
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError> {
         let txn = self.db.begin_read().map_err(backend)?;
         let table = txn.open_table(RECORDS).map_err(backend)?;

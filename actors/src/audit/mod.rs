@@ -291,6 +291,18 @@ pub struct ReadRecords {
     pub limit: usize,
 }
 
+/// The records of some accounts (by actor), after `after`: at most
+/// `limit`, looking at no more than `max_scan` records; with the last seq
+/// looked at, where the next page starts.
+#[derive(Message)]
+#[rtype(result = "Result<(Vec<AuditRecord>, u64), AuditError>")]
+pub struct ReadAccountRecords {
+    pub accounts: std::collections::HashSet<String>,
+    pub after: u64,
+    pub limit: usize,
+    pub max_scan: usize,
+}
+
 /// Re-walk the chain and check every sink against it, with each sink's
 /// live state.
 #[derive(Message)]
@@ -552,6 +564,29 @@ impl Handler<ReadRecords> for AuditActor {
                 .map_err(|e| e.to_string())
                 .and_then(|read| read.map_err(|e| e.to_string()))
                 .map_err(AuditError::Ledger)
+        })
+    }
+}
+
+impl Handler<ReadAccountRecords> for AuditActor {
+    type Result = ResponseFuture<Result<(Vec<AuditRecord>, u64), AuditError>>;
+
+    fn handle(&mut self, msg: ReadAccountRecords, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let keep = |record: &AuditRecord| {
+                    record
+                        .omni_account
+                        .as_ref()
+                        .is_some_and(|actor| msg.accounts.contains(actor))
+                };
+                ledger.read_matching(msg.after, msg.limit, msg.max_scan, keep)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|read| read.map_err(|e| e.to_string()))
+            .map_err(AuditError::Ledger)
         })
     }
 }

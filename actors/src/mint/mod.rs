@@ -102,6 +102,7 @@ impl MintFlow {
         };
         let check = self.actors.rate_limit.ask(CheckRate {
             account: principal.owner.clone(),
+            agent: principal.omni_account.clone(),
         });
         let limited = match timed(&self.metrics.rate, check).await {
             Ok(Ok(())) => return Ok(principal),
