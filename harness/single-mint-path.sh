@@ -27,12 +27,13 @@ trap cleanup EXIT
 
 tools=${AGENTKEYS_TOOLS:-$PWD/.ci/tools}
 venv="$tools/venv"
-step "python tools: moto[server], the AWS CLI and PyJWT"
-if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aws" ] || ! "$venv/bin/python" -c 'import jwt' 2>/dev/null; then
+step "python tools: moto[server], the AWS CLI, PyJWT and siwe"
+if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aws" ] || ! "$venv/bin/python" -c 'import jwt, siwe' 2>/dev/null; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]" awscli "pyjwt[crypto]"
+  # siwe 4.4 breaks on abnf 2.3's grammar rule, hence the pin.
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]" awscli "pyjwt[crypto]" "siwe==4.4.0" "abnf==2.2.0"
 fi
-ok "$("$venv/bin/aws" --version 2>&1 | cut -d' ' -f1), moto $("$venv/bin/python" -c 'import moto; print(moto.__version__)'), PyJWT $("$venv/bin/python" -c 'import jwt; print(jwt.__version__)')"
+ok "$("$venv/bin/aws" --version 2>&1 | cut -d' ' -f1), moto $("$venv/bin/python" -c 'import moto; print(moto.__version__)'), PyJWT $("$venv/bin/python" -c 'import jwt; print(jwt.__version__)'), siwe 4.4.0"
 
 step "build the workspace"
 build_binaries
@@ -202,6 +203,25 @@ wallet_address=$("$daemon_bin" keygen --wallet --wallet-key-file "$wallet_key" |
 "$broker_bin" agent add --wallet-address "$owner_address" >/dev/null
 as_owner=(--wallet-key-file "$owner_key" --state-dir "$work/owner")
 as_wallet=(--wallet-key-file "$wallet_key" --state-dir "$work/wallet")
+curl_tls -f -X POST "$broker_url/v1/auth/wallet/start" -H 'Content-Type: application/json' \
+  -d "{\"address\": \"$owner_address\", \"chain_id\": 1}" >"$work/siwe-start.json" || fail "wallet/start"
+"$venv/bin/python" - "$work/siwe-start.json" "$broker_url" "$owner_address" <<'PY' || fail "an established SIWE parser does not read the broker's message as it should"
+import json, sys
+from siwe import SiweMessage
+
+start, issuer, address = sys.argv[1:]
+answer = json.load(open(start))
+assert {"request_id", "expires_in_seconds", "siwe_message", "nonce", "expires_at_iso"} <= answer.keys(), answer
+message = SiweMessage.from_message(message=answer["siwe_message"])
+assert message.domain == issuer.removeprefix("https://"), message.domain
+assert message.uri == issuer, message.uri
+assert message.address.lower() == address and message.address != address, message.address
+assert (message.version, message.chain_id, message.nonce) == ("1", 1, answer["nonce"]), message
+assert message.expiration_time == answer["expires_at_iso"], message.expiration_time
+assert message.prepare_message() == answer["siwe_message"], "the parsed message does not render back"
+print(f"domain {message.domain}, chain {message.chain_id}, expires {message.expiration_time}")
+PY
+ok "PyPI siwe parses the broker's EIP-4361 message: domain, URI, EIP-55 address, version, chain, nonce, expiry"
 owner_omni=$("$daemon_bin" login "${as_owner[@]}" | json '["omni_account"]')
 "$daemon_bin" owner link --wallet-address "$wallet_address" "${as_owner[@]}" >/dev/null
 wallet_scope="bots/$owner_omni/wallet/"

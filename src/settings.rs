@@ -292,14 +292,20 @@ impl Default for MintSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct GrantSettings {
     /// Every mint needs a matching explicit grant. When false, an agent may
-    /// also mint for its own `bots/<omni>/` without one (and a mint with no
-    /// intent gets that scope).
+    /// also mint inside its owner's namespace without one (and a mint with
+    /// no intent gets that scope).
     pub required: bool,
+    /// An account's namespace: `{owner}` is the owner's OmniAccount. An
+    /// owner grants only inside it.
+    pub owner_namespace: String,
 }
 
 impl Default for GrantSettings {
     fn default() -> Self {
-        Self { required: true }
+        Self {
+            required: true,
+            owner_namespace: "bots/{owner}/".into(),
+        }
     }
 }
 
@@ -513,6 +519,12 @@ impl Settings {
                 "rate_limit.per_agent_burst must be at least 1 with per_agent_per_second",
             );
         }
+        if let Err(e) = agentkeys_actors::domain::Namespace::parse(&self.grants.owner_namespace) {
+            return Err(SettingsError::Invalid(format!(
+                "grants.owner_namespace: {}",
+                e.0
+            )));
+        }
         if self.auth.wallet_chain_ids.is_empty() {
             return invalid("auth.wallet_chain_ids must list at least one chain id");
         }
@@ -580,6 +592,11 @@ impl Settings {
 
     pub fn rate_burst(&self) -> NonZeroU32 {
         NonZeroU32::new(self.rate_limit.burst).unwrap_or(NonZeroU32::MIN)
+    }
+
+    /// An account's namespace (validated with the settings).
+    pub fn owner_namespace(&self) -> agentkeys_actors::domain::Namespace {
+        agentkeys_actors::domain::Namespace::parse(&self.grants.owner_namespace).unwrap_or_default()
     }
 
     /// The per-agent limit, when one is set.

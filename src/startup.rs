@@ -15,7 +15,7 @@ use agentkeys_actors::audit::ledger::LedgerSink;
 use agentkeys_actors::audit::{AuditActor, AuditSettings as AuditActorSettings};
 use agentkeys_actors::auth::{self, AuthActor};
 use agentkeys_actors::backpressure::Handle;
-use agentkeys_actors::domain::{now_unix, ServiceName};
+use agentkeys_actors::domain::{now_unix, Namespace, ServiceName};
 use agentkeys_actors::grant::{GrantActor, GrantSettings};
 use agentkeys_actors::keys::{KeyError, KeyRing};
 use agentkeys_actors::mint::{MintFlow, MintPolicy};
@@ -71,6 +71,8 @@ pub struct BrokerState {
     pub jwks_max_age_seconds: u64,
     /// Largest request body read.
     pub max_body_bytes: usize,
+    /// The scope an owner may grant inside.
+    pub owner_namespace: Namespace,
 }
 
 /// A built broker: listeners bound, actors running, servers not yet polled.
@@ -104,6 +106,7 @@ impl Application {
             issuer: settings.oidc.issuer.clone(),
             jwks_max_age_seconds: settings.oidc.jwks_max_age_seconds,
             max_body_bytes: settings.server.max_body_bytes,
+            owner_namespace: settings.owner_namespace(),
         });
         tls::watch(
             listeners.certificates(),
@@ -377,6 +380,7 @@ pub fn mint_policy(settings: &Settings) -> MintPolicy {
         issuer: settings.oidc.issuer.clone(),
         audiences: settings.oidc.audiences.clone(),
         grants_required: settings.grants.required,
+        namespace: settings.owner_namespace(),
         require_proof: settings.auth.require_pop,
         default_service: ServiceName::parse(&settings.mint.default_service)
             .expect("validated with the settings"),

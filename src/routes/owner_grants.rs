@@ -6,7 +6,7 @@
 
 use actix_web::{get, post, web, HttpResponse};
 use agentkeys_actors::auth::{ListOwnedAgents, LookupIdentity};
-use agentkeys_actors::domain::{now_unix, AgentIdentity, AgentRecord, ErrorCode, ScopePath};
+use agentkeys_actors::domain::{now_unix, AgentIdentity, AgentRecord, ErrorCode};
 use agentkeys_actors::grant::{GetGrant, ListGrants, RevokeGrant};
 use serde::Deserialize;
 use serde_json::json;
@@ -76,7 +76,7 @@ async fn create(
         body.expires_at,
         body.max_ttl_seconds,
     )?;
-    let namespace = ScopePath::agent_default(&owner.0.owner);
+    let namespace = state.owner_namespace.of(&owner.0.owner);
     if !spec.scope_path.is_within(&namespace) {
         return Err(ApiError::new(
             ErrorCode::Forbidden,

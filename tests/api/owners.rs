@@ -528,3 +528,29 @@ async fn the_client_signs_in_with_a_wallet_key_or_a_cast_keystore_and_drives_the
         .unwrap();
     assert_eq!(held["grants"].as_array().unwrap().len(), 1);
 }
+
+/// The namespace is config: an owner grants inside `teams/{owner}/` then,
+/// and no longer inside `bots/<owner>/`.
+#[actix_web::test]
+async fn an_owner_grants_inside_the_configured_namespace() {
+    let app =
+        crate::helpers::spawn_app_with(|s| s.grants.owner_namespace = "teams/{owner}/".into())
+            .await;
+    let alice = owner(&app, 51).await;
+    let inside = create_grant(
+        &app,
+        &alice,
+        &alice.wallet.address,
+        &format!("teams/{}/x/", alice.account),
+    )
+    .await;
+    assert_eq!(inside.status, StatusCode::OK, "{}", inside.body);
+    let old_place = create_grant(
+        &app,
+        &alice,
+        &alice.wallet.address,
+        &format!("bots/{}/x/", alice.account),
+    )
+    .await;
+    assert_eq!(old_place.status, StatusCode::FORBIDDEN);
+}

@@ -114,6 +114,29 @@ impl fmt::Display for OmniAccount {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_namespace_is_a_scope_with_the_owner_once() {
+        use crate::domain::Namespace;
+        let owner = OmniAccount::parse(&"ab".repeat(32)).unwrap();
+        let teams = Namespace::parse("teams/{owner}/shared").unwrap();
+        assert_eq!(
+            teams.of(&owner).as_str(),
+            format!("teams/{}/shared/", owner)
+        );
+        assert_eq!(
+            Namespace::default().of(&owner).as_str(),
+            format!("bots/{owner}/")
+        );
+        for bad in [
+            "bots/",
+            "{owner}/{owner}/",
+            "/bots/{owner}/",
+            "bots/../{owner}/",
+        ] {
+            assert!(Namespace::parse(bad).is_err(), "{bad}");
+        }
+    }
+
     /// The vector the system this broker replaces computes for a wallet.
     #[test]
     fn a_wallet_account_is_the_documented_hash() {

@@ -223,11 +223,6 @@ impl ScopePath {
         Ok(Self(format!("{body}/")))
     }
 
-    /// The scope every agent may use without a grant: `bots/<omni>/`.
-    pub fn agent_default(account: &OmniAccount) -> Self {
-        Self(format!("bots/{account}/"))
-    }
-
     /// True when `self` equals `prefix` or lies under it by whole segments
     /// (both end in `/`, so a plain prefix test is a segment test).
     pub fn is_within(&self, prefix: &ScopePath) -> bool {
@@ -274,6 +269,40 @@ impl IdempotencyKey {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// An account's namespace: the scope its owner may grant inside, and its
+/// agents' default scope when grants are not required. A template with
+/// `{owner}` where the owner's OmniAccount goes (`bots/{owner}/`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace(String);
+
+impl Namespace {
+    pub const PLACEHOLDER: &'static str = "{owner}";
+
+    /// A template with `{owner}` once, that makes a scope path for any
+    /// account.
+    pub fn parse(template: &str) -> Result<Self, InvalidInput> {
+        let probe = template.replace(Self::PLACEHOLDER, &"0".repeat(64));
+        if template.matches(Self::PLACEHOLDER).count() != 1 || ScopePath::parse(&probe).is_err() {
+            return Err(invalid(
+                "a namespace is a scope path with {owner} once, e.g. bots/{owner}/",
+            ));
+        }
+        Ok(Self(template.to_owned()))
+    }
+
+    /// `owner`'s namespace.
+    pub fn of(&self, owner: &OmniAccount) -> ScopePath {
+        ScopePath::parse(&self.0.replace(Self::PLACEHOLDER, owner.as_str()))
+            .expect("checked when parsed")
+    }
+}
+
+impl Default for Namespace {
+    fn default() -> Self {
+        Self("bots/{owner}/".to_owned())
     }
 }
 

@@ -244,7 +244,7 @@ mod tests {
                 scope_path: ScopePath::parse("jobs/x/").unwrap(),
             },
             idempotency: None,
-            own_scope_allowed: false,
+            own_scope: None,
             deadline: std::time::Instant::now() + Duration::from_secs(60),
         }
     }

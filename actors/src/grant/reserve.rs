@@ -131,8 +131,8 @@ pub struct Reserve {
     pub principal: Principal,
     pub intent: Intent,
     pub idempotency: Option<IdempotencySlot>,
-    /// Without explicit grants, the owner's `bots/<owner omni>/` is allowed.
-    pub own_scope_allowed: bool,
+    /// Without explicit grants, the owner's namespace is allowed.
+    pub own_scope: Option<ScopePath>,
     /// Past this the sender has given up waiting: the actor then takes
     /// nothing (a use taken for nobody would never be given back).
     pub deadline: std::time::Instant,
@@ -239,13 +239,10 @@ impl Handler<Reserve> for GrantActor {
                 Err(e) => return Err(e),
             }
         }
-        // The namespace of the account that owns the agent.
-        let account = &msg.principal.owner;
-        let own_scope = msg.own_scope_allowed
-            && msg
-                .intent
-                .scope_path
-                .is_within(&ScopePath::agent_default(account));
+        let own_scope = msg
+            .own_scope
+            .as_ref()
+            .is_some_and(|namespace| msg.intent.scope_path.is_within(namespace));
         let grant_id = if own_scope {
             None
         } else {

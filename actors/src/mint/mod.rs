@@ -33,7 +33,7 @@ pub use request::{MintPolicy, MintRequest, MintResponse, RequestIds};
 
 use crate::audit::{MintEvent, Outcome, Record, UseChange};
 use crate::auth::{AuthError, BearerToken, CheckProof, VerifySession};
-use crate::domain::{now_unix, sha256_hex, CompletedMint, ErrorCode, Intent, Principal, ScopePath};
+use crate::domain::{now_unix, sha256_hex, CompletedMint, ErrorCode, Intent, Principal};
 use crate::grant::{DefaultIntent, GrantUse, IdempotencySlot, Reservation, Reserve};
 use crate::rate_limit::{CheckRate, CheckUnauthenticated};
 use crate::signer::{Admitted, OidcClaims, SignOidc};
@@ -230,7 +230,7 @@ impl MintFlow {
             (Some(intent), _) => intent,
             (None, false) => Intent {
                 service: self.policy.default_service.clone(),
-                scope_path: ScopePath::agent_default(&principal.owner),
+                scope_path: self.policy.namespace.of(&principal.owner),
             },
             (None, true) => match self.default_intent(principal).await {
                 Ok(intent) => intent,
@@ -293,7 +293,8 @@ impl MintFlow {
             principal: principal.clone(),
             intent: intent.clone(),
             idempotency: idempotency.clone(),
-            own_scope_allowed: !self.policy.grants_required,
+            own_scope: (!self.policy.grants_required)
+                .then(|| self.policy.namespace.of(&principal.owner)),
             // Well inside the ask's timeout: a Reserve handled after the
             // caller gave up must take nothing.
             deadline: Instant::now() + self.actors.grants.timeout() / 2,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::auth::ProofOfPossession;
-use crate::domain::{IdempotencyKey, Intent, ServiceName};
+use crate::domain::{IdempotencyKey, Intent, Namespace, ServiceName};
 
 /// A mint request of an authenticated caller, already parsed at the edge.
 #[derive(Clone, Debug)]
@@ -52,8 +52,10 @@ pub struct MintPolicy {
     /// Audiences a caller may ask for; the first is the default.
     pub audiences: Vec<String>,
     /// Every mint needs a matching explicit grant; when false, an agent
-    /// may mint for its own `bots/<omni>/` without one.
+    /// may mint inside its owner's namespace without one.
     pub grants_required: bool,
+    /// An account's namespace (`bots/{owner}/` by default).
+    pub namespace: Namespace,
     /// Every mint needs a proof of possession of the device key, so a
     /// stolen session token alone cannot mint.
     pub require_proof: bool,
