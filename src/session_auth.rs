@@ -10,6 +10,7 @@ use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest};
 use agentkeys_actors::auth::{BearerToken, VerifySession};
 use agentkeys_actors::domain::{ErrorCode, Principal};
+use agentkeys_actors::rate_limit::CheckRate;
 
 use crate::admin_token::bearer_token;
 use crate::error::ApiError;
@@ -23,12 +24,25 @@ pub struct OwnerSession(pub Principal);
 
 type Checked<T> = Pin<Box<dyn Future<Output = Result<T, ApiError>>>>;
 
+/// The session's principal, once it took a unit of its account's rate
+/// (the budget its mints spend too): the owner API is no way around it.
 async fn principal(request: HttpRequest) -> Result<Principal, ApiError> {
     let token = BearerToken::new(bearer_token(&request)?.to_owned());
     let state = request
         .app_data::<web::Data<BrokerState>>()
         .ok_or_else(|| ApiError::new(ErrorCode::Internal, "internal error"))?;
-    Ok(state.actors.auth.ask(VerifySession { token }).await??)
+    let principal = state.actors.auth.ask(VerifySession { token }).await??;
+    let check = CheckRate {
+        account: principal.owner.clone(),
+        agent: principal.omni_account.clone(),
+    };
+    state
+        .actors
+        .rate_limit
+        .ask(check)
+        .await?
+        .map_err(|limited| ApiError::rate_limited("this account", limited.retry_after))?;
+    Ok(principal)
 }
 
 impl FromRequest for AgentSession {

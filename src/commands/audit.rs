@@ -31,7 +31,7 @@ pub struct ReceiptCheck {
     pub ok: bool,
     /// Grants whose receipt verifies and states their terms.
     pub verified: u64,
-    /// Grants made before receipts existed.
+    /// Grants made before receipts existed (before the first receipt key).
     pub without_receipt: u64,
     pub problems: Vec<String>,
 }
@@ -78,13 +78,28 @@ fn check_receipts(settings: &Settings) -> Result<ReceiptCheck, String> {
     let ring = KeyRing::load_or_generate(data_dir, settings.rotation_policy(), now_unix(), &sealer)
         .map_err(|e| e.to_string())?;
     let keys = serde_json::from_value(ring.receipt_jwks()).map_err(|e| e.to_string())?;
+    // Grants made since the first receipt key must all have a receipt: a
+    // receipt deleted from the store is a problem, not an old grant.
+    let receipts_since = ring
+        .describe()
+        .iter()
+        .filter(|key| key.kind == "receipt")
+        .map(|key| key.activates_at)
+        .min()
+        .unwrap_or(u64::MAX);
     let store = RedbGrantStore::open(&grants_file, settings.cache_bytes(), sealer)
         .map_err(|e| format!("{}: {e}", grants_file.display()))?;
     let (grants, _) = store.load().map_err(|e| e.to_string())?;
     let mut check = ReceiptCheck::default();
     for grant in grants {
         let Some(receipt) = &grant.receipt else {
-            check.without_receipt += 1;
+            if grant.created_at >= receipts_since {
+                check
+                    .problems
+                    .push(format!("grant {} has lost its receipt", grant.id));
+            } else {
+                check.without_receipt += 1;
+            }
             continue;
         };
         match verify_receipt(receipt, &keys) {

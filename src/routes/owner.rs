@@ -72,7 +72,7 @@ async fn owned(
 }
 
 /// A new identity becomes an agent of the owner's account, named by its
-/// address (a wallet) or `key-` and the start of its key. An identity that
+/// address (a wallet) or `key-` and the first 60 hex of its key. An identity that
 /// already is an agent, here or anywhere, is not taken over: 409.
 #[post("/v1/wallet/link")]
 async fn link(
@@ -83,7 +83,8 @@ async fn link(
     let identity = body.identity()?;
     let name = match identity {
         AgentIdentity::Wallet(address) => address.lowercase(),
-        AgentIdentity::DeviceKey(key) => format!("key-{}", &key.to_hex()[..16]),
+        // 240 bits of the key: no one makes a key to take another's name.
+        AgentIdentity::DeviceKey(key) => format!("key-{}", &key.to_hex()[..60]),
     };
     let register = RegisterAgent {
         name: AgentName::parse(&name)?,
@@ -175,7 +176,8 @@ struct AuditPage {
 }
 
 /// The audit records of the account's agents (the owner's own included),
-/// in order: `{"owner", "records", "next_after"}`.
+/// each from when it joined the account, in order:
+/// `{"owner", "records", "next_after"}`.
 #[get("/v1/wallet/audit")]
 async fn audit(
     owner: OwnerSession,
@@ -190,10 +192,19 @@ async fn audit(
         owner: owner.0.owner.clone(),
     };
     let agents = state.actors.auth.ask(owned_agents).await?;
+    let own = state
+        .actors
+        .auth
+        .ask(LookupIdentity {
+            identity: owner.0.identity,
+        })
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such agent of this account"))?;
+    // Each agent's records from when it joined this account on.
     let accounts = agents
         .iter()
-        .map(|a| a.omni_account.to_string())
-        .chain([owner.0.owner.to_string()])
+        .chain([&own])
+        .map(|a| (a.omni_account.to_string(), a.created_at))
         .collect();
     let read = ReadAccountRecords {
         accounts,

@@ -117,9 +117,11 @@ async fn revoke(
     };
     let owned = state.actors.auth.ask(owned_agents).await?;
     let own = grant.omni_account == owner.0.omni_account && grant.agent == owner.0.agent;
-    let of_an_owned_agent = owned
-        .iter()
-        .any(|a| a.name == grant.agent && a.omni_account == grant.omni_account);
+    let of_an_owned_agent = owned.iter().any(|a| {
+        a.name == grant.agent
+            && a.omni_account == grant.omni_account
+            && grant.created_at >= a.created_at
+    });
     if !own && !of_an_owned_agent {
         return Err(no_such());
     }
@@ -139,22 +141,37 @@ async fn list(
     state: web::Data<BrokerState>,
 ) -> Result<HttpResponse, ApiError> {
     let principal = session.0;
-    let mut agents = vec![(principal.agent.clone(), principal.omni_account.clone())];
+    let me = state
+        .actors
+        .auth
+        .ask(LookupIdentity {
+            identity: principal.identity,
+        })
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such agent"))?;
+    let mut agents = vec![me];
     if principal.is_owner() {
         let owned_agents = ListOwnedAgents {
             owner: principal.owner.clone(),
         };
-        let owned = state.actors.auth.ask(owned_agents).await?;
-        agents.extend(owned.into_iter().map(|a| (a.name, a.omni_account)));
+        agents.extend(state.actors.auth.ask(owned_agents).await?);
     }
+    // Each agent's grants from when it joined this account on: an
+    // identity linked again brings none of its earlier grants along.
     let mut grants = Vec::new();
-    for (agent, omni_account) in agents {
+    for agent in agents {
         let held = state
             .actors
             .grants
-            .ask(ListGrants { agent: Some(agent) })
+            .ask(ListGrants {
+                agent: Some(agent.name.clone()),
+            })
             .await?;
-        grants.extend(held.into_iter().filter(|g| g.omni_account == omni_account));
+        grants.extend(
+            held.into_iter().filter(|g| {
+                g.omni_account == agent.omni_account && g.created_at >= agent.created_at
+            }),
+        );
     }
     Ok(HttpResponse::Ok().json(json!({ "owner": principal.owner, "grants": grants })))
 }

@@ -291,13 +291,16 @@ pub struct ReadRecords {
     pub limit: usize,
 }
 
-/// The records of some accounts (by actor), after `after`: at most
-/// `limit`, looking at no more than `max_scan` records; with the last seq
-/// looked at, where the next page starts.
+/// The records of some accounts (by actor), each from a time on (when the
+/// agent joined the asking account: an identity linked again must not
+/// bring its earlier history along), after `after`: at most `limit`,
+/// looking at no more than `max_scan` records; with the last seq looked
+/// at, where the next page starts.
 #[derive(Message)]
 #[rtype(result = "Result<(Vec<AuditRecord>, u64), AuditError>")]
 pub struct ReadAccountRecords {
-    pub accounts: std::collections::HashSet<String>,
+    /// Actor account → the first `ts` that is the asker's.
+    pub accounts: std::collections::HashMap<String, u64>,
     pub after: u64,
     pub limit: usize,
     pub max_scan: usize,
@@ -579,7 +582,8 @@ impl Handler<ReadAccountRecords> for AuditActor {
                     record
                         .omni_account
                         .as_ref()
-                        .is_some_and(|actor| msg.accounts.contains(actor))
+                        .and_then(|actor| msg.accounts.get(actor))
+                        .is_some_and(|since| record.ts >= *since)
                 };
                 ledger.read_matching(msg.after, msg.limit, msg.max_scan, keep)
             })
