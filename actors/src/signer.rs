@@ -65,6 +65,10 @@ pub struct SessionClaims {
     /// `agent`, or `owner` for a wallet that owns its account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    /// When the agent was registered: a session names one registration,
+    /// never a later agent with the same name and identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_created_at: Option<u64>,
     pub iat: u64,
     pub exp: u64,
     pub jti: String,

@@ -319,6 +319,7 @@ async fn update_agent(
     body: web::Json<AgentUpdate>,
 ) -> Result<HttpResponse, ApiError> {
     let update = SetAgentEnabled {
+        identity: None,
         name: AgentName::parse(&name)?,
         enabled: body.enabled,
     };

@@ -21,6 +21,7 @@ pub async fn remove_agent(state: &BrokerState, agent: &AgentRecord) -> Result<us
     let revoked = state.actors.grants.ask(revoke).await??;
     let remove = RemoveAgent {
         name: agent.name.clone(),
+        identity: Some(agent.identity),
     };
     state.actors.auth.ask(remove).await??;
     tracing::info!(

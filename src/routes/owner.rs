@@ -138,6 +138,7 @@ async fn set_enabled(
     let agent = owned(&state, &owner, body.identity()?).await?;
     let update = SetAgentEnabled {
         name: agent.name,
+        identity: Some(agent.identity),
         enabled,
     };
     let agent = state.actors.auth.ask(update).await??;

@@ -340,6 +340,49 @@ mod tests {
         );
     }
 
+    /// A removal or an update that names the identity it looked up leaves
+    /// alone an agent that has the name but another identity.
+    #[actix::test]
+    async fn acting_on_a_name_checks_the_identity_it_was_looked_up_by() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::load_or_generate(dir.path(), POLICY, now_unix(), &sealer()).unwrap();
+        let store =
+            Arc::new(RedbAgentStore::open(&dir.path().join("agents.redb"), 1 << 20).unwrap());
+        let auth = AuthActor::new(settings(ring.describe()), store, pool(dir.path()))
+            .unwrap()
+            .start();
+        let name = AgentName::parse("reused").unwrap();
+        auth.send(RegisterAgent {
+            name: name.clone(),
+            identity: AgentIdentity::DeviceKey(device_key(3)),
+            owner: None,
+            enabled: true,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let other = Some(AgentIdentity::DeviceKey(device_key(4)));
+        let update = SetAgentEnabled {
+            name: name.clone(),
+            identity: other,
+            enabled: false,
+        };
+        assert!(matches!(
+            auth.send(update).await.unwrap(),
+            Err(AuthError::NotFound)
+        ));
+        let remove = RemoveAgent {
+            name: name.clone(),
+            identity: other,
+        };
+        assert!(matches!(
+            auth.send(remove).await.unwrap(),
+            Err(AuthError::NotFound)
+        ));
+        let kept = auth.send(LookupAgent { name }).await.unwrap().unwrap();
+        assert!(kept.enabled, "untouched");
+    }
+
     /// An agent store whose `replace` writes, then waits until the test
     /// lets it answer: the update is durable before the removal runs.
     struct GatedStore {
@@ -392,14 +435,18 @@ mod tests {
 
         let update = auth.send(SetAgentEnabled {
             name: name.clone(),
+            identity: None,
             enabled: false,
         });
         let update = actix::spawn(update);
         actix::clock::sleep(Duration::from_millis(50)).await;
-        auth.send(RemoveAgent { name: name.clone() })
-            .await
-            .unwrap()
-            .unwrap();
+        auth.send(RemoveAgent {
+            name: name.clone(),
+            identity: None,
+        })
+        .await
+        .unwrap()
+        .unwrap();
         release.send(()).unwrap();
         let answered = update.await.unwrap().unwrap();
         assert!(matches!(answered, Err(AuthError::NotFound)), "{answered:?}");

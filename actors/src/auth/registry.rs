@@ -27,6 +27,9 @@ pub struct ListAgents;
 #[rtype(result = "Result<AgentRecord, AuthError>")]
 pub struct SetAgentEnabled {
     pub name: AgentName,
+    /// When given, only the agent with this identity: a name reused since
+    /// the caller looked it up is not touched.
+    pub identity: Option<AgentIdentity>,
     pub enabled: bool,
 }
 
@@ -56,6 +59,8 @@ pub struct ListOwnedAgents {
 #[rtype(result = "Result<(), AuthError>")]
 pub struct RemoveAgent {
     pub name: AgentName,
+    /// When given, only the agent with this identity (see [`SetAgentEnabled`]).
+    pub identity: Option<AgentIdentity>,
 }
 
 impl AuthActor {
@@ -126,7 +131,11 @@ impl Handler<SetAgentEnabled> for AuthActor {
 
     /// Durable first, then live.
     fn handle(&mut self, msg: SetAgentEnabled, _: &mut Self::Context) -> Self::Result {
-        let Some(current) = self.agents.get(&msg.name) else {
+        let Some(current) = self
+            .agents
+            .get(&msg.name)
+            .filter(|a| msg.identity.is_none_or(|identity| a.identity == identity))
+        else {
             return Box::pin(actix::fut::ready(Err(AuthError::NotFound)));
         };
         let updated = AgentRecord {
@@ -194,6 +203,10 @@ impl Handler<RemoveAgent> for AuthActor {
     /// now, and an update still being written cannot bring it back), then
     /// is removed durably; it comes back only if that write fails.
     fn handle(&mut self, msg: RemoveAgent, _: &mut Self::Context) -> Self::Result {
+        let named = self.agents.get(&msg.name);
+        if !named.is_some_and(|a| msg.identity.is_none_or(|identity| a.identity == identity)) {
+            return Box::pin(actix::fut::ready(Err(AuthError::NotFound)));
+        }
         let Some(removed) = self.agents.remove(&msg.name) else {
             return Box::pin(actix::fut::ready(Err(AuthError::NotFound)));
         };

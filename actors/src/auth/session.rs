@@ -73,6 +73,7 @@ pub(super) async fn issue_session(
         wallet: agent.identity.wallet(),
         owner: Some(agent.owner.to_string()),
         role: Some(role_of(agent).to_owned()),
+        agent_created_at: Some(agent.created_at),
         iat: now,
         exp: now + settings.session_ttl.as_secs(),
         jti: random_hex(16),
@@ -209,7 +210,10 @@ impl AuthActor {
             .filter(|a| claims.names(&a.identity))
             // A session issued before this agent was (re-)registered
             // belonged to an agent that was deleted.
-            .filter(|a| claims.iat >= a.created_at)
+            .filter(|a| match claims.agent_created_at {
+                Some(created_at) => created_at == a.created_at,
+                None => claims.iat >= a.created_at,
+            })
             .ok_or(AuthError::Unauthorized(
                 "the session's agent is not registered",
             ))?;
