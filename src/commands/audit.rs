@@ -6,7 +6,7 @@
 use agentkeys_actors::audit::ledger::LedgerSink;
 use agentkeys_actors::audit::verify::{verify, VerifyReport};
 use agentkeys_actors::domain::now_unix;
-use agentkeys_actors::grant::receipt::verify_receipt;
+use agentkeys_actors::grant::receipt::{check_receipts, ReceiptCheck};
 use agentkeys_actors::keys::{KeyRing, KEYRING_FILE};
 use agentkeys_actors::sealing::Sealer;
 use agentkeys_actors::storage::redb_store::RedbGrantStore;
@@ -23,17 +23,6 @@ pub struct OfflineReport {
     #[serde(flatten)]
     pub audit: VerifyReport,
     pub receipts: ReceiptCheck,
-}
-
-/// Stored grants checked against their receipts.
-#[derive(Debug, Default, Serialize)]
-pub struct ReceiptCheck {
-    pub ok: bool,
-    /// Grants whose receipt verifies and states their terms.
-    pub verified: u64,
-    /// Grants made before receipts existed (before the first receipt key).
-    pub without_receipt: u64,
-    pub problems: Vec<String>,
 }
 
 pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
@@ -55,7 +44,7 @@ pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
         .map(|s| s.resolved(data_dir))
         .collect();
     let audit = verify(&ledger, &sinks);
-    let receipts = check_receipts(settings)?;
+    let receipts = receipts_of(settings)?;
     Ok(OfflineReport {
         ok: audit.ok && receipts.ok,
         audit,
@@ -65,7 +54,7 @@ pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
 
 /// Every stored grant with a receipt: the receipt verifies against the
 /// receipt keys and states the grant's terms as stored.
-fn check_receipts(settings: &Settings) -> Result<ReceiptCheck, String> {
+fn receipts_of(settings: &Settings) -> Result<ReceiptCheck, String> {
     let data_dir = &settings.storage.data_dir;
     let grants_file = data_dir.join("grants.redb");
     let sealing_key = &settings.secrets.sealing_key_file;
@@ -78,40 +67,8 @@ fn check_receipts(settings: &Settings) -> Result<ReceiptCheck, String> {
     let ring = KeyRing::load_or_generate(data_dir, settings.rotation_policy(), now_unix(), &sealer)
         .map_err(|e| e.to_string())?;
     let keys = serde_json::from_value(ring.receipt_jwks()).map_err(|e| e.to_string())?;
-    // Grants made since the first receipt key must all have a receipt: a
-    // receipt deleted from the store is a problem, not an old grant.
-    let receipts_since = ring
-        .describe()
-        .iter()
-        .filter(|key| key.kind == "receipt")
-        .map(|key| key.activates_at)
-        .min()
-        .unwrap_or(u64::MAX);
     let store = RedbGrantStore::open(&grants_file, settings.cache_bytes(), sealer)
         .map_err(|e| format!("{}: {e}", grants_file.display()))?;
     let (grants, _) = store.load().map_err(|e| e.to_string())?;
-    let mut check = ReceiptCheck::default();
-    for grant in grants {
-        let Some(receipt) = &grant.receipt else {
-            if grant.created_at >= receipts_since {
-                check
-                    .problems
-                    .push(format!("grant {} has lost its receipt", grant.id));
-            } else {
-                check.without_receipt += 1;
-            }
-            continue;
-        };
-        match verify_receipt(receipt, &keys) {
-            Ok(stated) if stated.describes(&grant) => check.verified += 1,
-            Ok(_) => check
-                .problems
-                .push(format!("grant {} no longer matches its receipt", grant.id)),
-            Err(e) => check
-                .problems
-                .push(format!("grant {}: its receipt: {e}", grant.id)),
-        }
-    }
-    check.ok = check.problems.is_empty();
-    Ok(check)
+    Ok(check_receipts(&grants, &keys, &ring.describe()))
 }

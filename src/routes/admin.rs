@@ -6,8 +6,9 @@ use agentkeys_actors::auth::{
     ListAgents, LookupAgent, RegisterAgent, SessionKeysChanged, SetAgentEnabled,
 };
 use agentkeys_actors::domain::{AgentIdentity, AgentName, ErrorCode, OmniAccount};
+use agentkeys_actors::grant::receipt::check_receipts;
 use agentkeys_actors::grant::{GetGrant, GrantSpec, ListGrants, RevokeGrant};
-use agentkeys_actors::signer::{DescribeKeys, KeyKind, RotateKey};
+use agentkeys_actors::signer::{DescribeKeys, KeyKind, PublishedReceiptKeys, RotateKey};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -256,7 +257,18 @@ async fn verify_audit(
         .ask_unbounded(VerifyAudit)
         .await?
         .map_err(ApiError::from)?;
-    Ok(HttpResponse::Ok().json(report))
+    // And every grant against its receipt, as `audit verify` does offline.
+    let grants = state.actors.grants.ask(ListGrants { agent: None }).await?;
+    let document = state.actors.signer.call(PublishedReceiptKeys).await?;
+    let keys = serde_json::from_str(&document)
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    let schedule = state.actors.signer.call(DescribeKeys).await?;
+    let receipts = check_receipts(&grants, &keys, &schedule);
+    let mut answer = serde_json::to_value(&report)
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    answer["ok"] = json!(report.ok && receipts.ok);
+    answer["receipts"] = json!(receipts);
+    Ok(HttpResponse::Ok().json(answer))
 }
 
 #[derive(Deserialize)]

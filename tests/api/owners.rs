@@ -384,6 +384,14 @@ async fn a_grant_receipt_verifies_against_its_own_key_document_and_never_the_jwk
         admin_grant["receipt"].is_string(),
         "an admin's grant has its receipt too"
     );
+    // The running broker checks them too.
+    let verified = app.admin("GET", "/v1/admin/audit/verify", None).await;
+    assert_eq!(verified.body["ok"], true, "{}", verified.body);
+    assert_eq!(
+        verified.body["receipts"]["verified"], 2,
+        "{}",
+        verified.body
+    );
 }
 
 /// `audit verify` reports a stored grant whose terms were changed behind

@@ -9,7 +9,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Grant, OmniAccount};
-use crate::keys::RECEIPT_TYP;
+use crate::keys::{KeyInfo, RECEIPT_TYP};
 
 /// The claims of a receipt: who granted what to whom, and its limits.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,4 +88,50 @@ pub fn verify_receipt(receipt: &str, keys: &JwkSet) -> Result<GrantReceipt, Rece
     validation.validate_exp = false;
     let key = DecodingKey::from_jwk(jwk)?;
     Ok(jsonwebtoken::decode::<GrantReceipt>(receipt, &key, &validation)?.claims)
+}
+
+/// Stored grants checked against their receipts.
+#[derive(Debug, Default, Serialize)]
+pub struct ReceiptCheck {
+    pub ok: bool,
+    /// Grants whose receipt verifies and states their terms.
+    pub verified: u64,
+    /// Grants made before receipts existed (before the first receipt key).
+    pub without_receipt: u64,
+    pub problems: Vec<String>,
+}
+
+/// Every grant with a receipt: the receipt verifies against the receipt
+/// key document `keys` and states the grant's terms. A grant made since the
+/// first receipt key (in `schedule`) without one has lost it: a problem.
+pub fn check_receipts(grants: &[Grant], keys: &JwkSet, schedule: &[KeyInfo]) -> ReceiptCheck {
+    let receipts_since = schedule
+        .iter()
+        .filter(|key| key.kind == "receipt")
+        .map(|key| key.activates_at)
+        .min()
+        .unwrap_or(u64::MAX);
+    let mut check = ReceiptCheck::default();
+    for grant in grants {
+        let Some(receipt) = &grant.receipt else {
+            if grant.created_at >= receipts_since {
+                let lost = format!("grant {} has lost its receipt", grant.id);
+                check.problems.push(lost);
+            } else {
+                check.without_receipt += 1;
+            }
+            continue;
+        };
+        match verify_receipt(receipt, keys) {
+            Ok(stated) if stated.describes(grant) => check.verified += 1,
+            Ok(_) => check
+                .problems
+                .push(format!("grant {} no longer matches its receipt", grant.id)),
+            Err(e) => check
+                .problems
+                .push(format!("grant {}: its receipt: {e}", grant.id)),
+        }
+    }
+    check.ok = check.problems.is_empty();
+    check
 }
