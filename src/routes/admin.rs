@@ -12,7 +12,7 @@ use agentkeys_actors::signer::{DescribeKeys, KeyKind, PublishedReceiptKeys, Rota
 use serde::Deserialize;
 use serde_json::json;
 
-use super::agent_ops;
+use super::agent_ops::{self, AuditPage};
 use crate::admin_token::Admin;
 use crate::error::ApiError;
 use crate::startup::BrokerState;
@@ -211,27 +211,13 @@ async fn revoke_grant(
     Ok(HttpResponse::Ok().json(grant))
 }
 
-/// Most audit records one page may ask for.
-const MAX_AUDIT_PAGE: usize = 1000;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuditPage {
-    #[serde(default)]
-    after: u64,
-    limit: Option<usize>,
-}
-
 #[get("/v1/admin/audit")]
 async fn read_audit(
     _admin: Admin,
     state: web::Data<BrokerState>,
     page: web::Query<AuditPage>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = page.limit.unwrap_or(100);
-    if !(1..=MAX_AUDIT_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be 1-1000"));
-    }
+    let limit = page.limit()?;
     let read = ReadRecords {
         after: page.after,
         limit,

@@ -1,5 +1,6 @@
 //! What the admin API and an owner's API both do to agents and grants, in
-//! the one order that never leaves a grant live without its agent.
+//! the one order that never leaves a grant live without its agent; and the
+//! audit page both read.
 
 use agentkeys_actors::auth::{AuthError, LookupAgent, RemoveAgent};
 use agentkeys_actors::domain::{now_unix, AgentRecord, ErrorCode, Grant, ScopePath, ServiceName};
@@ -95,4 +96,27 @@ pub fn grant_spec(
         expires_at,
         max_ttl_seconds,
     })
+}
+
+/// A page of audit records as both APIs ask for it: after a seq, at most
+/// `limit` (1-1000, default 100).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditPage {
+    #[serde(default)]
+    pub after: u64,
+    limit: Option<usize>,
+}
+
+impl AuditPage {
+    /// Most records one page may ask for.
+    const MAX: usize = 1000;
+
+    pub fn limit(&self) -> Result<usize, ApiError> {
+        let limit = self.limit.unwrap_or(100);
+        if !(1..=Self::MAX).contains(&limit) {
+            return Err(ApiError::bad_request("limit must be 1-1000"));
+        }
+        Ok(limit)
+    }
 }

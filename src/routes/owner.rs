@@ -10,7 +10,7 @@ use agentkeys_actors::domain::{AgentIdentity, AgentName, AgentRecord, ErrorCode}
 use serde::Deserialize;
 use serde_json::json;
 
-use super::agent_ops;
+use super::agent_ops::{self, AuditPage};
 use crate::error::ApiError;
 use crate::session_auth::OwnerSession;
 use crate::startup::BrokerState;
@@ -168,14 +168,6 @@ async fn enable(
 /// starts at `next_after` even when none of them were the account's.
 const MAX_AUDIT_SCAN: usize = 10_000;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuditPage {
-    #[serde(default)]
-    after: u64,
-    limit: Option<usize>,
-}
-
 /// The audit records of the account's agents (the owner's own included),
 /// each from when it joined the account, in order:
 /// `{"owner", "records", "next_after"}`.
@@ -185,10 +177,7 @@ async fn audit(
     state: web::Data<BrokerState>,
     page: web::Query<AuditPage>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = page.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be 1-1000"));
-    }
+    let limit = page.limit()?;
     let owned_agents = ListOwnedAgents {
         owner: owner.0.owner.clone(),
     };

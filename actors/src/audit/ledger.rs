@@ -178,18 +178,7 @@ impl LedgerSink {
     }
 
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError> {
-        let txn = self.db.begin_read().map_err(backend)?;
-        let table = txn.open_table(RECORDS).map_err(backend)?;
-        let mut records = Vec::new();
-        for entry in table
-            .range(after.saturating_add(1)..)
-            .map_err(backend)?
-            .take(limit)
-        {
-            let (_, value) = entry.map_err(backend)?;
-            records.push(decode(value.value())?);
-        }
-        Ok(records)
+        Ok(self.read_matching(after, limit, limit, |_| true)?.0)
     }
 }
 
