@@ -6,7 +6,9 @@
 # the broker serving https with a certificate of a CA made here (openssl),
 # its admin API and metrics on a separate admin listener,
 # the STS and S3 APIs served on loopback by moto_server (PyPI moto[server]),
-# the AWS CLI (PyPI awscli) using the credential_process profile. The JWT is
+# the AWS CLI (PyPI awscli) using the credential_process profile, and an AI
+# agent's path: `agentkeys mcp` driven by the Python MCP SDK (PyPI mcp),
+# whose aws_profile tool writes the profile the AWS CLI then uses. The JWT is
 # first verified against the broker's JWKS with an independent JOSE library
 # (PyPI PyJWT), since moto accepts any well-formed web identity token.
 # Installs its Python tools into .ci/tools/venv (or $AGENTKEYS_TOOLS/venv),
@@ -27,13 +29,13 @@ trap cleanup EXIT
 
 tools=${AGENTKEYS_TOOLS:-$PWD/.ci/tools}
 venv="$tools/venv"
-step "python tools: moto[server], the AWS CLI, PyJWT and siwe"
-if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aws" ] || ! "$venv/bin/python" -c 'import jwt, siwe' 2>/dev/null; then
+step "python tools: moto[server], the AWS CLI, PyJWT, siwe and the MCP SDK"
+if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aws" ] || ! "$venv/bin/python" -c 'import jwt, siwe, mcp' 2>/dev/null; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   # siwe 4.4 breaks on abnf 2.3's grammar rule, hence the pin.
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]" awscli "pyjwt[crypto]" "siwe==4.4.0" "abnf==2.2.0"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]" awscli "pyjwt[crypto]" "siwe==4.4.0" "abnf==2.2.0" "mcp==2.3.0"
 fi
-ok "$("$venv/bin/aws" --version 2>&1 | cut -d' ' -f1), moto $("$venv/bin/python" -c 'import moto; print(moto.__version__)'), PyJWT $("$venv/bin/python" -c 'import jwt; print(jwt.__version__)'), siwe 4.4.0"
+ok "$("$venv/bin/aws" --version 2>&1 | cut -d' ' -f1), moto $("$venv/bin/python" -c 'import moto; print(moto.__version__)'), PyJWT $("$venv/bin/python" -c 'import jwt; print(jwt.__version__)'), siwe 4.4.0, mcp $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("mcp"))')"
 
 step "build the workspace"
 build_binaries
@@ -195,6 +197,12 @@ daemon_aws s3 cp "$work/hello.txt" "s3://agentkeys-demo/${scope}hello.txt" >/dev
 daemon_aws s3 cp "s3://agentkeys-demo/${scope}hello.txt" "$work/back.txt" >/dev/null
 cmp -s "$work/hello.txt" "$work/back.txt" || fail "the object read back differs"
 ok "s3 mb, put and get under $scope with the daemon's credentials"
+
+step "an AI agent through MCP: agentkeys mcp driven by the Python MCP SDK"
+"$venv/bin/python" harness/mcp_client.py "$daemon_bin" "$broker_url" "$admin_url" "$work/data/admin.token" \
+  "$tls/ca.pem" "$work/daemon" "$role_arn" "$moto" "bots/$omni/mcp/" "$venv/bin/aws" "$work" \
+  || fail "the MCP server did not do what the client asked"
+ok "initialize, tools/list, whoami, list_grants, aws_profile → the AWS CLI on S3 with AWS_PROFILE only; bad input → tool errors; no secret on the stream; inline secrets only when allowed; http needs the token and an allowed Origin"
 
 step "a wallet agent: an owner wallet links it and grants it; it signs in with SIWE and mints bearer-only"
 owner_key="$work/owner.key"; wallet_key="$work/wallet.key"

@@ -136,23 +136,18 @@ impl Broker {
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| v.parse().ok());
         let value: Value = response.json().await.unwrap_or(Value::Null);
         if status.is_success() {
             return Ok(value);
         }
-        let refused = ClientError::Refused {
-            status: status.as_u16(),
-            code: value["error"].as_str().unwrap_or("unknown").to_owned(),
-            message: value["message"].as_str().unwrap_or_default().to_owned(),
-        };
+        let refused = refused(status, &value, retry_after);
         let retryable = matches!(
             status,
             StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
         );
         Err(if retryable {
-            Attempt::Retry(refused, retry_after)
+            Attempt::Retry(refused, retry_after.map(Duration::from_secs))
         } else {
             Attempt::Final(refused)
         })
@@ -256,11 +251,7 @@ impl Broker {
         if status.is_success() {
             return Ok(value);
         }
-        Err(ClientError::Refused {
-            status: status.as_u16(),
-            code: value["error"].as_str().unwrap_or("unknown").to_owned(),
-            message: value["message"].as_str().unwrap_or_default().to_owned(),
-        })
+        Err(refused(status, &value, None))
     }
 
     /// The login message this client expects for `challenge`, if the
@@ -297,12 +288,14 @@ impl Broker {
 
     /// Mints with one Idempotency-Key across all attempts, waiting as the
     /// broker's Retry-After says on 409, 429 and 503. Every attempt carries
-    /// a fresh proof of possession of the device key.
+    /// a fresh proof of possession of the device key, and the caller's
+    /// `client_request_id` when it gave one.
     pub async fn mint(
         &self,
         key: &AgentKey,
         session: &str,
         request: &MintRequest,
+        client_request_id: Option<&str>,
     ) -> Result<Minted, ClientError> {
         let idempotency_key = random_hex(16)?;
         let body = serde_json::to_vec(request).map_err(|e| ClientError::Local(e.to_string()))?;
@@ -311,11 +304,14 @@ impl Broker {
         let mut attempt = 1;
         loop {
             let proof = self.proof_header(key, &session_sha256, &body_sha256)?;
-            let headers = [
+            let mut sent = vec![
                 (headers::IDEMPOTENCY_KEY, idempotency_key.as_str()),
                 (headers::PROOF, proof.as_str()),
             ];
-            match self.post(paths::MINT, Some(session), &headers, &body).await {
+            if let Some(id) = client_request_id {
+                sent.push((headers::CLIENT_REQUEST_ID, id));
+            }
+            match self.post(paths::MINT, Some(session), &sent, &body).await {
                 Ok(minted) => {
                     return serde_json::from_value(minted)
                         .map_err(|e| ClientError::Local(format!("unexpected mint answer: {e}")));
@@ -357,6 +353,16 @@ impl Broker {
             signature: key.sign_proof(&message.text()),
         };
         Ok(header.format())
+    }
+}
+
+/// A non-2xx answer as the error it is: the broker's code and message.
+fn refused(status: StatusCode, body: &Value, retry_after: Option<u64>) -> ClientError {
+    ClientError::Refused {
+        status: status.as_u16(),
+        code: body["error"].as_str().unwrap_or("unknown").to_owned(),
+        message: body["message"].as_str().unwrap_or_default().to_owned(),
+        retry_after,
     }
 }
 

@@ -10,19 +10,22 @@
 //! - [`cache`]: session and JWT caches on disk (0600), reused while fresh.
 //! - [`sts`]: the client-side STS exchange and `credential_process` output.
 //! - [`Agent`]: the above together, as a daemon embeds it.
+//! - [`mcp`] (feature `mcp`): the same agent as an MCP server for AI agents.
 
 pub mod agent_key;
 pub mod broker;
 pub mod cache;
 pub mod device_key;
 mod key_file;
+#[cfg(feature = "mcp")]
+pub mod mcp;
 pub mod sts;
 pub mod wallet_key;
 
 use std::path::PathBuf;
 
 use agent_key::AgentKey;
-use broker::{Broker, Endpoint, MintRequest, Minted};
+use broker::{Broker, Endpoint, MintRequest, Minted, Session};
 use cache::Cache;
 
 /// Why a client operation failed; the binary's exit code follows the kind.
@@ -33,6 +36,8 @@ pub enum ClientError {
         status: u16,
         code: String,
         message: String,
+        /// The broker's `Retry-After`, when it sent one.
+        retry_after: Option<u64>,
     },
     #[error("cannot reach the broker: {0}")]
     Transport(String),
@@ -81,34 +86,77 @@ impl Agent {
         })
     }
 
-    /// A session token: the cached one while fresh, else a new login.
-    pub async fn session(&self) -> Result<String, ClientError> {
+    /// The session: the cached one while fresh, else a new login.
+    pub async fn signed_in(&self) -> Result<Session, ClientError> {
         let identity = self.key.identity_value();
         if let Some(session) = self.cache.fresh_session(&identity)? {
-            return Ok(session.session_token);
+            return Ok(session);
         }
         let session = self.broker.login(&self.key).await?;
         self.cache.store_session(&identity, &session)?;
-        Ok(session.session_token)
+        Ok(session)
+    }
+
+    /// A session token: the cached one while fresh, else a new login.
+    pub async fn session(&self) -> Result<String, ClientError> {
+        Ok(self.signed_in().await?.session_token)
     }
 
     /// A JWT for the intent: the cached one while it has comfortable life
     /// left, else a fresh mint (logging in again once if the session was
     /// refused).
     pub async fn mint(&self, request: &MintRequest) -> Result<Minted, ClientError> {
+        self.mint_as(request, None).await
+    }
+
+    /// [`Self::mint`], a fresh mint carrying `client_request_id` (see
+    /// `Agentkeys-Client-Request-Id`) so it can be found in the audit ledger.
+    pub async fn mint_as(
+        &self,
+        request: &MintRequest,
+        client_request_id: Option<&str>,
+    ) -> Result<Minted, ClientError> {
         if let Some(minted) = self.cache.fresh_jwt(request)? {
             return Ok(minted);
         }
-        let session = self.session().await?;
-        let minted = match self.broker.mint(&self.key, &session, request).await {
-            Err(ClientError::Refused { code, .. }) if code == "unauthorized" => {
-                self.cache.forget_session()?;
-                let session = self.session().await?;
-                self.broker.mint(&self.key, &session, request).await?
-            }
-            other => other?,
-        };
+        let minted = self
+            .with_session(|session| async move {
+                self.broker
+                    .mint(&self.key, &session, request, client_request_id)
+                    .await
+            })
+            .await?;
         self.cache.store_jwt(request, &minted)?;
         Ok(minted)
+    }
+
+    /// A call of the broker's API with this agent's session: the JSON
+    /// answer of a 2xx.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.with_session(
+            |session| async move { self.broker.call(method, path, &session, body).await },
+        )
+        .await
+    }
+
+    /// Runs `call` with the session, and once more after a new login if
+    /// the broker refused the session (it expired or was ended early).
+    async fn with_session<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        match call(self.session().await?).await {
+            Err(ClientError::Refused { code, .. }) if code == "unauthorized" => {
+                self.cache.forget_session()?;
+                call(self.session().await?).await
+            }
+            other => other,
+        }
     }
 }

@@ -106,6 +106,38 @@ impl Where {
         }
     }
 
+    /// The arguments that make another `agentkeys` run act as this one (its
+    /// broker, key and state dir; paths absolute): for `credential_process`
+    /// lines the MCP server writes. Never a secret, only where one is.
+    #[cfg(feature = "mcp")]
+    fn agent_args(&self) -> Result<Vec<String>, ClientError> {
+        let absolute = |path: &std::path::Path| -> Result<String, ClientError> {
+            Ok(std::path::absolute(path)?.display().to_string())
+        };
+        let mut args = vec!["--broker-url".to_owned(), self.broker_url.clone()];
+        if let Some(issuer) = &self.issuer {
+            args.extend(["--issuer".into(), issuer.clone()]);
+        }
+        if let Some(ca_file) = &self.ca_file {
+            args.extend(["--ca-file".into(), absolute(ca_file)?]);
+        }
+        args.extend(["--state-dir".into(), absolute(&self.state_dir())?]);
+        match &self.wallet_key_file {
+            Some(file) => {
+                args.extend(["--wallet-key-file".into(), absolute(file)?]);
+                args.extend(["--chain-id".into(), self.chain_id.to_string()]);
+                if let Some(name) = &self.keystore_passphrase_env {
+                    args.extend(["--keystore-passphrase-env".into(), name.clone()]);
+                }
+                if let Some(file) = &self.keystore_passphrase_file {
+                    args.extend(["--keystore-passphrase-file".into(), absolute(file)?]);
+                }
+            }
+            None => args.extend(["--key-file".into(), absolute(&self.key_file())?]),
+        }
+        Ok(args)
+    }
+
     fn agent(&self) -> Result<Agent, ClientError> {
         let broker = Endpoint {
             url: self.broker_url.clone(),
@@ -185,6 +217,36 @@ enum Command {
         sts_endpoint: Option<String>,
         #[arg(long)]
         duration_seconds: Option<i32>,
+    },
+    /// Serve this agent's tools to AI agents over the Model Context
+    /// Protocol: on stdio, or with --http on a loopback address. No tool
+    /// returns a secret unless --allow-inline-secrets (docs/mcp.md).
+    #[cfg(feature = "mcp")]
+    Mcp {
+        #[command(flatten)]
+        at: Where,
+        /// Also offer aws_credentials and mint_oidc_jwt, which put AWS
+        /// credentials and JWTs into the model's context.
+        #[arg(long)]
+        allow_inline_secrets: bool,
+        /// Serve streamable HTTP at http://<address>/mcp instead of stdio
+        /// (a loopback address, e.g. 127.0.0.1:8765).
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
+        /// The bearer token --http requires, in a 0600 file (made when
+        /// missing); default `<state dir>/mcp.token`.
+        #[arg(long)]
+        http_token_file: Option<PathBuf>,
+        /// An Origin allowed to call --http besides the server's own
+        /// (repeatable).
+        #[arg(long)]
+        allow_origin: Vec<String>,
+        /// The region of written profiles when the model names none.
+        #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+        region: String,
+        /// STS endpoint written profiles use (default: AWS's).
+        #[arg(long, env = "AGENTKEYS_STS_ENDPOINT")]
+        sts_endpoint: Option<String>,
     },
 }
 
@@ -271,7 +333,9 @@ impl OwnerCommand {
 async fn main() -> ExitCode {
     match run(Cli::parse().command).await {
         Ok(output) => {
-            println!("{output}");
+            if !output.is_empty() {
+                println!("{output}");
+            }
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -302,11 +366,7 @@ async fn run(command: Command) -> Result<String, ClientError> {
             ))
         }
         Command::Login { at } => {
-            let agent = at.agent()?;
-            agent.session().await?;
-            let session = agent.cache.fresh_session(&agent.key.identity_value())?;
-            let session =
-                session.ok_or_else(|| ClientError::Local("the session was not cached".into()))?;
+            let session = at.agent()?.signed_in().await?;
             Ok(pretty(json!({
                 "agent": session.agent, "omni_account": session.omni_account,
                 "owner_omni_account": session.owner_omni_account, "role": session.role,
@@ -314,14 +374,8 @@ async fn run(command: Command) -> Result<String, ClientError> {
             })))
         }
         Command::Owner { at, command } => {
-            let agent = at.agent()?;
-            let session = agent.session().await?;
             let (method, path, body) = command.request();
-            let answer = agent
-                .broker
-                .call(method, path, &session, body.as_ref())
-                .await?;
-            Ok(pretty(answer))
+            Ok(pretty(at.agent()?.call(method, path, body.as_ref()).await?))
         }
         Command::Mint { at, intent } => {
             let minted = at.agent()?.mint(&intent.request()).await?;
@@ -349,6 +403,48 @@ async fn run(command: Command) -> Result<String, ClientError> {
             };
             let credentials = sts::assume_role_with_web_identity(&minted.jwt, &role).await?;
             Ok(serde_json::to_string(&credentials).unwrap_or_default())
+        }
+        #[cfg(feature = "mcp")]
+        Command::Mcp {
+            at,
+            allow_inline_secrets,
+            http,
+            http_token_file,
+            allow_origin,
+            region,
+            sts_endpoint,
+        } => {
+            use agentkeys_client::mcp::{loopback_http, AgentTools, Settings};
+            let settings = Settings {
+                broker_url: at.broker_url.clone(),
+                program: std::env::current_exe()?,
+                agent_args: at.agent_args()?,
+                sts_endpoint,
+                default_region: region,
+                allow_inline_secrets,
+            };
+            let tools = AgentTools::new(at.agent()?, settings)?;
+            match http {
+                Some(address) => {
+                    let token_file =
+                        http_token_file.unwrap_or_else(|| at.state_dir().join("mcp.token"));
+                    let token = loopback_http::load_or_create_token(&token_file)?;
+                    eprintln!("agentkeys mcp: bearer token in {}", token_file.display());
+                    loopback_http::serve(tools, address, &token, &allow_origin).await?;
+                }
+                None => {
+                    use rmcp::ServiceExt;
+                    let running = tools
+                        .serve(rmcp::transport::stdio())
+                        .await
+                        .map_err(|e| ClientError::Local(format!("MCP: {e}")))?;
+                    running
+                        .waiting()
+                        .await
+                        .map_err(|e| ClientError::Local(format!("MCP: {e}")))?;
+                }
+            }
+            Ok(String::new())
         }
     }
 }
