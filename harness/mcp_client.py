@@ -22,12 +22,13 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 (daemon_bin, broker_url, admin_url, admin_token_file, ca_file, state_dir, role_arn,
- sts, scope, aws_cli, work) = sys.argv[1:]
+ sts, scope, aws_cli, work, wallet_key, wallet_state_dir, wallet_scope, wallet_address) = sys.argv[1:]
 work = Path(work)
 config_file = work / "mcp-aws-config"
 raw_log = work / "mcp-raw.jsonl"
-agent_args = ["--broker-url", broker_url, "--ca-file", ca_file, "--state-dir", state_dir,
-              "--sts-endpoint", sts]
+broker_args = ["--broker-url", broker_url, "--ca-file", ca_file, "--sts-endpoint", sts]
+agent_args = [*broker_args, "--state-dir", state_dir]
+wallet_args = [*broker_args, "--state-dir", wallet_state_dir, "--wallet-key-file", wallet_key]
 
 
 def show(direction, what):
@@ -35,11 +36,11 @@ def show(direction, what):
     print(f"  {direction} {text[:300]}{'…' if len(text) > 300 else ''}")
 
 
-def server(*extra):
+def server(*extra, agent=agent_args):
     """The server over stdio; its stdout (the protocol) also copied to raw_log."""
     return StdioServerParameters(
         command="sh",
-        args=["-c", '"$0" "$@" | tee -a "$RAW"', daemon_bin, "mcp", *agent_args, *extra],
+        args=["-c", '"$0" "$@" | tee -a "$RAW"', daemon_bin, "mcp", *agent, *extra],
         env={"RAW": str(raw_log), "AWS_CONFIG_FILE": str(config_file)},
     )
 
@@ -137,22 +138,36 @@ def secrets_absent_from(raw):
     print(f"  {len(raw.splitlines())} protocol lines, {len(secrets)} known secrets: none on the stream")
 
 
-def aws_through_the_profile():
+def aws_through_the_profile(profile, scope, session_name):
     """A real AWS CLI with only AWS_PROFILE: no AGENTKEYS_* variable, no AWS key."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTKEYS_", "AWS_"))}
     env.update(AWS_CONFIG_FILE=str(config_file), AWS_SHARED_CREDENTIALS_FILE=str(work / "none"),
-               AWS_PROFILE="mcp-s3")
+               AWS_PROFILE=profile)
     aws = lambda *args: subprocess.run([aws_cli, "--endpoint-url", sts, *args], env=env,
                                        check=True, capture_output=True, text=True).stdout
     identity = json.loads(aws("sts", "get-caller-identity"))
-    show("$ AWS_PROFILE=mcp-s3 aws sts get-caller-identity →", identity["Arn"])
-    assert "assumed-role/" in identity["Arn"], identity
+    show(f"$ AWS_PROFILE={profile} aws sts get-caller-identity →", identity["Arn"])
+    assert f"assumed-role/agentkeys-demo/{session_name}" in identity["Arn"], identity
     body = work / "mcp-hello.txt"
     body.write_text("written by an AI agent through agentkeys mcp\n")
     aws("s3", "cp", str(body), f"s3://agentkeys-demo/{scope}hello.txt")
     back = aws("s3", "cp", f"s3://agentkeys-demo/{scope}hello.txt", "-")
-    show(f"$ AWS_PROFILE=mcp-s3 aws s3 cp s3://agentkeys-demo/{scope}hello.txt - →", back.strip())
+    show(f"$ AWS_PROFILE={profile} aws s3 cp s3://agentkeys-demo/{scope}hello.txt - →", back.strip())
     assert back == body.read_text(), back
+
+
+async def wallet_agent():
+    """The same for a wallet agent (SIWE), its profile beside the first."""
+    async with Client(server(agent=wallet_args), mode="legacy") as client:
+        me = (await call(client, "whoami", {})).structured_content
+        assert me["identity"] == wallet_address and me["role"] == "agent", me
+        grants = (await call(client, "list_grants", {})).structured_content["grants"]
+        assert [g["scope_path"] for g in grants] == [wallet_scope.removesuffix("mcp/")], grants
+        made = await call(client, "aws_profile", {"service": "s3", "scope_path": wallet_scope,
+                                                  "role_arn": role_arn, "profile": "mcp-wallet"})
+        assert not made.is_error, made
+    text = config_file.read_text()
+    assert "[profile mcp-s3]" in text and "--wallet-key-file" in text, text
 
 
 def audit_names_the_calls():
@@ -229,11 +244,14 @@ async def main():
     if raw_log.exists():
         raw_log.unlink()
     print("stdio, inline secrets off:")
-    await secrets_stay_out()
+    me = await secrets_stay_out()
     secrets_absent_from(raw_log.read_text())
     print("the profile aws_profile wrote, used by the AWS CLI:")
-    aws_through_the_profile()
+    aws_through_the_profile("mcp-s3", scope, f"agentkeys-{me['omni_account'][:16]}")
     audit_names_the_calls()
+    print("a wallet agent:")
+    await wallet_agent()
+    aws_through_the_profile("mcp-wallet", wallet_scope, f"agentkeys-{wallet_address}-")
     print("stdio, --allow-inline-secrets:")
     await inline_secrets()
     print("streamable HTTP on loopback:")

@@ -198,12 +198,6 @@ daemon_aws s3 cp "s3://agentkeys-demo/${scope}hello.txt" "$work/back.txt" >/dev/
 cmp -s "$work/hello.txt" "$work/back.txt" || fail "the object read back differs"
 ok "s3 mb, put and get under $scope with the daemon's credentials"
 
-step "an AI agent through MCP: agentkeys mcp driven by the Python MCP SDK"
-"$venv/bin/python" harness/mcp_client.py "$daemon_bin" "$broker_url" "$admin_url" "$work/data/admin.token" \
-  "$tls/ca.pem" "$work/daemon" "$role_arn" "$moto" "bots/$omni/mcp/" "$venv/bin/aws" "$work" \
-  || fail "the MCP server did not do what the client asked"
-ok "initialize, tools/list, whoami, list_grants, aws_profile → the AWS CLI on S3 with AWS_PROFILE only; bad input → tool errors; no secret on the stream; inline secrets only when allowed; http needs the token and an allowed Origin"
-
 step "a wallet agent: an owner wallet links it and grants it; it signs in with SIWE and mints bearer-only"
 owner_key="$work/owner.key"; wallet_key="$work/wallet.key"
 owner_address=$("$daemon_bin" keygen --wallet --wallet-key-file "$owner_key" | json '["wallet_address"]')
@@ -278,6 +272,13 @@ wallet_aws s3 cp "$work/hello.txt" "s3://agentkeys-demo/${wallet_scope}hello.txt
 wallet_aws s3 cp "s3://agentkeys-demo/${wallet_scope}hello.txt" "$work/wallet-back.txt" >/dev/null
 cmp -s "$work/hello.txt" "$work/wallet-back.txt" || fail "the object the wallet agent read back differs"
 ok "STS session agentkeys-<wallet>-…, s3 put and get under $wallet_scope with the wallet agent's credentials"
+
+step "an AI agent through MCP: agentkeys mcp driven by the Python MCP SDK"
+"$venv/bin/python" harness/mcp_client.py "$daemon_bin" "$broker_url" "$admin_url" "$work/data/admin.token" \
+  "$tls/ca.pem" "$work/daemon" "$role_arn" "$moto" "bots/$omni/mcp/" "$venv/bin/aws" "$work" \
+  "$wallet_key" "$work/wallet" "${wallet_scope}mcp/" "$wallet_address" \
+  || fail "the MCP server did not do what the client asked"
+ok "initialize, tools/list, whoami, list_grants, aws_profile → the AWS CLI on S3 with AWS_PROFILE only, as a device agent and as a wallet agent; bad input → tool errors; no secret on the stream; inline secrets only when allowed; http needs the token and an allowed Origin"
 
 step "audit: the chain and every sink verify"
 report=$(curl_tls -f "$admin_url/v1/admin/audit/verify" -H "Authorization: Bearer $(cat "$work/data/admin.token")")
