@@ -9,6 +9,7 @@ assertion that fails.
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,7 +65,8 @@ def expect_error(result, code, *phrases):
 async def secrets_stay_out():
     """Default server: three tools, none returning a secret; aws_profile
     writes a profile; the model's bad input gets tool errors."""
-    config_file.write_text("[profile someone-elses]\nregion = eu-west-1\n")
+    foreign = "[profile someone-elses] # keep me\nregion = eu-west-1\n\n[profile mine]\nregion = us-west-2\n"
+    config_file.write_text(foreign)
     async with Client(server(), mode="legacy") as client:
         show("← initialize", {"server": client.server_info.name, "protocol": client.protocol_version,
                               "instructions": client.instructions})
@@ -91,7 +93,7 @@ async def secrets_stay_out():
         assert not again.is_error, again
         text = config_file.read_text()
         assert text.count("[profile mcp-s3]") == 1 and text.count("credential_process") == 1, text
-        assert text.startswith("[profile someone-elses]\nregion = eu-west-1\n"), text
+        assert text.startswith(foreign), text
 
         # The model's mistakes: tool errors it can act on, nothing written, the server keeps serving.
         expect_error(await call(client, "aws_profile", {**args, "service": "nosuch"}),
@@ -106,6 +108,8 @@ async def secrets_stay_out():
                      "invalid_argument", "role_arn")
         expect_error(await call(client, "aws_profile", {**args, "region": "us-east-1]"}),
                      "invalid_argument", "region")
+        expect_error(await call(client, "aws_profile", {**args, "profile": "someone-elses"}),
+                     "invalid_argument", "was not written by agentkeys mcp")
         expect_error(await call(client, "aws_profile", {**args, "duration_seconds": 10**9}),
                      "invalid_argument", "duration_seconds")
         absurd = await call(client, "aws_profile", {**args, "duration_seconds": 10**30})
@@ -139,10 +143,13 @@ def secrets_absent_from(raw):
 
 
 def aws_through_the_profile(profile, scope, session_name):
-    """A real AWS CLI with only AWS_PROFILE: no AGENTKEYS_* variable, no AWS key."""
+    """A real AWS CLI with only AWS_PROFILE: no AWS key, and AGENTKEYS_*
+    variables that would send the JWT elsewhere, which the profile ignores."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTKEYS_", "AWS_"))}
     env.update(AWS_CONFIG_FILE=str(config_file), AWS_SHARED_CREDENTIALS_FILE=str(work / "none"),
-               AWS_PROFILE=profile)
+               AWS_PROFILE=profile, AGENTKEYS_STS_ENDPOINT="http://127.0.0.1:9",
+               AGENTKEYS_BROKER_URL="http://127.0.0.1:9", AGENTKEYS_KEY_FILE=str(work / "no-such-key"),
+               AGENTKEYS_ISSUER="https://evil.example", AGENTKEYS_WALLET_KEY_FILE=str(work / "owner.key"))
     aws = lambda *args: subprocess.run([aws_cli, "--endpoint-url", sts, *args], env=env,
                                        check=True, capture_output=True, text=True).stdout
     identity = json.loads(aws("sts", "get-caller-identity"))
@@ -157,7 +164,12 @@ def aws_through_the_profile(profile, scope, session_name):
 
 
 async def wallet_agent():
-    """The same for a wallet agent (SIWE), its profile beside the first."""
+    """The same for a wallet agent (SIWE), its profile beside the first; a
+    keystore passphrase from a variable is refused (the profile would run
+    where it is not set)."""
+    refused = subprocess.run([daemon_bin, "mcp", *wallet_args, "--keystore-passphrase-env", "PASS"],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert refused.returncode != 0 and "--keystore-passphrase-file" in refused.stderr, refused
     async with Client(server(agent=wallet_args), mode="legacy") as client:
         me = (await call(client, "whoami", {})).structured_content
         assert me["identity"] == wallet_address and me["role"] == "agent", me
@@ -176,9 +188,12 @@ def audit_names_the_calls():
     request = urllib.request.Request(f"{admin_url}/v1/admin/audit?limit=1000", headers={
         "Authorization": f"Bearer {Path(admin_token_file).read_text().strip()}"})
     records = json.load(urllib.request.urlopen(request, context=tls))["records"]
-    ids = [r.get("client_request_id") for r in records if (r.get("client_request_id") or "").startswith("mcp-")]
+    ids = [r["client_request_id"] for r in records if "client_request_id" in r]
     show("audit client_request_id", ids)
-    assert ids, "no audit record carries an MCP call id"
+    calls = [i for i in ids if re.fullmatch(r"mcp-[0-9a-f]{8}-\d+", i)]
+    # The first aws_profile and the two refused intents (the second
+    # aws_profile was answered from the JWT cache).
+    assert len(calls) == 3 and len({i.rsplit("-", 1)[0] for i in calls}) == 1, ids
 
 
 async def inline_secrets():
@@ -201,7 +216,11 @@ async def inline_secrets():
 
 
 async def loopback_http():
-    """--http: a bearer token and an allowed Origin, else refused."""
+    """--http: loopback only; a bearer token, a loopback Host and an allowed
+    Origin, else refused."""
+    wide = subprocess.run([daemon_bin, "mcp", *agent_args, "--http", "0.0.0.0:0"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+    assert wide.returncode != 0 and "127.0.0.1 or [::1] only" in wide.stderr, wide
     port = int(subprocess.check_output([sys.executable, "-c",
         "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"]))
     token_file = work / "mcp.token"
@@ -225,10 +244,13 @@ async def loopback_http():
         accept = {"Accept": "application/json, text/event-stream"}
         status = lambda **headers: httpx2.post(url, json=hello, headers={**accept, **headers}).status_code
         assert status() == 401, "no token"
+        assert httpx2.get(url).status_code == 401 and httpx2.delete(url).status_code == 401, "GET, DELETE"
+        assert status(Authorization=f"Bearer {token}", Host="evil.example") == 403, "a foreign Host"
+        assert status(Authorization=f"bearer {token}") == 200, "the scheme in any case"
         assert status(Authorization="Bearer " + "0" * 64) == 401, "a wrong token"
         assert status(Authorization=f"Bearer {token}", Origin="https://evil.example") == 403, "a foreign Origin"
         assert status(Authorization=f"Bearer {token}", Origin=f"http://127.0.0.1:{port}") == 200, "its own Origin"
-        print("  no token → 401, wrong token → 401, foreign Origin → 403, own Origin → 200")
+        print("  no token (POST, GET, DELETE) → 401, wrong token → 401, foreign Host → 403, foreign Origin → 403, own Origin → 200")
         http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
         from mcp.client.streamable_http import streamable_http_client
         async with Client(streamable_http_client(url, http_client=http), mode="legacy") as client:

@@ -40,13 +40,17 @@ struct CachedJwt {
 pub struct Cache {
     dir: PathBuf,
     broker: String,
+    /// The agent's identity: two agents sharing a state dir never reuse
+    /// each other's JWTs.
+    identity: String,
 }
 
 impl Cache {
-    pub fn new(dir: PathBuf, broker_url: &str) -> Self {
+    pub fn new(dir: PathBuf, broker_url: &str, identity: &str) -> Self {
         Self {
             dir,
             broker: broker_url.trim_end_matches('/').to_owned(),
+            identity: identity.to_owned(),
         }
     }
 
@@ -56,8 +60,13 @@ impl Cache {
 
     fn jwt_file(&self, request: &MintRequest) -> PathBuf {
         let key = format!(
-            "{}\n{}\n{}\n{:?}\n{:?}",
-            self.broker, request.service, request.scope_path, request.ttl_seconds, request.audience
+            "{}\n{}\n{}\n{}\n{:?}\n{:?}",
+            self.broker,
+            self.identity,
+            request.service,
+            request.scope_path,
+            request.ttl_seconds,
+            request.audience
         );
         self.dir.join(format!(
             "jwt-{}.json",
@@ -164,7 +173,7 @@ mod tests {
     #[test]
     fn a_jwt_is_reused_only_with_comfortable_life_left() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::new(dir.path().to_owned(), "http://b");
+        let cache = Cache::new(dir.path().to_owned(), "http://b", "k1");
         assert!(cache.fresh_jwt(&request()).unwrap().is_none());
         for (lifetime, age, fresh) in [
             (300, 10, true),
@@ -192,12 +201,17 @@ mod tests {
             cache.fresh_jwt(&other).unwrap().is_none(),
             "another intent has its own entry"
         );
+        let another_agent = Cache::new(dir.path().to_owned(), "http://b", "k2");
+        assert!(
+            another_agent.fresh_jwt(&request()).unwrap().is_none(),
+            "another identity in the same state dir has its own entry"
+        );
     }
 
     #[test]
     fn a_session_is_reused_for_the_same_broker_and_key_until_near_expiry() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::new(dir.path().to_owned(), "http://b/");
+        let cache = Cache::new(dir.path().to_owned(), "http://b/", "k1");
         let session = |expires_at| Session {
             session_token: "s".into(),
             expires_at,
@@ -209,7 +223,7 @@ mod tests {
         cache.store_session("k1", &session(now() + 600)).unwrap();
         assert!(cache.fresh_session("k1").unwrap().is_some());
         assert!(cache.fresh_session("k2").unwrap().is_none());
-        assert!(Cache::new(dir.path().to_owned(), "http://other")
+        assert!(Cache::new(dir.path().to_owned(), "http://other", "k1")
             .fresh_session("k1")
             .unwrap()
             .is_none());

@@ -74,21 +74,29 @@ pub struct Agent {
     pub key: AgentKey,
     pub broker: Broker,
     pub cache: Cache,
+    /// Held while signing in, so calls at once (an MCP server's tools)
+    /// share one login instead of each making its own.
+    signing_in: tokio::sync::Mutex<()>,
 }
 
 impl Agent {
     /// An agent signing with `key`, its caches under `state_dir`.
     pub fn new(broker: &Endpoint, key: AgentKey, state_dir: PathBuf) -> Result<Self, ClientError> {
         Ok(Self {
+            cache: Cache::new(state_dir, &broker.url, &key.identity_value()),
             key,
             broker: Broker::new(broker)?,
-            cache: Cache::new(state_dir, &broker.url),
+            signing_in: tokio::sync::Mutex::new(()),
         })
     }
 
     /// The session: the cached one while fresh, else a new login.
     pub async fn signed_in(&self) -> Result<Session, ClientError> {
         let identity = self.key.identity_value();
+        if let Some(session) = self.cache.fresh_session(&identity)? {
+            return Ok(session);
+        }
+        let _one_login = self.signing_in.lock().await;
         if let Some(session) = self.cache.fresh_session(&identity)? {
             return Ok(session);
         }

@@ -65,6 +65,11 @@ struct Where {
     /// The chain a wallet signs in on (the broker's auth.wallet_chain_ids).
     #[arg(long, global = true, env = "AGENTKEYS_CHAIN_ID", default_value_t = 1)]
     chain_id: u64,
+    /// Ignore every AGENTKEYS_* variable: only the command line counts (the
+    /// profiles `agentkeys mcp` writes use it, so whatever later runs them
+    /// cannot redirect the JWT or the key through its environment).
+    #[arg(long, global = true)]
+    no_env: bool,
 }
 
 impl Where {
@@ -114,26 +119,28 @@ impl Where {
         let absolute = |path: &std::path::Path| -> Result<String, ClientError> {
             Ok(std::path::absolute(path)?.display().to_string())
         };
-        let mut args = vec!["--broker-url".to_owned(), self.broker_url.clone()];
+        let mut args = vec![format!("--broker-url={}", self.broker_url)];
         if let Some(issuer) = &self.issuer {
-            args.extend(["--issuer".into(), issuer.clone()]);
+            args.push(format!("--issuer={issuer}"));
         }
         if let Some(ca_file) = &self.ca_file {
-            args.extend(["--ca-file".into(), absolute(ca_file)?]);
+            args.push(format!("--ca-file={}", absolute(ca_file)?));
         }
-        args.extend(["--state-dir".into(), absolute(&self.state_dir())?]);
+        args.push(format!("--state-dir={}", absolute(&self.state_dir())?));
         match &self.wallet_key_file {
             Some(file) => {
-                args.extend(["--wallet-key-file".into(), absolute(file)?]);
-                args.extend(["--chain-id".into(), self.chain_id.to_string()]);
-                if let Some(name) = &self.keystore_passphrase_env {
-                    args.extend(["--keystore-passphrase-env".into(), name.clone()]);
+                args.push(format!("--wallet-key-file={}", absolute(file)?));
+                args.push(format!("--chain-id={}", self.chain_id));
+                if self.keystore_passphrase_env.is_some() {
+                    return Err(ClientError::Local(
+                        "agentkeys mcp: the profiles it writes run where that variable is not set; give the keystore passphrase with --keystore-passphrase-file".into(),
+                    ));
                 }
                 if let Some(file) = &self.keystore_passphrase_file {
-                    args.extend(["--keystore-passphrase-file".into(), absolute(file)?]);
+                    args.push(format!("--keystore-passphrase-file={}", absolute(file)?));
                 }
             }
-            None => args.extend(["--key-file".into(), absolute(&self.key_file())?]),
+            None => args.push(format!("--key-file={}", absolute(&self.key_file())?)),
         }
         Ok(args)
     }
@@ -160,16 +167,34 @@ struct Intent {
     ttl_seconds: Option<u64>,
     #[arg(long)]
     audience: Option<String>,
+    /// An id of the caller's, kept in the mint's audit record
+    /// (`client_request_id`; 1-128 visible ASCII characters).
+    #[arg(long)]
+    client_request_id: Option<String>,
 }
 
 impl Intent {
-    fn request(self) -> MintRequest {
+    fn request(&self) -> MintRequest {
         MintRequest {
-            service: self.service,
-            scope_path: self.scope_path,
+            service: self.service.clone(),
+            scope_path: self.scope_path.clone(),
             ttl_seconds: self.ttl_seconds,
-            audience: self.audience,
+            audience: self.audience.clone(),
         }
+    }
+
+    /// Mints for the intent as `agent`, with the caller's request id.
+    async fn mint(&self, agent: &Agent) -> Result<agentkeys_client::broker::Minted, ClientError> {
+        if let Some(id) = &self.client_request_id {
+            if !agentkeys_wire::headers::is_request_id(id) {
+                return Err(ClientError::Local(
+                    "--client-request-id must be 1-128 visible ASCII characters".into(),
+                ));
+            }
+        }
+        agent
+            .mint_as(&self.request(), self.client_request_id.as_deref())
+            .await
     }
 }
 
@@ -331,6 +356,13 @@ impl OwnerCommand {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    if std::env::args().any(|arg| arg == "--no-env") {
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("AGENTKEYS_") {
+                std::env::remove_var(name);
+            }
+        }
+    }
     match run(Cli::parse().command).await {
         Ok(output) => {
             if !output.is_empty() {
@@ -378,7 +410,7 @@ async fn run(command: Command) -> Result<String, ClientError> {
             Ok(pretty(at.agent()?.call(method, path, body.as_ref()).await?))
         }
         Command::Mint { at, intent } => {
-            let minted = at.agent()?.mint(&intent.request()).await?;
+            let minted = intent.mint(&at.agent()?).await?;
             Ok(pretty(serde_json::to_value(minted).unwrap_or_default()))
         }
         Command::AwsCredentials {
@@ -389,11 +421,8 @@ async fn run(command: Command) -> Result<String, ClientError> {
             sts_endpoint,
             duration_seconds,
         } => {
-            let minted = at.agent()?.mint(&intent.request()).await?;
-            let session_name = match &minted.wallet {
-                Some(wallet) => sts::wallet_session_name(wallet, std::time::SystemTime::now()),
-                None => sts::session_name(&minted.omni_account),
-            };
+            let minted = intent.mint(&at.agent()?).await?;
+            let session_name = sts::session_name_for(&minted);
             let role = AssumeRole {
                 role_arn: &role_arn,
                 session_name: &session_name,
@@ -415,9 +444,15 @@ async fn run(command: Command) -> Result<String, ClientError> {
             sts_endpoint,
         } => {
             use agentkeys_client::mcp::{loopback_http, AgentTools, Settings};
+            let program = std::env::current_exe()?;
+            if program.to_string_lossy().ends_with(" (deleted)") {
+                return Err(ClientError::Local(
+                    "this agentkeys binary was replaced while running: start the new one".into(),
+                ));
+            }
             let settings = Settings {
                 broker_url: at.broker_url.clone(),
-                program: std::env::current_exe()?,
+                program,
                 agent_args: at.agent_args()?,
                 sts_endpoint,
                 default_region: region,

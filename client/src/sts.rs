@@ -68,6 +68,15 @@ pub async fn assume_role_with_web_identity(
     })
 }
 
+/// The STS session name for a mint's agent: a wallet agent's as the old
+/// provisioner made it, a device agent's from its OmniAccount.
+pub fn session_name_for(minted: &crate::broker::Minted) -> String {
+    match &minted.wallet {
+        Some(wallet) => wallet_session_name(wallet, std::time::SystemTime::now()),
+        None => session_name(&minted.omni_account),
+    }
+}
+
 /// A role session name from the agent's OmniAccount: `agentkeys-<16 hex>`.
 pub fn session_name(omni_account: &str) -> String {
     let short: String = omni_account

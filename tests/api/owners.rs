@@ -185,6 +185,11 @@ async fn an_owner_manages_its_own_agents_and_grants_and_nothing_of_another_accou
 
     let held = call(&app, &daemon_session, "GET", "/v1/grant/list", None).await;
     assert_eq!(held.body["grants"][0]["id"], grant_id.as_str());
+    // The wire crate's reading of the answer (the MCP server's list_grants).
+    let read: agentkeys_wire::answers::GrantList =
+        serde_json::from_value(held.body.clone()).expect("the wire crate reads the grant list");
+    assert_eq!(read.grants[0].id, grant_id);
+    assert_eq!(read.grants[0].service, "s3");
     let alices_grants = call(&app, &alice.session, "GET", "/v1/grant/list", None).await;
     assert_eq!(alices_grants.body["grants"].as_array().unwrap().len(), 1);
     let bobs_grants = call(&app, &bob.session, "GET", "/v1/grant/list", None).await;

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`paths`] and [`headers`]: the routes and header names of the contract.
 //! - [`answers`]: the broker's answers both sides read.
+//! - [`intent`]: what a service name and a scope path may be.
 //! - [`signed`]: every message a key signs (login, proof of possession),
 //!   each beginning with its own purpose line, so one kind can never be
 //!   accepted as another, and built from typed fields that cannot add a
@@ -18,6 +19,7 @@ pub mod answers;
 pub mod headers;
 #[cfg(feature = "http-client")]
 pub mod http_client;
+pub mod intent;
 pub mod paths;
 pub mod signed;
 pub mod wallet;

@@ -164,17 +164,8 @@ pub struct ServiceName(String);
 impl ServiceName {
     /// 1 to 63 characters of `[a-z0-9-]`, starting with a letter or digit.
     pub fn parse(text: &str) -> Result<Self, InvalidInput> {
-        let bytes = text.as_bytes();
-        let ok = (1..=63).contains(&bytes.len())
-            && bytes[0].is_ascii_alphanumeric()
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
-        if ok {
-            Ok(Self(text.to_owned()))
-        } else {
-            Err(invalid("service must be 1-63 characters of [a-z0-9-]"))
-        }
+        agentkeys_wire::intent::check_service(text)?;
+        Ok(Self(text.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -194,33 +185,13 @@ pub struct ScopePath(String);
 impl ScopePath {
     /// At most this many bytes after normalisation, so the value fits an
     /// AWS session tag.
-    pub const MAX_BYTES: usize = 256;
+    pub const MAX_BYTES: usize = agentkeys_wire::intent::MAX_SCOPE_PATH_BYTES;
 
     /// No leading `/`, no empty, `.` or `..` segment; a missing trailing
     /// `/` is added (stored grants made before that rule are normalised
     /// when read back, as they come through here).
     pub fn parse(text: &str) -> Result<Self, InvalidInput> {
-        let body = text.strip_suffix('/').unwrap_or(text);
-        if body.is_empty() || body.len() + 1 > Self::MAX_BYTES {
-            return Err(invalid(
-                "scope_path must be 1-256 bytes including its trailing /",
-            ));
-        }
-        for segment in body.split('/') {
-            if segment.is_empty() {
-                return Err(invalid("scope_path has an empty segment or a leading /"));
-            }
-            if segment == "." || segment == ".." {
-                return Err(invalid("scope_path may not contain . or .. segments"));
-            }
-            if !segment
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-            {
-                return Err(invalid("scope_path segments are [A-Za-z0-9._-]"));
-            }
-        }
-        Ok(Self(format!("{body}/")))
+        Ok(Self(agentkeys_wire::intent::normalize_scope_path(text)?))
     }
 
     /// True when `self` equals `prefix` or lies under it by whole segments

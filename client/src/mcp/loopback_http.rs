@@ -6,9 +6,10 @@
 //! rebinding).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -17,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{header, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use sha2::{Digest, Sha256};
@@ -27,6 +28,10 @@ use crate::ClientError;
 
 /// The one path the server answers on.
 pub const MCP_PATH: &str = "/mcp";
+/// Connections served at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 32;
+/// A client that has not sent its headers by then is cut off.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who may call: the token's digest and the allowed origins.
 struct Gate {
@@ -41,7 +46,9 @@ impl Gate {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         // Digests compared, so the time taken says nothing of the token.
         if token.map(|t| <[u8; 32]>::from(Sha256::digest(t))) != Some(self.token_sha256) {
             return Some((StatusCode::UNAUTHORIZED, "a bearer token is required"));
@@ -64,10 +71,12 @@ impl Gate {
 /// The token in `file` (readable by its owner only), made when missing:
 /// 32 random bytes, hex.
 pub fn load_or_create_token(file: &Path) -> Result<String, ClientError> {
-    if !file.exists() {
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes).map_err(|e| ClientError::Local(e.to_string()))?;
-        crate::key_file::write_new(file, &bytes)?;
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| ClientError::Local(e.to_string()))?;
+    match crate::key_file::write_new(file, &bytes) {
+        // Another start made it first, or it was there: read it.
+        Err(_) if file.exists() => {}
+        other => other?,
     }
     let token = crate::key_file::read_private(file)?.trim().to_owned();
     if token.len() < 32 {
@@ -79,19 +88,25 @@ pub fn load_or_create_token(file: &Path) -> Result<String, ClientError> {
     Ok(token)
 }
 
-/// Serves `tools` at `http://<address>/mcp` until the process ends.
-/// `address` must be a loopback address; `extra_origins` are allowed
-/// besides the server's own `http://127.0.0.1:<port>` and
-/// `http://localhost:<port>`.
+/// Serves `tools` at `http://<address>/mcp` until the process ends, each
+/// MCP session with tools of its own (see [`AgentTools::for_new_session`]).
+/// `address` must be 127.0.0.1 or ::1 (the loopback names the SDK's `Host`
+/// check admits); `extra_origins` are allowed besides the server's own
+/// `http://127.0.0.1:<port>`, `http://localhost:<port>` and
+/// `http://[::1]:<port>`.
 pub async fn serve(
     tools: AgentTools,
     address: SocketAddr,
     token: &str,
     extra_origins: &[String],
 ) -> Result<(), ClientError> {
-    if !address.ip().is_loopback() {
+    let loopback = [
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ];
+    if !loopback.contains(&address.ip()) {
         return Err(ClientError::Local(format!(
-            "--http {address}: the MCP server listens on loopback only"
+            "--http {address}: the MCP server listens on 127.0.0.1 or [::1] only"
         )));
     }
     let listener = tokio::net::TcpListener::bind(address)
@@ -101,6 +116,7 @@ pub async fn serve(
     let mut origins = vec![
         format!("http://127.0.0.1:{}", bound.port()),
         format!("http://localhost:{}", bound.port()),
+        format!("http://[::1]:{}", bound.port()),
     ];
     origins.extend(extra_origins.iter().cloned());
     let gate = Arc::new(Gate {
@@ -108,15 +124,22 @@ pub async fn serve(
         origins,
     });
     let mcp: StreamableHttpService<AgentTools, LocalSessionManager> = StreamableHttpService::new(
-        move || Ok(tools.clone()),
+        move || Ok(tools.for_new_session()),
         Arc::default(),
         StreamableHttpServerConfig::default(),
     );
     eprintln!("agentkeys mcp: serving http://{bound}{MCP_PATH} (bearer token required)");
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = connections
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| ClientError::Local(e.to_string()))?;
         let (stream, _) = listener.accept().await?;
         let (mcp, gate) = (mcp.clone(), gate.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |request: Request<Incoming>| {
                 let (mcp, gate) = (mcp.clone(), gate.clone());
                 async move {
@@ -127,6 +150,8 @@ pub async fn serve(
                 }
             });
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

@@ -31,7 +31,11 @@ pub fn tool_error(error: &ClientError, grants: Option<&str>) -> CallToolResult {
             None,
             format!("AWS STS refused the exchange ({e}). Check role_arn and region, or ask the operator whether the role trusts this broker."),
         ),
-        ClientError::Local(e) => ("local", None, e.clone()),
+        ClientError::Local(e) => (
+            "local",
+            None,
+            format!("{e}. This is a problem on the agent's machine (its files or keys): tell the user; retrying will not help."),
+        ),
     };
     failure(code, status, &advice)
 }
@@ -64,6 +68,9 @@ fn advice(code: &str, message: &str, retry_after: Option<u64>, grants: Option<&s
         "overloaded" | "audit_unavailable" | "idempotency_in_flight" => format!(
             "{message}. The broker cannot mint right now: retry after {} seconds.",
             retry_after.unwrap_or(5)
+        ),
+        "internal" | "request_timeout" | "not_found" => format!(
+            "{message}. The broker failed on its side: retry in a minute; if it persists, tell the operator."
         ),
         "unauthorized" | "forbidden" => format!(
             "{message}. The broker does not accept this agent now (disabled, unlinked or not registered): tell the operator or the account's owner; retrying will not help."
@@ -101,6 +108,12 @@ mod tests {
             text(&limited).contains("retry after 7 seconds"),
             "{}",
             text(&limited)
+        );
+        let internal = tool_error(&refused("internal", None), None);
+        assert!(
+            text(&internal).contains("retry in a minute"),
+            "{}",
+            text(&internal)
         );
         let bad = invalid_argument("region must look like us-east-1");
         assert!(text(&bad).starts_with("invalid_argument: region must"));

@@ -8,6 +8,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use agentkeys_wire::answers::{GrantEntry, GrantList};
+use agentkeys_wire::intent::{check_service, normalize_scope_path};
 use agentkeys_wire::{headers, paths};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -16,10 +18,10 @@ use rmcp::service::RequestContext;
 use rmcp::{tool, tool_handler, tool_router, RoleServer, ServerHandler};
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::aws_profile::{self, Profile, Unacceptable};
+use super::aws_profile::{self, Profile, Unacceptable, WriteError};
 use super::tool_error::{invalid_argument, tool_error};
 use crate::broker::{MintRequest, Session};
 use crate::sts::{self, AssumeRole};
@@ -58,33 +60,45 @@ pub struct IntentArgs {
     pub scope_path: String,
 }
 
+/// The role the JWT is exchanged for, and where.
 #[derive(Debug, Deserialize, JsonSchema)]
-pub struct AwsProfileArgs {
-    #[serde(flatten)]
-    pub intent: IntentArgs,
+pub struct RoleArgs {
     /// The IAM role to assume, arn:aws:iam::<12-digit account>:role/<name>.
     pub role_arn: String,
     /// AWS region, e.g. "us-east-1" (default: the server's).
     pub region: Option<String>,
-    /// The profile's name, [A-Za-z0-9_.-] up to 64 characters (default:
-    /// agentkeys-<service>-<8 hex of the scope>); never "default".
-    pub profile: Option<String>,
     /// Lifetime of each set of AWS credentials, 900 to 43200 seconds.
     pub duration_seconds: Option<i32>,
 }
 
+/// What `aws_profile` takes.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct AwsProfileArgs {
+    #[serde(flatten)]
+    pub intent: IntentArgs,
+    #[serde(flatten)]
+    pub role: RoleArgs,
+    /// The profile's name, [A-Za-z0-9_.-] up to 64 characters (default:
+    /// agentkeys-<service>-<8 hex of the scope>); never "default".
+    pub profile: Option<String>,
+}
+
+/// What `aws_credentials` takes.
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct AwsCredentialsArgs {
     #[serde(flatten)]
     pub intent: IntentArgs,
-    /// The IAM role to assume, arn:aws:iam::<12-digit account>:role/<name>.
-    pub role_arn: String,
-    /// AWS region, e.g. "us-east-1" (default: the server's).
-    pub region: Option<String>,
-    /// Lifetime of the credentials, 900 to 43200 seconds.
-    pub duration_seconds: Option<i32>,
+    #[serde(flatten)]
+    pub role: RoleArgs,
 }
 
+/// A role's arguments, checked: the ARN and the region.
+struct Role {
+    arn: String,
+    region: String,
+}
+
+/// What `mint_oidc_jwt` takes.
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct MintArgs {
     #[serde(flatten)]
@@ -107,30 +121,52 @@ pub struct AgentTools {
 
 #[tool_router]
 impl AgentTools {
+    /// The tools for `agent`; the secret-returning ones only if the
+    /// settings allow them. A broker URL with credentials in it is refused:
+    /// it would reach the model and the config file.
     pub fn new(agent: Agent, settings: Settings) -> Result<Self, ClientError> {
+        let authority = settings
+            .broker_url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default();
+        if authority.contains('@') {
+            return Err(ClientError::Local(
+                "the broker URL may not carry credentials (user:password@)".into(),
+            ));
+        }
         let mut tool_router = Self::tool_router();
         if !settings.allow_inline_secrets {
             for name in INLINE_SECRET_TOOLS {
                 tool_router.remove_route(name);
             }
         }
-        let mut instance = [0u8; 4];
-        getrandom::fill(&mut instance).map_err(|e| ClientError::Local(e.to_string()))?;
         Ok(Self {
             agent: Arc::new(agent),
             settings: Arc::new(settings),
-            instance: hex::encode(instance),
+            instance: new_instance(),
             tool_router,
         })
     }
 
+    /// The same tools for another MCP session (over HTTP), with an
+    /// instance of its own, so two sessions' call ids never collide in the
+    /// audit ledger.
+    pub fn for_new_session(&self) -> Self {
+        Self {
+            instance: new_instance(),
+            ..self.clone()
+        }
+    }
+
     #[tool(
-        description = "Who this agent is: its name, its account (OmniAccount) and owner, the broker it uses, and when its session expires. Call it first to check the connection. Returns no secret.",
-        annotations(read_only_hint = true, open_world_hint = false)
+        description = "Who this agent is: its name, its account (OmniAccount) and owner, the broker it uses, and when its session expires. Call it first: it checks that the broker is reachable and accepts this agent. Returns no secret.",
+        annotations(read_only_hint = true)
     )]
     async fn whoami(&self) -> CallToolResult {
-        match self.agent.signed_in().await {
-            Ok(session) => CallToolResult::structured(json!({
+        match self.live_grants().await {
+            Ok((session, _)) => CallToolResult::structured(json!({
                 "agent": session.agent,
                 "identity": self.agent.key.identity_value(),
                 "omni_account": session.omni_account,
@@ -146,7 +182,7 @@ impl AgentTools {
 
     #[tool(
         description = "The intents this agent may use: its live grants, each a service and a scope path with uses left and expiry. Any tool that takes service and scope_path needs them to lie within one of these. Returns no secret.",
-        annotations(read_only_hint = true, open_world_hint = false)
+        annotations(read_only_hint = true)
     )]
     async fn list_grants(&self) -> CallToolResult {
         match self.live_grants().await {
@@ -173,16 +209,21 @@ impl AgentTools {
     ) -> CallToolResult {
         let checked = (|| {
             let request = intent(&args.intent)?;
-            let role_arn = aws_profile::role_arn(&args.role_arn)?.to_owned();
-            let region = self.region(args.region.as_deref())?;
+            let role = self.role(&args.role)?;
             let name = match &args.profile {
                 Some(name) => aws_profile::profile_name(name)?.to_owned(),
                 None => default_profile_name(&request),
             };
-            duration(args.duration_seconds)?;
-            Ok::<_, Unacceptable>((request, role_arn, region, name))
+            Ok::<_, Unacceptable>((request, role, name))
         })();
-        let (request, role_arn, region, name) = match checked {
+        let (
+            request,
+            Role {
+                arn: role_arn,
+                region,
+            },
+            name,
+        ) = match checked {
             Ok(checked) => checked,
             Err(e) => return invalid_argument(&e.0),
         };
@@ -190,29 +231,14 @@ impl AgentTools {
             Ok(minted) => minted,
             Err(failed) => return failed,
         };
-        let mut command = vec![
-            self.settings.program.display().to_string(),
-            "aws-credentials".into(),
-            "--role-arn".into(),
-            role_arn.clone(),
-            "--service".into(),
-            request.service.clone(),
-            "--scope".into(),
-            request.scope_path.clone(),
-            "--region".into(),
-            region.clone(),
-        ];
-        command.extend(self.settings.agent_args.iter().cloned());
-        if let Some(endpoint) = &self.settings.sts_endpoint {
-            command.extend(["--sts-endpoint".into(), endpoint.clone()]);
-        }
-        if let Some(seconds) = args.duration_seconds {
-            command.extend(["--duration-seconds".into(), seconds.to_string()]);
-        }
-        let quoted: Result<Vec<String>, Unacceptable> =
-            command.iter().map(|a| aws_profile::quote(a)).collect();
-        let credential_process = match quoted {
-            Ok(quoted) => quoted.join(" "),
+        let credential_process = match self.credential_process(
+            &request,
+            &role_arn,
+            &region,
+            &name,
+            args.role.duration_seconds,
+        ) {
+            Ok(line) => line,
             Err(e) => return invalid_argument(&e.0),
         };
         let profile = Profile {
@@ -225,6 +251,7 @@ impl AgentTools {
             ),
         };
         let written = aws_profile::config_file()
+            .map_err(WriteError::from)
             .and_then(|file| aws_profile::write_profile(&file, &profile).map(|()| file));
         match written {
             Ok(file) => CallToolResult::structured(json!({
@@ -240,27 +267,29 @@ impl AgentTools {
                     request.service, request.scope_path
                 ),
             })),
-            Err(e) => tool_error(&e, None),
+            Err(WriteError::Unacceptable(e)) => invalid_argument(&e.0),
+            Err(WriteError::Local(e)) => tool_error(&e, None),
         }
     }
 
     #[tool(
         description = "SENSITIVE: returns secret AWS credentials (access key, secret key, session token) into this conversation. Prefer aws_profile, which keeps them out. Short-lived credentials for one intent (service + scope_path) by assuming role_arn with this agent's JWT.",
-        annotations(destructive_hint = false, open_world_hint = false)
+        annotations(destructive_hint = false)
     )]
     async fn aws_credentials(
         &self,
         Parameters(args): Parameters<AwsCredentialsArgs>,
         context: RequestContext<RoleServer>,
     ) -> CallToolResult {
-        let checked = (|| {
-            let request = intent(&args.intent)?;
-            let role_arn = aws_profile::role_arn(&args.role_arn)?.to_owned();
-            let region = self.region(args.region.as_deref())?;
-            duration(args.duration_seconds)?;
-            Ok::<_, Unacceptable>((request, role_arn, region))
-        })();
-        let (request, role_arn, region) = match checked {
+        let checked =
+            intent(&args.intent).and_then(|request| Ok((request, self.role(&args.role)?)));
+        let (
+            request,
+            Role {
+                arn: role_arn,
+                region,
+            },
+        ) = match checked {
             Ok(checked) => checked,
             Err(e) => return invalid_argument(&e.0),
         };
@@ -268,16 +297,13 @@ impl AgentTools {
             Ok(minted) => minted,
             Err(failed) => return failed,
         };
-        let session_name = match &minted.wallet {
-            Some(wallet) => sts::wallet_session_name(wallet, std::time::SystemTime::now()),
-            None => sts::session_name(&minted.omni_account),
-        };
+        let session_name = sts::session_name_for(&minted);
         let role = AssumeRole {
             role_arn: &role_arn,
             session_name: &session_name,
             region: &region,
             endpoint: self.settings.sts_endpoint.as_deref(),
-            duration_seconds: args.duration_seconds,
+            duration_seconds: args.role.duration_seconds,
         };
         match sts::assume_role_with_web_identity(&minted.jwt, &role).await {
             Ok(credentials) => {
@@ -289,7 +315,7 @@ impl AgentTools {
 
     #[tool(
         description = "SENSITIVE: returns this agent's OIDC JWT for one intent (service + scope_path) into this conversation, for an OIDC verifier other than AWS. Prefer aws_profile for AWS.",
-        annotations(destructive_hint = false, open_world_hint = false)
+        annotations(destructive_hint = false)
     )]
     async fn mint_oidc_jwt(
         &self,
@@ -339,7 +365,7 @@ impl AgentTools {
         request: &MintRequest,
         call: &RequestId,
     ) -> Result<crate::broker::Minted, CallToolResult> {
-        let id = self.client_request_id(call);
+        let id = client_request_id(&self.instance, call);
         match self.agent.mint_as(request, Some(&id)).await {
             Ok(minted) => Ok(minted),
             Err(e) => {
@@ -354,60 +380,121 @@ impl AgentTools {
         }
     }
 
-    /// `mcp-<this server>-<call id>`: the call's id as the broker's audit
-    /// record keeps it (a hash when the id would not fit the header).
-    fn client_request_id(&self, call: &RequestId) -> String {
-        let id = format!("mcp-{}-{call}", self.instance);
-        if headers::is_request_id(&id) {
-            return id;
-        }
-        let digest = hex::encode(Sha256::digest(call.to_string()));
-        format!("mcp-{}-{}", self.instance, &digest[..32])
-    }
-
-    /// The session and its agent's live grants (not revoked, not expired).
-    async fn live_grants(&self) -> Result<(Session, Vec<Value>), ClientError> {
+    /// The session and its agent's live grants, from the broker (which so
+    /// also says it accepts the session).
+    async fn live_grants(&self) -> Result<(Session, Vec<serde_json::Value>), ClientError> {
         let session = self.agent.signed_in().await?;
         let answer = self.agent.call("GET", paths::GRANT_LIST, None).await?;
+        let list: GrantList = serde_json::from_value(answer)
+            .map_err(|e| ClientError::Local(format!("unexpected grant list: {e}")))?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let grants = answer["grants"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|g| g["omni_account"] == session.omni_account.as_str())
-            .filter(|g| g["revoked"] != true && g["expires_at"].as_u64().is_none_or(|at| at > now))
+        let grants = held_grants(&list, &session, now)
             .map(|g| {
-                let uses_left = g["max_uses"]
-                    .as_u64()
-                    .map(|max| max.saturating_sub(g["uses"].as_u64().unwrap_or(0)));
                 json!({
-                    "grant_id": g["id"],
-                    "service": g["service"],
-                    "scope_path": g["scope_path"],
-                    "uses_left": uses_left,
-                    "expires_at": g["expires_at"],
+                    "grant_id": g.id,
+                    "service": g.service,
+                    "scope_path": g.scope_path,
+                    "uses_left": g.uses_left(),
+                    "expires_at": g.expires_at,
                 })
             })
             .collect();
         Ok((session, grants))
     }
 
-    fn region(&self, asked: Option<&str>) -> Result<String, Unacceptable> {
-        let region = asked.unwrap_or(&self.settings.default_region);
-        Ok(aws_profile::region(region)?.to_owned())
+    /// The `credential_process` line of a profile: this program's
+    /// `aws-credentials` with every option written out (`--opt=value`, so
+    /// no value reads as an option) and `--no-env`, so the environment of
+    /// whatever runs it later cannot redirect the JWT or the key.
+    fn credential_process(
+        &self,
+        request: &MintRequest,
+        role_arn: &str,
+        region: &str,
+        profile: &str,
+        duration_seconds: Option<i32>,
+    ) -> Result<String, Unacceptable> {
+        let mut command = vec![
+            self.settings.program.display().to_string(),
+            "aws-credentials".into(),
+            "--no-env".into(),
+            format!("--role-arn={role_arn}"),
+            format!("--service={}", request.service),
+            format!("--scope={}", request.scope_path),
+            format!("--region={region}"),
+            format!("--client-request-id=mcp-profile-{profile}"),
+        ];
+        command.extend(self.settings.agent_args.iter().cloned());
+        if let Some(endpoint) = &self.settings.sts_endpoint {
+            command.push(format!("--sts-endpoint={endpoint}"));
+        }
+        if let Some(seconds) = duration_seconds {
+            command.push(format!("--duration-seconds={seconds}"));
+        }
+        let quoted: Result<Vec<String>, Unacceptable> =
+            command.iter().map(|a| aws_profile::quote(a)).collect();
+        Ok(quoted?.join(" "))
+    }
+
+    /// The role's arguments checked, the region defaulting to the server's.
+    fn role(&self, args: &RoleArgs) -> Result<Role, Unacceptable> {
+        duration(args.duration_seconds)?;
+        let region = args
+            .region
+            .as_deref()
+            .unwrap_or(&self.settings.default_region);
+        Ok(Role {
+            arn: aws_profile::role_arn(&args.role_arn)?.to_owned(),
+            region: aws_profile::region(region)?.to_owned(),
+        })
     }
 }
 
-/// The intent, its values in the broker's alphabet.
+/// The intent, checked with the broker's own rules (the scope path
+/// normalised to end in `/`).
 fn intent(args: &IntentArgs) -> Result<MintRequest, Unacceptable> {
+    check_service(&args.service)?;
     Ok(MintRequest {
-        service: aws_profile::service(&args.service)?.to_owned(),
-        scope_path: aws_profile::scope_path(&args.scope_path)?.to_owned(),
+        service: args.service.clone(),
+        scope_path: normalize_scope_path(&args.scope_path)?,
         ttl_seconds: None,
         audience: None,
     })
+}
+
+/// The grants of `list` this session's agent holds and may use at `now`
+/// (an owner's session lists every agent of its account; the tools act as
+/// this one agent).
+fn held_grants<'a>(
+    list: &'a GrantList,
+    session: &'a Session,
+    now: u64,
+) -> impl Iterator<Item = &'a GrantEntry> {
+    list.grants.iter().filter(move |g| {
+        g.agent == session.agent && g.omni_account == session.omni_account && g.is_live(now)
+    })
+}
+
+/// `mcp-<instance>-<call id>`: the call's id as the broker's audit record
+/// keeps it (a hash when the id would not fit the header).
+fn client_request_id(instance: &str, call: &RequestId) -> String {
+    let id = format!("mcp-{instance}-{call}");
+    if headers::is_request_id(&id) {
+        return id;
+    }
+    let digest = hex::encode(Sha256::digest(call.to_string()));
+    format!("mcp-{instance}-{}", &digest[..32])
+}
+
+/// 8 random hex naming one server (or one HTTP session) in request ids.
+fn new_instance() -> String {
+    let mut bytes = [0u8; 4];
+    // The operating system's generator does not fail on Linux; a zero
+    // instance would only make ids less distinct.
+    let _ = getrandom::fill(&mut bytes);
+    hex::encode(bytes)
 }
 
 /// STS takes 900 seconds to 12 hours (the role may allow less).
@@ -426,7 +513,7 @@ fn default_profile_name(request: &MintRequest) -> String {
 }
 
 /// "s3 bots/a/ (3 uses left), …" for a refusal's advice.
-fn describe(grants: &[Value]) -> String {
+fn describe(grants: &[serde_json::Value]) -> String {
     if grants.is_empty() {
         return "none".into();
     }
@@ -444,4 +531,65 @@ fn describe(grants: &[Value]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(id: &str, agent: &str, revoked: bool, expires_at: Option<u64>) -> serde_json::Value {
+        json!({ "id": id, "agent": agent, "omni_account": "acct", "service": "s3",
+            "scope_path": "bots/a/", "max_uses": 5, "uses": 2, "expires_at": expires_at,
+            "revoked": revoked, "created_at": 1 })
+    }
+
+    #[test]
+    fn an_owner_session_lists_only_the_grants_its_own_agent_holds() {
+        let list: GrantList = serde_json::from_value(json!({ "owner": "acct", "grants": [
+            grant("mine", "me", false, None),
+            grant("another-agents", "other", false, None),
+            grant("revoked", "me", true, None),
+            grant("expired", "me", false, Some(100)),
+            grant("later", "me", false, Some(101)),
+        ]}))
+        .unwrap();
+        let session = Session {
+            session_token: "t".into(),
+            expires_at: 1,
+            omni_account: "acct".into(),
+            agent: "me".into(),
+            owner_omni_account: Some("acct".into()),
+            role: Some("owner".into()),
+        };
+        let held: Vec<_> = held_grants(&list, &session, 100)
+            .map(|g| g.id.as_str())
+            .collect();
+        assert_eq!(held, ["mine", "later"]);
+        assert_eq!(list.grants[0].uses_left(), Some(3));
+    }
+
+    #[test]
+    fn a_call_id_becomes_a_header_value_the_broker_takes() {
+        let plain = client_request_id("0a1b2c3d", &RequestId::Number(7));
+        assert_eq!(plain, "mcp-0a1b2c3d-7");
+        for odd in ["a b", &"x".repeat(200), "é"] {
+            let id = client_request_id("0a1b2c3d", &RequestId::String(odd.into()));
+            assert!(headers::is_request_id(&id), "{id}");
+            assert_eq!(id.len(), "mcp-0a1b2c3d-".len() + 32);
+        }
+    }
+
+    #[test]
+    fn the_default_profile_name_is_a_valid_one_per_intent() {
+        let request = |scope: &str| MintRequest {
+            service: "s3".into(),
+            scope_path: scope.into(),
+            ttl_seconds: None,
+            audience: None,
+        };
+        let a = default_profile_name(&request("bots/a/"));
+        assert!(aws_profile::profile_name(&a).is_ok(), "{a}");
+        assert!(a.starts_with("agentkeys-s3-"));
+        assert_ne!(a, default_profile_name(&request("bots/b/")));
+    }
 }
