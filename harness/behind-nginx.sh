@@ -13,14 +13,8 @@ cd "$(dirname "$0")/.."
 source harness/lib.sh
 
 command -v nginx >/dev/null || fail "nginx is not installed (Debian: apt-get install nginx-light)"
-work=$(mktemp -d)
+with_scratch
 chmod 755 "$work"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 step "build"
 build_binaries

@@ -8,6 +8,22 @@ fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
 json() { python3 -c "import json, sys; print(json.load(sys.stdin)$1)"; }
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
+# with_scratch: sets work (a scratch folder) and pids (the processes the
+# script starts); at exit, whatever happened, every process in pids is
+# stopped (TERM, then waited for) and work removed.
+with_scratch() {
+  work=$(mktemp -d)
+  pids=()
+  trap 'for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+}
+
+# wait_for URL: until URL answers 2xx, 15 s at most (trusting the CA file in
+# $ca, when the script set one).
+wait_for() {
+  for _ in $(seq 150); do curl -fs ${ca:+--cacert "$ca"} -o /dev/null "$1" && return 0; sleep 0.1; done
+  fail "$1 did not answer"
+}
+
 # Sets broker_bin and daemon_bin: from AGENTKEYS_BIN_DIR when set (CI reuses
 # the binaries of its test build), else from a release build made now.
 build_binaries() {

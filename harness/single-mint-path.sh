@@ -19,13 +19,7 @@ cd "$(dirname "$0")/.."
 
 source harness/lib.sh
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+with_scratch
 
 tools=${AGENTKEYS_TOOLS:-$PWD/.ci/tools}
 venv="$tools/venv"
@@ -45,10 +39,7 @@ step "a CA and the broker's certificate (openssl)"
 tls="$work/tls"
 make_tls "$tls"
 ok "CA $(openssl x509 -in "$tls/ca.pem" -noout -subject), certificate for localhost and 127.0.0.1"
-wait_for() {
-  for _ in $(seq 150); do curl -fs --cacert "$tls/ca.pem" -o /dev/null "$1" && return 0; sleep 0.1; done
-  fail "$1 did not answer"
-}
+ca="$tls/ca.pem"
 
 step "start the broker on a fresh data directory: https, admin listener apart"
 broker_port=$(free_port)
@@ -181,6 +172,41 @@ for field in AccessKeyId SecretAccessKey SessionToken Expiration; do
   [ -n "$(json "[\"$field\"]" <"$work/creds.json")" ] || fail "credential_process $field"
 done
 ok "credential_process JSON: Version 1, AccessKeyId $(json '["AccessKeyId"]' <"$work/creds.json"), Expiration $(json '["Expiration"]' <"$work/creds.json")"
+
+step "the STS exchange over https, through the AWS SDK's own HTTPS client"
+# nginx (Debian package) serves moto's STS with the harness CA's certificate:
+# refused while the CA is unknown, accepted once SSL_CERT_FILE names it (the
+# SDK's rustls client reads the system's roots and that variable).
+sts_tls_port=$(free_port)
+mkdir -p "$work/sts-nginx"
+cat >"$work/sts-nginx.conf" <<CONF
+worker_processes 1;
+pid $work/sts-nginx/nginx.pid;
+error_log $work/sts-nginx/error.log warn;
+events {}
+http {
+  access_log off;
+  client_body_temp_path $work/sts-nginx/body;
+  proxy_temp_path $work/sts-nginx/proxy;
+  server {
+    listen 127.0.0.1:$sts_tls_port ssl;
+    ssl_certificate $tls/fullchain.pem;
+    ssl_certificate_key $tls/privkey.pem;
+    location / { proxy_pass $moto; }
+  }
+}
+CONF
+nginx -c "$work/sts-nginx.conf" -e "$work/sts-nginx/error.log" -g 'daemon off;' &
+pids+=($!)
+wait_for "https://localhost:$sts_tls_port/moto-api/"
+sts_https=(aws-credentials --role-arn "$role_arn" --service s3 --scope "$scope" --sts-endpoint "https://localhost:$sts_tls_port")
+if "${no_aws[@]}" "$daemon_bin" "${sts_https[@]}" >/dev/null 2>"$work/sts-untrusted.txt"; then
+  fail "an STS certificate from an unknown CA was accepted"
+fi
+"${no_aws[@]}" SSL_CERT_FILE="$tls/ca.pem" "$daemon_bin" "${sts_https[@]}" >"$work/creds-https.json" \
+  || fail "the SDK's HTTPS client did not reach STS over https"
+[ -n "$(json '["AccessKeyId"]' <"$work/creds-https.json")" ] || fail "no credentials over https"
+ok "unknown CA refused ($(grep -o 'invalid peer certificate: [A-Za-z]*' "$work/sts-untrusted.txt" | head -1)); with SSL_CERT_FILE: AccessKeyId $(json '["AccessKeyId"]' <"$work/creds-https.json")"
 
 step "the AWS CLI through credential_process: STS identity and S3"
 cat >"$work/aws-config" <<CONFIG

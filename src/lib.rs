@@ -15,6 +15,14 @@
 //!   verification, load drivers and benchmarks.
 //! - [`telemetry`]: tracing and the Prometheus recorder.
 
+/// This build's version and the commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("AGENTKEYS_GIT_SHA"),
+    ")"
+);
+
 pub mod admin_token;
 pub mod body_deadline;
 pub mod commands;

@@ -4,14 +4,20 @@ use std::process::ExitCode;
 use agentkeys_broker::commands::admin::{AdminTarget, AgentCommand, GrantCommand, KeysCommand};
 use agentkeys_broker::commands::client::BrokerClient;
 use agentkeys_broker::commands::{audit, bench, load};
-use agentkeys_broker::settings::Settings;
-use agentkeys_broker::startup::Application;
+use agentkeys_broker::settings::{Settings, SettingsError};
+use agentkeys_broker::startup::{Application, StartupError};
 use agentkeys_broker::telemetry;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// Credential broker for AI agents: a pure OIDC JWT signer with one mint path.
 #[derive(Parser)]
-#[command(version)]
+#[command(
+    version = agentkeys_broker::VERSION,
+    after_help = "Exit codes: 0 done; 1 any other failure (an audit trail that does not verify, \
+an admin call refused); 2 usage; 3 configuration (the config file or a TLS certificate); \
+4 storage (the data directory, keys, sealing key, stores, audit sinks); 5 cannot listen \
+(a port in use, say)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,6 +55,11 @@ enum Command {
     /// Check the audit trail offline (stop the broker first).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff; `man -l -` reads it).
+    Manpage,
     /// Load-test helpers that drive a running broker.
     Load {
         #[command(flatten)]
@@ -167,16 +178,36 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("agentkeys-broker: {error}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(error.as_ref()))
         }
     }
 }
 
+/// The documented exit status for `error` (see `--help`).
+fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
+    if let Some(startup) = error.downcast_ref::<StartupError>() {
+        return startup.exit_code();
+    }
+    if error.downcast_ref::<SettingsError>().is_some() {
+        return 3;
+    }
+    1
+}
+
 async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     let answer = match command {
+        Command::Completions { shell } => {
+            let mut cli = Cli::command();
+            clap_complete::generate(shell, &mut cli, "agentkeys-broker", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Manpage => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            return Ok(());
+        }
         Command::Serve { config } => {
             let settings = Settings::load(config.as_deref())?;
-            telemetry::init(&settings.log.filter);
+            telemetry::init(&settings.log);
             Application::build(settings)
                 .await?
                 .run_until_stopped()

@@ -430,12 +430,26 @@ pub struct LogSettings {
     /// A tracing filter (`info`, `agentkeys=debug,actix_web=warn`);
     /// `RUST_LOG` wins when set.
     pub filter: String,
+    /// `text` for people, `json` (one object per line) for log shippers.
+    pub format: LogFormat,
+}
+
+/// How log lines are written (always to stderr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines, coloured only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, with the request span's fields.
+    Json,
 }
 
 impl Default for LogSettings {
     fn default() -> Self {
         Self {
             filter: "info".into(),
+            format: LogFormat::Text,
         }
     }
 }

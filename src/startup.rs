@@ -57,6 +57,25 @@ pub enum StartupError {
     Signal(std::io::Error),
 }
 
+/// Why `serve` stopped before serving, as its exit status (documented in
+/// the runbook): 3 configuration, 4 storage and data, 5 a listener.
+impl StartupError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Bench(_) => 1,
+            Self::Settings(_) => 3,
+            Self::Listen(ListenError::Tls { .. }) => 3,
+            Self::DataDir(_)
+            | Self::Keys(_)
+            | Self::Sealing(_)
+            | Self::Storage(_)
+            | Self::AuditSinks(_)
+            | Self::AdminToken(_) => 4,
+            Self::Listen(ListenError::Bind { .. }) | Self::Signal(_) => 5,
+        }
+    }
+}
+
 /// The audit ledger's file in the data directory.
 pub const LEDGER_FILE: &str = "audit.redb";
 
@@ -87,11 +106,11 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         settings.validate()?;
         let hangup = tls::Hangup::catch().map_err(StartupError::Signal)?;
+        // Before any listener or actor handle resolves its metrics.
+        telemetry::metrics();
         // Before anything starts: a port in use or a bad certificate is a
         // clean error, not actors torn down half-started.
         let listeners = Listeners::bind(&settings.server)?;
-        // Before any actor handle resolves its metrics.
-        telemetry::metrics();
         let actors = build_actors(&settings)?;
         let mint = MintFlow::new(actors.clone(), mint_policy(&settings));
         let admin_token = AdminToken::load_or_create(

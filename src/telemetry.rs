@@ -1,19 +1,33 @@
 //! Tracing and metrics: one subscriber and one Prometheus recorder for the
 //! process. Handlers log request ids, accounts and outcomes, never tokens.
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-pub fn init(default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    // A second init (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt()
+use crate::settings::{LogFormat, LogSettings};
+
+/// Logs to stderr (stdout stays free for a command's answer), in the
+/// configured format; colour only when stderr is a terminal.
+pub fn init(log: &LogSettings) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.filter));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .try_init();
+        .with_writer(std::io::stderr);
+    // A second init (tests) keeps the first subscriber.
+    let _ = match log.format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 /// Latency buckets (seconds): sub-millisecond to a second.
@@ -25,11 +39,129 @@ const BATCH: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
 
+/// What a metric family is, for its HELP and TYPE lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every family the broker serves besides the `process_*` ones, with its
+/// HELP text. docs/api.md lists the same (a test holds them together).
+pub const FAMILIES: &[(&str, Kind, &str)] = &[
+    (
+        "agentkeys_build_info",
+        Kind::Gauge,
+        "Always 1: the labels name this build's version and git commit.",
+    ),
+    (
+        "agentkeys_tls_reloads_total",
+        Kind::Counter,
+        "TLS certificate reloads, per listener and result (ok or failed).",
+    ),
+    (
+        "agentkeys_http_requests_total",
+        Kind::Counter,
+        "HTTP requests answered, per route and status code.",
+    ),
+    (
+        "agentkeys_http_request_seconds",
+        Kind::Histogram,
+        "Time to answer an HTTP request, per route.",
+    ),
+    (
+        "agentkeys_mints_total",
+        Kind::Counter,
+        "Authenticated mint attempts, per outcome, as the audit ledger records them.",
+    ),
+    (
+        "agentkeys_mint_unauthenticated_total",
+        Kind::Counter,
+        "Mints refused before authentication (answer 401 or 429): counted, never recorded.",
+    ),
+    (
+        "agentkeys_mint_stage_seconds",
+        Kind::Histogram,
+        "Time in each stage of a mint (auth, rate, proof, grant, sign, audit).",
+    ),
+    (
+        "agentkeys_actor_inflight",
+        Kind::Gauge,
+        "Requests queued in or being handled by each actor.",
+    ),
+    (
+        "agentkeys_audit_batch_records",
+        Kind::Histogram,
+        "Audit records made durable per group commit.",
+    ),
+    (
+        "agentkeys_commit_seconds",
+        Kind::Histogram,
+        "Time of one durable group commit, per store (ledger, grants).",
+    ),
+    (
+        "agentkeys_audit_sink_write_seconds",
+        Kind::Histogram,
+        "Time of one write to an audit sink, per sink.",
+    ),
+    (
+        "agentkeys_audit_sink_lag",
+        Kind::Gauge,
+        "Ledger records an audit sink has yet to take, per sink.",
+    ),
+    (
+        "agentkeys_audit_head_seq",
+        Kind::Gauge,
+        "Sequence number of the audit ledger's last record.",
+    ),
+    (
+        "agentkeys_rate_limit_keys",
+        Kind::Gauge,
+        "Accounts and agents the rate limiter currently tracks.",
+    ),
+    (
+        "agentkeys_oidc_key_age_seconds",
+        Kind::Gauge,
+        "Age of the OIDC key signing now (since it activated).",
+    ),
+    (
+        "agentkeys_oidc_keys_pending",
+        Kind::Gauge,
+        "OIDC keys published ahead, not yet signing (successors).",
+    ),
+];
+
+/// The process metrics (`process_cpu_seconds_total`, resident memory, open
+/// fds, …), read from the system at each scrape.
+pub fn process_metrics() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// HELP for every family, and the build-info gauge.
+fn describe() {
+    for &(name, kind, help) in FAMILIES {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+    process_metrics().describe();
+    metrics::gauge!(
+        "agentkeys_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "git_sha" => env!("AGENTKEYS_GIT_SHA")
+    )
+    .set(1.0);
+}
+
 /// The process's metrics recorder, installed on first use.
 pub fn metrics() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        PrometheusBuilder::new()
+        let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
             .and_then(|b| {
                 b.set_buckets_for_metric(
@@ -39,6 +171,8 @@ pub fn metrics() -> &'static PrometheusHandle {
             })
             .expect("the buckets are not empty")
             .install_recorder()
-            .expect("no other metrics recorder is installed")
+            .expect("no other metrics recorder is installed");
+        describe();
+        handle
     })
 }

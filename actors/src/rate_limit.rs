@@ -152,6 +152,8 @@ impl Actor for RateLimitActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.settings.mailbox_capacity);
+        // Served from the start (as 0), not only after the first sweep.
+        metrics::gauge!("agentkeys_rate_limit_keys").set(self.tracked_keys() as f64);
         ctx.run_interval(self.settings.sweep_interval, |actor, _| {
             actor.limiter.retain_recent();
             actor.limiter.shrink_to_fit();

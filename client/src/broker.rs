@@ -318,7 +318,8 @@ impl Broker {
                 }
                 Err(Attempt::Retry(_, wait)) if attempt < MAX_ATTEMPTS => {
                     let backoff = Duration::from_millis(200 << attempt);
-                    tokio::time::sleep(wait.unwrap_or(backoff).min(MAX_WAIT)).await;
+                    let wait = wait.unwrap_or(backoff).min(MAX_WAIT);
+                    tokio::time::sleep(wait + jitter(wait)).await;
                     attempt += 1;
                 }
                 Err(failed) => return Err(failed.into_error()),
@@ -364,6 +365,14 @@ fn refused(status: StatusCode, body: &Value, retry_after: Option<u64>) -> Client
         message: body["message"].as_str().unwrap_or_default().to_owned(),
         retry_after,
     }
+}
+
+/// Up to a quarter of `wait` more, at random, so daemons refused together
+/// do not all come back in the same instant (never sooner than asked).
+fn jitter(wait: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let _ = getrandom::fill(&mut byte);
+    wait / 4 * u32::from(byte[0]) / 255
 }
 
 fn unix_now() -> u64 {

@@ -2,7 +2,6 @@
 //! `credential_process` invoked for every AWS call does not log in or mint
 //! each time.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -126,18 +125,10 @@ fn read<T: DeserializeOwned>(path: &Path) -> Option<T> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// Writes a 0600 file through a temporary file of its own (a unique name:
-/// two runs at once never touch each other's), so readers never see half.
+/// Writes a 0600 file whole (see [`crate::atomic_file`]).
 fn write<T: Serialize>(path: &Path, value: &T) -> Result<(), ClientError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
     let bytes = serde_json::to_vec(value).map_err(|e| ClientError::Local(e.to_string()))?;
-    // Created 0600, in the same directory so the rename stays atomic.
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    file.write_all(&bytes)?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    Ok(crate::atomic_file::replace(path, &bytes, None)?)
 }
 
 #[cfg(test)]

@@ -7,12 +7,14 @@
 //! - [`device_key`]: the device key file (0600); [`wallet_key`]: a wallet
 //!   agent's key file or Ethereum keystore; [`agent_key`]: either.
 //! - [`broker`]: HTTP calls to the broker: login and mint, with retries.
-//! - [`cache`]: session and JWT caches on disk (0600), reused while fresh.
+//! - [`cache`]: session and JWT caches on disk (0600, each file replaced
+//!   whole: `atomic_file`), reused while fresh.
 //! - [`sts`]: the client-side STS exchange and `credential_process` output.
 //! - [`Agent`]: the above together, as a daemon embeds it.
 //! - [`mcp`] (feature `mcp`): the same agent as an MCP server for AI agents.
 
 pub mod agent_key;
+mod atomic_file;
 pub mod broker;
 pub mod cache;
 pub mod device_key;
@@ -27,6 +29,14 @@ use std::path::PathBuf;
 use agent_key::AgentKey;
 use broker::{Broker, Endpoint, MintRequest, Minted, Session};
 use cache::Cache;
+
+/// This build's version and the commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("AGENTKEYS_GIT_SHA"),
+    ")"
+);
 
 /// Why a client operation failed; the binary's exit code follows the kind.
 #[derive(Debug, thiserror::Error)]

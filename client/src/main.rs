@@ -12,13 +12,17 @@ use agentkeys_client::sts::{self, AssumeRole};
 use agentkeys_client::wallet_key::WalletKey;
 use agentkeys_client::{Agent, ClientError};
 use agentkeys_wire::paths;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 
 #[derive(Parser)]
 #[command(
-    version,
-    about = "Daemon side of agentkeys: device key, login, mint, AWS credentials"
+    name = "agentkeys",
+    version = agentkeys_client::VERSION,
+    about = "Daemon side of agentkeys: device key, login, mint, AWS credentials",
+    after_help = "Exit codes: 0 done; 1 any other failure; 2 usage; 3 authentication refused; \
+4 denied (no grant, grant used up, idempotency conflict); 5 unavailable (rate limited, \
+overloaded, audit down, broker unreachable): retry later."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -65,25 +69,36 @@ struct Where {
     /// The chain a wallet signs in on (the broker's auth.wallet_chain_ids).
     #[arg(long, global = true, env = "AGENTKEYS_CHAIN_ID", default_value_t = 1)]
     chain_id: u64,
-    /// Ignore every AGENTKEYS_* variable: only the command line counts (the
-    /// profiles `agentkeys mcp` writes use it, so whatever later runs them
-    /// cannot redirect the JWT or the key through its environment).
+    /// Ignore every AGENTKEYS_* variable and the AWS region and endpoint
+    /// ones: only the command line counts (the profiles `agentkeys mcp`
+    /// writes use it, so whatever later runs them cannot redirect the JWT
+    /// or the key through its environment).
     #[arg(long, global = true)]
     no_env: bool,
 }
 
 impl Where {
-    fn state_dir(&self) -> PathBuf {
+    /// The state dir, `~/` expanded; an error rather than a path relative
+    /// to wherever the command happens to run when HOME is unknown.
+    fn state_dir(&self) -> Result<PathBuf, ClientError> {
         match self.state_dir.strip_prefix("~/") {
-            Some(rest) => PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(rest),
-            None => PathBuf::from(&self.state_dir),
+            Some(rest) => std::env::var_os("HOME")
+                .filter(|home| !home.is_empty())
+                .map(|home| PathBuf::from(home).join(rest))
+                .ok_or_else(|| {
+                    ClientError::Local(
+                        "the state dir is under ~ but HOME is not set: give --state-dir".into(),
+                    )
+                }),
+            None => Ok(PathBuf::from(&self.state_dir)),
         }
     }
 
-    fn key_file(&self) -> PathBuf {
-        self.key_file
-            .clone()
-            .unwrap_or_else(|| self.state_dir().join("device.key"))
+    fn key_file(&self) -> Result<PathBuf, ClientError> {
+        match &self.key_file {
+            Some(file) => Ok(file.clone()),
+            None => Ok(self.state_dir()?.join("device.key")),
+        }
     }
 
     fn passphrase(&self) -> Result<Option<String>, ClientError> {
@@ -107,7 +122,7 @@ impl Where {
                 file,
                 self.passphrase()?.as_deref(),
             )?)),
-            None => Ok(AgentKey::Device(DeviceKey::load(&self.key_file())?)),
+            None => Ok(AgentKey::Device(DeviceKey::load(&self.key_file()?)?)),
         }
     }
 
@@ -126,7 +141,7 @@ impl Where {
         if let Some(ca_file) = &self.ca_file {
             args.push(format!("--ca-file={}", absolute(ca_file)?));
         }
-        args.push(format!("--state-dir={}", absolute(&self.state_dir())?));
+        args.push(format!("--state-dir={}", absolute(&self.state_dir()?)?));
         match &self.wallet_key_file {
             Some(file) => {
                 args.push(format!("--wallet-key-file={}", absolute(file)?));
@@ -140,7 +155,7 @@ impl Where {
                     args.push(format!("--keystore-passphrase-file={}", absolute(file)?));
                 }
             }
-            None => args.push(format!("--key-file={}", absolute(&self.key_file())?)),
+            None => args.push(format!("--key-file={}", absolute(&self.key_file()?)?)),
         }
         Ok(args)
     }
@@ -152,7 +167,7 @@ impl Where {
             ca_file: self.ca_file.clone(),
             chain_id: self.chain_id,
         };
-        Agent::new(&broker, self.key()?, self.state_dir())
+        Agent::new(&broker, self.key()?, self.state_dir()?)
     }
 }
 
@@ -215,6 +230,11 @@ enum Command {
         #[command(subcommand)]
         command: OwnerCommand,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff; `man -l -` reads it).
+    Manpage,
     /// Log in to the broker and cache the session.
     Login {
         #[command(flatten)]
@@ -235,11 +255,8 @@ enum Command {
         intent: Intent,
         #[arg(long)]
         role_arn: String,
-        #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
-        region: String,
-        /// STS endpoint (default: AWS's for the region).
-        #[arg(long, env = "AGENTKEYS_STS_ENDPOINT")]
-        sts_endpoint: Option<String>,
+        #[command(flatten)]
+        sts: StsPlace,
         #[arg(long)]
         duration_seconds: Option<i32>,
     },
@@ -266,13 +283,55 @@ enum Command {
         /// (repeatable).
         #[arg(long)]
         allow_origin: Vec<String>,
-        /// The region of written profiles when the model names none.
-        #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
-        region: String,
-        /// STS endpoint written profiles use (default: AWS's).
-        #[arg(long, env = "AGENTKEYS_STS_ENDPOINT")]
-        sts_endpoint: Option<String>,
+        /// The region of written profiles when the model names none, and
+        /// their STS endpoint.
+        #[command(flatten)]
+        sts: StsPlace,
     },
+}
+
+/// The variables `--no-env` hides: ours, and the standard AWS ones this
+/// command reads.
+const AWS_VARIABLES: [&str; 4] = [
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL_STS",
+    "AWS_ENDPOINT_URL",
+];
+
+/// Where STS is, the standard AWS variables read as the AWS CLI reads them.
+#[derive(Args)]
+struct StsPlace {
+    /// The region; else AWS_REGION, AWS_DEFAULT_REGION, us-east-1.
+    #[arg(long)]
+    region: Option<String>,
+    /// The STS endpoint; else AGENTKEYS_STS_ENDPOINT, AWS_ENDPOINT_URL_STS,
+    /// AWS_ENDPOINT_URL; else AWS's for the region.
+    #[arg(long)]
+    sts_endpoint: Option<String>,
+}
+
+impl StsPlace {
+    fn region(&self) -> String {
+        self.region
+            .clone()
+            .or_else(|| variable("AWS_REGION"))
+            .or_else(|| variable("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|| "us-east-1".into())
+    }
+
+    fn endpoint(&self) -> Option<String> {
+        self.sts_endpoint
+            .clone()
+            .or_else(|| variable("AGENTKEYS_STS_ENDPOINT"))
+            .or_else(|| variable("AWS_ENDPOINT_URL_STS"))
+            .or_else(|| variable("AWS_ENDPOINT_URL"))
+    }
+}
+
+/// A variable's value, if set and not empty.
+fn variable(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
 }
 
 /// An identity: a wallet address or a device key (64 hex).
@@ -358,7 +417,8 @@ impl OwnerCommand {
 async fn main() -> ExitCode {
     if std::env::args().any(|arg| arg == "--no-env") {
         for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("AGENTKEYS_") {
+            let name_text = name.to_string_lossy();
+            if name_text.starts_with("AGENTKEYS_") || AWS_VARIABLES.contains(&&*name_text) {
                 std::env::remove_var(name);
             }
         }
@@ -381,6 +441,16 @@ async fn run(command: Command) -> Result<String, ClientError> {
     let pretty =
         |value: serde_json::Value| serde_json::to_string_pretty(&value).unwrap_or_default();
     match command {
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "agentkeys", &mut script);
+            Ok(String::from_utf8_lossy(&script).into_owned())
+        }
+        Command::Manpage => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            Ok(String::from_utf8_lossy(&page).into_owned())
+        }
         Command::Keygen { at, wallet: true } => {
             let file = at
                 .wallet_key_file
@@ -392,9 +462,10 @@ async fn run(command: Command) -> Result<String, ClientError> {
             ))
         }
         Command::Keygen { at, wallet: false } => {
-            let key = DeviceKey::generate(&at.key_file())?;
+            let file = at.key_file()?;
+            let key = DeviceKey::generate(&file)?;
             Ok(pretty(
-                json!({ "public_key": key.public_key_hex(), "key_file": at.key_file() }),
+                json!({ "public_key": key.public_key_hex(), "key_file": file }),
             ))
         }
         Command::Login { at } => {
@@ -417,17 +488,17 @@ async fn run(command: Command) -> Result<String, ClientError> {
             at,
             intent,
             role_arn,
-            region,
-            sts_endpoint,
+            sts: place,
             duration_seconds,
         } => {
             let minted = intent.mint(&at.agent()?).await?;
             let session_name = sts::session_name_for(&minted);
+            let (region, endpoint) = (place.region(), place.endpoint());
             let role = AssumeRole {
                 role_arn: &role_arn,
                 session_name: &session_name,
                 region: &region,
-                endpoint: sts_endpoint.as_deref(),
+                endpoint: endpoint.as_deref(),
                 duration_seconds,
             };
             let credentials = sts::assume_role_with_web_identity(&minted.jwt, &role).await?;
@@ -440,8 +511,7 @@ async fn run(command: Command) -> Result<String, ClientError> {
             http,
             http_token_file,
             allow_origin,
-            region,
-            sts_endpoint,
+            sts: place,
         } => {
             use agentkeys_client::mcp::{loopback_http, AgentTools, Settings};
             let program = std::env::current_exe()?;
@@ -454,15 +524,17 @@ async fn run(command: Command) -> Result<String, ClientError> {
                 broker_url: at.broker_url.clone(),
                 program,
                 agent_args: at.agent_args()?,
-                sts_endpoint,
-                default_region: region,
+                sts_endpoint: place.endpoint(),
+                default_region: place.region(),
                 allow_inline_secrets,
             };
             let tools = AgentTools::new(at.agent()?, settings)?;
             match http {
                 Some(address) => {
-                    let token_file =
-                        http_token_file.unwrap_or_else(|| at.state_dir().join("mcp.token"));
+                    let token_file = match http_token_file {
+                        Some(file) => file,
+                        None => at.state_dir()?.join("mcp.token"),
+                    };
                     let token = loopback_http::load_or_create_token(&token_file)?;
                     eprintln!("agentkeys mcp: bearer token in {}", token_file.display());
                     loopback_http::serve(tools, address, &token, &allow_origin).await?;

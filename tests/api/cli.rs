@@ -106,3 +106,42 @@ async fn agent_and_grant_commands_drive_the_admin_api() {
     assert!(!ok);
     assert!(stderr.contains("404"), "{stderr}");
 }
+
+/// `--version` names the build's commit; completions and the man page come
+/// from the same command definitions (issue 17).
+#[test]
+fn the_binary_names_its_commit_and_writes_completions_and_a_man_page() {
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
+            .args(args)
+            .output()
+            .expect("the binary runs");
+        assert!(output.status.success(), "{args:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let version = run(&["--version"]);
+    let expected = format!("agentkeys-broker {} (", env!("CARGO_PKG_VERSION"));
+    assert!(version.starts_with(&expected), "{version}");
+    let sha = version
+        .trim()
+        .trim_end_matches(')')
+        .rsplit('(')
+        .next()
+        .unwrap();
+    assert!(
+        sha == "unknown" || (sha.len() == 12 && sha.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{version}"
+    );
+    let bash = run(&["completions", "bash"]);
+    assert!(
+        bash.contains("_agentkeys__broker()") && bash.contains("serve"),
+        "{bash}"
+    );
+    let man = run(&["manpage"]);
+    assert!(man.contains(".TH agentkeys-broker"), "{man}");
+    let help = run(&["--help"]);
+    assert!(
+        help.contains("Exit codes") && help.contains("5 cannot listen"),
+        "{help}"
+    );
+}

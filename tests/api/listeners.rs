@@ -411,25 +411,3 @@ async fn sighup_does_not_stop_a_broker_without_tls() {
     broker.kill().unwrap();
     broker.wait().unwrap();
 }
-
-#[actix_web::test]
-async fn a_port_in_use_is_one_clear_error_before_anything_starts() {
-    let dir = tempfile::tempdir().unwrap();
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port();
-    let data = dir.path().join("data");
-    let output = crate::process::broker_command(&data, port)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(
-        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(
-        !data.join("audit.redb").exists(),
-        "nothing started before the bind failed"
-    );
-}

@@ -27,3 +27,4 @@ mod rate_limit;
 mod restart;
 mod secrets_in_logs;
 mod shutdown;
+mod startup_errors;

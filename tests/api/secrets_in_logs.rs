@@ -1,5 +1,6 @@
 //! Secrets never reach the logs: the real binary at debug level, through a
-//! login, mints, and refusals, prints no token, no key, no admin token.
+//! login, mints, and refusals, prints no token, no key, no admin token, in
+//! either log format (text and JSON, both on stderr).
 
 use std::process::{Command, Stdio};
 
@@ -9,7 +10,30 @@ use serde_json::json;
 use crate::process::{agent_with_grant, call, free_port, wait_ready, BIN};
 
 #[actix_web::test]
-async fn the_log_at_debug_level_holds_no_token_or_secret() {
+async fn the_text_log_at_debug_level_holds_no_token_or_secret() {
+    no_secret_in_the_log("text").await;
+}
+
+#[actix_web::test]
+async fn the_json_log_at_debug_level_holds_no_token_or_secret() {
+    let text = no_secret_in_the_log("json").await;
+    for line in text.lines() {
+        let line: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(
+            line["level"].is_string() && line["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        text.lines().any(|l| l.contains("\"request_id\"")),
+        "request spans carry their id"
+    );
+}
+
+/// Runs the broker logging `format` at debug level through a login, a mint
+/// and refusals; asserts no secret is in its log, and returns the log.
+async fn no_secret_in_the_log(format: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
@@ -23,8 +47,9 @@ async fn the_log_at_debug_level_holds_no_token_or_secret() {
             dir.path().join("sealing.key"),
         )
         .env("RUST_LOG", "debug")
-        .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .stderr(Stdio::null())
+        .env("AGENTKEYS__LOG__FORMAT", format)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
         .spawn()
         .unwrap();
     let mut broker = Guard(broker);
@@ -91,6 +116,7 @@ async fn the_log_at_debug_level_holds_no_token_or_secret() {
     ] {
         assert!(!text.contains(secret), "the log holds the {what}");
     }
+    text
 }
 
 /// Kills the child if the test fails before it does.

@@ -9,7 +9,6 @@
 //! parsers find them; only a section this module wrote (its marker line
 //! right below the header) is ever replaced, and every other line is kept.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use agentkeys_wire::signed::WireError;
@@ -207,8 +206,7 @@ pub fn with_profile(text: &str, profile: &Profile) -> Result<String, Unacceptabl
 /// Writes `profile` into the config file at `path` (through a symlink to
 /// the file it names; created 0600 with its directory when missing; an
 /// existing file keeps its permissions), holding a lock against another
-/// `agentkeys` writing at once, through a temporary file renamed over it,
-/// so a reader never sees half.
+/// `agentkeys` writing at once, replaced whole (see `atomic_file`).
 pub fn write_profile(path: &Path, profile: &Profile) -> Result<(), WriteError> {
     let target = match std::fs::canonicalize(path) {
         Ok(real) => real,
@@ -242,14 +240,8 @@ pub fn write_profile(path: &Path, profile: &Profile) -> Result<(), WriteError> {
         Err(e) => return Err(ClientError::from(e).into()),
     };
     let updated = with_profile(&text, profile)?;
-    let io = |e: std::io::Error| WriteError::Local(e.into());
-    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-    file.write_all(updated.as_bytes()).map_err(io)?;
-    if let Some(permissions) = permissions {
-        file.as_file().set_permissions(permissions).map_err(io)?;
-    }
-    file.as_file().sync_all().map_err(io)?;
-    file.persist(&target).map_err(|e| io(e.error))?;
+    crate::atomic_file::replace(&target, updated.as_bytes(), permissions)
+        .map_err(ClientError::from)?;
     Ok(())
 }
 

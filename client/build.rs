@@ -1,0 +1,5 @@
+include!("../build-support/version.rs");
+
+fn main() {
+    emit_git_sha();
+}

@@ -1,0 +1,67 @@
+//! `serve` that cannot start says why in one line and exits with the code
+//! the runbook documents for the cause, never with a panic.
+
+use std::path::Path;
+use std::process::Output;
+
+use crate::process::broker_command;
+
+/// The run's exit code and its stderr, which must be one line, no panic.
+fn one_line_failure(output: &Output) -> (i32, String) {
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    assert!(!output.status.success());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    (output.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn a_port_in_use_exits_5_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let data = dir.path().join("data");
+    let output = broker_command(&data, port).output().unwrap();
+    let (code, stderr) = one_line_failure(&output);
+    assert_eq!(code, 5, "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert!(
+        !data.join("audit.redb").exists(),
+        "nothing started before the bind failed"
+    );
+}
+
+#[test]
+fn a_configuration_error_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broken.toml");
+    std::fs::write(&config, "[server]\nbind = 8080\nno_such_key = true\n").unwrap();
+    let output = broker_command(&dir.path().join("data"), 0)
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (code, stderr) = one_line_failure(&output);
+    assert_eq!(code, 3, "{stderr}");
+    let unknown = broker_command(&dir.path().join("data"), 0)
+        .env("AGENTKEYS__LOG__FORMAT", "yaml")
+        .output()
+        .unwrap();
+    let (code, stderr) = one_line_failure(&unknown);
+    assert_eq!(code, 3, "{stderr}");
+}
+
+#[test]
+fn a_storage_error_exits_4() {
+    let dir = tempfile::tempdir().unwrap();
+    // The data directory is a file: nothing can be stored there.
+    let data = dir.path().join("data");
+    std::fs::write(&data, "not a directory").unwrap();
+    let output = broker_command(&data, 0).output().unwrap();
+    let (code, stderr) = one_line_failure(&output);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("data"), "{stderr}");
+    assert!(!Path::new(&data).is_dir());
+}
