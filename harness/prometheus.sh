@@ -16,6 +16,10 @@ source harness/lib.sh
 with_scratch
 ca="$work/tls/ca.pem"
 
+tools=${AGENTKEYS_TOOLS:-$PWD/.ci/tools}
+venv_python="$tools/venv/bin/python"
+"$venv_python" -c 'import yaml' 2>/dev/null || { [ -x "$venv_python" ] || python3 -m venv "$tools/venv"; "$tools/venv/bin/pip" install --quiet --disable-pip-version-check pyyaml; }
+
 step "promtool checks the rules"
 command -v prometheus >/dev/null && command -v promtool >/dev/null \
   || fail "prometheus and promtool are not installed (Debian package prometheus)"
@@ -117,30 +121,50 @@ assert rules and not bad, bad
 print(len(rules), "rules, all healthy")' >"$work/rules.txt" || fail "a rule does not evaluate: $(cat "$work/rules.txt")"
 ok "$(cat "$work/rules.txt")"
 
-step "the dashboard: every expression runs and names only served metrics"
+step "rules and dashboard: every selector names a served family and label values the broker emits"
 curl -fs --cacert "$work/tls/ca.pem" "$admin_url/metrics" >"$work/metrics.txt"
-python3 - "$prom" "$work/metrics.txt" docs/ops/grafana-dashboard.json <<'PY' || fail "the dashboard does not match the broker's metrics"
+"$venv_python" - "$prom" "$work/metrics.txt" docs/ops/grafana-dashboard.json docs/ops/prometheus-rules.yml <<'PY' || fail "a rule or a panel does not match the broker's metrics"
 import json, re, sys, urllib.parse, urllib.request
+import yaml
 
-prom, metrics_file, dashboard_file = sys.argv[1:]
-served = {line.split()[2] for line in open(metrics_file) if line.startswith("# TYPE ")}
-helped = {line.split()[2] for line in open(metrics_file) if line.startswith("# HELP ")}
+prom, metrics_file, dashboard_file, rules_file = sys.argv[1:]
+text = open(metrics_file).read()
+served = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+helped = {line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")}
 assert served <= helped, f"families without HELP: {served - helped}"
-dashboard = json.load(open(dashboard_file))
-checked = 0
-for panel in dashboard["panels"]:
+samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+
+# Labels whose every value the broker serves from the start (a status or a
+# sink appears only once it happened or exists).
+PREREGISTERED = {"outcome", "stage", "answer", "result", "actor", "store"}
+
+def check(where, expr):
+    """Every selector names a served family; every matcher on a label the
+    broker serves in full matches a served sample."""
+    for name, braces in re.findall(r"\b((?:agentkeys|process)_[a-z_]+)(\{[^}]*\})?", expr):
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert family in served, f"{where}: {family} is not served"
+        for label, value in re.findall(r'(\w+)="([^"]*)"', braces or ""):
+            if label not in PREREGISTERED:
+                continue
+            assert any(s.startswith(name) and f'{label}="{value}"' in s for s in samples), \
+                f'{where}: no {name} sample has {label}="{value}"'
+    answer = json.load(urllib.request.urlopen(f"{prom}/api/v1/query?query={urllib.parse.quote(expr)}"))
+    assert answer["status"] == "success", (where, answer)
+
+rules = [r for g in yaml.safe_load(open(rules_file))["groups"] for r in g["rules"]]
+for rule in rules:
+    check(f"rule {rule['alert']}", rule["expr"])
+panels = json.load(open(dashboard_file))["panels"]
+for panel in panels:
     for target in panel["targets"]:
-        expr = target["expr"]
-        for name in re.findall(r"\b((?:agentkeys|process)_[a-z_]+)", expr):
-            family = re.sub(r"_(bucket|sum|count)$", "", name)
-            assert family in served, f"panel {panel['title']!r}: {family} is not served"
-        answer = json.load(urllib.request.urlopen(f"{prom}/api/v1/query?query={urllib.parse.quote(expr)}"))
-        assert answer["status"] == "success", (panel["title"], answer)
-        checked += 1
+        expr = target["expr"].replace("$job", "agentkeys-broker").replace("$instance", ".*")
+        check(f"panel {panel['title']!r}", expr)
 build = json.load(urllib.request.urlopen(f"{prom}/api/v1/query?query=agentkeys_build_info"))["data"]["result"]
 assert build and build[0]["metric"]["git_sha"] and build[0]["value"][1] == "1", build
-print(f"{checked} panel expressions run; {len(served)} families served, all with HELP; build {build[0]['metric']['version']} {build[0]['metric']['git_sha']}")
+print(f"{len(rules)} rules and {len(panels)} panels: every selector served, every label value emitted; "
+      f"{len(served)} families, all with HELP; build {build[0]['metric']['version']} {build[0]['metric']['git_sha']}")
 PY
-ok "dashboard expressions checked"
+ok "rules and dashboard checked against the broker's own metrics"
 
 printf '\nprometheus: every step passed\n'

@@ -188,7 +188,9 @@ fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
     if let Some(startup) = error.downcast_ref::<StartupError>() {
         return startup.exit_code();
     }
-    if error.downcast_ref::<SettingsError>().is_some() {
+    if error.downcast_ref::<SettingsError>().is_some()
+        || error.downcast_ref::<telemetry::TelemetryError>().is_some()
+    {
         return 3;
     }
     1
@@ -207,7 +209,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Serve { config } => {
             let settings = Settings::load(config.as_deref())?;
-            telemetry::init(&settings.log);
+            let _traces = telemetry::init(&settings.log)?;
             Application::build(settings)
                 .await?
                 .run_until_stopped()

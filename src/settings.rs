@@ -432,6 +432,14 @@ pub struct LogSettings {
     pub filter: String,
     /// `text` for people, `json` (one object per line) for log shippers.
     pub format: LogFormat,
+    /// An OpenTelemetry collector's OTLP/HTTP traces URL
+    /// (`http://collector:4318/v1/traces`): every span goes there too
+    /// (feature `otlp`). The SDK's `OTEL_*` variables tune it (headers,
+    /// batch delay, timeout).
+    pub otlp_endpoint: Option<String>,
+    /// Which spans go to the collector (a tracing filter, apart from
+    /// `filter`, so quiet logs still export every request's span).
+    pub otlp_filter: String,
 }
 
 /// How log lines are written (always to stderr).
@@ -450,6 +458,8 @@ impl Default for LogSettings {
         Self {
             filter: "info".into(),
             format: LogFormat::Text,
+            otlp_endpoint: None,
+            otlp_filter: "info".into(),
         }
     }
 }
@@ -516,6 +526,22 @@ impl Settings {
         }
         if self.storage.cache_mib == 0 {
             return invalid("storage.cache_mib must be at least 1");
+        }
+        // A listen address that cannot be an address is a configuration
+        // mistake (exit 3), not a port someone else holds (exit 5).
+        let addresses = std::iter::once(("server.bind", Some(&self.server.bind))).chain(
+            std::iter::once(("server.admin_bind", self.server.admin_bind.as_ref())),
+        );
+        for (key, bind) in addresses {
+            if let Some(bind) = bind {
+                let resolves = std::net::ToSocketAddrs::to_socket_addrs(bind.as_str())
+                    .is_ok_and(|mut found| found.next().is_some());
+                if !resolves {
+                    return Err(SettingsError::Invalid(format!(
+                        "{key} must be host:port (a port from 0 to 65535), not {bind:?}"
+                    )));
+                }
+            }
         }
         if self.server.max_connections == 0
             || self.server.client_request_timeout_ms == 0

@@ -58,7 +58,8 @@ pub enum StartupError {
 }
 
 /// Why `serve` stopped before serving, as its exit status (documented in
-/// the runbook): 3 configuration, 4 storage and data, 5 a listener.
+/// the runbook): 3 configuration, 4 storage and data, 5 a listener that
+/// cannot listen on a valid address.
 impl StartupError {
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -71,7 +72,8 @@ impl StartupError {
             | Self::Storage(_)
             | Self::AuditSinks(_)
             | Self::AdminToken(_) => 4,
-            Self::Listen(ListenError::Bind { .. }) | Self::Signal(_) => 5,
+            Self::Signal(_) => 1,
+            Self::Listen(ListenError::Bind { .. }) => 5,
         }
     }
 }

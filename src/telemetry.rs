@@ -5,29 +5,126 @@ use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::settings::{LogFormat, LogSettings};
 
+/// Why tracing could not be set up (a configuration error).
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("log.otlp_endpoint: this broker was built without the otlp feature")]
+    OtlpNotBuilt,
+    #[cfg(feature = "otlp")]
+    #[error("log.otlp_endpoint: {0}")]
+    Otlp(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// Keeps trace export running; dropping it sends the spans still queued.
+#[must_use = "traces are exported while the guard lives"]
+pub struct TelemetryGuard {
+    #[cfg(feature = "otlp")]
+    traces: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        #[cfg(feature = "otlp")]
+        if let Some(traces) = self.traces.take() {
+            if let Err(error) = traces.shutdown() {
+                eprintln!("agentkeys-broker: traces not all exported: {error}");
+            }
+        }
+    }
+}
+
 /// Logs to stderr (stdout stays free for a command's answer), in the
-/// configured format; colour only when stderr is a terminal.
-pub fn init(log: &LogSettings) {
+/// configured format, colour only when stderr is a terminal, filtered by
+/// `log.filter` (or `RUST_LOG`); and, with `log.otlp_endpoint` (feature
+/// `otlp`), spans to an OpenTelemetry collector over OTLP/HTTP, filtered on
+/// their own by `log.otlp_filter`.
+pub fn init(log: &LogSettings) -> Result<TelemetryGuard, TelemetryError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(std::io::stderr);
-    // A second init (tests) keeps the first subscriber.
-    let _ = match log.format {
-        LogFormat::Text => builder
+    let lines = match log.format {
+        LogFormat::Text => lines
             .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
-        LogFormat::Json => builder
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => lines
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
+            .with_filter(filter)
+            .boxed(),
     };
+    let (traces, guard) = trace_export(log)?;
+    let mut layers = vec![lines];
+    layers.extend(traces);
+    // A second init (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Ok(guard)
+}
+
+/// A layer over the bare registry, boxed so the formats and exports mix.
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// The layer that exports spans, when `log.otlp_endpoint` asks for one.
+#[cfg(feature = "otlp")]
+fn trace_export(log: &LogSettings) -> Result<(Option<BoxedLayer>, TelemetryGuard), TelemetryError> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry::KeyValue;
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+
+    let Some(endpoint) = &log.otlp_endpoint else {
+        return Ok((None, TelemetryGuard { traces: None }));
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpJson)
+        .with_endpoint(endpoint)
+        .build()?;
+    // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win when set.
+    let mut resource = opentelemetry_sdk::Resource::builder().with_attributes([
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("vcs.revision", env!("AGENTKEYS_GIT_SHA")),
+        KeyValue::new("service.instance.id", instance_id()),
+    ]);
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name("agentkeys-broker");
+    }
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("agentkeys-broker"))
+        .with_filter(EnvFilter::new(&log.otlp_filter))
+        .boxed();
+    Ok((
+        Some(layer),
+        TelemetryGuard {
+            traces: Some(provider),
+        },
+    ))
+}
+
+/// This process among the replicas: the host's name and the process id.
+#[cfg(feature = "otlp")]
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+#[cfg(not(feature = "otlp"))]
+fn trace_export(log: &LogSettings) -> Result<(Option<BoxedLayer>, TelemetryGuard), TelemetryError> {
+    match log.otlp_endpoint {
+        Some(_) => Err(TelemetryError::OtlpNotBuilt),
+        None => Ok((None, TelemetryGuard {})),
+    }
 }
 
 /// Latency buckets (seconds): sub-millisecond to a second.

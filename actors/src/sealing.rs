@@ -94,7 +94,8 @@ impl Sealer {
             tracing::warn!(path = %shown, "generated a new sealing key: back it up apart from the data directory");
         }
         let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
-        if mode != 0o600 && mode != 0o400 {
+        let handed_over = systemd_credential(path, std::env::var_os("CREDENTIALS_DIRECTORY"));
+        if mode != 0o600 && mode != 0o400 && !handed_over {
             return Err(SealingError::Mode { path: shown, mode });
         }
         let text = fs::read_to_string(path).map_err(io)?;
@@ -149,6 +150,20 @@ impl Sealer {
 }
 
 /// 32 bytes from the OS generator: a new sealing key.
+/// True when `path` is a credential systemd handed this service
+/// (`LoadCredential`): a file directly in `$CREDENTIALS_DIRECTORY`, a
+/// directory private to the unit whose modes systemd chooses (0440 with an
+/// ACL for a `DynamicUser` since systemd 254), so the mode check does not
+/// apply to it.
+fn systemd_credential(path: &Path, credentials: Option<std::ffi::OsString>) -> bool {
+    let Some(credentials) = credentials.filter(|c| !c.is_empty()) else {
+        return false;
+    };
+    let folder = path.parent().and_then(|p| p.canonicalize().ok());
+    let credentials = Path::new(&credentials).canonicalize().ok();
+    folder.is_some() && folder == credentials
+}
+
 fn new_key() -> Result<[u8; 32], SealingError> {
     let mut key = [0u8; 32];
     aws_lc_rs::rand::fill(&mut key).map_err(|_| SealingError::Seal)?;
@@ -181,6 +196,33 @@ mod tests {
             sealer.open("idempotency slot-a", "a live jwt").is_err(),
             "not sealed"
         );
+    }
+
+    #[test]
+    fn only_a_file_directly_in_the_credentials_directory_is_a_systemd_credential() {
+        let root = tempfile::tempdir().unwrap();
+        let credentials = root.path().join("credentials");
+        let lookalike = root.path().join("credentials-other");
+        fs::create_dir_all(credentials.join("nested")).unwrap();
+        fs::create_dir_all(&lookalike).unwrap();
+        let env = Some(credentials.clone().into_os_string());
+        assert!(systemd_credential(
+            &credentials.join("sealing.key"),
+            env.clone()
+        ));
+        assert!(!systemd_credential(
+            &credentials.join("nested/sealing.key"),
+            env.clone()
+        ));
+        assert!(!systemd_credential(
+            &lookalike.join("sealing.key"),
+            env.clone()
+        ));
+        assert!(!systemd_credential(&credentials.join("sealing.key"), None));
+        assert!(!systemd_credential(
+            &credentials.join("sealing.key"),
+            Some("".into())
+        ));
     }
 
     #[test]

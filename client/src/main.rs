@@ -70,9 +70,10 @@ struct Where {
     #[arg(long, global = true, env = "AGENTKEYS_CHAIN_ID", default_value_t = 1)]
     chain_id: u64,
     /// Ignore every AGENTKEYS_* variable and the AWS region and endpoint
-    /// ones: only the command line counts (the profiles `agentkeys mcp`
-    /// writes use it, so whatever later runs them cannot redirect the JWT
-    /// or the key through its environment).
+    /// ones, so the broker, key, state dir and STS endpoint are those on
+    /// the command line (the profiles `agentkeys mcp` writes use it).
+    /// Variables of the TLS and proxy layers (SSL_CERT_FILE, HTTPS_PROXY)
+    /// still apply.
     #[arg(long, global = true)]
     no_env: bool,
 }

@@ -59,9 +59,14 @@ where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
 {
     let context = RequestContext::new(proxies, &request);
+    let route = request
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".into());
     let span = tracing::info_span!(
         "request",
         request_id = %context.request_id,
+        method = %request.method(),
+        route = %route,
         client = ?context.client,
     );
     let id = HeaderValue::from_str(&context.request_id).expect("a request id is visible ASCII");

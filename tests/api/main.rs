@@ -19,6 +19,8 @@ mod idempotency;
 mod keys;
 mod listeners;
 mod login_and_mint;
+#[cfg(feature = "otlp")]
+mod otlp;
 mod overload;
 mod owners;
 mod process;

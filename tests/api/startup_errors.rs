@@ -1,7 +1,6 @@
 //! `serve` that cannot start says why in one line and exits with the code
 //! the runbook documents for the cause, never with a panic.
 
-use std::path::Path;
 use std::process::Output;
 
 use crate::process::broker_command;
@@ -51,6 +50,14 @@ fn a_configuration_error_exits_3() {
         .unwrap();
     let (code, stderr) = one_line_failure(&unknown);
     assert_eq!(code, 3, "{stderr}");
+    // Not an address at all: a mistake in the config, not a busy port.
+    let no_port = broker_command(&dir.path().join("data"), 0)
+        .env("AGENTKEYS__SERVER__BIND", "127.0.0.1")
+        .output()
+        .unwrap();
+    let (code, stderr) = one_line_failure(&no_port);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("server.bind"), "{stderr}");
 }
 
 #[test]
@@ -62,6 +69,23 @@ fn a_storage_error_exits_4() {
     let output = broker_command(&data, 0).output().unwrap();
     let (code, stderr) = one_line_failure(&output);
     assert_eq!(code, 4, "{stderr}");
-    assert!(stderr.contains("data"), "{stderr}");
-    assert!(!Path::new(&data).is_dir());
+    assert!(stderr.contains("data directory"), "{stderr}");
+}
+
+/// A broker built without the `otlp` feature does not silently drop the
+/// trace export it was asked for.
+#[cfg(not(feature = "otlp"))]
+#[test]
+fn an_otlp_endpoint_without_the_feature_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = broker_command(&dir.path().join("data"), 0)
+        .env(
+            "AGENTKEYS__LOG__OTLP_ENDPOINT",
+            "http://127.0.0.1:4318/v1/traces",
+        )
+        .output()
+        .unwrap();
+    let (code, stderr) = one_line_failure(&output);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("otlp feature"), "{stderr}");
 }
