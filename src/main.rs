@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use agentkeys_broker::commands::admin::{AdminTarget, AgentCommand, GrantCommand, KeysCommand};
 use agentkeys_broker::commands::client::BrokerClient;
-use agentkeys_broker::commands::{audit, bench, load};
+use agentkeys_broker::commands::{audit, bench, load, token_key};
 use agentkeys_broker::settings::{Settings, SettingsError};
 use agentkeys_broker::startup::{Application, StartupError};
 use agentkeys_broker::telemetry;
@@ -292,6 +292,10 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Agent { target, command } => target.connect()?.agent(command).await?,
         Command::Grant { target, command } => target.connect()?.grant(command).await?,
+        Command::Keys {
+            command: KeysCommand::Init { config, .. },
+            ..
+        } => token_key::init(&Settings::load(config.as_deref())?)?,
         Command::Keys { target, command } => target.connect()?.keys(command).await?,
     };
     println!("{}", serde_json::to_string_pretty(&answer)?);

@@ -167,6 +167,65 @@ pub struct OidcSettings {
     /// A retired key stays published this long after the last token it
     /// signed can have expired.
     pub retired_key_margin_seconds: u64,
+    /// Where the OIDC keys' private halves are: `file` (the key ring,
+    /// sealed) or `pkcs11` (a token: `oidc.pkcs11`).
+    pub signer: SignerKind,
+    /// The token, for `signer = "pkcs11"`.
+    pub pkcs11: Option<Pkcs11Settings>,
+}
+
+/// Where the OIDC keys are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignerKind {
+    #[default]
+    File,
+    Pkcs11,
+}
+
+/// A PKCS#11 token holding the OIDC keys.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Settings {
+    /// The module (`/usr/lib/softhsm/libsofthsm2.so`, a vendor's).
+    pub module: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// The user PIN's file (first line), readable by the broker only…
+    pub pin_file: Option<PathBuf>,
+    /// …or the variable that holds it.
+    pub pin_env: Option<String>,
+    /// The label of the first OIDC key (made by `keys init`); rotations
+    /// add `<label>-<activation time>`.
+    pub key_label: String,
+}
+
+impl Pkcs11Settings {
+    /// The user PIN, from its file or its variable.
+    pub fn pin(&self) -> Result<String, SettingsError> {
+        match (&self.pin_file, &self.pin_env) {
+            (Some(file), None) => std::fs::read_to_string(file)
+                .map(|text| text.lines().next().unwrap_or_default().to_owned())
+                .map_err(|e| {
+                    SettingsError::Invalid(format!("oidc.pkcs11.pin_file {}: {e}", file.display()))
+                }),
+            (None, Some(name)) => std::env::var(name).map_err(|_| {
+                SettingsError::Invalid(format!("oidc.pkcs11.pin_env: ${name} is not set"))
+            }),
+            _ => Err(SettingsError::Invalid(
+                "oidc.pkcs11 takes exactly one of pin_file and pin_env".into(),
+            )),
+        }
+    }
+
+    /// The token to open, its PIN read now.
+    pub fn token(&self) -> Result<agentkeys_actors::token::TokenSettings, SettingsError> {
+        Ok(agentkeys_actors::token::TokenSettings {
+            module: self.module.clone(),
+            token_label: self.token_label.clone(),
+            pin: self.pin()?,
+        })
+    }
 }
 
 impl Default for OidcSettings {
@@ -177,6 +236,8 @@ impl Default for OidcSettings {
             jwks_max_age_seconds: 300,
             rotation_lead_seconds: 900,
             retired_key_margin_seconds: 300,
+            signer: SignerKind::File,
+            pkcs11: None,
         }
     }
 }
@@ -512,6 +573,9 @@ impl Settings {
         }
         if self.oidc.audiences.is_empty() || self.oidc.audiences.iter().any(String::is_empty) {
             return invalid("oidc.audiences must list at least one audience");
+        }
+        if self.oidc.signer == SignerKind::Pkcs11 && self.oidc.pkcs11.is_none() {
+            return invalid("oidc.signer = \"pkcs11\" needs an [oidc.pkcs11] section");
         }
         let rates = [
             self.rate_limit.per_second,

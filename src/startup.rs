@@ -17,7 +17,7 @@ use agentkeys_actors::auth::{self, AuthActor};
 use agentkeys_actors::backpressure::Handle;
 use agentkeys_actors::domain::{now_unix, Namespace, ServiceName};
 use agentkeys_actors::grant::{GrantActor, GrantSettings};
-use agentkeys_actors::keys::{KeyError, KeyRing};
+use agentkeys_actors::keys::{KeyError, KeyRing, OidcToken};
 use agentkeys_actors::mint::{MintFlow, MintPolicy};
 use agentkeys_actors::rate_limit::{self, RateLimitActor};
 use agentkeys_actors::sealing::{Sealer, SealingError};
@@ -25,12 +25,13 @@ use agentkeys_actors::signer::{SignerPool, SignerPoolSettings};
 use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
 use agentkeys_actors::storage::{GrantStore, StorageError};
 use agentkeys_actors::system::Actors;
+use agentkeys_actors::token::Token;
 
 use crate::admin_token::AdminToken;
 use crate::listen::client_address::TrustedProxies;
 use crate::listen::{request_context, tls, ListenError, Listener, Listeners};
 use crate::routes::Serves;
-use crate::settings::{Settings, SettingsError};
+use crate::settings::{Settings, SettingsError, SignerKind};
 use crate::{body_deadline, routes, telemetry};
 
 #[derive(Debug, thiserror::Error)]
@@ -251,9 +252,28 @@ pub fn build_actors(settings: &Settings) -> Result<Actors, StartupError> {
     let data_dir = &settings.storage.data_dir;
     agentkeys_actors::data_dir::secure(data_dir).map_err(StartupError::DataDir)?;
     let sealer = Sealer::load_or_generate(&settings.secrets.sealing_key_file, data_dir)?;
-    let keys =
-        KeyRing::load_or_generate(data_dir, settings.rotation_policy(), now_unix(), &sealer)?;
+    let keys = key_ring(settings, &sealer)?;
     start_actors(settings, keys, sealer)
+}
+
+/// The key ring, its OIDC keys on the PKCS#11 token when `oidc.signer`
+/// names one (opened now: a wrong PIN or a missing key stops the start).
+pub fn key_ring(settings: &Settings, sealer: &Sealer) -> Result<KeyRing, StartupError> {
+    let token = match (&settings.oidc.signer, &settings.oidc.pkcs11) {
+        (SignerKind::Pkcs11, Some(pkcs11)) => Some(OidcToken {
+            token: Arc::new(Token::open(&pkcs11.token()?).map_err(KeyError::from)?),
+            key_label: pkcs11.key_label.clone(),
+        }),
+        _ => None,
+    };
+    let data_dir = &settings.storage.data_dir;
+    Ok(KeyRing::load(
+        data_dir,
+        settings.rotation_policy(),
+        now_unix(),
+        sealer,
+        token,
+    )?)
 }
 
 /// Starts the five actors.

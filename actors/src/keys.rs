@@ -15,6 +15,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aws_lc_rs::signature::{
     EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING,
@@ -27,6 +28,7 @@ use serde_json::json;
 
 use crate::domain::{sha256_hex, ErrorCode};
 use crate::sealing::{Sealer, SealingError};
+use crate::token::{Token, TokenError, TokenKey};
 
 pub const KEYRING_FILE: &str = "keyring.json";
 /// Published OIDC keys at most (current, pending and retiring): the JWKS
@@ -46,6 +48,10 @@ pub enum KeyError {
     TooManyKeys,
     #[error("key ring: {0}")]
     Sealing(#[from] SealingError),
+    #[error("signing key on the token: {0}")]
+    Token(#[from] TokenError),
+    #[error("the key ring's OIDC key {0:?} is on a PKCS#11 token, and oidc.signer names none")]
+    TokenNeeded(String),
 }
 
 impl KeyError {
@@ -79,6 +85,10 @@ struct StoredKey {
     pkcs8: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sealed_pkcs8: Option<String>,
+    /// An OIDC key on the PKCS#11 token: its label there (no private
+    /// material here at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_label: Option<String>,
     created_at: u64,
     activates_at: u64,
 }
@@ -127,8 +137,7 @@ pub const RECEIPT_TYP: &str = "agentkeys-grant-receipt+jwt";
 /// grant receipts), and its public JWK.
 pub struct Es256Key {
     pub kid: String,
-    /// Parsed once: re-parsing PKCS#8 per signature would cost a third of it.
-    pair: EcdsaKeyPair,
+    signer: Es256Signer,
     /// The JWT header, base64url, ready to sign under.
     encoded_header: String,
     pub jwk: serde_json::Value,
@@ -145,13 +154,39 @@ impl Es256Key {
         jwt.push_str(&self.encoded_header);
         jwt.push('.');
         URL_SAFE_NO_PAD.encode_string(&payload, &mut jwt);
-        let signature = self
-            .pair
-            .sign(&aws_lc_rs::rand::SystemRandom::new(), jwt.as_bytes())
-            .map_err(|_| "ES256 signing failed".to_owned())?;
+        let signature = self.signer.sign(jwt.as_bytes())?;
         jwt.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut jwt);
+        URL_SAFE_NO_PAD.encode_string(&signature, &mut jwt);
         Ok(jwt)
+    }
+}
+
+/// Where an ES256 key's private half is.
+enum Es256Signer {
+    /// In memory, opened from the sealed ring; parsed once (re-parsing
+    /// PKCS#8 per signature would cost a third of it).
+    Memory(EcdsaKeyPair),
+    /// On a PKCS#11 token, which signs each digest it is sent.
+    Token(Arc<Token>, TokenKey),
+}
+
+impl Es256Signer {
+    /// r ‖ s over SHA-256 of `message`.
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            Self::Memory(pair) => pair
+                .sign(&aws_lc_rs::rand::SystemRandom::new(), message)
+                .map(|signature| signature.as_ref().to_vec())
+                .map_err(|_| "ES256 signing failed".to_owned()),
+            Self::Token(token, key) => {
+                let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message);
+                let digest: &[u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
+                token
+                    .sign_digest(key, digest)
+                    .map(|signature| signature.to_vec())
+                    .map_err(|e| format!("token {}: {e}", token.label()))
+            }
+        }
     }
 }
 
@@ -175,9 +210,20 @@ pub struct KeyInfo {
     pub usable_until: Option<u64>,
 }
 
+/// The token that holds the OIDC keys (`oidc.signer = "pkcs11"`), and
+/// the label of the key to adopt first; later keys are labelled
+/// `<label>-<activates_at>`.
+#[derive(Clone)]
+pub struct OidcToken {
+    pub token: Arc<Token>,
+    pub key_label: String,
+}
+
 pub struct KeyRing {
     file: PathBuf,
     policy: RotationPolicy,
+    /// Where new OIDC keys are made: the token, or (none) memory.
+    token: Option<OidcToken>,
     /// Seals every private key before it is written.
     sealer: Sealer,
     stored: StoredRing,
@@ -191,12 +237,27 @@ pub struct KeyRing {
 
 impl KeyRing {
     /// Loads `keyring.json` from `dir`, creating it with one key of each
-    /// kind on first start.
+    /// kind on first start; every key in memory (sealed on disk).
     pub fn load_or_generate(
         dir: &Path,
         policy: RotationPolicy,
         now: u64,
         sealer: &Sealer,
+    ) -> Result<Self, KeyError> {
+        Self::load(dir, policy, now, sealer, None)
+    }
+
+    /// [`Self::load_or_generate`], the OIDC keys on `token` when one is
+    /// given: its configured key is adopted (it must exist: `keys init`
+    /// makes it), signing at once on a new ring or after the lead time
+    /// when memory keys sign now; the memory keys stay published until
+    /// they retire.
+    pub fn load(
+        dir: &Path,
+        policy: RotationPolicy,
+        now: u64,
+        sealer: &Sealer,
+        token: Option<OidcToken>,
     ) -> Result<Self, KeyError> {
         let file = dir.join(KEYRING_FILE);
         let io = |source| KeyError::Io {
@@ -215,6 +276,7 @@ impl KeyRing {
         let mut ring = Self {
             file,
             policy,
+            token,
             sealer: sealer.clone(),
             stored: StoredRing::default(),
             oidc: Vec::new(),
@@ -226,10 +288,15 @@ impl KeyRing {
             .iter()
             .chain(&stored.session)
             .chain(&stored.receipt)
-            .any(|k| k.sealed_pkcs8.is_none());
+            .any(|k| k.sealed_pkcs8.is_none() && k.token_label.is_none());
         for key in stored.oidc {
-            let (der, stored) = key.open("oidc", sealer)?;
-            ring.add_oidc(&der, stored)?;
+            match key.token_label.clone() {
+                Some(label) => ring.add_token_oidc(&label, key)?,
+                None => {
+                    let (der, stored) = key.open("oidc", sealer)?;
+                    ring.add_oidc(&der, stored)?;
+                }
+            }
         }
         for key in stored.session {
             let (der, stored) = key.open("session", sealer)?;
@@ -242,6 +309,15 @@ impl KeyRing {
         let mut changed = unsealed;
         if unsealed {
             tracing::warn!("the key ring held plain private keys; they are sealed now");
+        }
+        let on_token = ring.stored.oidc.iter().any(|k| k.token_label.is_some());
+        if let Some(OidcToken { key_label, .. }) = ring.token.clone().filter(|_| !on_token) {
+            let activates_at = match ring.oidc.last() {
+                None => now,
+                Some(latest) => (now + ring.policy.oidc_lead_seconds).max(latest.activates_at + 1),
+            };
+            ring.adopt_token_oidc(&key_label, now, activates_at)?;
+            changed = true;
         }
         if ring.oidc.is_empty() {
             ring.rotate_in_oidc(now, now)?;
@@ -289,6 +365,49 @@ impl KeyRing {
         Ok(())
     }
 
+    /// Adds a stored OIDC key that lives on the token under `label`.
+    fn add_token_oidc(&mut self, label: &str, stored: StoredKey) -> Result<(), KeyError> {
+        let token = self
+            .token
+            .clone()
+            .ok_or_else(|| KeyError::TokenNeeded(label.to_owned()))?;
+        let key = token_oidc_key(
+            &token.token,
+            token.token.find_key(label)?,
+            stored.activates_at,
+        );
+        if key.kid != stored.kid {
+            return Err(KeyError::Invalid(format!(
+                "{KEYRING_FILE}: the token's key {label:?} is not the one the ring published"
+            )));
+        }
+        self.oidc.push(key);
+        self.stored.oidc.push(stored);
+        Ok(())
+    }
+
+    /// Adds the token's key `label` (which must exist), signing from
+    /// `activates_at`.
+    fn adopt_token_oidc(
+        &mut self,
+        label: &str,
+        now: u64,
+        activates_at: u64,
+    ) -> Result<(), KeyError> {
+        let token = self.token.clone().expect("called with a token");
+        let key = token_oidc_key(&token.token, token.token.find_key(label)?, activates_at);
+        self.stored.oidc.push(StoredKey {
+            kid: key.kid.clone(),
+            pkcs8: None,
+            sealed_pkcs8: None,
+            token_label: Some(label.to_owned()),
+            created_at: now,
+            activates_at,
+        });
+        self.oidc.push(key);
+        Ok(())
+    }
+
     fn add_session(&mut self, der: &[u8], stored: StoredKey) -> Result<(), KeyError> {
         let key = session_key(der, stored.activates_at)
             .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))?;
@@ -297,8 +416,15 @@ impl KeyRing {
         Ok(())
     }
 
-    /// Generates an OIDC key signing from `activates_at` and adds it.
+    /// Generates an OIDC key signing from `activates_at` and adds it: on
+    /// the token (made, or adopted when its label exists) when there is
+    /// one, else in memory.
     fn rotate_in_oidc(&mut self, now: u64, activates_at: u64) -> Result<(), KeyError> {
+        if let Some(token) = self.token.clone() {
+            let label = format!("{}-{activates_at}", token.key_label);
+            token.token.find_or_generate_key(&label)?;
+            return self.adopt_token_oidc(&label, now, activates_at);
+        }
         let der = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
             .and_then(|k| k.to_pkcs8v1())
             .map_err(|_| KeyError::Invalid("a new ES256 key".into()))?;
@@ -334,6 +460,7 @@ impl KeyRing {
             kid,
             pkcs8: None,
             sealed_pkcs8: Some(sealed),
+            token_label: None,
             created_at,
             activates_at,
         })
@@ -525,7 +652,36 @@ fn receipt_key(der: &[u8], activates_at: u64) -> Option<Es256Key> {
 fn es256_key(der: &[u8], activates_at: u64, typ: &str, kid_prefix: &str) -> Option<Es256Key> {
     let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der).ok()?;
     // Uncompressed SEC1 point: 0x04 ‖ x ‖ y.
-    let point = pair.public_key().as_ref();
+    let point: [u8; 65] = pair.public_key().as_ref().try_into().ok()?;
+    Some(es256_from_point(
+        &point,
+        Es256Signer::Memory(pair),
+        activates_at,
+        typ,
+        kid_prefix,
+    ))
+}
+
+/// An OIDC key on a token: its JWK and `kid` from the public point the
+/// token gave, as for a key in memory.
+fn token_oidc_key(token: &Arc<Token>, key: TokenKey, activates_at: u64) -> Es256Key {
+    let point = key.point;
+    es256_from_point(
+        &point,
+        Es256Signer::Token(token.clone(), key),
+        activates_at,
+        "JWT",
+        "",
+    )
+}
+
+fn es256_from_point(
+    point: &[u8; 65],
+    signer: Es256Signer,
+    activates_at: u64,
+    typ: &str,
+    kid_prefix: &str,
+) -> Es256Key {
     let x = URL_SAFE_NO_PAD.encode(&point[1..33]);
     let y = URL_SAFE_NO_PAD.encode(&point[33..65]);
     // RFC 7638 thumbprint: the required members, sorted, no spaces.
@@ -536,13 +692,13 @@ fn es256_key(der: &[u8], activates_at: u64, typ: &str, kid_prefix: &str) -> Opti
         "kid": kid, "alg": "ES256", "use": "sig",
     });
     let header = json!({ "typ": typ, "alg": "ES256", "kid": kid });
-    Some(Es256Key {
+    Es256Key {
         encoded_header: URL_SAFE_NO_PAD.encode(header.to_string()),
         kid,
-        pair,
+        signer,
         jwk,
         activates_at,
-    })
+    }
 }
 
 fn session_key(der: &[u8], activates_at: u64) -> Option<SessionKey> {

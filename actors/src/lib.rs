@@ -13,6 +13,8 @@
 //! - [`keys`]: the key ring (OIDC ES256 and session Ed25519 keys, rotated
 //!   with overlap), on disk 0600 with its private keys sealed, generated on
 //!   first start.
+//! - [`token`]: a PKCS#11 token holding the OIDC keys (`oidc.signer =
+//!   "pkcs11"`), signing digests it is sent.
 //! - [`sealing`]: the operator's sealing key (outside the data directory)
 //!   and what is sealed with it: private keys and stored replay answers.
 //! - [`data_dir`]: the data directory 0700 and every file in it 0600.
@@ -46,3 +48,4 @@ pub mod sealing;
 pub mod signer;
 pub mod storage;
 pub mod system;
+pub mod token;

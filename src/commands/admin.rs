@@ -84,6 +84,18 @@ pub enum KeysCommand {
     },
     /// Every key with its schedule.
     List,
+    /// Make the first OIDC key on the PKCS#11 token the config names
+    /// (`oidc.pkcs11`): non-extractable EC P-256, or adopted when its label
+    /// exists; prints the key and the config lines (runs locally, not
+    /// through the admin API).
+    Init {
+        /// Where the key is made; `pkcs11` is the one this build offers.
+        #[arg(long, value_parser = ["pkcs11"])]
+        signer: String,
+        /// Config file naming the token; as for `serve`.
+        #[arg(long, env = "AGENTKEYS_CONFIG")]
+        config: Option<std::path::PathBuf>,
+    },
 }
 
 impl AdminTarget {
@@ -181,6 +193,7 @@ impl AdminTarget {
                     .call("GET", "/v1/admin/keys", self.token(), None)
                     .await
             }
+            KeysCommand::Init { .. } => unreachable!("keys init runs locally (main)"),
         }
     }
 }

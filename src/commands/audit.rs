@@ -5,9 +5,8 @@
 
 use agentkeys_actors::audit::ledger::LedgerSink;
 use agentkeys_actors::audit::verify::{verify, VerifyReport};
-use agentkeys_actors::domain::now_unix;
 use agentkeys_actors::grant::receipt::{check_receipts, ReceiptCheck};
-use agentkeys_actors::keys::{KeyRing, KEYRING_FILE};
+use agentkeys_actors::keys::KEYRING_FILE;
 use agentkeys_actors::sealing::Sealer;
 use agentkeys_actors::storage::redb_store::RedbGrantStore;
 use agentkeys_actors::storage::GrantStore;
@@ -64,8 +63,7 @@ fn receipts_of(settings: &Settings) -> Result<ReceiptCheck, String> {
         }
     }
     let sealer = Sealer::load_or_generate(sealing_key, data_dir).map_err(|e| e.to_string())?;
-    let ring = KeyRing::load_or_generate(data_dir, settings.rotation_policy(), now_unix(), &sealer)
-        .map_err(|e| e.to_string())?;
+    let ring = crate::startup::key_ring(settings, &sealer).map_err(|e| e.to_string())?;
     let keys = serde_json::from_value(ring.receipt_jwks()).map_err(|e| e.to_string())?;
     let store = RedbGrantStore::open(&grants_file, settings.cache_bytes(), sealer)
         .map_err(|e| format!("{}: {e}", grants_file.display()))?;

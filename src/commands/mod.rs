@@ -6,3 +6,4 @@ pub mod audit;
 pub mod bench;
 pub mod client;
 pub mod load;
+pub mod token_key;

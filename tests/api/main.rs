@@ -15,6 +15,7 @@ mod grant_uses;
 mod grants;
 mod helpers;
 mod hostile;
+mod hsm;
 mod idempotency;
 mod keys;
 mod listeners;

@@ -1,0 +1,274 @@
+//! A PKCS#11 token (an HSM, or SoftHSM) that holds the OIDC signing keys,
+//! so their private halves never enter the broker's memory: the broker
+//! finds or makes a non-extractable EC P-256 key by label, reads its public
+//! point for the JWKS, and asks the token for each ES256 signature.
+//!
+//! Sessions are pooled (HSM sessions are scarce, and one session runs one
+//! operation at a time); one stays open for the process's life, since a
+//! token logs the application out when its last session closes.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
+use cryptoki::error::{Error, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+
+/// DER of the OID of P-256 (1.2.840.10045.3.1.7), the curve every key
+/// made here is on.
+const P256: [u8; 10] = [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+
+/// Where the token is and how to open it, from config.
+#[derive(Clone)]
+pub struct TokenSettings {
+    /// The PKCS#11 module (`/usr/lib/softhsm/libsofthsm2.so`, a vendor's).
+    pub module: PathBuf,
+    /// The token's label, which names it whatever slot it sits in.
+    pub token_label: String,
+    /// The user PIN (read from a file or a variable; never logged).
+    pub pin: String,
+}
+
+impl std::fmt::Debug for TokenSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSettings")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("PKCS#11 module {module}: {source}")]
+    Module { module: String, source: Error },
+    #[error("no initialised PKCS#11 token is labelled {0:?}")]
+    NoToken(String),
+    #[error("PKCS#11 login to token {label:?} refused: {source}")]
+    Login { label: String, source: Error },
+    #[error("no EC private key labelled {0:?} on the token")]
+    NoKey(String),
+    #[error("the token's key {0:?} is not a P-256 key this broker can publish")]
+    NotP256(String),
+    #[error("PKCS#11: {0}")]
+    Call(#[from] Error),
+}
+
+/// An opened, logged-in token.
+pub struct Token {
+    pkcs11: Pkcs11,
+    slot: Slot,
+    label: String,
+    pin: AuthPin,
+    /// Sessions not in use; taken for one operation, given back after.
+    idle: Mutex<Vec<Session>>,
+    /// Never closed: keeps the application logged in to the token (in a
+    /// mutex only so the token can be shared between threads).
+    _anchor: Mutex<Session>,
+}
+
+/// A key on the token: its private handle and its public point.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenKey {
+    pub private: ObjectHandle,
+    /// Uncompressed SEC1: 0x04 ‖ x ‖ y.
+    pub point: [u8; 65],
+}
+
+impl Token {
+    /// Loads the module, finds the token by label and logs in; a wrong PIN
+    /// or a missing token is an error here, at start.
+    pub fn open(settings: &TokenSettings) -> Result<Self, TokenError> {
+        let module = |source| TokenError::Module {
+            module: settings.module.display().to_string(),
+            source,
+        };
+        let pkcs11 = Pkcs11::new(&settings.module).map_err(module)?;
+        match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(module(e)),
+        }
+        let label = settings.token_label.trim().to_owned();
+        let slot = pkcs11
+            .get_slots_with_token()?
+            .into_iter()
+            .find(|slot| {
+                pkcs11
+                    .get_token_info(*slot)
+                    .is_ok_and(|info| info.token_initialized() && info.label().trim() == label)
+            })
+            .ok_or_else(|| TokenError::NoToken(label.clone()))?;
+        let pin = AuthPin::from(settings.pin.clone());
+        let anchor = pkcs11.open_rw_session(slot)?;
+        log_in(&anchor, &pin).map_err(|source| TokenError::Login {
+            label: label.clone(),
+            source,
+        })?;
+        Ok(Self {
+            pkcs11,
+            slot,
+            label,
+            pin,
+            idle: Mutex::new(Vec::new()),
+            _anchor: Mutex::new(anchor),
+        })
+    }
+
+    /// The token's label, for errors and logs.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Runs `work` on a session of the pool (a new one if none is idle).
+    /// A session that failed is closed, not given back: the next call opens
+    /// a fresh one, so a token that went away and came back recovers.
+    fn with_session<T>(
+        &self,
+        work: impl FnOnce(&Session) -> Result<T, Error>,
+    ) -> Result<T, TokenError> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let session = match idle {
+            Some(session) => session,
+            None => {
+                let session = self.pkcs11.open_rw_session(self.slot)?;
+                log_in(&session, &self.pin)?;
+                session
+            }
+        };
+        let done = work(&session)?;
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(session);
+        Ok(done)
+    }
+
+    /// The EC private key labelled `label` and its public point.
+    pub fn find_key(&self, label: &str) -> Result<TokenKey, TokenError> {
+        self.with_session(|session| find_key(session, label))?
+            .ok_or_else(|| TokenError::NoKey(label.to_owned()))
+            .and_then(|(private, point)| {
+                let point =
+                    uncompressed(&point).ok_or_else(|| TokenError::NotP256(label.to_owned()))?;
+                Ok(TokenKey { private, point })
+            })
+    }
+
+    /// Makes an EC P-256 key pair labelled `label` on the token, its private
+    /// half sensitive and never extractable; an existing key of that label
+    /// is adopted instead (labels name keys across restarts and replicas).
+    pub fn find_or_generate_key(&self, label: &str) -> Result<TokenKey, TokenError> {
+        match self.find_key(label) {
+            Err(TokenError::NoKey(_)) => {}
+            found => return found,
+        }
+        self.with_session(|session| {
+            let tag = label.as_bytes().to_vec();
+            let public = [
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Verify(true),
+                Attribute::KeyType(KeyType::EC),
+                Attribute::EcParams(P256.to_vec()),
+                Attribute::Label(tag.clone()),
+                Attribute::Id(tag.clone()),
+            ];
+            let private = [
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sign(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Label(tag.clone()),
+                Attribute::Id(tag),
+            ];
+            session
+                .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
+                .map(|_| ())
+        })?;
+        self.find_key(label)
+    }
+
+    /// An ECDSA signature over a SHA-256 `digest` by `key`: r ‖ s, the
+    /// JOSE form (CKM_ECDSA signs exactly the 32 bytes it is given).
+    pub fn sign_digest(&self, key: &TokenKey, digest: &[u8; 32]) -> Result<[u8; 64], TokenError> {
+        let signature =
+            self.with_session(|session| session.sign(&Mechanism::Ecdsa, key.private, digest))?;
+        signature
+            .try_into()
+            .map_err(|_| TokenError::Call(Error::InvalidValue))
+    }
+}
+
+/// Logs `session`'s application in; already logged in (another session
+/// did) is fine.
+fn log_in(session: &Session, pin: &AuthPin) -> Result<(), Error> {
+    match session.login(UserType::User, Some(pin)) {
+        Ok(()) | Err(Error::Pkcs11(RvError::UserAlreadyLoggedIn, Function::Login)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The private key labelled `label` and its public key's EC point.
+fn find_key(session: &Session, label: &str) -> Result<Option<(ObjectHandle, Vec<u8>)>, Error> {
+    let tag = label.as_bytes().to_vec();
+    let private = session.find_objects(&[
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Label(tag.clone()),
+    ])?;
+    let public = session.find_objects(&[
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Label(tag),
+    ])?;
+    let (Some(private), Some(public)) = (private.first(), public.first()) else {
+        return Ok(None);
+    };
+    let point = session
+        .get_attributes(*public, &[AttributeType::EcPoint])?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::EcPoint(point) => Some(point),
+            _ => None,
+        });
+    Ok(point.map(|point| (*private, point)))
+}
+
+/// The 65-byte uncompressed point in a CKA_EC_POINT value: a DER OCTET
+/// STRING around it (the standard form), or the bare point (some tokens).
+fn uncompressed(value: &[u8]) -> Option<[u8; 65]> {
+    let raw = match value {
+        [0x04, 0x41, rest @ ..] if rest.len() == 65 => rest,
+        [0x04, 0x81, 0x41, rest @ ..] if rest.len() == 65 => rest,
+        bare if bare.len() == 65 => bare,
+        _ => return None,
+    };
+    (raw[0] == 0x04).then(|| raw.try_into().ok()).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ec_point_is_read_wrapped_or_bare_and_only_uncompressed() {
+        let mut point = [7u8; 65];
+        point[0] = 0x04;
+        let mut wrapped = vec![0x04, 0x41];
+        wrapped.extend_from_slice(&point);
+        assert_eq!(uncompressed(&wrapped), Some(point));
+        assert_eq!(uncompressed(&point), Some(point));
+        let mut long = vec![0x04, 0x81, 0x41];
+        long.extend_from_slice(&point);
+        assert_eq!(uncompressed(&long), Some(point));
+        let mut compressed = point;
+        compressed[0] = 0x02;
+        assert_eq!(uncompressed(&compressed), None);
+        assert_eq!(uncompressed(&point[..64]), None);
+    }
+}
