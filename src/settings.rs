@@ -574,8 +574,19 @@ impl Settings {
         if self.oidc.audiences.is_empty() || self.oidc.audiences.iter().any(String::is_empty) {
             return invalid("oidc.audiences must list at least one audience");
         }
-        if self.oidc.signer == SignerKind::Pkcs11 && self.oidc.pkcs11.is_none() {
-            return invalid("oidc.signer = \"pkcs11\" needs an [oidc.pkcs11] section");
+        match (self.oidc.signer, &self.oidc.pkcs11) {
+            (SignerKind::Pkcs11, None) => {
+                return invalid("oidc.signer = \"pkcs11\" needs an [oidc.pkcs11] section")
+            }
+            (SignerKind::File, Some(_)) => {
+                return invalid("[oidc.pkcs11] is set but oidc.signer is not \"pkcs11\"")
+            }
+            (SignerKind::Pkcs11, Some(pkcs11))
+                if pkcs11.pin_file.is_some() == pkcs11.pin_env.is_some() =>
+            {
+                return invalid("oidc.pkcs11 takes exactly one of pin_file and pin_env")
+            }
+            _ => {}
         }
         let rates = [
             self.rate_limit.per_second,

@@ -166,8 +166,14 @@ enum Es256Signer {
     /// In memory, opened from the sealed ring; parsed once (re-parsing
     /// PKCS#8 per signature would cost a third of it).
     Memory(EcdsaKeyPair),
-    /// On a PKCS#11 token, which signs each digest it is sent.
-    Token(Arc<Token>, TokenKey),
+    /// On a PKCS#11 token, which signs each digest it is sent; the key's
+    /// label finds it again when its handle went stale (the token was
+    /// away, its sessions closed).
+    Token {
+        token: Arc<Token>,
+        label: String,
+        key: std::sync::Mutex<TokenKey>,
+    },
 }
 
 impl Es256Signer {
@@ -178,13 +184,26 @@ impl Es256Signer {
                 .sign(&aws_lc_rs::rand::SystemRandom::new(), message)
                 .map(|signature| signature.as_ref().to_vec())
                 .map_err(|_| "ES256 signing failed".to_owned()),
-            Self::Token(token, key) => {
+            Self::Token { token, label, key } => {
                 let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message);
                 let digest: &[u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
-                token
-                    .sign_digest(key, digest)
-                    .map(|signature| signature.to_vec())
-                    .map_err(|e| format!("token {}: {e}", token.label()))
+                let failed = |e: TokenError| format!("token {}: {e}", token.label());
+                let known = *key.lock().unwrap_or_else(|p| p.into_inner());
+                if let Ok(signature) = token.sign_digest(&known, digest) {
+                    return Ok(signature.to_vec());
+                }
+                // Once more with the key found again by its label, and only
+                // if it still is the key the JWKS publishes.
+                let found = token.find_key(label).map_err(failed)?;
+                if found.point != known.point {
+                    return Err(format!(
+                        "token {}: the key {label:?} changed",
+                        token.label()
+                    ));
+                }
+                *key.lock().unwrap_or_else(|p| p.into_inner()) = found;
+                let signature = token.sign_digest(&found, digest).map_err(failed)?;
+                Ok(signature.to_vec())
             }
         }
     }
@@ -371,11 +390,8 @@ impl KeyRing {
             .token
             .clone()
             .ok_or_else(|| KeyError::TokenNeeded(label.to_owned()))?;
-        let key = token_oidc_key(
-            &token.token,
-            token.token.find_key(label)?,
-            stored.activates_at,
-        );
+        let found = token.token.find_key(label)?;
+        let key = token_oidc_key(&token.token, label, found, stored.activates_at);
         if key.kid != stored.kid {
             return Err(KeyError::Invalid(format!(
                 "{KEYRING_FILE}: the token's key {label:?} is not the one the ring published"
@@ -395,7 +411,8 @@ impl KeyRing {
         activates_at: u64,
     ) -> Result<(), KeyError> {
         let token = self.token.clone().expect("called with a token");
-        let key = token_oidc_key(&token.token, token.token.find_key(label)?, activates_at);
+        let found = token.token.find_key(label)?;
+        let key = token_oidc_key(&token.token, label, found, activates_at);
         self.stored.oidc.push(StoredKey {
             kid: key.kid.clone(),
             pkcs8: None,
@@ -664,15 +681,14 @@ fn es256_key(der: &[u8], activates_at: u64, typ: &str, kid_prefix: &str) -> Opti
 
 /// An OIDC key on a token: its JWK and `kid` from the public point the
 /// token gave, as for a key in memory.
-fn token_oidc_key(token: &Arc<Token>, key: TokenKey, activates_at: u64) -> Es256Key {
+fn token_oidc_key(token: &Arc<Token>, label: &str, key: TokenKey, activates_at: u64) -> Es256Key {
     let point = key.point;
-    es256_from_point(
-        &point,
-        Es256Signer::Token(token.clone(), key),
-        activates_at,
-        "JWT",
-        "",
-    )
+    let signer = Es256Signer::Token {
+        token: token.clone(),
+        label: label.to_owned(),
+        key: std::sync::Mutex::new(key),
+    };
+    es256_from_point(&point, signer, activates_at, "JWT", "")
 }
 
 fn es256_from_point(

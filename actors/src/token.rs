@@ -8,6 +8,7 @@
 //! token logs the application out when its last session closes.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
@@ -54,6 +55,14 @@ pub enum TokenError {
     NoKey(String),
     #[error("the token's key {0:?} is not a P-256 key this broker can publish")]
     NotP256(String),
+    #[error("the token's key {0:?} is extractable or not sensitive: its private half could leave the token")]
+    Exposed(String),
+    #[error("the token's key {0:?} does not sign for its public key")]
+    Mismatched(String),
+    #[error(
+        "the token refused the PIN; the broker stops logging in (restart it with the right PIN)"
+    )]
+    PinRefused,
     #[error("PKCS#11: {0}")]
     Call(#[from] Error),
 }
@@ -69,10 +78,13 @@ pub struct Token {
     /// Never closed: keeps the application logged in to the token (in a
     /// mutex only so the token can be shared between threads).
     _anchor: Mutex<Session>,
+    /// Set when the token refused the PIN: no more logins, so the broker
+    /// never locks the user PIN out by retrying it on every mint.
+    pin_refused: AtomicBool,
 }
 
 /// A key on the token: its private handle and its public point.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenKey {
     pub private: ObjectHandle,
     /// Uncompressed SEC1: 0x04 ‖ x ‖ y.
@@ -115,6 +127,7 @@ impl Token {
             pin,
             idle: Mutex::new(Vec::new()),
             _anchor: Mutex::new(anchor),
+            pin_refused: AtomicBool::new(false),
         })
     }
 
@@ -134,8 +147,19 @@ impl Token {
         let session = match idle {
             Some(session) => session,
             None => {
+                if self.pin_refused.load(Ordering::Relaxed) {
+                    return Err(TokenError::PinRefused);
+                }
                 let session = self.pkcs11.open_rw_session(self.slot)?;
-                log_in(&session, &self.pin)?;
+                if let Err(e) = log_in(&session, &self.pin) {
+                    if matches!(
+                        e,
+                        Error::Pkcs11(RvError::PinIncorrect | RvError::PinLocked, _)
+                    ) {
+                        self.pin_refused.store(true, Ordering::Relaxed);
+                    }
+                    return Err(e.into());
+                }
                 session
             }
         };
@@ -147,15 +171,30 @@ impl Token {
         Ok(done)
     }
 
-    /// The EC private key labelled `label` and its public point.
+    /// The EC private key labelled `label` and its public point, checked:
+    /// sensitive and never extractable, and signing for that point (a
+    /// signature made now verifies against it), so the JWKS can only
+    /// publish the half that matches.
     pub fn find_key(&self, label: &str) -> Result<TokenKey, TokenError> {
-        self.with_session(|session| find_key(session, label))?
-            .ok_or_else(|| TokenError::NoKey(label.to_owned()))
-            .and_then(|(private, point)| {
-                let point =
-                    uncompressed(&point).ok_or_else(|| TokenError::NotP256(label.to_owned()))?;
-                Ok(TokenKey { private, point })
-            })
+        let (private, point, exposed) = self
+            .with_session(|session| find_key(session, label))?
+            .ok_or_else(|| TokenError::NoKey(label.to_owned()))?;
+        if exposed {
+            return Err(TokenError::Exposed(label.to_owned()));
+        }
+        let point = uncompressed(&point).ok_or_else(|| TokenError::NotP256(label.to_owned()))?;
+        let key = TokenKey { private, point };
+        let probe = b"agentkeys: does this key sign for its public point?";
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, probe);
+        let digest: &[u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
+        let signature = self.sign_digest(&key, digest)?;
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
+            point,
+        )
+        .verify(probe, &signature)
+        .map(|()| key)
+        .map_err(|_| TokenError::Mismatched(label.to_owned()))
     }
 
     /// Makes an EC P-256 key pair labelled `label` on the token, its private
@@ -213,30 +252,54 @@ fn log_in(session: &Session, pin: &AuthPin) -> Result<(), Error> {
     }
 }
 
-/// The private key labelled `label` and its public key's EC point.
-fn find_key(session: &Session, label: &str) -> Result<Option<(ObjectHandle, Vec<u8>)>, Error> {
+/// The one private key labelled `label`, the public key of the same label
+/// and CKA_ID, its EC point, and whether the private half could leave the
+/// token (not sensitive, or extractable).
+fn find_key(
+    session: &Session,
+    label: &str,
+) -> Result<Option<(ObjectHandle, Vec<u8>, bool)>, Error> {
     let tag = label.as_bytes().to_vec();
     let private = session.find_objects(&[
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::KeyType(KeyType::EC),
         Attribute::Label(tag.clone()),
     ])?;
-    let public = session.find_objects(&[
+    let [private] = private[..] else {
+        return Ok(None);
+    };
+    let (mut id, mut sensitive, mut extractable) = (None, false, true);
+    let wanted = [
+        AttributeType::Id,
+        AttributeType::Sensitive,
+        AttributeType::Extractable,
+    ];
+    for attribute in session.get_attributes(private, &wanted)? {
+        match attribute {
+            Attribute::Id(value) => id = Some(value),
+            Attribute::Sensitive(value) => sensitive = value,
+            Attribute::Extractable(value) => extractable = value,
+            _ => {}
+        }
+    }
+    let mut template = vec![
         Attribute::Class(ObjectClass::PUBLIC_KEY),
         Attribute::KeyType(KeyType::EC),
         Attribute::Label(tag),
-    ])?;
-    let (Some(private), Some(public)) = (private.first(), public.first()) else {
+    ];
+    template.extend(id.map(Attribute::Id));
+    let public = session.find_objects(&template)?;
+    let [public] = public[..] else {
         return Ok(None);
     };
     let point = session
-        .get_attributes(*public, &[AttributeType::EcPoint])?
+        .get_attributes(public, &[AttributeType::EcPoint])?
         .into_iter()
         .find_map(|a| match a {
             Attribute::EcPoint(point) => Some(point),
             _ => None,
         });
-    Ok(point.map(|point| (*private, point)))
+    Ok(point.map(|point| (private, point, !sensitive || extractable)))
 }
 
 /// The 65-byte uncompressed point in a CKA_EC_POINT value: a DER OCTET

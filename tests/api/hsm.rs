@@ -247,6 +247,32 @@ async fn oidc_keys_on_a_pkcs11_token_sign_verify_and_rotate_without_leaving_it()
         .status();
     assert!(broker.wait().unwrap().success());
 
+    // A restart finds both keys on the token again, by label, as the ring
+    // published them (same kids), and signs with the first.
+    let mut broker = broker_command(&data, port)
+        .args(["--config", config.to_str().unwrap()])
+        .env("SOFTHSM2_CONF", &conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(&base).await;
+    let after_restart = mint().await.unwrap();
+    let jwt = after_restart.body["jwt"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}", after_restart.body));
+    verify_against_jwks(
+        jwt,
+        &jwks_of().await,
+        "https://broker.test",
+        "sts.amazonaws.com",
+    )
+    .expect("verifies after a restart");
+    let _ = Command::new("kill")
+        .args(["-TERM", &broker.id().to_string()])
+        .status();
+    assert!(broker.wait().unwrap().success());
+
     let ring: Value =
         serde_json::from_slice(&std::fs::read(data.join("keyring.json")).unwrap()).unwrap();
     let oidc = ring["oidc"].as_array().unwrap();
