@@ -247,7 +247,9 @@ pub struct KeyRing {
     sealer: Sealer,
     stored: StoredRing,
     /// Oldest first, as stored.
-    oidc: Vec<Es256Key>,
+    /// Shared, so a signature (on a token, perhaps slow) runs after the
+    /// ring's lock is given back.
+    oidc: Vec<Arc<Es256Key>>,
     session: Vec<SessionKey>,
     /// Every receipt key ever made: receipts are checked for as long as
     /// their grants are kept.
@@ -379,7 +381,7 @@ impl KeyRing {
     fn add_oidc(&mut self, der: &[u8], stored: StoredKey) -> Result<(), KeyError> {
         let key = oidc_key(der, stored.activates_at)
             .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))?;
-        self.oidc.push(key);
+        self.oidc.push(Arc::new(key));
         self.stored.oidc.push(stored);
         Ok(())
     }
@@ -397,7 +399,7 @@ impl KeyRing {
                 "{KEYRING_FILE}: the token's key {label:?} is not the one the ring published"
             )));
         }
-        self.oidc.push(key);
+        self.oidc.push(Arc::new(key));
         self.stored.oidc.push(stored);
         Ok(())
     }
@@ -421,7 +423,7 @@ impl KeyRing {
             created_at: now,
             activates_at,
         });
-        self.oidc.push(key);
+        self.oidc.push(Arc::new(key));
         Ok(())
     }
 
@@ -502,7 +504,7 @@ impl KeyRing {
     }
 
     /// The OIDC key that signs now: the newest one already active.
-    pub fn signing_oidc(&self, now: u64) -> &Es256Key {
+    pub fn signing_oidc(&self, now: u64) -> &Arc<Es256Key> {
         self.oidc
             .iter()
             .rev()

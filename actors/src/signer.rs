@@ -258,12 +258,12 @@ impl Actor for SignerActor {
 impl Handler<SignOidc> for SignerActor {
     type Result = Result<String, SignerError>;
 
-    /// ES256 with the signing key's `kid`, `typ: JWT`.
+    /// ES256 with the signing key's `kid`, `typ: JWT`; the key is taken
+    /// from the ring and the ring's lock given back before it signs, so a
+    /// slow token never holds up a rotation or the readers behind it.
     fn handle(&mut self, msg: SignOidc, _: &mut Self::Context) -> Self::Result {
-        self.ring()
-            .signing_oidc(now_unix())
-            .sign(&msg.0)
-            .map_err(SignerError::Signing)
+        let key = Arc::clone(self.ring().signing_oidc(now_unix()));
+        key.sign(&msg.0).map_err(SignerError::Signing)
     }
 }
 
