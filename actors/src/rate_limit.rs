@@ -217,18 +217,31 @@ mod tests {
         OmniAccount::of_device_key(&DevicePublicKey::parse(&hex::encode(key.to_bytes())).unwrap())
     }
 
+    fn one(value: u32) -> NonZeroU32 {
+        NonZeroU32::new(value).unwrap()
+    }
+
+    /// One of everything per second, no per-agent limit: each test sets
+    /// what it measures on top.
+    fn settings() -> RateLimitSettings {
+        RateLimitSettings {
+            mailbox_capacity: 16,
+            per_second: one(1),
+            burst: one(1),
+            per_agent: None,
+            login_per_second: one(1),
+            login_burst: one(1),
+            unauthenticated_per_second: one(1),
+            unauthenticated_burst: one(1),
+            sweep_interval: Duration::from_secs(60),
+        }
+    }
+
     #[actix::test]
     async fn an_account_over_its_burst_is_limited_and_another_is_not() {
         let addr = RateLimitActor::new(RateLimitSettings {
-            mailbox_capacity: 16,
-            per_second: NonZeroU32::new(1).unwrap(),
-            burst: NonZeroU32::new(3).unwrap(),
-            per_agent: None,
-            login_per_second: NonZeroU32::new(1).unwrap(),
-            login_burst: NonZeroU32::new(1).unwrap(),
-            unauthenticated_per_second: NonZeroU32::new(1).unwrap(),
-            unauthenticated_burst: NonZeroU32::new(1).unwrap(),
-            sweep_interval: Duration::from_secs(60),
+            burst: one(3),
+            ..settings()
         })
         .start();
         for _ in 0..3 {
@@ -268,15 +281,9 @@ mod tests {
     #[actix::test]
     async fn an_agent_over_its_own_limit_leaves_its_accounts_budget_to_the_others() {
         let addr = RateLimitActor::new(RateLimitSettings {
-            mailbox_capacity: 16,
-            per_second: NonZeroU32::new(1).unwrap(),
-            burst: NonZeroU32::new(3).unwrap(),
-            per_agent: Some((NonZeroU32::new(1).unwrap(), NonZeroU32::new(2).unwrap())),
-            login_per_second: NonZeroU32::new(1).unwrap(),
-            login_burst: NonZeroU32::new(1).unwrap(),
-            unauthenticated_per_second: NonZeroU32::new(1).unwrap(),
-            unauthenticated_burst: NonZeroU32::new(1).unwrap(),
-            sweep_interval: Duration::from_secs(60),
+            burst: one(3),
+            per_agent: Some((one(1), one(2))),
+            ..settings()
         })
         .start();
         let check = |agent: u8| CheckRate {
@@ -323,15 +330,8 @@ mod tests {
     #[actix::test]
     async fn logins_from_one_ipv6_64_share_one_budget() {
         let addr = RateLimitActor::new(RateLimitSettings {
-            mailbox_capacity: 16,
-            per_second: NonZeroU32::new(1).unwrap(),
-            burst: NonZeroU32::new(1).unwrap(),
-            per_agent: None,
-            login_per_second: NonZeroU32::new(1).unwrap(),
-            login_burst: NonZeroU32::new(2).unwrap(),
-            unauthenticated_per_second: NonZeroU32::new(1).unwrap(),
-            unauthenticated_burst: NonZeroU32::new(1).unwrap(),
-            sweep_interval: Duration::from_secs(60),
+            login_burst: one(2),
+            ..settings()
         })
         .start();
         let login = |host: u16| CheckLoginRate {
@@ -353,15 +353,10 @@ mod tests {
     async fn idle_accounts_are_forgotten_so_memory_stays_bounded() {
         let addr = RateLimitActor::new(RateLimitSettings {
             mailbox_capacity: 100_000,
-            // One mint marks an account for a second; then it is idle.
-            per_second: NonZeroU32::new(1).unwrap(),
-            burst: NonZeroU32::new(1).unwrap(),
-            per_agent: None,
-            login_per_second: NonZeroU32::new(1).unwrap(),
-            login_burst: NonZeroU32::new(1).unwrap(),
-            unauthenticated_per_second: NonZeroU32::new(1).unwrap(),
-            unauthenticated_burst: NonZeroU32::new(1).unwrap(),
+            // One mint (one per second) marks an account for a second;
+            // then it is idle until the next sweep.
             sweep_interval: Duration::from_millis(300),
+            ..settings()
         })
         .start();
         for i in 0..5_000u32 {

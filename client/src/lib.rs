@@ -73,6 +73,19 @@ impl ClientError {
     }
 }
 
+/// `path` with a leading `~/` made absolute under `$HOME`, as shells and
+/// the AWS tools read it; an error, not a path relative to wherever the
+/// command runs, when HOME is unknown.
+pub fn expand_home(path: &str) -> Result<PathBuf, ClientError> {
+    let Some(rest) = path.strip_prefix("~/") else {
+        return Ok(PathBuf::from(path));
+    };
+    std::env::var_os("HOME")
+        .filter(|home| !home.is_empty())
+        .map(|home| PathBuf::from(home).join(rest))
+        .ok_or_else(|| ClientError::Local(format!("{path} is under ~ but HOME is not set")))
+}
+
 impl From<std::io::Error> for ClientError {
     fn from(e: std::io::Error) -> Self {
         Self::Local(e.to_string())

@@ -10,7 +10,7 @@ use agentkeys_client::broker::{Endpoint, MintRequest};
 use agentkeys_client::device_key::DeviceKey;
 use agentkeys_client::sts::{self, AssumeRole};
 use agentkeys_client::wallet_key::WalletKey;
-use agentkeys_client::{Agent, ClientError};
+use agentkeys_client::{expand_home, Agent, ClientError};
 use agentkeys_wire::paths;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde_json::json;
@@ -79,20 +79,9 @@ struct Where {
 }
 
 impl Where {
-    /// The state dir, `~/` expanded; an error rather than a path relative
-    /// to wherever the command happens to run when HOME is unknown.
+    /// The state dir, `~/` expanded (see [`expand_home`]).
     fn state_dir(&self) -> Result<PathBuf, ClientError> {
-        match self.state_dir.strip_prefix("~/") {
-            Some(rest) => std::env::var_os("HOME")
-                .filter(|home| !home.is_empty())
-                .map(|home| PathBuf::from(home).join(rest))
-                .ok_or_else(|| {
-                    ClientError::Local(
-                        "the state dir is under ~ but HOME is not set: give --state-dir".into(),
-                    )
-                }),
-            None => Ok(PathBuf::from(&self.state_dir)),
-        }
+        expand_home(&self.state_dir)
     }
 
     fn key_file(&self) -> Result<PathBuf, ClientError> {

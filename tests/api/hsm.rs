@@ -171,13 +171,22 @@ async fn oidc_keys_on_a_pkcs11_token_sign_verify_and_rotate_without_leaving_it()
     let data = dir.path().join("data");
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut broker = broker_command(&data, port)
-        .args(["--config", config.to_str().unwrap()])
-        .env("SOFTHSM2_CONF", &conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let serve = || {
+        broker_command(&data, port)
+            .args(["--config", config.to_str().unwrap()])
+            .env("SOFTHSM2_CONF", &conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let stop = |mut broker: std::process::Child| {
+        let _ = Command::new("kill")
+            .args(["-TERM", &broker.id().to_string()])
+            .status();
+        assert!(broker.wait().unwrap().success(), "a clean stop");
+    };
+    let broker = serve();
     wait_ready(&base).await;
     let admin = std::fs::read_to_string(data.join("admin.token")).unwrap();
     let admin = admin.trim();
@@ -242,20 +251,11 @@ async fn oidc_keys_on_a_pkcs11_token_sign_verify_and_rotate_without_leaving_it()
         "sts.amazonaws.com",
     )
     .expect("still verifies during the overlap");
-    let _ = Command::new("kill")
-        .args(["-TERM", &broker.id().to_string()])
-        .status();
-    assert!(broker.wait().unwrap().success());
+    stop(broker);
 
     // A restart finds both keys on the token again, by label, as the ring
     // published them (same kids), and signs with the first.
-    let mut broker = broker_command(&data, port)
-        .args(["--config", config.to_str().unwrap()])
-        .env("SOFTHSM2_CONF", &conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let broker = serve();
     wait_ready(&base).await;
     let after_restart = mint().await.unwrap();
     let jwt = after_restart.body["jwt"]
@@ -268,10 +268,7 @@ async fn oidc_keys_on_a_pkcs11_token_sign_verify_and_rotate_without_leaving_it()
         "sts.amazonaws.com",
     )
     .expect("verifies after a restart");
-    let _ = Command::new("kill")
-        .args(["-TERM", &broker.id().to_string()])
-        .status();
-    assert!(broker.wait().unwrap().success());
+    stop(broker);
 
     let ring: Value =
         serde_json::from_slice(&std::fs::read(data.join("keyring.json")).unwrap()).unwrap();

@@ -121,21 +121,12 @@ pub fn quote(argument: &str) -> Result<String, Unacceptable> {
 /// The config file the AWS CLI and SDKs read: `$AWS_CONFIG_FILE` (a
 /// leading `~/` expanded, as they do), else `~/.aws/config`.
 pub fn config_file() -> Result<PathBuf, ClientError> {
-    let home = || {
-        std::env::var_os("HOME")
-            .filter(|h| !h.is_empty())
-            .map(PathBuf::from)
-            .ok_or_else(|| ClientError::Local("HOME is not set".into()))
-    };
     match std::env::var("AWS_CONFIG_FILE")
         .ok()
         .filter(|f| !f.is_empty())
     {
-        Some(file) => match file.strip_prefix("~/") {
-            Some(rest) => Ok(home()?.join(rest)),
-            None => Ok(PathBuf::from(file)),
-        },
-        None => Ok(home()?.join(".aws").join("config")),
+        Some(file) => crate::expand_home(&file),
+        None => crate::expand_home("~/.aws/config"),
     }
 }
 
