@@ -184,7 +184,8 @@ async fn oidc_keys_on_a_pkcs11_token_sign_verify_and_rotate_without_leaving_it()
         let _ = Command::new("kill")
             .args(["-TERM", &broker.id().to_string()])
             .status();
-        assert!(broker.wait().unwrap().success(), "a clean stop");
+        let status = broker.wait().unwrap();
+        assert!(status.success(), "a clean stop, not {status:?}");
     };
     let broker = serve();
     wait_ready(&base).await;
