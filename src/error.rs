@@ -11,6 +11,7 @@ use agentkeys_actors::domain::{ErrorCode, InvalidInput};
 use agentkeys_actors::grant::GrantError;
 use agentkeys_actors::keys::KeyError;
 use agentkeys_actors::mint::MintError;
+use agentkeys_actors::signer::SignerError;
 use serde_json::json;
 
 /// How long an overloaded caller should wait before trying again.
@@ -27,7 +28,10 @@ impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         let retry_after = matches!(
             code,
-            ErrorCode::Overloaded | ErrorCode::AuditUnavailable | ErrorCode::IdempotencyInFlight
+            ErrorCode::Overloaded
+                | ErrorCode::AuditUnavailable
+                | ErrorCode::SignerUnavailable
+                | ErrorCode::IdempotencyInFlight
         )
         .then_some(OVERLOADED_RETRY_AFTER_SECONDS);
         Self {
@@ -94,7 +98,9 @@ impl ResponseError for ApiError {
             ErrorCode::IdempotencyConflict => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ErrorCode::AuditUnavailable | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::AuditUnavailable | ErrorCode::SignerUnavailable | ErrorCode::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -121,6 +127,14 @@ impl From<MintError> for ApiError {
             }
             MintError::UnauthenticatedThrottled { retry_after } => {
                 Self::rate_limited("this client address (refused sessions)", retry_after)
+            }
+            MintError::Signing(SignerError::Unavailable(reason)) => {
+                let reason = with_causes(&reason);
+                tracing::error!(%reason, "OIDC signer unavailable; no JWT released");
+                Self::new(
+                    ErrorCode::SignerUnavailable,
+                    "the OIDC signer is unavailable; no JWT was released",
+                )
             }
             internal @ (MintError::Signing(_) | MintError::Encoding(_)) => {
                 Self::internal(&with_causes(&internal))

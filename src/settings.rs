@@ -168,10 +168,13 @@ pub struct OidcSettings {
     /// signed can have expired.
     pub retired_key_margin_seconds: u64,
     /// Where the OIDC keys' private halves are: `file` (the key ring,
-    /// sealed) or `pkcs11` (a token: `oidc.pkcs11`).
+    /// sealed), `pkcs11` (a token: `oidc.pkcs11`) or `kms` (AWS KMS:
+    /// `oidc.kms`, feature `kms`).
     pub signer: SignerKind,
     /// The token, for `signer = "pkcs11"`.
     pub pkcs11: Option<Pkcs11Settings>,
+    /// The KMS key, for `signer = "kms"`.
+    pub kms: Option<KmsSettings>,
 }
 
 /// Where the OIDC keys are kept.
@@ -181,6 +184,30 @@ pub enum SignerKind {
     #[default]
     File,
     Pkcs11,
+    Kms,
+}
+
+/// An AWS KMS key holding the first OIDC key; credentials come from the
+/// SDK's standard chain (environment, profile, web identity, ECS, IMDS).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsSettings {
+    /// Key id, key ARN or alias of an ECC_NIST_P256 SIGN_VERIFY key;
+    /// rotations adopt the keys `keys rotate --adopt` names.
+    pub key_id: String,
+    /// The region; unset, the SDK's chain (`AWS_REGION`, the profile).
+    pub region: Option<String>,
+    /// Another endpoint (a VPC endpoint, a test server).
+    pub endpoint_url: Option<String>,
+    /// One KMS call, retries included.
+    #[serde(default = "KmsSettings::default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl KmsSettings {
+    fn default_timeout_ms() -> u64 {
+        1000
+    }
 }
 
 /// A PKCS#11 token holding the OIDC keys.
@@ -238,6 +265,7 @@ impl Default for OidcSettings {
             retired_key_margin_seconds: 300,
             signer: SignerKind::File,
             pkcs11: None,
+            kms: None,
         }
     }
 }
@@ -578,13 +606,35 @@ impl Settings {
             (SignerKind::Pkcs11, None) => {
                 return invalid("oidc.signer = \"pkcs11\" needs an [oidc.pkcs11] section")
             }
-            (SignerKind::File, Some(_)) => {
+            (SignerKind::File | SignerKind::Kms, Some(_)) => {
                 return invalid("[oidc.pkcs11] is set but oidc.signer is not \"pkcs11\"")
             }
             (SignerKind::Pkcs11, Some(pkcs11))
                 if pkcs11.pin_file.is_some() == pkcs11.pin_env.is_some() =>
             {
                 return invalid("oidc.pkcs11 takes exactly one of pin_file and pin_env")
+            }
+            _ => {}
+        }
+        match (self.oidc.signer, &self.oidc.kms) {
+            (SignerKind::Kms, None) => {
+                return invalid("oidc.signer = \"kms\" needs an [oidc.kms] section")
+            }
+            (SignerKind::Kms, Some(_)) if !cfg!(feature = "kms") => {
+                return invalid(
+                    "oidc.signer = \"kms\": this broker was built without the kms feature",
+                )
+            }
+            (SignerKind::Kms, Some(kms)) if kms.key_id.trim().is_empty() || kms.timeout_ms == 0 => {
+                return invalid("oidc.kms needs a key_id and a timeout_ms above 0")
+            }
+            // KMS must give up first: a mint then answers signer_unavailable,
+            // not overloaded.
+            (SignerKind::Kms, Some(kms)) if kms.timeout_ms >= self.actors.send_timeout_ms => {
+                return invalid("oidc.kms.timeout_ms must be below actors.send_timeout_ms")
+            }
+            (SignerKind::File | SignerKind::Pkcs11, Some(_)) => {
+                return invalid("[oidc.kms] is set but oidc.signer is not \"kms\"")
             }
             _ => {}
         }

@@ -17,7 +17,7 @@ use agentkeys_actors::auth::{self, AuthActor};
 use agentkeys_actors::backpressure::Handle;
 use agentkeys_actors::domain::{now_unix, Namespace, ServiceName};
 use agentkeys_actors::grant::{GrantActor, GrantSettings};
-use agentkeys_actors::keys::{KeyError, KeyRing, OidcToken};
+use agentkeys_actors::keys::{KeyError, KeyRing, OidcKeyHome, OidcToken};
 use agentkeys_actors::mint::{MintFlow, MintPolicy};
 use agentkeys_actors::rate_limit::{self, RateLimitActor};
 use agentkeys_actors::sealing::{Sealer, SealingError};
@@ -102,6 +102,8 @@ pub struct Application {
     port: u16,
     admin_port: Option<u16>,
     servers: Vec<Server>,
+    /// Closed once the servers have stopped.
+    signer: SignerPool,
 }
 
 impl Application {
@@ -146,6 +148,7 @@ impl Application {
             port,
             admin_port,
             servers,
+            signer: state.actors.signer.clone(),
         })
     }
 
@@ -160,9 +163,11 @@ impl Application {
     }
 
     /// Serves until SIGINT/SIGTERM, then drains requests in flight.
+    /// The signing pool lets go of its token last, when no request is left.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        futures_util::future::try_join_all(self.servers).await?;
-        Ok(())
+        let served = futures_util::future::try_join_all(self.servers).await;
+        self.signer.close();
+        served.map(drop)
     }
 }
 
@@ -259,11 +264,12 @@ pub fn build_actors(settings: &Settings) -> Result<Actors, StartupError> {
 /// The key ring, its OIDC keys on the PKCS#11 token when `oidc.signer`
 /// names one (opened now: a wrong PIN or a missing key stops the start).
 pub fn key_ring(settings: &Settings, sealer: &Sealer) -> Result<KeyRing, StartupError> {
-    let token = match (&settings.oidc.signer, &settings.oidc.pkcs11) {
-        (SignerKind::Pkcs11, Some(pkcs11)) => Some(OidcToken {
+    let home = match (&settings.oidc.signer, &settings.oidc.pkcs11) {
+        (SignerKind::Pkcs11, Some(pkcs11)) => Some(OidcKeyHome::Token(OidcToken {
             token: Arc::new(Token::open(&pkcs11.token()?).map_err(KeyError::from)?),
             key_label: pkcs11.key_label.clone(),
-        }),
+        })),
+        (SignerKind::Kms, _) => kms_home(settings)?,
         _ => None,
     };
     let data_dir = &settings.storage.data_dir;
@@ -272,8 +278,34 @@ pub fn key_ring(settings: &Settings, sealer: &Sealer) -> Result<KeyRing, Startup
         settings.rotation_policy(),
         now_unix(),
         sealer,
-        token,
+        home,
     )?)
+}
+
+/// The KMS client for `oidc.signer = "kms"` (checked by the settings to be
+/// built in).
+#[cfg(feature = "kms")]
+fn kms_home(settings: &Settings) -> Result<Option<OidcKeyHome>, StartupError> {
+    use agentkeys_actors::keys::OidcKms;
+    use agentkeys_actors::kms::{Kms, KmsSettings};
+    let Some(kms) = &settings.oidc.kms else {
+        return Ok(None);
+    };
+    let client = Kms::connect(&KmsSettings {
+        region: kms.region.clone(),
+        endpoint_url: kms.endpoint_url.clone(),
+        timeout: Duration::from_millis(kms.timeout_ms),
+    })
+    .map_err(KeyError::from)?;
+    Ok(Some(OidcKeyHome::Kms(OidcKms {
+        kms: Arc::new(client),
+        key_id: kms.key_id.trim().to_owned(),
+    })))
+}
+
+#[cfg(not(feature = "kms"))]
+fn kms_home(_: &Settings) -> Result<Option<OidcKeyHome>, StartupError> {
+    Ok(None)
 }
 
 /// Starts the five actors.

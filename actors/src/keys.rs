@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::domain::{sha256_hex, ErrorCode};
+#[cfg(feature = "kms")]
+use crate::kms::{Kms, KmsError};
 use crate::sealing::{Sealer, SealingError};
 use crate::token::{Token, TokenError, TokenKey};
 
@@ -50,14 +52,85 @@ pub enum KeyError {
     Sealing(#[from] SealingError),
     #[error("signing key on the token: {0}")]
     Token(#[from] TokenError),
-    #[error("the key ring's OIDC key {0:?} is on a PKCS#11 token, and oidc.signer names none")]
+    #[error(
+        "the key ring's OIDC key {0:?} is on a PKCS#11 token, and oidc.signer is not \"pkcs11\""
+    )]
     TokenNeeded(String),
+    #[cfg(feature = "kms")]
+    #[error("signing key in KMS: {0}")]
+    Kms(#[from] KmsError),
+    #[error(
+        "the key ring's OIDC key {0:?} is in AWS KMS, and oidc.signer is not \"kms\"{KMS_BUILT}"
+    )]
+    KmsNeeded(String),
+    #[error("with oidc.signer = \"kms\" a rotation adopts a KMS key you made: name it (adopt)")]
+    AdoptNeeded,
+    #[error("only an OIDC key on a token or in KMS is adopted; this one is {0}")]
+    NothingToAdopt(&'static str),
+    #[error("the key ring already holds that OIDC key")]
+    AlreadyAdopted,
+    #[error("another rotation added an OIDC key meanwhile; rotate again if one more is wanted")]
+    RotatedMeanwhile,
+}
+
+/// What a ring of KMS keys needs that this build may lack.
+const KMS_BUILT: &str = if cfg!(feature = "kms") {
+    ""
+} else {
+    " (and this broker is built without the kms feature)"
+};
+
+/// Why an ES256 signature was not made.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SignError {
+    /// In memory: a bug or an unencodable payload.
+    #[error("ES256 signing failed: {0}")]
+    Failed(String),
+    /// The key's token or KMS did not sign: away, refusing, or changed.
+    /// Transient as far as callers know; the next signature tries again.
+    #[error("the OIDC signer ({signer} {name}) is unavailable")]
+    Unavailable {
+        /// What kind of signer, safe to show anyone.
+        signer: &'static str,
+        /// The token's label or the KMS key's ARN.
+        name: String,
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl SignError {
+    fn unavailable(
+        signer: &'static str,
+        name: &str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Unavailable {
+            signer,
+            name: name.to_owned(),
+            source: Arc::new(source),
+        }
+    }
 }
 
 impl KeyError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::TooManyKeys => ErrorCode::Conflict,
+            Self::TooManyKeys | Self::AlreadyAdopted | Self::RotatedMeanwhile => {
+                ErrorCode::Conflict
+            }
+            Self::AdoptNeeded | Self::NothingToAdopt(_) => ErrorCode::BadRequest,
+            // A key the operator named that cannot be used; or the token
+            // or KMS that did not answer.
+            Self::Token(
+                TokenError::NotP256(_) | TokenError::Exposed(_) | TokenError::Mismatched(_),
+            ) => ErrorCode::BadRequest,
+            Self::Token(lost) if lost.may_be_lost() => ErrorCode::SignerUnavailable,
+            #[cfg(feature = "kms")]
+            Self::Kms(KmsError::Unsuitable(_)) => ErrorCode::BadRequest,
+            #[cfg(feature = "kms")]
+            Self::Kms(KmsError::Call { .. } | KmsError::Malformed { .. }) => {
+                ErrorCode::SignerUnavailable
+            }
             _ => ErrorCode::Internal,
         }
     }
@@ -89,6 +162,9 @@ struct StoredKey {
     /// material here at all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     token_label: Option<String>,
+    /// An OIDC key in AWS KMS: its key id or ARN, as configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kms_key_id: Option<String>,
     created_at: u64,
     activates_at: u64,
 }
@@ -147,8 +223,8 @@ pub struct Es256Key {
 impl Es256Key {
     /// An ES256 JWT over `claims`: header `{"typ":"JWT","alg":"ES256","kid"}`
     /// (a receipt key's `typ` is [`RECEIPT_TYP`]).
-    pub fn sign(&self, claims: &impl Serialize) -> Result<String, String> {
-        let payload = serde_json::to_vec(claims).map_err(|e| e.to_string())?;
+    pub fn sign(&self, claims: &impl Serialize) -> Result<String, SignError> {
+        let payload = serde_json::to_vec(claims).map_err(|e| SignError::Failed(e.to_string()))?;
         let mut jwt =
             String::with_capacity(self.encoded_header.len() + payload.len() * 4 / 3 + 100);
         jwt.push_str(&self.encoded_header);
@@ -158,6 +234,19 @@ impl Es256Key {
         jwt.push('.');
         URL_SAFE_NO_PAD.encode_string(&signature, &mut jwt);
         Ok(jwt)
+    }
+
+    /// True when the private half is held elsewhere (a token, KMS), which
+    /// can be away when memory cannot.
+    pub fn is_external(&self) -> bool {
+        !matches!(self.signer, Es256Signer::Memory(_))
+    }
+
+    /// Asks the key's signer for a signature over a fixed message that is
+    /// no JWT, and throws it away: does the signer answer now? (It finds
+    /// a key gone stale again, as a mint would.)
+    pub fn probe(&self) -> Result<(), SignError> {
+        self.signer.sign(PROBE_MESSAGE).map(drop)
     }
 }
 
@@ -174,37 +263,52 @@ enum Es256Signer {
         label: String,
         key: std::sync::Mutex<TokenKey>,
     },
+    /// In AWS KMS, which signs each message it is sent.
+    #[cfg(feature = "kms")]
+    Kms { kms: Arc<Kms>, key_id: String },
 }
 
 impl Es256Signer {
     /// r ‖ s over SHA-256 of `message`.
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
         match self {
             Self::Memory(pair) => pair
                 .sign(&aws_lc_rs::rand::SystemRandom::new(), message)
                 .map(|signature| signature.as_ref().to_vec())
-                .map_err(|_| "ES256 signing failed".to_owned()),
+                .map_err(|_| SignError::Failed("the in-memory key did not sign".into())),
             Self::Token { token, label, key } => {
                 let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message);
                 let digest: &[u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
-                let failed = |e: TokenError| format!("token {}: {e}", token.label());
+                let failed = |e| SignError::unavailable("PKCS#11 token", token.label(), e);
                 let known = *key.lock().unwrap_or_else(|p| p.into_inner());
                 if let Ok(signature) = token.sign_digest(&known, digest) {
                     return Ok(signature.to_vec());
                 }
-                // Once more with the key found again by its label, and only
-                // if it still is the key the JWKS publishes.
-                let found = token.find_key(label).map_err(failed)?;
+                // Once more with the key found again by its label (after
+                // reopening the module, if the token lost it), and only if
+                // it still is the key the JWKS publishes.
+                let found = match token.find_key(label) {
+                    Err(lost) if lost.may_be_lost() => match token.reopen() {
+                        Ok(true) => token.find_key(label),
+                        Ok(false) => Err(lost),
+                        Err(reopening) => Err(reopening),
+                    },
+                    found => found,
+                }
+                .map_err(failed)?;
                 if found.point != known.point {
-                    return Err(format!(
-                        "token {}: the key {label:?} changed",
-                        token.label()
-                    ));
+                    return Err(failed(TokenError::Replaced(label.clone())));
                 }
                 *key.lock().unwrap_or_else(|p| p.into_inner()) = found;
                 let signature = token.sign_digest(&found, digest).map_err(failed)?;
                 Ok(signature.to_vec())
             }
+            #[cfg(feature = "kms")]
+            Self::Kms { kms, key_id } => match kms.sign(key_id, message) {
+                Ok(signature) => Ok(signature.to_vec()),
+                Err(e @ KmsError::TooLong(_)) => Err(SignError::Failed(e.to_string())),
+                Err(e) => Err(SignError::unavailable("AWS KMS", key_id, e)),
+            },
         }
     }
 }
@@ -238,11 +342,49 @@ pub struct OidcToken {
     pub key_label: String,
 }
 
+/// The KMS that holds the OIDC keys (`oidc.signer = "kms"`), and the key
+/// to adopt first; later keys are ones the operator made and names.
+#[cfg(feature = "kms")]
+#[derive(Clone)]
+pub struct OidcKms {
+    pub kms: Arc<Kms>,
+    pub key_id: String,
+}
+
+/// Where OIDC keys are held when not in memory.
+#[derive(Clone)]
+pub enum OidcKeyHome {
+    Token(OidcToken),
+    #[cfg(feature = "kms")]
+    Kms(OidcKms),
+}
+
+/// One OIDC key held outside memory, as the ring names it.
+#[derive(Clone, Debug)]
+enum Held {
+    /// Its label on the token.
+    Token(String),
+    /// Its KMS key id or ARN.
+    Kms(String),
+}
+
+impl Held {
+    /// Where `stored` is held, if not in memory.
+    fn of(stored: &StoredKey) -> Option<Self> {
+        match (&stored.token_label, &stored.kms_key_id) {
+            (Some(label), _) => Some(Self::Token(label.clone())),
+            (None, Some(key_id)) => Some(Self::Kms(key_id.clone())),
+            (None, None) => None,
+        }
+    }
+}
+
 pub struct KeyRing {
     file: PathBuf,
     policy: RotationPolicy,
-    /// Where new OIDC keys are made: the token, or (none) memory.
-    token: Option<OidcToken>,
+    /// Where new OIDC keys are made or adopted: a token, KMS, or (none)
+    /// memory.
+    home: Option<OidcKeyHome>,
     /// Seals every private key before it is written.
     sealer: Sealer,
     stored: StoredRing,
@@ -268,24 +410,24 @@ impl KeyRing {
         Self::load(dir, policy, now, sealer, None)
     }
 
-    /// [`Self::load_or_generate`], the OIDC keys on `token` when one is
+    /// [`Self::load_or_generate`], the OIDC keys in `home` when one is
     /// given: its configured key is adopted (it must exist: `keys init`
-    /// makes it), signing at once on a new ring or after the lead time
-    /// when memory keys sign now; the memory keys stay published until
-    /// they retire.
+    /// makes it on a token, the operator in KMS), signing at once on a new
+    /// ring or after the lead time when memory keys sign now; the memory
+    /// keys stay published until they retire.
     pub fn load(
         dir: &Path,
         policy: RotationPolicy,
         now: u64,
         sealer: &Sealer,
-        token: Option<OidcToken>,
+        home: Option<OidcKeyHome>,
     ) -> Result<Self, KeyError> {
         let file = dir.join(KEYRING_FILE);
         let io = |source| KeyError::Io {
             file: KEYRING_FILE.into(),
             source,
         };
-        let stored: StoredRing = match fs::read(&file) {
+        let mut stored: StoredRing = match fs::read(&file) {
             Ok(bytes) => {
                 fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).map_err(io)?;
                 serde_json::from_slice(&bytes)
@@ -297,7 +439,7 @@ impl KeyRing {
         let mut ring = Self {
             file,
             policy,
-            token,
+            home,
             sealer: sealer.clone(),
             stored: StoredRing::default(),
             oidc: Vec::new(),
@@ -309,10 +451,21 @@ impl KeyRing {
             .iter()
             .chain(&stored.session)
             .chain(&stored.receipt)
-            .any(|k| k.sealed_pkcs8.is_none() && k.token_label.is_none());
+            .any(|k| k.sealed_pkcs8.is_none() && Held::of(k).is_none());
+        // OIDC keys whose publication ended are not looked for: an operator
+        // may delete them from the token or KMS once they left the JWKS.
+        let after_retire = policy.oidc_publish_after_retire_seconds;
+        let published: Vec<bool> = (0..stored.oidc.len())
+            .map(|i| {
+                let next = stored.oidc.get(i + 1).map(|k| k.activates_at);
+                next.is_none_or(|retired| now < retired + after_retire)
+            })
+            .collect();
+        let unpublished = published.contains(&false);
+        retain_by(&mut stored.oidc, &published);
         for key in stored.oidc {
-            match key.token_label.clone() {
-                Some(label) => ring.add_token_oidc(&label, key)?,
+            match Held::of(&key) {
+                Some(held) => ring.add_held_oidc(&held, key)?,
                 None => {
                     let (der, stored) = key.open("oidc", sealer)?;
                     ring.add_oidc(&der, stored)?;
@@ -327,21 +480,29 @@ impl KeyRing {
             let (der, stored) = key.open("receipt", sealer)?;
             ring.add_receipt(&der, stored)?;
         }
-        let mut changed = unsealed;
+        let mut changed = unsealed || unpublished;
         if unsealed {
             tracing::warn!("the key ring held plain private keys; they are sealed now");
         }
-        let on_token = ring.stored.oidc.iter().any(|k| k.token_label.is_some());
-        if let Some(OidcToken { key_label, .. }) = ring.token.clone().filter(|_| !on_token) {
+        let held_outside = ring.stored.oidc.iter().any(|k| Held::of(k).is_some());
+        let first = match &ring.home {
+            Some(_) if held_outside => None,
+            // The configured key, which must exist.
+            Some(OidcKeyHome::Token(token)) => Some(Some(token.key_label.clone())),
+            #[cfg(feature = "kms")]
+            Some(OidcKeyHome::Kms(kms)) => Some(Some(kms.key_id.clone())),
+            None => ring.oidc.is_empty().then_some(None),
+        };
+        if let Some(adopt) = first {
             let activates_at = match ring.oidc.last() {
                 None => now,
                 Some(latest) => (now + ring.policy.oidc_lead_seconds).max(latest.activates_at + 1),
             };
-            ring.adopt_token_oidc(&key_label, now, activates_at)?;
-            changed = true;
-        }
-        if ring.oidc.is_empty() {
-            ring.rotate_in_oidc(now, now)?;
+            let plan = OidcPlan {
+                make_missing: false,
+                ..ring.plan_oidc(now, activates_at, adopt)
+            };
+            ring.push_oidc(plan.make()?)?;
             changed = true;
         }
         if ring.session.is_empty() {
@@ -374,7 +535,7 @@ impl KeyRing {
         let kid = receipt_key(der.as_ref(), now)
             .expect("a fresh key parses")
             .kid;
-        let stored = self.stored_key("receipt", kid, der.as_ref(), now, now)?;
+        let stored = sealed_key(&self.sealer, "receipt", kid, der.as_ref(), now, now)?;
         self.add_receipt(der.as_ref(), stored)
     }
 
@@ -386,17 +547,12 @@ impl KeyRing {
         Ok(())
     }
 
-    /// Adds a stored OIDC key that lives on the token under `label`.
-    fn add_token_oidc(&mut self, label: &str, stored: StoredKey) -> Result<(), KeyError> {
-        let token = self
-            .token
-            .clone()
-            .ok_or_else(|| KeyError::TokenNeeded(label.to_owned()))?;
-        let found = token.token.find_key(label)?;
-        let key = token_oidc_key(&token.token, label, found, stored.activates_at);
+    /// Adds a stored OIDC key held outside memory.
+    fn add_held_oidc(&mut self, held: &Held, stored: StoredKey) -> Result<(), KeyError> {
+        let (key, _) = held_oidc(self.home.as_ref(), held, stored.activates_at)?;
         if key.kid != stored.kid {
             return Err(KeyError::Invalid(format!(
-                "{KEYRING_FILE}: the token's key {label:?} is not the one the ring published"
+                "{KEYRING_FILE}: the key {held:?} is not the one the ring published"
             )));
         }
         self.oidc.push(Arc::new(key));
@@ -404,26 +560,68 @@ impl KeyRing {
         Ok(())
     }
 
-    /// Adds the token's key `label` (which must exist), signing from
-    /// `activates_at`.
-    fn adopt_token_oidc(
-        &mut self,
-        label: &str,
-        now: u64,
-        activates_at: u64,
-    ) -> Result<(), KeyError> {
-        let token = self.token.clone().expect("called with a token");
-        let found = token.token.find_key(label)?;
-        let key = token_oidc_key(&token.token, label, found, activates_at);
-        self.stored.oidc.push(StoredKey {
-            kid: key.kid.clone(),
-            pkcs8: None,
-            sealed_pkcs8: None,
-            token_label: Some(label.to_owned()),
-            created_at: now,
+    /// How the next OIDC key, signing from `activates_at`, is to be made
+    /// or found (see [`OidcPlan`]).
+    fn plan_oidc(&self, now: u64, activates_at: u64, adopt: Option<String>) -> OidcPlan {
+        OidcPlan {
+            home: self.home.clone(),
+            sealer: self.sealer.clone(),
+            adopt,
+            make_missing: true,
+            now,
             activates_at,
-        });
-        self.oidc.push(Arc::new(key));
+            after: self.oidc.last().map(|k| k.activates_at),
+        }
+    }
+
+    /// Step 1 of a rotation, under the ring's read lock: when the next
+    /// OIDC key activates (published now, signing after the lead time,
+    /// never before a pending key) and where it comes from; `adopt` names
+    /// a key on the token or in KMS (see [`OidcPlan::make`]).
+    pub fn plan_oidc_rotation(
+        &self,
+        now: u64,
+        adopt: Option<String>,
+    ) -> Result<OidcPlan, KeyError> {
+        let published = (0..self.oidc.len())
+            .filter(|&i| self.oidc_published_until(i).is_none_or(|until| now < until))
+            .count();
+        if published >= MAX_OIDC_KEYS {
+            return Err(KeyError::TooManyKeys);
+        }
+        let latest = self.oidc.last().map_or(now, |k| k.activates_at);
+        let activates_at = (now + self.policy.oidc_lead_seconds).max(latest + 1);
+        Ok(self.plan_oidc(now, activates_at, adopt))
+    }
+
+    /// Step 3, under the write lock: adds the key made in step 2 and
+    /// writes the ring, unless another rotation added a key meanwhile.
+    /// Keys whose publication ended are dropped.
+    pub fn add_next_oidc(&mut self, next: NextOidcKey) -> Result<KeyInfo, KeyError> {
+        if self.oidc.last().map(|k| k.activates_at) != next.after {
+            return Err(KeyError::RotatedMeanwhile);
+        }
+        self.forget_expired(next.stored.created_at);
+        if self.oidc.len() >= MAX_OIDC_KEYS {
+            return Err(KeyError::TooManyKeys);
+        }
+        self.push_oidc(next)?;
+        self.persist()?;
+        Ok(self
+            .describe()
+            .into_iter()
+            .rev()
+            .find(|k| k.kind == "oidc")
+            .expect("just added"))
+    }
+
+    /// Adds a key made or found by a plan, unless the ring holds it.
+    fn push_oidc(&mut self, next: NextOidcKey) -> Result<(), KeyError> {
+        if self.oidc.iter().any(|k| k.kid == next.key.kid) {
+            return Err(KeyError::AlreadyAdopted);
+        }
+        self.oidc.push(Arc::new(next.key));
+        self.stored.oidc.push(next.stored);
         Ok(())
     }
 
@@ -435,25 +633,6 @@ impl KeyRing {
         Ok(())
     }
 
-    /// Generates an OIDC key signing from `activates_at` and adds it: on
-    /// the token (made, or adopted when its label exists) when there is
-    /// one, else in memory.
-    fn rotate_in_oidc(&mut self, now: u64, activates_at: u64) -> Result<(), KeyError> {
-        if let Some(token) = self.token.clone() {
-            let label = format!("{}-{activates_at}", token.key_label);
-            token.token.find_or_generate_key(&label)?;
-            return self.adopt_token_oidc(&label, now, activates_at);
-        }
-        let der = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
-            .and_then(|k| k.to_pkcs8v1())
-            .map_err(|_| KeyError::Invalid("a new ES256 key".into()))?;
-        let kid = oidc_key(der.as_ref(), activates_at)
-            .expect("a fresh key parses")
-            .kid;
-        let stored = self.stored_key("oidc", kid, der.as_ref(), now, activates_at)?;
-        self.add_oidc(der.as_ref(), stored)
-    }
-
     /// Generates a session key signing from `activates_at` and adds it.
     fn rotate_in_session(&mut self, activates_at: u64) -> Result<(), KeyError> {
         let der = Ed25519KeyPair::generate()
@@ -462,27 +641,9 @@ impl KeyRing {
         let kid = session_key(der.as_ref(), activates_at)
             .expect("a fresh key parses")
             .kid;
-        let stored = self.stored_key("session", kid, der.as_ref(), activates_at, activates_at)?;
+        let at = activates_at;
+        let stored = sealed_key(&self.sealer, "session", kid, der.as_ref(), at, at)?;
         self.add_session(der.as_ref(), stored)
-    }
-
-    fn stored_key(
-        &self,
-        kind: &str,
-        kid: String,
-        der: &[u8],
-        created_at: u64,
-        activates_at: u64,
-    ) -> Result<StoredKey, KeyError> {
-        let sealed = self.sealer.seal(&StoredKey::sealed_as(kind, &kid), der)?;
-        Ok(StoredKey {
-            kid,
-            pkcs8: None,
-            sealed_pkcs8: Some(sealed),
-            token_label: None,
-            created_at,
-            activates_at,
-        })
     }
 
     /// Writes the ring through a temporary file (0600), then renames it.
@@ -501,6 +662,14 @@ impl KeyRing {
     /// When the key at `index` stops signing: when the next one activates.
     fn retires_at<T>(keys: &[T], index: usize, activates: impl Fn(&T) -> u64) -> Option<u64> {
         keys.get(index + 1).map(activates)
+    }
+
+    /// Closes the token that holds OIDC keys, if any (the broker stops):
+    /// its keys sign no more.
+    pub fn close_token(&self) {
+        if let Some(OidcKeyHome::Token(token)) = &self.home {
+            token.token.close();
+        }
     }
 
     /// The OIDC key that signs now: the newest one already active.
@@ -597,24 +766,12 @@ impl KeyRing {
         Ok(self.describe().into_iter().last().expect("just added"))
     }
 
-    /// Adds the next OIDC key, published now, signing after the lead time.
-    /// Keys whose publication ended are dropped from the ring.
-    pub fn rotate_oidc(&mut self, now: u64) -> Result<KeyInfo, KeyError> {
-        self.forget_expired(now);
-        if self.oidc.len() >= MAX_OIDC_KEYS {
-            return Err(KeyError::TooManyKeys);
-        }
-        let latest = self.oidc.last().map_or(now, |k| k.activates_at);
-        // Never before the latest pending key: activation order is rotation order.
-        let activates_at = (now + self.policy.oidc_lead_seconds).max(latest + 1);
-        self.rotate_in_oidc(now, activates_at)?;
-        self.persist()?;
-        Ok(self
-            .describe()
-            .into_iter()
-            .rev()
-            .find(|k| k.kind == "oidc")
-            .expect("just added"))
+    /// Adds the next OIDC key, published now, signing after the lead time,
+    /// in one go (the signer pool runs the three steps apart, so no lock is
+    /// held while a token or KMS makes or finds the key).
+    pub fn rotate_oidc(&mut self, now: u64, adopt: Option<String>) -> Result<KeyInfo, KeyError> {
+        let next = self.plan_oidc_rotation(now, adopt)?.make()?;
+        self.add_next_oidc(next)
     }
 
     /// Adds the next session key; it signs at once, the previous one keeps
@@ -649,6 +806,157 @@ impl KeyRing {
         retain_by(&mut self.session, &keep_session);
         retain_by(&mut self.stored.session, &keep_session);
     }
+}
+
+/// How the next OIDC key is made or found: planned under the ring's read
+/// lock, made with no lock held (a token's key generation or a KMS call
+/// can be slow, and signatures go on meanwhile), added under the write
+/// lock.
+pub struct OidcPlan {
+    home: Option<OidcKeyHome>,
+    sealer: Sealer,
+    /// The token label or KMS key to use.
+    adopt: Option<String>,
+    /// A token key missing under its label is made (rotation), or is an
+    /// error (the configured key at start: `keys init` makes it).
+    make_missing: bool,
+    now: u64,
+    activates_at: u64,
+    /// The ring's latest key's activation when planned: the plan is void
+    /// if another key was added since.
+    after: Option<u64>,
+}
+
+/// A key a plan made or found, ready to add.
+pub struct NextOidcKey {
+    key: Es256Key,
+    stored: StoredKey,
+    after: Option<u64>,
+}
+
+impl OidcPlan {
+    /// Makes or finds the key: on the token (made, or adopted when its
+    /// label exists; `adopt` names the label, else `<key_label>-<activates_at>`),
+    /// in KMS (the key `adopt` names, which the operator made), or
+    /// generated in memory (nothing to adopt).
+    pub fn make(self) -> Result<NextOidcKey, KeyError> {
+        let Self {
+            home,
+            sealer,
+            adopt,
+            make_missing,
+            now,
+            activates_at,
+            after,
+        } = self;
+        let held = match (&home, adopt) {
+            (Some(OidcKeyHome::Token(token)), adopt) => {
+                let label = adopt.unwrap_or_else(|| format!("{}-{activates_at}", token.key_label));
+                if make_missing {
+                    token.token.find_or_generate_key(&label)?;
+                }
+                Held::Token(label)
+            }
+            #[cfg(feature = "kms")]
+            (Some(OidcKeyHome::Kms(_)), Some(key_id)) => Held::Kms(key_id),
+            #[cfg(feature = "kms")]
+            (Some(OidcKeyHome::Kms(_)), None) => return Err(KeyError::AdoptNeeded),
+            (None, Some(_)) => return Err(KeyError::NothingToAdopt("generated in memory")),
+            (None, None) => {
+                let der = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
+                    .and_then(|k| k.to_pkcs8v1())
+                    .map_err(|_| KeyError::Invalid("a new ES256 key".into()))?;
+                let key = oidc_key(der.as_ref(), activates_at).expect("a fresh key parses");
+                let kid = key.kid.clone();
+                let stored = sealed_key(&sealer, "oidc", kid, der.as_ref(), now, activates_at)?;
+                return Ok(NextOidcKey { key, stored, after });
+            }
+        };
+        let (key, held) = held_oidc(home.as_ref(), &held, activates_at)?;
+        let (token_label, kms_key_id) = match held {
+            Held::Token(label) => (Some(label), None),
+            Held::Kms(key_id) => (None, Some(key_id)),
+        };
+        let stored = StoredKey {
+            kid: key.kid.clone(),
+            pkcs8: None,
+            sealed_pkcs8: None,
+            token_label,
+            kms_key_id,
+            created_at: now,
+            activates_at,
+        };
+        Ok(NextOidcKey { key, stored, after })
+    }
+}
+
+/// The OIDC key `held` names, found where it is held (it must exist there),
+/// signing from `activates_at`, and how the ring names it from now on (a
+/// KMS alias becomes the key's ARN: an alias can be moved to another key).
+/// A key is used only once it signed for the point the JWKS will publish.
+fn held_oidc(
+    home: Option<&OidcKeyHome>,
+    held: &Held,
+    activates_at: u64,
+) -> Result<(Es256Key, Held), KeyError> {
+    match (held, home) {
+        (Held::Token(label), Some(OidcKeyHome::Token(token))) => {
+            let found = token.token.find_key(label)?;
+            let key = token_oidc_key(&token.token, label, found, activates_at);
+            Ok((key, held.clone()))
+        }
+        (Held::Token(label), _) => Err(KeyError::TokenNeeded(label.clone())),
+        #[cfg(feature = "kms")]
+        (Held::Kms(key_id), Some(OidcKeyHome::Kms(home))) => {
+            let (arn, point) = home.kms.public_key(key_id)?;
+            let probe = PROBE_MESSAGE;
+            let signature = home.kms.sign(&arn, probe)?;
+            if !signs_for(&point, probe, &signature) {
+                return Err(KmsError::Unsuitable(key_id.clone()).into());
+            }
+            let signer = Es256Signer::Kms {
+                kms: home.kms.clone(),
+                key_id: arn.clone(),
+            };
+            let key = es256_from_point(&point, signer, activates_at, "JWT", "");
+            Ok((key, Held::Kms(arn)))
+        }
+        (Held::Kms(key_id), _) => Err(KeyError::KmsNeeded(key_id.clone())),
+    }
+}
+
+/// What a signer is asked to sign to show it signs for a point: no JWT.
+pub(crate) const PROBE_MESSAGE: &[u8] = b"agentkeys: does this key sign for its public point?";
+
+/// True when `signature` (r ‖ s) over `message` verifies for `point`.
+pub(crate) fn signs_for(point: &[u8; 65], message: &[u8], signature: &[u8]) -> bool {
+    aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
+        point,
+    )
+    .verify(message, signature)
+    .is_ok()
+}
+
+/// A private key as stored: sealed, bound to its kind and kid.
+fn sealed_key(
+    sealer: &Sealer,
+    kind: &str,
+    kid: String,
+    der: &[u8],
+    created_at: u64,
+    activates_at: u64,
+) -> Result<StoredKey, KeyError> {
+    let sealed = sealer.seal(&StoredKey::sealed_as(kind, &kid), der)?;
+    Ok(StoredKey {
+        kid,
+        pkcs8: None,
+        sealed_pkcs8: Some(sealed),
+        token_label: None,
+        kms_key_id: None,
+        created_at,
+        activates_at,
+    })
 }
 
 fn retain_by<T>(items: &mut Vec<T>, keep: &[bool]) {
@@ -783,7 +1091,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
         let old = ring.signing_oidc(1000).kid.clone();
-        let new = ring.rotate_oidc(1000).unwrap();
+        let new = ring.rotate_oidc(1000, None).unwrap();
         assert_eq!(new.activates_at, 1100);
         assert_eq!(
             kids(&ring.jwks(1000)),
@@ -813,6 +1121,32 @@ mod tests {
             new.kid,
             "the rotation was persisted"
         );
+    }
+
+    /// A restart forgets OIDC keys whose publication ended, without a
+    /// rotation: their private halves are not looked for (on a token or in
+    /// KMS, the operator may have deleted them by then).
+    #[test]
+    fn a_restart_drops_oidc_keys_that_left_the_jwks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let old = ring.signing_oidc(1000).kid.clone();
+        let new = ring.rotate_oidc(1000, None).unwrap().kid;
+        let stored_kids = || {
+            let text = fs::read(dir.path().join(KEYRING_FILE)).unwrap();
+            let stored: StoredRing = serde_json::from_slice(&text).unwrap();
+            stored.oidc.into_iter().map(|k| k.kid).collect::<Vec<_>>()
+        };
+        let still = KeyRing::load_or_generate(dir.path(), POLICY, 1149, &sealer()).unwrap();
+        assert_eq!(kids(&still.jwks(1149)), [old.clone(), new.clone()]);
+        assert_eq!(stored_kids(), [old, new.clone()], "kept while published");
+        let later = KeyRing::load_or_generate(dir.path(), POLICY, 1150, &sealer()).unwrap();
+        assert_eq!(kids(&later.jwks(1150)), std::slice::from_ref(&new));
+        assert_eq!(
+            later.describe().iter().filter(|k| k.kind == "oidc").count(),
+            1
+        );
+        assert_eq!(stored_kids(), [new], "and written back without it");
     }
 
     /// A ring from before receipts gets a receipt key on its first start;
@@ -859,11 +1193,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ring = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
         for _ in 1..MAX_OIDC_KEYS {
-            ring.rotate_oidc(1000).unwrap();
+            ring.rotate_oidc(1000, None).unwrap();
         }
-        assert!(matches!(ring.rotate_oidc(1000), Err(KeyError::TooManyKeys)));
+        assert!(matches!(
+            ring.rotate_oidc(1000, None),
+            Err(KeyError::TooManyKeys)
+        ));
         // Much later every old key has left; rotating again works.
-        assert!(ring.rotate_oidc(100_000).is_ok());
+        assert!(ring.rotate_oidc(100_000, None).is_ok());
         assert!(ring.jwks(100_000)["keys"].as_array().unwrap().len() <= 2);
     }
 

@@ -15,6 +15,8 @@
 //!   first start.
 //! - [`token`]: a PKCS#11 token holding the OIDC keys (`oidc.signer =
 //!   "pkcs11"`), signing digests it is sent.
+//! - [`kms`] (feature `kms`): AWS KMS keys for the same (`oidc.signer =
+//!   "kms"`), and [`ecdsa_der`], the DER forms KMS answers in.
 //! - [`sealing`]: the operator's sealing key (outside the data directory)
 //!   and what is sealed with it: private keys and stored replay answers.
 //! - [`data_dir`]: the data directory 0700 and every file in it 0600.
@@ -39,9 +41,13 @@ pub mod auth;
 pub mod backpressure;
 pub mod data_dir;
 pub mod domain;
+#[cfg(feature = "kms")]
+pub mod ecdsa_der;
 pub mod grant;
 pub mod group_commit;
 pub mod keys;
+#[cfg(feature = "kms")]
+pub mod kms;
 pub mod mint;
 pub mod rate_limit;
 pub mod sealing;

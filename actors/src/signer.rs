@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use actix::{Actor, Handler, Message, SyncArbiter, SyncContext};
@@ -19,7 +19,7 @@ use agentkeys_wire::wallet::WalletSignature;
 use crate::domain::{
     now_unix, AgentIdentity, DevicePublicKey, ErrorCode, EvmAddress, InvalidInput,
 };
-use crate::keys::{KeyError, KeyInfo, KeyRing};
+use crate::keys::{KeyError, KeyInfo, KeyRing, SignError};
 
 /// The `typ` of session JWTs, so one is never taken for an OIDC JWT.
 pub const SESSION_TYP: &str = "agentkeys-session+jwt";
@@ -32,6 +32,17 @@ pub enum SignerError {
     BadSignature,
     #[error("signing failed: {0}")]
     Signing(String),
+    #[error(transparent)]
+    Unavailable(SignError),
+}
+
+impl From<SignError> for SignerError {
+    fn from(e: SignError) -> Self {
+        match e {
+            unavailable @ SignError::Unavailable { .. } => Self::Unavailable(unavailable),
+            SignError::Failed(reason) => Self::Signing(reason),
+        }
+    }
 }
 
 impl SignerError {
@@ -39,6 +50,7 @@ impl SignerError {
         match self {
             Self::InvalidToken | Self::BadSignature => ErrorCode::Unauthorized,
             Self::Signing(_) => ErrorCode::Internal,
+            Self::Unavailable(_) => ErrorCode::SignerUnavailable,
         }
     }
 }
@@ -229,18 +241,100 @@ pub enum KeyKind {
 /// Add the next key of a kind (persisted before it answers).
 #[derive(Message)]
 #[rtype(result = "Result<KeyInfo, KeyError>")]
-pub struct RotateKey(pub KeyKind);
+pub struct RotateKey {
+    pub kind: KeyKind,
+    /// OIDC only: the token label or KMS key to use (see
+    /// [`crate::keys::OidcPlan::make`]).
+    pub adopt: Option<String>,
+}
 
 /// Every key in the ring with its schedule.
 #[derive(Message)]
 #[rtype(result = "Vec<KeyInfo>")]
 pub struct DescribeKeys;
 
+/// Does the signing OIDC key's signer answer? A throwaway signature over a
+/// fixed message (no JWT) when the key is on a token or in KMS; memory
+/// always does.
+#[derive(Message)]
+#[rtype(result = "Result<(), SignerError>")]
+pub struct ProbeSigner;
+
+/// Why the OIDC signer cannot sign now, for `/readyz`.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SignerDown {
+    #[error(transparent)]
+    Failing(SignError),
+    #[error("the OIDC signer did not answer within actors.send_timeout_ms")]
+    Silent,
+}
+
+impl SignerDown {
+    /// What kind of signer it is, safe to show anyone (the cause is for
+    /// the log: it names keys, accounts and endpoints).
+    pub fn signer(&self) -> &'static str {
+        match self {
+            Self::Failing(SignError::Unavailable { signer, .. }) => signer,
+            Self::Failing(SignError::Failed(_)) | Self::Silent => "OIDC signer",
+        }
+    }
+}
+
+/// How the OIDC signer fared lately, as its signatures (and probes) saw
+/// it: `/readyz` probes only when nothing was seen for a few seconds, one
+/// probe at a time, however often it is asked (a KMS probe is a billed
+/// request).
+#[derive(Debug, Default)]
+pub struct SignerHealth {
+    /// The latest thing seen: when (Unix seconds), and the failure if it
+    /// was one.
+    seen: Mutex<(u64, Option<SignerDown>)>,
+    /// Held while a probe runs.
+    probing: tokio::sync::Mutex<()>,
+}
+
+impl SignerHealth {
+    /// How long what was seen stands for the signer's state.
+    const FRESH_SECONDS: u64 = 5;
+
+    /// Notes how a signature (or probe) went; an in-memory failure says
+    /// nothing about the signer.
+    fn saw(&self, signed: Result<(), &SignError>) {
+        let down = match signed {
+            Ok(()) => None,
+            Err(unavailable @ SignError::Unavailable { .. }) => {
+                Some(SignerDown::Failing(unavailable.clone()))
+            }
+            Err(SignError::Failed(_)) => return,
+        };
+        self.seen_now(down);
+    }
+
+    fn seen_now(&self, down: Option<SignerDown>) {
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = (now_unix(), down);
+    }
+
+    /// The signer's state, if something was seen within the last few
+    /// seconds.
+    fn fresh(&self) -> Option<Result<(), SignerDown>> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, down) = &*seen;
+        (*at != 0 && now_unix() < at + Self::FRESH_SECONDS).then(|| match down {
+            None => Ok(()),
+            Some(down) => Err(down.clone()),
+        })
+    }
+}
+
 /// One worker of the signing pool. The workers share one key ring: reads
 /// (every signature) take its read lock, a rotation its write lock.
 pub struct SignerActor {
     keys: Arc<RwLock<KeyRing>>,
     session_validation: Arc<Validation>,
+    health: Arc<SignerHealth>,
+    /// Held through a rotation's three steps: two at once would plan the
+    /// same next key (and, on a token, make it twice).
+    rotating: Arc<Mutex<()>>,
 }
 
 impl SignerActor {
@@ -263,7 +357,25 @@ impl Handler<SignOidc> for SignerActor {
     /// slow token never holds up a rotation or the readers behind it.
     fn handle(&mut self, msg: SignOidc, _: &mut Self::Context) -> Self::Result {
         let key = Arc::clone(self.ring().signing_oidc(now_unix()));
-        key.sign(&msg.0).map_err(SignerError::Signing)
+        let signed = key.sign(&msg.0);
+        if key.is_external() {
+            self.health.saw(signed.as_ref().map(drop));
+        }
+        Ok(signed?)
+    }
+}
+
+impl Handler<ProbeSigner> for SignerActor {
+    type Result = Result<(), SignerError>;
+
+    fn handle(&mut self, _: ProbeSigner, _: &mut Self::Context) -> Self::Result {
+        let key = Arc::clone(self.ring().signing_oidc(now_unix()));
+        if !key.is_external() {
+            return Ok(());
+        }
+        let probed = key.probe();
+        self.health.saw(probed.as_ref().copied());
+        Ok(probed?)
     }
 }
 
@@ -366,7 +478,7 @@ impl Handler<SignReceipt> for SignerActor {
         self.ring()
             .signing_receipt()
             .sign(&msg.0)
-            .map_err(SignerError::Signing)
+            .map_err(SignerError::from)
     }
 }
 
@@ -389,15 +501,22 @@ impl Handler<PublishedKeySet> for SignerActor {
 impl Handler<RotateKey> for SignerActor {
     type Result = Result<KeyInfo, KeyError>;
 
+    /// An OIDC key is made or found (on a token or in KMS: slow) with no
+    /// lock held, between a plan under the read lock and its addition
+    /// under the write lock; other kinds are made in memory, locked.
     fn handle(&mut self, msg: RotateKey, _: &mut Self::Context) -> Self::Result {
-        let mut ring = self
-            .keys
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match msg.0 {
-            KeyKind::Oidc => ring.rotate_oidc(now_unix()),
-            KeyKind::Session => ring.rotate_session(now_unix()),
-            KeyKind::Receipt => ring.rotate_receipt(now_unix()),
+        let _one_at_a_time = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
+        let write = || self.keys.write().unwrap_or_else(|p| p.into_inner());
+        let now = now_unix();
+        match (msg.kind, msg.adopt) {
+            (KeyKind::Oidc, adopt) => {
+                let plan = self.ring().plan_oidc_rotation(now, adopt)?;
+                let next = plan.make()?;
+                write().add_next_oidc(next)
+            }
+            (_, Some(_)) => Err(KeyError::NothingToAdopt("a session or receipt key")),
+            (KeyKind::Session, None) => write().rotate_session(now),
+            (KeyKind::Receipt, None) => write().rotate_receipt(now),
         }
     }
 }
@@ -431,6 +550,8 @@ pub struct SignerPool {
     workers: Handle<SignerActor>,
     /// Bounds the pool's otherwise unbounded queue.
     admission: Arc<Semaphore>,
+    health: Arc<SignerHealth>,
+    keys: Arc<RwLock<KeyRing>>,
 }
 
 impl SignerPool {
@@ -441,14 +562,60 @@ impl SignerPool {
             &settings.issuer,
             &settings.session_audience,
         ));
+        let health = Arc::new(SignerHealth::default());
+        let shared = health.clone();
+        let ring = keys.clone();
+        let rotating = Arc::new(Mutex::new(()));
         let addr = SyncArbiter::start(settings.threads.max(1), move || SignerActor {
-            keys: keys.clone(),
+            keys: ring.clone(),
             session_validation: session_validation.clone(),
+            health: shared.clone(),
+            rotating: rotating.clone(),
         });
         Self {
             workers: Handle::new(addr, "signer", settings.timeout),
             admission: Arc::new(Semaphore::new(settings.max_queued.max(1))),
+            health,
+            keys,
         }
+    }
+
+    /// Lets go of the OIDC keys' token as the broker stops, once requests
+    /// in flight are done (the pool's threads may outlive this call).
+    pub fn close(&self) {
+        self.keys
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .close_token();
+    }
+
+    /// Whether the OIDC signer can sign now, and if not why (for
+    /// `/readyz`): a key in memory always can; a token or KMS is judged by
+    /// the last few seconds' signatures, or else probed. A full pool is
+    /// busy, not away; a probe that gets no answer in time is away.
+    pub async fn signer_ready(&self) -> Result<(), SignerDown> {
+        let external = {
+            let ring = self.keys.read().unwrap_or_else(|p| p.into_inner());
+            ring.signing_oidc(now_unix()).is_external()
+        };
+        if !external {
+            return Ok(());
+        }
+        if let Some(state) = self.health.fresh() {
+            return state;
+        }
+        let _one_probe = self.health.probing.lock().await;
+        if let Some(state) = self.health.fresh() {
+            return state;
+        }
+        let Ok(admitted) = self.admit() else {
+            return Ok(());
+        };
+        // The worker notes what the probe found; only silence is noted here.
+        if let Err(Overloaded(_)) = admitted.call(ProbeSigner).await {
+            self.health.seen_now(Some(SignerDown::Silent));
+        }
+        self.health.fresh().unwrap_or(Ok(()))
     }
 
     /// Runs `msg` on a worker, or fails fast with `Overloaded` when full.

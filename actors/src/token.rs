@@ -8,8 +8,8 @@
 //! token logs the application out when its last session closes.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error, RvError};
@@ -18,6 +18,8 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+
+use crate::keys::{signs_for, PROBE_MESSAGE};
 
 /// DER of the OID of P-256 (1.2.840.10045.3.1.7), the curve every key
 /// made here is on.
@@ -59,34 +61,113 @@ pub enum TokenError {
     Exposed(String),
     #[error("the token's key {0:?} does not sign for its public key")]
     Mismatched(String),
+    #[error("the token's key {0:?} is no longer the one the JWKS publishes")]
+    Replaced(String),
     #[error(
         "the token refused the PIN; the broker stops logging in (restart it with the right PIN)"
     )]
     PinRefused,
+    #[error("the broker closed its PKCS#11 session as it stopped")]
+    Closed,
+    #[error("the key's handle is from before the module was reopened")]
+    Stale,
     #[error("PKCS#11: {0}")]
     Call(#[from] Error),
 }
 
-/// An opened, logged-in token.
+impl TokenError {
+    /// True when the token itself may be gone (not a key that is wrong):
+    /// reopening the module may find it again.
+    pub fn may_be_lost(&self) -> bool {
+        matches!(
+            self,
+            Self::NoToken(_) | Self::NoKey(_) | Self::Stale | Self::Call(_)
+        )
+    }
+}
+
+/// An opened token: the module, and the connection to the token that a
+/// reopening replaces.
 pub struct Token {
     pkcs11: Pkcs11,
-    slot: Slot,
     label: String,
     pin: AuthPin,
-    /// Sessions not in use; taken for one operation, given back after.
-    idle: Mutex<Vec<Session>>,
-    /// Never closed: keeps the application logged in to the token (in a
-    /// mutex only so the token can be shared between threads).
-    _anchor: Mutex<Session>,
+    /// Operations hold it for reading; reopening the module for writing,
+    /// so it waits for them and they for it.
+    connection: RwLock<Connection>,
+    /// When the module was last reopened (Unix seconds): at most once per
+    /// second, however many signatures fail at once.
+    reopened_at: AtomicU64,
     /// Set when the token refused the PIN: no more logins, so the broker
     /// never locks the user PIN out by retrying it on every mint.
     pin_refused: AtomicBool,
+    /// Set by [`Token::close`]: the module is finalized.
+    closed: AtomicBool,
+}
+
+/// The token's slot and sessions, as one initialisation of the module
+/// found them; `None` slot: the token was not there.
+struct Connection {
+    slot: Option<Slot>,
+    /// Which opening of the module this is: object handles are only good
+    /// within the one that gave them (a module reopened hands the same
+    /// numbers out again, perhaps for other objects).
+    generation: u64,
+    /// Sessions not in use; taken for one operation, given back after.
+    idle: Mutex<Vec<Session>>,
+    /// Open while the connection lives: keeps the application logged in
+    /// (a token logs it out when its last session closes). In a mutex
+    /// only so the connection can be shared between threads.
+    _anchor: Mutex<Option<Session>>,
+}
+
+impl Connection {
+    /// No token: what is left when the module is closed or reopening.
+    fn closed() -> Self {
+        Self {
+            slot: None,
+            generation: 0,
+            idle: Mutex::new(Vec::new()),
+            _anchor: Mutex::new(None),
+        }
+    }
+
+    /// Finds the token labelled `label` and logs in.
+    fn open(
+        pkcs11: &Pkcs11,
+        label: &str,
+        pin: &AuthPin,
+        generation: u64,
+    ) -> Result<Self, TokenError> {
+        let slot = pkcs11
+            .get_slots_with_token()?
+            .into_iter()
+            .find(|slot| {
+                pkcs11
+                    .get_token_info(*slot)
+                    .is_ok_and(|info| info.token_initialized() && info.label().trim() == label)
+            })
+            .ok_or_else(|| TokenError::NoToken(label.to_owned()))?;
+        let anchor = pkcs11.open_rw_session(slot)?;
+        log_in(&anchor, pin).map_err(|source| TokenError::Login {
+            label: label.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            slot: Some(slot),
+            generation,
+            idle: Mutex::new(Vec::new()),
+            _anchor: Mutex::new(Some(anchor)),
+        })
+    }
 }
 
 /// A key on the token: its private handle and its public point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenKey {
     pub private: ObjectHandle,
+    /// The opening of the module the handle is good in.
+    generation: u64,
     /// Uncompressed SEC1: 0x04 ‖ x ‖ y.
     pub point: [u8; 65],
 }
@@ -100,35 +181,67 @@ impl Token {
             source,
         };
         let pkcs11 = Pkcs11::new(&settings.module).map_err(module)?;
-        match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => return Err(module(e)),
-        }
+        initialize(&pkcs11).map_err(module)?;
         let label = settings.token_label.trim().to_owned();
-        let slot = pkcs11
-            .get_slots_with_token()?
-            .into_iter()
-            .find(|slot| {
-                pkcs11
-                    .get_token_info(*slot)
-                    .is_ok_and(|info| info.token_initialized() && info.label().trim() == label)
-            })
-            .ok_or_else(|| TokenError::NoToken(label.clone()))?;
         let pin = AuthPin::from(settings.pin.clone());
-        let anchor = pkcs11.open_rw_session(slot)?;
-        log_in(&anchor, &pin).map_err(|source| TokenError::Login {
-            label: label.clone(),
-            source,
-        })?;
+        let connection = Connection::open(&pkcs11, &label, &pin, 1)?;
         Ok(Self {
             pkcs11,
-            slot,
             label,
             pin,
-            idle: Mutex::new(Vec::new()),
-            _anchor: Mutex::new(anchor),
+            connection: RwLock::new(connection),
+            reopened_at: AtomicU64::new(0),
             pin_refused: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         })
+    }
+
+    /// Closes every session and finalizes the module, once; later calls
+    /// answer [`TokenError::Closed`]. Called when the broker stops (and on
+    /// drop): a module left initialised is torn down by the process's exit
+    /// in whatever order that runs, with signer threads perhaps still in it.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        *self.connection.write().unwrap_or_else(|p| p.into_inner()) = Connection::closed();
+        if let Err(e) = self.pkcs11.clone().finalize() {
+            tracing::warn!(token = %self.label, error = %e, "PKCS#11 finalize failed");
+        }
+    }
+
+    /// Finalizes and initialises the module again, then finds the token
+    /// and logs in anew: how a token that went away (unplugged, its
+    /// service restarted, its files moved) is found when it is back, for
+    /// a module that keeps a lost token lost until then. At most once a
+    /// second; `false` when it was not due.
+    pub fn reopen(&self) -> Result<bool, TokenError> {
+        let now = crate::domain::now_unix();
+        // Checked before the lock too: a failing signer thread that is not
+        // due does not queue behind the signatures for the write lock.
+        if self.reopened_at.load(Ordering::Relaxed) >= now {
+            return Ok(false);
+        }
+        let mut connection = self.connection.write().unwrap_or_else(|p| p.into_inner());
+        let due = self.reopened_at.load(Ordering::Relaxed) < now;
+        if !due || self.closed.load(Ordering::SeqCst) || self.pin_refused.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        self.reopened_at.store(now, Ordering::Relaxed);
+        let generation = connection.generation.max(1) + 1;
+        *connection = Connection::closed();
+        connection.generation = generation;
+        // Not initialised (an earlier reopening failed half-way) is fine.
+        let _ = self.pkcs11.clone().finalize();
+        initialize(&self.pkcs11)?;
+        tracing::warn!(token = %self.label, "PKCS#11 module reopened to find the token again");
+        let opened = Connection::open(&self.pkcs11, &self.label, &self.pin, generation);
+        *connection = opened.inspect_err(|e| {
+            if matches!(e, TokenError::Login { source, .. } if refuses_pin(source)) {
+                self.pin_refused.store(true, Ordering::SeqCst);
+            }
+        })?;
+        Ok(true)
     }
 
     /// The token's label, for errors and logs.
@@ -138,33 +251,42 @@ impl Token {
 
     /// Runs `work` on a session of the pool (a new one if none is idle).
     /// A session that failed is closed, not given back: the next call opens
-    /// a fresh one, so a token that went away and came back recovers.
+    /// a fresh one.
     fn with_session<T>(
         &self,
-        work: impl FnOnce(&Session) -> Result<T, Error>,
+        work: impl FnOnce(&Session, u64) -> Result<T, Error>,
     ) -> Result<T, TokenError> {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(TokenError::Closed);
+        }
+        let connection = self.connection.read().unwrap_or_else(|p| p.into_inner());
+        let slot = connection
+            .slot
+            .ok_or_else(|| TokenError::NoToken(self.label.clone()))?;
+        let idle = connection
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
         let session = match idle {
             Some(session) => session,
             None => {
-                if self.pin_refused.load(Ordering::Relaxed) {
+                if self.pin_refused.load(Ordering::SeqCst) {
                     return Err(TokenError::PinRefused);
                 }
-                let session = self.pkcs11.open_rw_session(self.slot)?;
+                let session = self.pkcs11.open_rw_session(slot)?;
                 if let Err(e) = log_in(&session, &self.pin) {
-                    if matches!(
-                        e,
-                        Error::Pkcs11(RvError::PinIncorrect | RvError::PinLocked, _)
-                    ) {
-                        self.pin_refused.store(true, Ordering::Relaxed);
+                    if refuses_pin(&e) {
+                        self.pin_refused.store(true, Ordering::SeqCst);
                     }
                     return Err(e.into());
                 }
                 session
             }
         };
-        let done = work(&session)?;
-        self.idle
+        let done = work(&session, connection.generation)?;
+        connection
+            .idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(session);
@@ -176,25 +298,28 @@ impl Token {
     /// signature made now verifies against it), so the JWKS can only
     /// publish the half that matches.
     pub fn find_key(&self, label: &str) -> Result<TokenKey, TokenError> {
-        let (private, point, exposed) = self
-            .with_session(|session| find_key(session, label))?
+        let (private, point, exposed, generation) = self
+            .with_session(|session, generation| {
+                let found = find_key(session, label)?;
+                Ok(found.map(|(private, point, exposed)| (private, point, exposed, generation)))
+            })?
             .ok_or_else(|| TokenError::NoKey(label.to_owned()))?;
         if exposed {
             return Err(TokenError::Exposed(label.to_owned()));
         }
         let point = uncompressed(&point).ok_or_else(|| TokenError::NotP256(label.to_owned()))?;
-        let key = TokenKey { private, point };
-        let probe = b"agentkeys: does this key sign for its public point?";
+        let key = TokenKey {
+            private,
+            generation,
+            point,
+        };
+        let probe = PROBE_MESSAGE;
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, probe);
         let digest: &[u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
         let signature = self.sign_digest(&key, digest)?;
-        aws_lc_rs::signature::UnparsedPublicKey::new(
-            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
-            point,
-        )
-        .verify(probe, &signature)
-        .map(|()| key)
-        .map_err(|_| TokenError::Mismatched(label.to_owned()))
+        signs_for(&point, probe, &signature)
+            .then_some(key)
+            .ok_or_else(|| TokenError::Mismatched(label.to_owned()))
     }
 
     /// Makes an EC P-256 key pair labelled `label` on the token, its private
@@ -205,7 +330,7 @@ impl Token {
             Err(TokenError::NoKey(_)) => {}
             found => return found,
         }
-        self.with_session(|session| {
+        self.with_session(|session, _| {
             let tag = label.as_bytes().to_vec();
             let public = [
                 Attribute::Token(true),
@@ -235,12 +360,39 @@ impl Token {
     /// An ECDSA signature over a SHA-256 `digest` by `key`: r ‖ s, the
     /// JOSE form (CKM_ECDSA signs exactly the 32 bytes it is given).
     pub fn sign_digest(&self, key: &TokenKey, digest: &[u8; 32]) -> Result<[u8; 64], TokenError> {
-        let signature =
-            self.with_session(|session| session.sign(&Mechanism::Ecdsa, key.private, digest))?;
+        let signature = self.with_session(|session, generation| {
+            (generation == key.generation)
+                .then(|| session.sign(&Mechanism::Ecdsa, key.private, digest))
+                .transpose()
+        })?;
         signature
+            .ok_or(TokenError::Stale)?
             .try_into()
             .map_err(|_| TokenError::Call(Error::InvalidValue))
     }
+}
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Initialises the module for several threads; already initialised (by
+/// another user of the module in this process) is fine.
+fn initialize(pkcs11: &Pkcs11) -> Result<(), Error> {
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// True when the token refused the PIN itself (not the connection).
+fn refuses_pin(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Pkcs11(RvError::PinIncorrect | RvError::PinLocked, _)
+    )
 }
 
 /// Logs `session`'s application in; already logged in (another session

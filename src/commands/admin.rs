@@ -81,6 +81,11 @@ pub enum KeysCommand {
         /// The grant-receipt key instead (earlier ones stay published).
         #[arg(long)]
         receipt: bool,
+        /// The next OIDC key's place: with oidc.signer = "kms" the key id or
+        /// ARN of a KMS key you made (required); with "pkcs11" the label to
+        /// make or adopt on the token (default `<key_label>-<activates_at>`).
+        #[arg(long, conflicts_with_all = ["session", "receipt"])]
+        adopt: Option<String>,
     },
     /// Every key with its schedule.
     List,
@@ -177,13 +182,20 @@ impl AdminTarget {
 
     pub async fn keys(&self, command: KeysCommand) -> Result<Value, ClientError> {
         match command {
-            KeysCommand::Rotate { session, receipt } => {
+            KeysCommand::Rotate {
+                session,
+                receipt,
+                adopt,
+            } => {
                 let key = match (session, receipt) {
                     (true, _) => "session",
                     (_, true) => "receipt",
                     _ => "oidc",
                 };
-                let body = json!({ "key": key });
+                let mut body = json!({ "key": key });
+                if let Some(adopt) = adopt {
+                    body["adopt"] = json!(adopt);
+                }
                 self.admin
                     .call("POST", "/v1/admin/keys/rotate", self.token(), Some(&body))
                     .await

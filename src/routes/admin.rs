@@ -261,6 +261,9 @@ async fn verify_audit(
 #[serde(deny_unknown_fields)]
 struct Rotation {
     key: KeyKind,
+    /// OIDC keys on a token or in KMS: the label or KMS key to use.
+    #[serde(default)]
+    adopt: Option<String>,
 }
 
 #[get("/v1/admin/keys")]
@@ -280,7 +283,10 @@ async fn rotate_key(
     let key = state
         .actors
         .signer
-        .call(RotateKey(body.key))
+        .call(RotateKey {
+            kind: body.key,
+            adopt: body.adopt.clone(),
+        })
         .await?
         .map_err(ApiError::from)?;
     tracing::info!(kind = key.kind, kid = %key.kid, activates_at = key.activates_at, "key rotated");

@@ -3,6 +3,7 @@
 use actix_web::{get, web, HttpResponse};
 use serde_json::json;
 
+use crate::error::with_causes;
 use crate::startup::BrokerState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -15,7 +16,9 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-/// Every actor of the mint path is running.
+/// Every actor of the mint path is running, and the OIDC signer signs (a
+/// token or KMS can be away while every actor runs): `signer_unavailable`
+/// says why when it does not.
 #[get("/readyz")]
 async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
     let p = &state.actors;
@@ -26,11 +29,25 @@ async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
         ("signer", p.signer.connected()),
         ("audit", p.audit.connected()),
     ];
-    let ready = actors.iter().all(|(_, up)| *up);
-    let body = json!({
+    let running = actors.iter().all(|(_, up)| *up);
+    let signer = if running {
+        p.signer.signer_ready().await
+    } else {
+        Ok(())
+    };
+    let ready = running && signer.is_ok();
+    let mut body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "actors": actors.iter().map(|(n, up)| (n.to_string(), json!(up))).collect::<serde_json::Map<_, _>>(),
     });
+    if let Err(down) = signer {
+        // The cause names keys, accounts and endpoints: the log has it.
+        tracing::warn!(cause = %with_causes(&down), "not ready: the OIDC signer does not sign");
+        body["signer_unavailable"] = json!(format!(
+            "the {} does not sign; the broker's log says why",
+            down.signer()
+        ));
+    }
     if ready {
         HttpResponse::Ok().json(body)
     } else {

@@ -3,60 +3,31 @@
 //! set, an anvil that cannot start fails the test; elsewhere (a developer
 //! without anvil) the test says loudly that it skipped.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::helpers::spawn_app_with;
+use crate::local_server::LocalServer;
 
 /// anvil's first prefunded, unlocked development account.
 const DEV_ACCOUNT: &str = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266";
 
-struct Anvil(Child);
-
-impl Drop for Anvil {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_anvil() -> Option<(Anvil, String)> {
-    let binary = std::env::var("ANVIL").unwrap_or_else(|_| "anvil".into());
-    let port = TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let child = Command::new(&binary)
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--silent",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    match child {
-        Ok(child) => Some((Anvil(child), format!("http://127.0.0.1:{port}"))),
-        Err(e) => {
-            let why = format!("cannot run `{binary}` ({e}); install @foundry-rs/anvil");
-            if std::env::var_os("ANVIL").is_some() || std::env::var_os("CI").is_some() {
-                panic!("the EVM anchor test must run here: {why}");
-            }
-            // Printed past the test harness's capture, so a skip is seen.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "SKIPPED the EVM anchor test: {why}"
-            );
-            None
-        }
-    }
+fn start_anvil() -> Option<LocalServer> {
+    let args = |port: u16| {
+        let port = port.to_string();
+        ["--host", "127.0.0.1", "--port", &port, "--silent"]
+            .map(String::from)
+            .to_vec()
+    };
+    LocalServer::start(
+        "ANVIL",
+        "anvil",
+        args,
+        "EVM anchor",
+        "install @foundry-rs/anvil",
+    )
 }
 
 async fn rpc_ready(url: &str) -> bool {
@@ -73,9 +44,10 @@ async fn rpc_ready(url: &str) -> bool {
 
 #[actix_web::test]
 async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
-    let Some((_anvil, url)) = start_anvil() else {
+    let Some(anvil) = start_anvil() else {
         return;
     };
+    let url = anvil.url.clone();
     assert!(rpc_ready(&url).await, "anvil did not answer");
     let sink =
         json!([{ "kind": "evm", "interval_seconds": 1, "rpc_url": url, "from": DEV_ACCOUNT }]);

@@ -18,7 +18,11 @@ mod hostile;
 mod hsm;
 mod idempotency;
 mod keys;
+#[cfg(feature = "kms")]
+mod kms;
 mod listeners;
+#[cfg(any(feature = "audit-evm", feature = "kms"))]
+mod local_server;
 mod login_and_mint;
 #[cfg(feature = "otlp")]
 mod otlp;

@@ -229,3 +229,42 @@ pub async fn start_with_agent(name: &str, seed: u8, scope: &str) -> Running {
         grant,
     }
 }
+
+/// SIGTERM, and the broker must end cleanly.
+pub fn stop_cleanly(mut broker: std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &broker.id().to_string()])
+        .status();
+    let status = broker.wait().unwrap();
+    assert!(status.success(), "a clean stop, not {status:?}");
+}
+
+/// Every audit record of the broker at `base`, page by page.
+pub async fn audit_records(base: &str, admin: &str) -> Vec<Value> {
+    let mut records: Vec<Value> = Vec::new();
+    loop {
+        let after = records.last().map_or(0, |r| r["seq"].as_u64().unwrap());
+        let path = format!("/v1/admin/audit?after={after}&limit=1000");
+        let page = call(base, "GET", &path, Some(admin), None).await.unwrap();
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        let chunk = page.body["records"].as_array().unwrap().clone();
+        if chunk.is_empty() {
+            return records;
+        }
+        records.extend(chunk);
+    }
+}
+
+/// The admin token a broker made in `data` on its first start.
+pub fn admin_token_in(data: &Path) -> String {
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    token.trim().to_owned()
+}
+
+/// One mint by `session` for s3 at `scope`.
+pub async fn mint_at(base: &str, session: &str, scope: &str) -> Reply {
+    let body = json!({ "service": "s3", "scope_path": scope });
+    call(base, "POST", "/v1/mint-oidc-jwt", Some(session), Some(body))
+        .await
+        .unwrap()
+}

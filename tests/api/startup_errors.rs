@@ -14,6 +14,18 @@ fn one_line_failure(output: &Output) -> (i32, String) {
     (output.status.code().unwrap_or(-1), stderr)
 }
 
+/// `serve` with a config file of `text`: its exit code and its one line.
+fn serve_with_config(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, text).unwrap();
+    let output = broker_command(&dir.path().join("data"), 0)
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    one_line_failure(&output)
+}
+
 #[test]
 fn a_port_in_use_exits_5_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
@@ -35,15 +47,9 @@ fn a_port_in_use_exits_5_before_anything_starts() {
 
 #[test]
 fn a_configuration_error_exits_3() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("broken.toml");
-    std::fs::write(&config, "[server]\nbind = 8080\nno_such_key = true\n").unwrap();
-    let output = broker_command(&dir.path().join("data"), 0)
-        .args(["--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let (code, stderr) = one_line_failure(&output);
+    let (code, stderr) = serve_with_config("[server]\nbind = 8080\nno_such_key = true\n");
     assert_eq!(code, 3, "{stderr}");
+    let dir = tempfile::tempdir().unwrap();
     let unknown = broker_command(&dir.path().join("data"), 0)
         .env("AGENTKEYS__LOG__FORMAT", "yaml")
         .output()
@@ -88,4 +94,21 @@ fn an_otlp_endpoint_without_the_feature_exits_3() {
     let (code, stderr) = one_line_failure(&output);
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("otlp feature"), "{stderr}");
+}
+
+/// A KMS signer that would give up after the signer pool (so a mint would
+/// answer `overloaded`, not `signer_unavailable`), or one this build lacks:
+/// a configuration error, before any call to KMS.
+#[test]
+fn a_kms_signer_slower_than_the_send_timeout_or_not_built_exits_3() {
+    let kms =
+        "[oidc]\nsigner = \"kms\"\n\n[oidc.kms]\nkey_id = \"alias/agentkeys\"\ntimeout_ms = 2000\n";
+    let (code, stderr) = serve_with_config(kms);
+    assert_eq!(code, 3, "{stderr}");
+    let why = if cfg!(feature = "kms") {
+        "oidc.kms.timeout_ms must be below actors.send_timeout_ms"
+    } else {
+        "built without the kms feature"
+    };
+    assert!(stderr.contains(why), "{stderr}");
 }

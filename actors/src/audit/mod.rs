@@ -50,6 +50,7 @@ pub enum Outcome {
     BadRequest,
     RequestTimeout,
     AuditUnavailable,
+    SignerUnavailable,
     Overloaded,
     Error,
 }
@@ -69,6 +70,7 @@ impl From<ErrorCode> for Outcome {
             ErrorCode::BadRequest => Self::BadRequest,
             ErrorCode::RequestTimeout => Self::RequestTimeout,
             ErrorCode::AuditUnavailable => Self::AuditUnavailable,
+            ErrorCode::SignerUnavailable => Self::SignerUnavailable,
             ErrorCode::Overloaded => Self::Overloaded,
             ErrorCode::NotFound | ErrorCode::Conflict | ErrorCode::Internal => Self::Error,
         }
@@ -77,7 +79,7 @@ impl From<ErrorCode> for Outcome {
 
 impl Outcome {
     /// Every outcome, in declaration order (`ALL[o as usize] == o`).
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 15] = [
         Self::Ok,
         Self::Replayed,
         Self::AuthFailed,
@@ -90,6 +92,7 @@ impl Outcome {
         Self::BadRequest,
         Self::RequestTimeout,
         Self::AuditUnavailable,
+        Self::SignerUnavailable,
         Self::Overloaded,
         Self::Error,
     ];
@@ -109,6 +112,7 @@ impl Outcome {
             Self::BadRequest => "bad_request",
             Self::RequestTimeout => "request_timeout",
             Self::AuditUnavailable => "audit_unavailable",
+            Self::SignerUnavailable => "signer_unavailable",
             Self::Overloaded => "overloaded",
             Self::Error => "error",
         }

@@ -85,7 +85,9 @@ impl From<SignerError> for AuthError {
         match e {
             SignerError::InvalidToken => Self::Unauthorized("invalid session token"),
             SignerError::BadSignature => Self::Unauthorized("login signature does not verify"),
-            signing @ SignerError::Signing(_) => Self::Signing(signing),
+            signing @ (SignerError::Signing(_) | SignerError::Unavailable(_)) => {
+                Self::Signing(signing)
+            }
         }
     }
 }

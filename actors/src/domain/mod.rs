@@ -28,6 +28,7 @@ pub enum ErrorCode {
     RateLimited,
     RequestTimeout,
     AuditUnavailable,
+    SignerUnavailable,
     Overloaded,
     Internal,
 }
@@ -48,6 +49,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::RequestTimeout => "request_timeout",
             Self::AuditUnavailable => "audit_unavailable",
+            Self::SignerUnavailable => "signer_unavailable",
             Self::Overloaded => "overloaded",
             Self::Internal => "internal",
         }

@@ -42,7 +42,8 @@ impl MintError {
             Self::BadRequest(_) => ErrorCode::BadRequest,
             Self::AuditUnavailable(_) => ErrorCode::AuditUnavailable,
             Self::Overloaded(_) => ErrorCode::Overloaded,
-            Self::Signing(_) | Self::Encoding(_) => ErrorCode::Internal,
+            Self::Signing(e) => e.code(),
+            Self::Encoding(_) => ErrorCode::Internal,
         }
     }
 }
