@@ -18,6 +18,8 @@
 #                                             # Debian, one agent; hey takes far more CPU than wrk)
 #   EXPECT_REFUSALS=1 harness/mint-load.sh    # an overload run: non-200 answers are expected
 #   BROKER=/path/to/agentkeys-broker harness/mint-load.sh   # measure another build
+#   SIGNER=pkcs11 harness/mint-load.sh        # OIDC keys on a SoftHSM2 token of
+#                                             # its own (Debian package softhsm2)
 #
 # Exits 1 when any mint was answered other than 200 (unless EXPECT_REFUSALS
 # is set) and, always, when the first mint after the run is not a 200.
@@ -30,6 +32,7 @@ THREADS=${THREADS:-1}
 DURATION=${DURATION:-10s}
 RATE=${RATE:-1000000}
 SINKS=${SINKS:-default}
+SIGNER=${SIGNER:-file}
 
 command -v wrk >/dev/null || { echo "wrk is required (Debian package wrk)" >&2; exit 2; }
 # BROKER: another build of the broker to measure (say, the previous
@@ -62,6 +65,26 @@ case "$SINKS" in
   jsonl) without_sinks '' >"$work/broker.toml"
          printf '\n[[audit.sinks]]\nkind = "jsonl"\nrequired = true\n' >>"$work/broker.toml" ;;
   *) echo "SINKS is default, ledger or jsonl" >&2; exit 2 ;;
+esac
+
+# The OIDC keys: the sealed key ring (file), or a SoftHSM2 token made here,
+# its first key made by `keys init`.
+case "$SIGNER" in
+  file) ;;
+  pkcs11)
+    module=/usr/lib/softhsm/libsofthsm2.so
+    [ -e "$module" ] || { echo "SIGNER=pkcs11 needs SoftHSM2 (Debian package softhsm2)" >&2; exit 2; }
+    mkdir -p "$work/tokens"
+    printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$work/tokens" >"$work/softhsm2.conf"
+    export SOFTHSM2_CONF="$work/softhsm2.conf"
+    echo 2468 >"$work/pin"
+    softhsm2-util --init-token --free --label agentkeys-load --pin 2468 --so-pin 1357 >/dev/null
+    sed -i 's/^signer = .*/signer = "pkcs11"/' "$work/broker.toml"
+    grep -q '^signer = "pkcs11"' "$work/broker.toml" || sed -i 's/^\[oidc\]$/[oidc]\nsigner = "pkcs11"/' "$work/broker.toml"
+    printf '\n[oidc.pkcs11]\nmodule = "%s"\ntoken_label = "agentkeys-load"\npin_file = "%s"\nkey_label = "oidc"\n' \
+      "$module" "$work/pin" >>"$work/broker.toml"
+    "$BROKER" keys init --signer pkcs11 --config "$work/broker.toml" >/dev/null ;;
+  *) echo "SIGNER is file or pkcs11" >&2; exit 2 ;;
 esac
 
 # utime + stime of a process, in clock ticks.
@@ -103,7 +126,7 @@ if [ -n "${TARGET_RATE:-}" ]; then
   refused=$(awk '/^ *\[[0-9]+\]/ && $1 != "[200]" { n += $2 } END { print n + 0 }' "$work/hey.txt")
   grep -q 'Error distribution' "$work/hey.txt" && refused=$((refused + 1))
 else
-  echo "# $(nproc) cores; crypto limit $limit /s; audit sinks: $SINKS; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
+  echo "# $(nproc) cores; crypto limit $limit /s; audit sinks: $SINKS; OIDC signer: $SIGNER; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
   cpu_before=$(cpu_ticks "$broker_pid")
   MINT_BODY="$body" TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
     -s harness/mint.lua "$url/v1/mint-oidc-jwt" | tee "$work/wrk.txt"
