@@ -4,6 +4,7 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
+use agentkeys_actors::audit::proof::ProofError;
 use agentkeys_actors::audit::AuditError;
 use agentkeys_actors::auth::AuthError;
 use agentkeys_actors::backpressure::Overloaded;
@@ -168,6 +169,15 @@ impl From<GrantError> for ApiError {
 impl From<AuditError> for ApiError {
     fn from(e: AuditError) -> Self {
         Self::new(e.code(), e.to_string())
+    }
+}
+
+impl From<ProofError> for ApiError {
+    fn from(e: ProofError) -> Self {
+        match e.code() {
+            ErrorCode::Internal => Self::internal(&e.to_string()),
+            code => Self::new(code, e.to_string()),
+        }
     }
 }
 

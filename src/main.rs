@@ -52,7 +52,8 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Check the audit trail offline (stop the broker first).
+    /// Check the audit trail offline (stop the broker first), or prove one
+    /// record against the chain.
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish,
@@ -97,6 +98,30 @@ struct Target {
 
 #[derive(Subcommand)]
 enum AuditCommand {
+    /// Record SEQ's inclusion proof in the anchor that covers it, from a
+    /// running broker (admin API): the record, the anchor and its
+    /// transaction, the Merkle path. Feed it to `audit verify-proof`.
+    Prove {
+        seq: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Check an inclusion proof without trusting the broker: the record's
+    /// hash is its fields' hash, its path leads to the anchor's root, and
+    /// the anchor's transaction on the chain carries that root with enough
+    /// confirmations. Exits 1 if anything does not hold.
+    VerifyProof {
+        /// The proof (`audit prove`'s output); `-` reads stdin.
+        #[arg(long)]
+        proof: PathBuf,
+        /// A JSON-RPC endpoint of the chain the anchors are on (any node
+        /// or provider: nothing is signed or sent).
+        #[arg(long, env = "AGENTKEYS_RPC_URL")]
+        rpc_url: String,
+        /// Blocks on top of the anchor's, its own included.
+        #[arg(long, default_value_t = 1)]
+        confirmations: u64,
+    },
     /// Re-walk the hash chain and check every sink against the ledger;
     /// exits 1 if anything does not verify.
     Verify {
@@ -280,6 +305,26 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             } else {
                 Err("the audit trail does not verify".into())
+            };
+        }
+        Command::Audit(AuditCommand::Prove { seq, target }) => target.connect()?.prove(seq).await?,
+        Command::Audit(AuditCommand::VerifyProof {
+            proof,
+            rpc_url,
+            confirmations,
+        }) => {
+            let text = match proof.to_str() {
+                Some("-") => std::io::read_to_string(std::io::stdin())?,
+                _ => std::fs::read_to_string(&proof)
+                    .map_err(|e| format!("{}: {e}", proof.display()))?,
+            };
+            let proof = serde_json::from_str(&text).map_err(|e| format!("the proof: {e}"))?;
+            let report = audit::verify_proof(&proof, &rpc_url, confirmations).await;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return if report.ok {
+                Ok(())
+            } else {
+                Err("the proof does not hold".into())
             };
         }
         Command::Load {

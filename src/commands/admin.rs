@@ -108,6 +108,12 @@ impl AdminTarget {
         Some(self.token.as_str())
     }
 
+    /// Record `seq`'s inclusion proof in the anchor that covers it.
+    pub async fn prove(&self, seq: u64) -> Result<Value, ClientError> {
+        let path = format!("/v1/admin/audit/{seq}/proof");
+        self.admin.call("GET", &path, self.token(), None).await
+    }
+
     pub async fn agent(&self, command: AgentCommand) -> Result<Value, ClientError> {
         match command {
             AgentCommand::Add {

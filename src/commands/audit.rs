@@ -2,8 +2,11 @@
 //! checks every configured sink against it, and checks every stored grant
 //! against its receipt. The broker must be stopped (redb locks its files);
 //! a running broker answers `GET /v1/admin/audit/verify` instead.
+//! `audit verify-proof`: one record's inclusion proof against the chain,
+//! needing no broker at all.
 
 use agentkeys_actors::audit::ledger::LedgerSink;
+use agentkeys_actors::audit::proof::RecordProof;
 use agentkeys_actors::audit::verify::{verify, VerifyReport};
 use agentkeys_actors::grant::receipt::{check_receipts, ReceiptCheck};
 use agentkeys_actors::keys::KEYRING_FILE;
@@ -69,4 +72,103 @@ fn receipts_of(settings: &Settings) -> Result<ReceiptCheck, String> {
         .map_err(|e| format!("{}: {e}", grants_file.display()))?;
     let (grants, _) = store.load().map_err(|e| e.to_string())?;
     Ok(check_receipts(&grants, &keys, &ring.describe()))
+}
+
+/// What `audit verify-proof` found.
+#[derive(Debug, Serialize)]
+pub struct ProofReport {
+    pub ok: bool,
+    pub seq: u64,
+    pub jti: Option<String>,
+    pub root: String,
+    pub tx_hash: Option<String>,
+    /// The block that holds the anchor's transaction.
+    pub block: Option<u64>,
+    pub confirmations: Option<u64>,
+    pub problems: Vec<String>,
+}
+
+/// Checks `proof` against the chain at `rpc_url`, trusting nothing the
+/// broker says: the record against its own hash, the path against the
+/// root, the root against the transaction the anchor names (mined,
+/// succeeded, its data the root, at least `confirmations` deep).
+pub async fn verify_proof(proof: &RecordProof, rpc_url: &str, confirmations: u64) -> ProofReport {
+    let mut report = ProofReport {
+        ok: false,
+        seq: proof.record.seq,
+        jti: proof.record.jti.clone(),
+        root: proof.anchor.root.clone(),
+        tx_hash: proof.anchor.tx_hash.clone(),
+        block: None,
+        confirmations: None,
+        problems: Vec::new(),
+    };
+    if let Err(problem) = proof.check_path() {
+        report.problems.push(problem);
+    }
+    match &proof.anchor.tx_hash {
+        None => report
+            .problems
+            .push("the anchor names no transaction: it is local only".into()),
+        Some(tx) => match anchored_at(rpc_url, tx, &proof.anchor.root).await {
+            Ok((block, latest)) => {
+                let depth = (latest + 1).saturating_sub(block);
+                (report.block, report.confirmations) = (Some(block), Some(depth));
+                if depth < confirmations {
+                    let want = format!("{depth} confirmations, fewer than {confirmations}");
+                    report.problems.push(want);
+                }
+            }
+            Err(problem) => report.problems.push(problem),
+        },
+    }
+    report.ok = report.problems.is_empty();
+    report
+}
+
+/// The block of transaction `tx` and the chain's latest block, once the
+/// transaction is seen mined, successful, and carrying `root` as its data.
+async fn anchored_at(rpc_url: &str, tx: &str, root: &str) -> Result<(u64, u64), String> {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(20))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let call = |method: &'static str, params: serde_json::Value| {
+        let body =
+            serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
+        let request = client.post(rpc_url).json(&body).send();
+        async move {
+            let answer: serde_json::Value = request
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| format!("{method}: {e}"))?
+                .json()
+                .await
+                .map_err(|e| format!("{method}: {e}"))?;
+            match answer.get("error") {
+                Some(error) => Err(format!("{method}: {error}")),
+                None => Ok(answer["result"].clone()),
+            }
+        }
+    };
+    let number = |value: &serde_json::Value| {
+        let hex = value.as_str()?.trim_start_matches("0x");
+        u64::from_str_radix(hex, 16).ok()
+    };
+    let found = call("eth_getTransactionByHash", serde_json::json!([tx])).await?;
+    let block = number(&found["blockNumber"])
+        .ok_or_else(|| format!("transaction {tx} is not mined on this chain"))?;
+    let data = found["input"].as_str().unwrap_or_default().to_lowercase();
+    if data.trim_start_matches("0x") != root.to_lowercase() {
+        return Err(format!(
+            "transaction {tx} carries {data}, not the anchor's root"
+        ));
+    }
+    let receipt = call("eth_getTransactionReceipt", serde_json::json!([tx])).await?;
+    if receipt["status"].as_str() != Some("0x1") {
+        return Err(format!("transaction {tx} failed on chain"));
+    }
+    let latest = call("eth_blockNumber", serde_json::json!([])).await?;
+    let latest = number(&latest).ok_or("eth_blockNumber: not a number")?;
+    Ok((block, latest))
 }

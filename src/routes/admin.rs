@@ -1,7 +1,7 @@
 //! Operator API, behind the admin token: the agent registry and grants.
 
 use actix_web::{delete, get, patch, post, web, HttpResponse};
-use agentkeys_actors::audit::{ReadRecords, VerifyAudit};
+use agentkeys_actors::audit::{ProveRecord, ReadRecords, VerifyAudit};
 use agentkeys_actors::auth::{
     ListAgents, LookupAgent, RegisterAgent, SessionKeysChanged, SetAgentEnabled,
 };
@@ -28,6 +28,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(revoke_grant)
         .service(read_audit)
         .service(verify_audit)
+        .service(prove_record)
         .service(list_keys)
         .service(rotate_key);
 }
@@ -255,6 +256,20 @@ async fn verify_audit(
     answer["ok"] = json!(report.ok && receipts.ok);
     answer["receipts"] = json!(receipts);
     Ok(HttpResponse::Ok().json(answer))
+}
+
+/// Record `seq`, the anchor that covers it and its Merkle path to the
+/// anchor's root: what `agentkeys-broker audit verify-proof` checks
+/// against the chain.
+#[get("/v1/admin/audit/{seq}/proof")]
+async fn prove_record(
+    _admin: Admin,
+    state: web::Data<BrokerState>,
+    seq: web::Path<u64>,
+) -> Result<HttpResponse, ApiError> {
+    let prove = ProveRecord(seq.into_inner());
+    let proof = state.actors.audit.ask(prove).await??;
+    Ok(HttpResponse::Ok().json(proof))
 }
 
 #[derive(Deserialize)]

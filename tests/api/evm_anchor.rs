@@ -6,7 +6,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::json;
+use agentkeys_actors::audit::AuditRecord;
+use serde_json::{json, Value};
 
 use crate::helpers::spawn_app_with;
 use crate::local_server::LocalServer;
@@ -92,6 +93,75 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
     let anchors = std::fs::read_to_string(app.data_file("evm-anchors.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(anchors.lines().next().unwrap()).unwrap();
     assert!(first["tx_hash"].as_str().unwrap().starts_with("0x"));
+
+    // Record 2 proves against the chain, checked as a third party would:
+    // by the CLI from the proof and the chain alone, and by cast.
+    let proof = app
+        .get("/v1/admin/audit/2/proof", Some(&app.admin_token))
+        .await;
+    assert_eq!(proof.status, reqwest::StatusCode::OK, "{}", proof.body);
+    assert_eq!(proof.body["record"]["seq"], 2);
+    assert_eq!(proof.body["anchor"]["version"], 1);
+    let verify_proof = |proof: &Value, confirmations: &str| {
+        let file = app.data_file("proof.json");
+        std::fs::write(&file, proof.to_string()).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
+            .args(["audit", "verify-proof", "--proof"])
+            .arg(&file)
+            .args(["--rpc-url", &url, "--confirmations", confirmations])
+            .output()
+            .unwrap();
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        (output.status.success(), report)
+    };
+    let (held, found) = verify_proof(&proof.body, "1");
+    assert!(held, "{found}");
+    assert!(found["confirmations"].as_u64().unwrap() >= 1, "{found}");
+    let problems = |found: &Value| found["problems"].to_string();
+    // A record edited after the fact: its hash gives it away; its hash
+    // recomputed too: its path no longer leads to the anchored root.
+    let mut forged = proof.body.clone();
+    forged["record"]["agent"] = json!("someone-else");
+    let (held, found) = verify_proof(&forged, "1");
+    assert!(
+        !held && problems(&found).contains("not its fields' hash"),
+        "{found}"
+    );
+    let mut record: AuditRecord = serde_json::from_value(forged["record"].clone()).unwrap();
+    record.hash = record.computed_hash();
+    forged["record"] = serde_json::to_value(&record).unwrap();
+    let (held, found) = verify_proof(&forged, "1");
+    assert!(
+        !held && problems(&found).contains("does not lead"),
+        "{found}"
+    );
+    let (held, found) = verify_proof(&proof.body, "1000");
+    assert!(
+        !held && problems(&found).contains("fewer than 1000"),
+        "{found}"
+    );
+    let cast = std::env::var("CAST").unwrap_or_else(|_| "cast".into());
+    let tx = proof.body["anchor"]["tx_hash"].as_str().unwrap();
+    let input = Command::new(&cast)
+        .args(["tx", tx, "input", "--rpc-url", &url])
+        .output()
+        .unwrap_or_else(|e| panic!("{cast}: {e} (npm install @foundry-rs/cast)"));
+    let root = proof.body["anchor"]["root"].as_str().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&input.stdout).trim(),
+        format!("0x{root}"),
+        "the chain holds the root"
+    );
+    // A record no anchor covers yet, and one that does not exist.
+    let missing = app
+        .get("/v1/admin/audit/99/proof", Some(&app.admin_token))
+        .await;
+    assert_eq!(
+        missing.status,
+        reqwest::StatusCode::NOT_FOUND,
+        "{}",
+        missing.body
+    );
 
     // Offline, with the chain still up, the same holds.
     app.stop();

@@ -11,14 +11,18 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use super::merkle::{self, leaf};
 use super::{AuditRecord, AuditSink};
 use crate::domain::now_unix;
 
 /// One anchored range of the chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Anchor {
+    /// The Merkle tree's format ([`merkle`]); absent in anchors written
+    /// before formats had numbers, which are format 0.
+    #[serde(default)]
+    pub version: u8,
     pub from_seq: u64,
     pub to_seq: u64,
     /// Hex Merkle root of the records' hashes.
@@ -26,37 +30,6 @@ pub struct Anchor {
     /// The chain transaction that carries the root, when anchored on-chain.
     pub tx_hash: Option<String>,
     pub ts: u64,
-}
-
-/// SHA-256 Merkle root; an odd node is paired with itself.
-pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
-    if leaves.is_empty() {
-        return [0u8; 32];
-    }
-    let mut level = leaves.to_vec();
-    while level.len() > 1 {
-        level = level
-            .chunks(2)
-            .map(|pair| {
-                let right = pair.get(1).unwrap_or(&pair[0]);
-                Sha256::new()
-                    .chain_update(pair[0])
-                    .chain_update(right)
-                    .finalize()
-                    .into()
-            })
-            .collect();
-    }
-    level[0]
-}
-
-/// A record hash as Merkle leaf bytes.
-pub fn leaf(hash_hex: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    // Hashes come from our own records; a bad one yields a root that fails
-    // verification, which is the right outcome.
-    let _ = hex::decode_to_slice(hash_hex, &mut out);
-    out
 }
 
 /// Reads every anchor in `path`, oldest first.
@@ -110,7 +83,9 @@ impl EvmAnchorSink {
             return Ok(());
         };
         let leaves: Vec<[u8; 32]> = self.pending.iter().map(|(_, leaf)| *leaf).collect();
-        let root = hex::encode(merkle_root(&leaves));
+        let version = merkle::CURRENT_VERSION;
+        let root = merkle::root(version, &leaves).expect("the current format is known");
+        let root = hex::encode(root);
         #[cfg(feature = "audit-evm")]
         let tx_hash = match &self.chain {
             Some(chain) => Some(chain.send_root(&root)?),
@@ -119,6 +94,7 @@ impl EvmAnchorSink {
         #[cfg(not(feature = "audit-evm"))]
         let tx_hash = None;
         let anchor = Anchor {
+            version,
             from_seq: first.0,
             to_seq: last.0,
             root,
@@ -234,20 +210,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn merkle_root_pairs_leaves_and_duplicates_an_odd_one() {
-        let a = [1u8; 32];
-        let b = [2u8; 32];
-        let c = [3u8; 32];
-        let h = |x: [u8; 32], y: [u8; 32]| -> [u8; 32] {
-            Sha256::new()
-                .chain_update(x)
-                .chain_update(y)
-                .finalize()
-                .into()
-        };
-        assert_eq!(merkle_root(&[a]), a);
-        assert_eq!(merkle_root(&[a, b]), h(a, b));
-        assert_eq!(merkle_root(&[a, b, c]), h(h(a, b), h(c, c)));
-        assert_ne!(merkle_root(&[b, a]), merkle_root(&[a, b]));
+    fn an_anchor_written_before_formats_had_numbers_reads_as_format_0() {
+        let old = r#"{"from_seq":1,"to_seq":3,"root":"ab","tx_hash":null,"ts":5}"#;
+        let anchor: Anchor = serde_json::from_str(old).unwrap();
+        assert_eq!(anchor.version, 0);
+        let now = serde_json::to_value(Anchor {
+            version: 1,
+            ..anchor
+        })
+        .unwrap();
+        assert_eq!(now["version"], 1, "new anchors say their format");
     }
 }

@@ -15,6 +15,8 @@ pub mod config;
 pub mod evm;
 pub mod jsonl;
 pub mod ledger;
+pub mod merkle;
+pub mod proof;
 pub mod verify;
 mod worker;
 
@@ -310,6 +312,12 @@ pub struct ReadAccountRecords {
     pub max_scan: usize,
 }
 
+/// The inclusion proof of record `seq` in the (first) evm sink's anchor
+/// that covers it.
+#[derive(Message)]
+#[rtype(result = "Result<proof::RecordProof, proof::ProofError>")]
+pub struct ProveRecord(pub u64);
+
 /// Re-walk the chain and check every sink against it, with each sink's
 /// live state.
 #[derive(Message)]
@@ -595,6 +603,25 @@ impl Handler<ReadAccountRecords> for AuditActor {
             .map_err(|e| e.to_string())
             .and_then(|read| read.map_err(|e| e.to_string()))
             .map_err(AuditError::Ledger)
+        })
+    }
+}
+
+impl Handler<ProveRecord> for AuditActor {
+    type Result = ResponseFuture<Result<proof::RecordProof, proof::ProofError>>;
+
+    /// Reads the anchors and the anchor's records on a blocking thread.
+    fn handle(&mut self, msg: ProveRecord, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        let anchors = self.sinks.iter().find_map(|sink| match sink.config() {
+            config::SinkConfig::Evm { anchors_path, .. } => Some(anchors_path.clone()),
+            _ => None,
+        });
+        Box::pin(async move {
+            let anchors = anchors.ok_or(proof::ProofError::NoAnchors)?;
+            tokio::task::spawn_blocking(move || proof::prove(&ledger, &anchors, msg.0))
+                .await
+                .map_err(|e| proof::ProofError::Read(e.to_string()))?
         })
     }
 }

@@ -10,9 +10,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::config::SinkConfig;
-use super::evm::{leaf, merkle_root, read_anchors};
+use super::evm::read_anchors;
 use super::jsonl::rotated;
 use super::ledger::LedgerSink;
+use super::merkle::{self, leaf};
 use super::{AuditRecord, GENESIS_HASH};
 
 /// Records read from the ledger per step.
@@ -238,7 +239,14 @@ fn check_anchors(path: &Path, hashes: &[[u8; 32]], sink: &SinkConfig) -> SinkChe
             ));
             continue;
         };
-        if hex::encode(merkle_root(leaves)) != anchor.root {
+        let Some(root) = merkle::root(anchor.version, leaves) else {
+            check.problem(format!(
+                "anchor {}..={}: unknown format {}",
+                anchor.from_seq, anchor.to_seq, anchor.version
+            ));
+            continue;
+        };
+        if hex::encode(root) != anchor.root {
             check.problem(format!(
                 "anchor {}..={}: root does not match the ledger",
                 anchor.from_seq, anchor.to_seq
