@@ -106,20 +106,27 @@ enum AuditCommand {
         #[command(flatten)]
         target: Target,
     },
-    /// Check an inclusion proof without trusting the broker: the record's
-    /// hash is its fields' hash, its path leads to the anchor's root, and
-    /// the anchor's transaction on the chain carries that root with enough
-    /// confirmations. Exits 1 if anything does not hold.
+    /// Check an inclusion proof against the chain: the record's hash is
+    /// its fields' hash, its path leads to the anchor's root, and the
+    /// anchor (format, range, root) is what a transaction from the
+    /// broker's anchoring account carries on that chain, deep enough.
+    /// Exits 1 if anything does not hold.
     VerifyProof {
         /// The proof (`audit prove`'s output); `-` reads stdin.
         #[arg(long)]
         proof: PathBuf,
-        /// A JSON-RPC endpoint of the chain the anchors are on (any node
-        /// or provider: nothing is signed or sent).
+        /// A JSON-RPC endpoint you choose or run for that chain (never one
+        /// the proof's sender names); nothing is signed or sent.
         #[arg(long, env = "AGENTKEYS_RPC_URL")]
         rpc_url: String,
+        /// The chain the operator says it anchors on.
+        #[arg(long)]
+        chain_id: u64,
+        /// The account the operator says sends its anchors.
+        #[arg(long)]
+        anchor_from: String,
         /// Blocks on top of the anchor's, its own included.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 12)]
         confirmations: u64,
     },
     /// Re-walk the hash chain and check every sink against the ledger;
@@ -311,6 +318,8 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::Audit(AuditCommand::VerifyProof {
             proof,
             rpc_url,
+            chain_id,
+            anchor_from,
             confirmations,
         }) => {
             let text = match proof.to_str() {
@@ -319,7 +328,13 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                     .map_err(|e| format!("{}: {e}", proof.display()))?,
             };
             let proof = serde_json::from_str(&text).map_err(|e| format!("the proof: {e}"))?;
-            let report = audit::verify_proof(&proof, &rpc_url, confirmations).await;
+            let chain = audit::ExpectedChain {
+                rpc_url,
+                chain_id,
+                anchor_from,
+                confirmations,
+            };
+            let report = audit::verify_proof(&proof, &chain).await;
             println!("{}", serde_json::to_string_pretty(&report)?);
             return if report.ok {
                 Ok(())

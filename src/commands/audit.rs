@@ -88,11 +88,22 @@ pub struct ProofReport {
     pub problems: Vec<String>,
 }
 
-/// Checks `proof` against the chain at `rpc_url`, trusting nothing the
-/// broker says: the record against its own hash, the path against the
-/// root, the root against the transaction the anchor names (mined,
-/// succeeded, its data the root, at least `confirmations` deep).
-pub async fn verify_proof(proof: &RecordProof, rpc_url: &str, confirmations: u64) -> ProofReport {
+/// The chain a proof must be anchored on, as the auditor knows it from
+/// the operator (never from the proof).
+pub struct ExpectedChain {
+    pub rpc_url: String,
+    pub chain_id: u64,
+    /// The broker's anchoring account.
+    pub anchor_from: String,
+    pub confirmations: u64,
+}
+
+/// Checks `proof` against `chain`: the record against its own hash, the
+/// path against the root, and the anchor against the transaction it
+/// names: on that chain, sent by the anchoring account, successful, its
+/// data the anchor's format, range and root, deep enough. What the proof
+/// claims about its anchor counts only once the chain says the same.
+pub async fn verify_proof(proof: &RecordProof, chain: &ExpectedChain) -> ProofReport {
     let mut report = ProofReport {
         ok: false,
         seq: proof.record.seq,
@@ -106,17 +117,22 @@ pub async fn verify_proof(proof: &RecordProof, rpc_url: &str, confirmations: u64
     if let Err(problem) = proof.check_path() {
         report.problems.push(problem);
     }
-    match &proof.anchor.tx_hash {
-        None => report
+    match (&proof.anchor.tx_hash, proof.anchor.chain_data()) {
+        (None, _) => report
             .problems
             .push("the anchor names no transaction: it is local only".into()),
-        Some(tx) => match anchored_at(rpc_url, tx, &proof.anchor.root).await {
+        (_, None) => report
+            .problems
+            .push(format!("unknown anchor format {}", proof.anchor.version)),
+        (Some(tx), Some(data)) => match anchored_at(chain, tx, &data).await {
             Ok((block, latest)) => {
-                let depth = (latest + 1).saturating_sub(block);
+                let depth = latest.saturating_add(1).saturating_sub(block);
                 (report.block, report.confirmations) = (Some(block), Some(depth));
-                if depth < confirmations {
-                    let want = format!("{depth} confirmations, fewer than {confirmations}");
-                    report.problems.push(want);
+                if depth < chain.confirmations {
+                    let wanted = chain.confirmations;
+                    report
+                        .problems
+                        .push(format!("{depth} confirmations, fewer than {wanted}"));
                 }
             }
             Err(problem) => report.problems.push(problem),
@@ -127,8 +143,9 @@ pub async fn verify_proof(proof: &RecordProof, rpc_url: &str, confirmations: u64
 }
 
 /// The block of transaction `tx` and the chain's latest block, once the
-/// transaction is seen mined, successful, and carrying `root` as its data.
-async fn anchored_at(rpc_url: &str, tx: &str, root: &str) -> Result<(u64, u64), String> {
+/// chain is the expected one and the transaction is seen mined, sent by
+/// the anchoring account, successful, and carrying `data`.
+async fn anchored_at(chain: &ExpectedChain, tx: &str, data: &str) -> Result<(u64, u64), String> {
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(20))
         .build()
@@ -136,7 +153,7 @@ async fn anchored_at(rpc_url: &str, tx: &str, root: &str) -> Result<(u64, u64), 
     let call = |method: &'static str, params: serde_json::Value| {
         let body =
             serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
-        let request = client.post(rpc_url).json(&body).send();
+        let request = client.post(&chain.rpc_url).json(&body).send();
         async move {
             let answer: serde_json::Value = request
                 .await
@@ -155,18 +172,36 @@ async fn anchored_at(rpc_url: &str, tx: &str, root: &str) -> Result<(u64, u64), 
         let hex = value.as_str()?.trim_start_matches("0x");
         u64::from_str_radix(hex, 16).ok()
     };
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_lowercase();
+    let chain_id = number(&call("eth_chainId", serde_json::json!([])).await?);
+    if chain_id != Some(chain.chain_id) {
+        return Err(format!(
+            "the endpoint serves chain {chain_id:?}, not {}",
+            chain.chain_id
+        ));
+    }
     let found = call("eth_getTransactionByHash", serde_json::json!([tx])).await?;
     let block = number(&found["blockNumber"])
         .ok_or_else(|| format!("transaction {tx} is not mined on this chain"))?;
-    let data = found["input"].as_str().unwrap_or_default().to_lowercase();
-    if data.trim_start_matches("0x") != root.to_lowercase() {
+    if text(&found["from"]) != chain.anchor_from.to_lowercase() {
         return Err(format!(
-            "transaction {tx} carries {data}, not the anchor's root"
+            "transaction {tx} was sent by {}, not the anchoring account {}",
+            text(&found["from"]),
+            chain.anchor_from
+        ));
+    }
+    if text(&found["input"]).trim_start_matches("0x") != data {
+        return Err(format!(
+            "transaction {tx} carries another anchor than the proof's"
         ));
     }
     let receipt = call("eth_getTransactionReceipt", serde_json::json!([tx])).await?;
-    if receipt["status"].as_str() != Some("0x1") {
-        return Err(format!("transaction {tx} failed on chain"));
+    if receipt["status"].as_str() != Some("0x1")
+        || text(&receipt["blockHash"]) != text(&found["blockHash"])
+    {
+        return Err(format!(
+            "transaction {tx} did not succeed in the block it names"
+        ));
     }
     let latest = call("eth_blockNumber", serde_json::json!([])).await?;
     let latest = number(&latest).ok_or("eth_blockNumber: not a number")?;

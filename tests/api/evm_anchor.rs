@@ -95,64 +95,124 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
     assert!(first["tx_hash"].as_str().unwrap().starts_with("0x"));
 
     // Record 2 proves against the chain, checked as a third party would:
-    // by the CLI from the proof and the chain alone, and by cast.
+    // by the CLI from the proof and the chain alone, and by the by-hand
+    // check in docs/audit.md (cast and Python).
     let proof = app
         .get("/v1/admin/audit/2/proof", Some(&app.admin_token))
         .await;
     assert_eq!(proof.status, reqwest::StatusCode::OK, "{}", proof.body);
     assert_eq!(proof.body["record"]["seq"], 2);
     assert_eq!(proof.body["anchor"]["version"], 1);
-    let verify_proof = |proof: &Value, confirmations: &str| {
+    let verify_proof = |proof: &Value, from: &str, confirmations: &str| {
         let file = app.data_file("proof.json");
         std::fs::write(&file, proof.to_string()).unwrap();
         let output = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
             .args(["audit", "verify-proof", "--proof"])
             .arg(&file)
-            .args(["--rpc-url", &url, "--confirmations", confirmations])
+            .args([
+                "--rpc-url",
+                &url,
+                "--chain-id",
+                "31337",
+                "--anchor-from",
+                from,
+            ])
+            .args(["--confirmations", confirmations])
             .output()
             .unwrap();
         let report: Value = serde_json::from_slice(&output.stdout).unwrap();
         (output.status.success(), report)
     };
-    let (held, found) = verify_proof(&proof.body, "1");
+    let (held, found) = verify_proof(&proof.body, DEV_ACCOUNT, "1");
     assert!(held, "{found}");
     assert!(found["confirmations"].as_u64().unwrap() >= 1, "{found}");
     let problems = |found: &Value| found["problems"].to_string();
+    let refused = |(held, found): (bool, Value), why: &str| {
+        assert!(!held && problems(&found).contains(why), "{why}: {found}");
+    };
     // A record edited after the fact: its hash gives it away; its hash
     // recomputed too: its path no longer leads to the anchored root.
     let mut forged = proof.body.clone();
     forged["record"]["agent"] = json!("someone-else");
-    let (held, found) = verify_proof(&forged, "1");
-    assert!(
-        !held && problems(&found).contains("not its fields' hash"),
-        "{found}"
+    refused(
+        verify_proof(&forged, DEV_ACCOUNT, "1"),
+        "not its fields' hash",
     );
     let mut record: AuditRecord = serde_json::from_value(forged["record"].clone()).unwrap();
     record.hash = record.computed_hash();
     forged["record"] = serde_json::to_value(&record).unwrap();
-    let (held, found) = verify_proof(&forged, "1");
-    assert!(
-        !held && problems(&found).contains("does not lead"),
-        "{found}"
+    refused(verify_proof(&forged, DEV_ACCOUNT, "1"), "does not lead");
+    refused(
+        verify_proof(&proof.body, DEV_ACCOUNT, "1000"),
+        "fewer than 1000",
     );
-    let (held, found) = verify_proof(&proof.body, "1000");
-    assert!(
-        !held && problems(&found).contains("fewer than 1000"),
-        "{found}"
+    // The edited record anchored alone, by another account on the same
+    // chain: a consistent proof, refused for who sent its anchor.
+    let leaf = agentkeys_actors::audit::merkle::leaf(&record.hash);
+    let root = agentkeys_actors::audit::merkle::root(1, &[leaf]).unwrap();
+    forged["anchor"] = json!({ "version": 1, "from_seq": 2, "to_seq": 2,
+        "root": hex::encode(root), "tx_hash": null, "ts": 0 });
+    (forged["index"], forged["size"], forged["path"]) = (json!(0), json!(1), json!([]));
+    let data = format!("0x01{:016x}{:016x}{}", 2, 2, hex::encode(root));
+    let other = "0x70997970c51812dc3a010c7d01b50e0d17dc79c8"; // anvil's second account
+    let tx = json!({ "jsonrpc": "2.0", "id": 1, "method": "eth_sendTransaction",
+        "params": [{ "from": other, "to": other, "data": data }] });
+    let sent: Value = reqwest::Client::new()
+        .post(&url)
+        .json(&tx)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    forged["anchor"]["tx_hash"] = sent["result"].clone();
+    refused(
+        verify_proof(&forged, DEV_ACCOUNT, "1"),
+        "not the anchoring account",
     );
+    let (held, found) = verify_proof(&forged, other, "1");
+    assert!(
+        held,
+        "the same proof holds for whoever trusts that account: {found}"
+    );
+
     let cast = std::env::var("CAST").unwrap_or_else(|_| "cast".into());
     let tx = proof.body["anchor"]["tx_hash"].as_str().unwrap();
     let input = Command::new(&cast)
         .args(["tx", tx, "input", "--rpc-url", &url])
         .output()
         .unwrap_or_else(|e| panic!("{cast}: {e} (npm install @foundry-rs/cast)"));
-    let root = proof.body["anchor"]["root"].as_str().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&input.stdout).trim(),
-        format!("0x{root}"),
-        "the chain holds the root"
-    );
-    // A record no anchor covers yet, and one that does not exist.
+    let input = String::from_utf8_lossy(&input.stdout).trim().to_owned();
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/audit.md")).unwrap();
+    let script = docs
+        .split_once("<<'PY'\n")
+        .and_then(|(_, rest)| rest.split_once("\nPY\n"))
+        .expect("docs/audit.md has the by-hand check")
+        .0;
+    let by_hand = |proof: &Value| {
+        let (file, code) = (app.data_file("hand.json"), app.data_file("hand.py"));
+        std::fs::write(&file, proof.to_string()).unwrap();
+        std::fs::write(&code, script).unwrap();
+        let output = Command::new("python3")
+            .arg(&code)
+            .arg(&file)
+            .arg(&input)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (held, stderr) = by_hand(&proof.body);
+    assert!(held, "the documented check holds: {stderr}");
+    let mut edited = proof.body.clone();
+    edited["record"]["agent"] = json!("someone-else");
+    let (held, stderr) = by_hand(&edited);
+    assert!(!held && stderr.contains("record hash"), "{stderr}");
+    // A record that does not exist.
     let missing = app
         .get("/v1/admin/audit/99/proof", Some(&app.admin_token))
         .await;

@@ -32,6 +32,26 @@ pub struct Anchor {
     pub ts: u64,
 }
 
+impl Anchor {
+    /// What the anchor's transaction carries as its data (hex, no `0x`),
+    /// by format: format 0 the root alone; format 1 the format, the range
+    /// and the root (`01 ‖ from_seq ‖ to_seq ‖ root`, the numbers as 8
+    /// bytes big-endian), so the chain, not the broker's file, says which
+    /// records the root covers. `None` for an unknown format.
+    pub fn chain_data(&self) -> Option<String> {
+        match self.version {
+            0 => Some(self.root.to_lowercase()),
+            1 => Some(format!(
+                "01{:016x}{:016x}{}",
+                self.from_seq,
+                self.to_seq,
+                self.root.to_lowercase()
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// Reads every anchor in `path`, oldest first.
 pub fn read_anchors(path: &Path) -> std::io::Result<Vec<Anchor>> {
     let file = match std::fs::File::open(path) {
@@ -85,21 +105,22 @@ impl EvmAnchorSink {
         let leaves: Vec<[u8; 32]> = self.pending.iter().map(|(_, leaf)| *leaf).collect();
         let version = merkle::CURRENT_VERSION;
         let root = merkle::root(version, &leaves).expect("the current format is known");
-        let root = hex::encode(root);
-        #[cfg(feature = "audit-evm")]
-        let tx_hash = match &self.chain {
-            Some(chain) => Some(chain.send_root(&root)?),
-            None => None,
-        };
-        #[cfg(not(feature = "audit-evm"))]
-        let tx_hash = None;
         let anchor = Anchor {
             version,
             from_seq: first.0,
             to_seq: last.0,
-            root,
-            tx_hash,
+            root: hex::encode(root),
+            tx_hash: None,
             ts: now_unix(),
+        };
+        #[cfg(feature = "audit-evm")]
+        let anchor = match &self.chain {
+            Some(chain) => {
+                let data = anchor.chain_data().expect("the current format is known");
+                let tx_hash = Some(chain.send_data(&data)?);
+                Anchor { tx_hash, ..anchor }
+            }
+            None => anchor,
         };
         let mut line = serde_json::to_vec(&anchor).map_err(|e| e.to_string())?;
         line.push(b'\n');
@@ -183,9 +204,9 @@ pub mod rpc {
             Ok(answer["result"].clone())
         }
 
-        /// Sends a transaction whose data is the root; returns its hash.
-        pub fn send_root(&self, root_hex: &str) -> Result<String, String> {
-            let tx = json!({ "from": self.from, "to": self.to, "data": format!("0x{root_hex}") });
+        /// Sends a transaction whose data is `data_hex`; returns its hash.
+        pub fn send_data(&self, data_hex: &str) -> Result<String, String> {
+            let tx = json!({ "from": self.from, "to": self.to, "data": format!("0x{data_hex}") });
             let hash = self.call("eth_sendTransaction", json!([tx]))?;
             hash.as_str()
                 .map(str::to_owned)
@@ -214,11 +235,24 @@ mod tests {
         let old = r#"{"from_seq":1,"to_seq":3,"root":"ab","tx_hash":null,"ts":5}"#;
         let anchor: Anchor = serde_json::from_str(old).unwrap();
         assert_eq!(anchor.version, 0);
-        let now = serde_json::to_value(Anchor {
+        assert_eq!(
+            anchor.chain_data().as_deref(),
+            Some("ab"),
+            "format 0: the root"
+        );
+        let now = Anchor {
             version: 1,
+            from_seq: 258,
+            to_seq: 0x1_0000_0001,
             ..anchor
-        })
-        .unwrap();
-        assert_eq!(now["version"], 1, "new anchors say their format");
+        };
+        assert_eq!(serde_json::to_value(&now).unwrap()["version"], 1);
+        assert_eq!(
+            now.chain_data().as_deref(),
+            Some("0100000000000001020000000100000001ab"),
+            "format 1: 01, the range as two 8-byte numbers, the root"
+        );
+        let unknown = Anchor { version: 9, ..now };
+        assert_eq!(unknown.chain_data(), None);
     }
 }

@@ -35,6 +35,8 @@ pub enum ProofError {
     NoRecord(u64),
     #[error("record {0} is not anchored yet; the evm sink's next anchor covers it")]
     NotAnchored(u64),
+    #[error("record {0} is before the last anchor but in none: an anchor line is missing or unreadable (audit verify says which)")]
+    Unanchored(u64),
     #[error("record {seq} is in an anchor of format {version}, which has no inclusion proofs")]
     OldFormat { seq: u64, version: u8 },
     #[error("reading the ledger or the anchors: {0}")]
@@ -45,7 +47,7 @@ impl ProofError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::NoAnchors | Self::NoRecord(_) | Self::NotAnchored(_) => ErrorCode::NotFound,
-            Self::OldFormat { .. } => ErrorCode::Conflict,
+            Self::OldFormat { .. } | Self::Unanchored(_) => ErrorCode::Conflict,
             Self::Read(_) => ErrorCode::Internal,
         }
     }
@@ -59,14 +61,16 @@ pub fn prove(
 ) -> Result<RecordProof, ProofError> {
     let read = |e: &dyn std::fmt::Display| ProofError::Read(e.to_string());
     let anchors = read_anchors(anchors_path).map_err(|e| read(&e))?;
+    let anchored = anchors.iter().map(|a| a.to_seq).max().unwrap_or(0);
     let Some(anchor) = anchors
         .into_iter()
         .find(|a| (a.from_seq..=a.to_seq).contains(&seq))
     else {
         let head = ledger.last_seq().map_err(|e| read(&e))?;
         return Err(match (1..=head).contains(&seq) {
-            true => ProofError::NotAnchored(seq),
             false => ProofError::NoRecord(seq),
+            true if seq <= anchored => ProofError::Unanchored(seq),
+            true => ProofError::NotAnchored(seq),
         });
     };
     if anchor.version != merkle::CURRENT_VERSION {
@@ -74,17 +78,25 @@ pub fn prove(
         return Err(ProofError::OldFormat { seq, version });
     }
     let size = anchor.to_seq - anchor.from_seq + 1;
+    let before = anchor
+        .from_seq
+        .checked_sub(1)
+        .ok_or_else(|| read(&"an anchor from seq 0"))?;
     let records = ledger
-        .read_after(anchor.from_seq - 1, size as usize)
+        .read_after(before, size as usize)
         .map_err(|e| read(&e))?;
-    let leaves: Vec<[u8; 32]> = records.iter().map(|r| leaf(&r.hash)).collect();
-    let index = seq - anchor.from_seq;
-    let (Some(record), Some(path)) = (
-        records.get(index as usize),
-        merkle::prove(&leaves, index as usize),
-    ) else {
+    if records.len() as u64 != size {
         return Err(ProofError::Read(format!(
             "the ledger holds fewer records than anchor {}..={}",
+            anchor.from_seq, anchor.to_seq
+        )));
+    }
+    let leaves: Vec<[u8; 32]> = records.iter().map(|r| leaf(&r.hash)).collect();
+    let index = seq - anchor.from_seq;
+    let found = records.get(index as usize).filter(|r| r.seq == seq);
+    let (Some(record), Some(path)) = (found, merkle::prove(&leaves, index as usize)) else {
+        return Err(ProofError::Read(format!(
+            "the ledger's records do not follow each other in anchor {}..={}",
             anchor.from_seq, anchor.to_seq
         )));
     };

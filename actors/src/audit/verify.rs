@@ -255,10 +255,13 @@ fn check_anchors(path: &Path, hashes: &[[u8; 32]], sink: &SinkConfig) -> SinkChe
         }
         #[cfg(feature = "audit-evm")]
         if let (Some(chain), Some(tx)) = (&chain, &anchor.tx_hash) {
+            let expected = anchor.chain_data();
             match chain.transaction_data(tx) {
-                Ok(Some(data)) if data == anchor.root => *check.on_chain.get_or_insert(0) += 1,
+                Ok(Some(data)) if Some(&data) == expected.as_ref() => {
+                    *check.on_chain.get_or_insert(0) += 1
+                }
                 Ok(Some(_)) => check.problem(format!(
-                    "anchor {}..={}: transaction {tx} carries another root",
+                    "anchor {}..={}: transaction {tx} carries another anchor",
                     anchor.from_seq, anchor.to_seq
                 )),
                 Ok(None) => check.problem(format!(
