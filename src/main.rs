@@ -125,6 +125,10 @@ enum AuditCommand {
         /// The account the operator says sends its anchors.
         #[arg(long)]
         anchor_from: String,
+        /// The AgentKeysAudit contract the operator says it anchors
+        /// through, when it does.
+        #[arg(long)]
+        contract: Option<String>,
         /// Blocks on top of the anchor's, its own included.
         #[arg(long, default_value_t = 12)]
         confirmations: u64,
@@ -320,6 +324,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             rpc_url,
             chain_id,
             anchor_from,
+            contract,
             confirmations,
         }) => {
             let text = match proof.to_str() {
@@ -332,6 +337,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 rpc_url,
                 chain_id,
                 anchor_from,
+                contract,
                 confirmations,
             };
             let report = audit::verify_proof(&proof, &chain).await;

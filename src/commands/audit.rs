@@ -95,6 +95,8 @@ pub struct ExpectedChain {
     pub chain_id: u64,
     /// The broker's anchoring account.
     pub anchor_from: String,
+    /// The AgentKeysAudit contract anchors call, when they call one.
+    pub contract: Option<String>,
     pub confirmations: u64,
 }
 
@@ -116,6 +118,13 @@ pub async fn verify_proof(proof: &RecordProof, chain: &ExpectedChain) -> ProofRe
     };
     if let Err(problem) = proof.check_path() {
         report.problems.push(problem);
+    }
+    let lower = |address: &Option<String>| address.as_deref().map(str::to_lowercase);
+    if lower(&proof.anchor.contract) != lower(&chain.contract) {
+        report.problems.push(format!(
+            "the anchor calls contract {:?}, not {:?} as the operator publishes",
+            proof.anchor.contract, chain.contract
+        ));
     }
     match (&proof.anchor.tx_hash, proof.anchor.chain_data()) {
         (None, _) => report
@@ -188,6 +197,16 @@ async fn anchored_at(chain: &ExpectedChain, tx: &str, data: &str) -> Result<(u64
             "transaction {tx} was sent by {}, not the anchoring account {}",
             text(&found["from"]),
             chain.anchor_from
+        ));
+    }
+    let recipient = text(&found["to"]);
+    if chain
+        .contract
+        .as_ref()
+        .is_some_and(|c| c.to_lowercase() != recipient)
+    {
+        return Err(format!(
+            "transaction {tx} went to {recipient}, not the contract"
         ));
     }
     if text(&found["input"]).trim_start_matches("0x") != data {

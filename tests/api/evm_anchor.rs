@@ -9,7 +9,7 @@ use std::time::Duration;
 use agentkeys_actors::audit::AuditRecord;
 use serde_json::{json, Value};
 
-use crate::helpers::spawn_app_with;
+use crate::helpers::{spawn_app_with, TestApp};
 use crate::local_server::LocalServer;
 
 /// anvil's first prefunded, unlocked development account.
@@ -31,6 +31,99 @@ fn start_anvil() -> Option<LocalServer> {
     )
 }
 
+/// `audit verify-proof` on `proof` (written to `file`) against anvil at
+/// `url`, with `flags`: whether it held, and its report.
+fn verify_proof(proof: &Value, file: &std::path::Path, url: &str, flags: &[&str]) -> (bool, Value) {
+    std::fs::write(file, proof.to_string()).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
+        .args(["audit", "verify-proof", "--proof"])
+        .arg(file)
+        .args(["--rpc-url", url, "--chain-id", "31337"])
+        .args(flags)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    (output.status.success(), report)
+}
+
+/// Foundry's cast (npm package `@foundry-rs/cast`, `CAST` in CI): its
+/// trimmed stdout, or its stderr as the error (the npm wrapper can exit 0
+/// after an `Error:`).
+fn cast(args: &[&str]) -> Result<String, String> {
+    let binary = std::env::var("CAST").unwrap_or_else(|_| "cast".into());
+    let output = Command::new(&binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{binary}: {e} (npm install @foundry-rs/cast)"));
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_owned();
+    let stderr = text(&output.stderr);
+    match output.status.success() && !stderr.contains("Error") {
+        true => Ok(text(&output.stdout)),
+        false => Err(stderr),
+    }
+}
+
+/// The by-hand check of docs/audit.md (its Python, run as written) on
+/// `proof` and the anchor's transaction data `input`: whether it held, and
+/// its stderr.
+fn by_hand(proof: &Value, input: &str, dir: &std::path::Path) -> (bool, String) {
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/audit.md"));
+    let docs = docs.unwrap();
+    let script = docs
+        .split_once("<<'PY'\n")
+        .and_then(|(_, rest)| rest.split_once("\nPY\n"))
+        .expect("docs/audit.md has the by-hand check")
+        .0;
+    let (file, code) = (dir.join("hand.json"), dir.join("hand.py"));
+    std::fs::write(&file, proof.to_string()).unwrap();
+    std::fs::write(&code, script).unwrap();
+    let output = Command::new("python3")
+        .arg(&code)
+        .arg(&file)
+        .arg(input)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.success(), stderr)
+}
+
+/// A broker whose one audit sink is `sink` (an evm sink on anvil), after
+/// three mints by agent `name` and once the sink holds all three, and its
+/// verify report then: every anchor checked on chain.
+async fn three_mints_anchored(sink: Value, name: &str) -> (TestApp, Value) {
+    let app = spawn_app_with(|s| {
+        s.audit.retry_interval_seconds = 1;
+        s.audit.sinks = serde_json::from_value(json!([sink])).unwrap();
+    })
+    .await;
+    let agent = app.register_agent(name).await;
+    app.grant(&agent, "s3", "chain/", None).await;
+    let session = app.login(&agent).await;
+    for _ in 0..3 {
+        let body = json!({ "service": "s3", "scope_path": "chain/" });
+        let minted = app.mint(&session, &body).await;
+        assert_eq!(minted.status, reqwest::StatusCode::OK);
+    }
+    let mut report = Value::Null;
+    for _ in 0..100 {
+        report = app
+            .get("/v1/admin/audit/verify", Some(&app.admin_token))
+            .await
+            .body;
+        if report["sinks"]["evm"]["held_seq"] == report["records"] {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["sinks"]["evm"]["held_seq"], 3, "{report}");
+    let on_chain = report["sinks"]["evm"]["on_chain"].as_u64().unwrap_or(0);
+    assert!(on_chain >= 1, "anchors confirmed on chain: {report}");
+    let verified = report["sinks"]["evm"]["verified"].as_u64().unwrap();
+    assert_eq!(on_chain, verified, "{report}");
+    (app, report)
+}
+
 async fn rpc_ready(url: &str) -> bool {
     let client = reqwest::Client::new();
     let ask = json!({ "jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": [] });
@@ -50,45 +143,8 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
     };
     let url = anvil.url.clone();
     assert!(rpc_ready(&url).await, "anvil did not answer");
-    let sink =
-        json!([{ "kind": "evm", "interval_seconds": 1, "rpc_url": url, "from": DEV_ACCOUNT }]);
-    let mut app = spawn_app_with(|s| {
-        s.audit.retry_interval_seconds = 1;
-        s.audit.sinks = serde_json::from_value(sink).unwrap();
-    })
-    .await;
-    let agent = app.register_agent("anchored").await;
-    app.grant(&agent, "s3", "chain/", None).await;
-    let session = app.login(&agent).await;
-    for _ in 0..3 {
-        let reply = app
-            .mint(
-                &session,
-                &json!({ "service": "s3", "scope_path": "chain/" }),
-            )
-            .await;
-        assert_eq!(reply.status, reqwest::StatusCode::OK);
-    }
-
-    let mut report = serde_json::Value::Null;
-    for _ in 0..100 {
-        report = app
-            .get("/v1/admin/audit/verify", Some(&app.admin_token))
-            .await
-            .body;
-        if report["sinks"]["evm"]["held_seq"] == report["records"] {
-            break;
-        }
-        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(report["ok"], true, "{report}");
-    assert_eq!(report["sinks"]["evm"]["held_seq"], 3, "{report}");
-    let on_chain = report["sinks"]["evm"]["on_chain"].as_u64().unwrap_or(0);
-    assert!(on_chain >= 1, "anchors confirmed on chain: {report}");
-    assert_eq!(
-        on_chain,
-        report["sinks"]["evm"]["verified"].as_u64().unwrap()
-    );
+    let sink = json!({ "kind": "evm", "interval_seconds": 1, "rpc_url": url, "from": DEV_ACCOUNT });
+    let (mut app, report) = three_mints_anchored(sink, "anchored").await;
 
     let anchors = std::fs::read_to_string(app.data_file("evm-anchors.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(anchors.lines().next().unwrap()).unwrap();
@@ -103,25 +159,10 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
     assert_eq!(proof.status, reqwest::StatusCode::OK, "{}", proof.body);
     assert_eq!(proof.body["record"]["seq"], 2);
     assert_eq!(proof.body["anchor"]["version"], 1);
+    let file = app.data_file("proof.json");
     let verify_proof = |proof: &Value, from: &str, confirmations: &str| {
-        let file = app.data_file("proof.json");
-        std::fs::write(&file, proof.to_string()).unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
-            .args(["audit", "verify-proof", "--proof"])
-            .arg(&file)
-            .args([
-                "--rpc-url",
-                &url,
-                "--chain-id",
-                "31337",
-                "--anchor-from",
-                from,
-            ])
-            .args(["--confirmations", confirmations])
-            .output()
-            .unwrap();
-        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
-        (output.status.success(), report)
+        let flags = ["--anchor-from", from, "--confirmations", confirmations];
+        verify_proof(proof, &file, &url, &flags)
     };
     let (held, found) = verify_proof(&proof.body, DEV_ACCOUNT, "1");
     assert!(held, "{found}");
@@ -177,35 +218,9 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
         "the same proof holds for whoever trusts that account: {found}"
     );
 
-    let cast = std::env::var("CAST").unwrap_or_else(|_| "cast".into());
     let tx = proof.body["anchor"]["tx_hash"].as_str().unwrap();
-    let input = Command::new(&cast)
-        .args(["tx", tx, "input", "--rpc-url", &url])
-        .output()
-        .unwrap_or_else(|e| panic!("{cast}: {e} (npm install @foundry-rs/cast)"));
-    let input = String::from_utf8_lossy(&input.stdout).trim().to_owned();
-    let docs =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/audit.md")).unwrap();
-    let script = docs
-        .split_once("<<'PY'\n")
-        .and_then(|(_, rest)| rest.split_once("\nPY\n"))
-        .expect("docs/audit.md has the by-hand check")
-        .0;
-    let by_hand = |proof: &Value| {
-        let (file, code) = (app.data_file("hand.json"), app.data_file("hand.py"));
-        std::fs::write(&file, proof.to_string()).unwrap();
-        std::fs::write(&code, script).unwrap();
-        let output = Command::new("python3")
-            .arg(&code)
-            .arg(&file)
-            .arg(&input)
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let input = cast(&["tx", tx, "input", "--rpc-url", &url]).unwrap();
+    let by_hand = |proof: &Value| by_hand(proof, &input, app.data_dir());
     let (held, stderr) = by_hand(&proof.body);
     assert!(held, "the documented check holds: {stderr}");
     let mut edited = proof.body.clone();
@@ -246,4 +261,108 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
         offline["sinks"]["evm"]["on_chain"],
         report["sinks"]["evm"]["on_chain"]
     );
+}
+
+/// Anchors through the AgentKeysAudit contract (contracts/, deployed here
+/// with cast from its checked-in bytecode): each anchor is a call only an
+/// allowed account can make, chained on chain, and a proof names the
+/// contract it was anchored through.
+#[actix_web::test]
+async fn anchors_through_the_contract_are_allowed_calls_a_proof_names() {
+    let Some(anvil) = start_anvil() else {
+        return;
+    };
+    let url = anvil.url.clone();
+    assert!(rpc_ready(&url).await, "anvil did not answer");
+    let built = concat!(env!("CARGO_MANIFEST_DIR"), "/contracts/AgentKeysAudit.json");
+    let built: Value = serde_json::from_str(&std::fs::read_to_string(built).unwrap()).unwrap();
+    let bytecode = built["bytecode"].as_str().unwrap();
+    let rpc = ["--rpc-url", url.as_str()];
+    // `--create` takes everything after it: the other options go first.
+    let create = ["send", "--unlocked", "--from", DEV_ACCOUNT, "--json"];
+    let constructor = ["--create", bytecode, "constructor(address)", DEV_ACCOUNT];
+    let deployed = [create.as_slice(), &rpc, &constructor];
+    let deployed: Value = serde_json::from_str(&cast(&deployed.concat()).unwrap()).unwrap();
+    let contract = deployed["contractAddress"].as_str().unwrap().to_lowercase();
+    // An account the owner did not allow cannot anchor.
+    let other = "0x70997970c51812dc3a010c7d01b50e0d17dc79c8";
+    let root = format!("0x{}", "11".repeat(32));
+    let call = ["send", "--unlocked", "--from", other];
+    let anchor = [
+        &contract,
+        "anchor(uint64,uint64,bytes32,uint8)",
+        "1",
+        "1",
+        &root,
+        "1",
+    ];
+    let refused = cast(&[call.as_slice(), &rpc, &anchor].concat());
+    let refused = refused.expect_err("the contract refuses an account it does not allow");
+    assert!(refused.contains("revert"), "{refused}");
+
+    let sink = json!({ "kind": "evm", "interval_seconds": 1, "rpc_url": url,
+        "from": DEV_ACCOUNT, "contract": contract });
+    let (app, _) = three_mints_anchored(sink, "contracted").await;
+    // The contract holds the chain of anchors: the last one ends at 3.
+    let last = cast(&[["call"].as_slice(), &rpc, &[&contract, "lastSeq()(uint64)"]].concat());
+    assert_eq!(last.unwrap(), "3");
+
+    let proof = app
+        .get("/v1/admin/audit/3/proof", Some(&app.admin_token))
+        .await;
+    assert_eq!(proof.status, reqwest::StatusCode::OK, "{}", proof.body);
+    assert_eq!(proof.body["anchor"]["contract"], contract.as_str());
+    let file = app.data_file("proof.json");
+    let named = ["--anchor-from", DEV_ACCOUNT, "--contract", &contract];
+    let (held, found) = verify_proof(
+        &proof.body,
+        &file,
+        &url,
+        &[named.as_slice(), &["--confirmations", "1"]].concat(),
+    );
+    assert!(held, "{found}");
+    let unnamed = ["--anchor-from", DEV_ACCOUNT, "--confirmations", "1"];
+    let (held, found) = verify_proof(&proof.body, &file, &url, &unnamed);
+    let problems = found["problems"].to_string();
+    assert!(!held && problems.contains("calls contract"), "{found}");
+    let tx = proof.body["anchor"]["tx_hash"].as_str().unwrap();
+    let input = cast(&["tx", tx, "input", "--rpc-url", &url]).unwrap();
+    let (held, stderr) = by_hand(&proof.body, &input, app.data_dir());
+    assert!(
+        held,
+        "the documented check holds for a contract call: {stderr}"
+    );
+    // Record 3 anchored alone by the account the contract refuses, its
+    // call forced on chain with a gas limit: mined, reverted, and no anchor.
+    let record: AuditRecord = serde_json::from_value(proof.body["record"].clone()).unwrap();
+    let leaf = agentkeys_actors::audit::merkle::leaf(&record.hash);
+    let root = hex::encode(agentkeys_actors::audit::merkle::root(1, &[leaf]).unwrap());
+    let root_arg = format!("0x{root}");
+    let forced = ["--gas-limit", "200000", "--json"];
+    let anchor = [
+        &contract,
+        "anchor(uint64,uint64,bytes32,uint8)",
+        "3",
+        "3",
+        &root_arg,
+        "1",
+    ];
+    let sent = cast(&[call.as_slice(), &forced, &rpc, &anchor].concat()).unwrap();
+    let sent: Value = serde_json::from_str(&sent).unwrap();
+    assert_eq!(sent["status"], "0x0", "reverted: {sent}");
+    let mut forged = proof.body.clone();
+    forged["anchor"] = json!({ "version": 1, "from_seq": 3, "to_seq": 3, "root": root,
+        "tx_hash": sent["transactionHash"], "contract": contract, "ts": 0 });
+    (forged["index"], forged["size"], forged["path"]) = (json!(0), json!(1), json!([]));
+    let named = [
+        "--anchor-from",
+        other,
+        "--contract",
+        &contract,
+        "--confirmations",
+        "1",
+    ];
+    let (held, found) = verify_proof(&forged, &file, &url, &named);
+    let problems = found["problems"].to_string();
+    assert!(!held && problems.contains("did not succeed"), "{found}");
 }

@@ -43,6 +43,10 @@ pub enum SinkConfig {
         rpc_url: Option<String>,
         from: Option<String>,
         to: Option<String>,
+        /// An AgentKeysAudit contract (contracts/): anchors are calls to
+        /// its `anchor`, allowed only from the accounts its owner allows,
+        /// each an `Anchored` event chained to the one before.
+        contract: Option<String>,
     },
 }
 
@@ -110,6 +114,16 @@ impl SinkConfig {
                 from: None,
                 ..
             } => Err("evm sink: rpc_url needs `from`, the account that sends anchors".into()),
+            Self::Evm {
+                to: Some(_),
+                contract: Some(_),
+                ..
+            } => Err("evm sink: `to` and `contract` exclude each other".into()),
+            Self::Evm {
+                rpc_url: None,
+                contract: Some(_),
+                ..
+            } => Err("evm sink: `contract` needs rpc_url".into()),
             _ => Ok(()),
         }
     }
@@ -122,8 +136,14 @@ impl SinkConfig {
                 rpc_url: Some(url),
                 from: Some(from),
                 to,
+                contract,
                 ..
-            } => Some(super::evm::rpc::EvmRpc::new(url, from, to.as_deref())),
+            } => Some(super::evm::rpc::EvmRpc::new(
+                url,
+                from,
+                to.as_deref(),
+                contract.as_deref(),
+            )),
             _ => None,
         }
     }

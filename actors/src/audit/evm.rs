@@ -29,23 +29,33 @@ pub struct Anchor {
     pub root: String,
     /// The chain transaction that carries the root, when anchored on-chain.
     pub tx_hash: Option<String>,
+    /// The AgentKeysAudit contract the transaction called, if it called
+    /// one (lowercase address); else the root rode in plain data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract: Option<String>,
     pub ts: u64,
 }
 
+/// The selector of AgentKeysAudit's `anchor(uint64,uint64,bytes32,uint8)`
+/// (contracts/AgentKeysAudit.json, `methodIdentifiers`).
+pub const ANCHOR_SELECTOR: &str = "92305abd";
+
 impl Anchor {
     /// What the anchor's transaction carries as its data (hex, no `0x`),
-    /// by format: format 0 the root alone; format 1 the format, the range
-    /// and the root (`01 ‖ from_seq ‖ to_seq ‖ root`, the numbers as 8
-    /// bytes big-endian), so the chain, not the broker's file, says which
-    /// records the root covers. `None` for an unknown format.
+    /// so the chain, not the broker's file, says which records the root
+    /// covers: a call of the contract's `anchor(from_seq, to_seq, root,
+    /// version)`, ABI-encoded; without a contract, format 1 is `01 ‖
+    /// from_seq ‖ to_seq ‖ root` (8-byte big-endian numbers) and format 0
+    /// the root alone. `None` for an unknown format.
     pub fn chain_data(&self) -> Option<String> {
-        match self.version {
-            0 => Some(self.root.to_lowercase()),
-            1 => Some(format!(
-                "01{:016x}{:016x}{}",
-                self.from_seq,
-                self.to_seq,
-                self.root.to_lowercase()
+        let root = self.root.to_lowercase();
+        let (from, to) = (self.from_seq, self.to_seq);
+        match (self.version, &self.contract) {
+            (0, None) => Some(root),
+            (1, None) => Some(format!("01{from:016x}{to:016x}{root}")),
+            (1, Some(_)) => Some(format!(
+                "{ANCHOR_SELECTOR}{from:064x}{to:064x}{root}{:064x}",
+                self.version
             )),
             _ => None,
         }
@@ -111,11 +121,14 @@ impl EvmAnchorSink {
             to_seq: last.0,
             root: hex::encode(root),
             tx_hash: None,
+            contract: None,
             ts: now_unix(),
         };
         #[cfg(feature = "audit-evm")]
         let anchor = match &self.chain {
             Some(chain) => {
+                let contract = chain.contract().map(str::to_owned);
+                let anchor = Anchor { contract, ..anchor };
                 let data = anchor.chain_data().expect("the current format is known");
                 let tx_hash = Some(chain.send_data(&data)?);
                 Anchor { tx_hash, ..anchor }
@@ -166,22 +179,31 @@ pub mod rpc {
         url: String,
         /// The unlocked account that sends anchor transactions.
         from: String,
-        /// Where they are sent; the sender itself by default.
+        /// Where they are sent: the contract, or `to`, or the sender itself.
         to: String,
+        /// The AgentKeysAudit contract, when anchors call one.
+        contract: Option<String>,
         agent: ureq::Agent,
     }
 
     impl EvmRpc {
-        pub fn new(url: &str, from: &str, to: Option<&str>) -> Self {
+        pub fn new(url: &str, from: &str, to: Option<&str>, contract: Option<&str>) -> Self {
             let config = ureq::Agent::config_builder()
                 .timeout_global(Some(std::time::Duration::from_secs(10)))
                 .build();
+            let contract = contract.map(str::to_lowercase);
             Self {
                 url: url.to_owned(),
                 from: from.to_owned(),
-                to: to.unwrap_or(from).to_owned(),
+                to: contract.as_deref().or(to).unwrap_or(from).to_owned(),
+                contract,
                 agent: config.into(),
             }
+        }
+
+        /// The AgentKeysAudit contract anchors call, if any.
+        pub fn contract(&self) -> Option<&str> {
+            self.contract.as_deref()
         }
 
         fn call(&self, method: &str, params: Value) -> Result<Value, String> {
@@ -213,10 +235,15 @@ pub mod rpc {
                 .ok_or_else(|| "eth_sendTransaction: no hash".into())
         }
 
-        /// The data of a mined transaction, without `0x`, if it exists.
+        /// The data of a mined, successful transaction, without `0x`, if
+        /// it exists (a call the contract refused carries its data too).
         pub fn transaction_data(&self, tx_hash: &str) -> Result<Option<String>, String> {
             let tx = self.call("eth_getTransactionByHash", json!([tx_hash]))?;
             if tx.is_null() || tx["blockNumber"].is_null() {
+                return Ok(None);
+            }
+            let receipt = self.call("eth_getTransactionReceipt", json!([tx_hash]))?;
+            if receipt["status"].as_str() != Some("0x1") {
                 return Ok(None);
             }
             Ok(tx["input"]
