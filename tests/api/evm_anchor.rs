@@ -16,19 +16,18 @@ use crate::local_server::LocalServer;
 const DEV_ACCOUNT: &str = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266";
 
 fn start_anvil() -> Option<LocalServer> {
+    start_anvil_at(crate::process::free_port())
+}
+
+fn start_anvil_at(port: u16) -> Option<LocalServer> {
     let args = |port: u16| {
         let port = port.to_string();
         ["--host", "127.0.0.1", "--port", &port, "--silent"]
             .map(String::from)
             .to_vec()
     };
-    LocalServer::start(
-        "ANVIL",
-        "anvil",
-        args,
-        "EVM anchor",
-        "install @foundry-rs/anvil",
-    )
+    let install = "install @foundry-rs/anvil";
+    LocalServer::start_at(port, "ANVIL", "anvil", args, "EVM anchor", install)
 }
 
 /// `audit verify-proof` on `proof` (written to `file`) against anvil at
@@ -238,28 +237,37 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
         missing.body
     );
 
-    // Offline, with the chain still up, the same holds.
+    // Offline, with the chain still up, the same holds; for a config that
+    // names another sending account, the anchors are not its own.
     app.stop();
-    let config = app.data_file("verify.toml");
-    std::fs::write(
-        &config,
-        format!("[[audit.sinks]]\nkind = \"evm\"\nrpc_url = \"{url}\"\nfrom = \"{DEV_ACCOUNT}\"\n"),
-    )
-    .unwrap();
-    let verify = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
-        .args(["audit", "verify", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(app.data_dir())
-        .arg("--sealing-key-file")
-        .arg(&app.settings.secrets.sealing_key_file)
-        .output()
-        .unwrap();
-    let offline: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
-    assert!(verify.status.success(), "{offline}");
+    let offline_verify = |from: &str| {
+        let config = app.data_file("verify.toml");
+        let sink =
+            format!("[[audit.sinks]]\nkind = \"evm\"\nrpc_url = \"{url}\"\nfrom = \"{from}\"\n");
+        std::fs::write(&config, sink).unwrap();
+        let verify = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
+            .args(["audit", "verify", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(app.data_dir())
+            .arg("--sealing-key-file")
+            .arg(&app.settings.secrets.sealing_key_file)
+            .output()
+            .unwrap();
+        let offline: Value = serde_json::from_slice(&verify.stdout).unwrap();
+        (verify.status.success(), offline)
+    };
+    let (held, offline) = offline_verify(DEV_ACCOUNT);
+    assert!(held, "{offline}");
     assert_eq!(
         offline["sinks"]["evm"]["on_chain"],
         report["sinks"]["evm"]["on_chain"]
+    );
+    let (held, offline) = offline_verify(other);
+    let problems = offline["sinks"]["evm"]["problems"].to_string();
+    assert!(
+        !held && problems.contains("not as the sink sends"),
+        "{offline}"
     );
 }
 
@@ -365,4 +373,67 @@ async fn anchors_through_the_contract_are_allowed_calls_a_proof_names() {
     let (held, found) = verify_proof(&forged, &file, &url, &named);
     let problems = found["problems"].to_string();
     assert!(!held && problems.contains("did not succeed"), "{found}");
+}
+
+/// A required evm sink is never waited for, but refuses mints (503
+/// audit_unavailable, the use given back) once its oldest unanchored record
+/// is older than `max_lag_seconds`, and lets them through again once the
+/// chain is back and the anchor caught up.
+#[actix_web::test]
+async fn a_required_anchor_refuses_mints_while_it_lags_and_recovers() {
+    // The chain's port, with nothing on it yet.
+    let port = crate::process::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let sink = json!([{ "kind": "evm", "interval_seconds": 1, "rpc_url": url,
+        "from": DEV_ACCOUNT, "required": true, "max_lag_seconds": 2 }]);
+    let app = spawn_app_with(|s| {
+        s.audit.retry_interval_seconds = 1;
+        s.audit.sinks = serde_json::from_value(sink).unwrap();
+    })
+    .await;
+    let agent = app.register_agent("lagging").await;
+    app.grant(&agent, "s3", "lag/", None).await;
+    let session = app.login(&agent).await;
+    let body = json!({ "service": "s3", "scope_path": "lag/" });
+    assert_eq!(
+        app.mint(&session, &body).await.status,
+        reqwest::StatusCode::OK,
+        "not waited for"
+    );
+    actix_web::rt::time::sleep(Duration::from_millis(3500)).await;
+    let refused = app.mint(&session, &body).await;
+    assert_eq!(
+        refused.status,
+        reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.body
+    );
+    assert_eq!(refused.error_code(), "audit_unavailable");
+    let report = app
+        .get("/v1/admin/audit/verify", Some(&app.admin_token))
+        .await
+        .body;
+    let live = &report["sinks"]["evm"]["live"];
+    assert!(live["lag_seconds"].as_u64().unwrap() >= 3, "{report}");
+    assert!(live["last_error"].is_string(), "{report}");
+
+    // The chain comes up on that port: the anchor catches up, mints pass.
+    let Some(_anvil) = start_anvil_at(port) else {
+        return;
+    };
+    assert!(rpc_ready(&url).await, "anvil did not answer");
+    let mut answer = refused.status;
+    for _ in 0..100 {
+        answer = app.mint(&session, &body).await.status;
+        if answer == reqwest::StatusCode::OK {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer, reqwest::StatusCode::OK, "recovered once anchored");
+    let outcomes = app.audit_outcomes().await;
+    assert!(
+        outcomes.iter().any(|o| o == "audit_unavailable"),
+        "{outcomes:?}"
+    );
 }

@@ -23,8 +23,19 @@ impl LocalServer {
         test: &str,
         install: &str,
     ) -> Option<Self> {
+        Self::start_at(free_port(), var, default, args, test, install)
+    }
+
+    /// [`Self::start`] on `port`.
+    pub fn start_at(
+        port: u16,
+        var: &str,
+        default: &str,
+        args: impl FnOnce(u16) -> Vec<String>,
+        test: &str,
+        install: &str,
+    ) -> Option<Self> {
         let binary = std::env::var(var).unwrap_or_else(|_| default.into());
-        let port = free_port();
         let child = Command::new(&binary)
             .args(args(port))
             .stdout(Stdio::null())

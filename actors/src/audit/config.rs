@@ -47,6 +47,13 @@ pub enum SinkConfig {
         /// its `anchor`, allowed only from the accounts its owner allows,
         /// each an `Anchored` event chained to the one before.
         contract: Option<String>,
+        /// Never waited for (anchoring is never on a mint's path); when
+        /// set, mints are refused (503 audit_unavailable) while the oldest
+        /// unanchored record is older than `max_lag_seconds`.
+        #[serde(default)]
+        required: bool,
+        #[serde(default = "default_max_lag")]
+        max_lag_seconds: u64,
     },
 }
 
@@ -61,6 +68,9 @@ fn default_max_bytes() -> u64 {
 }
 fn default_keep() -> usize {
     5
+}
+fn default_max_lag() -> u64 {
+    600
 }
 fn default_anchors_path() -> PathBuf {
     PathBuf::from("evm-anchors.jsonl")
@@ -83,6 +93,19 @@ impl SinkConfig {
         match self {
             Self::Jsonl { required, .. } => *required,
             Self::Evm { .. } => false,
+        }
+    }
+
+    /// How far behind a sink that must keep up may fall (an evm sink with
+    /// `required`); `None`: as far as it likes.
+    pub fn max_lag(&self) -> Option<Duration> {
+        match self {
+            Self::Evm {
+                required: true,
+                max_lag_seconds,
+                ..
+            } => Some(Duration::from_secs(*max_lag_seconds)),
+            _ => None,
         }
     }
 
@@ -124,6 +147,14 @@ impl SinkConfig {
                 contract: Some(_),
                 ..
             } => Err("evm sink: `contract` needs rpc_url".into()),
+            Self::Evm {
+                required: true,
+                max_lag_seconds,
+                interval_seconds,
+                ..
+            } if max_lag_seconds <= interval_seconds => Err(
+                "evm sink: max_lag_seconds must exceed interval_seconds (records wait that long for their anchor)".into(),
+            ),
             _ => Ok(()),
         }
     }

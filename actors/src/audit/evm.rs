@@ -82,8 +82,8 @@ pub struct EvmAnchorSink {
     anchors_path: PathBuf,
     interval: Duration,
     last_anchor: Instant,
-    /// Records accepted since the last anchor: (seq, leaf).
-    pending: Vec<(u64, [u8; 32])>,
+    /// Records accepted since the last anchor: (seq, leaf, ts).
+    pending: Vec<(u64, [u8; 32], u64)>,
     anchored_seq: u64,
     #[cfg(feature = "audit-evm")]
     chain: Option<rpc::EvmRpc>,
@@ -112,7 +112,7 @@ impl EvmAnchorSink {
         let (Some(first), Some(last)) = (self.pending.first(), self.pending.last()) else {
             return Ok(());
         };
-        let leaves: Vec<[u8; 32]> = self.pending.iter().map(|(_, leaf)| *leaf).collect();
+        let leaves: Vec<[u8; 32]> = self.pending.iter().map(|(_, leaf, _)| *leaf).collect();
         let version = merkle::CURRENT_VERSION;
         let root = merkle::root(version, &leaves).expect("the current format is known");
         let anchor = Anchor {
@@ -157,8 +157,12 @@ impl AuditSink for EvmAnchorSink {
     /// Buffers the leaves; they are anchored when the interval is up.
     fn append(&mut self, batch: &[AuditRecord]) -> Result<u64, String> {
         self.pending
-            .extend(batch.iter().map(|r| (r.seq, leaf(&r.hash))));
+            .extend(batch.iter().map(|r| (r.seq, leaf(&r.hash), r.ts)));
         Ok(self.anchored_seq)
+    }
+
+    fn oldest_unheld_ts(&self) -> Option<u64> {
+        self.pending.first().map(|(_, _, ts)| *ts)
     }
 
     fn flush_due(&mut self) -> Result<u64, String> {
@@ -235,20 +239,30 @@ pub mod rpc {
                 .ok_or_else(|| "eth_sendTransaction: no hash".into())
         }
 
-        /// The data of a mined, successful transaction, without `0x`, if
-        /// it exists (a call the contract refused carries its data too).
-        pub fn transaction_data(&self, tx_hash: &str) -> Result<Option<String>, String> {
+        /// Whether `tx_hash` is an anchor this sink sent: mined, successful
+        /// (a call the contract refused carries its data too) in the block
+        /// it names, from the sink's account to its contract (or `to`).
+        /// `Ok(Some(data))` with its data (hex, no `0x`) when it is; why
+        /// not, when it is not.
+        pub fn anchor_data(&self, tx_hash: &str) -> Result<Result<String, String>, String> {
+            let text = |value: &Value| value.as_str().unwrap_or_default().to_lowercase();
             let tx = self.call("eth_getTransactionByHash", json!([tx_hash]))?;
             if tx.is_null() || tx["blockNumber"].is_null() {
-                return Ok(None);
+                return Ok(Err("is not on chain".into()));
             }
             let receipt = self.call("eth_getTransactionReceipt", json!([tx_hash]))?;
-            if receipt["status"].as_str() != Some("0x1") {
-                return Ok(None);
+            if text(&receipt["status"]) != "0x1"
+                || text(&receipt["blockHash"]) != text(&tx["blockHash"])
+            {
+                return Ok(Err("did not succeed in the block it names".into()));
             }
-            Ok(tx["input"]
-                .as_str()
-                .map(|data| data.trim_start_matches("0x").to_lowercase()))
+            let (from, to) = (text(&tx["from"]), text(&tx["to"]));
+            if from != self.from.to_lowercase() || to != self.to.to_lowercase() {
+                return Ok(Err(format!(
+                    "went from {from} to {to}, not as the sink sends"
+                )));
+            }
+            Ok(Ok(text(&tx["input"]).trim_start_matches("0x").to_owned()))
         }
     }
 }

@@ -249,6 +249,11 @@ pub trait AuditSink: Send + 'static {
     fn flush_due(&mut self) -> Result<u64, String> {
         Ok(self.held_seq())
     }
+    /// When the oldest record the sink took but does not hold yet was
+    /// made (Unix seconds); `None` when it holds all it took.
+    fn oldest_unheld_ts(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Which sinks must hold a record before its mint may be released.
@@ -344,6 +349,9 @@ pub struct SinkReport {
     pub required: bool,
     pub held_seq: u64,
     pub lag: u64,
+    /// How old the oldest record it took but does not hold is (an anchor
+    /// sink's records wait for the next anchor).
+    pub lag_seconds: u64,
     pub last_error: Option<String>,
 }
 
@@ -507,8 +515,23 @@ fn fan_out(
         .iter()
         .map(|sink| (sink.status().name.clone(), sink.submit(batch.clone())))
         .collect();
+    // An anchor sink that must keep up (`required` with `max_lag_seconds`)
+    // refuses every mint while its oldest unanchored record is too old,
+    // whatever the quorum: it is never waited for, only measured.
+    let too_far_behind = sinks.iter().find_map(|sink| {
+        let max_lag = sink.config().max_lag()?;
+        let lag = sink.status().lag_seconds(now_unix());
+        (lag > max_lag.as_secs()).then(|| AuditError::SinkFailed {
+            sink: sink.status().name.clone(),
+            reason: format!("its oldest unanchored record is {lag} s old, over max_lag_seconds"),
+        })
+    });
     let (quorum, sink_timeout) = (settings.quorum, settings.sink_timeout);
     async move {
+        if let Some(behind) = too_far_behind {
+            tracing::error!(error = %behind, "audit anchor lagging: mints refused");
+            return Err(behind);
+        }
         // One deadline for all of them: a mint waits at most `sink_timeout`
         // for its sinks, however many are required.
         let deadline = tokio::time::Instant::now() + sink_timeout;

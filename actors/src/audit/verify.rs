@@ -256,22 +256,21 @@ fn check_anchors(path: &Path, hashes: &[[u8; 32]], sink: &SinkConfig) -> SinkChe
         #[cfg(feature = "audit-evm")]
         if let (Some(chain), Some(tx)) = (&chain, &anchor.tx_hash) {
             let expected = anchor.chain_data();
-            match chain.transaction_data(tx) {
-                Ok(Some(data)) if Some(&data) == expected.as_ref() => {
+            let through = anchor.contract.as_deref().map(str::to_lowercase);
+            let range = format!("anchor {}..={}", anchor.from_seq, anchor.to_seq);
+            match chain.anchor_data(tx) {
+                _ if through != chain.contract().map(str::to_lowercase) => check.problem(format!(
+                    "{range}: names contract {through:?}, not the sink's {:?}",
+                    chain.contract()
+                )),
+                Ok(Ok(data)) if Some(&data) == expected.as_ref() => {
                     *check.on_chain.get_or_insert(0) += 1
                 }
-                Ok(Some(_)) => check.problem(format!(
-                    "anchor {}..={}: transaction {tx} carries another anchor",
-                    anchor.from_seq, anchor.to_seq
-                )),
-                Ok(None) => check.problem(format!(
-                    "anchor {}..={}: transaction {tx} is not on chain",
-                    anchor.from_seq, anchor.to_seq
-                )),
-                Err(e) => check.problem(format!(
-                    "anchor {}..={}: {e}",
-                    anchor.from_seq, anchor.to_seq
-                )),
+                Ok(Ok(_)) => {
+                    check.problem(format!("{range}: transaction {tx} carries another anchor"))
+                }
+                Ok(Err(why)) => check.problem(format!("{range}: transaction {tx} {why}")),
+                Err(e) => check.problem(format!("{range}: {e}")),
             }
         }
         check.verified += 1;

@@ -26,12 +26,23 @@ pub struct SinkStatus {
     pub required: bool,
     /// Highest seq the sink durably holds.
     held: AtomicU64,
+    /// When the oldest record it took but does not hold was made (0: none).
+    oldest_unheld: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
 impl SinkStatus {
     pub fn held_seq(&self) -> u64 {
         self.held.load(Ordering::Acquire)
+    }
+
+    /// How old (at `now`) the oldest record the sink took but does not
+    /// hold is; 0 when it holds all it took.
+    pub fn lag_seconds(&self, now: u64) -> u64 {
+        match self.oldest_unheld.load(Ordering::Acquire) {
+            0 => 0,
+            oldest => now.saturating_sub(oldest),
+        }
     }
 
     pub fn report(&self, head_seq: u64) -> SinkReport {
@@ -41,6 +52,7 @@ impl SinkStatus {
             required: self.required,
             held_seq,
             lag: head_seq.saturating_sub(held_seq),
+            lag_seconds: self.lag_seconds(crate::domain::now_unix()),
             last_error: self.last_error.lock().map(|e| e.clone()).unwrap_or(None),
         }
     }
@@ -105,6 +117,7 @@ impl SinkWorker {
             name: name.to_owned(),
             required: config.required(),
             held: AtomicU64::new(sink.held_seq()),
+            oldest_unheld: AtomicU64::new(0),
             last_error: Mutex::new(None),
         });
         let (jobs, inbox) = sync_channel::<Job>(queue.max(1));
@@ -254,6 +267,7 @@ impl Worker {
         metrics::histogram!("agentkeys_audit_sink_write_seconds", "sink" => self.status.name.clone())
             .record(started.elapsed().as_secs_f64());
         self.status.record(&outcome);
+        self.note_unheld();
         outcome.map(|_| {
             self.accepted = records.last().map_or(self.accepted, |r| r.seq);
         })
@@ -281,9 +295,18 @@ impl Worker {
     /// A buffering sink writes what is due; its held seq moves on.
     fn flush(&mut self) {
         match self.sink.flush_due() {
-            Ok(held) => self.status.held.store(held, Ordering::Release),
+            Ok(held) => {
+                self.status.held.store(held, Ordering::Release);
+                self.status.set_error(None);
+            }
             Err(e) => self.status.set_error(Some(e)),
         }
+        self.note_unheld();
+    }
+
+    fn note_unheld(&self) {
+        let oldest = self.sink.oldest_unheld_ts().unwrap_or(0);
+        self.status.oldest_unheld.store(oldest, Ordering::Release);
     }
 }
 
