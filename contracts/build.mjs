@@ -1,7 +1,8 @@
-// Compiles AgentKeysAudit.sol with solc-js (npm package `solc`, pinned in
-// .ci/tools/package.json) into AgentKeysAudit.json: the ABI, the creation
-// bytecode, the compiler and its settings. `--check` compiles again and
-// fails if the checked-in file differs (CI runs it).
+// Compiles AgentKeysAudit.sol with solc-js (npm package `solc`, the version
+// .ci/run installs into .ci/tools) into AgentKeysAudit.json: the ABI, the
+// creation bytecode, the runtime bytecode (what `eth_getCode` answers for
+// every deployment), the compiler and its settings. `--check` compiles again
+// and fails if the checked-in file differs (CI runs it).
 //
 //   npm install --prefix .ci/tools && node contracts/build.mjs [--check]
 import { readFileSync, writeFileSync } from "node:fs";
@@ -17,7 +18,7 @@ const source = readFileSync(join(here, "AgentKeysAudit.sol"), "utf8");
 const settings = {
   optimizer: { enabled: true, runs: 200 },
   evmVersion: "cancun",
-  outputSelection: { "*": { "*": ["abi", "evm.bytecode.object", "evm.methodIdentifiers"] } },
+  outputSelection: { "*": { "*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object", "evm.methodIdentifiers"] } },
 };
 const input = { language: "Solidity", sources: { "AgentKeysAudit.sol": { content: source } }, settings };
 const output = JSON.parse(solc.compile(JSON.stringify(input)));
@@ -33,6 +34,7 @@ const built = {
   abi: contract.abi,
   methodIdentifiers: contract.evm.methodIdentifiers,
   bytecode: "0x" + contract.evm.bytecode.object,
+  deployedBytecode: "0x" + contract.evm.deployedBytecode.object,
 };
 const text = JSON.stringify(built, null, 2) + "\n";
 const file = join(here, "AgentKeysAudit.json");

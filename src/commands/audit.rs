@@ -88,6 +88,18 @@ pub struct ProofReport {
     pub problems: Vec<String>,
 }
 
+/// The runtime code of every AgentKeysAudit deployment, as the checked-in
+/// build has it (contracts/AgentKeysAudit.json, `deployedBytecode`).
+static CONTRACT_CODE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let built = include_str!("../../contracts/AgentKeysAudit.json");
+    let built: serde_json::Value =
+        serde_json::from_str(built).expect("the checked-in build is JSON");
+    built["deployedBytecode"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+});
+
 /// The chain a proof must be anchored on, as the auditor knows it from
 /// the operator (never from the proof).
 pub struct ExpectedChain {
@@ -200,14 +212,21 @@ async fn anchored_at(chain: &ExpectedChain, tx: &str, data: &str) -> Result<(u64
         ));
     }
     let recipient = text(&found["to"]);
-    if chain
-        .contract
-        .as_ref()
-        .is_some_and(|c| c.to_lowercase() != recipient)
-    {
-        return Err(format!(
-            "transaction {tx} went to {recipient}, not the contract"
-        ));
+    if let Some(contract) = &chain.contract {
+        if contract.to_lowercase() != recipient {
+            return Err(format!(
+                "transaction {tx} went to {recipient}, not the contract"
+            ));
+        }
+        // The code at that address is the published contract's, so its
+        // rules (allowed anchorers, batches in order) are the ones that held.
+        let at = found["blockNumber"].clone();
+        let code = call("eth_getCode", serde_json::json!([contract, at])).await?;
+        if text(&code) != CONTRACT_CODE.to_lowercase() {
+            return Err(format!(
+                "{contract} does not run the AgentKeysAudit contract"
+            ));
+        }
     }
     if text(&found["input"]).trim_start_matches("0x") != data {
         return Err(format!(

@@ -6,6 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use agentkeys_actors::audit::evm::ANCHOR_SELECTOR;
 use agentkeys_actors::audit::AuditRecord;
 use serde_json::{json, Value};
 
@@ -89,7 +90,7 @@ fn by_hand(proof: &Value, input: &str, dir: &std::path::Path) -> (bool, String) 
 /// A broker whose one audit sink is `sink` (an evm sink on anvil), after
 /// three mints by agent `name` and once the sink holds all three, and its
 /// verify report then: every anchor checked on chain.
-async fn three_mints_anchored(sink: Value, name: &str) -> (TestApp, Value) {
+async fn three_mints_anchored(sink: Value, name: &str) -> (TestApp, Value, String) {
     let app = spawn_app_with(|s| {
         s.audit.retry_interval_seconds = 1;
         s.audit.sinks = serde_json::from_value(json!([sink])).unwrap();
@@ -103,24 +104,52 @@ async fn three_mints_anchored(sink: Value, name: &str) -> (TestApp, Value) {
         let minted = app.mint(&session, &body).await;
         assert_eq!(minted.status, reqwest::StatusCode::OK);
     }
-    let mut report = Value::Null;
-    for _ in 0..100 {
-        report = app
-            .get("/v1/admin/audit/verify", Some(&app.admin_token))
-            .await
-            .body;
-        if report["sinks"]["evm"]["held_seq"] == report["records"] {
-            break;
-        }
-        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
-    }
+    let report = report_once_held(&app, 3).await;
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["sinks"]["evm"]["held_seq"], 3, "{report}");
     let on_chain = report["sinks"]["evm"]["on_chain"].as_u64().unwrap_or(0);
     assert!(on_chain >= 1, "anchors confirmed on chain: {report}");
     let verified = report["sinks"]["evm"]["verified"].as_u64().unwrap();
     assert_eq!(on_chain, verified, "{report}");
-    (app, report)
+    (app, report, session)
+}
+
+/// A transaction from anvil's unlocked `account` to itself carrying
+/// `data`: its hash.
+async fn send_to_self(url: &str, account: &str, data: &str) -> String {
+    let tx = json!({ "jsonrpc": "2.0", "id": 1, "method": "eth_sendTransaction",
+        "params": [{ "from": account, "to": account, "data": data }] });
+    let client = reqwest::Client::new();
+    let sent: Value = client
+        .post(url)
+        .json(&tx)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    sent["result"]
+        .as_str()
+        .expect("a transaction hash")
+        .to_owned()
+}
+
+/// The verify report once the evm sink holds record `seq` (or after ten
+/// seconds, for the caller's assertions to say what is missing).
+async fn report_once_held(app: &TestApp, seq: u64) -> Value {
+    let mut report = Value::Null;
+    for _ in 0..100 {
+        report = app
+            .get("/v1/admin/audit/verify", Some(&app.admin_token))
+            .await
+            .body;
+        if report["sinks"]["evm"]["held_seq"] == seq {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    report
 }
 
 async fn rpc_ready(url: &str) -> bool {
@@ -143,7 +172,7 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
     let url = anvil.url.clone();
     assert!(rpc_ready(&url).await, "anvil did not answer");
     let sink = json!({ "kind": "evm", "interval_seconds": 1, "rpc_url": url, "from": DEV_ACCOUNT });
-    let (mut app, report) = three_mints_anchored(sink, "anchored").await;
+    let (mut app, report, _) = three_mints_anchored(sink, "anchored").await;
 
     let anchors = std::fs::read_to_string(app.data_file("evm-anchors.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(anchors.lines().next().unwrap()).unwrap();
@@ -195,18 +224,7 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
     (forged["index"], forged["size"], forged["path"]) = (json!(0), json!(1), json!([]));
     let data = format!("0x01{:016x}{:016x}{}", 2, 2, hex::encode(root));
     let other = "0x70997970c51812dc3a010c7d01b50e0d17dc79c8"; // anvil's second account
-    let tx = json!({ "jsonrpc": "2.0", "id": 1, "method": "eth_sendTransaction",
-        "params": [{ "from": other, "to": other, "data": data }] });
-    let sent: Value = reqwest::Client::new()
-        .post(&url)
-        .json(&tx)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    forged["anchor"]["tx_hash"] = sent["result"].clone();
+    forged["anchor"]["tx_hash"] = json!(send_to_self(&url, other, &data).await);
     refused(
         verify_proof(&forged, DEV_ACCOUNT, "1"),
         "not the anchoring account",
@@ -288,7 +306,13 @@ async fn anchors_through_the_contract_are_allowed_calls_a_proof_names() {
     let rpc = ["--rpc-url", url.as_str()];
     // `--create` takes everything after it: the other options go first.
     let create = ["send", "--unlocked", "--from", DEV_ACCOUNT, "--json"];
-    let constructor = ["--create", bytecode, "constructor(address)", DEV_ACCOUNT];
+    let constructor = [
+        "--create",
+        bytecode,
+        "constructor(address,uint64)",
+        DEV_ACCOUNT,
+        "0",
+    ];
     let deployed = [create.as_slice(), &rpc, &constructor];
     let deployed: Value = serde_json::from_str(&cast(&deployed.concat()).unwrap()).unwrap();
     let contract = deployed["contractAddress"].as_str().unwrap().to_lowercase();
@@ -310,7 +334,7 @@ async fn anchors_through_the_contract_are_allowed_calls_a_proof_names() {
 
     let sink = json!({ "kind": "evm", "interval_seconds": 1, "rpc_url": url,
         "from": DEV_ACCOUNT, "contract": contract });
-    let (app, _) = three_mints_anchored(sink, "contracted").await;
+    let (mut app, _, session) = three_mints_anchored(sink, "contracted").await;
     // The contract holds the chain of anchors: the last one ends at 3.
     let last = cast(&[["call"].as_slice(), &rpc, &[&contract, "lastSeq()(uint64)"]].concat());
     assert_eq!(last.unwrap(), "3");
@@ -373,6 +397,59 @@ async fn anchors_through_the_contract_are_allowed_calls_a_proof_names() {
     let (held, found) = verify_proof(&forged, &file, &url, &named);
     let problems = found["problems"].to_string();
     assert!(!held && problems.contains("did not succeed"), "{found}");
+    // The same call data to an account that runs no contract: it goes
+    // through, and is refused for the code at the address it names.
+    let data = format!("0x{ANCHOR_SELECTOR}{:064x}{:064x}{root}{:064x}", 3, 3, 1);
+    forged["anchor"]["contract"] = json!(other);
+    forged["anchor"]["tx_hash"] = json!(send_to_self(&url, other, &data).await);
+    let named = [
+        "--anchor-from",
+        other,
+        "--contract",
+        other,
+        "--confirmations",
+        "1",
+    ];
+    let (held, found) = verify_proof(&forged, &file, &url, &named);
+    let problems = found["problems"].to_string();
+    assert!(!held && problems.contains("does not run"), "{found}");
+
+    // The anchors file lost (as an answer can be, after its send landed):
+    // the sink finds what the contract holds, checks it against the
+    // ledger, writes it back as it is on chain, and goes on from there.
+    let anchors = app.data_file("evm-anchors.jsonl");
+    let on_file = |path: &std::path::Path| -> Vec<Value> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap());
+        lines
+            .map(|mut anchor| {
+                anchor["ts"] = json!(0);
+                anchor
+            })
+            .collect()
+    };
+    let before = on_file(&anchors);
+    app.stop();
+    std::fs::remove_file(&anchors).unwrap();
+    let app = app.restart();
+    let body = json!({ "service": "s3", "scope_path": "chain/" });
+    assert_eq!(
+        app.mint(&session, &body).await.status,
+        reqwest::StatusCode::OK
+    );
+    let report = report_once_held(&app, 4).await;
+    assert_eq!(report["ok"], true, "{report}");
+    let after = on_file(&anchors);
+    assert_eq!(
+        after[..before.len()],
+        before[..],
+        "the same anchors, from the chain"
+    );
+    assert_eq!(after.last().unwrap()["from_seq"], 4, "{after:?}");
+    let last = cast(&[["call"].as_slice(), &rpc, &[&contract, "lastSeq()(uint64)"]].concat());
+    assert_eq!(last.unwrap(), "4");
 }
 
 /// A required evm sink is never waited for, but refuses mints (503

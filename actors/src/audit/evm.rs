@@ -39,6 +39,10 @@ pub struct Anchor {
 /// The selector of AgentKeysAudit's `anchor(uint64,uint64,bytes32,uint8)`
 /// (contracts/AgentKeysAudit.json, `methodIdentifiers`).
 pub const ANCHOR_SELECTOR: &str = "92305abd";
+/// The selector of its `lastSeq()`.
+pub const LAST_SEQ_SELECTOR: &str = "ec6a43c1";
+/// topic0 of its `Anchored(uint64,uint64,bytes32,bytes32,uint8,address)`.
+pub const ANCHORED_TOPIC: &str = "a48b90da0997e546a218354e5d0e25d8c98edac45c2e30713d9882127750c008";
 
 impl Anchor {
     /// What the anchor's transaction carries as its data (hex, no `0x`),
@@ -109,17 +113,17 @@ impl EvmAnchorSink {
     }
 
     fn anchor(&mut self) -> Result<(), String> {
+        #[cfg(feature = "audit-evm")]
+        self.adopt_held()?;
         let (Some(first), Some(last)) = (self.pending.first(), self.pending.last()) else {
             return Ok(());
         };
-        let leaves: Vec<[u8; 32]> = self.pending.iter().map(|(_, leaf, _)| *leaf).collect();
         let version = merkle::CURRENT_VERSION;
-        let root = merkle::root(version, &leaves).expect("the current format is known");
         let anchor = Anchor {
             version,
             from_seq: first.0,
             to_seq: last.0,
-            root: hex::encode(root),
+            root: hex::encode(self.root_of(self.pending.len())),
             tx_hash: None,
             contract: None,
             ts: now_unix(),
@@ -129,12 +133,23 @@ impl EvmAnchorSink {
             Some(chain) => {
                 let contract = chain.contract().map(str::to_owned);
                 let anchor = Anchor { contract, ..anchor };
-                let data = anchor.chain_data().expect("the current format is known");
-                let tx_hash = Some(chain.send_data(&data)?);
+                let tx_hash = Some(chain.send_anchor(&anchor)?);
                 Anchor { tx_hash, ..anchor }
             }
             None => anchor,
         };
+        self.written(anchor, self.pending.len())
+    }
+
+    /// The current format's root of the first `count` pending records.
+    fn root_of(&self, count: usize) -> [u8; 32] {
+        let leaves: Vec<[u8; 32]> = self.pending[..count].iter().map(|(_, l, _)| *l).collect();
+        merkle::root(merkle::CURRENT_VERSION, &leaves).expect("the current format is known")
+    }
+
+    /// Writes `anchor` (of the first `count` pending records) to the
+    /// anchors file, durably, and lets go of those records.
+    fn written(&mut self, anchor: Anchor, count: usize) -> Result<(), String> {
         let mut line = serde_json::to_vec(&anchor).map_err(|e| e.to_string())?;
         line.push(b'\n');
         let mut file = crate::data_dir::append_owner_only(&self.anchors_path)
@@ -143,8 +158,61 @@ impl EvmAnchorSink {
             .and_then(|()| file.sync_data())
             .map_err(|e| format!("{}: {e}", self.anchors_path.display()))?;
         self.anchored_seq = anchor.to_seq;
-        self.pending.clear();
+        self.pending.drain(..count);
         self.last_anchor = Instant::now();
+        Ok(())
+    }
+
+    /// The anchors the contract already holds for pending records (sends
+    /// that landed but whose answers, or the anchors file, were lost): each
+    /// checked against the ledger's records and written as it is on chain,
+    /// so the next anchor starts where the contract expects it.
+    #[cfg(feature = "audit-evm")]
+    fn adopt_held(&mut self) -> Result<(), String> {
+        let Some(chain) = self.chain.take() else {
+            return Ok(());
+        };
+        let adopted = self.adopt_from(&chain);
+        self.chain = Some(chain);
+        adopted
+    }
+
+    #[cfg(feature = "audit-evm")]
+    fn adopt_from(&mut self, chain: &rpc::EvmRpc) -> Result<(), String> {
+        let Some(last) = chain.last_seq()? else {
+            return Ok(());
+        };
+        while let Some(&(from, _, _)) = self.pending.first().filter(|(seq, ..)| *seq <= last) {
+            let held = chain.anchored_from(from)?;
+            let count = self
+                .pending
+                .iter()
+                .position(|(seq, ..)| *seq == held.to_seq)
+                .ok_or_else(|| {
+                    format!(
+                        "the contract anchors {from}..={} beyond the ledger",
+                        held.to_seq
+                    )
+                })?
+                + 1;
+            if hex::encode(self.root_of(count)) != held.root {
+                return Err(format!(
+                    "the contract's anchor of {from}..={} has another root than the ledger's records",
+                    held.to_seq
+                ));
+            }
+            let anchor = Anchor {
+                contract: chain.contract().map(str::to_owned),
+                ts: now_unix(),
+                ..held
+            };
+            tracing::warn!(
+                from_seq = from,
+                to_seq = anchor.to_seq,
+                "anchor found on chain, adopted"
+            );
+            self.written(anchor, count)?;
+        }
         Ok(())
     }
 }
@@ -179,6 +247,8 @@ impl AuditSink for EvmAnchorSink {
 pub mod rpc {
     use serde_json::{json, Value};
 
+    use super::{Anchor, ANCHORED_TOPIC, LAST_SEQ_SELECTOR};
+
     pub struct EvmRpc {
         url: String,
         /// The unlocked account that sends anchor transactions.
@@ -188,6 +258,14 @@ pub mod rpc {
         /// The AgentKeysAudit contract, when anchors call one.
         contract: Option<String>,
         agent: ureq::Agent,
+    }
+
+    /// A 32-byte ABI word read as a number (a u64 in its last 8 bytes).
+    fn word(value: &Value) -> Option<u64> {
+        let hex = value.as_str()?.trim_start_matches("0x");
+        let (high, low) = hex.split_at(hex.len().checked_sub(16)?);
+        high.bytes().all(|b| b == b'0').then_some(())?;
+        u64::from_str_radix(low, 16).ok()
     }
 
     impl EvmRpc {
@@ -230,13 +308,78 @@ pub mod rpc {
             Ok(answer["result"].clone())
         }
 
-        /// Sends a transaction whose data is `data_hex`; returns its hash.
-        pub fn send_data(&self, data_hex: &str) -> Result<String, String> {
-            let tx = json!({ "from": self.from, "to": self.to, "data": format!("0x{data_hex}") });
+        /// Sends `anchor`; returns its transaction's hash. A contract takes
+        /// only the batch right after its last one: anything else is an
+        /// error here, before a transaction is sent.
+        pub fn send_anchor(&self, anchor: &Anchor) -> Result<String, String> {
+            let data = anchor.chain_data().ok_or("an unknown anchor format")?;
+            if let Some(last) = self.last_seq()? {
+                if last + 1 != anchor.from_seq {
+                    return Err(format!(
+                        "the contract takes an anchor from {} on (its lastSeq is {last}); this sink's starts at {}",
+                        last + 1,
+                        anchor.from_seq
+                    ));
+                }
+            }
+            let tx = json!({ "from": self.from, "to": self.to, "data": format!("0x{data}") });
             let hash = self.call("eth_sendTransaction", json!([tx]))?;
             hash.as_str()
                 .map(str::to_owned)
                 .ok_or_else(|| "eth_sendTransaction: no hash".into())
+        }
+
+        /// The contract's `lastSeq()`: the last record it holds an anchor
+        /// of; `None` without a contract.
+        pub fn last_seq(&self) -> Result<Option<u64>, String> {
+            let Some(contract) = &self.contract else {
+                return Ok(None);
+            };
+            let call = json!({ "to": contract, "data": format!("0x{LAST_SEQ_SELECTOR}") });
+            let last = self.call("eth_call", json!([call, "latest"]))?;
+            word(&last)
+                .map(Some)
+                .ok_or_else(|| "lastSeq(): not a number".into())
+        }
+
+        /// The contract's anchor that starts at `from_seq`, as its
+        /// `Anchored` event says: range, root, format and transaction.
+        pub fn anchored_from(&self, from_seq: u64) -> Result<Anchor, String> {
+            let contract = self.contract.as_deref().ok_or("no contract")?;
+            let filter = json!({ "address": contract, "fromBlock": "0x0", "toBlock": "latest",
+                "topics": [format!("0x{ANCHORED_TOPIC}"), format!("0x{from_seq:064x}")] });
+            let logs = self.call("eth_getLogs", json!([filter]))?;
+            let log = logs
+                .as_array()
+                .and_then(|logs| logs.first())
+                .ok_or_else(|| format!("the contract holds no anchor from {from_seq}"))?;
+            // Data: toSeq, root, prevRoot, version, a word each.
+            let data = log["data"]
+                .as_str()
+                .unwrap_or_default()
+                .trim_start_matches("0x");
+            let words: Vec<&str> = (0..data.len() / 64)
+                .map(|i| &data[i * 64..i * 64 + 64])
+                .collect();
+            let number = |word: &str| u64::from_str_radix(&word[48..], 16).ok();
+            let (Some(to_seq), Some(root), Some(version)) = (
+                words.first().and_then(|w| number(w)),
+                words.get(1),
+                words.get(3).and_then(|w| number(w)),
+            ) else {
+                return Err(format!(
+                    "the contract's anchor from {from_seq} is not an Anchored event"
+                ));
+            };
+            Ok(Anchor {
+                version: u8::try_from(version).map_err(|_| "an anchor format past 255")?,
+                from_seq,
+                to_seq,
+                root: root.to_lowercase(),
+                tx_hash: log["transactionHash"].as_str().map(str::to_owned),
+                contract: Some(contract.to_owned()),
+                ts: 0,
+            })
         }
 
         /// Whether `tx_hash` is an anchor this sink sent: mined, successful
@@ -295,5 +438,28 @@ mod tests {
         );
         let unknown = Anchor { version: 9, ..now };
         assert_eq!(unknown.chain_data(), None);
+    }
+
+    /// The selectors and the event topic the sink and `verify-proof` use
+    /// are those of the checked-in ABI.
+    #[test]
+    fn the_contract_constants_are_the_abis() {
+        use sha3::{Digest, Keccak256};
+        let keccak = |signature: &str| hex::encode(Keccak256::digest(signature));
+        let anchored = "Anchored(uint64,uint64,bytes32,bytes32,uint8,address)";
+        assert_eq!(keccak(anchored), ANCHORED_TOPIC);
+        assert_eq!(
+            keccak("anchor(uint64,uint64,bytes32,uint8)")[..8],
+            *ANCHOR_SELECTOR
+        );
+        assert_eq!(keccak("lastSeq()")[..8], *LAST_SEQ_SELECTOR);
+        let built = include_str!("../../../contracts/AgentKeysAudit.json");
+        let built: serde_json::Value = serde_json::from_str(built).unwrap();
+        let ids = &built["methodIdentifiers"];
+        assert_eq!(ids["anchor(uint64,uint64,bytes32,uint8)"], ANCHOR_SELECTOR);
+        assert_eq!(ids["lastSeq()"], LAST_SEQ_SELECTOR);
+        let events = built["abi"].as_array().unwrap().iter();
+        let event = events.filter(|item| item["name"] == "Anchored").count();
+        assert_eq!(event, 1);
     }
 }

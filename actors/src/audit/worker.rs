@@ -57,12 +57,16 @@ impl SinkStatus {
         }
     }
 
-    /// Records an append's outcome: the new held seq, or the error.
+    /// Records an append's or a flush's outcome: the new held seq, or the
+    /// error. An error stands until the sink holds more than before (a
+    /// buffering sink takes records while its anchors still fail).
     fn record(&self, outcome: &Result<u64, String>) {
         match outcome {
             Ok(held) => {
-                self.held.store(*held, Ordering::Release);
-                self.set_error(None);
+                let before = self.held.swap(*held, Ordering::AcqRel);
+                if *held > before {
+                    self.set_error(None);
+                }
             }
             Err(e) => self.set_error(Some(e.clone())),
         }
@@ -294,13 +298,8 @@ impl Worker {
 
     /// A buffering sink writes what is due; its held seq moves on.
     fn flush(&mut self) {
-        match self.sink.flush_due() {
-            Ok(held) => {
-                self.status.held.store(held, Ordering::Release);
-                self.status.set_error(None);
-            }
-            Err(e) => self.status.set_error(Some(e)),
-        }
+        let flushed = self.sink.flush_due();
+        self.status.record(&flushed);
         self.note_unheld();
     }
 
