@@ -208,6 +208,11 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Ledger records an audit sink has yet to take, per sink.",
     ),
     (
+        "agentkeys_audit_sink_lag_seconds",
+        Kind::Gauge,
+        "Age of the oldest record an audit sink took but does not hold yet (an anchor's records wait for the next anchor), per sink.",
+    ),
+    (
         "agentkeys_audit_head_seq",
         Kind::Gauge,
         "Sequence number of the audit ledger's last record.",

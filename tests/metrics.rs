@@ -67,6 +67,10 @@ async fn metrics_show_outcomes_stages_depth_batches_and_lag() {
         "four records"
     );
     assert_eq!(value("agentkeys_audit_sink_lag{sink=\"jsonl\"}"), 0.0);
+    assert_eq!(
+        value("agentkeys_audit_sink_lag_seconds{sink=\"jsonl\"}"),
+        0.0
+    );
     let requests = "agentkeys_http_requests_total{route=\"/v1/mint-oidc-jwt\",status=\"200\"}";
     assert_eq!(value(requests), 3.0, "{text}");
     let denied = "agentkeys_http_requests_total{route=\"/v1/mint-oidc-jwt\",status=\"403\"}";

@@ -23,6 +23,8 @@ async fn prometheus_text(state: web::Data<BrokerState>) -> HttpResponse {
         for sink in audit.sinks {
             metrics::gauge!("agentkeys_audit_sink_lag", "sink" => sink.name.clone())
                 .set(sink.lag as f64);
+            metrics::gauge!("agentkeys_audit_sink_lag_seconds", "sink" => sink.name.clone())
+                .set(sink.lag_seconds as f64);
         }
         metrics::gauge!("agentkeys_audit_head_seq").set(audit.head_seq as f64);
     }
