@@ -1,10 +1,11 @@
 //! `EvmAnchorSink`: periodically anchors the Merkle root of the records
 //! since the last anchor. Every anchor is written to a local JSON-lines file
-//! (`from_seq`, `to_seq`, `root`, `tx_hash`, `ts`); with the `audit-evm`
-//! feature and an `rpc_url`, the root is also sent to an EVM chain with
-//! `eth_sendTransaction` (data = root) and the transaction hash recorded.
-//! Without them it is the local stub anchor. Anchoring runs on the sink's
-//! own worker, never on a mint's critical path.
+//! (`version`, `from_seq`, `to_seq`, `root`, `tx_hash`, `contract`, `ts`);
+//! with the `audit-evm` feature and an `rpc_url`, the anchor is also sent
+//! to an EVM chain with `eth_sendTransaction` (a call of the AgentKeysAudit
+//! contract, or plain data: [`Anchor::chain_data`]) and the transaction
+//! hash recorded. Without them it is the local stub anchor. Anchoring runs
+//! on the sink's own worker, never on a mint's critical path.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
