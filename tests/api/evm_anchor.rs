@@ -28,7 +28,7 @@ fn start_anvil_at(port: u16) -> Option<LocalServer> {
             .to_vec()
     };
     let install = "install @foundry-rs/anvil";
-    LocalServer::start_at(port, "ANVIL", "anvil", args, "EVM anchor", install)
+    LocalServer::start(port, "ANVIL", "anvil", args, "EVM anchor", install)
 }
 
 /// `audit verify-proof` on `proof` (written to `file`) against anvil at

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::helpers::verify_against_jwks;
 use crate::process::{
     admin_token_in, agent_with_grant, audit_records, broker_command, call, free_port, mint_at,
-    stop_cleanly, wait_ready, BIN,
+    stop_cleanly, tool_missing, wait_ready, BIN,
 };
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -58,11 +58,7 @@ fn softhsm_token(dir: &Path) -> Option<PathBuf> {
         other => {
             let why =
                 format!("softhsm2-util or {MODULE} unusable ({other:?}); apt-get install softhsm2");
-            if std::env::var_os("CI").is_some() {
-                panic!("the PKCS#11 test must run here: {why}");
-            }
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr().lock(), "SKIPPED the PKCS#11 test: {why}");
+            tool_missing("PKCS#11", None, &why);
             None
         }
     }

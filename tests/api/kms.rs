@@ -32,7 +32,8 @@ impl Moto {
             ["-H", "127.0.0.1", "-p", &port].map(String::from).to_vec()
         };
         let install = "pip install moto flask flask-cors";
-        LocalServer::start("MOTO_SERVER", "moto_server", args, "KMS", install).map(Self)
+        let port = free_port();
+        LocalServer::start(port, "MOTO_SERVER", "moto_server", args, "KMS", install).map(Self)
     }
 
     /// One KMS API call (JSON 1.1, as the SDK sends it). moto routes by the

@@ -1,9 +1,10 @@
 //! A local server a feature's test needs (anvil for `audit-evm`, moto for
-//! `kms`): started on a free port, required in CI, skipped loudly elsewhere.
+//! `kms`): started on a loopback port, required in CI, skipped loudly
+//! elsewhere.
 
 use std::process::{Child, Command, Stdio};
 
-use crate::process::free_port;
+use crate::process::tool_missing;
 
 /// A local server a test needs (anvil, moto), killed on drop.
 pub struct LocalServer {
@@ -12,22 +13,10 @@ pub struct LocalServer {
 }
 
 impl LocalServer {
-    /// Starts the binary `$var` names (else `default`) on a free loopback
-    /// port, with the arguments `args` gives for that port. Where it cannot
-    /// start, fails the test if `$var` or `CI` is set; elsewhere says
-    /// SKIPPED (past the harness's capture) and answers `None`.
+    /// Starts the binary `$var` names (else `default`) on loopback `port`
+    /// (say [`crate::process::free_port`]), with the arguments `args` gives for it. Where it
+    /// cannot start, see [`tool_missing`]: `None` where the test may skip.
     pub fn start(
-        var: &str,
-        default: &str,
-        args: impl FnOnce(u16) -> Vec<String>,
-        test: &str,
-        install: &str,
-    ) -> Option<Self> {
-        Self::start_at(free_port(), var, default, args, test, install)
-    }
-
-    /// [`Self::start`] on `port`.
-    pub fn start_at(
         port: u16,
         var: &str,
         default: &str,
@@ -47,12 +36,11 @@ impl LocalServer {
                 url: format!("http://127.0.0.1:{port}"),
             }),
             Err(e) => {
-                let why = format!("cannot run `{binary}` ({e}); {install}");
-                if std::env::var_os(var).is_some() || std::env::var_os("CI").is_some() {
-                    panic!("the {test} test must run here: {why}");
-                }
-                use std::io::Write;
-                let _ = writeln!(std::io::stderr().lock(), "SKIPPED the {test} test: {why}");
+                tool_missing(
+                    test,
+                    Some(var),
+                    &format!("cannot run `{binary}` ({e}); {install}"),
+                );
                 None
             }
         }
