@@ -17,6 +17,7 @@ use aws_sdk_kms::error::DisplayErrorContext;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{KeyUsageType, MessageType, SigningAlgorithmSpec};
 
+use crate::blocking::BlockingRuntime;
 use crate::ecdsa_der::{fixed_from_der, p256_point_from_spki};
 
 /// KMS signs a RAW message of at most this many bytes.
@@ -55,18 +56,7 @@ pub enum KmsError {
 /// A KMS client and the runtime it runs on.
 pub struct Kms {
     client: aws_sdk_kms::Client,
-    /// Always `Some` until dropped.
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for Kms {
-    /// Without waiting: the broker may drop it from async code (a failed
-    /// start), where a runtime may not block to shut down.
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
+    runtime: BlockingRuntime,
 }
 
 impl std::fmt::Debug for Kms {
@@ -79,12 +69,7 @@ impl Kms {
     /// A client with the SDK's standard credential chain; no call is made
     /// yet (the first key lookup says whether KMS answers).
     pub fn connect(settings: &KmsSettings) -> Result<Self, KmsError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("kms-client")
-            .enable_all()
-            .build()
-            .map_err(KmsError::Runtime)?;
+        let runtime = BlockingRuntime::new("kms-client").map_err(KmsError::Runtime)?;
         let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
             TimeoutConfig::builder()
                 .operation_timeout(settings.timeout)
@@ -96,20 +81,11 @@ impl Kms {
         if let Some(url) = &settings.endpoint_url {
             loader = loader.endpoint_url(url);
         }
-        let config = block_on(&runtime, loader.load());
+        let config = runtime.run(loader.load());
         Ok(Self {
             client: aws_sdk_kms::Client::new(&config),
-            runtime: Some(runtime),
+            runtime,
         })
-    }
-
-    /// Runs `work` on the client's runtime to its end.
-    fn run<F>(&self, work: F) -> F::Output
-    where
-        F: std::future::Future + Send,
-        F::Output: Send,
-    {
-        block_on(self.runtime.as_ref().expect("until dropped"), work)
     }
 
     /// The key `key_id` names (an id, an ARN or an alias): its ARN, which
@@ -118,6 +94,7 @@ impl Kms {
     /// signing with ECDSA_SHA_256.
     pub fn public_key(&self, key_id: &str) -> Result<(String, [u8; 65]), KmsError> {
         let answer = self
+            .runtime
             .run(self.client.get_public_key().key_id(key_id).send())
             .map_err(call_failed("GetPublicKey", key_id))?;
         // The curve is read from the key itself (not every implementation
@@ -150,7 +127,10 @@ impl Kms {
             .message_type(MessageType::Raw)
             .signing_algorithm(SigningAlgorithmSpec::EcdsaSha256)
             .send();
-        let answer = self.run(call).map_err(call_failed("Sign", key_id))?;
+        let answer = self
+            .runtime
+            .run(call)
+            .map_err(call_failed("Sign", key_id))?;
         let der = answer.signature().ok_or_else(|| KmsError::Malformed {
             key: key_id.to_owned(),
             detail: "no signature in the answer",
@@ -174,23 +154,4 @@ where
         key,
         detail: DisplayErrorContext(e).to_string(),
     }
-}
-
-/// Runs `work` on `runtime` to its end: here when this thread runs no
-/// runtime (a signer thread), else on a thread of its own (start-up, which
-/// runs inside the actix system's runtime, where blocking in place panics).
-fn block_on<F>(runtime: &tokio::runtime::Runtime, work: F) -> F::Output
-where
-    F: std::future::Future + Send,
-    F::Output: Send,
-{
-    if tokio::runtime::Handle::try_current().is_err() {
-        return runtime.block_on(work);
-    }
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| runtime.block_on(work))
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
 }

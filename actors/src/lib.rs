@@ -17,6 +17,8 @@
 //!   "pkcs11"`), signing digests it is sent.
 //! - [`kms`] (feature `kms`): AWS KMS keys for the same (`oidc.signer =
 //!   "kms"`), and [`ecdsa_der`], the DER forms KMS answers in.
+//! - [`blocking`] (features `kms`, `audit-evm`): the small runtime that
+//!   synchronous code blocks on to call an async client (KMS, EVM RPC).
 //! - [`sealing`]: the operator's sealing key (outside the data directory)
 //!   and what is sealed with it: private keys and stored replay answers.
 //! - [`data_dir`]: the data directory 0700 and every file in it 0600.
@@ -39,6 +41,8 @@
 pub mod audit;
 pub mod auth;
 pub mod backpressure;
+#[cfg(any(feature = "kms", feature = "audit-evm"))]
+pub mod blocking;
 pub mod data_dir;
 pub mod domain;
 #[cfg(feature = "kms")]
