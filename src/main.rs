@@ -133,20 +133,56 @@ enum AuditCommand {
         #[arg(long, default_value_t = 12)]
         confirmations: u64,
     },
+    /// Make the key that signs EVM anchors (or, with --import, seal the
+    /// hex private key read from stdin), sealed with the sealing key into
+    /// OUT, never over an existing file. Prints its address: the evm
+    /// sink's `from`, to fund and to allow in the AgentKeysAudit contract.
+    #[cfg(feature = "audit-evm")]
+    AnchorKey {
+        #[command(flatten)]
+        local: LocalBroker,
+        /// The key file (the sink's `key_file`); relative: under the data
+        /// directory.
+        #[arg(long, default_value = "evm-anchor.key")]
+        out: PathBuf,
+        /// Seal the key read from stdin instead of making one.
+        #[arg(long)]
+        import: bool,
+    },
     /// Re-walk the hash chain and check every sink against the ledger;
     /// exits 1 if anything does not verify.
     Verify {
-        /// Config file naming the sinks; as for `serve`.
-        #[arg(long, env = "AGENTKEYS_CONFIG")]
-        config: Option<PathBuf>,
-        /// Data directory, overriding the config's.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// The sealing key (it opens the key ring whose receipt keys the
-        /// grants' receipts are checked against), overriding the config's.
-        #[arg(long)]
-        sealing_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        local: LocalBroker,
     },
+}
+
+/// A stopped broker's files, for commands that work on them directly.
+#[derive(Args)]
+struct LocalBroker {
+    /// Config file (sinks, data directory, sealing key); as for `serve`.
+    #[arg(long, env = "AGENTKEYS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory, overriding the config's.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The sealing key (it opens the key ring, the grants' stored answers
+    /// and the anchoring key), overriding the config's.
+    #[arg(long)]
+    sealing_key_file: Option<PathBuf>,
+}
+
+impl LocalBroker {
+    fn settings(self) -> Result<Settings, Box<dyn std::error::Error>> {
+        let mut settings = Settings::load(self.config.as_deref())?;
+        if let Some(dir) = self.data_dir {
+            settings.storage.data_dir = dir;
+        }
+        if let Some(file) = self.sealing_key_file {
+            settings.secrets.sealing_key_file = file;
+        }
+        Ok(settings)
+    }
 }
 
 #[derive(Subcommand)]
@@ -298,19 +334,8 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", serde_json::to_string_pretty(&run)?);
             return Ok(());
         }
-        Command::Audit(AuditCommand::Verify {
-            config,
-            data_dir,
-            sealing_key_file,
-        }) => {
-            let mut settings = Settings::load(config.as_deref())?;
-            if let Some(dir) = data_dir {
-                settings.storage.data_dir = dir;
-            }
-            if let Some(file) = sealing_key_file {
-                settings.secrets.sealing_key_file = file;
-            }
-            let report = audit::verify_offline(&settings)?;
+        Command::Audit(AuditCommand::Verify { local }) => {
+            let report = audit::verify_offline(&local.settings()?)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             return if report.ok {
                 Ok(())
@@ -319,6 +344,23 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             };
         }
         Command::Audit(AuditCommand::Prove { seq, target }) => target.connect()?.prove(seq).await?,
+        #[cfg(not(feature = "audit-evm"))]
+        Command::Audit(AuditCommand::VerifyProof { .. }) => {
+            return Err(
+                "audit verify-proof reads an EVM chain: it needs a build with the audit-evm feature"
+                    .into(),
+            );
+        }
+        #[cfg(feature = "audit-evm")]
+        Command::Audit(AuditCommand::AnchorKey { local, out, import }) => {
+            let settings = local.settings()?;
+            let secret = match import {
+                true => Some(std::io::read_to_string(std::io::stdin())?),
+                false => None,
+            };
+            serde_json::to_value(audit::anchor_key(&settings, &out, secret.as_deref())?)?
+        }
+        #[cfg(feature = "audit-evm")]
         Command::Audit(AuditCommand::VerifyProof {
             proof,
             rpc_url,
@@ -340,7 +382,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 contract,
                 confirmations,
             };
-            let report = audit::verify_proof(&proof, &chain).await;
+            let report = audit::verify_proof(&proof, &chain);
             println!("{}", serde_json::to_string_pretty(&report)?);
             return if report.ok {
                 Ok(())

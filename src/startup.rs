@@ -10,7 +10,7 @@ use actix_web::dev::Server;
 use actix_web::dev::Service;
 use actix_web::HttpMessage;
 use actix_web::{web, App, HttpServer};
-use agentkeys_actors::audit::config::start_sinks;
+use agentkeys_actors::audit::config::{open_sinks, start_sinks};
 use agentkeys_actors::audit::ledger::LedgerSink;
 use agentkeys_actors::audit::{AuditActor, AuditSettings as AuditActorSettings};
 use agentkeys_actors::auth::{self, AuthActor};
@@ -315,6 +315,30 @@ fn start_actors(
     sealer: Sealer,
 ) -> Result<Actors, StartupError> {
     let data_dir = &settings.storage.data_dir;
+    let audit_settings = &settings.audit;
+    let sinks: Vec<_> = audit_settings
+        .sinks
+        .iter()
+        .map(|s| s.resolved(data_dir))
+        .collect();
+    let sinks = open_sinks(&sinks, &sealer).map_err(StartupError::AuditSinks)?;
+    // Every store opens before any actor starts: a start that fails
+    // stops before anything runs.
+    let agents = Arc::new(RedbAgentStore::open(
+        &data_dir.join("agents.redb"),
+        settings.cache_bytes(),
+    )?);
+    let grant_store = Arc::new(RedbGrantStore::open(
+        &data_dir.join("grants.redb"),
+        settings.cache_bytes(),
+        sealer.clone(),
+    )?);
+    let (ledger, head) = LedgerSink::open(&data_dir.join(LEDGER_FILE), settings.cache_bytes())?;
+    let held_uses = held_grant_uses(&ledger, grant_store.as_ref())?;
+    let ledger = Arc::new(ledger);
+    let retry = Duration::from_secs(audit_settings.retry_interval_seconds.max(1));
+    let workers = start_sinks(sinks, &ledger, retry, audit_settings.sink_queue)
+        .map_err(StartupError::AuditSinks)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let actors = &settings.actors;
     let key_schedule = keys.describe();
@@ -333,10 +357,6 @@ fn start_actors(
         },
     );
 
-    let agents = Arc::new(RedbAgentStore::open(
-        &data_dir.join("agents.redb"),
-        settings.cache_bytes(),
-    )?);
     let auth = AuthActor::new(
         auth::AuthSettings {
             mailbox_capacity: actors.auth_mailbox,
@@ -354,8 +374,7 @@ fn start_actors(
         },
         agents,
         signer.clone(),
-    )?
-    .start();
+    )?;
 
     let (login_per_second, login_burst) = settings.login_rate_per_ip();
     let (unauthenticated_per_second, unauthenticated_burst) =
@@ -373,13 +392,6 @@ fn start_actors(
     })
     .start();
 
-    let grant_store = Arc::new(RedbGrantStore::open(
-        &data_dir.join("grants.redb"),
-        settings.cache_bytes(),
-        sealer,
-    )?);
-    let (ledger, head) = LedgerSink::open(&data_dir.join(LEDGER_FILE), settings.cache_bytes())?;
-    let held_uses = held_grant_uses(&ledger, grant_store.as_ref())?;
     let grants = GrantActor::new(
         GrantSettings {
             mailbox_capacity: actors.grant_mailbox,
@@ -391,19 +403,12 @@ fn start_actors(
         },
         grant_store,
         &held_uses,
-    )?
-    .start();
+    )?;
 
-    let ledger = Arc::new(ledger);
-    let audit_settings = &settings.audit;
-    let sinks: Vec<_> = audit_settings
-        .sinks
-        .iter()
-        .map(|s| s.resolved(data_dir))
-        .collect();
-    let retry = Duration::from_secs(audit_settings.retry_interval_seconds.max(1));
-    let workers = start_sinks(&sinks, &ledger, retry, audit_settings.sink_queue)
-        .map_err(StartupError::AuditSinks)?;
+    // Everything that can fail has: the actors start.
+    let auth = auth.start();
+    let grants = grants.start();
+
     let audit = AuditActor::new(
         AuditActorSettings {
             mailbox_capacity: actors.audit_mailbox,

@@ -5,7 +5,10 @@
 //! `audit verify-proof`: one record's inclusion proof against the chain,
 //! needing no broker at all.
 
+#[cfg(feature = "audit-evm")]
+use agentkeys_actors::audit::evm::chain::{self, AnchorChain, ChainError, MinedTx, TxState};
 use agentkeys_actors::audit::ledger::LedgerSink;
+#[cfg(feature = "audit-evm")]
 use agentkeys_actors::audit::proof::RecordProof;
 use agentkeys_actors::audit::verify::{verify, VerifyReport};
 use agentkeys_actors::grant::receipt::{check_receipts, ReceiptCheck};
@@ -76,6 +79,7 @@ fn receipts_of(settings: &Settings) -> Result<ReceiptCheck, String> {
 
 /// What `audit verify-proof` found.
 #[derive(Debug, Serialize)]
+#[cfg(feature = "audit-evm")]
 pub struct ProofReport {
     pub ok: bool,
     pub seq: u64,
@@ -90,6 +94,7 @@ pub struct ProofReport {
 
 /// The runtime code of every AgentKeysAudit deployment, as the checked-in
 /// build has it (contracts/AgentKeysAudit.json, `deployedBytecode`).
+#[cfg(feature = "audit-evm")]
 static CONTRACT_CODE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let built = include_str!("../../contracts/AgentKeysAudit.json");
     let built: serde_json::Value =
@@ -102,6 +107,7 @@ static CONTRACT_CODE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
 
 /// The chain a proof must be anchored on, as the auditor knows it from
 /// the operator (never from the proof).
+#[cfg(feature = "audit-evm")]
 pub struct ExpectedChain {
     pub rpc_url: String,
     pub chain_id: u64,
@@ -117,7 +123,8 @@ pub struct ExpectedChain {
 /// names: on that chain, sent by the anchoring account, successful, its
 /// data the anchor's format, range and root, deep enough. What the proof
 /// claims about its anchor counts only once the chain says the same.
-pub async fn verify_proof(proof: &RecordProof, chain: &ExpectedChain) -> ProofReport {
+#[cfg(feature = "audit-evm")]
+pub fn verify_proof(proof: &RecordProof, chain: &ExpectedChain) -> ProofReport {
     let mut report = ProofReport {
         ok: false,
         seq: proof.record.seq,
@@ -145,12 +152,11 @@ pub async fn verify_proof(proof: &RecordProof, chain: &ExpectedChain) -> ProofRe
         (_, None) => report
             .problems
             .push(format!("unknown anchor format {}", proof.anchor.version)),
-        (Some(tx), Some(data)) => match anchored_at(chain, tx, &data).await {
-            Ok((block, latest)) => {
-                let depth = latest.saturating_add(1).saturating_sub(block);
-                (report.block, report.confirmations) = (Some(block), Some(depth));
-                if depth < chain.confirmations {
-                    let wanted = chain.confirmations;
+        (Some(tx), Some(data)) => match anchored_at(chain, tx, &data) {
+            Ok(mined) => {
+                (report.block, report.confirmations) = (Some(mined.block), Some(mined.depth));
+                if mined.depth < chain.confirmations {
+                    let (depth, wanted) = (mined.depth, chain.confirmations);
                     report
                         .problems
                         .push(format!("{depth} confirmations, fewer than {wanted}"));
@@ -163,85 +169,90 @@ pub async fn verify_proof(proof: &RecordProof, chain: &ExpectedChain) -> ProofRe
     report
 }
 
-/// The block of transaction `tx` and the chain's latest block, once the
-/// chain is the expected one and the transaction is seen mined, sent by
-/// the anchoring account, successful, and carrying `data`.
-async fn anchored_at(chain: &ExpectedChain, tx: &str, data: &str) -> Result<(u64, u64), String> {
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(20))
-        .build()
-        .map_err(|e| e.to_string())?;
-    let call = |method: &'static str, params: serde_json::Value| {
-        let body =
-            serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
-        let request = client.post(&chain.rpc_url).json(&body).send();
-        async move {
-            let answer: serde_json::Value = request
-                .await
-                .and_then(|r| r.error_for_status())
-                .map_err(|e| format!("{method}: {e}"))?
-                .json()
-                .await
-                .map_err(|e| format!("{method}: {e}"))?;
-            match answer.get("error") {
-                Some(error) => Err(format!("{method}: {error}")),
-                None => Ok(answer["result"].clone()),
-            }
-        }
-    };
-    let number = |value: &serde_json::Value| {
-        let hex = value.as_str()?.trim_start_matches("0x");
-        u64::from_str_radix(hex, 16).ok()
-    };
-    let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_lowercase();
-    let chain_id = number(&call("eth_chainId", serde_json::json!([])).await?);
-    if chain_id != Some(chain.chain_id) {
+/// Transaction `tx` as mined, once the chain is the expected one and the
+/// transaction is in its canonical chain, sent by the anchoring account
+/// (to the published contract, running the published code), successful,
+/// and carrying `data`.
+#[cfg(feature = "audit-evm")]
+fn anchored_at(expected: &ExpectedChain, tx: &str, data: &str) -> Result<MinedTx, String> {
+    let text = |e: ChainError| e.to_string();
+    let from = chain::address(&expected.anchor_from).map_err(text)?;
+    let contract = expected.contract.as_deref().map(chain::address);
+    let contract = contract.transpose().map_err(text)?;
+    let chain = AnchorChain::connect(&expected.rpc_url, from, None, contract, None, 0);
+    let chain = chain.map_err(text)?;
+    let chain_id = chain.chain_id().map_err(text)?;
+    if chain_id != expected.chain_id {
         return Err(format!(
-            "the endpoint serves chain {chain_id:?}, not {}",
-            chain.chain_id
+            "the endpoint serves chain {chain_id}, not {}",
+            expected.chain_id
         ));
     }
-    let found = call("eth_getTransactionByHash", serde_json::json!([tx])).await?;
-    let block = number(&found["blockNumber"])
-        .ok_or_else(|| format!("transaction {tx} is not mined on this chain"))?;
-    if text(&found["from"]) != chain.anchor_from.to_lowercase() {
+    let hash = tx
+        .parse()
+        .map_err(|_| format!("{tx} is not a transaction hash"))?;
+    let mined = match chain.find(hash).map_err(text)? {
+        TxState::Mined(mined) => mined,
+        TxState::Pending(_) | TxState::Unknown => {
+            return Err(format!("transaction {tx} is not mined on this chain"))
+        }
+    };
+    if mined.from != from {
         return Err(format!(
-            "transaction {tx} was sent by {}, not the anchoring account {}",
-            text(&found["from"]),
-            chain.anchor_from
+            "transaction {tx} was sent by {}, not the anchoring account {from}",
+            mined.from
         ));
     }
-    let recipient = text(&found["to"]);
-    if let Some(contract) = &chain.contract {
-        if contract.to_lowercase() != recipient {
-            return Err(format!(
-                "transaction {tx} went to {recipient}, not the contract"
-            ));
-        }
-        // The code at that address is the published contract's, so its
-        // rules (allowed anchorers, batches in order) are the ones that held.
-        let at = found["blockNumber"].clone();
-        let code = call("eth_getCode", serde_json::json!([contract, at])).await?;
-        if text(&code) != CONTRACT_CODE.to_lowercase() {
+    // The code at that address is the published contract's, so its rules
+    // (allowed anchorers, batches in order) are the ones that held.
+    if let Some(contract) = contract {
+        let code = chain.code_at(contract, mined.block).map_err(text)?;
+        if hex::encode(&code) != CONTRACT_CODE.trim_start_matches("0x").to_lowercase() {
             return Err(format!(
                 "{contract} does not run the AgentKeysAudit contract"
             ));
         }
     }
-    if text(&found["input"]).trim_start_matches("0x") != data {
-        return Err(format!(
-            "transaction {tx} carries another anchor than the proof's"
-        ));
+    mined
+        .carries(from, chain.to(), data)
+        .map_err(|why| format!("transaction {tx} {why}"))?;
+    Ok(mined)
+}
+
+/// What `audit anchor-key` made: the key's address and the sink's lines.
+#[cfg(feature = "audit-evm")]
+#[derive(Debug, Serialize)]
+pub struct AnchorKeyMade {
+    /// The anchoring account: to fund, and to allow in the contract.
+    pub address: String,
+    pub key_file: String,
+    /// The evm sink's lines that use it.
+    pub config: String,
+}
+
+/// Makes (or, given `secret`, seals) the anchoring key into `out` under
+/// the data directory, sealed with the sealing key.
+#[cfg(feature = "audit-evm")]
+pub fn anchor_key(
+    settings: &Settings,
+    out: &std::path::Path,
+    secret: Option<&str>,
+) -> Result<AnchorKeyMade, String> {
+    use agentkeys_actors::audit::evm::key;
+    let data_dir = &settings.storage.data_dir;
+    agentkeys_actors::data_dir::secure(data_dir)
+        .map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    let sealer = Sealer::load_or_generate(&settings.secrets.sealing_key_file, data_dir)
+        .map_err(|e| e.to_string())?;
+    let path = data_dir.join(out);
+    let address = match secret {
+        Some(secret) => key::store(&path, &sealer, secret),
+        None => key::generate(&path, &sealer),
     }
-    let receipt = call("eth_getTransactionReceipt", serde_json::json!([tx])).await?;
-    if receipt["status"].as_str() != Some("0x1")
-        || text(&receipt["blockHash"]) != text(&found["blockHash"])
-    {
-        return Err(format!(
-            "transaction {tx} did not succeed in the block it names"
-        ));
-    }
-    let latest = call("eth_blockNumber", serde_json::json!([])).await?;
-    let latest = number(&latest).ok_or("eth_blockNumber: not a number")?;
-    Ok((block, latest))
+    .map_err(|e| e.to_string())?;
+    Ok(AnchorKeyMade {
+        address: address.to_string(),
+        key_file: path.display().to_string(),
+        config: format!("from = \"{address}\"\nkey_file = \"{}\"", out.display()),
+    })
 }

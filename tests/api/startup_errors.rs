@@ -76,6 +76,18 @@ fn a_storage_error_exits_4() {
     let (code, stderr) = one_line_failure(&output);
     assert_eq!(code, 4, "{stderr}");
     assert!(stderr.contains("data directory"), "{stderr}");
+    // A store that cannot open when the others could: still one line, no
+    // actor half-started and dropped in a panic.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("grants.redb")).unwrap();
+    let output = broker_command(&data, 0)
+        .env("AGENTKEYS__LOG__FILTER", "error")
+        .output()
+        .unwrap();
+    let (code, stderr) = one_line_failure(&output);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("storage"), "{stderr}");
 }
 
 /// A broker built without the `otlp` feature does not silently drop the
@@ -111,4 +123,53 @@ fn a_kms_signer_slower_than_the_send_timeout_or_not_built_exits_3() {
         "built without the kms feature"
     };
     assert!(stderr.contains(why), "{stderr}");
+}
+
+/// An evm sink whose anchoring key cannot sign for its `from` (absent, or
+/// another account's) stops the start with the key named (exit 4); one
+/// that could never hold an anchor (`confirmations = 0`) is a mistake in
+/// the config (exit 3). No chain is needed to tell.
+#[cfg(feature = "audit-evm")]
+#[test]
+fn an_anchoring_key_that_cannot_sign_for_from_exits_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let made = std::process::Command::new(crate::process::BIN)
+        .args(["audit", "anchor-key", "--data-dir"])
+        .arg(&data)
+        .arg("--sealing-key-file")
+        .arg(crate::process::sealing_key_beside(&data))
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let made: serde_json::Value = serde_json::from_slice(&made.stdout).unwrap();
+    let sink = |from: &str, key: &str, confirmations: u64| {
+        format!(
+            "[[audit.sinks]]\nkind = \"evm\"\nrpc_url = \"http://127.0.0.1:9\"\nfrom = \"{from}\"\nkey_file = \"{key}\"\nconfirmations = {confirmations}\n"
+        )
+    };
+    let serve = |config: String| {
+        let file = dir.path().join("broker.toml");
+        std::fs::write(&file, config).unwrap();
+        let output = crate::process::broker_command(&data, 0)
+            .args(["--config", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        one_line_failure(&output)
+    };
+    let someone = "0x70997970c51812dc3a010c7d01b50e0d17dc79c8";
+    let (code, stderr) = serve(sink(someone, "evm-anchor.key", 12));
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("not of `from`"), "{stderr}");
+    let (code, stderr) = serve(sink(someone, "missing.key", 12));
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("missing.key"), "{stderr}");
+    let address = made["address"].as_str().unwrap();
+    let (code, stderr) = serve(sink(address, "evm-anchor.key", 0));
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("confirmations"), "{stderr}");
 }

@@ -7,10 +7,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+#[cfg(feature = "audit-evm")]
+use super::evm::chain::{self, AnchorChain};
+#[cfg(feature = "audit-evm")]
+use super::evm::key;
+#[cfg(feature = "audit-evm")]
+use super::evm::onchain::OnChain;
 use super::evm::EvmAnchorSink;
 use super::jsonl::JsonlSink;
 use super::ledger::LedgerSink;
 use super::{AuditSink, SinkWorker};
+use crate::sealing::Sealer;
 
 /// One anchor sink. Relative paths are under the data directory.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -41,7 +48,11 @@ pub enum SinkConfig {
         #[serde(default = "default_interval")]
         interval_seconds: u64,
         rpc_url: Option<String>,
+        /// The anchoring account.
         from: Option<String>,
+        /// Its key, sealed (`audit anchor-key`); without it the node signs
+        /// for `from` (an unlocked account: development nodes only).
+        key_file: Option<PathBuf>,
         to: Option<String>,
         /// An AgentKeysAudit contract (contracts/): anchors are calls to
         /// its `anchor`, allowed only from the accounts its owner allows,
@@ -54,6 +65,19 @@ pub enum SinkConfig {
         required: bool,
         #[serde(default = "default_max_lag")]
         max_lag_seconds: u64,
+        /// An anchor is held once its transaction is this many blocks deep
+        /// (1: mined).
+        #[serde(default = "default_confirmations")]
+        confirmations: u64,
+        /// A sent anchor still unmined (or unknown to the node) after this
+        /// long is sent again: outbid in the same nonce, or anew.
+        #[serde(default = "default_resend_after")]
+        resend_after_seconds: u64,
+        /// The first block to look for the contract's anchors in (its
+        /// deployment's): providers bound how many blocks one log query
+        /// may span.
+        #[serde(default)]
+        start_block: u64,
     },
 }
 
@@ -71,6 +95,12 @@ fn default_keep() -> usize {
 }
 fn default_max_lag() -> u64 {
     600
+}
+fn default_confirmations() -> u64 {
+    12
+}
+fn default_resend_after() -> u64 {
+    120
 }
 fn default_anchors_path() -> PathBuf {
     PathBuf::from("evm-anchors.jsonl")
@@ -114,7 +144,16 @@ impl SinkConfig {
         let mut resolved = self.clone();
         match &mut resolved {
             Self::Jsonl { path, .. } => *path = data_dir.join(&*path),
-            Self::Evm { anchors_path, .. } => *anchors_path = data_dir.join(&*anchors_path),
+            Self::Evm {
+                anchors_path,
+                key_file,
+                ..
+            } => {
+                *anchors_path = data_dir.join(&*anchors_path);
+                if let Some(key_file) = key_file {
+                    *key_file = data_dir.join(&*key_file);
+                }
+            }
         }
         resolved
     }
@@ -148,6 +187,15 @@ impl SinkConfig {
                 ..
             } => Err("evm sink: `contract` needs rpc_url".into()),
             Self::Evm {
+                rpc_url: None,
+                key_file: Some(_),
+                ..
+            } => Err("evm sink: `key_file` needs rpc_url".into()),
+            Self::Evm {
+                confirmations: 0,
+                ..
+            } => Err("evm sink: confirmations must be at least 1 (1: mined)".into()),
+            Self::Evm {
                 required: true,
                 max_lag_seconds,
                 interval_seconds,
@@ -159,27 +207,34 @@ impl SinkConfig {
         }
     }
 
-    /// The JSON-RPC client of an on-chain anchor.
+    /// The chain client of an on-chain anchor, signing with its key when
+    /// `sealer` is given (the sink), reading only without (verification).
     #[cfg(feature = "audit-evm")]
-    pub fn rpc(&self) -> Option<super::evm::rpc::EvmRpc> {
-        match self {
-            Self::Evm {
-                rpc_url: Some(url),
-                from: Some(from),
-                to,
-                contract,
-                ..
-            } => Some(super::evm::rpc::EvmRpc::new(
-                url,
-                from,
-                to.as_deref(),
-                contract.as_deref(),
-            )),
+    pub fn chain(&self, sealer: Option<&Sealer>) -> Result<Option<AnchorChain>, EvmSetupError> {
+        let Self::Evm {
+            rpc_url: Some(url),
+            from: Some(from),
+            key_file,
+            to,
+            contract,
+            start_block,
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let from = chain::address(from)?;
+        let to = to.as_deref().map(chain::address).transpose()?;
+        let contract = contract.as_deref().map(chain::address).transpose()?;
+        let key = match (key_file, sealer) {
+            (Some(path), Some(sealer)) => Some(key::load(path, sealer, from)?),
             _ => None,
-        }
+        };
+        let chain = AnchorChain::connect(url, from, to, contract, key, *start_block)?;
+        Ok(Some(chain))
     }
 
-    pub(super) fn open(&self) -> std::io::Result<Box<dyn AuditSink>> {
+    pub(super) fn open(&self, sealer: &Sealer) -> std::io::Result<Box<dyn AuditSink>> {
         Ok(match self {
             Self::Jsonl {
                 path,
@@ -190,26 +245,63 @@ impl SinkConfig {
             Self::Evm {
                 anchors_path,
                 interval_seconds,
-                ..
-            } => Box::new(EvmAnchorSink::open(
-                anchors_path,
-                Duration::from_secs(*interval_seconds),
                 #[cfg(feature = "audit-evm")]
-                self.rpc(),
-            )?),
+                confirmations,
+                #[cfg(feature = "audit-evm")]
+                resend_after_seconds,
+                ..
+            } => {
+                #[cfg(not(feature = "audit-evm"))]
+                let _ = sealer;
+                Box::new(EvmAnchorSink::open(
+                    anchors_path,
+                    Duration::from_secs(*interval_seconds),
+                    #[cfg(feature = "audit-evm")]
+                    self.chain(Some(sealer))
+                        .map_err(std::io::Error::other)?
+                        .map(|chain| {
+                            let resend_after = Duration::from_secs(*resend_after_seconds);
+                            OnChain::new(chain, *confirmations, resend_after)
+                        }),
+                )?)
+            }
         })
     }
 }
 
-/// Starts a worker per (resolved) sink.
+/// Why an evm sink's chain client could not be set up.
+#[cfg(feature = "audit-evm")]
+#[derive(Debug, thiserror::Error)]
+pub enum EvmSetupError {
+    #[error("evm sink: {0}")]
+    Chain(#[from] chain::ChainError),
+    #[error("evm sink: {0}")]
+    Key(#[from] key::AnchorKeyError),
+}
+
+/// A sink opened, with its configuration.
+pub type OpenedSink = (SinkConfig, Box<dyn AuditSink>);
+
+/// Opens every (resolved) sink, an evm sink's key with `sealer`: before
+/// any actor starts, so a sink that cannot open stops the start cleanly.
+pub fn open_sinks(sinks: &[SinkConfig], sealer: &Sealer) -> std::io::Result<Vec<OpenedSink>> {
+    sinks
+        .iter()
+        .map(|config| Ok((config.clone(), config.open(sealer)?)))
+        .collect()
+}
+
+/// Starts a worker per opened sink.
 pub fn start_sinks(
-    sinks: &[SinkConfig],
+    sinks: Vec<OpenedSink>,
     ledger: &Arc<LedgerSink>,
     retry_interval: Duration,
     queue: usize,
 ) -> std::io::Result<Vec<SinkWorker>> {
     sinks
-        .iter()
-        .map(|config| SinkWorker::start(config.clone(), ledger.clone(), retry_interval, queue))
+        .into_iter()
+        .map(|(config, sink)| {
+            SinkWorker::start(config, sink, ledger.clone(), retry_interval, queue)
+        })
         .collect()
 }

@@ -53,6 +53,9 @@ impl ProofError {
     }
 }
 
+/// Records read from the ledger at a time while a path is built.
+const READ_CHUNK: usize = 4096;
+
 /// The proof of record `seq` in the anchors of `anchors_path`.
 pub fn prove(
     ledger: &LedgerSink,
@@ -78,30 +81,46 @@ pub fn prove(
         return Err(ProofError::OldFormat { seq, version });
     }
     let size = anchor.to_seq - anchor.from_seq + 1;
-    let before = anchor
+    let index = seq - anchor.from_seq;
+    // The anchor's records are read a chunk at a time and kept as the
+    // path's subtree roots: an anchor may cover millions of them.
+    let mut path = merkle::PathBuilder::new(size, index).ok_or_else(|| read(&"an empty anchor"))?;
+    let mut after = anchor
         .from_seq
         .checked_sub(1)
         .ok_or_else(|| read(&"an anchor from seq 0"))?;
-    let records = ledger
-        .read_after(before, size as usize)
-        .map_err(|e| read(&e))?;
-    if records.len() as u64 != size {
-        return Err(ProofError::Read(format!(
-            "the ledger holds fewer records than anchor {}..={}",
-            anchor.from_seq, anchor.to_seq
-        )));
+    let mut record = None;
+    while after < anchor.to_seq {
+        let want = READ_CHUNK.min((anchor.to_seq - after) as usize);
+        let records = ledger.read_after(after, want).map_err(|e| read(&e))?;
+        if records.is_empty() {
+            return Err(ProofError::Read(format!(
+                "the ledger holds fewer records than anchor {}..={}",
+                anchor.from_seq, anchor.to_seq
+            )));
+        }
+        for r in records {
+            if r.seq != after + 1 {
+                return Err(ProofError::Read(format!(
+                    "the ledger's records do not follow each other in anchor {}..={}",
+                    anchor.from_seq, anchor.to_seq
+                )));
+            }
+            after = r.seq;
+            path.push(&leaf(&r.hash));
+            if r.seq == seq {
+                record = Some(r);
+            }
+        }
     }
-    let leaves: Vec<[u8; 32]> = records.iter().map(|r| leaf(&r.hash)).collect();
-    let index = seq - anchor.from_seq;
-    let found = records.get(index as usize).filter(|r| r.seq == seq);
-    let (Some(record), Some(path)) = (found, merkle::prove(&leaves, index as usize)) else {
+    let (Some(record), Some(path)) = (record, path.finish()) else {
         return Err(ProofError::Read(format!(
-            "the ledger's records do not follow each other in anchor {}..={}",
+            "record {seq} is missing from anchor {}..={}",
             anchor.from_seq, anchor.to_seq
         )));
     };
     Ok(RecordProof {
-        record: record.clone(),
+        record,
         anchor,
         index,
         size,
@@ -154,5 +173,61 @@ impl RecordProof {
                 record.seq
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{MintEvent, GENESIS_HASH};
+
+    /// An anchor over more records than one read takes: every record
+    /// proves, its path checked against the anchor's root; the next record
+    /// is not anchored yet.
+    #[test]
+    fn a_record_proves_in_an_anchor_spanning_many_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _) = LedgerSink::open(&dir.path().join("audit.redb"), 1 << 20).unwrap();
+        let total = READ_CHUNK as u64 * 2 + 5;
+        let mut prev = GENESIS_HASH.to_owned();
+        let (mut records, mut encoded) = (Vec::new(), Vec::new());
+        for seq in 1..=total {
+            let event = MintEvent {
+                request_id: format!("r-{seq}"),
+                ..MintEvent::default()
+            };
+            let (record, json) = AuditRecord::chain(event, seq, 1, prev);
+            prev = record.hash.clone();
+            records.push(record);
+            encoded.push(json);
+        }
+        ledger.append(&records, &encoded, &[]).unwrap();
+        let leaves: Vec<[u8; 32]> = records[..total as usize - 1]
+            .iter()
+            .map(|r| leaf(&r.hash))
+            .collect();
+        let anchor = Anchor {
+            version: merkle::CURRENT_VERSION,
+            from_seq: 1,
+            to_seq: total - 1,
+            root: hex::encode(merkle::root(1, &leaves).unwrap()),
+            tx_hash: None,
+            contract: None,
+            block: None,
+            block_hash: None,
+            gas_used: None,
+            ts: 1,
+        };
+        let anchors = dir.path().join("anchors.jsonl");
+        std::fs::write(&anchors, serde_json::to_string(&anchor).unwrap() + "\n").unwrap();
+        for seq in [1, 2, READ_CHUNK as u64, READ_CHUNK as u64 + 1, total - 1] {
+            let proof = prove(&ledger, &anchors, seq).unwrap();
+            assert_eq!(proof.record.seq, seq);
+            assert_eq!(proof.check_path(), Ok(()), "record {seq}");
+        }
+        assert!(matches!(
+            prove(&ledger, &anchors, total),
+            Err(ProofError::NotAnchored(_))
+        ));
     }
 }

@@ -214,7 +214,13 @@ fn check_anchors(path: &Path, hashes: &[[u8; 32]], sink: &SinkConfig) -> SinkChe
         ..SinkCheck::default()
     };
     #[cfg(feature = "audit-evm")]
-    let chain = sink.rpc();
+    let chain = match sink.chain(None) {
+        Ok(chain) => chain,
+        Err(e) => {
+            check.problem(e.to_string());
+            None
+        }
+    };
     #[cfg(not(feature = "audit-evm"))]
     let _ = sink;
     let anchors = match read_anchors(path) {
@@ -255,26 +261,53 @@ fn check_anchors(path: &Path, hashes: &[[u8; 32]], sink: &SinkConfig) -> SinkChe
         }
         #[cfg(feature = "audit-evm")]
         if let (Some(chain), Some(tx)) = (&chain, &anchor.tx_hash) {
-            let expected = anchor.chain_data();
-            let through = anchor.contract.as_deref().map(str::to_lowercase);
             let range = format!("anchor {}..={}", anchor.from_seq, anchor.to_seq);
-            match chain.anchor_data(tx) {
-                _ if through != chain.contract().map(str::to_lowercase) => check.problem(format!(
-                    "{range}: names contract {through:?}, not the sink's {:?}",
-                    chain.contract()
-                )),
-                Ok(Ok(data)) if Some(&data) == expected.as_ref() => {
-                    *check.on_chain.get_or_insert(0) += 1
-                }
-                Ok(Ok(_)) => {
-                    check.problem(format!("{range}: transaction {tx} carries another anchor"))
-                }
-                Ok(Err(why)) => check.problem(format!("{range}: transaction {tx} {why}")),
-                Err(e) => check.problem(format!("{range}: {e}")),
+            match on_chain(chain, &anchor, tx) {
+                Ok(()) => *check.on_chain.get_or_insert(0) += 1,
+                Err(why) => check.problem(format!("{range}: {why}")),
             }
         }
         check.verified += 1;
         check.held_seq = anchor.to_seq;
     }
     check
+}
+
+/// Why `anchor`'s transaction `tx` is not the anchor `chain`'s sink sends:
+/// through the sink's contract, mined and successful, from its account to
+/// its recipient, carrying the anchor, in the block the anchor names.
+#[cfg(feature = "audit-evm")]
+fn on_chain(
+    chain: &super::evm::chain::AnchorChain,
+    anchor: &super::evm::Anchor,
+    tx: &str,
+) -> Result<(), String> {
+    use super::evm::chain::TxState;
+    let through = anchor.contract.as_deref().map(str::to_lowercase);
+    let sinks = chain.contract().map(|c| c.to_string().to_lowercase());
+    if through != sinks {
+        return Err(format!(
+            "names contract {through:?}, not the sink's {sinks:?}"
+        ));
+    }
+    let data = anchor.chain_data().ok_or("an unknown anchor format")?;
+    let hash = tx
+        .parse()
+        .map_err(|_| format!("{tx} is not a transaction hash"))?;
+    let mined = match chain.find(hash).map_err(|e| e.to_string())? {
+        TxState::Mined(mined) => mined,
+        TxState::Pending(_) | TxState::Unknown => {
+            return Err(format!("transaction {tx} is not on chain"))
+        }
+    };
+    mined
+        .carries(chain.from(), chain.to(), &data)
+        .map_err(|why| format!("transaction {tx} {why}"))?;
+    match &anchor.block_hash {
+        Some(held) if *held != mined.block_hash.to_string() => Err(format!(
+            "transaction {tx} was held in block {held}, is now in {} (a reorganisation deeper than the confirmations)",
+            mined.block_hash
+        )),
+        _ => Ok(()),
+    }
 }

@@ -96,20 +96,10 @@ pub struct SinkWorker {
 }
 
 impl SinkWorker {
-    /// Starts the worker. `queue` bounds the batches waiting for it; when
-    /// full, batches are skipped and later read back from the ledger.
+    /// Runs `sink` on its own thread as `config` describes it. `queue`
+    /// bounds the batches waiting for it; when full, batches are skipped
+    /// and later read back from the ledger.
     pub fn start(
-        config: SinkConfig,
-        ledger: Arc<LedgerSink>,
-        retry_interval: Duration,
-        queue: usize,
-    ) -> std::io::Result<Self> {
-        let sink = config.open()?;
-        Self::spawn(config, sink, ledger, retry_interval, queue)
-    }
-
-    /// Runs `sink` on its own thread as `config` describes it.
-    fn spawn(
         config: SinkConfig,
         sink: Box<dyn AuditSink>,
         ledger: Arc<LedgerSink>,
@@ -370,7 +360,7 @@ mod tests {
             max_bytes: u64::MAX,
             keep: 1,
         };
-        let worker = SinkWorker::spawn(
+        let worker = SinkWorker::start(
             config,
             Box::new(sink),
             Arc::new(ledger),
