@@ -148,6 +148,10 @@ enum AuditCommand {
         /// Seal the key read from stdin instead of making one.
         #[arg(long)]
         import: bool,
+        /// Make the sealing key if there is none (a new install); else a
+        /// missing sealing key is an error, never silently another one.
+        #[arg(long)]
+        new_sealing_key: bool,
     },
     /// Re-walk the hash chain and check every sink against the ledger;
     /// exits 1 if anything does not verify.
@@ -352,13 +356,25 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         #[cfg(feature = "audit-evm")]
-        Command::Audit(AuditCommand::AnchorKey { local, out, import }) => {
+        Command::Audit(AuditCommand::AnchorKey {
+            local,
+            out,
+            import,
+            new_sealing_key,
+        }) => {
             let settings = local.settings()?;
             let secret = match import {
-                true => Some(std::io::read_to_string(std::io::stdin())?),
+                true => Some(zeroize::Zeroizing::new(std::io::read_to_string(
+                    std::io::stdin(),
+                )?)),
                 false => None,
             };
-            serde_json::to_value(audit::anchor_key(&settings, &out, secret.as_deref())?)?
+            serde_json::to_value(audit::anchor_key(
+                &settings,
+                &out,
+                secret.as_deref().map(String::as_str),
+                new_sealing_key,
+            )?)?
         }
         #[cfg(feature = "audit-evm")]
         Command::Audit(AuditCommand::VerifyProof {

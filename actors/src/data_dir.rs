@@ -46,6 +46,22 @@ pub fn append_owner_only(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Replaces `path` with `bytes` whole: written to a temporary file beside
+/// it (0600) and synced, then renamed over it, the folder synced, so a
+/// crash leaves the old content or the new, never a mix.
+pub fn replace_owner_only(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    crate::keys::write_secret_file(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(folder)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Creates `path` owner-only (0600) if it does not exist yet, so a library
 /// that then opens it (redb) never makes it world-readable.
 pub fn create_owner_only(path: &Path) -> io::Result<()> {

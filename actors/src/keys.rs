@@ -646,17 +646,14 @@ impl KeyRing {
         self.add_session(der.as_ref(), stored)
     }
 
-    /// Writes the ring through a temporary file (0600), then renames it.
+    /// Writes the ring whole (a temporary file renamed over it).
     fn persist(&self) -> Result<(), KeyError> {
         let io = |source| KeyError::Io {
             file: KEYRING_FILE.into(),
             source,
         };
-        let tmp = self.file.with_extension("json.tmp");
-        let _ = fs::remove_file(&tmp);
         let bytes = serde_json::to_vec_pretty(&self.stored).expect("the key ring serializes");
-        write_secret_file(&tmp, &bytes).map_err(io)?;
-        fs::rename(&tmp, &self.file).map_err(io)
+        crate::data_dir::replace_owner_only(&self.file, &bytes).map_err(io)
     }
 
     /// When the key at `index` stops signing: when the next one activates.

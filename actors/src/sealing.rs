@@ -62,12 +62,26 @@ impl Sealer {
     /// absent. Refused when anyone but the owner may read it, when it is
     /// not 32 bytes of hex, or when it lies inside `data_dir`.
     pub fn load_or_generate(path: &Path, data_dir: &Path) -> Result<Self, SealingError> {
+        Self::open_key(path, data_dir, true)
+    }
+
+    /// Reads the key at `path`, as [`Self::load_or_generate`] does, but
+    /// never makes one: for commands that seal something for a broker
+    /// that already has its key (a mistyped path must not mint another).
+    pub fn load(path: &Path, data_dir: &Path) -> Result<Self, SealingError> {
+        Self::open_key(path, data_dir, false)
+    }
+
+    fn open_key(path: &Path, data_dir: &Path, generate: bool) -> Result<Self, SealingError> {
         let shown = path.display().to_string();
         let io = |source| SealingError::Io {
             path: shown.clone(),
             source,
         };
-        if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let folder = path
+            .parent()
+            .filter(|p| generate && !p.as_os_str().is_empty());
+        if let Some(folder) = folder {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -88,7 +102,7 @@ impl Sealer {
         if inside {
             return Err(SealingError::InsideDataDir(shown));
         }
-        if !path.exists() {
+        if !path.exists() && generate {
             let key = new_key()?;
             write_secret_file(path, format!("{}\n", hex::encode(key)).as_bytes()).map_err(io)?;
             tracing::warn!(path = %shown, "generated a new sealing key: back it up apart from the data directory");

@@ -176,18 +176,15 @@ pub fn verify_proof(proof: &RecordProof, chain: &ExpectedChain) -> ProofReport {
 #[cfg(feature = "audit-evm")]
 fn anchored_at(expected: &ExpectedChain, tx: &str, data: &str) -> Result<MinedTx, String> {
     let text = |e: ChainError| e.to_string();
+    // (The auditor's own endpoint: shown whole in what it prints.)
     let from = chain::address(&expected.anchor_from).map_err(text)?;
     let contract = expected.contract.as_deref().map(chain::address);
     let contract = contract.transpose().map_err(text)?;
     let chain = AnchorChain::connect(&expected.rpc_url, from, None, contract, None, 0);
-    let chain = chain.map_err(text)?;
-    let chain_id = chain.chain_id().map_err(text)?;
-    if chain_id != expected.chain_id {
-        return Err(format!(
-            "the endpoint serves chain {chain_id}, not {}",
-            expected.chain_id
-        ));
-    }
+    let chain = chain
+        .map_err(text)?
+        .expecting_chain(Some(expected.chain_id));
+    chain.check_chain_id().map_err(text)?;
     let hash = tx
         .parse()
         .map_err(|_| format!("{tx} is not a transaction hash"))?;
@@ -213,8 +210,10 @@ fn anchored_at(expected: &ExpectedChain, tx: &str, data: &str) -> Result<MinedTx
             ));
         }
     }
+    // Without a contract the data says it all, whoever it went to.
+    let to = contract.map(|_| chain.to());
     mined
-        .carries(from, chain.to(), data)
+        .carries(from, to, data)
         .map_err(|why| format!("transaction {tx} {why}"))?;
     Ok(mined)
 }
@@ -226,6 +225,8 @@ pub struct AnchorKeyMade {
     /// The anchoring account: to fund, and to allow in the contract.
     pub address: String,
     pub key_file: String,
+    /// The sealing key it is sealed with: the broker must use this one.
+    pub sealing_key_file: String,
     /// The evm sink's lines that use it.
     pub config: String,
 }
@@ -237,13 +238,24 @@ pub fn anchor_key(
     settings: &Settings,
     out: &std::path::Path,
     secret: Option<&str>,
+    new_sealing_key: bool,
 ) -> Result<AnchorKeyMade, String> {
     use agentkeys_actors::audit::evm::key;
     let data_dir = &settings.storage.data_dir;
     agentkeys_actors::data_dir::secure(data_dir)
         .map_err(|e| format!("{}: {e}", data_dir.display()))?;
-    let sealer = Sealer::load_or_generate(&settings.secrets.sealing_key_file, data_dir)
-        .map_err(|e| e.to_string())?;
+    let sealing_key = &settings.secrets.sealing_key_file;
+    let sealer = match new_sealing_key {
+        true => Sealer::load_or_generate(sealing_key, data_dir),
+        false => Sealer::load(sealing_key, data_dir),
+    };
+    let sealer = sealer.map_err(|e| match sealing_key.exists() {
+        true => e.to_string(),
+        false => format!(
+            "no sealing key at {}: name the broker's (--sealing-key-file or the config), or pass --new-sealing-key on a new install",
+            sealing_key.display()
+        ),
+    })?;
     let path = data_dir.join(out);
     let address = match secret {
         Some(secret) => key::store(&path, &sealer, secret),
@@ -253,6 +265,7 @@ pub fn anchor_key(
     Ok(AnchorKeyMade {
         address: address.to_string(),
         key_file: path.display().to_string(),
+        sealing_key_file: sealing_key.display().to_string(),
         config: format!("from = \"{address}\"\nkey_file = \"{}\"", out.display()),
     })
 }

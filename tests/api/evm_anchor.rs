@@ -161,6 +161,32 @@ async fn report_once_mined_and_held(app: &TestApp, mine: Option<&str>, seq: u64)
     report
 }
 
+/// One mint under `scope` by a new agent of `app`, whose evm sink then
+/// fails to anchor it: the sink's live state once it reports an error
+/// (after five seconds at most), which holds nothing.
+async fn one_mint_unanchored(app: &TestApp, scope: &str) -> Value {
+    let agent = app.register_agent("unanchored").await;
+    app.grant(&agent, "s3", scope, None).await;
+    let session = app.login(&agent).await;
+    let body = json!({ "service": "s3", "scope_path": scope });
+    assert_eq!(
+        app.mint(&session, &body).await.status,
+        reqwest::StatusCode::OK
+    );
+    let mut live = Value::Null;
+    for _ in 0..50 {
+        let token = Some(app.admin_token.as_str());
+        let report = app.get("/v1/admin/audit/verify", token).await;
+        live = report.body["sinks"]["evm"]["live"].clone();
+        if live["last_error"].is_string() {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(live["held_seq"], 0, "{live}");
+    live
+}
+
 /// The AgentKeysAudit contract deployed by anvil's first account from its
 /// checked-in bytecode, `anchorer` allowed: its address (lowercase).
 fn deploy_contract(url: &str, anchorer: &str) -> String {
@@ -208,8 +234,10 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
     };
     let url = anvil.url.clone();
     assert!(rpc_ready(&url).await, "anvil did not answer");
+    // Without a contract, anchors are data sent to `to`.
+    let recipient = "0x3c44cdddb6a900fa2b585dd299e03d12fa4293bc"; // anvil's third account
     let sink = json!({ "kind": "evm", "interval_seconds": 1, "rpc_url": url, "from": DEV_ACCOUNT,
-        "confirmations": 1 });
+        "to": recipient, "confirmations": 1 });
     let (mut app, report, _) = three_mints_anchored(sink, "anchored").await;
 
     let anchors = std::fs::read_to_string(app.data_file("evm-anchors.jsonl")).unwrap();
@@ -294,12 +322,14 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
     );
 
     // Offline, with the chain still up, the same holds; for a config that
-    // names another sending account, the anchors are not its own.
+    // names another sending account or recipient, the anchors are not its
+    // own.
     app.stop();
-    let offline_verify = |from: &str| {
+    let offline_verify = |from: &str, to: &str, chain_id: u64| {
         let config = app.data_file("verify.toml");
-        let sink =
-            format!("[[audit.sinks]]\nkind = \"evm\"\nrpc_url = \"{url}\"\nfrom = \"{from}\"\n");
+        let sink = format!(
+            "[[audit.sinks]]\nkind = \"evm\"\nrpc_url = \"{url}\"\nfrom = \"{from}\"\nto = \"{to}\"\nchain_id = {chain_id}\n"
+        );
         std::fs::write(&config, sink).unwrap();
         let verify = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
             .args(["audit", "verify", "--config"])
@@ -313,15 +343,24 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
         let offline: Value = serde_json::from_slice(&verify.stdout).unwrap();
         (verify.status.success(), offline)
     };
-    let (held, offline) = offline_verify(DEV_ACCOUNT);
+    let (held, offline) = offline_verify(DEV_ACCOUNT, recipient, 31337);
     assert!(held, "{offline}");
     assert_eq!(
         offline["sinks"]["evm"]["on_chain"],
         report["sinks"]["evm"]["on_chain"]
     );
-    let (held, offline) = offline_verify(other);
+    for (from, to) in [(other, recipient), (DEV_ACCOUNT, other)] {
+        let (held, offline) = offline_verify(from, to, 31337);
+        let problems = offline["sinks"]["evm"]["problems"].to_string();
+        assert!(!held && problems.contains("went from"), "{offline}");
+    }
+    // The same anchors checked against another chain's name: refused.
+    let (held, offline) = offline_verify(DEV_ACCOUNT, recipient, 1);
     let problems = offline["sinks"]["evm"]["problems"].to_string();
-    assert!(!held && problems.contains("went from"), "{offline}");
+    assert!(
+        !held && problems.contains("serves chain 31337, not chain 1"),
+        "{offline}"
+    );
 }
 
 /// Anchors through the AgentKeysAudit contract (contracts/, deployed here
@@ -554,7 +593,14 @@ async fn a_signed_anchor_waits_for_confirmations_and_is_sent_again_after_a_reorg
     // `audit anchor-key` makes a key, sealed: its file and its account.
     let anchor_key = |out: &str| {
         let made = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
-            .args(["audit", "anchor-key", "--out", out, "--data-dir"])
+            .args([
+                "audit",
+                "anchor-key",
+                "--new-sealing-key",
+                "--out",
+                out,
+                "--data-dir",
+            ])
             .arg(&key_dir)
             .arg("--sealing-key-file")
             .arg(&sealing_key)
@@ -593,7 +639,7 @@ async fn a_signed_anchor_waits_for_confirmations_and_is_sent_again_after_a_reorg
     let sink = |from: &str, key: &std::path::Path| {
         json!([{ "kind": "evm", "interval_seconds": 1, "rpc_url": url, "from": from,
             "key_file": key, "contract": contract, "confirmations": 3,
-            "resend_after_seconds": 1 }])
+            "resend_after_seconds": 1, "chain_id": 31337 }])
     };
     let body = json!({ "service": "s3", "scope_path": "signed/" });
 
@@ -605,24 +651,9 @@ async fn a_signed_anchor_waits_for_confirmations_and_is_sent_again_after_a_reorg
         s.secrets.sealing_key_file = sealing_key.clone();
     })
     .await;
-    let agent = refused.register_agent("refused").await;
-    refused.grant(&agent, "s3", "signed/", None).await;
-    let session = refused.login(&agent).await;
-    let minted = refused.mint(&session, &body).await;
-    assert_eq!(minted.status, reqwest::StatusCode::OK);
-    let mut live = Value::Null;
-    for _ in 0..50 {
-        let token = Some(refused.admin_token.as_str());
-        let report = refused.get("/v1/admin/audit/verify", token).await;
-        live = report.body["sinks"]["evm"]["live"].clone();
-        if live["last_error"].is_string() {
-            break;
-        }
-        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
-    }
+    let live = one_mint_unanchored(&refused, "signed/").await;
     let error = live["last_error"].as_str().unwrap_or_default();
     assert!(error.contains("refuses the anchor: NotAnchorer"), "{live}");
-    assert_eq!(live["held_seq"], 0, "{live}");
     drop(refused);
     let snapshot = cast(&[["rpc", "evm_snapshot"].as_slice(), &rpc].concat()).unwrap();
     let snapshot = snapshot.trim_matches('"').to_owned();
@@ -705,13 +736,19 @@ async fn a_signed_anchor_waits_for_confirmations_and_is_sent_again_after_a_reorg
                 .iter()
                 .find(|(a, _)| a.eq_ignore_ascii_case(&anchorer))?;
             let (_, tx) = txs.as_object()?.iter().next()?;
-            let fee = tx["maxFeePerGas"].as_str()?.trim_start_matches("0x");
-            Some((
-                tx["hash"].as_str()?.to_owned(),
-                u128::from_str_radix(fee, 16).ok()?,
-            ))
+            let wei = |field: &str| {
+                let hex = tx[field].as_str()?.trim_start_matches("0x");
+                u128::from_str_radix(hex, 16).ok()
+            };
+            let fees = (wei("maxFeePerGas")?, wei("maxPriorityFeePerGas")?);
+            Some((tx["hash"].as_str()?.to_owned(), fees))
         });
         mine
+    };
+    let nonce_of = |tx: &str| cast(&[["tx", tx, "nonce"].as_slice(), &rpc].concat()).unwrap();
+    let sent_by_anchorer = || {
+        let count = ["nonce", anchorer.as_str(), "--block", "latest"];
+        cast(&[count.as_slice(), &rpc].concat()).unwrap()
     };
     let mut first = None;
     let mut outbid = None;
@@ -726,8 +763,8 @@ async fn a_signed_anchor_waits_for_confirmations_and_is_sent_again_after_a_reorg
         }
         actix_web::rt::time::sleep(Duration::from_millis(100)).await;
     }
-    let (first, first_fee) = first.expect("the anchor waits in the pool");
-    let Some((_, fee)) = outbid else {
+    let (first, (first_fee, first_tip)) = first.expect("the anchor waits in the pool");
+    let Some((_, (fee, tip))) = outbid else {
         let report = app
             .get("/v1/admin/audit/verify", Some(&app.admin_token))
             .await;
@@ -737,6 +774,7 @@ async fn a_signed_anchor_waits_for_confirmations_and_is_sent_again_after_a_reorg
         fee >= first_fee + first_fee / 8,
         "{fee} outbids {first_fee}"
     );
+    assert!(tip > first_tip, "the tip too: {tip} after {first_tip}");
     automine("true").unwrap();
     let report = report_once_mined_and_held(&app, Some(&url), 4).await;
     assert_eq!(report["sinks"]["evm"]["held_seq"], 4, "{report}");
@@ -749,6 +787,50 @@ async fn a_signed_anchor_waits_for_confirmations_and_is_sent_again_after_a_reorg
         "the replacement is held"
     );
     assert_eq!(second["from_seq"], 4);
+
+    // The broker restarts while an anchor waits unmined: the new run
+    // follows that one (kept beside the anchors file) instead of sending
+    // a second at the next nonce, which the contract would refuse after
+    // the first, its gas spent.
+    automine("false").unwrap();
+    assert_eq!(
+        app.mint(&session, &body).await.status,
+        reqwest::StatusCode::OK
+    );
+    let mut in_pool = None;
+    for _ in 0..100 {
+        in_pool = waiting();
+        if in_pool.is_some() {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (unmined, _) = in_pool.expect("the anchor waits in the pool");
+    let nonce = nonce_of(&unmined);
+    let app = app.restart();
+    // Following it, the new run has nothing to complain of (a second
+    // anchor would be refused while the first waits: NotNext).
+    actix_web::rt::time::sleep(Duration::from_millis(2500)).await;
+    let report = app
+        .get("/v1/admin/audit/verify", Some(&app.admin_token))
+        .await
+        .body;
+    let live = &report["sinks"]["evm"]["live"];
+    assert!(live["last_error"].is_null(), "{report}");
+    automine("true").unwrap();
+    let report = report_once_mined_and_held(&app, Some(&url), 5).await;
+    assert_eq!(report["sinks"]["evm"]["held_seq"], 5, "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+    let anchors = std::fs::read_to_string(app.data_file("evm-anchors.jsonl")).unwrap();
+    let third: Value = serde_json::from_str(anchors.lines().nth(2).unwrap()).unwrap();
+    assert_eq!(third["from_seq"], 5);
+    assert_eq!(nonce_of(third["tx_hash"].as_str().unwrap()), nonce);
+    let next = nonce.parse::<u64>().unwrap() + 1;
+    assert_eq!(
+        sent_by_anchorer(),
+        next.to_string(),
+        "no second anchor sent"
+    );
 
     // A third party checks a record against it, three blocks deep.
     let proof = app
@@ -769,4 +851,28 @@ async fn a_signed_anchor_waits_for_confirmations_and_is_sent_again_after_a_reorg
     ];
     let (held, found) = verify_proof(&proof.body, &app.data_file("proof.json"), &url, &flags);
     assert!(held, "{found}");
+}
+
+/// No anchor offers more per gas than `max_fee_per_gas_gwei`: above it the
+/// sink waits, says why, and sends nothing.
+#[actix_web::test]
+async fn an_anchor_never_offers_more_than_the_fee_ceiling() {
+    let Some(anvil) = start_anvil() else {
+        return;
+    };
+    let url = anvil.url.clone();
+    assert!(rpc_ready(&url).await, "anvil did not answer");
+    // anvil's first base fee is 1 gwei: EIP-1559 estimates offer twice it.
+    let sink = json!([{ "kind": "evm", "interval_seconds": 1, "rpc_url": url,
+        "from": DEV_ACCOUNT, "confirmations": 1, "max_fee_per_gas_gwei": 1 }]);
+    let app = spawn_app_with(|s| {
+        s.audit.retry_interval_seconds = 1;
+        s.audit.sinks = serde_json::from_value(sink).unwrap();
+    })
+    .await;
+    let live = one_mint_unanchored(&app, "fees/").await;
+    let error = live["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("above max_fee_per_gas_gwei"), "{live}");
+    let sent = cast(&["nonce", DEV_ACCOUNT, "--rpc-url", &url]).unwrap();
+    assert_eq!(sent, "0", "nothing sent");
 }

@@ -134,13 +134,23 @@ fn a_kms_signer_slower_than_the_send_timeout_or_not_built_exits_3() {
 fn an_anchoring_key_that_cannot_sign_for_from_exits_4() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let made = std::process::Command::new(crate::process::BIN)
-        .args(["audit", "anchor-key", "--data-dir"])
-        .arg(&data)
-        .arg("--sealing-key-file")
-        .arg(crate::process::sealing_key_beside(&data))
-        .output()
-        .unwrap();
+    let anchor_key = |flags: &[&str]| {
+        std::process::Command::new(crate::process::BIN)
+            .args(["audit", "anchor-key", "--data-dir"])
+            .arg(&data)
+            .arg("--sealing-key-file")
+            .arg(crate::process::sealing_key_beside(&data))
+            .args(flags)
+            .output()
+            .unwrap()
+    };
+    // No sealing key yet: made only when asked (a mistyped path must not
+    // seal a funded key with a key the broker never reads).
+    let refused = anchor_key(&[]);
+    let (_, stderr) = one_line_failure(&refused);
+    assert!(stderr.contains("no sealing key"), "{stderr}");
+    assert!(!crate::process::sealing_key_beside(&data).exists());
+    let made = anchor_key(&["--new-sealing-key"]);
     assert!(
         made.status.success(),
         "{}",

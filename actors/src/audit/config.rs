@@ -78,6 +78,12 @@ pub enum SinkConfig {
         /// may span.
         #[serde(default)]
         start_block: u64,
+        /// The most an anchor may offer per gas, outbid or not.
+        #[serde(default = "default_max_fee_gwei")]
+        max_fee_per_gas_gwei: u64,
+        /// The chain `rpc_url` must serve (checked before the first send
+        /// and by `audit verify`); unchecked when absent.
+        chain_id: Option<u64>,
     },
 }
 
@@ -101,6 +107,9 @@ fn default_confirmations() -> u64 {
 }
 fn default_resend_after() -> u64 {
     120
+}
+fn default_max_fee_gwei() -> u64 {
+    500
 }
 fn default_anchors_path() -> PathBuf {
     PathBuf::from("evm-anchors.jsonl")
@@ -196,6 +205,10 @@ impl SinkConfig {
                 ..
             } => Err("evm sink: confirmations must be at least 1 (1: mined)".into()),
             Self::Evm {
+                max_fee_per_gas_gwei: 0,
+                ..
+            } => Err("evm sink: max_fee_per_gas_gwei must be at least 1".into()),
+            Self::Evm {
                 required: true,
                 max_lag_seconds,
                 interval_seconds,
@@ -218,6 +231,7 @@ impl SinkConfig {
             to,
             contract,
             start_block,
+            chain_id,
             ..
         } = self
         else {
@@ -231,7 +245,7 @@ impl SinkConfig {
             _ => None,
         };
         let chain = AnchorChain::connect(url, from, to, contract, key, *start_block)?;
-        Ok(Some(chain))
+        Ok(Some(chain.expecting_chain(*chain_id)))
     }
 
     pub(super) fn open(&self, sealer: &Sealer) -> std::io::Result<Box<dyn AuditSink>> {
@@ -249,21 +263,33 @@ impl SinkConfig {
                 confirmations,
                 #[cfg(feature = "audit-evm")]
                 resend_after_seconds,
+                #[cfg(feature = "audit-evm")]
+                start_block,
+                #[cfg(feature = "audit-evm")]
+                max_fee_per_gas_gwei,
                 ..
             } => {
+                let interval = Duration::from_secs(*interval_seconds);
+                let sink = EvmAnchorSink::open(anchors_path, interval)?;
                 #[cfg(not(feature = "audit-evm"))]
                 let _ = sealer;
-                Box::new(EvmAnchorSink::open(
-                    anchors_path,
-                    Duration::from_secs(*interval_seconds),
-                    #[cfg(feature = "audit-evm")]
-                    self.chain(Some(sealer))
-                        .map_err(std::io::Error::other)?
-                        .map(|chain| {
-                            let resend_after = Duration::from_secs(*resend_after_seconds);
-                            OnChain::new(chain, *confirmations, resend_after)
-                        }),
-                )?)
+                #[cfg(feature = "audit-evm")]
+                let sink = match self.chain(Some(sealer)).map_err(std::io::Error::other)? {
+                    Some(chain) => {
+                        let ceiling = u128::from(*max_fee_per_gas_gwei) * 1_000_000_000;
+                        let on_chain = OnChain::new(
+                            chain.with_fee_ceiling(ceiling),
+                            *confirmations,
+                            Duration::from_secs(*resend_after_seconds),
+                            &super::evm::in_flight_path(anchors_path),
+                            sink.held_seq(),
+                            sink.anchored_block().max(*start_block),
+                        )?;
+                        sink.on_chain(on_chain)
+                    }
+                    None => sink,
+                };
+                Box::new(sink)
             }
         })
     }

@@ -215,7 +215,14 @@ fn check_anchors(path: &Path, hashes: &[[u8; 32]], sink: &SinkConfig) -> SinkChe
     };
     #[cfg(feature = "audit-evm")]
     let chain = match sink.chain(None) {
-        Ok(chain) => chain,
+        Ok(Some(chain)) => match chain.check_chain_id() {
+            Ok(()) => Some(chain),
+            Err(e) => {
+                check.problem(chain.describe(&e));
+                None
+            }
+        },
+        Ok(None) => None,
         Err(e) => {
             check.problem(e.to_string());
             None
@@ -294,14 +301,14 @@ fn on_chain(
     let hash = tx
         .parse()
         .map_err(|_| format!("{tx} is not a transaction hash"))?;
-    let mined = match chain.find(hash).map_err(|e| e.to_string())? {
+    let mined = match chain.find(hash).map_err(|e| chain.describe(&e))? {
         TxState::Mined(mined) => mined,
         TxState::Pending(_) | TxState::Unknown => {
             return Err(format!("transaction {tx} is not on chain"))
         }
     };
     mined
-        .carries(chain.from(), chain.to(), &data)
+        .carries(chain.from(), Some(chain.to()), &data)
         .map_err(|why| format!("transaction {tx} {why}"))?;
     match &anchor.block_hash {
         Some(held) if *held != mined.block_hash.to_string() => Err(format!(

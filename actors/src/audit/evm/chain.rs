@@ -45,8 +45,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
+    /// `url` as [`shown`]: a provider's URL often carries its API key.
     #[error("rpc_url {url}: {detail}")]
     Endpoint { url: String, detail: String },
+    #[error("the chain's fees ({wanted} wei per gas) are above max_fee_per_gas_gwei ({ceiling} wei): waiting for them to fall")]
+    FeeCeiling { wanted: u128, ceiling: u128 },
     #[error("a runtime for the chain client: {0}")]
     Runtime(#[source] std::io::Error),
     #[error("{call}: {source}")]
@@ -94,16 +97,17 @@ pub struct MinedTx {
 }
 
 impl MinedTx {
-    /// Why this is not an anchor sent by `from` to `to` carrying `data`
-    /// (hex, no `0x`) that succeeded; `Ok` when it is one.
-    pub fn carries(&self, from: Address, to: Address, data: &str) -> Result<(), String> {
+    /// Why this is not an anchor sent by `from` (to `to`, when it matters)
+    /// carrying `data` (hex, no `0x`) that succeeded; `Ok` when it is one.
+    pub fn carries(&self, from: Address, to: Option<Address>, data: &str) -> Result<(), String> {
         if !self.succeeded {
             return Err("did not succeed in the block it names".into());
         }
-        if self.from != from || self.to != Some(to) {
+        if self.from != from || to.is_some_and(|to| self.to != Some(to)) {
             let to_text = self.to.map_or("nobody".into(), |a| a.to_string());
+            let expected = to.map_or(String::new(), |to| format!(" to {to}"));
             return Err(format!(
-                "went from {} to {to_text}, not from {from} to {to}",
+                "went from {} to {to_text}, not from {from}{expected}",
                 self.from
             ));
         }
@@ -111,6 +115,19 @@ impl MinedTx {
             return Err("carries another anchor".into());
         }
         Ok(())
+    }
+}
+
+/// `url` as errors and logs show it: scheme, host and port only (a
+/// provider's path or query often holds its API key).
+pub fn shown(url: &str) -> String {
+    match url.parse::<reqwest::Url>() {
+        Ok(parsed) => {
+            let port = parsed.port().map_or(String::new(), |p| format!(":{p}"));
+            let host = parsed.host_str().unwrap_or_default();
+            format!("{}://{host}{port}/…", parsed.scheme())
+        }
+        Err(_) => "(not a URL)".into(),
     }
 }
 
@@ -123,6 +140,13 @@ pub fn address(text: &str) -> Result<Address, ChainError> {
 pub struct AnchorChain {
     provider: DynProvider,
     runtime: BlockingRuntime,
+    /// The endpoint, to be cut out of errors, and how to show it instead.
+    url: reqwest::Url,
+    url_shown: String,
+    /// The most a send may offer per gas (wei).
+    fee_ceiling: Option<u128>,
+    /// The chain the endpoint must serve, when the config names one.
+    expected_chain: Option<u64>,
     /// The anchoring account.
     from: Address,
     /// Where anchors go: the contract, or `to`, or the sender itself.
@@ -145,10 +169,10 @@ impl AnchorChain {
         start_block: u64,
     ) -> Result<Self, ChainError> {
         let endpoint = |detail: String| ChainError::Endpoint {
-            url: url.to_owned(),
+            url: shown(url),
             detail,
         };
-        let parsed = url.parse().map_err(|e| endpoint(format!("{e}")))?;
+        let parsed: reqwest::Url = url.parse().map_err(|e| endpoint(format!("{e}")))?;
         let client = reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
             .build()
@@ -163,18 +187,61 @@ impl AnchorChain {
         let provider = match key {
             Some(key) => builder
                 .wallet(EthereumWallet::from(key))
-                .connect_reqwest(client, parsed)
+                .connect_reqwest(client, parsed.clone())
                 .erased(),
-            None => builder.connect_reqwest(client, parsed).erased(),
+            None => builder.connect_reqwest(client, parsed.clone()).erased(),
         };
         Ok(Self {
             provider,
             runtime: BlockingRuntime::new("evm-anchor").map_err(ChainError::Runtime)?,
+            url_shown: shown(url),
+            url: parsed,
+            fee_ceiling: None,
+            expected_chain: None,
             from,
             to: contract.or(to).unwrap_or(from),
             contract,
             start_block,
         })
+    }
+
+    /// Sends offer at most `wei` per gas.
+    pub fn with_fee_ceiling(self, wei: u128) -> Self {
+        Self {
+            fee_ceiling: Some(wei),
+            ..self
+        }
+    }
+
+    /// The endpoint must serve chain `id` ([`Self::check_chain_id`]).
+    pub fn expecting_chain(self, id: Option<u64>) -> Self {
+        Self {
+            expected_chain: id,
+            ..self
+        }
+    }
+
+    /// Whether the endpoint serves the chain expected of it, if any: an
+    /// anchor on another chain (a testnet, a fork) proves nothing.
+    pub fn check_chain_id(&self) -> Result<(), ChainError> {
+        let Some(expected) = self.expected_chain else {
+            return Ok(());
+        };
+        match self.chain_id()? {
+            id if id == expected => Ok(()),
+            id => Err(ChainError::Contract(format!(
+                "the endpoint serves chain {id}, not chain {expected}"
+            ))),
+        }
+    }
+
+    /// `e` as text, the endpoint's path and query cut out.
+    pub fn describe(&self, e: &ChainError) -> String {
+        let text = e.to_string();
+        let full = self.url.as_str();
+        let bare = full.trim_end_matches('/');
+        text.replace(full, &self.url_shown)
+            .replace(bare, &self.url_shown)
     }
 
     pub fn from(&self) -> Address {
@@ -191,8 +258,9 @@ impl AnchorChain {
     }
 
     /// Sends a transaction carrying `data` (hex, no `0x`) to the anchor's
-    /// recipient; with `replacing`, in that transaction's place (same
-    /// nonce) with fees above its by at least the eighth nodes require.
+    /// recipient at the chain's current EIP-1559 fees; with `replacing`, in
+    /// that transaction's place (its nonce and gas limit) with fees above
+    /// its by the eighth nodes require. Never above the fee ceiling.
     pub fn send(&self, data: &str, replacing: Option<&PendingTx>) -> Result<TxHash, ChainError> {
         let input =
             hex::decode(data).map_err(|_| ChainError::Contract("anchor data is not hex".into()))?;
@@ -200,22 +268,30 @@ impl AnchorChain {
             .with_from(self.from)
             .with_to(self.to)
             .with_input(input);
-        let provider = &self.provider;
+        let (provider, ceiling) = (&self.provider, self.fee_ceiling);
         self.runtime.run(async move {
+            let fees = provider
+                .estimate_eip1559_fees()
+                .await
+                .map_err(rpc("eth_feeHistory"))?;
+            let (mut max_fee, mut tip) = (fees.max_fee_per_gas, fees.max_priority_fee_per_gas);
             if let Some(old) = replacing {
-                let fees = provider
-                    .estimate_eip1559_fees()
-                    .await
-                    .map_err(rpc("eth_feeHistory"))?;
                 let outbid = |fee: u128| fee + fee / 8 + 1;
+                max_fee = max_fee.max(outbid(old.max_fee_per_gas));
+                tip = tip.max(outbid(old.max_priority_fee_per_gas));
                 // Its gas too: an estimate now would run after it, where
                 // the contract refuses the same range again.
                 tx.set_nonce(old.nonce);
                 tx.set_gas_limit(old.gas_limit);
-                tx.set_max_fee_per_gas(fees.max_fee_per_gas.max(outbid(old.max_fee_per_gas)));
-                let tip = outbid(old.max_priority_fee_per_gas);
-                tx.set_max_priority_fee_per_gas(fees.max_priority_fee_per_gas.max(tip));
             }
+            if let Some(ceiling) = ceiling.filter(|ceiling| max_fee > *ceiling) {
+                return Err(ChainError::FeeCeiling {
+                    wanted: max_fee,
+                    ceiling,
+                });
+            }
+            tx.set_max_fee_per_gas(max_fee);
+            tx.set_max_priority_fee_per_gas(tip.min(max_fee));
             let sent = provider.send_transaction(tx).await.map_err(refused)?;
             Ok(*sent.tx_hash())
         })
@@ -293,8 +369,9 @@ impl AnchorChain {
     }
 
     /// The contract's anchor that starts at `from_seq`, as its `Anchored`
-    /// event says: range, root, format and transaction.
-    pub fn anchored_from(&self, from_seq: u64) -> Result<Anchor, ChainError> {
+    /// event says (looked for from block `since` on): range, root, format
+    /// and transaction.
+    pub fn anchored_from(&self, from_seq: u64, since: u64) -> Result<Anchor, ChainError> {
         let contract = self
             .contract
             .ok_or_else(|| ChainError::Contract("no contract".into()))?;
@@ -302,7 +379,7 @@ impl AnchorChain {
             .address(contract)
             .event_signature(Anchored::SIGNATURE_HASH)
             .topic1(B256::from(U256::from(from_seq)))
-            .from_block(self.start_block);
+            .from_block(self.start_block.max(since));
         let provider = &self.provider;
         let logs = self
             .runtime
@@ -420,23 +497,35 @@ mod tests {
             input: Bytes::from(vec![0xab, 0xcd]),
             gas_used: 21_000,
         };
-        assert_eq!(mined.carries(from, to, "ABCD"), Ok(()));
-        assert!(mined
-            .carries(to, to, "abcd")
-            .unwrap_err()
-            .contains("went from"));
-        assert!(mined.carries(from, from, "abcd").is_err());
-        assert!(mined
-            .carries(from, to, "abce")
-            .unwrap_err()
-            .contains("another anchor"));
+        let went = |e: String| e.contains("went from");
+        assert_eq!(mined.carries(from, Some(to), "ABCD"), Ok(()));
+        assert_eq!(mined.carries(from, None, "abcd"), Ok(()), "any recipient");
+        assert!(went(mined.carries(to, None, "abcd").unwrap_err()));
+        assert!(went(mined.carries(from, Some(from), "abcd").unwrap_err()));
+        let other = mined.carries(from, None, "abce").unwrap_err();
+        assert!(other.contains("another anchor"), "{other}");
         let reverted = MinedTx {
             succeeded: false,
             ..mined
         };
-        assert!(reverted
-            .carries(from, to, "abcd")
-            .unwrap_err()
-            .contains("did not succeed"));
+        let failed = reverted.carries(from, Some(to), "abcd").unwrap_err();
+        assert!(failed.contains("did not succeed"), "{failed}");
+    }
+
+    /// A provider's key in its URL never reaches an error's text.
+    #[test]
+    fn errors_show_the_endpoint_without_its_path_or_query() {
+        let url = "https://rpc.example.net/v3/secret-key?token=also-secret";
+        assert_eq!(shown(url), "https://rpc.example.net/…");
+        let chain = AnchorChain::connect(url, Address::ZERO, None, None, None, 0).unwrap();
+        let error = ChainError::Contract(format!("error sending request for url ({url})"));
+        let described = chain.describe(&error);
+        assert!(!described.contains("secret"), "{described}");
+        assert!(
+            described.contains("https://rpc.example.net/…"),
+            "{described}"
+        );
+        let bad = AnchorChain::connect("not a url/secret", Address::ZERO, None, None, None, 0);
+        assert!(!bad.err().unwrap().to_string().contains("secret"));
     }
 }

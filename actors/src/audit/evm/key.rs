@@ -9,6 +9,7 @@ use std::path::Path;
 
 use alloy::primitives::{Address, B256};
 use alloy::signers::local::PrivateKeySigner;
+use zeroize::Zeroizing;
 
 use crate::keys::write_secret_file;
 use crate::sealing::{Sealer, SealingError};
@@ -45,19 +46,19 @@ pub enum AnchorKeyError {
 /// A new random key sealed into `path` (never over an existing file); its
 /// address.
 pub fn generate(path: &Path, sealer: &Sealer) -> Result<Address, AnchorKeyError> {
-    let mut secret = [0u8; 32];
+    let mut secret = Zeroizing::new([0u8; 32]);
     loop {
-        aws_lc_rs::rand::fill(&mut secret).map_err(|_| AnchorKeyError::Io {
+        aws_lc_rs::rand::fill(secret.as_mut()).map_err(|_| AnchorKeyError::Io {
             path: path.display().to_string(),
             source: std::io::Error::other("no randomness"),
         })?;
         // Nearly every 32 bytes are a key; the rest (zero, or past the
         // curve's order) are drawn again.
-        if PrivateKeySigner::from_bytes(&B256::from(secret)).is_ok() {
+        if PrivateKeySigner::from_bytes(&B256::from(*secret)).is_ok() {
             break;
         }
     }
-    store(path, sealer, &hex::encode(secret))
+    store(path, sealer, &Zeroizing::new(hex::encode(secret.as_ref())))
 }
 
 /// The key `secret_hex` (an operator's funded key) sealed into `path`;
@@ -69,7 +70,7 @@ pub fn store(path: &Path, sealer: &Sealer, secret_hex: &str) -> Result<Address, 
         return Err(AnchorKeyError::Exists(shown));
     }
     let sealed = sealer
-        .seal(SEALED_AS, signer.to_bytes().as_slice())
+        .seal(SEALED_AS, Zeroizing::new(signer.to_bytes().0).as_slice())
         .map_err(|source| AnchorKeyError::Sealing {
             path: shown.clone(),
             source,
@@ -94,12 +95,12 @@ pub fn load(
         path: shown.clone(),
         source,
     })?;
-    let secret = sealer
-        .open(SEALED_AS, text.trim())
-        .map_err(|source| AnchorKeyError::Sealing {
+    let secret = Zeroizing::new(sealer.open(SEALED_AS, text.trim()).map_err(|source| {
+        AnchorKeyError::Sealing {
             path: shown.clone(),
             source,
-        })?;
+        }
+    })?);
     let signer = PrivateKeySigner::from_slice(&secret)
         .map_err(|_| AnchorKeyError::Malformed(shown.clone()))?;
     if signer.address() != from {
@@ -114,9 +115,9 @@ pub fn load(
 
 fn parse(secret_hex: &str) -> Option<PrivateKeySigner> {
     let secret = secret_hex.trim().trim_start_matches("0x");
-    let mut bytes = [0u8; 32];
-    hex::decode_to_slice(secret, &mut bytes).ok()?;
-    PrivateKeySigner::from_bytes(&B256::from(bytes)).ok()
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(secret, bytes.as_mut()).ok()?;
+    PrivateKeySigner::from_bytes(&B256::from(*bytes)).ok()
 }
 
 #[cfg(test)]

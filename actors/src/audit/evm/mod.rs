@@ -90,6 +90,14 @@ impl Anchor {
     }
 }
 
+/// Where an evm sink keeps the anchor it has in flight: beside its
+/// anchors file.
+pub fn in_flight_path(anchors_path: &Path) -> PathBuf {
+    let mut path = anchors_path.as_os_str().to_owned();
+    path.push(".inflight");
+    PathBuf::from(path)
+}
+
 /// Reads every anchor in `path`, oldest first.
 pub fn read_anchors(path: &Path) -> std::io::Result<Vec<Anchor>> {
     let file = match std::fs::File::open(path) {
@@ -141,27 +149,39 @@ pub struct EvmAnchorSink {
     last_anchor: Instant,
     pending: Vec<Unheld>,
     anchored_seq: u64,
+    anchored_block: u64,
     #[cfg(feature = "audit-evm")]
     chain: Option<OnChain>,
 }
 
 impl EvmAnchorSink {
-    /// A stub anchor (local file only) unless `chain` is given.
-    pub fn open(
-        anchors_path: &Path,
-        interval: Duration,
-        #[cfg(feature = "audit-evm")] chain: Option<OnChain>,
-    ) -> std::io::Result<Self> {
-        let anchored_seq = read_anchors(anchors_path)?.last().map_or(0, |a| a.to_seq);
+    /// A stub anchor (local file only) until given a chain.
+    pub fn open(anchors_path: &Path, interval: Duration) -> std::io::Result<Self> {
+        let last = read_anchors(anchors_path)?.pop();
         Ok(Self {
             anchors_path: anchors_path.to_owned(),
             interval,
             last_anchor: Instant::now(),
             pending: Vec::new(),
-            anchored_seq,
+            anchored_seq: last.as_ref().map_or(0, |a| a.to_seq),
+            anchored_block: last.and_then(|a| a.block).unwrap_or(0),
             #[cfg(feature = "audit-evm")]
-            chain,
+            chain: None,
         })
+    }
+
+    /// The block of the last anchor held (0: none, or none on chain).
+    pub fn anchored_block(&self) -> u64 {
+        self.anchored_block
+    }
+
+    /// Anchors go to `chain`.
+    #[cfg(feature = "audit-evm")]
+    pub fn on_chain(self, chain: OnChain) -> Self {
+        Self {
+            chain: Some(chain),
+            ..self
+        }
     }
 
     /// Whether records have waited an interval since the last anchor.

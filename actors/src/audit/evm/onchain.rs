@@ -1,9 +1,11 @@
 //! `OnChain`: an anchor's life on chain, one step per look (at most one a
-//! second, from the sink's worker). At most one anchor is in flight:
+//! second, from the sink's worker). At most one anchor is in flight, and
+//! it is kept in a file beside the anchors file from its send until it is
+//! held, so a restart follows it instead of sending another:
 //!
 //! - **sent** when records have waited an interval, covering all of them;
 //!   before that, an anchor the contract already holds for them (a send
-//!   whose answer was lost, a restart) is adopted instead of sent twice;
+//!   whose answer was lost) is adopted instead of sent twice;
 //! - **held** once its transaction is `confirmations` blocks deep in the
 //!   canonical chain: only then is it written to the anchors file and are
 //!   its records let go;
@@ -11,10 +13,12 @@
 //!   from its pool, or its block reorganised away): the records are still
 //!   pending, so they are anchored anew (or the contract's anchor adopted);
 //! - **outbid** when it waits unmined for `resend_after`: the same nonce
-//!   with fees raised past what the node requires of a replacement;
-//! - **refused** when it was mined and failed (the contract refused it): an
-//!   error the sink reports; the next look plans again.
+//!   with fees raised past what the node requires of a replacement, never
+//!   above the fee ceiling;
+//! - **reverted** when it was mined and failed: reported, and nothing is
+//!   sent for `resend_after` (a refusal must not burn gas every second).
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use alloy::primitives::TxHash;
@@ -30,8 +34,15 @@ pub struct OnChain {
     chain: AnchorChain,
     confirmations: u64,
     resend_after: Duration,
+    /// Where the anchor in flight is kept until it is held.
+    in_flight_path: PathBuf,
     in_flight: Option<InFlight>,
-    last_look: Option<Instant>,
+    /// The block of the last anchor held: the contract's later anchors
+    /// are looked for from there (providers bound a log query's span).
+    since_block: u64,
+    next_look: Option<Instant>,
+    /// Whether the endpoint was seen serving the expected chain.
+    chain_checked: bool,
 }
 
 /// The anchor sent (or adopted) and not yet held.
@@ -39,24 +50,48 @@ struct InFlight {
     /// With its transaction's hash.
     anchor: Anchor,
     tx: TxHash,
-    /// How many pending records it covers.
-    count: usize,
     sent_at: Instant,
 }
 
-fn text(e: ChainError) -> String {
-    e.to_string()
-}
-
 impl OnChain {
-    pub fn new(chain: AnchorChain, confirmations: u64, resend_after: Duration) -> Self {
-        Self {
+    /// Follows the anchor a previous run left in flight at
+    /// `in_flight_path`, unless the anchors file already holds it
+    /// (`held_seq`); `since_block` is the last held anchor's block.
+    pub fn new(
+        chain: AnchorChain,
+        confirmations: u64,
+        resend_after: Duration,
+        in_flight_path: &Path,
+        held_seq: u64,
+        since_block: u64,
+    ) -> std::io::Result<Self> {
+        let left = match std::fs::read(in_flight_path) {
+            Ok(bytes) => serde_json::from_slice::<Anchor>(&bytes).ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let in_flight = left
+            .filter(|anchor| anchor.to_seq > held_seq)
+            .and_then(|anchor| {
+                let tx = anchor.tx_hash.as_deref()?.parse().ok()?;
+                tracing::info!(from_seq = anchor.from_seq, to_seq = anchor.to_seq, tx = %tx,
+                    "following the anchor the last run left in flight");
+                Some(InFlight {
+                    anchor,
+                    tx,
+                    sent_at: Instant::now(),
+                })
+            });
+        Ok(Self {
             chain,
             confirmations: confirmations.max(1),
             resend_after,
-            in_flight: None,
-            last_look: None,
-        }
+            in_flight_path: in_flight_path.to_owned(),
+            in_flight,
+            since_block,
+            next_look: None,
+            chain_checked: false,
+        })
     }
 
     /// One look: follows the anchor in flight, or sends one when `due`.
@@ -70,14 +105,22 @@ impl OnChain {
         if self.in_flight.is_none() && !due {
             return Ok(None);
         }
-        if self.last_look.is_some_and(|at| at.elapsed() < LOOK_EVERY) {
+        if self.next_look.is_some_and(|at| Instant::now() < at) {
             return Ok(None);
         }
-        self.last_look = Some(Instant::now());
+        self.next_look = Some(Instant::now() + LOOK_EVERY);
+        if !self.chain_checked {
+            self.chain.check_chain_id().map_err(|e| self.text(e))?;
+            self.chain_checked = true;
+        }
         match self.in_flight.take() {
             Some(flight) => self.follow(flight, pending),
             None => self.start(pending).map(|()| None),
         }
+    }
+
+    fn text(&self, e: ChainError) -> String {
+        self.chain.describe(&e)
     }
 
     fn follow(
@@ -89,17 +132,32 @@ impl OnChain {
             Ok(state) => state,
             Err(e) => {
                 self.in_flight = Some(flight);
-                return Err(text(e));
+                return Err(self.text(e));
             }
         };
         let range = format!("{}..={}", flight.anchor.from_seq, flight.anchor.to_seq);
         match state {
-            TxState::Mined(mined) if !mined.succeeded => Err(format!(
-                "the anchor of {range} failed in transaction {} (refused by the contract: is {} an allowed anchorer?); planning again",
-                flight.tx,
-                self.chain.from()
-            )),
+            TxState::Mined(mined) if !mined.succeeded => {
+                self.next_look = Some(Instant::now() + self.resend_after);
+                Err(format!(
+                    "the anchor of {range} reverted on chain in {} (its gas spent): the contract refused it; planning again in {}s",
+                    flight.tx,
+                    self.resend_after.as_secs()
+                ))
+            }
             TxState::Mined(mined) if mined.depth >= self.confirmations => {
+                // Its records are pending until held (the worker replays
+                // them from the ledger after a restart).
+                let Some(count) = count_of(pending, &flight.anchor) else {
+                    let first = pending.first().map(|(seq, ..)| *seq);
+                    if first.is_some_and(|first| first != flight.anchor.from_seq) {
+                        return Err(format!(
+                            "the anchor in flight ({range}) does not start at the first record not held ({first:?}); planning again"
+                        ));
+                    }
+                    self.in_flight = Some(flight);
+                    return Ok(None);
+                };
                 let anchor = Anchor {
                     block: Some(mined.block),
                     block_hash: Some(mined.block_hash.to_string()),
@@ -115,30 +173,27 @@ impl OnChain {
                     gas_used = mined.gas_used,
                     "anchor held"
                 );
-                Ok(Some((anchor, flight.count)))
+                self.since_block = mined.block;
+                Ok(Some((anchor, count)))
             }
             TxState::Pending(waiting) if flight.sent_at.elapsed() >= self.resend_after => {
-                let data = flight.anchor.chain_data().ok_or("an unknown anchor format")?;
-                match self.chain.send(&data, Some(&waiting)) {
-                    Ok(tx) => {
-                        tracing::warn!(range, old = %flight.tx, new = %tx, nonce = waiting.nonce,
-                            "anchor transaction not mined in time: replaced with higher fees");
-                        self.in_flight = Some(InFlight {
-                            anchor: Anchor {
-                                tx_hash: Some(tx.to_string()),
-                                ..flight.anchor
-                            },
-                            tx,
-                            sent_at: Instant::now(),
-                            ..flight
-                        });
-                        Ok(None)
-                    }
+                let data = flight
+                    .anchor
+                    .chain_data()
+                    .ok_or("an unknown anchor format")?;
+                let sent = self.chain.send(&data, Some(&waiting));
+                let tx = match sent {
+                    Ok(tx) => tx,
                     Err(e) => {
                         self.in_flight = Some(flight);
-                        Err(text(e))
+                        return Err(self.text(e));
                     }
-                }
+                };
+                tracing::warn!(range, old = %flight.tx, new = %tx, nonce = waiting.nonce,
+                    "anchor transaction not mined in time: replaced with higher fees");
+                self.keep_in_flight(flight.anchor, tx)
+                    .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))?;
+                Ok(None)
             }
             TxState::Unknown if flight.sent_at.elapsed() >= self.resend_after => {
                 tracing::warn!(range, tx = %flight.tx,
@@ -159,44 +214,37 @@ impl OnChain {
         let Some(&(first, ..)) = pending.first() else {
             return Ok(());
         };
-        if let Some(last) = self.chain.last_seq().map_err(text)? {
+        if let Some(last) = self.chain.last_seq().map_err(|e| self.text(e))? {
             if last >= first {
                 return self.adopt(pending, first);
             }
             if last + 1 != first {
                 return Err(format!(
-                    "the contract takes an anchor from {} on (its lastSeq is {last}); this sink's starts at {first}",
-                    last + 1
+                    "the contract takes an anchor from {} on (its lastSeq is {last}), but this sink holds anchors up to {}: a reorganisation deeper than `confirmations` took anchors back (docs/audit.md, \"When the contract is behind\")",
+                    last + 1,
+                    first - 1
                 ));
             }
         }
         let contract = self.chain.contract().map(|c| c.to_string().to_lowercase());
         let anchor = anchor_of(pending, pending.len(), contract);
         let data = anchor.chain_data().ok_or("an unknown anchor format")?;
-        let tx = self.chain.send(&data, None).map_err(text)?;
+        let tx = self.chain.send(&data, None).map_err(|e| self.text(e))?;
         tracing::info!(from_seq = anchor.from_seq, to_seq = anchor.to_seq, tx = %tx, "anchor sent");
-        self.in_flight = Some(InFlight {
-            anchor: Anchor {
-                tx_hash: Some(tx.to_string()),
-                ..anchor
-            },
-            tx,
-            count: pending.len(),
-            sent_at: Instant::now(),
-        });
-        Ok(())
+        self.keep_in_flight(anchor, tx)
+            .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))
     }
 
     /// Follows the contract's anchor from `first`, once checked against
     /// the records: the same range boundary and root.
     fn adopt(&mut self, pending: &[Unheld], first: u64) -> Result<(), String> {
-        let held = self.chain.anchored_from(first).map_err(text)?;
+        let held = self
+            .chain
+            .anchored_from(first, self.since_block)
+            .map_err(|e| self.text(e))?;
         let range = format!("{first}..={}", held.to_seq);
-        let count = pending
-            .iter()
-            .position(|(seq, ..)| *seq == held.to_seq)
-            .ok_or_else(|| format!("the contract anchors {range} beyond the ledger"))?
-            + 1;
+        let count = count_of(pending, &held)
+            .ok_or_else(|| format!("the contract anchors {range} beyond the ledger"))?;
         if root_of(pending, count) != held.root {
             return Err(format!(
                 "the contract's anchor of {range} has another root than the ledger's records"
@@ -208,12 +256,33 @@ impl OnChain {
             .and_then(|h| h.parse().ok())
             .ok_or_else(|| format!("the contract's anchor of {range} names no transaction"))?;
         tracing::warn!(range, tx = %tx, "anchor found on chain, adopted");
+        self.keep_in_flight(held, tx)
+            .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))
+    }
+
+    /// `anchor`, sent in `tx`, is the one in flight: durably, before
+    /// anything waits on it.
+    fn keep_in_flight(&mut self, anchor: Anchor, tx: TxHash) -> std::io::Result<()> {
+        let anchor = Anchor {
+            tx_hash: Some(tx.to_string()),
+            ..anchor
+        };
+        let bytes = serde_json::to_vec(&anchor).map_err(std::io::Error::other)?;
+        crate::data_dir::replace_owner_only(&self.in_flight_path, &bytes)?;
         self.in_flight = Some(InFlight {
-            anchor: held,
+            anchor,
             tx,
-            count,
             sent_at: Instant::now(),
         });
         Ok(())
     }
+}
+
+/// How many of `pending` `anchor` covers: up to its last record, which
+/// must be there (`None` while the worker has not replayed it yet).
+fn count_of(pending: &[Unheld], anchor: &Anchor) -> Option<usize> {
+    let first = pending.first()?.0;
+    (first == anchor.from_seq).then_some(())?;
+    let position = pending.iter().position(|(seq, ..)| *seq == anchor.to_seq)?;
+    Some(position + 1)
 }
