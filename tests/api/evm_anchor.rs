@@ -161,6 +161,17 @@ async fn report_once_mined_and_held(app: &TestApp, mine: Option<&str>, seq: u64)
     report
 }
 
+/// `agentkeys_audit_sink_lag_seconds` of `sink` in `app`'s /metrics.
+async fn sink_lag_in_metrics(app: &TestApp, sink: &str) -> Option<f64> {
+    let reply = app
+        .send_to("GET", &app.url("/metrics"), None, &[], None)
+        .await;
+    let text = String::from_utf8(reply.raw).unwrap();
+    let line = format!("agentkeys_audit_sink_lag_seconds{{sink=\"{sink}\"}} ");
+    let value = text.lines().find_map(|l| l.strip_prefix(line.as_str()));
+    value.and_then(|v| v.trim().parse().ok())
+}
+
 /// One mint under `scope` by a new agent of `app`, whose evm sink then
 /// fails to anchor it: the sink's live state once it reports an error
 /// (after five seconds at most), which holds nothing.
@@ -521,8 +532,11 @@ async fn a_required_anchor_refuses_mints_while_it_lags_and_recovers() {
     // The chain's port, with nothing on it yet.
     let port = crate::process::free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let sink = json!([{ "kind": "evm", "interval_seconds": 1, "rpc_url": url,
-        "from": DEV_ACCOUNT, "required": true, "max_lag_seconds": 2, "confirmations": 1 }]);
+    // A name of its own: /metrics is one per test process.
+    let sink = json!([{ "kind": "evm", "name": "evm-lagging", "interval_seconds": 1,
+        "rpc_url": url, "from": DEV_ACCOUNT, "required": true, "max_lag_seconds": 2,
+        "confirmations": 1 }]);
+
     let app = spawn_app_with(|s| {
         s.audit.retry_interval_seconds = 1;
         s.audit.sinks = serde_json::from_value(sink).unwrap();
@@ -550,9 +564,11 @@ async fn a_required_anchor_refuses_mints_while_it_lags_and_recovers() {
         .get("/v1/admin/audit/verify", Some(&app.admin_token))
         .await
         .body;
-    let live = &report["sinks"]["evm"]["live"];
+    let live = &report["sinks"]["evm-lagging"]["live"];
     assert!(live["lag_seconds"].as_u64().unwrap() >= 3, "{report}");
     assert!(live["last_error"].is_string(), "{report}");
+    let lag = sink_lag_in_metrics(&app, "evm-lagging").await;
+    assert!(lag.is_some_and(|lag| lag >= 3.0), "{lag:?}");
 
     // The chain comes up on that port: the anchor catches up, mints pass.
     let Some(_anvil) = start_anvil_at(port) else {
@@ -568,6 +584,8 @@ async fn a_required_anchor_refuses_mints_while_it_lags_and_recovers() {
         actix_web::rt::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(answer, reqwest::StatusCode::OK, "recovered once anchored");
+    let lag = sink_lag_in_metrics(&app, "evm-lagging").await;
+    assert!(lag.is_some_and(|lag| lag < 3.0), "caught up: {lag:?}");
     let outcomes = app.audit_outcomes().await;
     assert!(
         outcomes.iter().any(|o| o == "audit_unavailable"),
