@@ -11,7 +11,6 @@ use actix_web::dev::Service;
 use actix_web::HttpMessage;
 use actix_web::{web, App, HttpServer};
 use agentkeys_actors::audit::config::{open_sinks, start_sinks};
-use agentkeys_actors::audit::ledger::LedgerSink;
 use agentkeys_actors::audit::{AuditActor, AuditSettings as AuditActorSettings};
 use agentkeys_actors::auth::{self, AuthActor};
 use agentkeys_actors::backpressure::Handle;
@@ -22,7 +21,9 @@ use agentkeys_actors::mint::{MintFlow, MintPolicy};
 use agentkeys_actors::rate_limit::{self, RateLimitActor};
 use agentkeys_actors::sealing::{Sealer, SealingError};
 use agentkeys_actors::signer::{SignerPool, SignerPoolSettings};
+use agentkeys_actors::storage::redb_ledger::RedbLedger;
 use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
+use agentkeys_actors::storage::AuditLedger;
 use agentkeys_actors::storage::{GrantStore, StorageError};
 use agentkeys_actors::system::Actors;
 use agentkeys_actors::token::Token;
@@ -333,9 +334,12 @@ fn start_actors(
         settings.cache_bytes(),
         sealer.clone(),
     )?);
-    let (ledger, head) = LedgerSink::open(&data_dir.join(LEDGER_FILE), settings.cache_bytes())?;
-    let held_uses = held_grant_uses(&ledger, grant_store.as_ref())?;
-    let ledger = Arc::new(ledger);
+    let ledger: Arc<dyn AuditLedger> = Arc::new(RedbLedger::open(
+        &data_dir.join(LEDGER_FILE),
+        settings.cache_bytes(),
+    )?);
+    let head = ledger.head()?;
+    let held_uses = held_grant_uses(ledger.as_ref(), grant_store.as_ref())?;
     let retry = Duration::from_secs(audit_settings.retry_interval_seconds.max(1));
     let workers = start_sinks(sinks, &ledger, retry, audit_settings.sink_queue)
         .map_err(StartupError::AuditSinks)?;
@@ -436,7 +440,7 @@ fn start_actors(
 /// before uses rode the ledger's commits has them in the grant store: they
 /// are folded into the ledger once, durably, before anything else runs.
 fn held_grant_uses(
-    ledger: &LedgerSink,
+    ledger: &dyn AuditLedger,
     grants: &dyn GrantStore,
 ) -> Result<HashMap<String, u64>, StorageError> {
     if let Some(held) = ledger.grant_uses()? {

@@ -41,7 +41,7 @@
 pub mod audit;
 pub mod auth;
 pub mod backpressure;
-#[cfg(any(feature = "kms", feature = "audit-evm"))]
+#[cfg(any(feature = "kms", feature = "audit-evm", feature = "postgres"))]
 pub mod blocking;
 pub mod data_dir;
 pub mod domain;

@@ -7,13 +7,13 @@
 
 #[cfg(feature = "audit-evm")]
 use agentkeys_actors::audit::evm::chain::{self, AnchorChain, ChainError, MinedTx, TxState};
-use agentkeys_actors::audit::ledger::LedgerSink;
 #[cfg(feature = "audit-evm")]
 use agentkeys_actors::audit::proof::RecordProof;
 use agentkeys_actors::audit::verify::{verify, VerifyReport};
 use agentkeys_actors::grant::receipt::{check_receipts, ReceiptCheck};
 use agentkeys_actors::keys::KEYRING_FILE;
 use agentkeys_actors::sealing::Sealer;
+use agentkeys_actors::storage::redb_ledger::RedbLedger;
 use agentkeys_actors::storage::redb_store::RedbGrantStore;
 use agentkeys_actors::storage::GrantStore;
 use serde::Serialize;
@@ -36,7 +36,7 @@ pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
     if !path.exists() {
         return Err(format!("no audit ledger at {}", path.display()));
     }
-    let (ledger, _) = LedgerSink::open(&path, settings.cache_bytes()).map_err(|e| {
+    let ledger = RedbLedger::open(&path, settings.cache_bytes()).map_err(|e| {
         format!(
             "{}: {e} (if the broker is running, use GET /v1/admin/audit/verify)",
             path.display()

@@ -207,9 +207,13 @@ async fn every_mint_attempt_is_in_the_hash_chained_ledger_without_tokens() {
     assert_eq!(denied.error_code(), "grant_denied");
     app.stop();
 
-    let (ledger, head) =
-        agentkeys_actors::audit::ledger::LedgerSink::open(&app.data_file("audit.redb"), 1 << 20)
-            .unwrap();
+    use agentkeys_actors::storage::AuditLedger;
+    let ledger = agentkeys_actors::storage::redb_ledger::RedbLedger::open(
+        &app.data_file("audit.redb"),
+        1 << 20,
+    )
+    .unwrap();
+    let head = ledger.head().unwrap();
     let records = ledger.read_after(0, 100).unwrap();
     assert_eq!(records.len(), 4);
     assert_eq!(head.seq, 4);

@@ -20,6 +20,7 @@ mod idempotency;
 mod keys;
 #[cfg(feature = "kms")]
 mod kms;
+mod ledger_contract;
 mod listeners;
 #[cfg(any(feature = "audit-evm", feature = "kms"))]
 mod local_server;

@@ -15,9 +15,9 @@ use super::evm::key;
 use super::evm::onchain::OnChain;
 use super::evm::EvmAnchorSink;
 use super::jsonl::JsonlSink;
-use super::ledger::LedgerSink;
 use super::{AuditSink, SinkWorker};
 use crate::sealing::Sealer;
+use crate::storage::AuditLedger;
 
 /// One anchor sink. Relative paths are under the data directory.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -320,7 +320,7 @@ pub fn open_sinks(sinks: &[SinkConfig], sealer: &Sealer) -> std::io::Result<Vec<
 /// Starts a worker per opened sink.
 pub fn start_sinks(
     sinks: Vec<OpenedSink>,
-    ledger: &Arc<LedgerSink>,
+    ledger: &Arc<dyn AuditLedger>,
     retry_interval: Duration,
     queue: usize,
 ) -> std::io::Result<Vec<SinkWorker>> {

@@ -14,7 +14,6 @@
 pub mod config;
 pub mod evm;
 pub mod jsonl;
-pub mod ledger;
 pub mod merkle;
 pub mod proof;
 pub mod verify;
@@ -28,191 +27,11 @@ use actix::{Actor, AsyncContext, Context, Handler, Message, ResponseFuture, Wrap
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::domain::{now_unix, sha256_hex, ErrorCode};
+use crate::domain::{now_unix, ErrorCode};
+pub use crate::domain::{AuditRecord, ChainHead, MintEvent, Outcome, GENESIS_HASH};
 use crate::group_commit::GroupCommit;
-use ledger::{LedgerSink, UseDelta};
+use crate::storage::{AuditLedger, UseDelta};
 pub use worker::{SinkStatus, SinkWorker};
-
-/// The hash before the first record.
-pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-/// How a mint attempt ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Ok,
-    Replayed,
-    AuthFailed,
-    Forbidden,
-    RateLimited,
-    GrantDenied,
-    GrantExhausted,
-    IdempotencyConflict,
-    IdempotencyInFlight,
-    BadRequest,
-    RequestTimeout,
-    AuditUnavailable,
-    SignerUnavailable,
-    Overloaded,
-    Error,
-}
-
-impl From<ErrorCode> for Outcome {
-    /// The outcome a refusal with `code` is recorded as. Exhaustive: a new
-    /// error code cannot be audited as something else unnoticed.
-    fn from(code: ErrorCode) -> Self {
-        match code {
-            ErrorCode::Unauthorized => Self::AuthFailed,
-            ErrorCode::Forbidden => Self::Forbidden,
-            ErrorCode::RateLimited => Self::RateLimited,
-            ErrorCode::GrantDenied => Self::GrantDenied,
-            ErrorCode::GrantExhausted => Self::GrantExhausted,
-            ErrorCode::IdempotencyConflict => Self::IdempotencyConflict,
-            ErrorCode::IdempotencyInFlight => Self::IdempotencyInFlight,
-            ErrorCode::BadRequest => Self::BadRequest,
-            ErrorCode::RequestTimeout => Self::RequestTimeout,
-            ErrorCode::AuditUnavailable => Self::AuditUnavailable,
-            ErrorCode::SignerUnavailable => Self::SignerUnavailable,
-            ErrorCode::Overloaded => Self::Overloaded,
-            ErrorCode::NotFound | ErrorCode::Conflict | ErrorCode::Internal => Self::Error,
-        }
-    }
-}
-
-impl Outcome {
-    /// Every outcome, in declaration order (`ALL[o as usize] == o`).
-    pub const ALL: [Outcome; 15] = [
-        Self::Ok,
-        Self::Replayed,
-        Self::AuthFailed,
-        Self::Forbidden,
-        Self::RateLimited,
-        Self::GrantDenied,
-        Self::GrantExhausted,
-        Self::IdempotencyConflict,
-        Self::IdempotencyInFlight,
-        Self::BadRequest,
-        Self::RequestTimeout,
-        Self::AuditUnavailable,
-        Self::SignerUnavailable,
-        Self::Overloaded,
-        Self::Error,
-    ];
-
-    /// The outcome as records and metrics name it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::Replayed => "replayed",
-            Self::AuthFailed => "auth_failed",
-            Self::Forbidden => "forbidden",
-            Self::RateLimited => "rate_limited",
-            Self::GrantDenied => "grant_denied",
-            Self::GrantExhausted => "grant_exhausted",
-            Self::IdempotencyConflict => "idempotency_conflict",
-            Self::IdempotencyInFlight => "idempotency_in_flight",
-            Self::BadRequest => "bad_request",
-            Self::RequestTimeout => "request_timeout",
-            Self::AuditUnavailable => "audit_unavailable",
-            Self::SignerUnavailable => "signer_unavailable",
-            Self::Overloaded => "overloaded",
-            Self::Error => "error",
-        }
-    }
-}
-
-/// What happened, as the mint flow reports it; never a token, only ids.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MintEvent {
-    pub outcome: Option<Outcome>,
-    pub omni_account: Option<String>,
-    pub agent: Option<String>,
-    pub grant_id: Option<String>,
-    pub service: Option<String>,
-    pub scope_path: Option<String>,
-    pub jti: Option<String>,
-    pub request_id: String,
-    pub client_request_id: Option<String>,
-}
-
-/// One link of the audit chain, as every sink stores it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditRecord {
-    pub seq: u64,
-    pub ts: u64,
-    pub outcome: Outcome,
-    pub omni_account: Option<String>,
-    pub agent: Option<String>,
-    pub grant_id: Option<String>,
-    pub service: Option<String>,
-    pub scope_path: Option<String>,
-    pub jti: Option<String>,
-    pub request_id: String,
-    /// The caller's own id for the request, when it sent one; absent from
-    /// the JSON otherwise (so records from before it hash as they did).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_request_id: Option<String>,
-    pub prev_hash: String,
-    pub hash: String,
-}
-
-impl AuditRecord {
-    /// Links `event` after `prev_hash` as record number `seq`; answers the
-    /// record and its JSON as stored, serialised once: the hash covers the
-    /// JSON with `hash` empty, and since `hash` is the last field the stored
-    /// JSON is that one with the hash put in.
-    fn chain(event: MintEvent, seq: u64, ts: u64, prev_hash: String) -> (Self, Vec<u8>) {
-        let mut record = Self {
-            seq,
-            ts,
-            outcome: event.outcome.unwrap_or(Outcome::Error),
-            omni_account: event.omni_account,
-            agent: event.agent,
-            grant_id: event.grant_id,
-            service: event.service,
-            scope_path: event.scope_path,
-            jti: event.jti,
-            request_id: event.request_id,
-            client_request_id: event.client_request_id,
-            prev_hash,
-            hash: String::new(),
-        };
-        let mut json = serde_json::to_vec(&record).expect("records serialize");
-        record.hash = sha256_hex(&json);
-        let closing = br#""}"#;
-        debug_assert!(json.ends_with(br#","hash":""}"#));
-        json.truncate(json.len() - closing.len());
-        json.extend_from_slice(record.hash.as_bytes());
-        json.extend_from_slice(closing);
-        (record, json)
-    }
-
-    /// SHA-256 over the canonical JSON of every field but `hash`
-    /// (which is empty while hashing), so anyone can re-verify the chain.
-    pub fn computed_hash(&self) -> String {
-        let unhashed = Self {
-            hash: String::new(),
-            ..self.clone()
-        };
-        sha256_hex(serde_json::to_vec(&unhashed).expect("records serialize"))
-    }
-}
-
-/// The last durable link: where the next batch chains from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChainHead {
-    pub seq: u64,
-    pub hash: String,
-}
-
-impl ChainHead {
-    pub fn genesis() -> Self {
-        Self {
-            seq: 0,
-            hash: GENESIS_HASH.to_owned(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AuditError {
@@ -372,7 +191,7 @@ type Reply = oneshot::Sender<Result<u64, AuditError>>;
 pub struct AuditActor {
     settings: AuditSettings,
     /// The primary: every record is committed here first.
-    ledger: Arc<LedgerSink>,
+    ledger: Arc<dyn AuditLedger>,
     /// The anchor sinks, each on its own worker.
     sinks: Arc<[SinkWorker]>,
     /// The last record the ledger holds.
@@ -388,7 +207,7 @@ impl AuditActor {
     /// `head` is where the ledger's chain currently ends.
     pub fn new(
         settings: AuditSettings,
-        ledger: Arc<LedgerSink>,
+        ledger: Arc<dyn AuditLedger>,
         head: ChainHead,
         sinks: Vec<SinkWorker>,
     ) -> Self {
@@ -464,7 +283,11 @@ impl GroupCommit for AuditActor {
 
     fn writer(&self) -> impl FnOnce(&LedgerBatch) -> Result<(), String> + Send + 'static {
         let ledger = self.ledger.clone();
-        move |batch| ledger.append(&batch.records, &batch.encoded, &batch.uses)
+        move |batch| {
+            ledger
+                .append(&batch.records, &batch.encoded, &batch.uses)
+                .map_err(|e| e.to_string())
+        }
     }
 
     /// A batch the ledger holds goes to the sinks; its callers are answered
@@ -620,7 +443,7 @@ impl Handler<ReadAccountRecords> for AuditActor {
                         .and_then(|actor| msg.accounts.get(actor))
                         .is_some_and(|since| record.ts >= *since)
                 };
-                ledger.read_matching(msg.after, msg.limit, msg.max_scan, keep)
+                ledger.read_matching(msg.after, msg.limit, msg.max_scan, &keep)
             })
             .await
             .map_err(|e| e.to_string())
@@ -642,7 +465,7 @@ impl Handler<ProveRecord> for AuditActor {
         });
         Box::pin(async move {
             let anchors = anchors.ok_or(proof::ProofError::NoAnchors)?;
-            tokio::task::spawn_blocking(move || proof::prove(&ledger, &anchors, msg.0))
+            tokio::task::spawn_blocking(move || proof::prove(ledger.as_ref(), &anchors, msg.0))
                 .await
                 .map_err(|e| proof::ProofError::Read(e.to_string()))?
         })
@@ -660,7 +483,7 @@ impl Handler<VerifyAudit> for AuditActor {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let configs: Vec<_> = sinks.iter().map(|s| s.config().clone()).collect();
-                let mut report = verify::verify(&ledger, &configs);
+                let mut report = verify::verify(ledger.as_ref(), &configs);
                 for sink in sinks.iter() {
                     if let Some(check) = report.sinks.get_mut(&sink.status().name) {
                         check.live = Some(sink.status().report(head_seq.max(report.records)));
@@ -687,59 +510,5 @@ impl Handler<DescribeSinks> for AuditActor {
                 .map(|sink| sink.status().report(self.head.seq))
                 .collect(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The JSON made once while chaining is exactly the record's own, and
-    /// its hash the one `audit verify` recomputes.
-    #[test]
-    fn a_record_is_serialised_once_as_it_is_stored_and_verified() {
-        let event = MintEvent {
-            outcome: Some(Outcome::Ok),
-            agent: Some("a \"quoted\" agent".into()),
-            jti: Some("jti-1".into()),
-            request_id: "r-1".into(),
-            ..MintEvent::default()
-        };
-        let (record, json) = AuditRecord::chain(event, 7, 1_700_000_000, GENESIS_HASH.into());
-        assert_eq!(json, serde_json::to_vec(&record).unwrap());
-        assert_eq!(record.hash, record.computed_hash());
-        assert_eq!(
-            serde_json::from_slice::<AuditRecord>(&json).unwrap(),
-            record
-        );
-    }
-
-    /// A caller's own request id is hashed with the record; a record
-    /// without one serialises (and so hashes) exactly as before the field.
-    #[test]
-    fn a_client_request_id_is_kept_and_hashed_only_when_sent() {
-        let event = |client_request_id: Option<&str>| MintEvent {
-            outcome: Some(Outcome::Ok),
-            request_id: "r-1".into(),
-            client_request_id: client_request_id.map(str::to_owned),
-            ..MintEvent::default()
-        };
-        let (without, json) = AuditRecord::chain(event(None), 1, 1, GENESIS_HASH.into());
-        assert!(!String::from_utf8(json)
-            .unwrap()
-            .contains("client_request_id"));
-        let (with, json) = AuditRecord::chain(event(Some("job-7")), 1, 1, GENESIS_HASH.into());
-        let json = String::from_utf8(json).unwrap();
-        assert!(json.contains(r#""request_id":"r-1","client_request_id":"job-7","prev_hash""#));
-        assert_ne!(with.hash, without.hash);
-        assert_eq!(with.hash, with.computed_hash());
-    }
-
-    #[test]
-    fn every_outcome_is_listed_once_at_its_own_index() {
-        for (index, outcome) in Outcome::ALL.iter().enumerate() {
-            assert_eq!(*outcome as usize, index, "{outcome:?}");
-        }
-        assert_eq!(Outcome::ALL.len(), Outcome::Error as usize + 1);
     }
 }

@@ -9,10 +9,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::evm::{read_anchors, Anchor};
-use super::ledger::LedgerSink;
 use super::merkle::{self, leaf};
 use super::AuditRecord;
 use crate::domain::ErrorCode;
+use crate::storage::AuditLedger;
 
 /// A record, the anchor whose tree holds it, and the way up that tree.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +58,7 @@ const READ_CHUNK: usize = 4096;
 
 /// The proof of record `seq` in the anchors of `anchors_path`.
 pub fn prove(
-    ledger: &LedgerSink,
+    ledger: &dyn AuditLedger,
     anchors_path: &Path,
     seq: u64,
 ) -> Result<RecordProof, ProofError> {
@@ -180,6 +180,7 @@ impl RecordProof {
 mod tests {
     use super::*;
     use crate::audit::{MintEvent, GENESIS_HASH};
+    use crate::storage::redb_ledger::RedbLedger;
 
     /// An anchor over more records than one read takes: every record
     /// proves, its path checked against the anchor's root; the next record
@@ -187,7 +188,7 @@ mod tests {
     #[test]
     fn a_record_proves_in_an_anchor_spanning_many_reads() {
         let dir = tempfile::tempdir().unwrap();
-        let (ledger, _) = LedgerSink::open(&dir.path().join("audit.redb"), 1 << 20).unwrap();
+        let ledger = RedbLedger::open(&dir.path().join("audit.redb"), 1 << 20).unwrap();
         let total = READ_CHUNK as u64 * 2 + 5;
         let mut prev = GENESIS_HASH.to_owned();
         let (mut records, mut encoded) = (Vec::new(), Vec::new());

@@ -12,9 +12,9 @@ use serde::Serialize;
 use super::config::SinkConfig;
 use super::evm::read_anchors;
 use super::jsonl::rotated;
-use super::ledger::LedgerSink;
 use super::merkle::{self, leaf};
 use super::{AuditRecord, GENESIS_HASH};
+use crate::storage::AuditLedger;
 
 /// Records read from the ledger per step.
 const CHUNK: usize = 10_000;
@@ -63,7 +63,7 @@ impl SinkCheck {
 }
 
 /// Walks the chain and checks each (resolved) sink.
-pub fn verify(ledger: &LedgerSink, sinks: &[SinkConfig]) -> VerifyReport {
+pub fn verify(ledger: &dyn AuditLedger, sinks: &[SinkConfig]) -> VerifyReport {
     let mut report = VerifyReport {
         ok: true,
         head: GENESIS_HASH.to_owned(),

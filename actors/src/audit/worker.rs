@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::config::SinkConfig;
-use super::ledger::LedgerSink;
 use super::{AuditRecord, AuditSink, SinkReport};
+use crate::storage::AuditLedger;
 
 /// Most records read from the ledger per catch-up step.
 const CATCH_UP_CHUNK: usize = 1024;
@@ -102,7 +102,7 @@ impl SinkWorker {
     pub fn start(
         config: SinkConfig,
         sink: Box<dyn AuditSink>,
-        ledger: Arc<LedgerSink>,
+        ledger: Arc<dyn AuditLedger>,
         retry_interval: Duration,
         queue: usize,
     ) -> std::io::Result<Self> {
@@ -207,7 +207,7 @@ fn follows(run: &[Job], next: &Job) -> bool {
 /// The state a worker thread owns.
 struct Worker {
     sink: Box<dyn AuditSink>,
-    ledger: Arc<LedgerSink>,
+    ledger: Arc<dyn AuditLedger>,
     status: Arc<SinkStatus>,
     /// Highest seq handed to the sink successfully (a buffering sink may
     /// hold less durably), so nothing is sent twice or skipped.
@@ -305,6 +305,7 @@ mod tests {
 
     use super::*;
     use crate::audit::{ChainHead, MintEvent};
+    use crate::storage::redb_ledger::RedbLedger;
 
     /// Holds its first append until told to go on; reports every append.
     struct GatedSink {
@@ -342,8 +343,8 @@ mod tests {
     #[test]
     fn batches_queued_behind_a_slow_write_go_out_together_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (ledger, head) = LedgerSink::open(&dir.path().join("ledger.redb"), 1 << 20).unwrap();
-        assert_eq!(head, ChainHead::genesis());
+        let ledger = RedbLedger::open(&dir.path().join("ledger.redb"), 1 << 20).unwrap();
+        assert_eq!(ledger.head().unwrap(), ChainHead::genesis());
         let (go, gate) = channel();
         let (entered, inside) = channel();
         let (appends, appended) = channel();

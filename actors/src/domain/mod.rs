@@ -1,6 +1,7 @@
 //! Validated values: every actor receives only these, never raw strings,
 //! so no actor re-checks its input.
 
+mod audit_record;
 mod identity;
 mod records;
 
@@ -10,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
+pub use audit_record::{AuditRecord, ChainHead, MintEvent, Outcome, GENESIS_HASH};
 pub use identity::{AgentIdentity, EvmAddress, OmniAccount};
 pub use records::{AgentRecord, CompletedMint, Grant, Intent};
 

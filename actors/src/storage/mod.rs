@@ -1,9 +1,17 @@
-//! Durable state behind small traits, so the backend is a config choice.
-//! redb is the embedded default; its types stay inside [`redb_store`].
+//! Durable state behind small traits named for what the gates need. redb
+//! is the embedded default; its types stay inside [`redb_store`] and
+//! [`redb_ledger`]. PostgreSQL ([`postgres_ledger`], feature `postgres`)
+//! implements the same contract, which one test suite checks on both.
+//! Storage imports only domain types.
 
+#[cfg(feature = "postgres")]
+pub mod postgres_ledger;
+pub mod redb_ledger;
 pub mod redb_store;
 
-use crate::domain::{AgentName, AgentRecord, CompletedMint, Grant};
+use std::collections::HashMap;
+
+use crate::domain::{AgentName, AgentRecord, AuditRecord, ChainHead, CompletedMint, Grant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -46,4 +54,87 @@ pub trait GrantStore: Send + Sync + 'static {
     fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError>;
     /// Writes `changes` durably and atomically.
     fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError>;
+}
+
+/// A change to a grant's uses that rides a ledger batch: `+1` or `-1`.
+pub type UseDelta = (String, i64);
+
+/// The audit ledger: the hash chain every mint attempt is recorded in,
+/// durable before any JWT is released, and the grant uses the records
+/// take. Written by the AuditActor's group commit, one batch at a time;
+/// read by the sinks' catch-up, verification and the admin API.
+pub trait AuditLedger: Send + Sync + 'static {
+    /// Where the chain ends: the newest record's seq and hash.
+    fn head(&self) -> Result<ChainHead, StorageError>;
+    /// Durably appends `batch` (consecutive records, `encoded[i]` being
+    /// `batch[i]`'s JSON as hashed) and applies `uses` to the grants' use
+    /// counts (never below 0), all in one transaction. `Conflict`, and
+    /// nothing written, unless the batch starts right after the stored
+    /// head and chains from its hash (another writer got there first).
+    fn append(
+        &self,
+        batch: &[AuditRecord],
+        encoded: &[Vec<u8>],
+        uses: &[UseDelta],
+    ) -> Result<(), StorageError>;
+    /// Each grant's uses as the ledger holds them; `None` until the grant
+    /// store's earlier counts were folded in ([`Self::fold_grant_uses`]).
+    fn grant_uses(&self) -> Result<Option<HashMap<String, u64>>, StorageError>;
+    /// Once, when a data directory from before uses rode the ledger opens:
+    /// the grant store's counts become the ledger's, durably and at once.
+    fn fold_grant_uses(&self, base: &[(String, u64)]) -> Result<(), StorageError>;
+    /// Up to `limit` records after `after` that `keep` accepts, looking at
+    /// no more than `max_scan` records; with the last seq looked at, where
+    /// the next page starts.
+    fn read_matching(
+        &self,
+        after: u64,
+        limit: usize,
+        max_scan: usize,
+        keep: &dyn Fn(&AuditRecord) -> bool,
+    ) -> Result<(Vec<AuditRecord>, u64), StorageError>;
+    /// Up to `limit` records with `seq > after`, in order.
+    fn read_after(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError> {
+        Ok(self.read_matching(after, limit, limit, &|_| true)?.0)
+    }
+    /// The `seq` of the newest record (0: none).
+    fn last_seq(&self) -> Result<u64, StorageError> {
+        Ok(self.head()?.seq)
+    }
+}
+
+/// A page of [`AuditLedger::read_matching`]: up to `limit` of the
+/// `scanned` records (in order, read as they are pulled) that `keep`
+/// accepts, and the last seq looked at (`after` when none).
+pub(crate) fn page(
+    scanned: impl Iterator<Item = Result<AuditRecord, StorageError>>,
+    after: u64,
+    limit: usize,
+    keep: &dyn Fn(&AuditRecord) -> bool,
+) -> Result<(Vec<AuditRecord>, u64), StorageError> {
+    let (mut records, mut scanned_to) = (Vec::new(), after);
+    for record in scanned {
+        let record = record?;
+        scanned_to = record.seq;
+        if keep(&record) {
+            records.push(record);
+            if records.len() == limit {
+                break;
+            }
+        }
+    }
+    Ok((records, scanned_to))
+}
+
+/// Whether `batch` may follow `head`: it starts at the next seq, chains
+/// from the head's hash, and each record from the one before.
+pub fn follows(head: &ChainHead, batch: &[AuditRecord]) -> bool {
+    let mut prev = (head.seq, head.hash.as_str());
+    for record in batch {
+        if record.seq != prev.0 + 1 || record.prev_hash != prev.1 {
+            return false;
+        }
+        prev = (record.seq, record.hash.as_str());
+    }
+    true
 }

@@ -1,0 +1,158 @@
+//! `RedbLedger`: the audit ledger ([`AuditLedger`]) in a redb file of
+//! records keyed by `seq`. One durable transaction per batch (the group commit).
+//! Every record is here before any anchor sink sees it, so anchor sinks can
+//! always catch up from it.
+//!
+//! The same transaction counts grant uses: the record of a released JWT
+//! with a grant takes one, the record of one withheld after its record was
+//! held gives it back. A grant use is thus durable exactly when the record
+//! of its mint is, in one commit and one flush for both.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+
+use super::redb_store::{backend, open_database};
+use super::{follows, page, AuditLedger, StorageError, UseDelta};
+use crate::domain::{AuditRecord, ChainHead};
+
+/// seq → JSON of the record.
+const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_records");
+
+/// grant id → uses the ledger holds.
+const GRANT_USES: TableDefinition<&str, u64> = TableDefinition::new("grant_uses");
+
+/// Facts about the ledger itself; `grant_uses_folded` is present once the
+/// grant store's use counts (from before uses rode the ledger) were copied.
+const META: TableDefinition<&str, u64> = TableDefinition::new("ledger_meta");
+const USES_FOLDED: &str = "grant_uses_folded";
+
+pub struct RedbLedger {
+    db: Database,
+}
+
+impl RedbLedger {
+    /// Opens (or makes) the ledger at `path`.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StorageError> {
+        Ok(Self {
+            db: open_database(path, RECORDS, cache_bytes)?,
+        })
+    }
+}
+
+/// The head a table of records ends at.
+fn head_of(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<ChainHead, StorageError> {
+    Ok(match table.last().map_err(backend)? {
+        Some((_, value)) => {
+            let last = decode(value.value())?;
+            ChainHead {
+                seq: last.seq,
+                hash: last.hash,
+            }
+        }
+        None => ChainHead::genesis(),
+    })
+}
+
+impl AuditLedger for RedbLedger {
+    fn head(&self) -> Result<ChainHead, StorageError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        head_of(&txn.open_table(RECORDS).map_err(backend)?)
+    }
+
+    fn append(
+        &self,
+        batch: &[AuditRecord],
+        encoded: &[Vec<u8>],
+        uses: &[UseDelta],
+    ) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut table = txn.open_table(RECORDS).map_err(backend)?;
+            // Never overwrite a record, nor fork the chain.
+            if !follows(&head_of(&table)?, batch) {
+                return Err(StorageError::Conflict);
+            }
+            for (record, json) in batch.iter().zip(encoded) {
+                table.insert(record.seq, json.as_slice()).map_err(backend)?;
+            }
+        }
+        if !uses.is_empty() {
+            let mut counts = txn.open_table(GRANT_USES).map_err(backend)?;
+            for (grant_id, delta) in uses {
+                let held = counts
+                    .get(grant_id.as_str())
+                    .map_err(backend)?
+                    .map_or(0, |count| count.value());
+                let now = held.saturating_add_signed(*delta);
+                counts.insert(grant_id.as_str(), now).map_err(backend)?;
+            }
+        }
+        txn.commit().map_err(backend)
+    }
+
+    fn grant_uses(&self) -> Result<Option<HashMap<String, u64>>, StorageError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let folded = match txn.open_table(META) {
+            Ok(meta) => meta.get(USES_FOLDED).map_err(backend)?.is_some(),
+            Err(TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(backend(e)),
+        };
+        if !folded {
+            return Ok(None);
+        }
+        let mut uses = HashMap::new();
+        match txn.open_table(GRANT_USES) {
+            Ok(counts) => {
+                for entry in counts.iter().map_err(backend)? {
+                    let (id, count) = entry.map_err(backend)?;
+                    uses.insert(id.value().to_owned(), count.value());
+                }
+            }
+            Err(TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(backend(e)),
+        }
+        Ok(Some(uses))
+    }
+
+    fn fold_grant_uses(&self, base: &[(String, u64)]) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut counts = txn.open_table(GRANT_USES).map_err(backend)?;
+            for (grant_id, uses) in base {
+                counts.insert(grant_id.as_str(), *uses).map_err(backend)?;
+            }
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            meta.insert(USES_FOLDED, 1).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)
+    }
+
+    fn last_seq(&self) -> Result<u64, StorageError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(RECORDS).map_err(backend)?;
+        let last = table.last().map_err(backend)?;
+        Ok(last.map_or(0, |(seq, _)| seq.value()))
+    }
+
+    fn read_matching(
+        &self,
+        after: u64,
+        limit: usize,
+        max_scan: usize,
+        keep: &dyn Fn(&AuditRecord) -> bool,
+    ) -> Result<(Vec<AuditRecord>, u64), StorageError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(RECORDS).map_err(backend)?;
+        let entries = table.range(after.saturating_add(1)..).map_err(backend)?;
+        let scanned = entries
+            .take(max_scan)
+            .map(|entry| decode(entry.map_err(backend)?.1.value()));
+        page(scanned, after, limit, keep)
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<AuditRecord, StorageError> {
+    serde_json::from_slice(bytes).map_err(backend)
+}

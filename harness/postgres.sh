@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL for tests and local runs: Debian's server binaries
+# (apt-get install postgresql), run as the postgres user (it refuses root),
+# in a folder of its own, listening on a free loopback port only, with a
+# password (SCRAM) for the one role it has.
+#
+#   harness/postgres.sh start DIR   initialise DIR and start the server;
+#                                   prints `export AGENTKEYS_TEST_POSTGRES_URL=…`
+#   harness/postgres.sh stop DIR    stop it (DIR stays; remove it yourself)
+#
+#   eval "$(harness/postgres.sh start /tmp/pg)"
+#   cargo test --workspace --all-features
+#   harness/postgres.sh stop /tmp/pg
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source harness/lib.sh
+
+command=${1:-}
+dir=${2:-}
+[ -n "$command" ] && [ -n "$dir" ] || fail "usage: harness/postgres.sh start|stop DIR"
+
+bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+[ -x "$bin/initdb" ] || fail "no PostgreSQL server binaries (apt-get install postgresql)"
+
+# As the postgres user when this is root; as oneself otherwise.
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+case "$command" in
+  start)
+    mkdir -p "$dir"
+    dir=$(cd "$dir" && pwd)
+    [ "$(id -u)" = 0 ] && chown postgres: "$dir"
+    password=$(openssl rand -hex 16)
+    port=$(free_port)
+    as_postgres sh -c "umask 077; printf '%s\n' '$password' > '$dir/pwfile'"
+    as_postgres "$bin/initdb" --pgdata "$dir/data" --username agentkeys --pwfile "$dir/pwfile" \
+      --auth-host scram-sha-256 --auth-local scram-sha-256 --encoding UTF8 --no-instructions >/dev/null
+    as_postgres rm -f "$dir/pwfile"
+    as_postgres "$bin/pg_ctl" --pgdata "$dir/data" --log "$dir/server.log" --wait --silent \
+      --options "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$dir" start
+    PGPASSWORD=$password "$bin/createdb" --host 127.0.0.1 --port "$port" --username agentkeys agentkeys
+    url="postgres://agentkeys:$password@127.0.0.1:$port/agentkeys"
+    as_postgres sh -c "umask 077; printf '%s\n' '$url' > '$dir/url'"
+    echo "export AGENTKEYS_TEST_POSTGRES_URL=$url"
+    ;;
+  stop)
+    as_postgres "$bin/pg_ctl" --pgdata "$dir/data" --wait --silent --mode fast stop
+    ;;
+  *)
+    fail "usage: harness/postgres.sh start|stop DIR"
+    ;;
+esac

@@ -1,0 +1,214 @@
+//! The audit ledger's contract ([`AuditLedger`]), one suite run against
+//! every backend: redb on a temp file, and (feature `postgres`) a real
+//! PostgreSQL whose URL is in `AGENTKEYS_TEST_POSTGRES_URL` (CI starts one
+//! with harness/postgres.sh; elsewhere the PostgreSQL run says SKIPPED).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use agentkeys_actors::audit::{AuditRecord, Outcome, GENESIS_HASH};
+use agentkeys_actors::storage::redb_ledger::RedbLedger;
+use agentkeys_actors::storage::{AuditLedger, StorageError};
+
+/// `count` records chained after (`after`, `prev`), and their JSON.
+fn chained(after: u64, count: u64, prev: &str) -> (Vec<AuditRecord>, Vec<Vec<u8>>) {
+    let mut prev = prev.to_owned();
+    let mut records = Vec::new();
+    for seq in after + 1..=after + count {
+        let mut record = AuditRecord {
+            seq,
+            ts: 1_700_000_000 + seq,
+            outcome: if seq % 2 == 0 {
+                Outcome::Ok
+            } else {
+                Outcome::GrantDenied
+            },
+            omni_account: Some(format!("account-{}", seq % 2)),
+            agent: Some("agent".into()),
+            grant_id: None,
+            service: Some("s3".into()),
+            scope_path: Some("contract/".into()),
+            jti: Some(format!("jti-{seq}")),
+            request_id: format!("r-{seq}"),
+            client_request_id: None,
+            prev_hash: prev.clone(),
+            hash: String::new(),
+        };
+        record.hash = record.computed_hash();
+        prev = record.hash.clone();
+        records.push(record);
+    }
+    let encoded = records
+        .iter()
+        .map(|r| serde_json::to_vec(r).unwrap())
+        .collect();
+    (records, encoded)
+}
+
+fn uses(pairs: &[(&str, i64)]) -> Vec<(String, i64)> {
+    pairs.iter().map(|(id, d)| (id.to_string(), *d)).collect()
+}
+
+/// Every behaviour the AuditActor and the readers rely on; `open` opens
+/// the same store anew each time it is called.
+fn contract(open: &dyn Fn() -> Arc<dyn AuditLedger>) {
+    let ledger = open();
+    assert_eq!(ledger.head().unwrap().seq, 0);
+    assert_eq!(ledger.head().unwrap().hash, GENESIS_HASH);
+    assert_eq!(ledger.last_seq().unwrap(), 0);
+    assert!(ledger.read_after(0, 10).unwrap().is_empty());
+    assert_eq!(ledger.grant_uses().unwrap(), None, "not folded yet");
+
+    // A batch, with the uses its records take, in one transaction.
+    let (first, encoded) = chained(0, 3, GENESIS_HASH);
+    let taken = uses(&[("g1", 1), ("g2", 1)]);
+    ledger.append(&first, &encoded, &taken).unwrap();
+    let head = ledger.head().unwrap();
+    assert_eq!((head.seq, head.hash.as_str()), (3, first[2].hash.as_str()));
+    assert_eq!(ledger.last_seq().unwrap(), 3);
+    assert_eq!(ledger.read_after(0, 10).unwrap(), first);
+    assert_eq!(ledger.read_after(1, 1).unwrap(), first[1..2]);
+    let odd = |r: &AuditRecord| r.seq % 2 == 1;
+    let (page, scanned) = ledger.read_matching(0, 5, 2, &odd).unwrap();
+    assert_eq!((page, scanned), (first[..1].to_vec(), 2), "two looked at");
+    let (page, scanned) = ledger.read_matching(0, 1, 10, &odd).unwrap();
+    assert_eq!(
+        (page, scanned),
+        (first[..1].to_vec(), 1),
+        "stops at the limit"
+    );
+
+    // A batch that does not follow the head writes nothing, its uses
+    // neither: a seq taken, a gap, or another chain.
+    let (again, again_json) = chained(2, 1, &first[1].hash);
+    let (gap, gap_json) = chained(4, 1, &first[2].hash);
+    let (fork, fork_json) = chained(3, 1, GENESIS_HASH);
+    for (batch, json) in [
+        (&again, &again_json),
+        (&gap, &gap_json),
+        (&fork, &fork_json),
+    ] {
+        let refused = ledger.append(batch, json, &uses(&[("g1", 1)]));
+        assert!(
+            matches!(refused, Err(StorageError::Conflict)),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(ledger.head().unwrap(), head);
+    assert_eq!(ledger.read_after(0, 10).unwrap(), first);
+
+    // The grant store's counts folded in once; later deltas on top, never
+    // below zero.
+    ledger
+        .fold_grant_uses(&[("g1".into(), 5), ("g3".into(), 2)])
+        .unwrap();
+    let expected = |pairs: &[(&str, u64)]| {
+        let map: HashMap<String, u64> = pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        Some(map)
+    };
+    assert_eq!(
+        ledger.grant_uses().unwrap(),
+        expected(&[("g1", 5), ("g2", 1), ("g3", 2)])
+    );
+    let (second, second_json) = chained(3, 2, &head.hash);
+    let back = uses(&[("g1", -1), ("g3", -5), ("g4", 1)]);
+    ledger.append(&second, &second_json, &back).unwrap();
+    assert_eq!(
+        ledger.grant_uses().unwrap(),
+        expected(&[("g1", 4), ("g2", 1), ("g3", 0), ("g4", 1)])
+    );
+
+    // Two writers racing for the same next batch: exactly one lands.
+    let (next, next_json) = chained(5, 2, &second[1].hash);
+    let race = std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..2)
+            .map(|_| {
+                let (ledger, next, next_json) = (ledger.clone(), &next, &next_json);
+                scope.spawn(move || ledger.append(next, next_json, &uses(&[("g5", 1)])))
+            })
+            .collect();
+        let outcomes: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        outcomes
+    });
+    assert_eq!(race.iter().filter(|o| o.is_ok()).count(), 1, "{race:?}");
+    assert!(race
+        .iter()
+        .any(|o| matches!(o, Err(StorageError::Conflict))));
+    let uses_now = ledger.grant_uses().unwrap().unwrap();
+    assert_eq!(uses_now.get("g5"), Some(&1), "the loser's use not counted");
+
+    // Durable: a new opening finds it all.
+    drop(ledger);
+    let reopened = open();
+    assert_eq!(reopened.head().unwrap().seq, 7);
+    let all = reopened.read_after(0, 100).unwrap();
+    assert_eq!(all.len(), 7);
+    assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
+    assert_eq!(reopened.grant_uses().unwrap().unwrap(), uses_now);
+}
+
+#[test]
+fn the_redb_ledger_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.redb");
+    contract(&|| Arc::new(RedbLedger::open(&path, 1 << 20).unwrap()));
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use agentkeys_actors::storage::postgres_ledger::PostgresLedger;
+
+    const URL: &str = "AGENTKEYS_TEST_POSTGRES_URL";
+
+    /// A schema of its own per test run: tests share one server.
+    fn fresh_schema() -> String {
+        format!("t_{}", agentkeys_actors::domain::random_hex(8))
+    }
+
+    #[test]
+    fn the_postgres_ledger_keeps_the_contract() {
+        let Ok(url) = std::env::var(URL) else {
+            let why = "no AGENTKEYS_TEST_POSTGRES_URL (eval \"$(harness/postgres.sh start DIR)\")";
+            return crate::process::tool_missing("PostgreSQL ledger", Some(URL), why);
+        };
+        let schema = fresh_schema();
+        contract(&|| Arc::new(PostgresLedger::open(&url, Some(&schema)).unwrap()));
+        // Two brokers on one database: the second sees the first's chain,
+        // and a batch the first already wrote is refused to it.
+        let one = PostgresLedger::open(&url, Some(&schema)).unwrap();
+        let two = PostgresLedger::open(&url, Some(&schema)).unwrap();
+        let head = one.head().unwrap();
+        assert_eq!(two.head().unwrap(), head);
+        let (next, json) = chained(head.seq, 1, &head.hash);
+        one.append(&next, &json, &[]).unwrap();
+        let late = two.append(&next, &json, &[]);
+        assert!(matches!(late, Err(StorageError::Conflict)), "{late:?}");
+        assert_eq!(two.head().unwrap().seq, head.seq + 1);
+    }
+
+    /// Brokers that start at once migrate the schema once, and a bad
+    /// schema name is refused before any SQL.
+    #[test]
+    fn brokers_starting_at_once_migrate_once() {
+        let Ok(url) = std::env::var(URL) else {
+            let why = "no AGENTKEYS_TEST_POSTGRES_URL (eval \"$(harness/postgres.sh start DIR)\")";
+            return crate::process::tool_missing("PostgreSQL migration", Some(URL), why);
+        };
+        let schema = fresh_schema();
+        let opened: Vec<_> = std::thread::scope(|scope| {
+            let starts: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| PostgresLedger::open(&url, Some(&schema))))
+                .collect();
+            starts.into_iter().map(|s| s.join().unwrap()).collect()
+        });
+        assert!(
+            opened.iter().all(Result::is_ok),
+            "{:?}",
+            opened.iter().map(|o| o.as_ref().err()).collect::<Vec<_>>()
+        );
+        let refused = PostgresLedger::open(&url, Some("Robert'); DROP TABLE x;--"));
+        let refused = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("lowercase letters"), "{refused}");
+    }
+}
