@@ -168,9 +168,8 @@ mod postgres {
 
     #[test]
     fn the_postgres_ledger_keeps_the_contract() {
-        let Ok(url) = std::env::var(URL) else {
-            let why = "no AGENTKEYS_TEST_POSTGRES_URL (eval \"$(harness/postgres.sh start DIR)\")";
-            return crate::process::tool_missing("PostgreSQL ledger", Some(URL), why);
+        let Some(url) = url("PostgreSQL ledger") else {
+            return;
         };
         let schema = fresh_schema();
         contract(&|| Arc::new(PostgresLedger::open(&url, Some(&schema)).unwrap()));
@@ -191,9 +190,8 @@ mod postgres {
     /// schema name is refused before any SQL.
     #[test]
     fn brokers_starting_at_once_migrate_once() {
-        let Ok(url) = std::env::var(URL) else {
-            let why = "no AGENTKEYS_TEST_POSTGRES_URL (eval \"$(harness/postgres.sh start DIR)\")";
-            return crate::process::tool_missing("PostgreSQL migration", Some(URL), why);
+        let Some(url) = url("PostgreSQL migration") else {
+            return;
         };
         let schema = fresh_schema();
         let opened: Vec<_> = std::thread::scope(|scope| {
@@ -210,5 +208,97 @@ mod postgres {
         let refused = PostgresLedger::open(&url, Some("Robert'); DROP TABLE x;--"));
         let refused = refused.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(refused.contains("lowercase letters"), "{refused}");
+    }
+
+    /// The tests' PostgreSQL URL, or `None` having said why the test does
+    /// not run (a failure where CI or the variable is set).
+    fn url(test: &str) -> Option<String> {
+        let url = std::env::var(URL).ok();
+        if url.is_none() {
+            let why = "no AGENTKEYS_TEST_POSTGRES_URL (eval \"$(harness/postgres.sh start DIR)\")";
+            crate::process::tool_missing(test, Some(URL), why);
+        }
+        url
+    }
+
+    /// Ends every connection the ledger on `schema` holds, from the
+    /// server's side (as a server restart or a cut network does).
+    fn cut_connections(url: &str, schema: &str) {
+        let sql = format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'agentkeys-broker/{schema}'"
+        );
+        let cut = std::process::Command::new("psql")
+            .args([url, "-Atc", &sql])
+            .output()
+            .expect("psql (the PostgreSQL client) runs");
+        let cut = String::from_utf8_lossy(&cut.stdout);
+        assert_eq!(cut.trim(), "2", "the writer's and the reader's: {cut}");
+    }
+
+    /// Connections lost under the ledger are made again at its next call:
+    /// no restart, nothing lost.
+    #[test]
+    fn a_lost_connection_is_made_again_at_the_next_call() {
+        let Some(url) = url("PostgreSQL reconnection") else {
+            return;
+        };
+        let schema = fresh_schema();
+        let ledger = PostgresLedger::open(&url, Some(&schema)).unwrap();
+        let (first, json) = chained(0, 2, GENESIS_HASH);
+        ledger.append(&first, &json, &[]).unwrap();
+        cut_connections(&url, &schema);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(ledger.head().unwrap().seq, 2);
+        let (next, json) = chained(2, 1, &first[1].hash);
+        ledger.append(&next, &json, &uses(&[("g", 1)])).unwrap();
+        assert_eq!(ledger.read_after(0, 10).unwrap().len(), 3);
+    }
+
+    /// The AuditActor on a ledger another writer appended to (a replica,
+    /// or a commit whose answer was lost): the batch that collides fails
+    /// (its mint answers audit_unavailable), and the next one chains from
+    /// the ledger's head, so the chain goes on unforked.
+    #[actix_web::test]
+    async fn the_audit_actor_chains_from_the_ledgers_head_after_a_failed_commit() {
+        use actix::Actor;
+        use agentkeys_actors::audit::{
+            AuditActor, AuditSettings, MintEvent, Quorum, Record, UseChange,
+        };
+        let Some(url) = url("PostgreSQL head after a failed commit") else {
+            return;
+        };
+        let schema = fresh_schema();
+        let ledger = Arc::new(PostgresLedger::open(&url, Some(&schema)).unwrap());
+        let settings = AuditSettings {
+            mailbox_capacity: 16,
+            max_batch: 8,
+            quorum: Quorum::AllRequired,
+            sink_timeout: std::time::Duration::from_secs(1),
+        };
+        let head = ledger.head().unwrap();
+        let audit = AuditActor::new(settings, ledger.clone(), head, Vec::new()).start();
+        let record = |id: &str| {
+            let event = MintEvent {
+                outcome: Some(Outcome::Ok),
+                request_id: id.into(),
+                ..MintEvent::default()
+            };
+            audit.send(Record(event, UseChange::None))
+        };
+        assert_eq!(record("r-1").await.unwrap(), Ok(1));
+        // Another broker on the same database writes record 2.
+        let other = PostgresLedger::open(&url, Some(&schema)).unwrap();
+        let ours = other.read_after(0, 1).unwrap();
+        let (theirs, json) = chained(1, 1, &ours[0].hash);
+        other.append(&theirs, &json, &[]).unwrap();
+        let collided = record("r-2").await.unwrap();
+        assert!(collided.is_err(), "{collided:?}");
+        assert_eq!(record("r-3").await.unwrap(), Ok(3), "chained after theirs");
+        let all = ledger.read_after(0, 10).unwrap();
+        assert_eq!(all.len(), 3);
+        assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
+        assert!(all.iter().all(|r| r.hash == r.computed_hash()));
+        assert_eq!(all[2].request_id, "r-3");
     }
 }

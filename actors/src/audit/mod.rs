@@ -188,6 +188,15 @@ pub struct AuditSettings {
 
 type Reply = oneshot::Sender<Result<u64, AuditError>>;
 
+/// A ledger commit that failed, and where the ledger's chain ends after
+/// it (when it could be read): a commit whose answer was lost may have
+/// landed, and another writer may have appended, so the next batch chains
+/// from what the ledger holds, not from what this actor last wrote.
+pub struct LedgerFailure {
+    reason: String,
+    head: Option<ChainHead>,
+}
+
 pub struct AuditActor {
     settings: AuditSettings,
     /// The primary: every record is committed here first.
@@ -236,7 +245,7 @@ pub struct LedgerBatch {
 
 impl GroupCommit for AuditActor {
     type Batch = LedgerBatch;
-    type Written = Result<(), String>;
+    type Written = Result<(), LedgerFailure>;
     const STORE: &'static str = "ledger";
 
     fn committing(&mut self) -> &mut bool {
@@ -277,16 +286,19 @@ impl GroupCommit for AuditActor {
         })
     }
 
-    fn lost(reason: String) -> Result<(), String> {
-        Err(reason)
+    fn lost(reason: String) -> Result<(), LedgerFailure> {
+        Err(LedgerFailure { reason, head: None })
     }
 
-    fn writer(&self) -> impl FnOnce(&LedgerBatch) -> Result<(), String> + Send + 'static {
+    fn writer(&self) -> impl FnOnce(&LedgerBatch) -> Result<(), LedgerFailure> + Send + 'static {
         let ledger = self.ledger.clone();
         move |batch| {
             ledger
                 .append(&batch.records, &batch.encoded, &batch.uses)
-                .map_err(|e| e.to_string())
+                .map_err(|e| LedgerFailure {
+                    reason: e.to_string(),
+                    head: ledger.head().ok(),
+                })
         }
     }
 
@@ -295,7 +307,7 @@ impl GroupCommit for AuditActor {
     fn committed(
         &mut self,
         batch: LedgerBatch,
-        written: Result<(), String>,
+        written: Result<(), LedgerFailure>,
         ctx: &mut Context<Self>,
     ) {
         let LedgerBatch {
@@ -304,8 +316,15 @@ impl GroupCommit for AuditActor {
             head,
             ..
         } = batch;
-        if let Err(reason) = written {
+        if let Err(LedgerFailure { reason, head }) = written {
             tracing::error!(%reason, "audit ledger commit failed");
+            if let Some(head) = head.filter(|head| *head != self.head) {
+                tracing::warn!(
+                    seq = head.seq,
+                    "the ledger's chain ends elsewhere than this broker wrote: chaining from it"
+                );
+                self.head = head;
+            }
             let failed = AuditError::Ledger(reason);
             for (_, reply) in replies {
                 let _ = reply.send(Err(failed.clone()));

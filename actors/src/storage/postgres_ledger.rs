@@ -9,13 +9,19 @@
 //!
 //! tokio-postgres is asynchronous and the ledger's callers are not: the
 //! client runs on a small runtime of its own ([`BlockingRuntime`]). One
-//! connection writes (a transaction holds it), another reads (queries on
-//! it are pipelined).
+//! connection writes (a transaction holds it), another reads. A connection
+//! found closed (the server restarted, a network cut) is made again at the
+//! next call: while the server is away calls fail fast (connecting gives up
+//! after [`CONNECT_TIMEOUT`]), and once it is back the ledger works again,
+//! no restart needed. Nothing is retried here: a failed append may or may
+//! not have committed, and only the caller can tell (by reading the head).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
+use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, Config, NoTls};
 
 use super::redb_store::backend;
 use super::{follows, page, AuditLedger, StorageError, UseDelta};
@@ -46,11 +52,18 @@ const MIGRATION_LOCK: i64 = 0x6167_656e_746b_6579;
 /// Set in `audit_meta` once the grant store's counts were folded in.
 const USES_FOLDED: &str = "grant_uses_folded";
 
+/// The longest a connection attempt waits, unless the URL says otherwise;
+/// and how long sent data may stay unacknowledged before the connection
+/// counts as dead (a cut network hangs, it does not refuse).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 pub struct PostgresLedger {
     runtime: BlockingRuntime,
+    config: Config,
+    schema: Option<String>,
     /// A transaction needs the client to itself.
-    writer: tokio::sync::Mutex<Client>,
-    reader: Client,
+    writer: Mutex<Client>,
+    reader: Mutex<Client>,
 }
 
 impl PostgresLedger {
@@ -63,20 +76,49 @@ impl PostgresLedger {
                 "schema {schema:?}: lowercase letters, digits and _ only, not first a digit"
             )));
         }
+        let mut config: Config = url.parse().map_err(backend)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.tcp_user_timeout(CONNECT_TIMEOUT);
+        if config.get_application_name().is_none() {
+            // Who each connection is, in pg_stat_activity.
+            let name = schema.map_or("agentkeys-broker".into(), |s| {
+                format!("agentkeys-broker/{s}")
+            });
+            config.application_name(name);
+        }
         let runtime = BlockingRuntime::new("postgres").map_err(backend)?;
         let (mut writer, reader) = runtime
             .run(async {
-                let writer = connect(url, schema).await?;
-                let reader = connect(url, schema).await?;
+                let writer = connect(&config, schema).await?;
+                let reader = connect(&config, schema).await?;
                 Ok::<_, tokio_postgres::Error>((writer, reader))
             })
             .map_err(backend)?;
         runtime.run(migrate(&mut writer, schema))?;
         Ok(Self {
             runtime,
-            writer: tokio::sync::Mutex::new(writer),
-            reader,
+            config,
+            schema: schema.map(str::to_owned),
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
         })
+    }
+
+    /// `slot`'s client, connected again first if its connection closed.
+    async fn live<'a>(
+        &self,
+        slot: &'a Mutex<Client>,
+    ) -> Result<MutexGuard<'a, Client>, StorageError> {
+        let mut client = slot.lock().await;
+        if client.is_closed() {
+            *client = connect(&self.config, self.schema.as_deref())
+                .await
+                .map_err(backend)?;
+            tracing::info!("connected to PostgreSQL again");
+        }
+        Ok(client)
     }
 }
 
@@ -90,8 +132,8 @@ fn is_identifier(name: &str) -> bool {
 }
 
 /// A client whose connection runs on the current runtime.
-async fn connect(url: &str, schema: Option<&str>) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+async fn connect(config: &Config, schema: Option<&str>) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "a PostgreSQL connection ended");
@@ -173,10 +215,10 @@ const HEAD: &str = "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 
 
 impl AuditLedger for PostgresLedger {
     fn head(&self) -> Result<ChainHead, StorageError> {
-        let row = self
-            .runtime
-            .run(self.reader.query_opt(HEAD, &[]))
-            .map_err(backend)?;
+        let row = self.runtime.run(async {
+            let reader = self.live(&self.reader).await?;
+            reader.query_opt(HEAD, &[]).await.map_err(backend)
+        })?;
         Ok(row.map_or_else(ChainHead::genesis, |row| ChainHead {
             seq: seq_of(row.get(0)),
             hash: row.get(1),
@@ -195,7 +237,7 @@ impl AuditLedger for PostgresLedger {
         let (ids, deltas): (Vec<&str>, Vec<i64>) =
             uses.iter().map(|(id, delta)| (id.as_str(), *delta)).unzip();
         self.runtime.run(async {
-            let mut client = self.writer.lock().await;
+            let mut client = self.live(&self.writer).await?;
             let txn = client.transaction().await.map_err(backend)?;
             let head = txn
                 .query_opt(&format!("{HEAD} FOR UPDATE"), &[])
@@ -239,16 +281,15 @@ impl AuditLedger for PostgresLedger {
 
     fn grant_uses(&self) -> Result<Option<HashMap<String, u64>>, StorageError> {
         self.runtime.run(async {
-            let folded = self
-                .reader
+            let reader = self.live(&self.reader).await?;
+            let folded = reader
                 .query_opt("SELECT 1 FROM audit_meta WHERE name = $1", &[&USES_FOLDED])
                 .await
                 .map_err(backend)?;
             if folded.is_none() {
                 return Ok(None);
             }
-            let rows = self
-                .reader
+            let rows = reader
                 .query("SELECT grant_id, uses FROM audit_grant_uses", &[])
                 .await
                 .map_err(backend)?;
@@ -263,7 +304,7 @@ impl AuditLedger for PostgresLedger {
             .map(|(id, uses)| (id.as_str(), db_seq(*uses)))
             .unzip();
         self.runtime.run(async {
-            let mut client = self.writer.lock().await;
+            let mut client = self.live(&self.writer).await?;
             let txn = client.transaction().await.map_err(backend)?;
             txn.execute(
                 "INSERT INTO audit_grant_uses (grant_id, uses)
@@ -291,13 +332,16 @@ impl AuditLedger for PostgresLedger {
         keep: &dyn Fn(&AuditRecord) -> bool,
     ) -> Result<(Vec<AuditRecord>, u64), StorageError> {
         let scan = i64::try_from(max_scan).unwrap_or(i64::MAX);
-        let rows = self
-            .runtime
-            .run(self.reader.query(
-                "SELECT record FROM audit_records WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &[&db_seq(after), &scan],
-            ))
-            .map_err(backend)?;
+        let rows = self.runtime.run(async {
+            let reader = self.live(&self.reader).await?;
+            reader
+                .query(
+                    "SELECT record FROM audit_records WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&db_seq(after), &scan],
+                )
+                .await
+                .map_err(backend)
+        })?;
         let scanned = rows
             .iter()
             .map(|row| serde_json::from_slice(row.get(0)).map_err(backend));
