@@ -19,8 +19,8 @@ command=${1:-}
 dir=${2:-}
 [ -n "$command" ] && [ -n "$dir" ] || fail "usage: harness/postgres.sh start|stop DIR"
 
-bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-[ -x "$bin/initdb" ] || fail "no PostgreSQL server binaries (apt-get install postgresql)"
+bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+[ -n "$bin" ] && [ -x "$bin/initdb" ] || fail "no PostgreSQL server binaries (apt-get install postgresql)"
 
 # As the postgres user when this is root; as oneself otherwise.
 as_postgres() {
@@ -34,15 +34,21 @@ case "$command" in
     [ "$(id -u)" = 0 ] && chown postgres: "$dir"
     password=$(openssl rand -hex 16)
     port=$(free_port)
-    as_postgres sh -c "umask 077; printf '%s\n' '$password' > '$dir/pwfile'"
+    # Secrets go through stdin and the environment, never arguments (which
+    # any local user can read); paths as arguments, never inside code.
+    write_private() { as_postgres sh -c 'umask 077; cat > "$1"' sh "$1"; }
+    printf '%s\n' "$password" | write_private "$dir/pwfile"
     as_postgres "$bin/initdb" --pgdata "$dir/data" --username agentkeys --pwfile "$dir/pwfile" \
       --auth-host scram-sha-256 --auth-local scram-sha-256 --encoding UTF8 --no-instructions >/dev/null
     as_postgres rm -f "$dir/pwfile"
     as_postgres "$bin/pg_ctl" --pgdata "$dir/data" --log "$dir/server.log" --wait --silent \
-      --options "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$dir" start
+      --options "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$dir'" start
+    # A half-made server does not outlive a failure here.
+    trap 'as_postgres "$bin/pg_ctl" --pgdata "$dir/data" --wait --silent --mode fast stop || true' ERR
     PGPASSWORD=$password "$bin/createdb" --host 127.0.0.1 --port "$port" --username agentkeys agentkeys
+    trap - ERR
     url="postgres://agentkeys:$password@127.0.0.1:$port/agentkeys"
-    as_postgres sh -c "umask 077; printf '%s\n' '$url' > '$dir/url'"
+    printf '%s\n' "$url" | write_private "$dir/url"
     echo "export AGENTKEYS_TEST_POSTGRES_URL=$url"
     ;;
   stop)

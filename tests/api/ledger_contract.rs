@@ -110,6 +110,12 @@ fn contract(open: &dyn Fn() -> Arc<dyn AuditLedger>) {
         ledger.grant_uses().unwrap(),
         expected(&[("g1", 5), ("g2", 1), ("g3", 2)])
     );
+    ledger.fold_grant_uses(&[("g1".into(), 99)]).unwrap();
+    assert_eq!(
+        ledger.grant_uses().unwrap(),
+        expected(&[("g1", 5), ("g2", 1), ("g3", 2)]),
+        "folded once only"
+    );
     let (second, second_json) = chained(3, 2, &head.hash);
     let back = uses(&[("g1", -1), ("g3", -5), ("g4", 1)]);
     ledger.append(&second, &second_json, &back).unwrap();
@@ -173,8 +179,38 @@ mod postgres {
         };
         let schema = fresh_schema();
         contract(&|| Arc::new(PostgresLedger::open(&url, Some(&schema)).unwrap()));
-        // Two brokers on one database: the second sees the first's chain,
-        // and a batch the first already wrote is refused to it.
+        // Two brokers on one database, each its own connections, racing
+        // for the same batch: from an empty ledger (no head row to meet
+        // at) and from a full one. One lands; the other is refused.
+        for schema in [fresh_schema(), schema.clone()] {
+            let brokers = [
+                PostgresLedger::open(&url, Some(&schema)).unwrap(),
+                PostgresLedger::open(&url, Some(&schema)).unwrap(),
+            ];
+            let head = brokers[0].head().unwrap();
+            let (next, json) = chained(head.seq, 2, &head.hash);
+            let start = std::sync::Barrier::new(2);
+            let race: Vec<_> = std::thread::scope(|scope| {
+                let racers: Vec<_> = brokers
+                    .iter()
+                    .map(|broker| {
+                        let (start, next, json) = (&start, &next, &json);
+                        scope.spawn(move || {
+                            start.wait();
+                            broker.append(next, json, &uses(&[("raced", 1)]))
+                        })
+                    })
+                    .collect();
+                racers.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            assert_eq!(race.iter().filter(|o| o.is_ok()).count(), 1, "{race:?}");
+            assert!(race
+                .iter()
+                .any(|o| matches!(o, Err(StorageError::Conflict))));
+            assert_eq!(brokers[1].head().unwrap().seq, head.seq + 2);
+        }
+        // The second sees the first's chain, and a batch the first already
+        // wrote is refused to it.
         let one = PostgresLedger::open(&url, Some(&schema)).unwrap();
         let two = PostgresLedger::open(&url, Some(&schema)).unwrap();
         let head = one.head().unwrap();
@@ -221,6 +257,28 @@ mod postgres {
         url
     }
 
+    /// `sql` run by psql (the PostgreSQL client) on `url`: its output. The
+    /// connection goes in PG* variables, so the password is in no process's
+    /// arguments.
+    fn psql(url: &str, sql: &str) -> String {
+        let url = reqwest::Url::parse(url).expect("a postgres:// URL");
+        let ran = std::process::Command::new("psql")
+            .args(["-Atc", sql])
+            .env("PGHOST", url.host_str().unwrap_or("127.0.0.1"))
+            .env("PGPORT", url.port().unwrap_or(5432).to_string())
+            .env("PGUSER", url.username())
+            .env("PGPASSWORD", url.password().unwrap_or_default())
+            .env("PGDATABASE", url.path().trim_start_matches('/'))
+            .output()
+            .expect("psql (the PostgreSQL client) runs");
+        assert!(
+            ran.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        String::from_utf8_lossy(&ran.stdout).trim().to_owned()
+    }
+
     /// Ends every connection the ledger on `schema` holds, from the
     /// server's side (as a server restart or a cut network does).
     fn cut_connections(url: &str, schema: &str) {
@@ -228,12 +286,7 @@ mod postgres {
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
              WHERE application_name = 'agentkeys-broker/{schema}'"
         );
-        let cut = std::process::Command::new("psql")
-            .args([url, "-Atc", &sql])
-            .output()
-            .expect("psql (the PostgreSQL client) runs");
-        let cut = String::from_utf8_lossy(&cut.stdout);
-        assert_eq!(cut.trim(), "2", "the writer's and the reader's: {cut}");
+        assert_eq!(psql(url, &sql), "2", "the writer's and the reader's");
     }
 
     /// Connections lost under the ledger are made again at its next call:
@@ -300,5 +353,16 @@ mod postgres {
         assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
         assert!(all.iter().all(|r| r.hash == r.computed_hash()));
         assert_eq!(all[2].request_id, "r-3");
+
+        // A ledger that ends before what this broker wrote (a restored
+        // database): never chained from, which would fork the chain the
+        // sinks already hold. Mints fail until an operator looks.
+        psql(
+            &url,
+            &format!("DELETE FROM \"{schema}\".audit_records WHERE seq = 3"),
+        );
+        assert!(record("r-4").await.unwrap().is_err());
+        assert!(record("r-5").await.unwrap().is_err(), "still refused");
+        assert_eq!(ledger.head().unwrap().seq, 2);
     }
 }

@@ -316,14 +316,39 @@ impl GroupCommit for AuditActor {
             head,
             ..
         } = batch;
-        if let Err(LedgerFailure { reason, head }) = written {
+        // A commit whose answer was lost but which landed: the ledger ends
+        // at this batch's own last record (its hash covers its contents).
+        let written = match written {
+            Err(LedgerFailure {
+                head: Some(found), ..
+            }) if found == head => Ok(()),
+            written => written,
+        };
+        if let Err(LedgerFailure {
+            reason,
+            head: found,
+        }) = written
+        {
             tracing::error!(%reason, "audit ledger commit failed");
-            if let Some(head) = head.filter(|head| *head != self.head) {
-                tracing::warn!(
-                    seq = head.seq,
-                    "the ledger's chain ends elsewhere than this broker wrote: chaining from it"
-                );
-                self.head = head;
+            match found {
+                // Another writer (or a commit of ours) went further:
+                // chain after what the ledger holds.
+                Some(found) if found.seq > self.head.seq => {
+                    tracing::warn!(
+                        seq = found.seq,
+                        "the ledger's chain goes on past what this broker wrote: chaining from it"
+                    );
+                    self.head = found;
+                }
+                // Never backwards: a ledger behind this broker (a restored
+                // database, a lagging server) would fork the chain. Every
+                // batch fails until an operator looks.
+                Some(found) if found != self.head => tracing::error!(
+                    ledger_seq = found.seq,
+                    broker_seq = self.head.seq,
+                    "the ledger's chain ends before this broker's: refusing to fork it"
+                ),
+                _ => {}
             }
             let failed = AuditError::Ledger(reason);
             for (_, reply) in replies {

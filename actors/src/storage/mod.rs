@@ -82,6 +82,8 @@ pub trait AuditLedger: Send + Sync + 'static {
     fn grant_uses(&self) -> Result<Option<HashMap<String, u64>>, StorageError>;
     /// Once, when a data directory from before uses rode the ledger opens:
     /// the grant store's counts become the ledger's, durably and at once.
+    /// Later calls change nothing (brokers that start at once may both
+    /// try).
     fn fold_grant_uses(&self, base: &[(String, u64)]) -> Result<(), StorageError>;
     /// Up to `limit` records after `after` that `keep` accepts, looking at
     /// no more than `max_scan` records; with the last seq looked at, where

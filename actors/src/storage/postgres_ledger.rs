@@ -1,9 +1,10 @@
 //! `PostgresLedger`: the audit ledger ([`AuditLedger`]) in PostgreSQL, for
 //! brokers that share one database. Each batch is one transaction: the
-//! head row locked, the records inserted in one statement, the use counts
-//! changed; a batch that does not follow the head (another broker wrote
-//! first) is a `Conflict` and writes nothing, and two brokers racing for
-//! the same `seq` meet at its primary key. The schema is versioned and
+//! head read, the records inserted in one statement, the use counts
+//! changed. A batch that does not follow the head it read (another broker
+//! wrote first) is a `Conflict` and writes nothing; two brokers that read
+//! the same head and race meet at the next `seq`'s primary key, where the
+//! loser's transaction fails (`Conflict`) and writes nothing either. The schema is versioned and
 //! migrated at open under an advisory lock, so brokers that start at once
 //! apply each migration once.
 //!
@@ -57,6 +58,12 @@ const USES_FOLDED: &str = "grant_uses_folded";
 /// counts as dead (a cut network hangs, it does not refuse).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Server-side bounds on one statement, a lock wait and an idle
+/// transaction (ms), so a stalled server or another broker's stuck
+/// transaction fails a batch instead of holding every mint.
+const SESSION_LIMITS: &str =
+    "-c statement_timeout=5000 -c lock_timeout=5000 -c idle_in_transaction_session_timeout=10000";
+
 pub struct PostgresLedger {
     runtime: BlockingRuntime,
     config: Config,
@@ -81,6 +88,11 @@ impl PostgresLedger {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.tcp_user_timeout(CONNECT_TIMEOUT);
+        config.keepalives_idle(Duration::from_secs(10));
+        let options = config
+            .get_options()
+            .map_or(String::new(), |o| format!("{o} "));
+        config.options(format!("{options}{SESSION_LIMITS}"));
         if config.get_application_name().is_none() {
             // Who each connection is, in pg_stat_activity.
             let name = schema.map_or("agentkeys-broker".into(), |s| {
@@ -140,10 +152,11 @@ async fn connect(config: &Config, schema: Option<&str>) -> Result<Client, tokio_
         }
     });
     if let Some(schema) = schema {
-        // An identifier (checked), so it may be spliced in. The schema is
-        // made under the migration lock.
+        // An identifier (checked), quoted, so it may be spliced in (and a
+        // keyword is a name too). The schema is made under the migration
+        // lock.
         client
-            .batch_execute(&format!("SET search_path TO {schema}"))
+            .batch_execute(&format!("SET search_path TO \"{schema}\""))
             .await?;
     }
     Ok(client)
@@ -158,7 +171,7 @@ async fn migrate(client: &mut Client, schema: Option<&str>) -> Result<(), Storag
         .await
         .map_err(backend)?;
     if let Some(schema) = schema {
-        txn.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        txn.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
             .await
             .map_err(backend)?;
     }
@@ -239,10 +252,7 @@ impl AuditLedger for PostgresLedger {
         self.runtime.run(async {
             let mut client = self.live(&self.writer).await?;
             let txn = client.transaction().await.map_err(backend)?;
-            let head = txn
-                .query_opt(&format!("{HEAD} FOR UPDATE"), &[])
-                .await
-                .map_err(backend)?;
+            let head = txn.query_opt(HEAD, &[]).await.map_err(backend)?;
             let head = head.map_or_else(ChainHead::genesis, |row| ChainHead {
                 seq: seq_of(row.get(0)),
                 hash: row.get(1),
@@ -306,20 +316,26 @@ impl AuditLedger for PostgresLedger {
         self.runtime.run(async {
             let mut client = self.live(&self.writer).await?;
             let txn = client.transaction().await.map_err(backend)?;
-            txn.execute(
-                "INSERT INTO audit_grant_uses (grant_id, uses)
-                 SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[])
-                 ON CONFLICT (grant_id) DO UPDATE SET uses = EXCLUDED.uses",
-                &[&ids, &counts],
-            )
-            .await
-            .map_err(backend)?;
-            txn.execute(
-                "INSERT INTO audit_meta (name, value) VALUES ($1, 1) ON CONFLICT (name) DO NOTHING",
-                &[&USES_FOLDED],
-            )
-            .await
-            .map_err(backend)?;
+            // Once: a broker that lost the race to fold finds it done and
+            // leaves the counts (raised since by the first one's appends).
+            let first = txn
+                .query_opt(
+                    "INSERT INTO audit_meta (name, value) VALUES ($1, 1)
+                     ON CONFLICT (name) DO NOTHING RETURNING 1",
+                    &[&USES_FOLDED],
+                )
+                .await
+                .map_err(backend)?;
+            if first.is_some() {
+                txn.execute(
+                    "INSERT INTO audit_grant_uses (grant_id, uses)
+                     SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[])
+                     ON CONFLICT (grant_id) DO UPDATE SET uses = EXCLUDED.uses",
+                    &[&ids, &counts],
+                )
+                .await
+                .map_err(backend)?;
+            }
             txn.commit().await.map_err(backend)
         })
     }

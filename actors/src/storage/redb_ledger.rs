@@ -119,12 +119,15 @@ impl AuditLedger for RedbLedger {
     fn fold_grant_uses(&self, base: &[(String, u64)]) -> Result<(), StorageError> {
         let txn = self.db.begin_write().map_err(backend)?;
         {
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            // Once: the counts have moved on since.
+            if meta.insert(USES_FOLDED, 1).map_err(backend)?.is_some() {
+                return Ok(());
+            }
             let mut counts = txn.open_table(GRANT_USES).map_err(backend)?;
             for (grant_id, uses) in base {
                 counts.insert(grant_id.as_str(), *uses).map_err(backend)?;
             }
-            let mut meta = txn.open_table(META).map_err(backend)?;
-            meta.insert(USES_FOLDED, 1).map_err(backend)?;
         }
         txn.commit().map_err(backend)
     }
