@@ -6,7 +6,7 @@
 //! needing no broker at all.
 
 #[cfg(feature = "audit-evm")]
-use agentkeys_actors::audit::evm::chain::{self, AnchorChain, ChainError, MinedTx, TxState};
+use agentkeys_actors::audit::evm::chain::{self, AnchorChain, ChainError, MinedTx};
 #[cfg(feature = "audit-evm")]
 use agentkeys_actors::audit::proof::RecordProof;
 use agentkeys_actors::audit::verify::{verify, VerifyReport};
@@ -185,15 +185,7 @@ fn anchored_at(expected: &ExpectedChain, tx: &str, data: &str) -> Result<MinedTx
         .map_err(text)?
         .expecting_chain(Some(expected.chain_id));
     chain.check_chain_id().map_err(text)?;
-    let hash = tx
-        .parse()
-        .map_err(|_| format!("{tx} is not a transaction hash"))?;
-    let mined = match chain.find(hash).map_err(text)? {
-        TxState::Mined(mined) => mined,
-        TxState::Pending(_) | TxState::Unknown => {
-            return Err(format!("transaction {tx} is not mined on this chain"))
-        }
-    };
+    let mined = chain.mined(tx).map_err(text)?;
     if mined.from != from {
         return Err(format!(
             "transaction {tx} was sent by {}, not the anchoring account {from}",

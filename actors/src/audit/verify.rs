@@ -289,7 +289,6 @@ fn on_chain(
     anchor: &super::evm::Anchor,
     tx: &str,
 ) -> Result<(), String> {
-    use super::evm::chain::TxState;
     let through = anchor.contract.as_deref().map(str::to_lowercase);
     let sinks = chain.contract().map(|c| c.to_string().to_lowercase());
     if through != sinks {
@@ -298,15 +297,7 @@ fn on_chain(
         ));
     }
     let data = anchor.chain_data().ok_or("an unknown anchor format")?;
-    let hash = tx
-        .parse()
-        .map_err(|_| format!("{tx} is not a transaction hash"))?;
-    let mined = match chain.find(hash).map_err(|e| chain.describe(&e))? {
-        TxState::Mined(mined) => mined,
-        TxState::Pending(_) | TxState::Unknown => {
-            return Err(format!("transaction {tx} is not on chain"))
-        }
-    };
+    let mined = chain.mined(tx).map_err(|e| chain.describe(&e))?;
     mined
         .carries(chain.from(), Some(chain.to()), &data)
         .map_err(|why| format!("transaction {tx} {why}"))?;

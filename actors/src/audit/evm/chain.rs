@@ -297,6 +297,19 @@ impl AnchorChain {
         })
     }
 
+    /// Transaction `tx` (hex) as mined in the canonical chain; an error
+    /// when it is not a hash, or not (or no longer) mined.
+    pub fn mined(&self, tx: &str) -> Result<MinedTx, ChainError> {
+        let not_mined = |why: &str| ChainError::Contract(format!("transaction {tx} {why}"));
+        let hash = tx
+            .parse()
+            .map_err(|_| not_mined("is not a transaction hash"))?;
+        match self.find(hash)? {
+            TxState::Mined(mined) => Ok(mined),
+            TxState::Pending(_) | TxState::Unknown => Err(not_mined("is not mined on this chain")),
+        }
+    }
+
     /// Where `tx` stands: unknown, pending, or mined in a block that is
     /// still the chain's at its height, and how deep.
     pub fn find(&self, tx: TxHash) -> Result<TxState, ChainError> {
