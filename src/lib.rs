@@ -32,4 +32,5 @@ pub mod routes;
 pub mod session_auth;
 pub mod settings;
 pub mod startup;
+pub mod stores;
 pub mod telemetry;

@@ -135,19 +135,93 @@ impl Default for ServerSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSettings {
+    /// Where agents, grants and the audit ledger are kept.
+    pub backend: StorageBackend,
     /// Holds the redb files, the signing keys and the admin token.
     pub data_dir: PathBuf,
     /// Page cache of each redb file (agents, grants, audit ledger): most
     /// of the memory a large store takes.
     pub cache_mib: usize,
+    /// The database, with `backend = "postgres"`.
+    pub postgres: Option<PostgresStorage>,
 }
 
 impl Default for StorageSettings {
     fn default() -> Self {
         Self {
+            backend: StorageBackend::default(),
             data_dir: PathBuf::from("./data"),
             cache_mib: 64,
+            postgres: None,
         }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// redb files in the data directory: one broker.
+    #[default]
+    Redb,
+    /// A PostgreSQL database (feature `postgres`).
+    Postgres,
+}
+
+/// `[storage.postgres]`.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresStorage {
+    /// `postgres://user@host:port/database`; a password here is accepted
+    /// but belongs in `password_file`.
+    pub url: String,
+    /// A file (0600) holding the password.
+    pub password_file: Option<PathBuf>,
+    /// The schema the tables live in (made if absent).
+    pub schema: Option<String>,
+    /// Connections at most.
+    pub pool_size: usize,
+    /// A connection attempt (and unacknowledged data on a live one) gives
+    /// up after this long.
+    pub connect_timeout_ms: u64,
+    /// The server cancels a statement or a lock wait after this long, and
+    /// a call waits at most this long for a free connection.
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for PostgresStorage {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            password_file: None,
+            schema: None,
+            pool_size: 8,
+            connect_timeout_ms: 1_000,
+            statement_timeout_ms: 1_500,
+        }
+    }
+}
+
+/// Without the URL's password: settings are printed.
+impl std::fmt::Debug for PostgresStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match self.url.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('@') {
+                Some((user, host)) => {
+                    let user = user.split(':').next().unwrap_or_default();
+                    format!("{scheme}://{user}@{host}")
+                }
+                None => self.url.clone(),
+            },
+            None => "(not a URL)".into(),
+        };
+        f.debug_struct("PostgresStorage")
+            .field("url", &url)
+            .field("password_file", &self.password_file)
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
     }
 }
 
@@ -652,6 +726,40 @@ impl Settings {
         if self.storage.cache_mib == 0 {
             return invalid("storage.cache_mib must be at least 1");
         }
+        match (self.storage.backend, &self.storage.postgres) {
+            (StorageBackend::Postgres, _) if !cfg!(feature = "postgres") => {
+                return invalid(
+                    "storage.backend = \"postgres\": this broker was built without the postgres feature",
+                )
+            }
+            (StorageBackend::Postgres, None) => {
+                return invalid("storage.backend = \"postgres\" needs a [storage.postgres] section")
+            }
+            (StorageBackend::Postgres, Some(pg))
+                if pg.url.is_empty()
+                    || pg.pool_size == 0
+                    || pg.connect_timeout_ms == 0
+                    || pg.statement_timeout_ms == 0 =>
+            {
+                return invalid(
+                    "storage.postgres needs a url, and pool_size, connect_timeout_ms and statement_timeout_ms above 0",
+                )
+            }
+            // A database that hangs must fail a commit before the mint
+            // waiting on it gives up: it answers audit_unavailable then.
+            (StorageBackend::Postgres, Some(pg))
+                if pg.statement_timeout_ms >= self.actors.send_timeout_ms
+                    || pg.connect_timeout_ms >= self.actors.send_timeout_ms =>
+            {
+                return invalid(
+                    "storage.postgres.statement_timeout_ms and connect_timeout_ms must be below actors.send_timeout_ms",
+                )
+            }
+            (StorageBackend::Redb, Some(_)) => {
+                return invalid("[storage.postgres] is set but storage.backend is not \"postgres\"")
+            }
+            _ => {}
+        }
         // A listen address that cannot be an address is a configuration
         // mistake (exit 3), not a port someone else holds (exit 5).
         let addresses = std::iter::once(("server.bind", Some(&self.server.bind))).chain(
@@ -866,6 +974,41 @@ mod tests {
         assert_eq!((s.rate_limit.per_second, s.rate_limit.burst), (250, 500));
         assert!(matches!(refused, Err(SettingsError::Invalid(_))));
         assert!(typo.is_err(), "an unknown key is an error, not ignored");
+    }
+
+    /// The database is chosen and tuned from the environment like the
+    /// rest, and the URL's password never shows where settings are
+    /// printed.
+    #[test]
+    fn postgres_comes_from_the_environment_and_its_password_is_never_printed() {
+        let _env = ENVIRONMENT.lock().unwrap();
+        let vars = [
+            ("AGENTKEYS__STORAGE__BACKEND", "postgres"),
+            (
+                "AGENTKEYS__STORAGE__POSTGRES__URL",
+                "postgres://broker:s3cret-pw@db.internal:5432/agentkeys",
+            ),
+            ("AGENTKEYS__STORAGE__POSTGRES__POOL_SIZE", "16"),
+        ];
+        for (key, value) in vars {
+            std::env::set_var(key, value);
+        }
+        let loaded = Settings::load(None);
+        for (key, _) in vars {
+            std::env::remove_var(key);
+        }
+        if !cfg!(feature = "postgres") {
+            let refused = loaded.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(refused.contains("postgres feature"), "{refused}");
+            return;
+        }
+        let s = loaded.unwrap();
+        assert_eq!(s.storage.backend, StorageBackend::Postgres);
+        let pg = s.storage.postgres.as_ref().unwrap();
+        assert_eq!((pg.pool_size, pg.statement_timeout_ms), (16, 1_500));
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("broker@db.internal:5432"), "{printed}");
     }
 
     #[test]

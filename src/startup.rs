@@ -21,10 +21,7 @@ use agentkeys_actors::mint::{MintFlow, MintPolicy};
 use agentkeys_actors::rate_limit::{self, RateLimitActor};
 use agentkeys_actors::sealing::{Sealer, SealingError};
 use agentkeys_actors::signer::{SignerPool, SignerPoolSettings};
-use agentkeys_actors::storage::redb_ledger::RedbLedger;
-use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
-use agentkeys_actors::storage::AuditLedger;
-use agentkeys_actors::storage::{GrantStore, StorageError};
+use agentkeys_actors::storage::{AuditLedger, GrantStore, StorageError};
 use agentkeys_actors::system::Actors;
 use agentkeys_actors::token::Token;
 
@@ -33,6 +30,7 @@ use crate::listen::client_address::TrustedProxies;
 use crate::listen::{request_context, tls, ListenError, Listener, Listeners};
 use crate::routes::Serves;
 use crate::settings::{Settings, SettingsError, SignerKind};
+use crate::stores::Stores;
 use crate::{body_deadline, routes, telemetry};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,9 +77,6 @@ impl StartupError {
         }
     }
 }
-
-/// The audit ledger's file in the data directory.
-pub const LEDGER_FILE: &str = "audit.redb";
 
 /// What every route may need, shared read-only by the HTTP workers.
 pub struct BrokerState {
@@ -325,19 +320,11 @@ fn start_actors(
     let sinks = open_sinks(&sinks, &sealer).map_err(StartupError::AuditSinks)?;
     // Every store opens before any actor starts: a start that fails
     // stops before anything runs.
-    let agents = Arc::new(RedbAgentStore::open(
-        &data_dir.join("agents.redb"),
-        settings.cache_bytes(),
-    )?);
-    let grant_store = Arc::new(RedbGrantStore::open(
-        &data_dir.join("grants.redb"),
-        settings.cache_bytes(),
-        sealer.clone(),
-    )?);
-    let ledger: Arc<dyn AuditLedger> = Arc::new(RedbLedger::open(
-        &data_dir.join(LEDGER_FILE),
-        settings.cache_bytes(),
-    )?);
+    let Stores {
+        agents,
+        grants: grant_store,
+        ledger,
+    } = Stores::open(settings, &sealer)?;
     let head = ledger.head()?;
     let held_uses = held_grant_uses(ledger.as_ref(), grant_store.as_ref())?;
     let retry = Duration::from_secs(audit_settings.retry_interval_seconds.max(1));

@@ -13,13 +13,11 @@ use agentkeys_actors::audit::verify::{verify, VerifyReport};
 use agentkeys_actors::grant::receipt::{check_receipts, ReceiptCheck};
 use agentkeys_actors::keys::KEYRING_FILE;
 use agentkeys_actors::sealing::Sealer;
-use agentkeys_actors::storage::redb_ledger::RedbLedger;
-use agentkeys_actors::storage::redb_store::RedbGrantStore;
 use agentkeys_actors::storage::GrantStore;
 use serde::Serialize;
 
 use crate::settings::Settings;
-use crate::startup::LEDGER_FILE;
+use crate::stores::Stores;
 
 /// The audit chain and its sinks, and the grants' receipts.
 #[derive(Debug, Serialize)]
@@ -32,15 +30,17 @@ pub struct OfflineReport {
 
 pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
     let data_dir = &settings.storage.data_dir;
-    let path = data_dir.join(LEDGER_FILE);
-    if !path.exists() {
-        return Err(format!("no audit ledger at {}", path.display()));
+    let sealing_key = &settings.secrets.sealing_key_file;
+    let mut needed = Stores::expected_files(settings);
+    needed.extend([data_dir.join(KEYRING_FILE), sealing_key.clone()]);
+    for needed in &needed {
+        if !needed.exists() {
+            return Err(format!("{} is missing", needed.display()));
+        }
     }
-    let ledger = RedbLedger::open(&path, settings.cache_bytes()).map_err(|e| {
-        format!(
-            "{}: {e} (if the broker is running, use GET /v1/admin/audit/verify)",
-            path.display()
-        )
+    let sealer = Sealer::load_or_generate(sealing_key, data_dir).map_err(|e| e.to_string())?;
+    let stores = Stores::open(settings, &sealer).map_err(|e| {
+        format!("the stores: {e} (if the broker is running, use GET /v1/admin/audit/verify)")
     })?;
     let sinks: Vec<_> = settings
         .audit
@@ -48,8 +48,8 @@ pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
         .iter()
         .map(|s| s.resolved(data_dir))
         .collect();
-    let audit = verify(&ledger, &sinks);
-    let receipts = receipts_of(settings)?;
+    let audit = verify(stores.ledger.as_ref(), &sinks);
+    let receipts = receipts_of(settings, &sealer, stores.grants.as_ref())?;
     Ok(OfflineReport {
         ok: audit.ok && receipts.ok,
         audit,
@@ -59,20 +59,13 @@ pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
 
 /// Every stored grant with a receipt: the receipt verifies against the
 /// receipt keys and states the grant's terms as stored.
-fn receipts_of(settings: &Settings) -> Result<ReceiptCheck, String> {
-    let data_dir = &settings.storage.data_dir;
-    let grants_file = data_dir.join("grants.redb");
-    let sealing_key = &settings.secrets.sealing_key_file;
-    for needed in [&grants_file, &data_dir.join(KEYRING_FILE), sealing_key] {
-        if !needed.exists() {
-            return Err(format!("{} is missing", needed.display()));
-        }
-    }
-    let sealer = Sealer::load_or_generate(sealing_key, data_dir).map_err(|e| e.to_string())?;
-    let ring = crate::startup::key_ring(settings, &sealer).map_err(|e| e.to_string())?;
+fn receipts_of(
+    settings: &Settings,
+    sealer: &Sealer,
+    store: &dyn GrantStore,
+) -> Result<ReceiptCheck, String> {
+    let ring = crate::startup::key_ring(settings, sealer).map_err(|e| e.to_string())?;
     let keys = serde_json::from_value(ring.receipt_jwks()).map_err(|e| e.to_string())?;
-    let store = RedbGrantStore::open(&grants_file, settings.cache_bytes(), sealer)
-        .map_err(|e| format!("{}: {e}", grants_file.display()))?;
     let (grants, _) = store.load().map_err(|e| e.to_string())?;
     Ok(check_receipts(&grants, &keys, &ring.describe()))
 }

@@ -3,6 +3,8 @@
 use actix_web::{get, web, HttpResponse};
 use serde_json::json;
 
+use agentkeys_actors::audit::CheckLedger;
+
 use crate::error::with_causes;
 use crate::startup::BrokerState;
 
@@ -16,9 +18,10 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-/// Every actor of the mint path is running, and the OIDC signer signs (a
-/// token or KMS can be away while every actor runs): `signer_unavailable`
-/// says why when it does not.
+/// Every actor of the mint path is running, the OIDC signer signs and the
+/// audit ledger answers (a token, KMS or a database can be away while every
+/// actor runs): `signer_unavailable` and `storage_unavailable` say why when
+/// they do not.
 #[get("/readyz")]
 async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
     let p = &state.actors;
@@ -30,12 +33,18 @@ async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
         ("audit", p.audit.connected()),
     ];
     let running = actors.iter().all(|(_, up)| *up);
-    let signer = if running {
-        p.signer.signer_ready().await
+    let (signer, ledger) = if running {
+        let ledger = async {
+            match p.audit.ask(CheckLedger).await {
+                Ok(answer) => answer.map_err(|e| e.to_string()),
+                Err(overloaded) => Err(overloaded.to_string()),
+            }
+        };
+        futures_util::join!(p.signer.signer_ready(), ledger)
     } else {
-        Ok(())
+        (Ok(()), Ok(()))
     };
-    let ready = running && signer.is_ok();
+    let ready = running && signer.is_ok() && ledger.is_ok();
     let mut body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "actors": actors.iter().map(|(n, up)| (n.to_string(), json!(up))).collect::<serde_json::Map<_, _>>(),
@@ -47,6 +56,12 @@ async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
             "the {} does not sign; the broker's log says why",
             down.signer()
         ));
+    }
+    if let Err(cause) = ledger {
+        // The cause may name the database's host: the log has it.
+        tracing::warn!(cause = %cause, "not ready: the audit ledger does not answer");
+        body["storage_unavailable"] =
+            json!("the audit ledger's storage does not answer; the broker's log says why");
     }
     if ready {
         HttpResponse::Ok().json(body)

@@ -9,7 +9,7 @@ use agentkeys_broker::startup::{Application, StartupError};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{spawn_app, spawn_app_with};
+use crate::helpers::{on_redb, spawn_app_with};
 
 /// Every file under `dir`, with its mode.
 fn files_with_modes(dir: &Path, found: &mut Vec<(std::path::PathBuf, u32)>) {
@@ -41,6 +41,9 @@ async fn the_data_directory_is_owner_only_and_holds_no_live_jwt_or_private_key()
     // The admin token is kept elsewhere, as the runbook says to in
     // production (by default it is generated in the data directory).
     let app = spawn_app_with(|s| {
+        // The data directory's files (PostgreSQL seals its stored answers
+        // the same way: tests/api/store_contract.rs).
+        on_redb(s);
         let token = s.storage.data_dir.parent().unwrap().join("admin.token");
         std::fs::write(&token, "an-admin-token-kept-elsewhere\n").unwrap();
         s.admin.token_file = Some(token);
@@ -98,7 +101,7 @@ async fn the_data_directory_is_owner_only_and_holds_no_live_jwt_or_private_key()
 
 #[actix_web::test]
 async fn a_wide_data_directory_is_tightened_and_a_readable_or_misplaced_sealing_key_is_refused() {
-    let mut app = spawn_app().await;
+    let mut app = spawn_app_with(on_redb).await;
     app.stop();
     let mut settings = app.settings.clone();
     let data = settings.storage.data_dir.clone();

@@ -421,7 +421,10 @@ fn tamper_lines(file: &std::path::Path, change: impl Fn(usize, String) -> Option
 /// a real gap: sink entries beyond the ledger's head were skipped.
 #[actix_web::test]
 async fn audit_verify_finds_each_kind_of_tampering_and_exits_1() {
+    // Copies and edits redb files (on PostgreSQL:
+    // tests/api/postgres_backend.rs).
     let mut app = spawn_app_with(|s| {
+        crate::helpers::on_redb(s);
         s.audit.sinks = sinks(json!([
             { "kind": "jsonl", "required": true },
             { "kind": "evm", "interval_seconds": 1 },
@@ -438,7 +441,8 @@ async fn audit_verify_finds_each_kind_of_tampering_and_exits_1() {
     .await;
     app.stop();
     let sealing_key = app.settings.secrets.sealing_key_file.clone();
-    let (ok, report) = crate::process::verify_offline(app.data_dir(), &sealing_key);
+    let (ok, report) =
+        crate::process::verify_offline(app.data_dir(), &sealing_key, crate::process::KeptOn::Redb);
     assert!(ok, "the untouched trail verifies: {report}");
 
     type Tamper = Box<dyn Fn(&std::path::Path)>;
@@ -492,7 +496,8 @@ async fn audit_verify_finds_each_kind_of_tampering_and_exits_1() {
         let data = copy.path().join("data");
         copy_dir(app.data_dir(), &data);
         tamper(&data);
-        let (ok, report) = crate::process::verify_offline(&data, &sealing_key);
+        let (ok, report) =
+            crate::process::verify_offline(&data, &sealing_key, crate::process::KeptOn::Redb);
         assert!(!ok, "{what} verified: {report}");
         assert!(report.to_string().contains(expected), "{what}: {report}");
     }

@@ -65,7 +65,11 @@ async fn kill_9_during_a_burst_loses_no_released_jwt() {
 
     broker.kill().unwrap();
     broker.wait().unwrap();
-    let (ok, report) = verify_offline(&run.data, &crate::process::sealing_key_beside(&run.data));
+    let (ok, report) = verify_offline(
+        &run.data,
+        &crate::process::sealing_key_beside(&run.data),
+        crate::process::KeptOn::TheSuitesBackend,
+    );
     assert!(ok, "audit verify: {report}");
     eprintln!(
         "after restart: {} audit records verify, {} grant uses",

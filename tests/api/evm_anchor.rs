@@ -342,15 +342,16 @@ async fn the_evm_anchor_writes_roots_to_the_chain_and_verify_confirms_them() {
             "[[audit.sinks]]\nkind = \"evm\"\nrpc_url = \"{url}\"\nfrom = \"{from}\"\nto = \"{to}\"\nchain_id = {chain_id}\n"
         );
         std::fs::write(&config, sink).unwrap();
-        let verify = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"))
+        let mut verify = Command::new(env!("CARGO_BIN_EXE_agentkeys-broker"));
+        verify
             .args(["audit", "verify", "--config"])
             .arg(&config)
             .arg("--data-dir")
             .arg(app.data_dir())
             .arg("--sealing-key-file")
-            .arg(&app.settings.secrets.sealing_key_file)
-            .output()
-            .unwrap();
+            .arg(&app.settings.secrets.sealing_key_file);
+        crate::process::on_test_database(&mut verify, app.data_dir());
+        let verify = verify.output().unwrap();
         let offline: Value = serde_json::from_slice(&verify.stdout).unwrap();
         (verify.status.success(), offline)
     };

@@ -12,7 +12,7 @@ use agentkeys_actors::storage::{GrantChanges, GrantStore};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app, spawn_app_with, TestApp};
+use crate::helpers::{on_redb, spawn_app, spawn_app_with, TestApp};
 
 fn intent() -> Value {
     json!({ "service": "s3", "scope_path": "uses/" })
@@ -75,7 +75,8 @@ async fn a_use_given_back_after_its_record_was_held_stays_given_back_after_a_res
 
 #[actix_web::test]
 async fn a_data_dir_from_before_uses_rode_the_ledger_keeps_its_counts() {
-    let app = spawn_app().await;
+    // Only redb data directories are that old.
+    let app = spawn_app_with(on_redb).await;
     let agent = app.register_agent("upgraded").await;
     let grant = app.grant(&agent, "s3", "uses/", Some(2)).await;
     let session = app.login(&agent).await;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use agentkeys_broker::settings::Settings;
+use agentkeys_broker::settings::{PostgresStorage, Settings, StorageBackend};
 use agentkeys_broker::startup::Application;
 use ed25519_dalek::{Signer, SigningKey};
 use jsonwebtoken::jwk::JwkSet;
@@ -69,6 +69,48 @@ impl Reply {
     }
 }
 
+/// The PostgreSQL a test broker keeps its state in, when the suite runs
+/// on that backend (`AGENTKEYS_TEST_STORAGE=postgres`, its URL in
+/// `AGENTKEYS_TEST_POSTGRES_URL`); `None` on redb. The schema is named
+/// after the data directory, so a restarted broker, a broker process and
+/// `audit verify` on the same data directory find the same state.
+pub struct TestDatabase {
+    pub url: String,
+    pub schema: String,
+}
+
+impl TestDatabase {
+    pub fn for_data_dir(data_dir: &Path) -> Option<Self> {
+        match std::env::var("AGENTKEYS_TEST_STORAGE").as_deref() {
+            Ok("postgres") => {}
+            Ok("redb") | Err(_) => return None,
+            Ok(other) => panic!("AGENTKEYS_TEST_STORAGE={other}: redb or postgres"),
+        }
+        let url = std::env::var("AGENTKEYS_TEST_POSTGRES_URL")
+            .expect("AGENTKEYS_TEST_STORAGE=postgres needs AGENTKEYS_TEST_POSTGRES_URL");
+        use sha2::Digest;
+        let named = sha2::Sha256::digest(data_dir.as_os_str().as_encoded_bytes());
+        let schema = format!("t_{}", &hex::encode(named)[..16]);
+        Some(Self { url, schema })
+    }
+
+    /// The same as environment variables, for a broker process.
+    pub fn env(&self) -> [(&'static str, String); 3] {
+        [
+            ("AGENTKEYS__STORAGE__BACKEND", "postgres".into()),
+            ("AGENTKEYS__STORAGE__POSTGRES__URL", self.url.clone()),
+            ("AGENTKEYS__STORAGE__POSTGRES__SCHEMA", self.schema.clone()),
+        ]
+    }
+}
+
+/// Keeps a test broker on redb whatever backend the suite runs on: for
+/// tests of the redb files themselves.
+pub fn on_redb(settings: &mut Settings) {
+    settings.storage.backend = StorageBackend::Redb;
+    settings.storage.postgres = None;
+}
+
 /// A broker with the shipped defaults: every mint needs a grant.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
@@ -92,6 +134,14 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     // Every test logs in from 127.0.0.1; the login limit has its own test.
     settings.rate_limit.login_per_second_per_ip = 10_000;
     settings.rate_limit.login_burst_per_ip = 10_000;
+    if let Some(database) = TestDatabase::for_data_dir(&settings.storage.data_dir) {
+        settings.storage.backend = StorageBackend::Postgres;
+        settings.storage.postgres = Some(PostgresStorage {
+            url: database.url,
+            schema: Some(database.schema),
+            ..PostgresStorage::default()
+        });
+    }
     tweak(&mut settings);
     let mut app = start(settings);
     app._data_dir = Some(dir);
@@ -356,6 +406,55 @@ impl TestApp {
     pub fn data_file(&self, name: &str) -> PathBuf {
         self.data_dir().join(name)
     }
+
+    /// The stopped broker's stores, opened as it opens them (on whichever
+    /// backend it ran).
+    pub fn stores(&self) -> agentkeys_broker::stores::Stores {
+        let key = &self.settings.secrets.sealing_key_file;
+        let sealer = agentkeys_actors::sealing::Sealer::load(key, self.data_dir()).unwrap();
+        agentkeys_broker::stores::Stores::open(&self.settings, &sealer).unwrap()
+    }
+
+    /// How many idempotency records the stopped broker's store holds,
+    /// expired ones included (what a purge removes).
+    pub fn stored_idempotency_records(&self) -> usize {
+        if let Some(pg) = &self.settings.storage.postgres {
+            let schema = pg.schema.as_deref().expect("tests name a schema");
+            let count = psql(
+                &pg.url,
+                &format!("SELECT count(*) FROM \"{schema}\".idempotency"),
+            );
+            return count.parse().unwrap();
+        }
+        let db = redb::Database::open(self.data_file("grants.redb")).unwrap();
+        let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let table = txn
+            .open_table(redb::TableDefinition::<&str, &[u8]>::new("idempotency"))
+            .unwrap();
+        redb::ReadableTableMetadata::len(&table).unwrap() as usize
+    }
+}
+
+/// `sql` run by psql (the PostgreSQL client) on `url`: its output. The
+/// connection goes in PG* variables, so the password is in no process's
+/// arguments.
+pub fn psql(url: &str, sql: &str) -> String {
+    let url = reqwest::Url::parse(url).expect("a postgres:// URL");
+    let ran = std::process::Command::new("psql")
+        .args(["-Atc", sql])
+        .env("PGHOST", url.host_str().unwrap_or("127.0.0.1"))
+        .env("PGPORT", url.port().unwrap_or(5432).to_string())
+        .env("PGUSER", url.username())
+        .env("PGPASSWORD", url.password().unwrap_or_default())
+        .env("PGDATABASE", url.path().trim_start_matches('/'))
+        .output()
+        .expect("psql (the PostgreSQL client) runs");
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    String::from_utf8_lossy(&ran.stdout).trim().to_owned()
 }
 
 impl Drop for TestApp {

@@ -207,12 +207,7 @@ async fn every_mint_attempt_is_in_the_hash_chained_ledger_without_tokens() {
     assert_eq!(denied.error_code(), "grant_denied");
     app.stop();
 
-    use agentkeys_actors::storage::AuditLedger;
-    let ledger = agentkeys_actors::storage::redb_ledger::RedbLedger::open(
-        &app.data_file("audit.redb"),
-        1 << 20,
-    )
-    .unwrap();
+    let ledger = app.stores().ledger;
     let head = ledger.head().unwrap();
     let records = ledger.read_after(0, 100).unwrap();
     assert_eq!(records.len(), 4);

@@ -29,6 +29,8 @@ mod login_and_mint;
 mod otlp;
 mod overload;
 mod owners;
+#[cfg(feature = "postgres")]
+mod postgres_backend;
 mod process;
 mod proof;
 mod rate_limit;
@@ -36,3 +38,4 @@ mod restart;
 mod secrets_in_logs;
 mod shutdown;
 mod startup_errors;
+mod store_contract;

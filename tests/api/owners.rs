@@ -403,13 +403,15 @@ async fn a_grant_receipt_verifies_against_its_own_key_document_and_never_the_jwk
 /// the broker's back (a wider scope written into grants.redb).
 #[actix_web::test]
 async fn audit_verify_reports_a_grant_that_no_longer_matches_its_receipt() {
-    let mut app = spawn_app().await;
+    // Edits redb's journal (on PostgreSQL: tests/api/postgres_backend.rs).
+    let mut app = crate::helpers::spawn_app_with(crate::helpers::on_redb).await;
     let agent = app.register_agent("receipted").await;
     app.grant(&agent, "s3", "narrow/", Some(3)).await;
     app.grant(&agent, "s3", "second/", Some(3)).await;
     app.stop();
     let sealing_key = app.settings.secrets.sealing_key_file.clone();
-    let (ok, report) = crate::process::verify_offline(app.data_dir(), &sealing_key);
+    let (ok, report) =
+        crate::process::verify_offline(app.data_dir(), &sealing_key, crate::process::KeptOn::Redb);
     assert!(ok, "{report}");
     assert_eq!(report["receipts"]["verified"], 2, "{report}");
 
@@ -448,7 +450,8 @@ async fn audit_verify_reports_a_grant_that_no_longer_matches_its_receipt() {
     }
     txn.commit().unwrap();
     drop(db);
-    let (ok, report) = crate::process::verify_offline(app.data_dir(), &sealing_key);
+    let (ok, report) =
+        crate::process::verify_offline(app.data_dir(), &sealing_key, crate::process::KeptOn::Redb);
     assert!(!ok, "{report}");
     assert!(
         report.to_string().contains("no longer matches its receipt"),

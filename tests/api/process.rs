@@ -37,7 +37,15 @@ pub fn broker_command(data_dir: &Path, port: u16) -> Command {
         .env("AGENTKEYS__RATE_LIMIT__PER_SECOND", "100000")
         .env("AGENTKEYS__RATE_LIMIT__BURST", "100000")
         .env("AGENTKEYS__LOG__FILTER", "warn");
+    on_test_database(&mut command, data_dir);
     command
+}
+
+/// Points `command` at the suite's PostgreSQL when it runs on it.
+pub fn on_test_database(command: &mut Command, data_dir: &Path) {
+    if let Some(database) = crate::helpers::TestDatabase::for_data_dir(data_dir) {
+        command.envs(database.env());
+    }
 }
 
 /// Where the tests keep the sealing key of a broker with `data_dir`.
@@ -164,11 +172,21 @@ pub async fn audited_jtis(base: &str, admin: &str) -> std::collections::HashSet<
     }
 }
 
+/// Where a stopped broker kept its state.
+#[derive(Clone, Copy)]
+pub enum KeptOn {
+    /// The suite's backend (a broker process, or a test app on defaults).
+    TheSuitesBackend,
+    /// redb, whatever the suite runs on (tests of redb's files).
+    Redb,
+}
+
 /// `agentkeys-broker audit verify` on a stopped broker's data directory
 /// (with the sealing key that opens its key ring): whether it exited 0 (it
 /// must exit 1 otherwise), and its report.
-pub fn verify_offline(data_dir: &Path, sealing_key: &Path) -> (bool, Value) {
-    let verify = Command::new(BIN)
+pub fn verify_offline(data_dir: &Path, sealing_key: &Path, kept_on: KeptOn) -> (bool, Value) {
+    let mut command = Command::new(BIN);
+    command
         .args(["audit", "verify", "--data-dir"])
         .arg(data_dir)
         .arg("--sealing-key-file")
@@ -176,9 +194,11 @@ pub fn verify_offline(data_dir: &Path, sealing_key: &Path) -> (bool, Value) {
         .env(
             "AGENTKEYS_CONFIG",
             concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
-        )
-        .output()
-        .unwrap();
+        );
+    if let KeptOn::TheSuitesBackend = kept_on {
+        on_test_database(&mut command, data_dir);
+    }
+    let verify = command.output().unwrap();
     assert!(
         verify.status.success() || verify.status.code() == Some(1),
         "audit verify must exit 0 or 1, not {:?}: {}",

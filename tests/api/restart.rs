@@ -36,12 +36,7 @@ async fn a_restart_on_the_same_data_dir_keeps_keys_agents_and_the_audit_chain() 
     assert_eq!(relogin.status, StatusCode::OK);
 
     app.stop();
-    use agentkeys_actors::storage::AuditLedger;
-    let ledger = agentkeys_actors::storage::redb_ledger::RedbLedger::open(
-        &app.data_file("audit.redb"),
-        1 << 20,
-    )
-    .unwrap();
+    let ledger = app.stores().ledger;
     let head = ledger.head().unwrap();
     let records = ledger.read_after(0, 10).unwrap();
     assert_eq!(head.seq, 2);

@@ -59,7 +59,11 @@ async fn sigterm_during_a_burst_drains_flushes_and_exits_0() {
         received.len()
     );
 
-    let (ok, report) = verify_offline(&run.data, &crate::process::sealing_key_beside(&run.data));
+    let (ok, report) = verify_offline(
+        &run.data,
+        &crate::process::sealing_key_beside(&run.data),
+        crate::process::KeptOn::TheSuitesBackend,
+    );
     assert!(ok, "{report}");
     assert_eq!(
         report["sinks"]["jsonl"]["held_seq"], report["records"],

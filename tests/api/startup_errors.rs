@@ -19,8 +19,12 @@ fn serve_with_config(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("broker.toml");
     std::fs::write(&config, text).unwrap();
+    // The file alone says where state is kept.
     let output = broker_command(&dir.path().join("data"), 0)
         .args(["--config", config.to_str().unwrap()])
+        .env_remove("AGENTKEYS__STORAGE__BACKEND")
+        .env_remove("AGENTKEYS__STORAGE__POSTGRES__URL")
+        .env_remove("AGENTKEYS__STORAGE__POSTGRES__SCHEMA")
         .output()
         .unwrap();
     one_line_failure(&output)
@@ -83,11 +87,59 @@ fn a_storage_error_exits_4() {
     std::fs::create_dir_all(data.join("grants.redb")).unwrap();
     let output = broker_command(&data, 0)
         .env("AGENTKEYS__LOG__FILTER", "error")
+        .env("AGENTKEYS__STORAGE__BACKEND", "redb")
+        .env_remove("AGENTKEYS__STORAGE__POSTGRES__URL")
+        .env_remove("AGENTKEYS__STORAGE__POSTGRES__SCHEMA")
         .output()
         .unwrap();
     let (code, stderr) = one_line_failure(&output);
     assert_eq!(code, 4, "{stderr}");
     assert!(stderr.contains("storage"), "{stderr}");
+}
+
+/// A database that does not answer stops the start within the connect
+/// timeout, in one line that names no password; a section for a backend
+/// not chosen, or a database without a URL, is a configuration mistake.
+#[test]
+fn a_database_that_does_not_answer_exits_4_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = crate::process::free_port();
+    let started = std::time::Instant::now();
+    let output = broker_command(&dir.path().join("data"), 0)
+        .env("AGENTKEYS__LOG__FILTER", "error")
+        .env("AGENTKEYS__STORAGE__BACKEND", "postgres")
+        .env(
+            "AGENTKEYS__STORAGE__POSTGRES__URL",
+            format!("postgres://broker:hunter2-secret@127.0.0.1:{closed}/agentkeys"),
+        )
+        .env_remove("AGENTKEYS__STORAGE__POSTGRES__SCHEMA")
+        .output()
+        .unwrap();
+    let (code, stderr) = one_line_failure(&output);
+    if cfg!(feature = "postgres") {
+        assert_eq!(code, 4, "{stderr}");
+        // Where, and the system's own reason.
+        let at = format!("127.0.0.1:{closed}");
+        assert!(
+            stderr.contains(&at) && stderr.contains("refused"),
+            "{stderr}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    } else {
+        assert_eq!(code, 3, "{stderr}");
+        assert!(stderr.contains("postgres feature"), "{stderr}");
+    }
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    let (code, stderr) = serve_with_config("[storage.postgres]\nurl = \"postgres://h/db\"\n");
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("storage.backend is not"), "{stderr}");
+    if cfg!(feature = "postgres") {
+        let (code, stderr) =
+            serve_with_config("[storage]\nbackend = \"postgres\"\n[storage.postgres]\n");
+        assert_eq!(code, 3, "{stderr}");
+        assert!(stderr.contains("needs a url"), "{stderr}");
+    }
 }
 
 /// A broker built without the `otlp` feature does not silently drop the

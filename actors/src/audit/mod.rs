@@ -148,6 +148,12 @@ pub struct ProveRecord(pub u64);
 #[rtype(result = "Result<verify::VerifyReport, AuditError>")]
 pub struct VerifyAudit;
 
+/// Whether the ledger answers now (readiness): a shared database can be
+/// away while every actor runs.
+#[derive(Message)]
+#[rtype(result = "Result<(), AuditError>")]
+pub struct CheckLedger;
+
 /// The state of every sink, for `/v1/admin/audit/verify` and metrics.
 #[derive(Message)]
 #[rtype(result = "AuditState")]
@@ -465,6 +471,22 @@ impl Handler<ReadRecords> for AuditActor {
         let ledger = self.ledger.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || ledger.read_after(msg.after, msg.limit))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|read| read.map_err(|e| e.to_string()))
+                .map_err(AuditError::Ledger)
+        })
+    }
+}
+
+impl Handler<CheckLedger> for AuditActor {
+    type Result = ResponseFuture<Result<(), AuditError>>;
+
+    /// Reads the head on a blocking thread (a database call).
+    fn handle(&mut self, _: CheckLedger, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || ledger.head().map(drop))
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|read| read.map_err(|e| e.to_string()))

@@ -1,13 +1,14 @@
 //! Durable state behind small traits named for what the gates need. redb
 //! is the embedded default; its types stay inside [`redb_store`] and
-//! [`redb_ledger`]. PostgreSQL ([`postgres_ledger`], feature `postgres`)
+//! [`redb_ledger`]. PostgreSQL ([`postgres`], feature `postgres`)
 //! implements the same contract, which one test suite checks on both.
 //! Storage imports only domain types.
 
 #[cfg(feature = "postgres")]
-pub mod postgres_ledger;
+pub mod postgres;
 pub mod redb_ledger;
 pub mod redb_store;
+mod stored;
 
 use std::collections::HashMap;
 
@@ -23,6 +24,10 @@ pub enum StorageError {
     /// operators read this one at startup).
     #[error("storage backend: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+pub(crate) fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StorageError {
+    StorageError::Backend(e.into())
 }
 
 /// The agent registry: written by the AuthActor only, read once at start.
@@ -68,9 +73,10 @@ pub trait AuditLedger: Send + Sync + 'static {
     fn head(&self) -> Result<ChainHead, StorageError>;
     /// Durably appends `batch` (consecutive records, `encoded[i]` being
     /// `batch[i]`'s JSON as hashed) and applies `uses` to the grants' use
-    /// counts (never below 0), all in one transaction. `Conflict`, and
-    /// nothing written, unless the batch starts right after the stored
-    /// head and chains from its hash (another writer got there first).
+    /// counts (never below 0; each grant named once), all in one
+    /// transaction. `Conflict`, and nothing written, unless the batch
+    /// starts right after the stored head and chains from its hash
+    /// (another writer got there first).
     fn append(
         &self,
         batch: &[AuditRecord],

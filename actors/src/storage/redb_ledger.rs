@@ -13,8 +13,8 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
-use super::redb_store::{backend, open_database};
-use super::{follows, page, AuditLedger, StorageError, UseDelta};
+use super::redb_store::open_database;
+use super::{backend, follows, page, AuditLedger, StorageError, UseDelta};
 use crate::domain::{AuditRecord, ChainHead};
 
 /// seq → JSON of the record.

@@ -6,12 +6,10 @@ use std::sync::Mutex;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
-use super::{AgentStore, GrantChanges, GrantStore, StorageError};
-use crate::domain::{
-    now_unix, AgentIdentity, AgentName, AgentRecord, CompletedMint, Grant, OmniAccount,
-};
+use super::stored::{parsed_grant, StoredAgent, StoredCompleted};
+use super::{backend, AgentStore, GrantChanges, GrantStore, StorageError};
+use crate::domain::{now_unix, AgentName, AgentRecord, CompletedMint, Grant};
 use crate::sealing::Sealer;
 
 /// name → JSON of [`StoredAgent`].
@@ -28,66 +26,6 @@ const GRANT_JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("grant_j
 const JOURNAL_FOLD_AT: u64 = 64;
 /// idempotency slot → JSON of [`StoredCompleted`].
 const COMPLETED: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
-
-/// A completed mint as stored: its answer holds a live JWT, so it is
-/// sealed, bound to its slot.
-#[derive(Serialize, Deserialize)]
-struct StoredCompleted {
-    fingerprint: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    sealed_body: Option<String>,
-    /// The plain answer, as records written before sealing kept it;
-    /// sealed when the store is loaded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    body: Option<Vec<u8>>,
-    jti: String,
-    grant_id: Option<String>,
-    expires_at: u64,
-}
-
-impl StoredCompleted {
-    fn sealed_as(slot: &str) -> String {
-        format!("idempotency {slot}")
-    }
-
-    fn seal(slot: &str, mint: &CompletedMint, sealer: &Sealer) -> Result<Self, StorageError> {
-        Ok(Self {
-            fingerprint: mint.fingerprint.clone(),
-            sealed_body: Some(
-                sealer
-                    .seal(&Self::sealed_as(slot), &mint.body)
-                    .map_err(backend)?,
-            ),
-            body: None,
-            jti: mint.jti.clone(),
-            grant_id: mint.grant_id.clone(),
-            expires_at: mint.expires_at,
-        })
-    }
-
-    fn open(self, slot: &str, sealer: &Sealer) -> Result<CompletedMint, StorageError> {
-        let body = match (self.sealed_body, self.body) {
-            (Some(sealed), _) => sealer
-                .open(&Self::sealed_as(slot), &sealed)
-                .map_err(backend)?,
-            (None, Some(plain)) => plain,
-            (None, None) => {
-                return Err(backend(format!("idempotency record {slot} has no answer")))
-            }
-        };
-        Ok(CompletedMint {
-            fingerprint: self.fingerprint,
-            body,
-            jti: self.jti,
-            grant_id: self.grant_id,
-            expires_at: self.expires_at,
-        })
-    }
-}
-
-pub(crate) fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StorageError {
-    StorageError::Backend(e.into())
-}
 
 /// A lock a panicking writer left behind (its guard cannot be the source:
 /// it stays on this thread).
@@ -113,56 +51,6 @@ pub(crate) fn open_database<K: redb::Key + 'static, V: redb::Value + 'static>(
     txn.open_table(table).map_err(backend)?;
     txn.commit().map_err(backend)?;
     Ok(db)
-}
-
-/// The on-disk shape of an agent; re-validated when loaded. Agents
-/// stored before wallets and owners have only a `public_key`, and own
-/// their own account.
-#[derive(Serialize, Deserialize)]
-struct StoredAgent {
-    name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    public_key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    wallet: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    owner: Option<String>,
-    enabled: bool,
-    created_at: u64,
-}
-
-impl StoredAgent {
-    fn of(agent: &AgentRecord) -> Self {
-        let (public_key, wallet) = match agent.identity {
-            AgentIdentity::DeviceKey(key) => (Some(key.to_hex()), None),
-            AgentIdentity::Wallet(address) => (None, Some(address.lowercase())),
-        };
-        Self {
-            name: agent.name.as_str().to_owned(),
-            public_key,
-            wallet,
-            owner: (agent.owner != agent.omni_account).then(|| agent.owner.to_string()),
-            enabled: agent.enabled,
-            created_at: agent.created_at,
-        }
-    }
-
-    fn record(self) -> Result<AgentRecord, StorageError> {
-        let identity = match (&self.public_key, &self.wallet) {
-            (Some(key), None) => AgentIdentity::parse("ed25519", key),
-            (None, Some(wallet)) => AgentIdentity::parse("evm", wallet),
-            _ => return Err(backend(format!("agent {} has no one identity", self.name))),
-        }
-        .map_err(backend)?;
-        let owner = self.owner.as_deref().map(OmniAccount::parse).transpose();
-        Ok(AgentRecord::new(
-            AgentName::parse(&self.name).map_err(backend)?,
-            identity,
-            owner.map_err(backend)?,
-            self.enabled,
-            self.created_at,
-        ))
-    }
 }
 
 /// The agent registry in `agents.redb`.
@@ -412,9 +300,7 @@ impl RedbGrantStore {
     }
 }
 
-/// Every grant in `table`, in id order. A stored grant that no longer
-/// parses (a scope of 256 bytes before scopes ended in `/`: no JWT could
-/// carry it anyway) is skipped with a warning, not fatal to the start.
+/// Every grant in `table` that still parses, in id order.
 fn grants_in(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<Vec<Grant>, StorageError> {
@@ -423,15 +309,6 @@ fn grants_in(
         .into_iter()
         .filter_map(|value| parsed_grant(value, "the grants table"))
         .collect())
-}
-
-fn parsed_grant(value: serde_json::Value, place: &str) -> Option<Grant> {
-    let id = value["id"].as_str().unwrap_or("?").to_owned();
-    serde_json::from_value(value)
-        .inspect_err(|e| {
-            tracing::warn!(grant = id, place, error = %e, "a stored grant no longer parses; skipped")
-        })
-        .ok()
 }
 
 /// Every value of `table`, parsed from JSON, in key order.
@@ -462,7 +339,7 @@ fn json_array<'a>(values: impl Iterator<Item = &'a Vec<u8>>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::DevicePublicKey;
+    use crate::domain::{AgentIdentity, DevicePublicKey};
 
     fn sealer() -> Sealer {
         Sealer::from_bytes(&[9; 32]).unwrap()

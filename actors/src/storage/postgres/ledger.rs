@@ -1,0 +1,172 @@
+//! The audit ledger ([`AuditLedger`]) in PostgreSQL. Each batch is one
+//! transaction: the head read, the records inserted in one statement, the
+//! use counts changed. A batch that does not follow the head it read
+//! (another broker wrote first) is a `Conflict` and writes nothing; two
+//! brokers that read the same head and race meet at the next `seq`'s
+//! primary key, where the loser's transaction fails (`Conflict`) and
+//! writes nothing either.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{failed, from_db, to_db, Postgres};
+use crate::domain::{AuditRecord, ChainHead};
+use crate::storage::{backend, follows, page, AuditLedger, StorageError, UseDelta};
+
+/// Set in `audit_meta` once the grant store's counts were folded in.
+const USES_FOLDED: &str = "grant_uses_folded";
+
+pub struct PostgresLedger {
+    db: Arc<Postgres>,
+}
+
+impl PostgresLedger {
+    pub fn new(db: Arc<Postgres>) -> Self {
+        Self { db }
+    }
+}
+
+const HEAD: &str = "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1";
+
+impl AuditLedger for PostgresLedger {
+    fn head(&self) -> Result<ChainHead, StorageError> {
+        let row = self.db.run(async {
+            let reader = self.db.client().await?;
+            reader.query_opt(HEAD, &[]).await.map_err(backend)
+        })?;
+        Ok(row.map_or_else(ChainHead::genesis, |row| ChainHead {
+            seq: from_db(row.get(0)),
+            hash: row.get(1),
+        }))
+    }
+
+    fn append(
+        &self,
+        batch: &[AuditRecord],
+        encoded: &[Vec<u8>],
+        uses: &[UseDelta],
+    ) -> Result<(), StorageError> {
+        let seqs: Vec<i64> = batch.iter().map(|r| to_db(r.seq)).collect();
+        let hashes: Vec<&str> = batch.iter().map(|r| r.hash.as_str()).collect();
+        let records: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        let (ids, deltas): (Vec<&str>, Vec<i64>) =
+            uses.iter().map(|(id, delta)| (id.as_str(), *delta)).unzip();
+        self.db.run(async {
+            let mut client = self.db.client().await?;
+            let txn = client.transaction().await.map_err(backend)?;
+            // Prepared once per connection: a batch costs its statements'
+            // round trips, not a parse each.
+            let prepared = |sql| txn.prepare_cached(sql);
+            let head = txn
+                .query_opt(&prepared(HEAD).await.map_err(backend)?, &[])
+                .await
+                .map_err(backend)?;
+            let head = head.map_or_else(ChainHead::genesis, |row| ChainHead {
+                seq: from_db(row.get(0)),
+                hash: row.get(1),
+            });
+            if !follows(&head, batch) {
+                return Err(StorageError::Conflict);
+            }
+            let insert = prepared(
+                "INSERT INTO audit_records (seq, hash, record)
+                 SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BYTEA[])",
+            );
+            txn.execute(&insert.await.map_err(backend)?, &[&seqs, &hashes, &records])
+                .await
+                .map_err(failed)?;
+            if !ids.is_empty() {
+                // The batch's deltas are one per grant (the caller sums
+                // them), so each row changes once.
+                let change = prepared(
+                    "INSERT INTO audit_grant_uses AS g (grant_id, uses)
+                     SELECT id, GREATEST(delta, 0)
+                     FROM UNNEST($1::TEXT[], $2::BIGINT[]) AS u(id, delta)
+                     ON CONFLICT (grant_id) DO UPDATE
+                     SET uses = GREATEST(g.uses + (
+                         SELECT delta FROM UNNEST($1::TEXT[], $2::BIGINT[]) AS d(id, delta)
+                         WHERE d.id = EXCLUDED.grant_id), 0)",
+                );
+                txn.execute(&change.await.map_err(backend)?, &[&ids, &deltas])
+                    .await
+                    .map_err(backend)?;
+            }
+            txn.commit().await.map_err(failed)
+        })
+    }
+
+    fn grant_uses(&self) -> Result<Option<HashMap<String, u64>>, StorageError> {
+        self.db.run(async {
+            let reader = self.db.client().await?;
+            let folded = reader
+                .query_opt("SELECT 1 FROM audit_meta WHERE name = $1", &[&USES_FOLDED])
+                .await
+                .map_err(backend)?;
+            if folded.is_none() {
+                return Ok(None);
+            }
+            let rows = reader
+                .query("SELECT grant_id, uses FROM audit_grant_uses", &[])
+                .await
+                .map_err(backend)?;
+            let uses = rows.iter().map(|row| (row.get(0), from_db(row.get(1))));
+            Ok(Some(uses.collect()))
+        })
+    }
+
+    fn fold_grant_uses(&self, base: &[(String, u64)]) -> Result<(), StorageError> {
+        let (ids, counts): (Vec<&str>, Vec<i64>) = base
+            .iter()
+            .map(|(id, uses)| (id.as_str(), to_db(*uses)))
+            .unzip();
+        self.db.run(async {
+            let mut client = self.db.client().await?;
+            let txn = client.transaction().await.map_err(backend)?;
+            // Once: a broker that lost the race to fold finds it done and
+            // leaves the counts (raised since by the first one's appends).
+            let first = txn
+                .query_opt(
+                    "INSERT INTO audit_meta (name, value) VALUES ($1, 1)
+                     ON CONFLICT (name) DO NOTHING RETURNING 1",
+                    &[&USES_FOLDED],
+                )
+                .await
+                .map_err(backend)?;
+            if first.is_some() {
+                txn.execute(
+                    "INSERT INTO audit_grant_uses (grant_id, uses)
+                     SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[])
+                     ON CONFLICT (grant_id) DO UPDATE SET uses = EXCLUDED.uses",
+                    &[&ids, &counts],
+                )
+                .await
+                .map_err(backend)?;
+            }
+            txn.commit().await.map_err(backend)
+        })
+    }
+
+    fn read_matching(
+        &self,
+        after: u64,
+        limit: usize,
+        max_scan: usize,
+        keep: &dyn Fn(&AuditRecord) -> bool,
+    ) -> Result<(Vec<AuditRecord>, u64), StorageError> {
+        let scan = i64::try_from(max_scan).unwrap_or(i64::MAX);
+        let rows = self.db.run(async {
+            let reader = self.db.client().await?;
+            reader
+                .query(
+                    "SELECT record FROM audit_records WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&to_db(after), &scan],
+                )
+                .await
+                .map_err(backend)
+        })?;
+        let scanned = rows
+            .iter()
+            .map(|row| serde_json::from_slice(row.get(0)).map_err(backend));
+        page(scanned, after, limit, keep)
+    }
+}

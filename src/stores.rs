@@ -1,0 +1,114 @@
+//! The stores `storage.backend` names: redb files in the data directory
+//! (the embedded default, one broker), or one PostgreSQL database. Either
+//! way the actors get the same three contracts.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use agentkeys_actors::sealing::Sealer;
+use agentkeys_actors::storage::redb_ledger::RedbLedger;
+use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
+use agentkeys_actors::storage::{AgentStore, AuditLedger, GrantStore, StorageError};
+
+use crate::settings::{Settings, StorageBackend};
+
+/// The audit ledger's file under the data directory (redb).
+pub const LEDGER_FILE: &str = "audit.redb";
+/// The agent registry's and the grants' files (redb).
+pub const AGENTS_FILE: &str = "agents.redb";
+pub const GRANTS_FILE: &str = "grants.redb";
+
+pub struct Stores {
+    pub agents: Arc<dyn AgentStore>,
+    pub grants: Arc<dyn GrantStore>,
+    pub ledger: Arc<dyn AuditLedger>,
+}
+
+impl Stores {
+    /// Opens (or creates) every store; on PostgreSQL, connects and brings
+    /// the schema up to date first.
+    pub fn open(settings: &Settings, sealer: &Sealer) -> Result<Self, StorageError> {
+        match settings.storage.backend {
+            StorageBackend::Redb => {
+                let file = |name: &str| settings.storage.data_dir.join(name);
+                let cache = settings.cache_bytes();
+                Ok(Self {
+                    agents: Arc::new(RedbAgentStore::open(&file(AGENTS_FILE), cache)?),
+                    grants: Arc::new(RedbGrantStore::open(
+                        &file(GRANTS_FILE),
+                        cache,
+                        sealer.clone(),
+                    )?),
+                    ledger: Arc::new(RedbLedger::open(&file(LEDGER_FILE), cache)?),
+                })
+            }
+            StorageBackend::Postgres => postgres(settings, sealer),
+        }
+    }
+
+    /// What must exist before stores are opened to be read (not created):
+    /// on redb, the ledger's and the grants' files.
+    pub fn expected_files(settings: &Settings) -> Vec<PathBuf> {
+        match settings.storage.backend {
+            StorageBackend::Redb => [LEDGER_FILE, GRANTS_FILE]
+                .iter()
+                .map(|name| settings.storage.data_dir.join(name))
+                .collect(),
+            StorageBackend::Postgres => Vec::new(),
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+fn postgres(settings: &Settings, sealer: &Sealer) -> Result<Stores, StorageError> {
+    use agentkeys_actors::storage::postgres::agents::PostgresAgentStore;
+    use agentkeys_actors::storage::postgres::grants::PostgresGrantStore;
+    use agentkeys_actors::storage::postgres::ledger::PostgresLedger;
+    use agentkeys_actors::storage::postgres::Postgres;
+    let db = Postgres::open(&postgres_settings(settings)?)?;
+    Ok(Stores {
+        agents: Arc::new(PostgresAgentStore::new(db.clone())),
+        grants: Arc::new(PostgresGrantStore::new(db.clone(), sealer.clone())),
+        ledger: Arc::new(PostgresLedger::new(db)),
+    })
+}
+
+/// Refused by the settings' validation before this is reached.
+#[cfg(not(feature = "postgres"))]
+fn postgres(_: &Settings, _: &Sealer) -> Result<Stores, StorageError> {
+    Err(StorageError::Backend(
+        "this broker was built without the postgres feature".into(),
+    ))
+}
+
+/// The database's settings, its password read from `password_file`.
+#[cfg(feature = "postgres")]
+fn postgres_settings(
+    settings: &Settings,
+) -> Result<agentkeys_actors::storage::postgres::PostgresSettings, StorageError> {
+    use std::time::Duration;
+    let pg = settings.storage.postgres.as_ref().ok_or_else(|| {
+        StorageError::Backend("storage.backend = \"postgres\" needs [storage.postgres]".into())
+    })?;
+    let password = match &pg.password_file {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| {
+                    StorageError::Backend(
+                        format!("storage.postgres.password_file {}: {e}", file.display()).into(),
+                    )
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        None => None,
+    };
+    Ok(agentkeys_actors::storage::postgres::PostgresSettings {
+        url: pg.url.clone(),
+        password,
+        schema: pg.schema.clone(),
+        pool_size: pg.pool_size,
+        connect_timeout: Duration::from_millis(pg.connect_timeout_ms),
+        statement_timeout: Duration::from_millis(pg.statement_timeout_ms),
+    })
+}
