@@ -20,6 +20,9 @@
 #   BROKER=/path/to/agentkeys-broker harness/mint-load.sh   # measure another build
 #   SIGNER=pkcs11 harness/mint-load.sh        # OIDC keys on a SoftHSM2 token of
 #                                             # its own (Debian package softhsm2)
+#   STORAGE=postgres harness/mint-load.sh     # state in a throwaway PostgreSQL of
+#                                             # its own (harness/postgres.sh; Debian
+#                                             # package postgresql) instead of redb
 #
 # Exits 1 when any mint was answered other than 200 (unless EXPECT_REFUSALS
 # is set) and, always, when the first mint after the run is not a 200.
@@ -33,12 +36,14 @@ DURATION=${DURATION:-10s}
 RATE=${RATE:-1000000}
 SINKS=${SINKS:-default}
 SIGNER=${SIGNER:-file}
+STORAGE=${STORAGE:-redb}
 
 command -v wrk >/dev/null || { echo "wrk is required (Debian package wrk)" >&2; exit 2; }
 # BROKER: another build of the broker to measure (say, the previous
 # release, side by side with this one); default: this tree's, built now.
 if [ -z "${BROKER:-}" ]; then
-  cargo build --release --quiet
+  features=""; [ "$STORAGE" = postgres ] && features="--features postgres"
+  cargo build --release --quiet $features
   BROKER=./target/release/agentkeys-broker
 fi
 
@@ -48,8 +53,10 @@ limit=$("$BROKER" load crypto --seconds 4 |
 
 work=$(mktemp -d)
 broker_pid=""
+pg_dir=""
 cleanup() {
   if [ -n "$broker_pid" ]; then kill -TERM "$broker_pid" 2>/dev/null || true; wait "$broker_pid" 2>/dev/null || true; fi
+  if [ -n "$pg_dir" ]; then bash harness/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true; rm -rf "$pg_dir"; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -85,6 +92,20 @@ case "$SIGNER" in
       "$module" "$work/pin" >>"$work/broker.toml"
     "$BROKER" keys init --signer pkcs11 --config "$work/broker.toml" >/dev/null ;;
   *) echo "SIGNER is file or pkcs11" >&2; exit 2 ;;
+esac
+
+# Where the broker keeps its state: redb files in its data directory, or a
+# PostgreSQL server of its own on this machine (so the figure includes the
+# database's CPU, on the same cores).
+case "$STORAGE" in
+  redb) ;;
+  postgres)
+    # A folder of its own: the server runs as the postgres user.
+    pg_dir=$(mktemp -d)
+    eval "$(bash harness/postgres.sh start "$pg_dir")"
+    export AGENTKEYS__STORAGE__BACKEND=postgres
+    export AGENTKEYS__STORAGE__POSTGRES__URL="$AGENTKEYS_TEST_POSTGRES_URL" ;;
+  *) echo "STORAGE is redb or postgres" >&2; exit 2 ;;
 esac
 
 # utime + stime of a process, in clock ticks.
@@ -126,7 +147,7 @@ if [ -n "${TARGET_RATE:-}" ]; then
   refused=$(awk '/^ *\[[0-9]+\]/ && $1 != "[200]" { n += $2 } END { print n + 0 }' "$work/hey.txt")
   grep -q 'Error distribution' "$work/hey.txt" && refused=$((refused + 1))
 else
-  echo "# $(nproc) cores; crypto limit $limit /s; audit sinks: $SINKS; OIDC signer: $SIGNER; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
+  echo "# $(nproc) cores; crypto limit $limit /s; audit sinks: $SINKS; OIDC signer: $SIGNER; storage: $STORAGE; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
   cpu_before=$(cpu_ticks "$broker_pid")
   MINT_BODY="$body" TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
     -s harness/mint.lua "$url/v1/mint-oidc-jwt" | tee "$work/wrk.txt"

@@ -40,7 +40,7 @@ async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
                 Err(overloaded) => Err(overloaded.to_string()),
             }
         };
-        futures_util::join!(p.signer.signer_ready(), ledger)
+        futures_util::future::join(p.signer.signer_ready(), ledger).await
     } else {
         (Ok(()), Ok(()))
     };
