@@ -108,8 +108,16 @@ case "$STORAGE" in
   *) echo "STORAGE is redb or postgres" >&2; exit 2 ;;
 esac
 
-# utime + stime of a process, in clock ticks.
+# utime + stime of a process, in clock ticks; and of every process of the
+# postgres user (the database's share of the same cores).
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+database_ticks() {
+  local total=0 pid
+  for pid in $(pgrep -u postgres 2>/dev/null); do
+    total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 url="http://127.0.0.1:$port"
@@ -148,15 +156,19 @@ if [ -n "${TARGET_RATE:-}" ]; then
   grep -q 'Error distribution' "$work/hey.txt" && refused=$((refused + 1))
 else
   echo "# $(nproc) cores; crypto limit $limit /s; audit sinks: $SINKS; OIDC signer: $SIGNER; storage: $STORAGE; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
-  cpu_before=$(cpu_ticks "$broker_pid")
+  cpu_before=$(cpu_ticks "$broker_pid") db_before=$(database_ticks)
   MINT_BODY="$body" TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
     -s harness/mint.lua "$url/v1/mint-oidc-jwt" | tee "$work/wrk.txt"
-  cpu_after=$(cpu_ticks "$broker_pid")
+  cpu_after=$(cpu_ticks "$broker_pid") db_after=$(database_ticks)
   awk -v limit="$limit" '/^mints\/s/ { printf "fraction of the crypto limit: %.0f%% (%d of %d /s)\n", 100 * $4 / limit, $4, limit }' "$work/wrk.txt"
   # The broker's own CPU per answer (user + system, all threads): steadier
   # than mints/s when the machine's speed drifts.
   awk -v ticks=$((cpu_after - cpu_before)) -v hz="$(getconf CLK_TCK)" \
     '/^answers / { n += $NF } END { if (n) printf "broker CPU per answer: %.0f us\n", 1e6 * ticks / hz / n }' "$work/wrk.txt"
+  if [ "$STORAGE" = postgres ]; then
+    awk -v ticks=$((db_after - db_before)) -v hz="$(getconf CLK_TCK)" \
+      '/^answers / { n += $NF } END { if (n) printf "database CPU per answer: %.0f us\n", 1e6 * ticks / hz / n }' "$work/wrk.txt"
+  fi
   # "answers 200: N" and "answers 503 overloaded: N": every answer but 200;
   # wrk's "Socket errors:" line counts requests that got no answer at all.
   ok=$(awk '/^answers 200:/ { n += $3 } END { print n + 0 }' "$work/wrk.txt")
