@@ -5,7 +5,8 @@
 # password (SCRAM) for the one role it has.
 #
 #   harness/postgres.sh start DIR   initialise DIR and start the server;
-#                                   prints `export AGENTKEYS_TEST_POSTGRES_URL=…`
+#                                   prints `export AGENTKEYS_TEST_POSTGRES_URL=…` and
+#                                   `…_CA=` (TLS is on offer, its CA made here)
 #   harness/postgres.sh stop DIR    stop it (DIR stays; remove it yourself)
 #
 #   eval "$(harness/postgres.sh start /tmp/pg)"
@@ -41,8 +42,20 @@ case "$command" in
     as_postgres "$bin/initdb" --pgdata "$dir/data" --username agentkeys --pwfile "$dir/pwfile" \
       --auth-host scram-sha-256 --auth-local scram-sha-256 --encoding UTF8 --no-instructions >/dev/null
     as_postgres rm -f "$dir/pwfile"
+    # TLS on offer, with a certificate for localhost and 127.0.0.1 from a
+    # CA made here (its key deleted once it signed): clients may connect
+    # in plain or over verified TLS (AGENTKEYS_TEST_POSTGRES_CA).
+    as_postgres sh -c 'umask 077; cd "$1" && mkdir tls && cd tls &&
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 \
+        -subj "/CN=agentkeys test database CA" -keyout ca.key -out ca.pem 2>/dev/null &&
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null &&
+      printf "subjectAltName=DNS:localhost,IP:127.0.0.1\n" > san.ext &&
+      openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 7 \
+        -extfile san.ext -out server.pem 2>/dev/null &&
+      rm -f ca.key ca.srl server.csr san.ext && chmod 0644 ca.pem' sh "$dir"
     as_postgres "$bin/pg_ctl" --pgdata "$dir/data" --log "$dir/server.log" --wait --silent \
-      --options "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$dir'" start
+      --options "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$dir' -c ssl=on -c ssl_cert_file='$dir/tls/server.pem' -c ssl_key_file='$dir/tls/server.key'" start
     # A half-made server does not outlive a failure here.
     trap 'as_postgres "$bin/pg_ctl" --pgdata "$dir/data" --wait --silent --mode fast stop || true' ERR
     PGPASSWORD=$password "$bin/createdb" --host 127.0.0.1 --port "$port" --username agentkeys agentkeys
@@ -50,6 +63,7 @@ case "$command" in
     url="postgres://agentkeys:$password@127.0.0.1:$port/agentkeys"
     printf '%s\n' "$url" | write_private "$dir/url"
     echo "export AGENTKEYS_TEST_POSTGRES_URL=$url"
+    echo "export AGENTKEYS_TEST_POSTGRES_CA=$dir/tls/ca.pem"
     ;;
   stop)
     as_postgres "$bin/pg_ctl" --pgdata "$dir/data" --wait --silent --mode fast stop

@@ -183,9 +183,13 @@ pub struct PostgresStorage {
     /// A connection attempt (and unacknowledged data on a live one) gives
     /// up after this long.
     pub connect_timeout_ms: u64,
-    /// The server cancels a statement or a lock wait after this long, and
-    /// a call waits at most this long for a free connection.
-    pub statement_timeout_ms: u64,
+    /// One call to the database (a batch's transaction, a read) gives up
+    /// after this long, whatever the server does; the server cancels a
+    /// statement or a lock wait after it too.
+    pub call_timeout_ms: u64,
+    /// The CA certificates (PEM) the database's certificate must chain to;
+    /// set, every connection is TLS and verified.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for PostgresStorage {
@@ -195,8 +199,9 @@ impl Default for PostgresStorage {
             password_file: None,
             schema: None,
             pool_size: 8,
-            connect_timeout_ms: 1_000,
-            statement_timeout_ms: 1_500,
+            connect_timeout_ms: 500,
+            call_timeout_ms: 800,
+            ca_file: None,
         }
     }
 }
@@ -204,23 +209,15 @@ impl Default for PostgresStorage {
 /// Without the URL's password: settings are printed.
 impl std::fmt::Debug for PostgresStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let url = match self.url.split_once("://") {
-            Some((scheme, rest)) => match rest.split_once('@') {
-                Some((user, host)) => {
-                    let user = user.split(':').next().unwrap_or_default();
-                    format!("{scheme}://{user}@{host}")
-                }
-                None => self.url.clone(),
-            },
-            None => "(not a URL)".into(),
-        };
+        let url = agentkeys_actors::storage::shown_url(&self.url);
         f.debug_struct("PostgresStorage")
             .field("url", &url)
             .field("password_file", &self.password_file)
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
-            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("call_timeout_ms", &self.call_timeout_ms)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -736,23 +733,35 @@ impl Settings {
                 return invalid("storage.backend = \"postgres\" needs a [storage.postgres] section")
             }
             (StorageBackend::Postgres, Some(pg))
-                if pg.url.is_empty()
+                if !agentkeys_actors::storage::is_postgres_url(&pg.url)
                     || pg.pool_size == 0
                     || pg.connect_timeout_ms == 0
-                    || pg.statement_timeout_ms == 0 =>
+                    || pg.call_timeout_ms == 0 =>
             {
                 return invalid(
-                    "storage.postgres needs a url, and pool_size, connect_timeout_ms and statement_timeout_ms above 0",
+                    "storage.postgres needs a postgres:// url, and pool_size, connect_timeout_ms and call_timeout_ms above 0",
                 )
             }
-            // A database that hangs must fail a commit before the mint
-            // waiting on it gives up: it answers audit_unavailable then.
             (StorageBackend::Postgres, Some(pg))
-                if pg.statement_timeout_ms >= self.actors.send_timeout_ms
-                    || pg.connect_timeout_ms >= self.actors.send_timeout_ms =>
+                if pg
+                    .schema
+                    .as_deref()
+                    .is_some_and(|s| !agentkeys_actors::storage::is_schema_name(s)) =>
             {
                 return invalid(
-                    "storage.postgres.statement_timeout_ms and connect_timeout_ms must be below actors.send_timeout_ms",
+                    "storage.postgres.schema: lowercase letters, digits and _ only, not first a digit",
+                )
+            }
+            // A failed commit is followed by a read of the ledger's head: a
+            // database that hangs must fail both before the mint waiting on
+            // them gives up (it answers audit_unavailable then), and making
+            // a connection is part of a call.
+            (StorageBackend::Postgres, Some(pg))
+                if 2 * pg.call_timeout_ms >= self.actors.send_timeout_ms
+                    || pg.connect_timeout_ms >= pg.call_timeout_ms =>
+            {
+                return invalid(
+                    "storage.postgres: twice call_timeout_ms must be below actors.send_timeout_ms, and connect_timeout_ms below call_timeout_ms",
                 )
             }
             (StorageBackend::Redb, Some(_)) => {
@@ -1005,7 +1014,7 @@ mod tests {
         let s = loaded.unwrap();
         assert_eq!(s.storage.backend, StorageBackend::Postgres);
         let pg = s.storage.postgres.as_ref().unwrap();
-        assert_eq!((pg.pool_size, pg.statement_timeout_ms), (16, 1_500));
+        assert_eq!((pg.pool_size, pg.call_timeout_ms), (16, 800));
         let printed = format!("{s:?}");
         assert!(!printed.contains("s3cret"), "{printed}");
         assert!(printed.contains("broker@db.internal:5432"), "{printed}");

@@ -28,6 +28,21 @@ impl Stores {
     /// Opens (or creates) every store; on PostgreSQL, connects and brings
     /// the schema up to date first.
     pub fn open(settings: &Settings, sealer: &Sealer) -> Result<Self, StorageError> {
+        Self::open_with(settings, sealer, true)
+    }
+
+    /// Opens every store to read it, as it is: on PostgreSQL a schema that
+    /// is absent or at another version is refused, never made or migrated
+    /// (an auditor's run changes nothing).
+    pub fn open_as_they_are(settings: &Settings, sealer: &Sealer) -> Result<Self, StorageError> {
+        Self::open_with(settings, sealer, false)
+    }
+
+    fn open_with(
+        settings: &Settings,
+        sealer: &Sealer,
+        migrate: bool,
+    ) -> Result<Self, StorageError> {
         match settings.storage.backend {
             StorageBackend::Redb => {
                 let file = |name: &str| settings.storage.data_dir.join(name);
@@ -42,7 +57,7 @@ impl Stores {
                     ledger: Arc::new(RedbLedger::open(&file(LEDGER_FILE), cache)?),
                 })
             }
-            StorageBackend::Postgres => postgres(settings, sealer),
+            StorageBackend::Postgres => postgres(settings, sealer, migrate),
         }
     }
 
@@ -60,12 +75,17 @@ impl Stores {
 }
 
 #[cfg(feature = "postgres")]
-fn postgres(settings: &Settings, sealer: &Sealer) -> Result<Stores, StorageError> {
+fn postgres(settings: &Settings, sealer: &Sealer, migrate: bool) -> Result<Stores, StorageError> {
     use agentkeys_actors::storage::postgres::agents::PostgresAgentStore;
     use agentkeys_actors::storage::postgres::grants::PostgresGrantStore;
     use agentkeys_actors::storage::postgres::ledger::PostgresLedger;
-    use agentkeys_actors::storage::postgres::Postgres;
-    let db = Postgres::open(&postgres_settings(settings)?)?;
+    use agentkeys_actors::storage::postgres::{Postgres, Schema};
+    let schema = if migrate {
+        Schema::Migrate
+    } else {
+        Schema::AsItIs
+    };
+    let db = Postgres::open(&postgres_settings(settings)?, schema)?;
     Ok(Stores {
         agents: Arc::new(PostgresAgentStore::new(db.clone())),
         grants: Arc::new(PostgresGrantStore::new(db.clone(), sealer.clone())),
@@ -75,7 +95,7 @@ fn postgres(settings: &Settings, sealer: &Sealer) -> Result<Stores, StorageError
 
 /// Refused by the settings' validation before this is reached.
 #[cfg(not(feature = "postgres"))]
-fn postgres(_: &Settings, _: &Sealer) -> Result<Stores, StorageError> {
+fn postgres(_: &Settings, _: &Sealer, _: bool) -> Result<Stores, StorageError> {
     Err(StorageError::Backend(
         "this broker was built without the postgres feature".into(),
     ))
@@ -90,25 +110,37 @@ fn postgres_settings(
     let pg = settings.storage.postgres.as_ref().ok_or_else(|| {
         StorageError::Backend("storage.backend = \"postgres\" needs [storage.postgres]".into())
     })?;
-    let password = match &pg.password_file {
-        Some(file) => Some(
-            std::fs::read_to_string(file)
-                .map_err(|e| {
-                    StorageError::Backend(
-                        format!("storage.postgres.password_file {}: {e}", file.display()).into(),
-                    )
-                })?
-                .trim_end_matches(['\r', '\n'])
-                .to_owned(),
-        ),
-        None => None,
-    };
+    let password = pg.password_file.as_deref().map(password_in).transpose()?;
     Ok(agentkeys_actors::storage::postgres::PostgresSettings {
         url: pg.url.clone(),
         password,
         schema: pg.schema.clone(),
         pool_size: pg.pool_size,
         connect_timeout: Duration::from_millis(pg.connect_timeout_ms),
-        statement_timeout: Duration::from_millis(pg.statement_timeout_ms),
+        call_timeout: Duration::from_millis(pg.call_timeout_ms),
+        ca_file: pg.ca_file.clone(),
     })
+}
+
+/// The database's password, from a file only its owner may read.
+#[cfg(feature = "postgres")]
+fn password_in(file: &std::path::Path) -> Result<String, StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let refused = |why: String| {
+        StorageError::Backend(
+            format!("storage.postgres.password_file {}: {why}", file.display()).into(),
+        )
+    };
+    let mode = std::fs::metadata(file)
+        .map_err(|e| refused(e.to_string()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(refused(format!(
+            "readable by others (mode {:o}): chmod 600 it",
+            mode & 0o777
+        )));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| refused(e.to_string()))?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
 }

@@ -39,7 +39,7 @@ pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
         }
     }
     let sealer = Sealer::load_or_generate(sealing_key, data_dir).map_err(|e| e.to_string())?;
-    let stores = Stores::open(settings, &sealer).map_err(|e| {
+    let stores = Stores::open_as_they_are(settings, &sealer).map_err(|e| {
         format!("the stores: {e} (if the broker is running, use GET /v1/admin/audit/verify)")
     })?;
     let sinks: Vec<_> = settings

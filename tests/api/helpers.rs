@@ -77,6 +77,9 @@ impl Reply {
 pub struct TestDatabase {
     pub url: String,
     pub schema: String,
+    /// The server's CA (`AGENTKEYS_TEST_POSTGRES_CA`): when set, every
+    /// test broker's connections are TLS, verified against it.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl TestDatabase {
@@ -91,16 +94,26 @@ impl TestDatabase {
         use sha2::Digest;
         let named = sha2::Sha256::digest(data_dir.as_os_str().as_encoded_bytes());
         let schema = format!("t_{}", &hex::encode(named)[..16]);
-        Some(Self { url, schema })
+        let ca_file = std::env::var_os("AGENTKEYS_TEST_POSTGRES_CA").map(PathBuf::from);
+        Some(Self {
+            url,
+            schema,
+            ca_file,
+        })
     }
 
     /// The same as environment variables, for a broker process.
-    pub fn env(&self) -> [(&'static str, String); 3] {
-        [
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
             ("AGENTKEYS__STORAGE__BACKEND", "postgres".into()),
             ("AGENTKEYS__STORAGE__POSTGRES__URL", self.url.clone()),
             ("AGENTKEYS__STORAGE__POSTGRES__SCHEMA", self.schema.clone()),
-        ]
+        ];
+        if let Some(ca) = &self.ca_file {
+            let ca = ca.to_string_lossy().into_owned();
+            env.push(("AGENTKEYS__STORAGE__POSTGRES__CA_FILE", ca));
+        }
+        env
     }
 }
 
@@ -139,6 +152,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
         settings.storage.postgres = Some(PostgresStorage {
             url: database.url,
             schema: Some(database.schema),
+            ca_file: database.ca_file,
             ..PostgresStorage::default()
         });
     }

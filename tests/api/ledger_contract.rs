@@ -164,7 +164,7 @@ fn the_redb_ledger_keeps_the_contract() {
 pub mod postgres {
     use super::*;
     use agentkeys_actors::storage::postgres::ledger::PostgresLedger;
-    use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings};
+    use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings, Schema};
 
     pub use crate::helpers::psql;
 
@@ -177,7 +177,10 @@ pub mod postgres {
 
     /// A ledger on its own pool of connections (as another broker has).
     fn open_ledger(url: &str, schema: &str) -> Result<PostgresLedger, StorageError> {
-        let db = Postgres::open(&PostgresSettings::new(url).in_schema(schema))?;
+        let db = Postgres::open(
+            &PostgresSettings::new(url).in_schema(schema),
+            Schema::Migrate,
+        )?;
         Ok(PostgresLedger::new(db))
     }
 

@@ -33,6 +33,45 @@ async fn agent_with_grant(app: &TestApp, name: &str) -> String {
     app.login(&agent).await
 }
 
+/// Mints until one is answered 200, as a retrying client would (at most
+/// 15 s): its jti.
+async fn mint_when_back(app: &TestApp, session: &str) -> String {
+    let back = Instant::now();
+    let minted = loop {
+        let reply = app.mint(session, &intent()).await;
+        if reply.status == StatusCode::OK || back.elapsed() > Duration::from_secs(15) {
+            break reply;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);
+    minted.body["jti"].as_str().unwrap().to_owned()
+}
+
+/// The chain verifies, and every JWT in `released` has its `ok` record.
+async fn all_audited(app: &TestApp, released: &[String]) {
+    let verified = app
+        .get("/v1/admin/audit/verify", Some(&app.admin_token))
+        .await;
+    assert_eq!(verified.body["ok"], true, "{}", verified.body);
+    let records = app
+        .get("/v1/admin/audit?limit=100", Some(&app.admin_token))
+        .await;
+    let oks: Vec<&str> = records.body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["outcome"] == "ok")
+        .filter_map(|r| r["jti"].as_str())
+        .collect();
+    for jti in released {
+        assert!(
+            oks.contains(&jti.as_str()),
+            "{jti} released but not audited"
+        );
+    }
+}
+
 async fn readyz(app: &TestApp) -> (StatusCode, Value) {
     let reply = app.get("/readyz", None).await;
     (reply.status, reply.body)
@@ -107,38 +146,127 @@ async fn a_database_away_answers_503_readyz_says_why_and_the_broker_recovers() {
         &url,
         &format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true"),
     );
-    let back = Instant::now();
-    let minted = loop {
-        let reply = app.mint(&session, &intent()).await;
-        if reply.status == StatusCode::OK || back.elapsed() > Duration::from_secs(15) {
-            break reply;
-        }
-        actix_web::rt::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);
-    released.push(minted.body["jti"].as_str().unwrap().to_owned());
+    released.push(mint_when_back(&app, &session).await);
     assert_eq!(readyz(&app).await.0, StatusCode::OK);
 
-    let verified = app
-        .get("/v1/admin/audit/verify", Some(&app.admin_token))
-        .await;
-    assert_eq!(verified.body["ok"], true, "{}", verified.body);
-    let records = app
-        .get("/v1/admin/audit?limit=100", Some(&app.admin_token))
-        .await;
-    let oks: Vec<&str> = records.body["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["outcome"] == "ok")
-        .filter_map(|r| r["jti"].as_str())
-        .collect();
-    for jti in &released {
-        assert!(
-            oks.contains(&jti.as_str()),
-            "{jti} released but not audited"
-        );
+    all_audited(&app, &released).await;
+}
+
+/// A TCP proxy in front of the database that can go silent: frozen, it
+/// keeps every connection open and passes nothing either way, and takes
+/// new connections without answering them, as a network partition does
+/// (a hang, not a refusal: the proxy's kernel still acknowledges).
+struct SilentProxy {
+    port: u16,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilentProxy {
+    fn start(upstream: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::AtomicBool;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = std::sync::Arc::new(AtomicBool::new(false));
+        let gate = frozen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let (client_out, server_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                Self::pipe(client, server_out, gate.clone());
+                Self::pipe(server, client_out, gate.clone());
+            }
+        });
+        Self { port, frozen }
     }
+
+    /// Copies `from` to `to`, holding everything while frozen.
+    fn pipe(
+        mut from: std::net::TcpStream,
+        mut to: std::net::TcpStream,
+        frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 16 * 1024];
+            loop {
+                let read = match from.read(&mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => read,
+                };
+                while frozen.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if to.write_all(&buffer[..read]).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen
+            .store(frozen, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// PostgreSQL silent under a running broker (a partition: connections
+/// hang, nothing refuses): mints answer 503 within the send timeout,
+/// /readyz too, and the broker recovers by itself once the network does.
+#[actix_web::test]
+async fn a_database_gone_silent_answers_503_within_the_send_timeout_and_recovers() {
+    let Some(url) = url("PostgreSQL gone silent") else {
+        return;
+    };
+    let server = reqwest::Url::parse(&url).unwrap();
+    let upstream = format!("127.0.0.1:{}", server.port().unwrap());
+    let proxy = SilentProxy::start(upstream.parse().unwrap());
+    let proxied = url.replace(&upstream, &format!("127.0.0.1:{}", proxy.port));
+    let schema = fresh_schema();
+    let app = spawn_app_with(|s| on_postgres(s, &proxied, Some(schema.clone()))).await;
+    let session = agent_with_grant(&app, "partitioned").await;
+    let mut released = Vec::new();
+    let first = app.mint(&session, &intent()).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    released.push(first.body["jti"].as_str().unwrap().to_owned());
+
+    proxy.freeze(true);
+    let send_timeout = Duration::from_millis(app.settings.actors.send_timeout_ms);
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let asked = Instant::now();
+        let refused = app.mint(&session, &intent()).await;
+        let took = asked.elapsed();
+        assert_eq!(
+            refused.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            refused.body
+        );
+        assert!(refused.body.get("jwt").is_none());
+        assert!(
+            took < send_timeout + Duration::from_millis(500),
+            "hung {took:?}"
+        );
+        codes.push(refused.error_code().to_owned());
+    }
+    assert!(
+        codes.iter().all(|c| c == "audit_unavailable"),
+        "the database's failure, not an overload: {codes:?}"
+    );
+    let asked = Instant::now();
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["storage_unavailable"].is_string(), "{body}");
+    assert!(asked.elapsed() < send_timeout + Duration::from_millis(500));
+
+    proxy.freeze(false);
+    released.push(mint_when_back(&app, &session).await);
+    all_audited(&app, &released).await;
 }
 
 /// `audit verify` on a stopped broker's database: an edited record and a
@@ -158,27 +286,42 @@ async fn audit_verify_finds_what_was_changed_in_the_database() {
         assert_eq!(app.mint(&session, &intent()).await.status, StatusCode::OK);
     }
     app.stop();
-    let verify = || {
-        let mut command = std::process::Command::new(crate::process::BIN);
-        command
+    // `audit verify` on the stopped broker's database, in `schema`.
+    let verify_in = |schema: &str| {
+        std::process::Command::new(crate::process::BIN)
             .args(["audit", "verify", "--data-dir"])
             .arg(app.data_dir())
             .arg("--sealing-key-file")
             .arg(&app.settings.secrets.sealing_key_file)
             .env("AGENTKEYS__STORAGE__BACKEND", "postgres")
             .env("AGENTKEYS__STORAGE__POSTGRES__URL", &url)
-            .env("AGENTKEYS__STORAGE__POSTGRES__SCHEMA", &schema)
+            .env("AGENTKEYS__STORAGE__POSTGRES__SCHEMA", schema)
             .env(
                 "AGENTKEYS_CONFIG",
                 concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
-            );
-        let ran = command.output().unwrap();
+            )
+            .output()
+            .unwrap()
+    };
+    let verify = || {
+        let ran = verify_in(&schema);
         let report: Value = serde_json::from_slice(&ran.stdout).unwrap_or(Value::Null);
         (ran.status.code(), report)
     };
     let (code, report) = verify();
     assert_eq!(code, Some(0), "the untouched trail verifies: {report}");
     assert_eq!(report["records"], 3, "{report}");
+    // A mistyped schema is refused, and not made: an audit writes nothing.
+    let mistyped = format!("{schema}_x");
+    let ran = verify_in(&mistyped);
+    assert!(!ran.status.success());
+    let said = String::from_utf8_lossy(&ran.stderr);
+    assert!(said.contains("no broker's tables"), "{said}");
+    let made = psql(
+        &url,
+        &format!("SELECT count(*) FROM pg_namespace WHERE nspname = '{mistyped}'"),
+    );
+    assert_eq!(made, "0", "the schema was made");
 
     let table = format!("\"{schema}\".audit_records");
     let original = psql(
@@ -219,4 +362,93 @@ async fn audit_verify_finds_what_was_changed_in_the_database() {
         report.to_string().contains("no longer matches its receipt"),
         "{report}"
     );
+}
+
+/// TLS to the database is verified or not made: against `ca_file` (or the
+/// platform's roots), for the URL's host name. Without either, the URL's
+/// default connects in plain.
+#[test]
+fn tls_to_the_database_is_verified() {
+    use agentkeys_actors::storage::postgres::ledger::PostgresLedger;
+    use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings, Schema};
+    use agentkeys_actors::storage::AuditLedger;
+
+    let Some(url) = url("PostgreSQL over TLS") else {
+        return;
+    };
+    let Some(ca) = std::env::var_os("AGENTKEYS_TEST_POSTGRES_CA") else {
+        let why = "no AGENTKEYS_TEST_POSTGRES_CA (eval \"$(harness/postgres.sh start DIR)\")";
+        crate::process::tool_missing(
+            "PostgreSQL over TLS",
+            Some("AGENTKEYS_TEST_POSTGRES_CA"),
+            why,
+        );
+        return;
+    };
+    let ca = std::path::PathBuf::from(ca);
+    let schema = fresh_schema();
+    let open = |url: &str, ca_file: Option<&std::path::Path>| {
+        let settings = PostgresSettings {
+            ca_file: ca_file.map(Into::into),
+            ..PostgresSettings::new(url).in_schema(&schema)
+        };
+        Postgres::open(&settings, Schema::Migrate)
+    };
+    // Whether the schema's connections are TLS, as the server sees them.
+    let tls_in_use = || {
+        psql(
+            &url,
+            &format!(
+                "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.application_name = 'agentkeys-broker/{schema}'"
+            ),
+        )
+    };
+
+    let verified = PostgresLedger::new(open(&url, Some(&ca)).unwrap());
+    assert_eq!(verified.head().unwrap().seq, 0);
+    assert_eq!(tls_in_use(), "t", "ca_file set: TLS");
+    drop(verified);
+    std::thread::sleep(Duration::from_millis(200));
+
+    let by_name = format!("{}?sslmode=require", url.replace("127.0.0.1", "localhost"));
+    let named = PostgresLedger::new(open(&by_name, Some(&ca)).unwrap());
+    assert_eq!(named.head().unwrap().seq, 0);
+    drop(named);
+
+    let refused = |url: &str, ca_file: Option<&std::path::Path>| {
+        let error = open(url, ca_file).err().map(|e| e.to_string());
+        error.unwrap_or_else(|| panic!("{url} with {ca_file:?} connected"))
+    };
+    let required = format!("{url}?sslmode=require");
+    let unknown = refused(&required, None);
+    assert!(
+        unknown.contains("certificate"),
+        "the platform's roots: {unknown}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = crate::helpers::TestCa::new(dir.path());
+    let other = refused(&url, Some(&stranger.ca_file()));
+    assert!(other.contains("certificate"), "another CA: {other}");
+    // The right CA, but a host name the certificate does not carry (the
+    // address is still the server's).
+    let misnamed = reqwest::Url::parse(&url).unwrap();
+    let port = misnamed.port().unwrap();
+    let elsewhere = url.replace(
+        &format!("127.0.0.1:{port}"),
+        &format!("db.elsewhere.test:{port}"),
+    ) + "?hostaddr=127.0.0.1";
+    let wrong_name = refused(&elsewhere, Some(&ca));
+    assert!(
+        wrong_name.contains("certificate"),
+        "another name: {wrong_name}"
+    );
+    assert!(
+        !wrong_name.contains(misnamed.password().unwrap()),
+        "{wrong_name}"
+    );
+
+    let plain = PostgresLedger::new(open(&url, None).unwrap());
+    assert_eq!(plain.head().unwrap().seq, 0);
+    assert_eq!(tls_in_use(), "f", "no ca_file, no sslmode: plain");
 }

@@ -188,10 +188,14 @@ mod postgres {
     use crate::ledger_contract::postgres::{fresh_schema, psql, url};
     use agentkeys_actors::storage::postgres::agents::PostgresAgentStore;
     use agentkeys_actors::storage::postgres::grants::PostgresGrantStore;
-    use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings};
+    use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings, Schema};
 
     fn database(url: &str, schema: &str) -> Arc<Postgres> {
-        Postgres::open(&PostgresSettings::new(url).in_schema(schema)).unwrap()
+        Postgres::open(
+            &PostgresSettings::new(url).in_schema(schema),
+            Schema::Migrate,
+        )
+        .unwrap()
     }
 
     #[test]

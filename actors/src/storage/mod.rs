@@ -30,6 +30,43 @@ pub(crate) fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) ->
     StorageError::Backend(e.into())
 }
 
+/// `url` as messages and logs may show it: `scheme://user@host:port/db`,
+/// never its password or its query (which may hold one too); a string
+/// that is not a `postgres://` URL is not shown at all.
+pub fn shown_url(url: &str) -> String {
+    if !is_postgres_url(url) {
+        return "(not a postgres:// URL)".into();
+    }
+    let (scheme, rest) = url.split_once("://").unwrap_or_default();
+    let rest = rest.split('?').next().unwrap_or_default();
+    // The host and the path hold no `@`: the last one ends the user part.
+    match rest.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}@{host}")
+        }
+        None => format!("{scheme}://{rest}"),
+    }
+}
+
+/// Whether `url` is a `postgres://` (or `postgresql://`) URL, the only
+/// form the settings take.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Whether `name` may name a PostgreSQL schema here: lowercase letters,
+/// digits and `_`, not first a digit, at most 63 bytes (so it is spliced
+/// into SQL and connection options with nothing to escape).
+pub fn is_schema_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
 /// The agent registry: written by the AuthActor only, read once at start.
 pub trait AgentStore: Send + Sync + 'static {
     fn load_all(&self) -> Result<Vec<AgentRecord>, StorageError>;

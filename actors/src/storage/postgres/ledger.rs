@@ -76,16 +76,17 @@ impl AuditLedger for PostgresLedger {
                 .await
                 .map_err(failed)?;
             if !ids.is_empty() {
-                // The batch's deltas are one per grant (the caller sums
-                // them), so each row changes once.
+                // Summed per grant first: a row changes once per statement.
                 let change = prepared(
-                    "INSERT INTO audit_grant_uses AS g (grant_id, uses)
-                     SELECT id, GREATEST(delta, 0)
-                     FROM UNNEST($1::TEXT[], $2::BIGINT[]) AS u(id, delta)
+                    "WITH u AS (
+                         SELECT id, SUM(delta)::BIGINT AS delta
+                         FROM UNNEST($1::TEXT[], $2::BIGINT[]) AS t(id, delta) GROUP BY id
+                     )
+                     INSERT INTO audit_grant_uses AS g (grant_id, uses)
+                     SELECT id, GREATEST(delta, 0) FROM u
                      ON CONFLICT (grant_id) DO UPDATE
                      SET uses = GREATEST(g.uses + (
-                         SELECT delta FROM UNNEST($1::TEXT[], $2::BIGINT[]) AS d(id, delta)
-                         WHERE d.id = EXCLUDED.grant_id), 0)",
+                         SELECT delta FROM u WHERE u.id = EXCLUDED.grant_id), 0)",
                 );
                 txn.execute(&change.await.map_err(backend)?, &[&ids, &deltas])
                     .await

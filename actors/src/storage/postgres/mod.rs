@@ -6,10 +6,13 @@
 //!
 //! tokio-postgres is asynchronous and the stores' callers are not (actors'
 //! blocking commit threads, start-up, the CLI): the pool runs on a small
-//! runtime of its own ([`BlockingRuntime`]). A connection found closed
-//! (the server restarted, a network cut) is dropped and a new one made at
-//! the next call: while the server is away calls fail within the connect
-//! timeout, and once it is back the stores work again, no restart needed.
+//! runtime of its own ([`BlockingRuntime`]). Every call has a deadline of
+//! its own (the call timeout), whatever the server does: a server that
+//! refuses fails calls at once, one that went silent fails them at the
+//! deadline, and the idle connections are dropped then, since they may be
+//! stuck behind it. A connection found closed is dropped too, and new ones
+//! are made at the next call: once the server is back the stores work
+//! again, no restart needed.
 //! Nothing is retried here: a failed write may or may not have committed,
 //! and only the caller can tell.
 //!
@@ -21,14 +24,19 @@ pub mod grants;
 pub mod ledger;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Config, NoTls};
+use tokio_postgres::Config;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{backend, StorageError};
+use super::{backend, is_postgres_url, is_schema_name, shown_url, StorageError};
 use crate::blocking::BlockingRuntime;
 
 /// Where the database is and how long to wait for it.
@@ -48,19 +56,25 @@ pub struct PostgresSettings {
     /// A connection attempt, and unacknowledged data on a live one (a cut
     /// network hangs, it does not refuse), give up after this long.
     pub connect_timeout: Duration,
-    /// The server cancels a statement, or a wait for a lock, after this
-    /// long; a call waits at most this long for a free connection.
-    pub statement_timeout: Duration,
+    /// One call (a batch's transaction, a read: waiting for a connection,
+    /// making one, every statement) gives up after this long, whatever the
+    /// server does; the server also cancels a statement or a lock wait
+    /// after it.
+    pub call_timeout: Duration,
+    /// The CA certificates (PEM) the server's certificate must chain to;
+    /// set, every connection is TLS ([`tls`]).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PostgresSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresSettings")
-            .field("url", &redacted(&self.url))
+            .field("url", &shown_url(&self.url))
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
-            .field("statement_timeout", &self.statement_timeout)
+            .field("call_timeout", &self.call_timeout)
+            .field("ca_file", &self.ca_file)
             .finish_non_exhaustive()
     }
 }
@@ -73,8 +87,9 @@ impl PostgresSettings {
             password: None,
             schema: None,
             pool_size: 8,
-            connect_timeout: Duration::from_millis(1_000),
-            statement_timeout: Duration::from_millis(1_500),
+            connect_timeout: Duration::from_millis(500),
+            call_timeout: Duration::from_millis(800),
+            ca_file: None,
         }
     }
 
@@ -85,48 +100,57 @@ impl PostgresSettings {
     }
 }
 
-/// `url` without its password (for messages and logs).
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "(not a URL)".into();
-    };
-    match rest.split_once('@') {
-        Some((user, host)) if user.contains(':') => {
-            let user = user.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_owned(),
-    }
-}
-
-/// `host:port/database` of `url`, nothing else (no user, no password).
-fn where_is(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    rest.split('?').next().unwrap_or_default().to_owned()
+/// `host:port/database` as the client parsed it: no user, no password.
+fn where_is(config: &Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| (host, ports.get(i).or(ports.first()).unwrap_or(&5432)))
+        .map(|(host, port)| match host {
+            Host::Tcp(name) => format!("{name}:{port}"),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    format!("{}/{}", hosts.join(","), config.get_dbname().unwrap_or(""))
 }
 
 /// One database: a pool of connections and the runtime they run on.
 pub struct Postgres {
     runtime: BlockingRuntime,
     pool: Pool,
+    call_timeout: Duration,
+}
+
+/// What [`Postgres::open`] may do to the schema.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schema {
+    /// Make it if absent and apply the migrations it lacks (a broker).
+    Migrate,
+    /// Only use it as it is: absent, or at another version, is an error
+    /// (an auditor's reads change nothing).
+    AsItIs,
 }
 
 impl Postgres {
-    /// Connects, makes the schema if absent and applies the migrations
-    /// this database lacks. Fails when the server does not answer within
-    /// the connect timeout, or its schema is newer than this broker's.
-    pub fn open(settings: &PostgresSettings) -> Result<Arc<Self>, StorageError> {
-        if let Some(schema) = settings.schema.as_deref().filter(|s| !is_identifier(s)) {
+    /// Connects and, with [`Schema::Migrate`], makes the schema if absent
+    /// and applies the migrations this database lacks. Fails when the
+    /// server does not answer within the connect timeout, or its schema is
+    /// newer than this broker's (or, as it is, not this broker's).
+    pub fn open(settings: &PostgresSettings, schema: Schema) -> Result<Arc<Self>, StorageError> {
+        if let Some(name) = settings.schema.as_deref().filter(|s| !is_schema_name(s)) {
             return Err(backend(format!(
-                "schema {schema:?}: lowercase letters, digits and _ only, not first a digit"
+                "schema {name:?}: lowercase letters, digits and _ only, not first a digit"
             )));
         }
-        let config = connection_config(settings)?;
+        let mut config = connection_config(settings)?;
+        let tls = tls(&mut config, settings)?;
+        let location = where_is(&config);
         let runtime = BlockingRuntime::new("postgres").map_err(backend)?;
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -134,20 +158,29 @@ impl Postgres {
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size.max(1))
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(settings.statement_timeout))
+            .wait_timeout(Some(settings.call_timeout))
             .create_timeout(Some(settings.connect_timeout))
             .recycle_timeout(Some(settings.connect_timeout))
             .build()
             .map_err(backend)?;
-        let db = Self { runtime, pool };
-        db.run(async {
+        let db = Self {
+            runtime,
+            pool,
+            call_timeout: settings.call_timeout,
+        };
+        // A migration may take longer than a call may (and so may another
+        // broker's, which holds the lock): a minute.
+        let opened = db.run_within(MIGRATION_TIMEOUT, async {
             let mut client = db.client().await?;
-            migrate(&mut client, settings.schema.as_deref()).await
-        })
-        .map_err(|e| {
+            match schema {
+                Schema::Migrate => migrate(&mut client, settings.schema.as_deref()).await,
+                Schema::AsItIs => check_version(&client).await,
+            }
+        });
+        opened.map_err(|e| {
             // Which database, and the system's own reason (the client's
             // error alone says only that connecting failed).
-            let mut why = format!("PostgreSQL at {}: {e}", where_is(&settings.url));
+            let mut why = format!("PostgreSQL at {location}: {e}");
             let mut source = std::error::Error::source(&e);
             while let Some(cause) = source {
                 why.push_str(&format!(": {cause}"));
@@ -158,13 +191,35 @@ impl Postgres {
         Ok(Arc::new(db))
     }
 
-    /// Runs `work` to its end on the pool's runtime (from any thread).
-    pub(crate) fn run<F>(&self, work: F) -> F::Output
-    where
-        F: Future + Send,
-        F::Output: Send,
-    {
-        self.runtime.run(work)
+    /// Runs `work` on the pool's runtime (from any thread), giving up
+    /// after the call timeout.
+    pub(crate) fn run<T: Send>(
+        &self,
+        work: impl Future<Output = Result<T, StorageError>> + Send,
+    ) -> Result<T, StorageError> {
+        self.run_within(self.call_timeout, work)
+    }
+
+    /// [`Self::run`] with its own deadline. A call cut off by it may have
+    /// left its connection stuck behind a silent server: every idle
+    /// connection is dropped then, and the next calls connect anew.
+    fn run_within<T: Send>(
+        &self,
+        deadline: Duration,
+        work: impl Future<Output = Result<T, StorageError>> + Send,
+    ) -> Result<T, StorageError> {
+        self.runtime.run(async {
+            // Its own statement: the cut-off call's connection is back in
+            // the pool before the pool is emptied.
+            let outcome = tokio::time::timeout(deadline, work).await;
+            outcome.unwrap_or_else(|_| {
+                self.pool.retain(|_, _| false);
+                Err(backend(format!(
+                    "PostgreSQL did not answer within {} ms",
+                    deadline.as_millis()
+                )))
+            })
+        })
     }
 
     /// A live connection from the pool (made anew if none is free and
@@ -175,26 +230,20 @@ impl Postgres {
             other => backend(format!("no PostgreSQL connection: {other}")),
         })
     }
-
-    /// Whether the server answers now (for readiness).
-    pub fn check(&self) -> Result<(), StorageError> {
-        self.run(async {
-            let client = self.client().await?;
-            client.simple_query("SELECT 1").await.map_err(backend)?;
-            Ok(())
-        })
-    }
 }
 
 /// Server-side bounds on one statement, a lock wait and an idle
 /// transaction, so a stalled server or another broker's stuck transaction
 /// fails a batch instead of holding every mint; and the schema.
 fn connection_config(settings: &PostgresSettings) -> Result<Config, StorageError> {
+    // Only a URL: a `key=value` string could carry the password where no
+    // message can cut it out.
+    if !is_postgres_url(&settings.url) {
+        return Err(backend("storage.postgres.url must be a postgres:// URL"));
+    }
     let mut config: Config = settings.url.parse().map_err(|e| {
-        backend(format!(
-            "storage.postgres.url ({}): {e}",
-            redacted(&settings.url)
-        ))
+        let shown = shown_url(&settings.url);
+        backend(format!("storage.postgres.url ({shown}): {e}"))
     })?;
     if let Some(password) = &settings.password {
         config.password(password);
@@ -203,8 +252,12 @@ fn connection_config(settings: &PostgresSettings) -> Result<Config, StorageError
         config.connect_timeout(settings.connect_timeout);
     }
     config.tcp_user_timeout(settings.connect_timeout);
-    config.keepalives_idle(Duration::from_secs(10));
-    let statement = settings.statement_timeout.as_millis().max(1);
+    // A server that went silent (its host gone, a partition) is found by
+    // keepalives within about 8 s even while no call is waiting on it.
+    config.keepalives_idle(Duration::from_secs(5));
+    config.keepalives_interval(Duration::from_secs(1));
+    config.keepalives_retries(3);
+    let statement = settings.call_timeout.as_millis().max(1);
     let mut options = config
         .get_options()
         .map_or(String::new(), |o| format!("{o} "));
@@ -231,13 +284,63 @@ fn connection_config(settings: &PostgresSettings) -> Result<Config, StorageError
     Ok(config)
 }
 
-fn is_identifier(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.len() <= 63
+/// TLS to the database, over rustls. A connection is TLS when the URL says
+/// `sslmode=require` or `ca_file` is set, and then the server's certificate
+/// is always verified, like libpq's `verify-full`: it must chain to
+/// `ca_file` (else to the platform's roots) and name the URL's host. There
+/// is no TLS that trusts any certificate: the URL's default
+/// (`sslmode=prefer`) without `ca_file` connects in plain, with a warning
+/// unless the host is this machine.
+fn tls(
+    config: &mut Config,
+    settings: &PostgresSettings,
+) -> Result<MakeRustlsConnect, StorageError> {
+    let wanted = config.get_ssl_mode() == SslMode::Require || settings.ca_file.is_some();
+    if wanted {
+        config.ssl_mode(SslMode::Require);
+    } else {
+        config.ssl_mode(SslMode::Disable);
+        let local = config.get_hosts().iter().all(|host| match host {
+            Host::Tcp(name) => matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1"),
+            Host::Unix(_) => true,
+        });
+        if !local {
+            tracing::warn!(
+                database = %where_is(config),
+                "connecting to PostgreSQL without TLS: set storage.postgres.ca_file, or \
+                 sslmode=require in the URL, unless the network to it is private"
+            );
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(backend)?;
+    let client = match &settings.ca_file {
+        Some(file) => {
+            let unreadable = |e: &dyn std::fmt::Display| {
+                backend(format!("storage.postgres.ca_file {}: {e}", file.display()))
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(file).map_err(|e| unreadable(&e))? {
+                roots
+                    .add(cert.map_err(|e| unreadable(&e))?)
+                    .map_err(|e| unreadable(&e))?;
+            }
+            if roots.is_empty() {
+                return Err(unreadable(&"no certificate in it"));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => {
+            let platform = rustls_platform_verifier::Verifier::new(provider).map_err(backend)?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(platform))
+                .with_no_client_auth()
+        }
+    };
+    Ok(MakeRustlsConnect::new(client))
 }
 
 /// The schema, one migration per version, applied in order, each once.
@@ -280,6 +383,36 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// Held (for one transaction) while migrations run.
 const MIGRATION_LOCK: i64 = 0x6167_656e_746b_6579;
 
+/// How long opening may take with its migrations (and another broker's).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The schema version this broker writes.
+fn known_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |(version, _)| *version)
+}
+
+/// Refuses a schema that is absent or at another version than this
+/// broker's (for reads that must change nothing).
+async fn check_version(client: &Object) -> Result<(), StorageError> {
+    let found = client
+        .query_opt("SELECT max(version) FROM agentkeys_migrations", &[])
+        .await;
+    let version: Option<i32> = match found {
+        Ok(row) => row.and_then(|row| row.get(0)),
+        // No migrations table in this schema.
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => None,
+        Err(e) => return Err(backend(e)),
+    };
+    match version {
+        Some(version) if version == known_version() => Ok(()),
+        Some(version) => Err(backend(format!(
+            "the database's schema is at version {version}, this broker's is {}",
+            known_version()
+        ))),
+        None => Err(backend("no broker's tables in this database and schema")),
+    }
+}
+
 /// Makes `schema` if absent and applies the migrations this database
 /// lacks, under the advisory lock; refuses a database migrated by a newer
 /// broker.
@@ -312,7 +445,7 @@ async fn migrate(client: &mut Object, schema: Option<&str>) -> Result<(), Storag
         .await
         .map_err(backend)?;
     let applied: Vec<i32> = rows.iter().map(|row| row.get(0)).collect();
-    let known = MIGRATIONS.last().map_or(0, |(version, _)| *version);
+    let known = known_version();
     if let Some(newer) = applied.iter().find(|v| **v > known) {
         return Err(backend(format!(
             "the database's schema is at version {newer}, newer than this broker's {known}: upgrade the broker"
