@@ -202,18 +202,5 @@ impl From<InvalidInput> for ApiError {
     }
 }
 
-/// An error and every cause under it, for the log (a cause whose text the
-/// error already shows is not repeated).
-pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        let shown = inner.to_string();
-        if !text.ends_with(&shown) {
-            text.push_str(": ");
-            text.push_str(&shown);
-        }
-        cause = inner.source();
-    }
-    text
-}
+/// An error and every cause under it, for the log.
+pub(crate) use agentkeys_actors::error_text::with_causes;

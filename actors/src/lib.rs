@@ -17,8 +17,9 @@
 //!   "pkcs11"`), signing digests it is sent.
 //! - [`kms`] (feature `kms`): AWS KMS keys for the same (`oidc.signer =
 //!   "kms"`), and [`ecdsa_der`], the DER forms KMS answers in.
-//! - [`blocking`] (features `kms`, `audit-evm`): the small runtime that
-//!   synchronous code blocks on to call an async client (KMS, EVM RPC).
+//! - [`blocking`] (features `kms`, `audit-evm`, `postgres`): the small
+//!   runtime that synchronous code blocks on to call an async client (KMS,
+//!   EVM RPC, PostgreSQL).
 //! - [`sealing`]: the operator's sealing key (outside the data directory)
 //!   and what is sealed with it: private keys and stored replay answers.
 //! - [`data_dir`]: the data directory 0700 and every file in it 0600.
@@ -34,7 +35,9 @@
 //! - [`audit`]: `AuditActor`, the hash-chained ledger (group commit) and the
 //!   anchor sinks behind one trait (`jsonl`, `evm`), each on its worker;
 //!   verification.
-//! - [`storage`]: the agent and grant stores behind traits; redb inside.
+//! - [`storage`]: the agent registry, the grants and the audit ledger
+//!   behind traits; redb, or PostgreSQL (feature `postgres`).
+//! - [`error_text`]: an error with its causes, as one line.
 //! - [`mint`]: the one mint flow in three steps (admit, authorize, issue),
 //!   usable with or without HTTP.
 
@@ -47,6 +50,7 @@ pub mod data_dir;
 pub mod domain;
 #[cfg(feature = "kms")]
 pub mod ecdsa_der;
+pub mod error_text;
 pub mod grant;
 pub mod group_commit;
 pub mod keys;

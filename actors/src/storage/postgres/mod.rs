@@ -38,6 +38,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{backend, is_postgres_url, is_schema_name, shown_url, StorageError};
 use crate::blocking::BlockingRuntime;
+use crate::error_text::with_causes;
 
 /// Where the database is and how long to wait for it.
 #[derive(Clone)]
@@ -177,17 +178,9 @@ impl Postgres {
                 Schema::AsItIs => check_version(&client).await,
             }
         });
-        opened.map_err(|e| {
-            // Which database, and the system's own reason (the client's
-            // error alone says only that connecting failed).
-            let mut why = format!("PostgreSQL at {location}: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                why.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            backend(why)
-        })?;
+        // Which database, and the system's own reason (the client's error
+        // alone says only that connecting failed).
+        opened.map_err(|e| backend(format!("PostgreSQL at {location}: {}", with_causes(&e))))?;
         Ok(Arc::new(db))
     }
 
