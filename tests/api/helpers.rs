@@ -102,19 +102,44 @@ impl TestDatabase {
         })
     }
 
+    /// The variables [`Self::env`] sets: backend, URL, schema, CA file.
+    pub const ENV: [&'static str; 4] = [
+        "AGENTKEYS__STORAGE__BACKEND",
+        "AGENTKEYS__STORAGE__POSTGRES__URL",
+        "AGENTKEYS__STORAGE__POSTGRES__SCHEMA",
+        "AGENTKEYS__STORAGE__POSTGRES__CA_FILE",
+    ];
+
     /// The same as environment variables, for a broker process.
     pub fn env(&self) -> Vec<(&'static str, String)> {
+        let [backend, url, schema, ca_file] = Self::ENV;
         let mut env = vec![
-            ("AGENTKEYS__STORAGE__BACKEND", "postgres".into()),
-            ("AGENTKEYS__STORAGE__POSTGRES__URL", self.url.clone()),
-            ("AGENTKEYS__STORAGE__POSTGRES__SCHEMA", self.schema.clone()),
+            (backend, "postgres".into()),
+            (url, self.url.clone()),
+            (schema, self.schema.clone()),
         ];
         if let Some(ca) = &self.ca_file {
-            let ca = ca.to_string_lossy().into_owned();
-            env.push(("AGENTKEYS__STORAGE__POSTGRES__CA_FILE", ca));
+            env.push((ca_file, ca.to_string_lossy().into_owned()));
         }
         env
     }
+}
+
+/// Keeps `settings` on the PostgreSQL at `url`, in `schema` when given,
+/// over TLS verified against `ca_file` when given.
+pub fn on_postgres(
+    settings: &mut Settings,
+    url: &str,
+    schema: Option<String>,
+    ca_file: Option<PathBuf>,
+) {
+    settings.storage.backend = StorageBackend::Postgres;
+    settings.storage.postgres = Some(PostgresStorage {
+        url: url.to_owned(),
+        schema,
+        ca_file,
+        ..PostgresStorage::default()
+    });
 }
 
 /// Keeps a test broker on redb whatever backend the suite runs on: for
@@ -148,13 +173,12 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     settings.rate_limit.login_per_second_per_ip = 10_000;
     settings.rate_limit.login_burst_per_ip = 10_000;
     if let Some(database) = TestDatabase::for_data_dir(&settings.storage.data_dir) {
-        settings.storage.backend = StorageBackend::Postgres;
-        settings.storage.postgres = Some(PostgresStorage {
-            url: database.url,
-            schema: Some(database.schema),
-            ca_file: database.ca_file,
-            ..PostgresStorage::default()
-        });
+        on_postgres(
+            &mut settings,
+            &database.url,
+            Some(database.schema),
+            database.ca_file,
+        );
     }
     tweak(&mut settings);
     let mut app = start(settings);

@@ -261,12 +261,7 @@ pub mod postgres {
     /// The tests' PostgreSQL URL, or `None` having said why the test does
     /// not run (a failure where CI or the variable is set).
     pub fn url(test: &str) -> Option<String> {
-        let url = std::env::var(URL).ok();
-        if url.is_none() {
-            let why = "no AGENTKEYS_TEST_POSTGRES_URL (eval \"$(harness/postgres.sh start DIR)\")";
-            crate::process::tool_missing(test, Some(URL), why);
-        }
-        url
+        crate::process::test_database_env(test, URL)
     }
 
     /// Ends every connection the ledger on `schema` holds, from the

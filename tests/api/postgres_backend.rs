@@ -6,25 +6,15 @@
 
 use std::time::{Duration, Instant};
 
-use agentkeys_broker::settings::{PostgresStorage, Settings, StorageBackend};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{psql, spawn_app_with, TestApp};
+use crate::helpers::{on_postgres, psql, spawn_app_with, TestApp, TestDatabase};
 use crate::ledger_contract::postgres::{fresh_schema, url};
+use crate::process::test_database_env;
 
 fn intent() -> Value {
     json!({ "service": "s3", "scope_path": "pg/" })
-}
-
-/// Keeps `settings` on `url`, in `schema` when given.
-fn on_postgres(settings: &mut Settings, url: &str, schema: Option<String>) {
-    settings.storage.backend = StorageBackend::Postgres;
-    settings.storage.postgres = Some(PostgresStorage {
-        url: url.to_owned(),
-        schema,
-        ..PostgresStorage::default()
-    });
 }
 
 async fn agent_with_grant(app: &TestApp, name: &str) -> String {
@@ -91,7 +81,7 @@ async fn a_database_away_answers_503_readyz_says_why_and_the_broker_recovers() {
     psql(&url, &format!("CREATE DATABASE {database}"));
     let mut own = reqwest::Url::parse(&url).unwrap();
     own.set_path(&database);
-    let app = spawn_app_with(|s| on_postgres(s, own.as_str(), None)).await;
+    let app = spawn_app_with(|s| on_postgres(s, own.as_str(), None, None)).await;
     let session = agent_with_grant(&app, "weathered").await;
     let mut released = Vec::new();
     let first = app.mint(&session, &intent()).await;
@@ -227,7 +217,7 @@ async fn a_database_gone_silent_answers_503_within_the_send_timeout_and_recovers
     let proxy = SilentProxy::start(upstream.parse().unwrap());
     let proxied = url.replace(&upstream, &format!("127.0.0.1:{}", proxy.port));
     let schema = fresh_schema();
-    let app = spawn_app_with(|s| on_postgres(s, &proxied, Some(schema.clone()))).await;
+    let app = spawn_app_with(|s| on_postgres(s, &proxied, Some(schema.clone()), None)).await;
     let session = agent_with_grant(&app, "partitioned").await;
     let mut released = Vec::new();
     let first = app.mint(&session, &intent()).await;
@@ -278,7 +268,7 @@ async fn audit_verify_finds_what_was_changed_in_the_database() {
         return;
     };
     let schema = fresh_schema();
-    let mut app = spawn_app_with(|s| on_postgres(s, &url, Some(schema.clone()))).await;
+    let mut app = spawn_app_with(|s| on_postgres(s, &url, Some(schema.clone()), None)).await;
     let agent = app.register_agent("tampered").await;
     app.grant(&agent, "s3", "pg/", Some(5)).await;
     let session = app.login(&agent).await;
@@ -293,9 +283,14 @@ async fn audit_verify_finds_what_was_changed_in_the_database() {
             .arg(app.data_dir())
             .arg("--sealing-key-file")
             .arg(&app.settings.secrets.sealing_key_file)
-            .env("AGENTKEYS__STORAGE__BACKEND", "postgres")
-            .env("AGENTKEYS__STORAGE__POSTGRES__URL", &url)
-            .env("AGENTKEYS__STORAGE__POSTGRES__SCHEMA", schema)
+            .envs(
+                TestDatabase {
+                    url: url.clone(),
+                    schema: schema.to_owned(),
+                    ca_file: None,
+                }
+                .env(),
+            )
             .env(
                 "AGENTKEYS_CONFIG",
                 concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
@@ -376,13 +371,7 @@ fn tls_to_the_database_is_verified() {
     let Some(url) = url("PostgreSQL over TLS") else {
         return;
     };
-    let Some(ca) = std::env::var_os("AGENTKEYS_TEST_POSTGRES_CA") else {
-        let why = "no AGENTKEYS_TEST_POSTGRES_CA (eval \"$(harness/postgres.sh start DIR)\")";
-        crate::process::tool_missing(
-            "PostgreSQL over TLS",
-            Some("AGENTKEYS_TEST_POSTGRES_CA"),
-            why,
-        );
+    let Some(ca) = test_database_env("PostgreSQL over TLS", "AGENTKEYS_TEST_POSTGRES_CA") else {
         return;
     };
     let ca = std::path::PathBuf::from(ca);

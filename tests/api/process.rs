@@ -48,6 +48,28 @@ pub fn on_test_database(command: &mut Command, data_dir: &Path) {
     }
 }
 
+/// Takes back what [`on_test_database`] set: `command`'s own settings say
+/// where state is kept.
+pub fn off_test_database(command: &mut Command) -> &mut Command {
+    for key in crate::helpers::TestDatabase::ENV {
+        command.env_remove(key);
+    }
+    command
+}
+
+/// The test database's variable `var` (set by `harness/postgres.sh`), or
+/// `None` having said why `test` does not run (a failure where CI or the
+/// variable is set).
+#[cfg(feature = "postgres")]
+pub fn test_database_env(test: &str, var: &str) -> Option<String> {
+    let value = std::env::var(var).ok();
+    if value.is_none() {
+        let why = format!("no {var} (eval \"$(harness/postgres.sh start DIR)\")");
+        tool_missing(test, Some(var), &why);
+    }
+    value
+}
+
 /// Where the tests keep the sealing key of a broker with `data_dir`.
 pub fn sealing_key_beside(data_dir: &Path) -> std::path::PathBuf {
     data_dir

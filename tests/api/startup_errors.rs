@@ -3,7 +3,7 @@
 
 use std::process::Output;
 
-use crate::process::broker_command;
+use crate::process::{broker_command, off_test_database};
 
 /// The run's exit code and its stderr, which must be one line, no panic.
 fn one_line_failure(output: &Output) -> (i32, String) {
@@ -20,12 +20,8 @@ fn serve_with_config(text: &str) -> (i32, String) {
     let config = dir.path().join("broker.toml");
     std::fs::write(&config, text).unwrap();
     // The file alone says where state is kept.
-    let output = broker_command(&dir.path().join("data"), 0)
+    let output = off_test_database(&mut broker_command(&dir.path().join("data"), 0))
         .args(["--config", config.to_str().unwrap()])
-        .env_remove("AGENTKEYS__STORAGE__BACKEND")
-        .env_remove("AGENTKEYS__STORAGE__POSTGRES__URL")
-        .env_remove("AGENTKEYS__STORAGE__POSTGRES__SCHEMA")
-        .env_remove("AGENTKEYS__STORAGE__POSTGRES__CA_FILE")
         .output()
         .unwrap();
     one_line_failure(&output)
@@ -86,12 +82,9 @@ fn a_storage_error_exits_4() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(data.join("grants.redb")).unwrap();
-    let output = broker_command(&data, 0)
+    let output = off_test_database(&mut broker_command(&data, 0))
         .env("AGENTKEYS__LOG__FILTER", "error")
         .env("AGENTKEYS__STORAGE__BACKEND", "redb")
-        .env_remove("AGENTKEYS__STORAGE__POSTGRES__URL")
-        .env_remove("AGENTKEYS__STORAGE__POSTGRES__SCHEMA")
-        .env_remove("AGENTKEYS__STORAGE__POSTGRES__CA_FILE")
         .output()
         .unwrap();
     let (code, stderr) = one_line_failure(&output);
@@ -104,12 +97,10 @@ fn a_storage_error_exits_4() {
 fn serve_on_database(url: &str) -> (i32, String, std::time::Duration) {
     let dir = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
-    let output = broker_command(&dir.path().join("data"), 0)
+    let output = off_test_database(&mut broker_command(&dir.path().join("data"), 0))
         .env("AGENTKEYS__LOG__FILTER", "error")
         .env("AGENTKEYS__STORAGE__BACKEND", "postgres")
         .env("AGENTKEYS__STORAGE__POSTGRES__URL", url)
-        .env_remove("AGENTKEYS__STORAGE__POSTGRES__SCHEMA")
-        .env_remove("AGENTKEYS__STORAGE__POSTGRES__CA_FILE")
         .output()
         .unwrap();
     let (code, stderr) = one_line_failure(&output);
