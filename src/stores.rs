@@ -25,8 +25,9 @@ pub struct Stores {
 }
 
 impl Stores {
-    /// Opens (or creates) every store; on PostgreSQL, connects and brings
-    /// the schema up to date first.
+    /// Opens (or creates) every store for the one broker that writes
+    /// them; on PostgreSQL, connects, brings the schema up to date and
+    /// claims it (refused while another broker writes it).
     pub fn open(settings: &Settings, sealer: &Sealer) -> Result<Self, StorageError> {
         Self::open_with(settings, sealer, true)
     }
@@ -86,6 +87,10 @@ fn postgres(settings: &Settings, sealer: &Sealer, migrate: bool) -> Result<Store
         Schema::AsItIs
     };
     let db = Postgres::open(&postgres_settings(settings)?, schema)?;
+    if migrate {
+        // A broker: the one that writes this schema, or none.
+        db.claim_writer()?;
+    }
     Ok(Stores {
         agents: Arc::new(PostgresAgentStore::new(db.clone())),
         grants: Arc::new(PostgresGrantStore::new(db.clone(), sealer.clone())),

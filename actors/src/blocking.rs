@@ -2,7 +2,9 @@
 //! on, for the async clients the broker calls from threads that run no
 //! runtime (signer threads, sink workers) and from inside the actix
 //! system's runtime (start-up, verification), where blocking in place
-//! panics. The AWS KMS client and the EVM anchor's chain client use it.
+//! panics. The AWS KMS client, the EVM anchor's chain client and the
+//! PostgreSQL pool use it (the pool's writer lock runs on it in the
+//! background).
 
 use std::future::Future;
 
@@ -39,6 +41,16 @@ impl BlockingRuntime {
         Ok(Self {
             runtime: Some(runtime),
         })
+    }
+
+    /// Runs `task` in the background until it ends or the runtime is
+    /// dropped.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.as_ref().expect("until dropped").spawn(task)
     }
 
     /// Runs `work` to its end: on this thread when it runs no runtime,

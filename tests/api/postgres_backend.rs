@@ -67,6 +67,111 @@ async fn readyz(app: &TestApp) -> (StatusCode, Value) {
     (reply.status, reply.body)
 }
 
+/// Ends the sessions that hold `schema`'s writer lock, as a server does
+/// with a client it lost: how many there were.
+fn end_writer_lock_sessions(url: &str, schema: &str) -> String {
+    psql(
+        url,
+        &format!(
+            "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l \
+             JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' \
+             AND l.granted AND a.application_name = 'agentkeys-broker/{schema}'"
+        ),
+    )
+}
+
+/// The database in `schema`, as another broker opens it.
+fn another_broker_on(
+    url: &str,
+    schema: &str,
+) -> std::sync::Arc<agentkeys_actors::storage::postgres::Postgres> {
+    use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings, Schema};
+    let settings = PostgresSettings::new(url).in_schema(schema);
+    Postgres::open(&settings, Schema::Migrate).unwrap()
+}
+
+/// A mint refused for want of its audit record.
+async fn refused_unaudited(app: &TestApp, session: &str) {
+    let refused = app.mint(session, &intent()).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.body
+    );
+    assert_eq!(refused.error_code(), "audit_unavailable");
+}
+
+/// The server dropped a broker's writer-lock session (as it does after a
+/// long enough partition) and another broker claimed the schema before the
+/// first took the lock back: the first is superseded. It releases nothing
+/// more (mints 503, readyz says why), none of its writes lands (an agent
+/// or a grant created on it), and it never takes the lock back, even once
+/// the other lets go; what it released before is audited.
+#[actix_web::test]
+async fn a_broker_whose_schema_another_claimed_releases_nothing_more() {
+    let Some(url) = url("superseded broker") else {
+        return;
+    };
+    let schema = fresh_schema();
+    let app = spawn_app_with(|s| on_postgres(s, &url, Some(schema.clone()), None)).await;
+    let session = agent_with_grant(&app, "fenced").await;
+    let first = app.mint(&session, &intent()).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let released = [first.body["jti"].as_str().unwrap().to_owned()];
+
+    // The lock's session ends; the broker tries to take the lock back only
+    // a second later, and another claims the schema first.
+    assert_eq!(end_writer_lock_sessions(&url, &schema), "1");
+    let other = another_broker_on(&url, &schema);
+    other.claim_writer().unwrap();
+
+    refused_unaudited(&app, &session).await;
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["storage_unavailable"].is_string(), "{body}");
+    let agent = json!({ "name": "late", "public_key": "11".repeat(32) });
+    let late = app.admin("POST", "/v1/admin/agents", Some(&agent)).await;
+    assert!(!late.status.is_success(), "{}", late.body);
+    let grant = json!({ "agent": "fenced", "service": "s3", "scope_path": "late/" });
+    let late = app.admin("POST", "/v1/admin/grants", Some(&grant)).await;
+    assert!(!late.status.is_success(), "{}", late.body);
+    let landed = format!(
+        "SELECT (SELECT count(*) FROM {schema}.agents WHERE name = 'late') \
+         + (SELECT count(*) FROM {schema}.grants WHERE grant_record->>'scope_path' = 'late/')"
+    );
+    assert_eq!(psql(&url, &landed), "0");
+
+    // The other lets go; the first still writes nothing, and holds no lock.
+    drop(other);
+    actix_web::rt::time::sleep(Duration::from_millis(2500)).await;
+    refused_unaudited(&app, &session).await;
+    assert_eq!(end_writer_lock_sessions(&url, &schema), "0");
+    all_audited(&app, &released).await;
+}
+
+/// A broker whose writer-lock session ended (the database restarted)
+/// while no other claimed the schema takes the lock back within seconds:
+/// a second broker is still refused, and the first still writes.
+#[test]
+fn a_lost_writer_lock_is_taken_back() {
+    use agentkeys_actors::storage::postgres::ledger::PostgresLedger;
+    use agentkeys_actors::storage::AuditLedger;
+    let Some(url) = url("writer lock taken back") else {
+        return;
+    };
+    let schema = fresh_schema();
+    let first = another_broker_on(&url, &schema);
+    first.claim_writer().unwrap();
+    assert_eq!(end_writer_lock_sessions(&url, &schema), "1");
+    std::thread::sleep(Duration::from_millis(3000));
+    let second = another_broker_on(&url, &schema).claim_writer();
+    let refused = second.unwrap_err().to_string();
+    assert!(refused.contains("another broker writes"), "{refused}");
+    let ledger = PostgresLedger::new(first);
+    ledger.check().unwrap();
+}
+
 /// PostgreSQL gone while the broker runs: mints answer 503 within the send
 /// timeout (never a JWT without its record), /readyz says why, and once
 /// the database is back the broker serves again by itself; every JWT it

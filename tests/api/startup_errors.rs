@@ -254,3 +254,48 @@ fn an_anchoring_key_that_cannot_sign_for_from_exits_4() {
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("confirmations"), "{stderr}");
 }
+
+/// One broker keeps a data directory's state, in redb's files or in a
+/// PostgreSQL schema (whichever the suite runs on): a second broker started
+/// on it exits 4, saying another broker has it and which one on
+/// PostgreSQL, and the first keeps minting. Once the first stops, a broker
+/// starts on the same state at once.
+#[actix_web::test]
+async fn a_second_broker_on_the_same_state_exits_4() {
+    let run = crate::process::start_with_agent("first", 91, "only/").await;
+    let mut second = broker_command(&run.data, crate::process::free_port())
+        .env("AGENTKEYS__LOG__FILTER", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Refused within the lock's wait, never left serving beside the first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            second.kill().unwrap();
+            second.wait().unwrap();
+            panic!("a second broker started on the first one's state");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (code, stderr) = one_line_failure(&second.wait_with_output().unwrap());
+    assert_eq!(code, 4, "{stderr}");
+    if crate::helpers::TestDatabase::for_data_dir(&run.data).is_some() {
+        let first = format!("pid {}", run.broker.id());
+        assert!(
+            stderr.contains("another broker writes") && stderr.contains(&first),
+            "{stderr}"
+        );
+    } else {
+        assert!(stderr.contains("another broker"), "{stderr}");
+    }
+    let minted = crate::process::mint_at(&run.base, &run.session, "only/x").await;
+    assert_eq!(minted.status, reqwest::StatusCode::OK, "{}", minted.body);
+    crate::process::stop_cleanly(run.broker);
+    let port = crate::process::free_port();
+    let mut next = crate::process::start_broker(&run.data, port);
+    crate::process::wait_ready(&format!("http://127.0.0.1:{port}")).await;
+    next.kill().unwrap();
+    next.wait().unwrap();
+}

@@ -482,11 +482,11 @@ impl Handler<ReadRecords> for AuditActor {
 impl Handler<CheckLedger> for AuditActor {
     type Result = ResponseFuture<Result<(), AuditError>>;
 
-    /// Reads the head on a blocking thread (a database call).
+    /// Asks the ledger on a blocking thread (a database call).
     fn handle(&mut self, _: CheckLedger, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || ledger.head().map(drop))
+            tokio::task::spawn_blocking(move || ledger.check())
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|read| read.map_err(|e| e.to_string()))

@@ -97,7 +97,7 @@ impl From<StorageError> for AuthError {
         match e {
             StorageError::Conflict => Self::Conflict("name"),
             StorageError::NotFound => Self::NotFound,
-            backend @ StorageError::Backend(_) => Self::Storage(backend),
+            other @ (StorageError::Backend(_) | StorageError::Superseded) => Self::Storage(other),
         }
     }
 }

@@ -20,6 +20,11 @@ pub enum StorageError {
     Conflict,
     #[error("no such record")]
     NotFound,
+    /// Another broker claimed this database's schema since this one did:
+    /// this one writes nothing more (it would decide alone what the other
+    /// decides too).
+    #[error("another broker took over this database; this one writes nothing more")]
+    Superseded,
     /// The backend failed; its own error is kept as the source (and shown:
     /// operators read this one at startup).
     #[error("storage backend: {0}")]
@@ -145,6 +150,11 @@ pub trait AuditLedger: Send + Sync + 'static {
     /// The `seq` of the newest record (0: none).
     fn last_seq(&self) -> Result<u64, StorageError> {
         Ok(self.head()?.seq)
+    }
+    /// Whether appends can land now (readiness): the ledger answers and,
+    /// on a shared database, this broker still writes it.
+    fn check(&self) -> Result<(), StorageError> {
+        self.head().map(drop)
     }
 }
 

@@ -46,7 +46,15 @@ pub(crate) fn open_database<K: redb::Key + 'static, V: redb::Value + 'static>(
     let db = redb::Builder::new()
         .set_cache_size(cache_bytes)
         .create(path)
-        .map_err(backend)?;
+        .map_err(|e| match e {
+            // redb locks its file: one broker per data directory.
+            redb::DatabaseError::DatabaseAlreadyOpen => backend(format!(
+                "{}: another broker has this data directory open: stop it first, or give this \
+                 broker a data directory of its own",
+                path.display()
+            )),
+            other => backend(other),
+        })?;
     let txn = db.begin_write().map_err(backend)?;
     txn.open_table(table).map_err(backend)?;
     txn.commit().map_err(backend)?;

@@ -43,15 +43,18 @@ impl AgentStore for PostgresAgentStore {
     fn insert(&self, agent: &AgentRecord) -> Result<(), StorageError> {
         let value = stored(agent)?;
         let inserted = self.db.run(async {
-            let client = self.db.client().await?;
-            client
+            let mut client = self.db.client().await?;
+            let txn = self.db.begin(&mut client).await?;
+            let inserted = txn
                 .execute(
                     "INSERT INTO agents (name, agent) VALUES ($1, $2)
                      ON CONFLICT (name) DO NOTHING",
                     &[&agent.name.as_str(), &value],
                 )
                 .await
-                .map_err(failed)
+                .map_err(failed)?;
+            txn.commit().await.map_err(backend)?;
+            Ok(inserted)
         })?;
         match inserted {
             0 => Err(StorageError::Conflict),
@@ -66,7 +69,7 @@ impl AgentStore for PostgresAgentStore {
         let value = stored(agent)?;
         self.db.run(async {
             let mut client = self.db.client().await?;
-            let txn = client.transaction().await.map_err(backend)?;
+            let txn = self.db.begin(&mut client).await?;
             let row = txn
                 .query_opt(
                     "SELECT agent FROM agents WHERE name = $1 FOR UPDATE",
@@ -91,11 +94,14 @@ impl AgentStore for PostgresAgentStore {
 
     fn remove(&self, name: &AgentName) -> Result<bool, StorageError> {
         let removed = self.db.run(async {
-            let client = self.db.client().await?;
-            client
+            let mut client = self.db.client().await?;
+            let txn = self.db.begin(&mut client).await?;
+            let removed = txn
                 .execute("DELETE FROM agents WHERE name = $1", &[&name.as_str()])
                 .await
-                .map_err(backend)
+                .map_err(backend)?;
+            txn.commit().await.map_err(backend)?;
+            Ok(removed)
         })?;
         Ok(removed > 0)
     }

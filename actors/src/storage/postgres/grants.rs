@@ -89,7 +89,7 @@ impl GrantStore for PostgresGrantStore {
         let forgotten: Vec<&str> = changes.forgotten.iter().map(String::as_str).collect();
         self.db.run(async {
             let mut client = self.db.client().await?;
-            let txn = client.transaction().await.map_err(backend)?;
+            let txn = self.db.begin(&mut client).await?;
             if !ids.is_empty() {
                 let upsert = txn
                     .prepare_cached(

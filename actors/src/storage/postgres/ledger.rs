@@ -1,6 +1,6 @@
 //! The audit ledger ([`AuditLedger`]) in PostgreSQL. Each batch is one
-//! transaction: the head read, the records inserted in one statement, the
-//! use counts changed. A batch that does not follow the head it read
+//! transaction: the writer's fence and the head read, the records inserted
+//! in one statement, the use counts changed. A batch that does not follow the head it read
 //! (another broker wrote first) is a `Conflict` and writes nothing; two
 //! brokers that read the same head and race meet at the next `seq`'s
 //! primary key, where the loser's transaction fails (`Conflict`) and
@@ -57,10 +57,12 @@ impl AuditLedger for PostgresLedger {
             // Prepared once per connection: a batch costs its statements'
             // round trips, not a parse each.
             let prepared = |sql| txn.prepare_cached(sql);
-            let head = txn
-                .query_opt(&prepared(HEAD).await.map_err(backend)?, &[])
-                .await
-                .map_err(backend)?;
+            let head = async {
+                let head = prepared(HEAD).await.map_err(backend)?;
+                txn.query_opt(&head, &[]).await.map_err(backend)
+            };
+            // The writer's fence and the head in one round trip.
+            let ((), head) = tokio::try_join!(self.db.fence(&txn), head)?;
             let head = head.map_or_else(ChainHead::genesis, |row| ChainHead {
                 seq: from_db(row.get(0)),
                 hash: row.get(1),
@@ -96,6 +98,12 @@ impl AuditLedger for PostgresLedger {
         })
     }
 
+    /// The head answers, and this broker still writes the schema.
+    fn check(&self) -> Result<(), StorageError> {
+        self.head()?;
+        self.db.run(self.db.check_writer())
+    }
+
     fn grant_uses(&self) -> Result<Option<HashMap<String, u64>>, StorageError> {
         self.db.run(async {
             let reader = self.db.client().await?;
@@ -122,7 +130,7 @@ impl AuditLedger for PostgresLedger {
             .unzip();
         self.db.run(async {
             let mut client = self.db.client().await?;
-            let txn = client.transaction().await.map_err(backend)?;
+            let txn = self.db.begin(&mut client).await?;
             // Once: a broker that lost the race to fold finds it done and
             // leaves the counts (raised since by the first one's appends).
             let first = txn

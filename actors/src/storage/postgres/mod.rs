@@ -17,15 +17,17 @@
 //! and only the caller can tell.
 //!
 //! The schema is versioned and migrated at open under an advisory lock,
-//! so brokers that start at once apply each migration once.
+//! so brokers that start at once apply each migration once. One broker
+//! at a time writes a schema ([`writer`]).
 
 pub mod agents;
 pub mod grants;
 pub mod ledger;
+mod writer;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -122,6 +124,12 @@ pub struct Postgres {
     runtime: BlockingRuntime,
     pool: Pool,
     call_timeout: Duration,
+    /// How to connect outside the pool (the writer lock's connection).
+    config: Config,
+    tls: MakeRustlsConnect,
+    /// The writer epoch, once this broker claimed the schema
+    /// ([`writer`]): every write checks it is still the current one.
+    epoch: OnceLock<i64>,
 }
 
 /// What [`Postgres::open`] may do to the schema.
@@ -150,8 +158,8 @@ impl Postgres {
         let location = where_is(&config);
         let runtime = BlockingRuntime::new("postgres").map_err(backend)?;
         let manager = Manager::from_config(
-            config,
-            tls,
+            config.clone(),
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -168,6 +176,9 @@ impl Postgres {
             runtime,
             pool,
             call_timeout: settings.call_timeout,
+            config,
+            tls,
+            epoch: OnceLock::new(),
         };
         // A migration may take longer than a call may (and so may another
         // broker's, which holds the lock): a minute.
@@ -213,6 +224,17 @@ impl Postgres {
                 )))
             })
         })
+    }
+
+    /// A transaction that writes: fenced ([`Self::fence`]) once this
+    /// broker claimed the schema.
+    pub(crate) async fn begin<'c>(
+        &self,
+        client: &'c mut Object,
+    ) -> Result<deadpool_postgres::Transaction<'c>, StorageError> {
+        let txn = client.transaction().await.map_err(backend)?;
+        self.fence(&txn).await?;
+        Ok(txn)
     }
 
     /// A live connection from the pool (made anew if none is free and
@@ -370,6 +392,15 @@ const MIGRATIONS: &[(i32, &str)] = &[
              expires_at BIGINT NOT NULL
          );
          CREATE INDEX idempotency_expires_at ON idempotency (expires_at);",
+    ),
+    (
+        3,
+        "CREATE TABLE broker_writer (
+             only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
+             epoch BIGINT NOT NULL,
+             claimed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+             claimed_by TEXT NOT NULL
+         );",
     ),
 ];
 
