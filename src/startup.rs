@@ -21,7 +21,7 @@ use agentkeys_actors::mint::{MintFlow, MintPolicy};
 use agentkeys_actors::rate_limit::{self, RateLimitActor};
 use agentkeys_actors::sealing::{Sealer, SealingError};
 use agentkeys_actors::signer::{SignerPool, SignerPoolSettings};
-use agentkeys_actors::storage::{AuditLedger, GrantStore, StorageError};
+use agentkeys_actors::storage::{AuditLedger, GrantStore, KeyRingStore, StorageError};
 use agentkeys_actors::system::Actors;
 use agentkeys_actors::token::Token;
 
@@ -253,13 +253,20 @@ pub fn build_actors(settings: &Settings) -> Result<Actors, StartupError> {
     let data_dir = &settings.storage.data_dir;
     agentkeys_actors::data_dir::secure(data_dir).map_err(StartupError::DataDir)?;
     let sealer = Sealer::load_or_generate(&settings.secrets.sealing_key_file, data_dir)?;
-    let keys = key_ring(settings, &sealer)?;
-    start_actors(settings, keys, sealer)
+    // Every store opens before any actor starts: a start that fails
+    // stops before anything runs.
+    let stores = Stores::open(settings, &sealer)?;
+    let keys = key_ring(settings, &sealer, stores.key_ring.clone())?;
+    start_actors(settings, keys, sealer, stores)
 }
 
 /// The key ring, its OIDC keys on the PKCS#11 token when `oidc.signer`
 /// names one (opened now: a wrong PIN or a missing key stops the start).
-pub fn key_ring(settings: &Settings, sealer: &Sealer) -> Result<KeyRing, StartupError> {
+pub fn key_ring(
+    settings: &Settings,
+    sealer: &Sealer,
+    store: Arc<dyn KeyRingStore>,
+) -> Result<KeyRing, StartupError> {
     let home = match (&settings.oidc.signer, &settings.oidc.pkcs11) {
         (SignerKind::Pkcs11, Some(pkcs11)) => Some(OidcKeyHome::Token(OidcToken {
             token: Arc::new(Token::open(&pkcs11.token()?).map_err(KeyError::from)?),
@@ -268,9 +275,8 @@ pub fn key_ring(settings: &Settings, sealer: &Sealer) -> Result<KeyRing, Startup
         (SignerKind::Kms, _) => kms_home(settings)?,
         _ => None,
     };
-    let data_dir = &settings.storage.data_dir;
     Ok(KeyRing::load(
-        data_dir,
+        store,
         settings.rotation_policy(),
         now_unix(),
         sealer,
@@ -309,6 +315,7 @@ fn start_actors(
     settings: &Settings,
     keys: KeyRing,
     sealer: Sealer,
+    stores: Stores,
 ) -> Result<Actors, StartupError> {
     let data_dir = &settings.storage.data_dir;
     let audit_settings = &settings.audit;
@@ -318,13 +325,12 @@ fn start_actors(
         .map(|s| s.resolved(data_dir))
         .collect();
     let sinks = open_sinks(&sinks, &sealer).map_err(StartupError::AuditSinks)?;
-    // Every store opens before any actor starts: a start that fails
-    // stops before anything runs.
     let Stores {
         agents,
         grants: grant_store,
         ledger,
-    } = Stores::open(settings, &sealer)?;
+        key_ring: _,
+    } = stores;
     let head = ledger.head()?;
     let held_uses = held_grant_uses(ledger.as_ref(), grant_store.as_ref())?;
     let retry = Duration::from_secs(audit_settings.retry_interval_seconds.max(1));

@@ -1,14 +1,17 @@
-//! The stores `storage.backend` names: redb files in the data directory
-//! (the embedded default, one broker), or one PostgreSQL database. Either
-//! way the actors get the same three contracts.
+//! The stores `storage.backend` names: redb files and the key ring's file
+//! in the data directory (the embedded default, one broker), or one
+//! PostgreSQL database. Either way the actors get the same four contracts.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use agentkeys_actors::sealing::Sealer;
+use agentkeys_actors::storage::file_key_ring::{FileKeyRing, KEYRING_FILE};
 use agentkeys_actors::storage::redb_ledger::RedbLedger;
 use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
-use agentkeys_actors::storage::{AgentStore, AuditLedger, GrantStore, StorageError};
+use agentkeys_actors::storage::{
+    AgentStore, AuditLedger, GrantStore, KeyRingAsItIs, KeyRingStore, StorageError,
+};
 
 use crate::settings::{Settings, StorageBackend};
 
@@ -22,6 +25,7 @@ pub struct Stores {
     pub agents: Arc<dyn AgentStore>,
     pub grants: Arc<dyn GrantStore>,
     pub ledger: Arc<dyn AuditLedger>,
+    pub key_ring: Arc<dyn KeyRingStore>,
 }
 
 impl Stores {
@@ -33,10 +37,13 @@ impl Stores {
     }
 
     /// Opens every store to read it, as it is: on PostgreSQL a schema that
-    /// is absent or at another version is refused, never made or migrated
-    /// (an auditor's run changes nothing).
+    /// is absent or at another version is refused, never made or migrated,
+    /// and the key ring is never written back (an auditor's run changes
+    /// nothing).
     pub fn open_as_they_are(settings: &Settings, sealer: &Sealer) -> Result<Self, StorageError> {
-        Self::open_with(settings, sealer, false)
+        let mut stores = Self::open_with(settings, sealer, false)?;
+        stores.key_ring = Arc::new(KeyRingAsItIs(stores.key_ring));
+        Ok(stores)
     }
 
     fn open_with(
@@ -56,6 +63,7 @@ impl Stores {
                         sealer.clone(),
                     )?),
                     ledger: Arc::new(RedbLedger::open(&file(LEDGER_FILE), cache)?),
+                    key_ring: Arc::new(FileKeyRing::in_dir(&settings.storage.data_dir)),
                 })
             }
             StorageBackend::Postgres => postgres(settings, sealer, migrate),
@@ -63,10 +71,10 @@ impl Stores {
     }
 
     /// What must exist before stores are opened to be read (not created):
-    /// on redb, the ledger's and the grants' files.
+    /// on redb, the ledger's, the grants' and the key ring's files.
     pub fn expected_files(settings: &Settings) -> Vec<PathBuf> {
         match settings.storage.backend {
-            StorageBackend::Redb => [LEDGER_FILE, GRANTS_FILE]
+            StorageBackend::Redb => [LEDGER_FILE, GRANTS_FILE, KEYRING_FILE]
                 .iter()
                 .map(|name| settings.storage.data_dir.join(name))
                 .collect(),
@@ -79,23 +87,59 @@ impl Stores {
 fn postgres(settings: &Settings, sealer: &Sealer, migrate: bool) -> Result<Stores, StorageError> {
     use agentkeys_actors::storage::postgres::agents::PostgresAgentStore;
     use agentkeys_actors::storage::postgres::grants::PostgresGrantStore;
+    use agentkeys_actors::storage::postgres::key_ring::PostgresKeyRing;
     use agentkeys_actors::storage::postgres::ledger::PostgresLedger;
     use agentkeys_actors::storage::postgres::{Postgres, Schema};
+    // A broker: the one that writes this schema, or none.
     let schema = if migrate {
-        Schema::Migrate
+        Schema::Claim
     } else {
         Schema::AsItIs
     };
     let db = Postgres::open(&postgres_settings(settings)?, schema)?;
+    let key_ring = Arc::new(PostgresKeyRing::new(db.clone()));
     if migrate {
-        // A broker: the one that writes this schema, or none.
-        db.claim_writer()?;
+        move_key_ring_in(&settings.storage.data_dir, key_ring.as_ref())?;
     }
     Ok(Stores {
         agents: Arc::new(PostgresAgentStore::new(db.clone())),
         grants: Arc::new(PostgresGrantStore::new(db.clone(), sealer.clone())),
         ledger: Arc::new(PostgresLedger::new(db)),
+        key_ring,
     })
+}
+
+/// Where a key ring moved into the database is left, sealed as it was.
+pub const MOVED_KEYRING_FILE: &str = "keyring.json.moved";
+
+/// A data directory from before the key ring lived in the database: its
+/// `keyring.json` moves in once, so the same keys keep signing and stay
+/// published, and the file is renamed [`MOVED_KEYRING_FILE`] so that it is
+/// never read again. When the database holds a ring already, the file is
+/// left alone, with a warning.
+#[cfg(feature = "postgres")]
+fn move_key_ring_in(
+    data_dir: &std::path::Path,
+    database: &dyn KeyRingStore,
+) -> Result<(), StorageError> {
+    let file = FileKeyRing::in_dir(data_dir);
+    let Some((ring, _)) = file.load()? else {
+        return Ok(());
+    };
+    if database.load()?.is_some() {
+        tracing::warn!(
+            "{KEYRING_FILE} in the data directory is not read: the key ring is in the database"
+        );
+        return Ok(());
+    }
+    database.save(&ring, 0)?;
+    std::fs::rename(
+        data_dir.join(KEYRING_FILE),
+        data_dir.join(MOVED_KEYRING_FILE),
+    )
+    .map_err(|e| StorageError::Backend(Box::new(e)))?;
+    tracing::info!("moved {KEYRING_FILE} into the database (the file is now {MOVED_KEYRING_FILE})");
+    Ok(())
 }
 
 /// Refused by the settings' validation before this is reached.

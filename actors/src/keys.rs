@@ -1,9 +1,10 @@
 //! The broker's own signing keys, as a key ring that rotates with overlap:
 //! ES256 keys that sign OIDC JWTs (what AWS verifies through the JWKS) and
-//! Ed25519 keys that sign session JWTs. Kept in `keyring.json` (0600) in the
-//! data directory, generated on first start, reused after; every private
-//! key in it is sealed with the operator's sealing key (a ring written
-//! before sealing is sealed when first loaded).
+//! Ed25519 keys that sign session JWTs. Kept where the storage keeps them
+//! ([`KeyRingStore`]: `keyring.json` (0600) in the data directory, or the
+//! database), generated on first start, reused after; every private key in
+//! it is sealed with the operator's sealing key (a ring written before
+//! sealing is sealed when first loaded).
 //!
 //! An OIDC key is published a lead time before it starts signing (verifiers
 //! cache the JWKS), signs until a newer key activates, and stays published
@@ -13,8 +14,8 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use aws_lc_rs::signature::{
@@ -30,21 +31,24 @@ use crate::domain::{sha256_hex, ErrorCode};
 #[cfg(feature = "kms")]
 use crate::kms::{Kms, KmsError};
 use crate::sealing::{Sealer, SealingError};
+use crate::storage::file_key_ring::FileKeyRing;
+pub use crate::storage::file_key_ring::KEYRING_FILE;
+use crate::storage::{KeyRingStore, StorageError};
 use crate::token::{Token, TokenError, TokenKey};
 
-pub const KEYRING_FILE: &str = "keyring.json";
+/// What [`KeyError::Invalid`] names when the stored ring is not valid.
+const THE_RING: &str = "the key ring";
 /// Published OIDC keys at most (current, pending and retiring): the JWKS
 /// stays small, and a runaway rotation loop is refused.
 const MAX_OIDC_KEYS: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("key ring {file}: {source}")]
-    Io {
-        file: String,
-        source: std::io::Error,
-    },
-    #[error("key ring {0} is not valid")]
+    #[error("key ring: {0}")]
+    Storage(#[from] StorageError),
+    #[error("the key ring was changed by another writer since this broker read it; restart to read it again")]
+    ChangedMeanwhile,
+    #[error("{0} is not valid")]
     Invalid(String),
     #[error("{MAX_OIDC_KEYS} OIDC keys are already published; wait for a retired one to leave")]
     TooManyKeys,
@@ -184,8 +188,8 @@ impl StoredKey {
             (Some(sealed), _) => sealer.open(&what, sealed)?,
             (None, Some(plain)) => STANDARD
                 .decode(plain)
-                .map_err(|_| KeyError::Invalid(KEYRING_FILE.into()))?,
-            (None, None) => return Err(KeyError::Invalid(KEYRING_FILE.into())),
+                .map_err(|_| KeyError::Invalid(THE_RING.into()))?,
+            (None, None) => return Err(KeyError::Invalid(THE_RING.into())),
         };
         if self.sealed_pkcs8.is_none() {
             self.sealed_pkcs8 = Some(sealer.seal(&what, &der)?);
@@ -322,7 +326,7 @@ pub struct SessionKey {
 }
 
 /// A key's place in its life, for operators (no private material).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct KeyInfo {
     pub kind: &'static str,
     pub kid: String,
@@ -380,7 +384,9 @@ impl Held {
 }
 
 pub struct KeyRing {
-    file: PathBuf,
+    store: Arc<dyn KeyRingStore>,
+    /// The stored ring's revision this one was read or written at.
+    revision: u64,
     policy: RotationPolicy,
     /// Where new OIDC keys are made or adopted: a token, KMS, or (none)
     /// memory.
@@ -392,10 +398,10 @@ pub struct KeyRing {
     /// Shared, so a signature (on a token, perhaps slow) runs after the
     /// ring's lock is given back.
     oidc: Vec<Arc<Es256Key>>,
-    session: Vec<SessionKey>,
+    session: Vec<Arc<SessionKey>>,
     /// Every receipt key ever made: receipts are checked for as long as
     /// their grants are kept.
-    receipt: Vec<Es256Key>,
+    receipt: Vec<Arc<Es256Key>>,
 }
 
 impl KeyRing {
@@ -407,7 +413,8 @@ impl KeyRing {
         now: u64,
         sealer: &Sealer,
     ) -> Result<Self, KeyError> {
-        Self::load(dir, policy, now, sealer, None)
+        let store = Arc::new(FileKeyRing::in_dir(dir));
+        Self::load(store, policy, now, sealer, None)
     }
 
     /// [`Self::load_or_generate`], the OIDC keys in `home` when one is
@@ -416,28 +423,22 @@ impl KeyRing {
     /// ring or after the lead time when memory keys sign now; the memory
     /// keys stay published until they retire.
     pub fn load(
-        dir: &Path,
+        store: Arc<dyn KeyRingStore>,
         policy: RotationPolicy,
         now: u64,
         sealer: &Sealer,
         home: Option<OidcKeyHome>,
     ) -> Result<Self, KeyError> {
-        let file = dir.join(KEYRING_FILE);
-        let io = |source| KeyError::Io {
-            file: KEYRING_FILE.into(),
-            source,
-        };
-        let mut stored: StoredRing = match fs::read(&file) {
-            Ok(bytes) => {
-                fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).map_err(io)?;
-                serde_json::from_slice(&bytes)
-                    .map_err(|_| KeyError::Invalid(KEYRING_FILE.into()))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StoredRing::default(),
-            Err(e) => return Err(io(e)),
+        let (mut stored, revision): (StoredRing, u64) = match store.load()? {
+            Some((ring, revision)) => (
+                serde_json::from_value(ring).map_err(|_| KeyError::Invalid(THE_RING.into()))?,
+                revision,
+            ),
+            None => (StoredRing::default(), 0),
         };
         let mut ring = Self {
-            file,
+            store,
+            revision,
             policy,
             home,
             sealer: sealer.clone(),
@@ -521,8 +522,8 @@ impl KeyRing {
 
     fn add_receipt(&mut self, der: &[u8], stored: StoredKey) -> Result<(), KeyError> {
         let key = receipt_key(der, stored.activates_at)
-            .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))?;
-        self.receipt.push(key);
+            .ok_or_else(|| KeyError::Invalid(THE_RING.into()))?;
+        self.receipt.push(Arc::new(key));
         self.stored.receipt.push(stored);
         Ok(())
     }
@@ -540,8 +541,8 @@ impl KeyRing {
     }
 
     fn add_oidc(&mut self, der: &[u8], stored: StoredKey) -> Result<(), KeyError> {
-        let key = oidc_key(der, stored.activates_at)
-            .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))?;
+        let key =
+            oidc_key(der, stored.activates_at).ok_or_else(|| KeyError::Invalid(THE_RING.into()))?;
         self.oidc.push(Arc::new(key));
         self.stored.oidc.push(stored);
         Ok(())
@@ -552,7 +553,7 @@ impl KeyRing {
         let (key, _) = held_oidc(self.home.as_ref(), held, stored.activates_at)?;
         if key.kid != stored.kid {
             return Err(KeyError::Invalid(format!(
-                "{KEYRING_FILE}: the key {held:?} is not the one the ring published"
+                "{THE_RING}: the key {held:?} is not the one the ring published"
             )));
         }
         self.oidc.push(Arc::new(key));
@@ -601,12 +602,13 @@ impl KeyRing {
         if self.oidc.last().map(|k| k.activates_at) != next.after {
             return Err(KeyError::RotatedMeanwhile);
         }
-        self.forget_expired(next.stored.created_at);
-        if self.oidc.len() >= MAX_OIDC_KEYS {
-            return Err(KeyError::TooManyKeys);
-        }
-        self.push_oidc(next)?;
-        self.persist()?;
+        self.change(|ring| {
+            ring.forget_expired(next.stored.created_at);
+            if ring.oidc.len() >= MAX_OIDC_KEYS {
+                return Err(KeyError::TooManyKeys);
+            }
+            ring.push_oidc(next)
+        })?;
         Ok(self
             .describe()
             .into_iter()
@@ -627,8 +629,8 @@ impl KeyRing {
 
     fn add_session(&mut self, der: &[u8], stored: StoredKey) -> Result<(), KeyError> {
         let key = session_key(der, stored.activates_at)
-            .ok_or_else(|| KeyError::Invalid(KEYRING_FILE.into()))?;
-        self.session.push(key);
+            .ok_or_else(|| KeyError::Invalid(THE_RING.into()))?;
+        self.session.push(Arc::new(key));
         self.stored.session.push(stored);
         Ok(())
     }
@@ -646,14 +648,33 @@ impl KeyRing {
         self.add_session(der.as_ref(), stored)
     }
 
-    /// Writes the ring whole (a temporary file renamed over it).
-    fn persist(&self) -> Result<(), KeyError> {
-        let io = |source| KeyError::Io {
-            file: KEYRING_FILE.into(),
-            source,
-        };
-        let bytes = serde_json::to_vec_pretty(&self.stored).expect("the key ring serializes");
-        crate::data_dir::replace_owner_only(&self.file, &bytes).map_err(io)
+    /// Writes the ring whole, from the revision it was read at.
+    fn persist(&mut self) -> Result<(), KeyError> {
+        let ring = serde_json::to_value(&self.stored).expect("the key ring serializes");
+        self.revision = self.store.save(&ring, self.revision).map_err(|e| match e {
+            StorageError::Conflict => KeyError::ChangedMeanwhile,
+            other => KeyError::Storage(other),
+        })?;
+        Ok(())
+    }
+
+    /// Makes `change` and writes the ring; when either fails the ring is
+    /// as it was, so no key that is not stored is ever served or signs.
+    fn change<T>(
+        &mut self,
+        change: impl FnOnce(&mut Self) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
+        let before = (
+            self.stored.clone(),
+            self.oidc.clone(),
+            self.session.clone(),
+            self.receipt.clone(),
+        );
+        let changed = change(self).and_then(|made| self.persist().map(|()| made));
+        if changed.is_err() {
+            (self.stored, self.oidc, self.session, self.receipt) = before;
+        }
+        changed
     }
 
     /// When the key at `index` stops signing: when the next one activates.
@@ -707,7 +728,7 @@ impl KeyRing {
         let until = Self::retires_at(&self.session, index, |k| k.activates_at).map(|r| r + overlap);
         match until {
             Some(until) if now >= until => None,
-            _ => Some((&self.session[index], until)),
+            _ => Some((self.session[index].as_ref(), until)),
         }
     }
 
@@ -758,8 +779,7 @@ impl KeyRing {
     /// Adds the next receipt key; it signs at once, and every earlier one
     /// stays published for the receipts it signed.
     pub fn rotate_receipt(&mut self, now: u64) -> Result<KeyInfo, KeyError> {
-        self.rotate_in_receipt(now)?;
-        self.persist()?;
+        self.change(|ring| ring.rotate_in_receipt(now))?;
         Ok(self.describe().into_iter().last().expect("just added"))
     }
 
@@ -774,10 +794,11 @@ impl KeyRing {
     /// Adds the next session key; it signs at once, the previous one keeps
     /// verifying its sessions until they expire.
     pub fn rotate_session(&mut self, now: u64) -> Result<KeyInfo, KeyError> {
-        self.forget_expired(now);
-        let activates_at = self.signing_session().activates_at.max(now);
-        self.rotate_in_session(activates_at)?;
-        self.persist()?;
+        self.change(|ring| {
+            ring.forget_expired(now);
+            let activates_at = ring.signing_session().activates_at.max(now);
+            ring.rotate_in_session(activates_at)
+        })?;
         Ok(self
             .describe()
             .into_iter()
@@ -1049,6 +1070,7 @@ pub fn write_secret_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     const POLICY: RotationPolicy = RotationPolicy {
         oidc_lead_seconds: 100,
@@ -1268,8 +1290,44 @@ mod tests {
         fs::write(dir.path().join(KEYRING_FILE), b"garbage").unwrap();
         assert!(matches!(
             KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()),
-            Err(KeyError::Invalid(_))
+            Err(KeyError::Storage(StorageError::Backend(_)))
         ));
         assert_eq!(fs::read(dir.path().join(KEYRING_FILE)).unwrap(), b"garbage");
+        // JSON, but not a ring.
+        fs::write(dir.path().join(KEYRING_FILE), br#"{"oidc": 5}"#).unwrap();
+        assert!(matches!(
+            KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()),
+            Err(KeyError::Invalid(_))
+        ));
+    }
+
+    /// A rotation whose write fails (here: another writer changed the
+    /// ring since this one read it) leaves the ring as it was: no key that
+    /// is not stored signs or is published, and the other's ring stands.
+    #[test]
+    fn a_rotation_not_written_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ours = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let mut theirs = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let stored_by_them = theirs.rotate_receipt(1001).unwrap().kid;
+        let before = (ours.describe(), ours.jwks(1002), ours.receipt_jwks());
+        let session = ours.signing_session().kid.clone();
+        for rotated in [
+            ours.rotate_receipt(1002).map(drop),
+            ours.rotate_session(1002).map(drop),
+            ours.rotate_oidc(1002, None).map(drop),
+        ] {
+            assert!(
+                matches!(rotated, Err(KeyError::ChangedMeanwhile)),
+                "{rotated:?}"
+            );
+        }
+        assert_eq!(
+            (ours.describe(), ours.jwks(1002), ours.receipt_jwks()),
+            before
+        );
+        assert_eq!(ours.signing_session().kid, session);
+        let stored = KeyRing::load_or_generate(dir.path(), POLICY, 1003, &sealer()).unwrap();
+        assert_eq!(stored.signing_receipt().kid, stored_by_them);
     }
 }

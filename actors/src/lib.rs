@@ -35,8 +35,9 @@
 //! - [`audit`]: `AuditActor`, the hash-chained ledger (group commit) and the
 //!   anchor sinks behind one trait (`jsonl`, `evm`), each on its worker;
 //!   verification.
-//! - [`storage`]: the agent registry, the grants and the audit ledger
-//!   behind traits; redb, or PostgreSQL (feature `postgres`).
+//! - [`storage`]: the agent registry, the grants, the audit ledger and
+//!   the key ring behind traits; redb and a file, or PostgreSQL (feature
+//!   `postgres`, where one broker at a time writes a schema).
 //! - [`error_text`]: an error with its causes, as one line.
 //! - [`mint`]: the one mint flow in three steps (admit, authorize, issue),
 //!   usable with or without HTTP.

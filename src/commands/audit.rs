@@ -11,9 +11,7 @@ use agentkeys_actors::audit::evm::chain::{self, AnchorChain, ChainError, MinedTx
 use agentkeys_actors::audit::proof::RecordProof;
 use agentkeys_actors::audit::verify::{verify, VerifyReport};
 use agentkeys_actors::grant::receipt::{check_receipts, ReceiptCheck};
-use agentkeys_actors::keys::KEYRING_FILE;
 use agentkeys_actors::sealing::Sealer;
-use agentkeys_actors::storage::GrantStore;
 use serde::Serialize;
 
 use crate::settings::Settings;
@@ -32,7 +30,7 @@ pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
     let data_dir = &settings.storage.data_dir;
     let sealing_key = &settings.secrets.sealing_key_file;
     let mut needed = Stores::expected_files(settings);
-    needed.extend([data_dir.join(KEYRING_FILE), sealing_key.clone()]);
+    needed.push(sealing_key.clone());
     for needed in &needed {
         if !needed.exists() {
             return Err(format!("{} is missing", needed.display()));
@@ -49,7 +47,7 @@ pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
         .map(|s| s.resolved(data_dir))
         .collect();
     let audit = verify(stores.ledger.as_ref(), &sinks);
-    let receipts = receipts_of(settings, &sealer, stores.grants.as_ref())?;
+    let receipts = receipts_of(settings, &sealer, &stores)?;
     Ok(OfflineReport {
         ok: audit.ok && receipts.ok,
         audit,
@@ -62,11 +60,12 @@ pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
 fn receipts_of(
     settings: &Settings,
     sealer: &Sealer,
-    store: &dyn GrantStore,
+    stores: &Stores,
 ) -> Result<ReceiptCheck, String> {
-    let ring = crate::startup::key_ring(settings, sealer).map_err(|e| e.to_string())?;
+    let ring = crate::startup::key_ring(settings, sealer, stores.key_ring.clone())
+        .map_err(|e| e.to_string())?;
     let keys = serde_json::from_value(ring.receipt_jwks()).map_err(|e| e.to_string())?;
-    let (grants, _) = store.load().map_err(|e| e.to_string())?;
+    let (grants, _) = stores.grants.load().map_err(|e| e.to_string())?;
     Ok(check_receipts(&grants, &keys, &ring.describe()))
 }
 

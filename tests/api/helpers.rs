@@ -476,6 +476,20 @@ impl TestApp {
 /// `sql` run by psql (the PostgreSQL client) on `url`: its output. The
 /// connection goes in PG* variables, so the password is in no process's
 /// arguments.
+/// The key ring as the broker with `data_dir` stored it: its file (on
+/// redb), or its row in the suite's PostgreSQL (where no file is).
+pub fn stored_key_ring(data_dir: &Path) -> serde_json::Value {
+    let file = data_dir.join("keyring.json");
+    let text = match TestDatabase::for_data_dir(data_dir) {
+        Some(db) if !file.exists() => psql(
+            &db.url,
+            &format!("SELECT ring FROM \"{}\".key_ring", db.schema),
+        ),
+        _ => std::fs::read_to_string(file).unwrap(),
+    };
+    serde_json::from_str(&text).unwrap()
+}
+
 pub fn psql(url: &str, sql: &str) -> String {
     let url = reqwest::Url::parse(url).expect("a postgres:// URL");
     let ran = std::process::Command::new("psql")
@@ -557,8 +571,12 @@ pub fn stolen_key_ring(app: &TestApp) -> agentkeys_actors::keys::KeyRing {
         app.data_dir(),
     )
     .expect("the sealing key loads");
+    // A copy, wherever the broker keeps it: the thief writes nothing back.
+    let copy = tempfile::tempdir().unwrap();
+    let ring = stored_key_ring(app.data_dir()).to_string();
+    std::fs::write(copy.path().join("keyring.json"), ring).unwrap();
     agentkeys_actors::keys::KeyRing::load_or_generate(
-        app.data_dir(),
+        copy.path(),
         app.settings.rotation_policy(),
         agentkeys_actors::domain::now_unix(),
         &sealer,

@@ -277,8 +277,7 @@ async fn oidc_keys_on_a_pkcs11_token_sign_verify_and_rotate_without_leaving_it()
     .expect("verifies after a restart");
     stop_cleanly(broker);
 
-    let ring: Value =
-        serde_json::from_slice(&std::fs::read(data.join("keyring.json")).unwrap()).unwrap();
+    let ring: Value = crate::helpers::stored_key_ring(&data);
     let oidc = ring["oidc"].as_array().unwrap();
     assert_eq!(oidc.len(), 2);
     for key in oidc {

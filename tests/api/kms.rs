@@ -268,8 +268,7 @@ async fn oidc_keys_in_kms_sign_rotate_by_adoption_and_survive_kms_going_away() {
 
     // The ring names the keys by id, with no private material; a restart
     // finds both in KMS again, as published.
-    let ring: Value =
-        serde_json::from_slice(&std::fs::read(data.join("keyring.json")).unwrap()).unwrap();
+    let ring: Value = crate::helpers::stored_key_ring(&data);
     let oidc = ring["oidc"].as_array().unwrap();
     let ids: Vec<&str> = oidc
         .iter()

@@ -80,14 +80,17 @@ fn end_writer_lock_sessions(url: &str, schema: &str) -> String {
     )
 }
 
-/// The database in `schema`, as another broker opens it.
+/// The database in `schema`, as another broker opens it (claiming it).
 fn another_broker_on(
     url: &str,
     schema: &str,
-) -> std::sync::Arc<agentkeys_actors::storage::postgres::Postgres> {
+) -> Result<
+    std::sync::Arc<agentkeys_actors::storage::postgres::Postgres>,
+    agentkeys_actors::storage::StorageError,
+> {
     use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings, Schema};
     let settings = PostgresSettings::new(url).in_schema(schema);
-    Postgres::open(&settings, Schema::Migrate).unwrap()
+    Postgres::open(&settings, Schema::Claim)
 }
 
 /// A mint refused for want of its audit record.
@@ -123,8 +126,7 @@ async fn a_broker_whose_schema_another_claimed_releases_nothing_more() {
     // The lock's session ends; the broker tries to take the lock back only
     // a second later, and another claims the schema first.
     assert_eq!(end_writer_lock_sessions(&url, &schema), "1");
-    let other = another_broker_on(&url, &schema);
-    other.claim_writer().unwrap();
+    let other = another_broker_on(&url, &schema).unwrap();
 
     refused_unaudited(&app, &session).await;
     let (status, body) = readyz(&app).await;
@@ -161,15 +163,69 @@ fn a_lost_writer_lock_is_taken_back() {
         return;
     };
     let schema = fresh_schema();
-    let first = another_broker_on(&url, &schema);
-    first.claim_writer().unwrap();
+    let first = another_broker_on(&url, &schema).unwrap();
     assert_eq!(end_writer_lock_sessions(&url, &schema), "1");
     std::thread::sleep(Duration::from_millis(3000));
-    let second = another_broker_on(&url, &schema).claim_writer();
-    let refused = second.unwrap_err().to_string();
+    let refused = another_broker_on(&url, &schema).err().unwrap().to_string();
     assert!(refused.contains("another broker writes"), "{refused}");
     let ledger = PostgresLedger::new(first);
     ledger.check().unwrap();
+}
+
+/// The key ring lives in the database: a data directory whose broker ran
+/// on redb moves its `keyring.json` in at the first start on PostgreSQL
+/// (the same keys publish and sign; the file is renamed and read no more),
+/// the ring is sealed there, and a rotation is kept there across a
+/// restart.
+#[actix_web::test]
+async fn the_key_ring_moves_into_the_database_and_is_kept_there() {
+    let Some(url) = url("key ring in the database") else {
+        return;
+    };
+    let mut app = spawn_app_with(crate::helpers::on_redb).await;
+    let kids = |jwks: jsonwebtoken::jwk::JwkSet| -> Vec<String> {
+        jwks.keys
+            .into_iter()
+            .filter_map(|k| k.common.key_id)
+            .collect()
+    };
+    let on_redb = kids(app.jwks().await);
+    app.stop();
+    let schema = fresh_schema();
+    on_postgres(&mut app.settings, &url, Some(schema.clone()), None);
+    let app = app.restart();
+    assert_eq!(kids(app.jwks().await), on_redb, "the same keys publish");
+    assert!(!app.data_file("keyring.json").exists());
+    assert!(app.data_file("keyring.json.moved").exists());
+    let stored = psql(
+        &url,
+        &format!("SELECT revision, ring::text FROM \"{schema}\".key_ring"),
+    );
+    let (revision, ring) = stored.split_once('|').unwrap();
+    assert_eq!(revision, "1");
+    assert!(
+        ring.contains("sealed_pkcs8") && !ring.contains("\"pkcs8\""),
+        "{ring}"
+    );
+    let session = agent_with_grant(&app, "ringed").await;
+    let minted = app.mint(&session, &intent()).await;
+    assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);
+
+    let admin = Some(app.admin_token.as_str());
+    let rotated = app
+        .post("/v1/admin/keys/rotate", admin, &json!({ "key": "oidc" }))
+        .await;
+    assert_eq!(rotated.status, StatusCode::CREATED, "{}", rotated.body);
+    let new = rotated.body["kid"].as_str().unwrap().to_owned();
+    let app = app.restart();
+    let published = kids(app.jwks().await);
+    assert!(published.contains(&new), "{published:?}");
+    assert!(
+        !app.data_file("keyring.json").exists(),
+        "never written back"
+    );
+    let revision = psql(&url, &format!("SELECT revision FROM \"{schema}\".key_ring"));
+    assert_eq!(revision, "2");
 }
 
 /// PostgreSQL gone while the broker runs: mints answer 503 within the send

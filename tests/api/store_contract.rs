@@ -1,7 +1,8 @@
-//! The agent registry's and the grant store's contracts ([`AgentStore`],
-//! [`GrantStore`]), one suite run against every backend: redb on temp
-//! files, and (feature `postgres`) the PostgreSQL in
-//! `AGENTKEYS_TEST_POSTGRES_URL`, a schema per test.
+//! The agent registry's, the grant store's and the key ring's contracts
+//! ([`AgentStore`], [`GrantStore`], [`KeyRingStore`]), one suite run
+//! against every backend: redb and the key ring's file on temp files, and
+//! (feature `postgres`) the PostgreSQL in `AGENTKEYS_TEST_POSTGRES_URL`, a
+//! schema per test.
 
 use std::sync::Arc;
 
@@ -10,8 +11,11 @@ use agentkeys_actors::domain::{
     ServiceName,
 };
 use agentkeys_actors::sealing::Sealer;
+use agentkeys_actors::storage::file_key_ring::FileKeyRing;
 use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
-use agentkeys_actors::storage::{AgentStore, GrantChanges, GrantStore, StorageError};
+use agentkeys_actors::storage::{
+    AgentStore, GrantChanges, GrantStore, KeyRingAsItIs, KeyRingStore, StorageError,
+};
 
 fn device_agent(name: &str, seed: u8, created_at: u64) -> AgentRecord {
     let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key();
@@ -173,6 +177,37 @@ fn grant_contract(open: &dyn Fn(Sealer) -> Arc<dyn GrantStore>) {
     assert!(answers.is_empty());
 }
 
+/// Everything the key ring relies on: a ring is written whole, only from
+/// the revision it was read at, and read back as written; a ring read as
+/// it is never changes.
+fn key_ring_contract(open: &dyn Fn() -> Arc<dyn KeyRingStore>) {
+    let store = open();
+    assert!(
+        store.load().unwrap().is_none(),
+        "no ring before the first save"
+    );
+    let first = serde_json::json!({ "oidc": [{ "kid": "a" }], "session": [] });
+    let revision = store.save(&first, 0).unwrap();
+    assert!(matches!(store.save(&first, 0), Err(StorageError::Conflict)));
+    assert_eq!(open().load().unwrap(), Some((first.clone(), revision)));
+    // Two writers read the same revision: the first write lands, the
+    // second is refused and writes nothing.
+    let (one, two) = (open(), open());
+    let second = serde_json::json!({ "oidc": [{ "kid": "a" }, { "kid": "b" }], "session": [] });
+    let next = one.save(&second, revision).unwrap();
+    assert_ne!(next, revision);
+    let lost = serde_json::json!({ "oidc": [{ "kid": "c" }], "session": [] });
+    assert!(matches!(
+        two.save(&lost, revision),
+        Err(StorageError::Conflict)
+    ));
+    assert_eq!(open().load().unwrap(), Some((second.clone(), next)));
+    // Read as it is: saving through it writes nothing.
+    let as_it_is = KeyRingAsItIs(open());
+    assert_eq!(as_it_is.save(&lost, next).unwrap(), next);
+    assert_eq!(open().load().unwrap(), Some((second, next)));
+}
+
 #[test]
 fn the_redb_stores_keep_the_contract() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,6 +215,7 @@ fn the_redb_stores_keep_the_contract() {
     agent_contract(&|| Arc::new(RedbAgentStore::open(&agents, 1 << 20).unwrap()));
     let grants = dir.path().join("grants.redb");
     grant_contract(&|sealer| Arc::new(RedbGrantStore::open(&grants, 1 << 20, sealer).unwrap()));
+    key_ring_contract(&|| Arc::new(FileKeyRing::in_dir(dir.path())));
 }
 
 #[cfg(feature = "postgres")]
@@ -188,6 +224,7 @@ mod postgres {
     use crate::ledger_contract::postgres::{fresh_schema, psql, url};
     use agentkeys_actors::storage::postgres::agents::PostgresAgentStore;
     use agentkeys_actors::storage::postgres::grants::PostgresGrantStore;
+    use agentkeys_actors::storage::postgres::key_ring::PostgresKeyRing;
     use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings, Schema};
 
     fn database(url: &str, schema: &str) -> Arc<Postgres> {
@@ -208,6 +245,7 @@ mod postgres {
         grant_contract(&|sealer| {
             Arc::new(PostgresGrantStore::new(database(&url, &schema), sealer))
         });
+        key_ring_contract(&|| Arc::new(PostgresKeyRing::new(database(&url, &schema))));
         // The stored answers hold live JWTs: sealed in the database too.
         let stored = psql(
             &url,

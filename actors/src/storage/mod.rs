@@ -4,6 +4,7 @@
 //! implements the same contract, which one test suite checks on both.
 //! Storage imports only domain types.
 
+pub mod file_key_ring;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod redb_ledger;
@@ -101,6 +102,34 @@ pub trait GrantStore: Send + Sync + 'static {
     fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError>;
     /// Writes `changes` durably and atomically.
     fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError>;
+}
+
+/// The key ring: every key the broker signs with, as one JSON document
+/// (private halves sealed, or references to a token's or KMS's keys) that
+/// the key module reads at start and writes whole at each change. Each
+/// write names the revision it changes, so a ring changed meanwhile (by
+/// another writer) is never overwritten.
+pub trait KeyRingStore: Send + Sync + 'static {
+    /// The ring and its revision; `None` before the first save.
+    fn load(&self) -> Result<Option<(serde_json::Value, u64)>, StorageError>;
+    /// Durably replaces the ring at `revision` (0: none yet) with `ring`;
+    /// the new revision. `Conflict`, and nothing written, when the stored
+    /// ring is at another revision.
+    fn save(&self, ring: &serde_json::Value, revision: u64) -> Result<u64, StorageError>;
+}
+
+/// A key ring read as it is: loading changes nothing stored, whatever the
+/// key module would write back (an auditor's run, `audit verify`).
+pub struct KeyRingAsItIs(pub std::sync::Arc<dyn KeyRingStore>);
+
+impl KeyRingStore for KeyRingAsItIs {
+    fn load(&self) -> Result<Option<(serde_json::Value, u64)>, StorageError> {
+        self.0.load()
+    }
+
+    fn save(&self, _: &serde_json::Value, revision: u64) -> Result<u64, StorageError> {
+        Ok(revision)
+    }
 }
 
 /// A change to a grant's uses that rides a ledger batch: `+1` or `-1`.

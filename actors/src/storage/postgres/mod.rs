@@ -1,8 +1,8 @@
 //! PostgreSQL, the backend brokers share (feature `postgres`): the same
 //! contract as redb ([`super`]), for the audit ledger ([`ledger`]), the
-//! agent registry ([`agents`]) and grants with their idempotency records
-//! ([`grants`]). Each call or batch is one transaction on a pooled
-//! connection.
+//! agent registry ([`agents`]), grants with their idempotency records
+//! ([`grants`]) and the key ring ([`key_ring`]). Each call or batch is
+//! one transaction on a pooled connection.
 //!
 //! tokio-postgres is asynchronous and the stores' callers are not (actors'
 //! blocking commit threads, start-up, the CLI): the pool runs on a small
@@ -22,6 +22,7 @@
 
 pub mod agents;
 pub mod grants;
+pub mod key_ring;
 pub mod ledger;
 mod writer;
 
@@ -124,18 +125,26 @@ pub struct Postgres {
     runtime: BlockingRuntime,
     pool: Pool,
     call_timeout: Duration,
+    connect_timeout: Duration,
     /// How to connect outside the pool (the writer lock's connection).
     config: Config,
     tls: MakeRustlsConnect,
-    /// The writer epoch, once this broker claimed the schema
-    /// ([`writer`]): every write checks it is still the current one.
-    epoch: OnceLock<i64>,
+    /// The schema named in the settings (`None`: the server's default).
+    schema: Option<String>,
+    /// This broker's claim, once it claimed the schema ([`writer`]): every
+    /// write checks it is still the current one.
+    claim: OnceLock<writer::Claim>,
 }
 
 /// What [`Postgres::open`] may do to the schema.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Schema {
-    /// Make it if absent and apply the migrations it lacks (a broker).
+    /// Take the writer lock (refused while another broker holds it), then
+    /// migrate, then claim the schema: the one broker that writes it
+    /// ([`writer`]).
+    Claim,
+    /// Make it if absent and apply the migrations it lacks, claiming
+    /// nothing (a tool, a test of the stores).
     Migrate,
     /// Only use it as it is: absent, or at another version, is an error
     /// (an auditor's reads change nothing).
@@ -176,23 +185,42 @@ impl Postgres {
             runtime,
             pool,
             call_timeout: settings.call_timeout,
+            connect_timeout: settings.connect_timeout,
             config,
             tls,
-            epoch: OnceLock::new(),
+            schema: settings.schema.clone(),
+            claim: OnceLock::new(),
+        };
+        // Which database, and the system's own reason (the client's error
+        // alone says only that connecting failed).
+        let at =
+            |e: StorageError| backend(format!("PostgreSQL at {location}: {}", with_causes(&e)));
+        // The lock first: a broker refused changes nothing, not even the
+        // schema's version.
+        let lock = match schema {
+            Schema::Claim => Some(
+                db.run_within(writer::LOCK_WAIT * 3, db.take_writer_lock())
+                    .map_err(at)?,
+            ),
+            Schema::Migrate | Schema::AsItIs => None,
         };
         // A migration may take longer than a call may (and so may another
         // broker's, which holds the lock): a minute.
         let opened = db.run_within(MIGRATION_TIMEOUT, async {
             let mut client = db.client().await?;
             match schema {
-                Schema::Migrate => migrate(&mut client, settings.schema.as_deref()).await,
+                Schema::Claim | Schema::Migrate => {
+                    migrate(&mut client, settings.schema.as_deref()).await
+                }
                 Schema::AsItIs => check_version(&client).await,
             }
         });
-        // Which database, and the system's own reason (the client's error
-        // alone says only that connecting failed).
-        opened.map_err(|e| backend(format!("PostgreSQL at {location}: {}", with_causes(&e))))?;
-        Ok(Arc::new(db))
+        opened.map_err(at)?;
+        let db = Arc::new(db);
+        if let Some(lock) = lock {
+            db.claim(lock).map_err(at)?;
+        }
+        Ok(db)
     }
 
     /// Runs `work` on the pool's runtime (from any thread), giving up
@@ -276,10 +304,14 @@ fn connection_config(settings: &PostgresSettings) -> Result<Config, StorageError
     let mut options = config
         .get_options()
         .map_or(String::new(), |o| format!("{o} "));
+    // The server finds a silent client as fast (its session, and the
+    // writer lock on it, end then): its own keepalives are hours apart.
     options.push_str(&format!(
         "-c statement_timeout={statement} -c lock_timeout={statement} \
-         -c idle_in_transaction_session_timeout={}",
-        statement * 2
+         -c idle_in_transaction_session_timeout={} -c tcp_keepalives_idle=5 \
+         -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 -c tcp_user_timeout={}",
+        statement * 2,
+        settings.connect_timeout.as_millis().max(1)
     ));
     if let Some(schema) = &settings.schema {
         // An identifier (checked): nothing to escape.
@@ -401,6 +433,16 @@ const MIGRATIONS: &[(i32, &str)] = &[
              claimed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
              claimed_by TEXT NOT NULL
          );",
+    ),
+    (
+        4,
+        "CREATE TABLE key_ring (
+             only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
+             revision BIGINT NOT NULL,
+             ring JSONB NOT NULL,
+             saved_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         );
+         ALTER TABLE broker_writer ADD COLUMN token TEXT NOT NULL DEFAULT '';",
     ),
 ];
 

@@ -4,15 +4,19 @@
 //! the first already counted. Two things keep it to one:
 //!
 //! - **The writer lock**, a session advisory lock on a connection of its
-//!   own, held for the broker's life: a second broker is refused at start
-//!   and told who holds it. A broker that loses the connection (the
-//!   database restarted) takes the lock again as soon as it can.
-//! - **The writer epoch**, a fencing token: the broker that takes the
-//!   lock raises the epoch, and every write transaction checks, with the
-//!   row share-locked, that the epoch is still its own. A broker that lost
-//!   its lock while another claimed the schema (a partition long enough
-//!   for the server to drop its session) is superseded: its writes fail,
-//!   so it releases nothing more, and it does not take the lock again.
+//!   own, taken before any migration and held for the broker's life: a
+//!   second broker is refused at start, having changed nothing, and told
+//!   who holds it. A broker that loses the connection (the database
+//!   restarted) takes the lock again as soon as it can.
+//! - **The claim token**, a fencing token: the broker that takes the lock
+//!   writes a fresh random token (and raises the epoch operators read),
+//!   holding the fence lock exclusively; every write transaction first
+//!   takes the fence lock shared and checks that the token is still its
+//!   own. A claim thus waits for the writes that read the old token, and
+//!   any that come after see the new one. A broker that lost its lock while
+//!   another claimed the schema (a partition long enough for the server to
+//!   drop its session) is superseded: its writes fail, so it releases
+//!   nothing more, and it does not take the lock again.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -23,24 +27,44 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use super::Postgres;
+use crate::domain::random_hex;
 use crate::storage::{backend, StorageError};
 
-/// The lock's key: one per schema, so brokers on other schemas of the
-/// same database keep apart.
-const TAKE_LOCK: &str =
-    "SELECT pg_advisory_lock(hashtextextended('agentkeys-broker writer ' || current_schema(), 0))";
+/// The two lock keys of a schema, so brokers on other schemas of one
+/// database keep apart: the writer lock's and the fence lock's.
+const LOCK_KEYS: &str = "SELECT hashtextextended('agentkeys-broker writer ' || s, 0),
+                               hashtextextended('agentkeys-broker fence ' || s, 0)
+                        FROM coalesce($1, current_schema()) AS s";
 
 /// How long taking the lock waits: a broker that just stopped lets go of
 /// it within this (its session ends when the server reads the close).
-const LOCK_WAIT: Duration = Duration::from_secs(2);
+pub(super) const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// How often a broker whose lock connection ended tries to take it again.
 const RETAKE_EVERY: Duration = Duration::from_secs(1);
 
-/// Read, with the row share-locked, by every write transaction: a broker
-/// claiming the schema waits for the transactions that read the old
-/// epoch, and any that come after see the new one.
-const FENCE: &str = "SELECT epoch FROM broker_writer FOR SHARE";
+/// Taken first by every write transaction (released at its end): a claim,
+/// which takes it exclusively, waits for these, and these wait for it.
+const FENCE_WAIT: &str = "SELECT pg_advisory_xact_lock_shared($1)";
+
+/// Read after [`FENCE_WAIT`], in a statement of its own (a statement's
+/// snapshot is taken when it starts, so this one sees a claim that
+/// committed while the lock was waited for).
+const FENCE_READ: &str = "SELECT token FROM broker_writer";
+
+/// This broker's claim on the schema.
+pub(super) struct Claim {
+    token: String,
+    fence_key: i64,
+}
+
+/// The writer lock, held by a connection of its own.
+pub(super) struct Lock {
+    client: Client,
+    /// Ends when the connection does, and the lock with it.
+    connection: JoinHandle<Result<(), tokio_postgres::Error>>,
+    fence_key: i64,
+}
 
 /// Who this broker is, for the message a second one gets.
 fn this_broker() -> String {
@@ -50,71 +74,92 @@ fn this_broker() -> String {
     format!("pid {} on {host}", std::process::id())
 }
 
-/// Whether taking the lock waited too long: another broker holds it.
-fn held_by_another(e: &tokio_postgres::Error) -> bool {
+/// Whether waiting for a lock took too long.
+fn waited_too_long(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
 }
 
-/// The writer lock, held by a connection of its own.
-struct Lock {
-    client: Client,
-    /// Ends when the connection does, and the lock with it.
-    connection: JoinHandle<Result<(), tokio_postgres::Error>>,
-}
-
-/// The lock's own connection, the lock taken on it; `Ok(None)` when
-/// another broker holds it.
-async fn take_lock(db: &Postgres) -> Result<Option<Lock>, StorageError> {
-    let (client, connection) = db.config.connect(db.tls.clone()).await.map_err(backend)?;
-    let connection = db.runtime.spawn(connection);
-    // Only this connection waits this long: every other call keeps the
-    // call timeout.
-    let wait = LOCK_WAIT.as_millis();
-    client
-        .batch_execute(&format!(
-            "SET lock_timeout = {wait}; SET statement_timeout = {}",
-            wait * 2
-        ))
-        .await
-        .map_err(backend)?;
-    match client.execute(TAKE_LOCK, &[]).await {
-        Ok(_) => Ok(Some(Lock { client, connection })),
-        Err(e) if held_by_another(&e) => Ok(None),
-        Err(e) => Err(backend(e)),
-    }
-}
-
 impl Postgres {
-    /// Makes this the one broker that writes the schema: takes the writer
-    /// lock (refused, saying who holds it, when another broker does) and
-    /// raises the epoch, which every write checks from now on. The lock is
-    /// held, and taken again after a lost connection, until `self` is
-    /// dropped.
-    pub fn claim_writer(self: &Arc<Self>) -> Result<(), StorageError> {
-        let claimed = self.run_within(LOCK_WAIT * 3, async {
-            let Some(lock) = take_lock(self).await? else {
-                return Err(self.holder().await);
-            };
-            let row = lock
-                .client
-                .query_one(
-                    "INSERT INTO broker_writer (epoch, claimed_by) VALUES (1, $1)
-                     ON CONFLICT (only_row) DO UPDATE
-                     SET epoch = broker_writer.epoch + 1, claimed_at = now(),
-                         claimed_by = EXCLUDED.claimed_by
-                     RETURNING epoch",
-                    &[&this_broker()],
-                )
+    /// Takes the writer lock on a connection of its own; refused, saying
+    /// who holds it, when another broker does.
+    pub(super) async fn take_writer_lock(&self) -> Result<Lock, StorageError> {
+        match self.try_writer_lock().await? {
+            Some(lock) => Ok(lock),
+            None => Err(self.holder().await),
+        }
+    }
+
+    /// [`Self::take_writer_lock`]; `Ok(None)` when another holds it.
+    async fn try_writer_lock(&self) -> Result<Option<Lock>, StorageError> {
+        // A server that takes the connection and never answers: refused
+        // as the pool refuses it.
+        let connecting = self.config.connect(self.tls.clone());
+        let (client, connection) = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| backend("no answer to the connection in time"))?
+            .map_err(backend)?;
+        let connection = self.runtime.spawn(connection);
+        // Only this connection waits this long: every other call keeps the
+        // call timeout.
+        let wait = LOCK_WAIT.as_millis();
+        client
+            .batch_execute(&format!(
+                "SET lock_timeout = {wait}; SET statement_timeout = {}",
+                wait * 2
+            ))
+            .await
+            .map_err(backend)?;
+        let keys = client
+            .query_one(LOCK_KEYS, &[&self.schema])
+            .await
+            .map_err(backend)?;
+        let (writer_key, fence_key): (i64, i64) = (keys.get(0), keys.get(1));
+        match client
+            .execute("SELECT pg_advisory_lock($1)", &[&writer_key])
+            .await
+        {
+            Ok(_) => Ok(Some(Lock {
+                client,
+                connection,
+                fence_key,
+            })),
+            Err(e) if waited_too_long(&e) => Ok(None),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    /// Makes this the one broker that writes the schema, `lock` taken and
+    /// the schema migrated: writes a fresh token, which every write checks
+    /// from now on. The lock is held, and taken again after a lost
+    /// connection, until `self` is dropped.
+    pub(super) fn claim(self: &Arc<Self>, mut lock: Lock) -> Result<(), StorageError> {
+        let token = random_hex(16);
+        self.run_within(LOCK_WAIT * 2, async {
+            let txn = lock.client.transaction().await.map_err(backend)?;
+            txn.execute("SELECT pg_advisory_xact_lock($1)", &[&lock.fence_key])
                 .await
-                .map_err(backend)?;
-            Ok((lock, row.get::<_, i64>(0)))
-        });
-        let (lock, epoch) = claimed?;
-        self.epoch
-            .set(epoch)
+                .map_err(|e| match waited_too_long(&e) {
+                    true => backend(
+                        "the superseded broker's writes did not finish in time; start again",
+                    ),
+                    false => backend(e),
+                })?;
+            txn.execute(
+                "INSERT INTO broker_writer (epoch, claimed_by, token) VALUES (1, $1, $2)
+                 ON CONFLICT (only_row) DO UPDATE
+                 SET epoch = broker_writer.epoch + 1, claimed_at = now(),
+                     claimed_by = EXCLUDED.claimed_by, token = EXCLUDED.token",
+                &[&this_broker(), &token],
+            )
+            .await
+            .map_err(backend)?;
+            txn.commit().await.map_err(backend)
+        })?;
+        let fence_key = lock.fence_key;
+        self.claim
+            .set(Claim { token, fence_key })
             .map_err(|_| backend("this database was claimed already"))?;
-        let db = Arc::downgrade(self);
-        self.runtime.spawn(hold(db, lock, epoch));
+        self.runtime.spawn(hold(Arc::downgrade(self), lock));
         Ok(())
     }
 
@@ -149,39 +194,45 @@ impl Postgres {
 
     /// Starts `txn`'s writes: once this broker claimed the schema, a
     /// transaction of a superseded broker fails here, before it writes.
+    /// Its two statements go in one round trip.
     pub(crate) async fn fence(&self, txn: &Transaction<'_>) -> Result<(), StorageError> {
-        let Some(epoch) = self.epoch.get() else {
+        let Some(claim) = self.claim.get() else {
             return Ok(());
         };
-        let fence = txn.prepare_cached(FENCE).await.map_err(backend)?;
-        let now = txn.query_opt(&fence, &[]).await.map_err(backend)?;
-        match now.map(|row| row.get::<_, i64>(0)) {
-            Some(now) if now == *epoch => Ok(()),
-            _ => Err(StorageError::Superseded),
-        }
+        let (wait, read) = tokio::try_join!(
+            txn.prepare_cached(FENCE_WAIT),
+            txn.prepare_cached(FENCE_READ)
+        )
+        .map_err(backend)?;
+        let key: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&claim.fence_key];
+        let (_, token) = tokio::try_join!(txn.execute(&wait, &key), txn.query_opt(&read, &[]))
+            .map_err(backend)?;
+        ours(token.map(|row| row.get(0)), &claim.token)
     }
 
     /// Whether this broker still writes the schema (readiness).
     pub(crate) async fn check_writer(&self) -> Result<(), StorageError> {
-        let Some(epoch) = self.epoch.get() else {
+        let Some(claim) = self.claim.get() else {
             return Ok(());
         };
         let client = self.client().await?;
-        let now = client
-            .query_opt("SELECT epoch FROM broker_writer", &[])
-            .await
-            .map_err(backend)?;
-        match now.map(|row| row.get::<_, i64>(0)) {
-            Some(now) if now == *epoch => Ok(()),
-            _ => Err(StorageError::Superseded),
-        }
+        let token = client.query_opt(FENCE_READ, &[]).await.map_err(backend)?;
+        ours(token.map(|row| row.get(0)), &claim.token)
+    }
+}
+
+/// `Superseded` unless the stored token is `mine`.
+fn ours(stored: Option<String>, mine: &str) -> Result<(), StorageError> {
+    match stored {
+        Some(stored) if stored == mine => Ok(()),
+        _ => Err(StorageError::Superseded),
     }
 }
 
 /// Holds `lock` while `db` lives; when its connection ends, takes the
 /// lock again, unless another broker claimed the schema meanwhile (this
 /// one is superseded: it stops trying).
-async fn hold(db: Weak<Postgres>, mut lock: Lock, epoch: i64) {
+async fn hold(db: Weak<Postgres>, mut lock: Lock) {
     loop {
         let _ended = (&mut lock.connection).await;
         tracing::warn!("lost the PostgreSQL writer lock's connection; taking the lock again");
@@ -190,13 +241,13 @@ async fn hold(db: Weak<Postgres>, mut lock: Lock, epoch: i64) {
             let Some(db) = db.upgrade() else {
                 return;
             };
-            let taken = take_lock(&db).await;
+            let taken = db.try_writer_lock().await;
             // Either way, whether the schema is still this broker's.
             let still_ours = db.check_writer().await;
+            drop(db);
             match (taken, still_ours) {
                 (_, Err(StorageError::Superseded)) => {
                     tracing::error!(
-                        epoch,
                         "another broker claimed this database's schema: this broker writes \
                          nothing more; stop it"
                     );
