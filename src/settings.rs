@@ -863,6 +863,16 @@ impl Settings {
         Duration::from_millis(self.actors.send_timeout_ms)
     }
 
+    /// The audit sinks, their files resolved in the data directory.
+    pub fn resolved_sinks(&self) -> Vec<SinkConfig> {
+        let data_dir = &self.storage.data_dir;
+        self.audit
+            .sinks
+            .iter()
+            .map(|s| s.resolved(data_dir))
+            .collect()
+    }
+
     /// The page cache of each redb file.
     pub fn cache_bytes(&self) -> usize {
         self.storage.cache_mib.saturating_mul(1 << 20)

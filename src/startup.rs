@@ -10,7 +10,7 @@ use actix_web::dev::Server;
 use actix_web::dev::Service;
 use actix_web::HttpMessage;
 use actix_web::{web, App, HttpServer};
-use agentkeys_actors::audit::config::{open_sinks, start_sinks};
+use agentkeys_actors::audit::config::{open_sinks, start_sinks, OpenedSink};
 use agentkeys_actors::audit::{AuditActor, AuditSettings as AuditActorSettings};
 use agentkeys_actors::auth::{self, AuthActor};
 use agentkeys_actors::backpressure::Handle;
@@ -253,11 +253,15 @@ pub fn build_actors(settings: &Settings) -> Result<Actors, StartupError> {
     let data_dir = &settings.storage.data_dir;
     agentkeys_actors::data_dir::secure(data_dir).map_err(StartupError::DataDir)?;
     let sealer = Sealer::load_or_generate(&settings.secrets.sealing_key_file, data_dir)?;
-    // Every store opens before any actor starts: a start that fails
-    // stops before anything runs.
+    // Everything opens before any actor starts, the stores last: a start
+    // that fails stops before anything runs, and on PostgreSQL before it
+    // claims the schema from a broker that may be serving.
+    let home = oidc_key_home(settings)?;
+    let sinks = open_sinks(&settings.resolved_sinks(), &sealer);
+    let sinks = sinks.map_err(StartupError::AuditSinks)?;
     let stores = Stores::open(settings, &sealer)?;
-    let keys = key_ring(settings, &sealer, stores.key_ring.clone())?;
-    start_actors(settings, keys, sealer, stores)
+    let keys = load_key_ring(settings, &sealer, stores.key_ring.clone(), home)?;
+    start_actors(settings, keys, sinks, stores)
 }
 
 /// The key ring, its OIDC keys on the PKCS#11 token when `oidc.signer`
@@ -267,21 +271,31 @@ pub fn key_ring(
     sealer: &Sealer,
     store: Arc<dyn KeyRingStore>,
 ) -> Result<KeyRing, StartupError> {
-    let home = match (&settings.oidc.signer, &settings.oidc.pkcs11) {
+    let home = oidc_key_home(settings)?;
+    load_key_ring(settings, sealer, store, home)
+}
+
+fn load_key_ring(
+    settings: &Settings,
+    sealer: &Sealer,
+    store: Arc<dyn KeyRingStore>,
+    home: Option<OidcKeyHome>,
+) -> Result<KeyRing, StartupError> {
+    let policy = settings.rotation_policy();
+    Ok(KeyRing::load(store, policy, now_unix(), sealer, home)?)
+}
+
+/// Where new OIDC keys are made or adopted: the PKCS#11 token or KMS that
+/// `oidc.signer` names (opened now), or memory.
+fn oidc_key_home(settings: &Settings) -> Result<Option<OidcKeyHome>, StartupError> {
+    Ok(match (&settings.oidc.signer, &settings.oidc.pkcs11) {
         (SignerKind::Pkcs11, Some(pkcs11)) => Some(OidcKeyHome::Token(OidcToken {
             token: Arc::new(Token::open(&pkcs11.token()?).map_err(KeyError::from)?),
             key_label: pkcs11.key_label.clone(),
         })),
         (SignerKind::Kms, _) => kms_home(settings)?,
         _ => None,
-    };
-    Ok(KeyRing::load(
-        store,
-        settings.rotation_policy(),
-        now_unix(),
-        sealer,
-        home,
-    )?)
+    })
 }
 
 /// The KMS client for `oidc.signer = "kms"` (checked by the settings to be
@@ -314,17 +328,10 @@ fn kms_home(_: &Settings) -> Result<Option<OidcKeyHome>, StartupError> {
 fn start_actors(
     settings: &Settings,
     keys: KeyRing,
-    sealer: Sealer,
+    sinks: Vec<OpenedSink>,
     stores: Stores,
 ) -> Result<Actors, StartupError> {
-    let data_dir = &settings.storage.data_dir;
     let audit_settings = &settings.audit;
-    let sinks: Vec<_> = audit_settings
-        .sinks
-        .iter()
-        .map(|s| s.resolved(data_dir))
-        .collect();
-    let sinks = open_sinks(&sinks, &sealer).map_err(StartupError::AuditSinks)?;
     let Stores {
         agents,
         grants: grant_store,

@@ -97,10 +97,14 @@ fn postgres(settings: &Settings, sealer: &Sealer, migrate: bool) -> Result<Store
         Schema::AsItIs
     };
     let db = Postgres::open(&postgres_settings(settings)?, schema)?;
-    let key_ring = Arc::new(PostgresKeyRing::new(db.clone()));
-    if migrate {
-        move_key_ring_in(&settings.storage.data_dir, key_ring.as_ref())?;
-    }
+    let database: Arc<dyn KeyRingStore> = Arc::new(PostgresKeyRing::new(db.clone()));
+    let key_ring = match migrate {
+        true => Arc::new(KeyRingMovingIn {
+            data_dir: settings.storage.data_dir.clone(),
+            database,
+        }),
+        false => database,
+    };
     Ok(Stores {
         agents: Arc::new(PostgresAgentStore::new(db.clone())),
         grants: Arc::new(PostgresGrantStore::new(db.clone(), sealer.clone())),
@@ -109,37 +113,58 @@ fn postgres(settings: &Settings, sealer: &Sealer, migrate: bool) -> Result<Store
     })
 }
 
-/// Where a key ring moved into the database is left, sealed as it was.
+/// Where a key ring moved into the database is left: the ring as it was
+/// moved (sealed), for a backup to hold.
 pub const MOVED_KEYRING_FILE: &str = "keyring.json.moved";
 
-/// A data directory from before the key ring lived in the database: its
-/// `keyring.json` moves in once, so the same keys keep signing and stay
-/// published, and the file is renamed [`MOVED_KEYRING_FILE`] so that it is
-/// never read again. When the database holds a ring already, the file is
-/// left alone, with a warning.
+/// The key ring in the database, moved in from a `keyring.json` left in
+/// the data directory (by redb, or by a broker from before the ring lived
+/// in the database) while the database holds none: the file's ring is
+/// loaded at revision 0, so the key ring (having sealed any plain key)
+/// saves it, and the first save into the database retires the file. The
+/// same keys keep signing and stay published.
 #[cfg(feature = "postgres")]
-fn move_key_ring_in(
-    data_dir: &std::path::Path,
-    database: &dyn KeyRingStore,
-) -> Result<(), StorageError> {
-    let file = FileKeyRing::in_dir(data_dir);
-    let Some((ring, _)) = file.load()? else {
-        return Ok(());
-    };
-    if database.load()?.is_some() {
-        tracing::warn!(
-            "{KEYRING_FILE} in the data directory is not read: the key ring is in the database"
-        );
-        return Ok(());
+struct KeyRingMovingIn {
+    data_dir: PathBuf,
+    database: Arc<dyn KeyRingStore>,
+}
+
+#[cfg(feature = "postgres")]
+impl KeyRingStore for KeyRingMovingIn {
+    fn load(&self) -> Result<Option<(serde_json::Value, u64)>, StorageError> {
+        let file = FileKeyRing::in_dir(&self.data_dir);
+        match self.database.load()? {
+            Some(stored) => {
+                if self.data_dir.join(KEYRING_FILE).exists() {
+                    tracing::warn!(
+                        "{KEYRING_FILE} in the data directory is not read: the key ring is in \
+                         the database; move the file away"
+                    );
+                }
+                Ok(Some(stored))
+            }
+            None => Ok(file.load()?.map(|(ring, _)| (ring, 0))),
+        }
     }
-    database.save(&ring, 0)?;
-    std::fs::rename(
-        data_dir.join(KEYRING_FILE),
-        data_dir.join(MOVED_KEYRING_FILE),
-    )
-    .map_err(|e| StorageError::Backend(Box::new(e)))?;
-    tracing::info!("moved {KEYRING_FILE} into the database (the file is now {MOVED_KEYRING_FILE})");
-    Ok(())
+
+    /// The file is replaced by the ring as saved (every private key
+    /// sealed), under [`MOVED_KEYRING_FILE`].
+    fn save(&self, ring: &serde_json::Value, revision: u64) -> Result<u64, StorageError> {
+        let next = self.database.save(ring, revision)?;
+        let file = self.data_dir.join(KEYRING_FILE);
+        if revision == 0 && file.exists() {
+            let moved = self.data_dir.join(MOVED_KEYRING_FILE);
+            let failed = |e: std::io::Error| StorageError::Backend(Box::new(e));
+            let bytes =
+                serde_json::to_vec_pretty(ring).map_err(|e| StorageError::Backend(e.into()))?;
+            agentkeys_actors::data_dir::replace_owner_only(&moved, &bytes).map_err(failed)?;
+            std::fs::remove_file(&file).map_err(failed)?;
+            tracing::info!(
+                "moved {KEYRING_FILE} into the database (sealed, as {MOVED_KEYRING_FILE})"
+            );
+        }
+        Ok(next)
+    }
 }
 
 /// Refused by the settings' validation before this is reached.

@@ -481,7 +481,8 @@ impl KeyRing {
             let (der, stored) = key.open("receipt", sealer)?;
             ring.add_receipt(&der, stored)?;
         }
-        let mut changed = unsealed || unpublished;
+        // Revision 0: a ring this store does not hold yet (one moving in).
+        let mut changed = unsealed || unpublished || ring.revision == 0;
         if unsealed {
             tracing::warn!("the key ring held plain private keys; they are sealed now");
         }

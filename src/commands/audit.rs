@@ -40,13 +40,7 @@ pub fn verify_offline(settings: &Settings) -> Result<OfflineReport, String> {
     let stores = Stores::open_as_they_are(settings, &sealer).map_err(|e| {
         format!("the stores: {e} (if the broker is running, use GET /v1/admin/audit/verify)")
     })?;
-    let sinks: Vec<_> = settings
-        .audit
-        .sinks
-        .iter()
-        .map(|s| s.resolved(data_dir))
-        .collect();
-    let audit = verify(stores.ledger.as_ref(), &sinks);
+    let audit = verify(stores.ledger.as_ref(), &settings.resolved_sinks());
     let receipts = receipts_of(settings, &sealer, &stores)?;
     Ok(OfflineReport {
         ok: audit.ok && receipts.ok,

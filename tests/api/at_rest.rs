@@ -89,7 +89,7 @@ async fn the_data_directory_is_owner_only_and_holds_no_live_jwt_or_private_key()
             }
         }
     }
-    let ring = crate::helpers::stored_key_ring(app.data_dir()).to_string();
+    let ring = std::fs::read_to_string(app.data_file("keyring.json")).unwrap();
     assert!(!ring.contains("\"pkcs8\""), "plain private keys: {ring}");
 
     let replay = app.mint_with_key(&session, "kept-for-replay", &body).await;

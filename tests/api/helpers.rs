@@ -473,23 +473,27 @@ impl TestApp {
     }
 }
 
-/// `sql` run by psql (the PostgreSQL client) on `url`: its output. The
-/// connection goes in PG* variables, so the password is in no process's
-/// arguments.
-/// The key ring as the broker with `data_dir` stored it: its file (on
-/// redb), or its row in the suite's PostgreSQL (where no file is).
+/// The key ring as the broker with `data_dir` stored it on the suite's
+/// backend: its file on redb; on PostgreSQL its row, and then no file may
+/// be in the data directory.
 pub fn stored_key_ring(data_dir: &Path) -> serde_json::Value {
     let file = data_dir.join("keyring.json");
     let text = match TestDatabase::for_data_dir(data_dir) {
-        Some(db) if !file.exists() => psql(
-            &db.url,
-            &format!("SELECT ring FROM \"{}\".key_ring", db.schema),
-        ),
-        _ => std::fs::read_to_string(file).unwrap(),
+        Some(db) => {
+            assert!(!file.exists(), "a key ring file beside the database's");
+            psql(
+                &db.url,
+                &format!("SELECT ring FROM \"{}\".key_ring", db.schema),
+            )
+        }
+        None => std::fs::read_to_string(file).unwrap(),
     };
     serde_json::from_str(&text).unwrap()
 }
 
+/// `sql` run by psql (the PostgreSQL client) on `url`: its output. The
+/// connection goes in PG* variables, so the password is in no process's
+/// arguments.
 pub fn psql(url: &str, sql: &str) -> String {
     let url = reqwest::Url::parse(url).expect("a postgres:// URL");
     let ran = std::process::Command::new("psql")

@@ -213,6 +213,33 @@ async fn a_duplicate_while_the_first_request_runs_gets_409_with_retry_after() {
     );
 }
 
+/// A finished mint's record that expired while the broker was stopped is
+/// purged at the next start (it is never loaded, so no later purge would
+/// find it), on either backend.
+#[actix_web::test]
+async fn a_record_that_expired_while_stopped_is_purged_at_the_next_start() {
+    let mut app = crate::helpers::spawn_app_with(|s| {
+        s.mint.default_ttl_seconds = 1;
+        s.mint.max_ttl_seconds = 1;
+        s.idempotency.retention_seconds = 1;
+        // Never within this test: only the start may purge.
+        s.idempotency.purge_interval_seconds = 3600;
+    })
+    .await;
+    let agent = app.register_agent("expired-away").await;
+    let session = app.login(&agent).await;
+    app.grant(&agent, "s3", "away/", None).await;
+    let body = json!({ "service": "s3", "scope_path": "away/" });
+    let minted = app.mint_with_key(&session, "away-key", &body).await;
+    assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);
+    app.stop();
+    assert_eq!(app.stored_idempotency_records(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut app = app.restart();
+    app.stop();
+    assert_eq!(app.stored_idempotency_records(), 0, "purged at the start");
+}
+
 /// The documented promise: a finished mint replays for
 /// `idempotency.retention_seconds`, then its key is free (a new request
 /// mints anew) and the record is purged from disk; a retention shorter than

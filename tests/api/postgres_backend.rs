@@ -172,41 +172,75 @@ fn a_lost_writer_lock_is_taken_back() {
     ledger.check().unwrap();
 }
 
+fn kids(jwks: jsonwebtoken::jwk::JwkSet) -> Vec<String> {
+    jwks.keys
+        .into_iter()
+        .filter_map(|k| k.common.key_id)
+        .collect()
+}
+
+/// Rewrites the stopped `app`'s `keyring.json` as a broker from before
+/// sealing left it: plain PKCS#8.
+fn unseal_key_ring_file(app: &TestApp) {
+    use base64::Engine;
+    let key = &app.settings.secrets.sealing_key_file;
+    let sealer = agentkeys_actors::sealing::Sealer::load(key, app.data_dir()).unwrap();
+    let file = app.data_file("keyring.json");
+    let mut ring: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    for kind in ["oidc", "session", "receipt"] {
+        for key in ring[kind].as_array_mut().unwrap() {
+            let what = format!("keyring {kind} {}", key["kid"].as_str().unwrap());
+            let sealed = key.as_object_mut().unwrap().remove("sealed_pkcs8").unwrap();
+            let der = sealer.open(&what, sealed.as_str().unwrap()).unwrap();
+            key["pkcs8"] = json!(base64::engine::general_purpose::STANDARD.encode(der));
+        }
+    }
+    std::fs::write(&file, serde_json::to_vec(&ring).unwrap()).unwrap();
+}
+
+/// A broker that ran on redb (its key ring sealed, or `plain` as before
+/// sealing), started again on PostgreSQL in a fresh schema: its
+/// `keyring.json` moved in with one write (no plain key ever reaches the
+/// database), the same keys publish, and the file is replaced by a sealed
+/// `keyring.json.moved`. The broker, on PostgreSQL, and its schema.
+async fn moved_onto_postgres(url: &str, plain: bool) -> (TestApp, String) {
+    let mut app = spawn_app_with(crate::helpers::on_redb).await;
+    let on_redb = kids(app.jwks().await);
+    app.stop();
+    if plain {
+        unseal_key_ring_file(&app);
+    }
+    let schema = fresh_schema();
+    on_postgres(&mut app.settings, url, Some(schema.clone()), None);
+    let app = app.restart();
+    assert_eq!(kids(app.jwks().await), on_redb, "the same keys publish");
+    assert!(!app.data_file("keyring.json").exists());
+    let moved = std::fs::read_to_string(app.data_file("keyring.json.moved")).unwrap();
+    assert!(!moved.contains("\"pkcs8\""), "left sealed: {moved}");
+    let stored = psql(
+        url,
+        &format!("SELECT revision, ring::text FROM \"{schema}\".key_ring"),
+    );
+    let (revision, ring) = stored.split_once('|').unwrap();
+    assert_eq!(revision, "1", "one write");
+    assert!(
+        ring.contains("sealed_pkcs8") && !ring.contains("\"pkcs8\""),
+        "{ring}"
+    );
+    (app, schema)
+}
+
 /// The key ring lives in the database: a data directory whose broker ran
-/// on redb moves its `keyring.json` in at the first start on PostgreSQL
-/// (the same keys publish and sign; the file is renamed and read no more),
-/// the ring is sealed there, and a rotation is kept there across a
-/// restart.
+/// on redb moves its ring in at the first start on PostgreSQL, whether the
+/// ring was sealed or from before sealing ([`moved_onto_postgres`]), and a
+/// rotation is kept there across a restart, never written to a file.
 #[actix_web::test]
 async fn the_key_ring_moves_into_the_database_and_is_kept_there() {
     let Some(url) = url("key ring in the database") else {
         return;
     };
-    let mut app = spawn_app_with(crate::helpers::on_redb).await;
-    let kids = |jwks: jsonwebtoken::jwk::JwkSet| -> Vec<String> {
-        jwks.keys
-            .into_iter()
-            .filter_map(|k| k.common.key_id)
-            .collect()
-    };
-    let on_redb = kids(app.jwks().await);
-    app.stop();
-    let schema = fresh_schema();
-    on_postgres(&mut app.settings, &url, Some(schema.clone()), None);
-    let app = app.restart();
-    assert_eq!(kids(app.jwks().await), on_redb, "the same keys publish");
-    assert!(!app.data_file("keyring.json").exists());
-    assert!(app.data_file("keyring.json.moved").exists());
-    let stored = psql(
-        &url,
-        &format!("SELECT revision, ring::text FROM \"{schema}\".key_ring"),
-    );
-    let (revision, ring) = stored.split_once('|').unwrap();
-    assert_eq!(revision, "1");
-    assert!(
-        ring.contains("sealed_pkcs8") && !ring.contains("\"pkcs8\""),
-        "{ring}"
-    );
+    moved_onto_postgres(&url, true).await;
+    let (app, schema) = moved_onto_postgres(&url, false).await;
     let session = agent_with_grant(&app, "ringed").await;
     let minted = app.mint(&session, &intent()).await;
     assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);

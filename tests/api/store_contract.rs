@@ -175,6 +175,12 @@ fn grant_contract(open: &dyn Fn(Sealer) -> Arc<dyn GrantStore>) {
     let (grants, answers) = open(sealer(1)).load().unwrap();
     assert_eq!(grants.len(), 3);
     assert!(answers.is_empty());
+    // The expired answer, never loaded, is removed once; the live stay.
+    let store = open(sealer(9));
+    assert_eq!(store.forget_expired(now_unix()).unwrap(), 1);
+    assert_eq!(store.forget_expired(now_unix()).unwrap(), 0);
+    drop(store);
+    assert_eq!(open(sealer(9)).load().unwrap().1.len(), 2);
 }
 
 /// Everything the key ring relies on: a ring is written whole, only from
@@ -186,6 +192,10 @@ fn key_ring_contract(open: &dyn Fn() -> Arc<dyn KeyRingStore>) {
         store.load().unwrap().is_none(),
         "no ring before the first save"
     );
+    assert!(matches!(
+        KeyRingAsItIs(open()).load(),
+        Err(StorageError::NotFound)
+    ));
     let first = serde_json::json!({ "oidc": [{ "kid": "a" }], "session": [] });
     let revision = store.save(&first, 0).unwrap();
     assert!(matches!(store.save(&first, 0), Err(StorageError::Conflict)));

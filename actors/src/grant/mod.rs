@@ -24,7 +24,7 @@ use std::time::Duration;
 use actix::{Actor, AsyncContext, Context};
 use tokio::sync::oneshot;
 
-use crate::domain::{ErrorCode, Grant, OmniAccount};
+use crate::domain::{now_unix, ErrorCode, Grant, OmniAccount};
 use crate::group_commit::GroupCommit;
 use crate::storage::{GrantStore, StorageError};
 use idempotency::Slot;
@@ -132,6 +132,13 @@ impl GrantActor {
         held_uses: &HashMap<String, u64>,
     ) -> Result<Self, StorageError> {
         let (grants, completed) = store.load()?;
+        let forgotten = store.forget_expired(now_unix())?;
+        if forgotten > 0 {
+            tracing::info!(
+                forgotten,
+                "purged idempotency records that expired while stopped"
+            );
+        }
         let mut actor = Self {
             settings,
             store,
@@ -209,6 +216,10 @@ mod tests {
         #[allow(clippy::type_complexity)]
         fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError> {
             Ok((self.loaded.lock().unwrap().clone(), Vec::new()))
+        }
+
+        fn forget_expired(&self, _: u64) -> Result<usize, StorageError> {
+            Ok(0)
         }
 
         fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError> {

@@ -102,6 +102,10 @@ pub trait GrantStore: Send + Sync + 'static {
     fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError>;
     /// Writes `changes` durably and atomically.
     fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError>;
+    /// Durably removes every idempotency answer expired at `now` (at
+    /// start: [`Self::load`] skips them, so no later commit would);
+    /// how many.
+    fn forget_expired(&self, now: u64) -> Result<usize, StorageError>;
 }
 
 /// The key ring: every key the broker signs with, as one JSON document
@@ -119,12 +123,16 @@ pub trait KeyRingStore: Send + Sync + 'static {
 }
 
 /// A key ring read as it is: loading changes nothing stored, whatever the
-/// key module would write back (an auditor's run, `audit verify`).
+/// key module would write back (an auditor's run, `audit verify`), and a
+/// ring that is not there is `NotFound` (never one made up in memory).
 pub struct KeyRingAsItIs(pub std::sync::Arc<dyn KeyRingStore>);
 
 impl KeyRingStore for KeyRingAsItIs {
     fn load(&self) -> Result<Option<(serde_json::Value, u64)>, StorageError> {
-        self.0.load()
+        match self.0.load()? {
+            Some(stored) => Ok(Some(stored)),
+            None => Err(StorageError::NotFound),
+        }
     }
 
     fn save(&self, _: &serde_json::Value, revision: u64) -> Result<u64, StorageError> {

@@ -225,6 +225,26 @@ impl GrantStore for RedbGrantStore {
         Ok((grants, completed))
     }
 
+    fn forget_expired(&self, now: u64) -> Result<usize, StorageError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let forgotten = {
+            let mut table = txn.open_table(COMPLETED).map_err(backend)?;
+            let mut expired = 0;
+            table
+                .retain(|_, value| {
+                    // A record that does not parse is left for an operator.
+                    let gone = serde_json::from_slice::<StoredCompleted>(value)
+                        .is_ok_and(|stored| stored.expires_at <= now);
+                    expired += usize::from(gone);
+                    !gone
+                })
+                .map_err(backend)?;
+            expired
+        };
+        txn.commit().map_err(backend)?;
+        Ok(forgotten)
+    }
+
     /// Grants go to the journal; every `JOURNAL_FOLD_AT` entries the newest
     /// state of each journaled grant is folded into `GRANTS` in the same
     /// transaction, and the journal starts over.

@@ -60,6 +60,23 @@ impl GrantStore for PostgresGrantStore {
         Ok((grants, completed))
     }
 
+    fn forget_expired(&self, now: u64) -> Result<usize, StorageError> {
+        let forgotten = self.db.run(async {
+            let mut client = self.db.client().await?;
+            let txn = self.db.begin(&mut client).await?;
+            let forgotten = txn
+                .execute(
+                    "DELETE FROM idempotency WHERE expires_at <= $1",
+                    &[&to_db(now)],
+                )
+                .await
+                .map_err(backend)?;
+            txn.commit().await.map_err(backend)?;
+            Ok(forgotten)
+        })?;
+        Ok(usize::try_from(forgotten).unwrap_or(usize::MAX))
+    }
+
     fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError> {
         // A row changes once per statement: a grant changed twice in one
         // commit is written at its newest state, and so is a slot.

@@ -62,7 +62,7 @@ impl AuditLedger for PostgresLedger {
                 txn.query_opt(&head, &[]).await.map_err(backend)
             };
             // The writer's fence and the head in one round trip.
-            let ((), head) = tokio::try_join!(self.db.fence(&txn), head)?;
+            let ((), head) = tokio::try_join!(biased; self.db.fence(&txn), head)?;
             let head = head.map_or_else(ChainHead::genesis, |row| ChainHead {
                 seq: from_db(row.get(0)),
                 hash: row.get(1),

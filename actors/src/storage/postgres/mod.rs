@@ -306,10 +306,13 @@ fn connection_config(settings: &PostgresSettings) -> Result<Config, StorageError
         .map_or(String::new(), |o| format!("{o} "));
     // The server finds a silent client as fast (its session, and the
     // writer lock on it, end then): its own keepalives are hours apart.
+    // Read committed whatever the role's or database's default: the
+    // writer's fence reads the claim in a snapshot taken after its lock.
     options.push_str(&format!(
         "-c statement_timeout={statement} -c lock_timeout={statement} \
          -c idle_in_transaction_session_timeout={} -c tcp_keepalives_idle=5 \
-         -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 -c tcp_user_timeout={}",
+         -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 -c tcp_user_timeout={} \
+         -c default_transaction_isolation=read\\ committed",
         statement * 2,
         settings.connect_timeout.as_millis().max(1)
     ));

@@ -205,8 +205,10 @@ impl Postgres {
         )
         .map_err(backend)?;
         let key: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&claim.fence_key];
-        let (_, token) = tokio::try_join!(txn.execute(&wait, &key), txn.query_opt(&read, &[]))
-            .map_err(backend)?;
+        // In this order (biased): the server runs the read after the wait.
+        let (_, token) =
+            tokio::try_join!(biased; txn.execute(&wait, &key), txn.query_opt(&read, &[]))
+                .map_err(backend)?;
         ours(token.map(|row| row.get(0)), &claim.token)
     }
 
