@@ -3,7 +3,7 @@
 use actix_web::{get, web, HttpResponse};
 use serde_json::json;
 
-use agentkeys_actors::audit::CheckLedger;
+use agentkeys_actors::audit::{AuditError, CheckLedger};
 
 use crate::error::with_causes;
 use crate::startup::BrokerState;
@@ -36,8 +36,10 @@ async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
     let (signer, ledger) = if running {
         let ledger = async {
             match p.audit.ask(CheckLedger).await {
-                Ok(answer) => answer.map_err(|e| e.to_string()),
-                Err(overloaded) => Err(overloaded.to_string()),
+                Ok(answer) => {
+                    answer.map_err(|e| (matches!(e, AuditError::Superseded), e.to_string()))
+                }
+                Err(overloaded) => Err((false, overloaded.to_string())),
             }
         };
         futures_util::future::join(p.signer.signer_ready(), ledger).await
@@ -57,11 +59,14 @@ async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
             down.signer()
         ));
     }
-    if let Err(cause) = ledger {
+    if let Err((superseded, cause)) = ledger {
         // The cause may name the database's host: the log has it.
         tracing::warn!(cause = %cause, "not ready: the audit ledger does not answer");
-        body["storage_unavailable"] =
-            json!("the audit ledger's storage does not answer; the broker's log says why");
+        body["storage_unavailable"] = json!(if superseded {
+            "another broker took over this broker's database: this one writes nothing more; stop it"
+        } else {
+            "the audit ledger's storage does not answer; the broker's log says why"
+        });
     }
     if ready {
         HttpResponse::Ok().json(body)

@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use crate::domain::{now_unix, ErrorCode};
 pub use crate::domain::{AuditRecord, ChainHead, MintEvent, Outcome, GENESIS_HASH};
 use crate::group_commit::GroupCommit;
-use crate::storage::{AuditLedger, UseDelta};
+use crate::storage::{AuditLedger, StorageError, UseDelta};
 pub use worker::{SinkStatus, SinkWorker};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -42,6 +42,10 @@ pub enum AuditError {
     /// The ledger holds the record; a required sink does not.
     #[error("audit sink {sink} failed: {reason}")]
     SinkFailed { sink: String, reason: String },
+    /// Another broker claimed the ledger's database: this one writes
+    /// nothing more (readiness says so).
+    #[error("another broker took over this database; this one writes nothing more")]
+    Superseded,
 }
 
 impl AuditError {
@@ -486,11 +490,12 @@ impl Handler<CheckLedger> for AuditActor {
     fn handle(&mut self, _: CheckLedger, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || ledger.check())
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|read| read.map_err(|e| e.to_string()))
-                .map_err(AuditError::Ledger)
+            let checked = tokio::task::spawn_blocking(move || ledger.check()).await;
+            match checked.map_err(|e| AuditError::Ledger(e.to_string()))? {
+                Ok(()) => Ok(()),
+                Err(StorageError::Superseded) => Err(AuditError::Superseded),
+                Err(down) => Err(AuditError::Ledger(down.to_string())),
+            }
         })
     }
 }
