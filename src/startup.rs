@@ -253,13 +253,16 @@ pub fn build_actors(settings: &Settings) -> Result<Actors, StartupError> {
     let data_dir = &settings.storage.data_dir;
     agentkeys_actors::data_dir::secure(data_dir).map_err(StartupError::DataDir)?;
     let sealer = Sealer::load_or_generate(&settings.secrets.sealing_key_file, data_dir)?;
-    // Everything opens before any actor starts, the stores last: a start
-    // that fails stops before anything runs, and on PostgreSQL before it
-    // claims the schema from a broker that may be serving.
+    // Everything opens before any actor starts: a start that fails stops
+    // before anything runs. The OIDC key home (a PIN, KMS) first, since it
+    // touches nothing of the broker's: a mistake there never claims a
+    // PostgreSQL schema. Then the stores, which refuse a second broker
+    // (redb's file lock, the schema's writer lock) before the sinks repair
+    // their files, and claim the schema before any state is read.
     let home = oidc_key_home(settings)?;
+    let stores = Stores::open(settings, &sealer)?;
     let sinks = open_sinks(&settings.resolved_sinks(), &sealer);
     let sinks = sinks.map_err(StartupError::AuditSinks)?;
-    let stores = Stores::open(settings, &sealer)?;
     let keys = load_key_ring(settings, &sealer, stores.key_ring.clone(), home)?;
     start_actors(settings, keys, sinks, stores)
 }

@@ -148,20 +148,29 @@ impl KeyRingStore for KeyRingMovingIn {
     }
 
     /// The file is replaced by the ring as saved (every private key
-    /// sealed), under [`MOVED_KEYRING_FILE`].
+    /// sealed), under [`MOVED_KEYRING_FILE`], written before the database
+    /// is: whatever fails after, no plain key is left behind for good.
     fn save(&self, ring: &serde_json::Value, revision: u64) -> Result<u64, StorageError> {
-        let next = self.database.save(ring, revision)?;
         let file = self.data_dir.join(KEYRING_FILE);
-        if revision == 0 && file.exists() {
+        let moving = revision == 0 && file.exists();
+        if moving {
             let moved = self.data_dir.join(MOVED_KEYRING_FILE);
-            let failed = |e: std::io::Error| StorageError::Backend(Box::new(e));
             let bytes =
                 serde_json::to_vec_pretty(ring).map_err(|e| StorageError::Backend(e.into()))?;
-            agentkeys_actors::data_dir::replace_owner_only(&moved, &bytes).map_err(failed)?;
-            std::fs::remove_file(&file).map_err(failed)?;
-            tracing::info!(
-                "moved {KEYRING_FILE} into the database (sealed, as {MOVED_KEYRING_FILE})"
-            );
+            agentkeys_actors::data_dir::replace_owner_only(&moved, &bytes)
+                .map_err(|e| StorageError::Backend(Box::new(e)))?;
+        }
+        let next = self.database.save(ring, revision)?;
+        if moving {
+            match std::fs::remove_file(&file) {
+                Ok(()) => tracing::info!(
+                    "moved {KEYRING_FILE} into the database (sealed, as {MOVED_KEYRING_FILE})"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the key ring is in the database now; remove {KEYRING_FILE} by hand"
+                ),
+            }
         }
         Ok(next)
     }

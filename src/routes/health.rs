@@ -61,7 +61,10 @@ async fn readyz(state: web::Data<BrokerState>) -> HttpResponse {
     }
     if let Err((superseded, cause)) = ledger {
         // The cause may name the database's host: the log has it.
-        tracing::warn!(cause = %cause, "not ready: the audit ledger does not answer");
+        match superseded {
+            true => tracing::warn!("not ready: another broker took over this broker's database"),
+            false => tracing::warn!(cause = %cause, "not ready: the audit ledger does not answer"),
+        }
         body["storage_unavailable"] = json!(if superseded {
             "another broker took over this broker's database: this one writes nothing more; stop it"
         } else {

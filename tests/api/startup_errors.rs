@@ -263,6 +263,19 @@ fn an_anchoring_key_that_cannot_sign_for_from_exits_4() {
 #[actix_web::test]
 async fn a_second_broker_on_the_same_state_exits_4() {
     let run = crate::process::start_with_agent("first", 91, "only/").await;
+    // The first broker's sink file (a required sink: written before the
+    // mint answers), as if caught mid-write: the second must be refused
+    // before its sinks repair their files.
+    let minted = crate::process::mint_at(&run.base, &run.session, "only/x").await;
+    assert_eq!(minted.status, reqwest::StatusCode::OK, "{}", minted.body);
+    let jsonl = run.data.join("audit.jsonl");
+    let written = std::fs::metadata(&jsonl).unwrap().len();
+    let torn = b"{\"seq\": 99";
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&jsonl)
+        .unwrap();
+    std::io::Write::write_all(&mut file, torn).unwrap();
     let mut second = broker_command(&run.data, crate::process::free_port())
         .env("AGENTKEYS__LOG__FILTER", "error")
         .stdout(std::process::Stdio::null())
@@ -281,6 +294,13 @@ async fn a_second_broker_on_the_same_state_exits_4() {
     }
     let (code, stderr) = one_line_failure(&second.wait_with_output().unwrap());
     assert_eq!(code, 4, "{stderr}");
+    let now = std::fs::metadata(&jsonl).unwrap().len();
+    assert_eq!(
+        now,
+        written + torn.len() as u64,
+        "the sink's file untouched"
+    );
+    file.set_len(written).unwrap();
     if crate::helpers::TestDatabase::for_data_dir(&run.data).is_some() {
         let first = format!("pid {}", run.broker.id());
         assert!(

@@ -131,14 +131,23 @@ impl GrantActor {
         store: Arc<dyn GrantStore>,
         held_uses: &HashMap<String, u64>,
     ) -> Result<Self, StorageError> {
-        let (grants, completed) = store.load()?;
-        let forgotten = store.forget_expired(now_unix())?;
-        if forgotten > 0 {
-            tracing::info!(
-                forgotten,
-                "purged idempotency records that expired while stopped"
-            );
+        // Records that expired while the broker was stopped: never loaded,
+        // so no later purge would find them. Not being able to purge them
+        // now only keeps them longer.
+        match store.forget_expired(now_unix()) {
+            Ok(0) => {}
+            Ok(forgotten) => {
+                tracing::info!(
+                    forgotten,
+                    "purged idempotency records that expired while stopped"
+                )
+            }
+            Err(e) => tracing::warn!(
+                error = %crate::error_text::with_causes(&e),
+                "expired idempotency records were not purged; the next start tries again"
+            ),
         }
+        let (grants, completed) = store.load()?;
         let mut actor = Self {
             settings,
             store,

@@ -60,21 +60,31 @@ impl GrantStore for PostgresGrantStore {
         Ok((grants, completed))
     }
 
+    /// A slice at a time, each its own call: however many records piled
+    /// up, no call outlasts the call timeout.
     fn forget_expired(&self, now: u64) -> Result<usize, StorageError> {
-        let forgotten = self.db.run(async {
-            let mut client = self.db.client().await?;
-            let txn = self.db.begin(&mut client).await?;
-            let forgotten = txn
-                .execute(
-                    "DELETE FROM idempotency WHERE expires_at <= $1",
-                    &[&to_db(now)],
-                )
-                .await
-                .map_err(backend)?;
-            txn.commit().await.map_err(backend)?;
-            Ok(forgotten)
-        })?;
-        Ok(usize::try_from(forgotten).unwrap_or(usize::MAX))
+        const SLICE: i64 = 5_000;
+        let mut forgotten = 0;
+        loop {
+            let slice = self.db.run(async {
+                let mut client = self.db.client().await?;
+                let txn = self.db.begin(&mut client).await?;
+                let slice = txn
+                    .execute(
+                        "DELETE FROM idempotency WHERE slot IN (
+                             SELECT slot FROM idempotency WHERE expires_at <= $1 LIMIT $2)",
+                        &[&to_db(now), &SLICE],
+                    )
+                    .await
+                    .map_err(backend)?;
+                txn.commit().await.map_err(backend)?;
+                Ok(slice)
+            })?;
+            forgotten += usize::try_from(slice).unwrap_or(usize::MAX);
+            if slice < SLICE.unsigned_abs() {
+                return Ok(forgotten);
+            }
+        }
     }
 
     fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError> {
