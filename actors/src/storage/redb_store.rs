@@ -241,7 +241,11 @@ impl GrantStore for RedbGrantStore {
                 .map_err(backend)?;
             expired
         };
-        txn.commit().map_err(backend)?;
+        // Nothing removed: no durable commit (a flush) at every start.
+        match forgotten {
+            0 => txn.abort().map_err(backend)?,
+            _ => txn.commit().map_err(backend)?,
+        }
         Ok(forgotten)
     }
 

@@ -1,10 +1,10 @@
 //! The audit ledger ([`AuditLedger`]) in PostgreSQL. Each batch is one
-//! transaction: the writer's fence and the head read, the records inserted
-//! in one statement, the use counts changed. A batch that does not follow the head it read
-//! (another broker wrote first) is a `Conflict` and writes nothing; two
-//! brokers that read the same head and race meet at the next `seq`'s
-//! primary key, where the loser's transaction fails (`Conflict`) and
-//! writes nothing either.
+//! transaction: the writer's fence and the head read, the records
+//! inserted in one statement, the use counts changed. A batch that does
+//! not follow the head it read (another broker wrote first) is a
+//! `Conflict` and writes nothing; two brokers that read the same head and
+//! race meet at the next `seq`'s primary key, where the loser's
+//! transaction fails (`Conflict`) and writes nothing either.
 
 use std::collections::HashMap;
 use std::sync::Arc;
