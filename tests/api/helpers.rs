@@ -639,15 +639,21 @@ impl PipeShipper {
             }
             // Bytes are kept as they arrive: the sink may hold the pipe
             // open across batches, so waiting for its end would hide them.
+            // Opened to read and write, as a shipper keeps it: the pipe
+            // always has a reader (the bytes of a batch written while a
+            // reader that saw the last batch's end was closing would go
+            // with it), and a read waits for the next batch.
             let mut chunk = [0u8; 4096];
-            loop {
-                use std::io::Read;
-                let Ok(mut reader) = std::fs::File::open(&pipe) else {
-                    return;
-                };
-                while let Ok(read @ 1..) = reader.read(&mut chunk) {
-                    into.lock().unwrap().extend_from_slice(&chunk[..read]);
-                }
+            use std::io::Read;
+            let open = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&pipe);
+            let Ok(mut reader) = open else {
+                return;
+            };
+            while let Ok(read @ 1..) = reader.read(&mut chunk) {
+                into.lock().unwrap().extend_from_slice(&chunk[..read]);
             }
         });
         Self { go, received }
