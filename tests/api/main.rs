@@ -11,6 +11,7 @@ mod crash;
 mod errors;
 #[cfg(feature = "audit-evm")]
 mod evm_anchor;
+mod gate_contract;
 mod grant_uses;
 mod grants;
 mod helpers;

@@ -105,7 +105,7 @@ fn completed(body: &str, expires_at: u64) -> CompletedMint {
     }
 }
 
-fn sealer(byte: u8) -> Sealer {
+pub fn sealer(byte: u8) -> Sealer {
     Sealer::from_bytes(&[byte; 32]).unwrap()
 }
 

@@ -5,6 +5,7 @@
 //! Storage imports only domain types.
 
 pub mod file_key_ring;
+pub mod gates;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod redb_ledger;
@@ -103,8 +104,8 @@ pub trait GrantStore: Send + Sync + 'static {
     /// Writes `changes` durably and atomically.
     fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError>;
     /// Durably removes every idempotency answer expired at `now` (at
-    /// start: [`Self::load`] skips them, so no later commit would);
-    /// how many.
+    /// start: [`Self::load`] skips them, so no later commit would) and
+    /// every claim lapsed by then ([`gates::IdempotencySlots`]); how many.
     fn forget_expired(&self, now: u64) -> Result<usize, StorageError>;
 }
 

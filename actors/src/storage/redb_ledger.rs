@@ -11,8 +11,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, TableDefinition, TableError, WriteTransaction,
+};
 
+use super::gates::{take_in_order, GrantUses, UseTake, UseTaken};
 use super::redb_store::open_database;
 use super::{backend, follows, page, AuditLedger, StorageError, UseDelta};
 use crate::domain::{AuditRecord, ChainHead};
@@ -78,17 +81,7 @@ impl AuditLedger for RedbLedger {
                 table.insert(record.seq, json.as_slice()).map_err(backend)?;
             }
         }
-        if !uses.is_empty() {
-            let mut counts = txn.open_table(GRANT_USES).map_err(backend)?;
-            for (grant_id, delta) in uses {
-                let held = counts
-                    .get(grant_id.as_str())
-                    .map_err(backend)?
-                    .map_or(0, |count| count.value());
-                let now = held.saturating_add_signed(*delta);
-                counts.insert(grant_id.as_str(), now).map_err(backend)?;
-            }
-        }
+        change_uses(&txn, uses)?;
         txn.commit().map_err(backend)
     }
 
@@ -153,6 +146,53 @@ impl AuditLedger for RedbLedger {
             .take(max_scan)
             .map(|entry| decode(entry.map_err(backend)?.1.value()));
         page(scanned, after, limit, keep)
+    }
+}
+
+/// Applies `deltas` to the grants' use counts, never below 0.
+fn change_uses(txn: &WriteTransaction, deltas: &[UseDelta]) -> Result<(), StorageError> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let mut counts = txn.open_table(GRANT_USES).map_err(backend)?;
+    for (grant_id, delta) in deltas {
+        let held = counts
+            .get(grant_id.as_str())
+            .map_err(backend)?
+            .map_or(0, |count| count.value());
+        let now = held.saturating_add_signed(*delta);
+        counts.insert(grant_id.as_str(), now).map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// Takes are decided inside one write transaction: redb runs one at a
+/// time, so none decides on a count another is changing.
+impl GrantUses for RedbLedger {
+    fn take(&self, takes: &[UseTake]) -> Result<Vec<UseTaken>, StorageError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let taken = {
+            let mut counts = txn.open_table(GRANT_USES).map_err(backend)?;
+            let mut held = HashMap::new();
+            for take in takes {
+                let count = counts.get(take.grant_id.as_str()).map_err(backend)?;
+                held.insert(take.grant_id.clone(), count.map_or(0, |c| c.value()));
+            }
+            let taken = take_in_order(takes, &mut held);
+            for (grant_id, uses) in &held {
+                counts.insert(grant_id.as_str(), *uses).map_err(backend)?;
+            }
+            taken
+        };
+        txn.commit().map_err(backend)?;
+        Ok(taken)
+    }
+
+    fn give_back(&self, grant_ids: &[String]) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let deltas: Vec<UseDelta> = grant_ids.iter().map(|id| (id.clone(), -1)).collect();
+        change_uses(&txn, &deltas)?;
+        txn.commit().map_err(backend)
     }
 }
 

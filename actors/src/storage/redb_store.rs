@@ -4,9 +4,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::de::DeserializeOwned;
 
+use super::gates::{
+    firsts, slot_state, HeldSlot, IdempotencySlots, NonceSpend, Nonces, SlotClaim, SlotState,
+};
 use super::stored::{parsed_grant, StoredAgent, StoredCompleted};
 use super::{backend, AgentStore, GrantChanges, GrantStore, StorageError};
 use crate::domain::{now_unix, AgentName, AgentRecord, CompletedMint, Grant};
@@ -26,6 +29,19 @@ const GRANT_JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("grant_j
 const JOURNAL_FOLD_AT: u64 = 64;
 /// idempotency slot → JSON of [`StoredCompleted`].
 const COMPLETED: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+/// idempotency slot → JSON of [`StoredClaim`]: requests running under a
+/// claim ([`IdempotencySlots`]); an answer in `COMPLETED` ends one.
+const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency_claims");
+/// (scope, nonce) → when its spend expires ([`Nonces`]).
+const SPENT_NONCES: TableDefinition<(&str, &str), u64> = TableDefinition::new("spent_nonces");
+
+/// A claim as stored.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredClaim {
+    fingerprint: String,
+    claim_id: String,
+    until: u64,
+}
 
 /// A lock a panicking writer left behind (its guard cannot be the source:
 /// it stays on this thread).
@@ -144,6 +160,57 @@ impl AgentStore for RedbAgentStore {
     }
 }
 
+/// Spends are decided inside one write transaction (redb runs one at a
+/// time), in the agent registry's file: nonces are the AuthActor's.
+impl Nonces for RedbAgentStore {
+    fn spend(&self, spends: &[NonceSpend], now: u64) -> Result<Vec<bool>, StorageError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let firsts = firsts(spends, |s| (&s.scope, &s.nonce));
+        let spent = {
+            let mut table = txn.open_table(SPENT_NONCES).map_err(backend)?;
+            let mut spent = Vec::with_capacity(spends.len());
+            for (spend, first) in spends.iter().zip(firsts) {
+                spent.push(first && spend_once(&mut table, spend, now)?);
+            }
+            spent
+        };
+        finish(txn, spent.contains(&true))?;
+        Ok(spent)
+    }
+
+    fn forget_spent(&self, now: u64) -> Result<usize, StorageError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let mut forgotten = 0;
+        txn.open_table(SPENT_NONCES)
+            .map_err(backend)?
+            .retain(|_, expires_at| {
+                forgotten += usize::from(expires_at <= now);
+                expires_at > now
+            })
+            .map_err(backend)?;
+        finish(txn, forgotten > 0)?;
+        Ok(forgotten)
+    }
+}
+
+/// Spends `spend` unless it is spent and its spend lives at `now`.
+fn spend_once(
+    table: &mut Table<(&'static str, &'static str), u64>,
+    spend: &NonceSpend,
+    now: u64,
+) -> Result<bool, StorageError> {
+    let key = (spend.scope.as_str(), spend.nonce.as_str());
+    if table
+        .get(key)
+        .map_err(backend)?
+        .is_some_and(|e| e.value() > now)
+    {
+        return Ok(false);
+    }
+    table.insert(key, spend.expires_at).map_err(backend)?;
+    Ok(true)
+}
+
 /// Grants and idempotency records in `grants.redb`.
 pub struct RedbGrantStore {
     db: Database,
@@ -227,26 +294,13 @@ impl GrantStore for RedbGrantStore {
 
     fn forget_expired(&self, now: u64) -> Result<usize, StorageError> {
         let txn = self.db.begin_write().map_err(backend)?;
-        let forgotten = {
-            let mut table = txn.open_table(COMPLETED).map_err(backend)?;
-            let mut expired = 0;
-            table
-                .retain(|_, value| {
-                    // A record that does not parse is left for an operator.
-                    let gone = serde_json::from_slice::<StoredCompleted>(value)
-                        .is_ok_and(|stored| stored.expires_at <= now);
-                    expired += usize::from(gone);
-                    !gone
-                })
-                .map_err(backend)?;
-            expired
-        };
+        let answers = forget_where(&txn, COMPLETED, |answer: StoredCompleted| {
+            answer.expires_at <= now
+        })?;
+        let claims = forget_where(&txn, CLAIMS, |claim: StoredClaim| claim.until <= now)?;
         // Nothing removed: no durable commit (a flush) at every start.
-        match forgotten {
-            0 => txn.abort().map_err(backend)?,
-            _ => txn.commit().map_err(backend)?,
-        }
-        Ok(forgotten)
+        finish(txn, answers + claims > 0)?;
+        Ok(answers + claims)
     }
 
     /// Grants go to the journal; every `JOURNAL_FOLD_AT` entries the newest
@@ -308,6 +362,118 @@ impl GrantStore for RedbGrantStore {
             journaled.extend(changes.grants.iter().map(|g| (g.id.clone(), g.clone())));
         }
         Ok(())
+    }
+}
+
+/// Claims are decided inside one write transaction: redb runs one at a
+/// time, so none decides on a slot another is changing.
+impl IdempotencySlots for RedbGrantStore {
+    fn claim(&self, claims: &[SlotClaim], now: u64) -> Result<Vec<SlotState>, StorageError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let mut states = Vec::with_capacity(claims.len());
+        {
+            let completed = txn.open_table(COMPLETED).map_err(backend)?;
+            let mut running = txn.open_table(CLAIMS).map_err(backend)?;
+            for claim in claims {
+                let held = self.held_slot(&completed, &running, &claim.slot, now)?;
+                if let Some(state) = slot_state(held.as_ref(), claim, now) {
+                    states.push(state);
+                    continue;
+                }
+                let stored = StoredClaim {
+                    fingerprint: claim.fingerprint.clone(),
+                    claim_id: claim.claim_id.clone(),
+                    until: claim.until,
+                };
+                let bytes = serde_json::to_vec(&stored).map_err(backend)?;
+                running
+                    .insert(claim.slot.as_str(), bytes.as_slice())
+                    .map_err(backend)?;
+                states.push(SlotState::Claimed);
+            }
+        }
+        finish(txn, states.contains(&SlotState::Claimed))?;
+        Ok(states)
+    }
+
+    fn free(&self, claims: &[(String, String)]) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let mut freed = false;
+        {
+            let mut running = txn.open_table(CLAIMS).map_err(backend)?;
+            for (slot, claim_id) in claims {
+                if stored_claim(&running, slot)?.is_some_and(|c| c.claim_id == *claim_id) {
+                    running.remove(slot.as_str()).map_err(backend)?;
+                    freed = true;
+                }
+            }
+        }
+        finish(txn, freed)
+    }
+}
+
+impl RedbGrantStore {
+    /// What `slot` holds at `now`: its answer while it lives, else its
+    /// claim if any.
+    fn held_slot(
+        &self,
+        completed: &impl ReadableTable<&'static str, &'static [u8]>,
+        running: &impl ReadableTable<&'static str, &'static [u8]>,
+        slot: &str,
+        now: u64,
+    ) -> Result<Option<HeldSlot>, StorageError> {
+        if let Some(value) = completed.get(slot).map_err(backend)? {
+            let stored: StoredCompleted = serde_json::from_slice(value.value()).map_err(backend)?;
+            if stored.expires_at > now {
+                return Ok(Some(HeldSlot::Done(stored.open(slot, &self.sealer)?)));
+            }
+        }
+        Ok(
+            stored_claim(running, slot)?.map(|claim| HeldSlot::InFlight {
+                fingerprint: claim.fingerprint,
+                until: claim.until,
+            }),
+        )
+    }
+}
+
+fn stored_claim(
+    running: &impl ReadableTable<&'static str, &'static [u8]>,
+    slot: &str,
+) -> Result<Option<StoredClaim>, StorageError> {
+    match running.get(slot).map_err(backend)? {
+        Some(value) => Ok(Some(
+            serde_json::from_slice(value.value()).map_err(backend)?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Removes from `table` every JSON value that parses and `gone` accepts
+/// (one that does not parse is left for an operator); how many.
+fn forget_where<T: DeserializeOwned>(
+    txn: &WriteTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    gone: impl Fn(T) -> bool,
+) -> Result<usize, StorageError> {
+    let mut forgotten = 0;
+    txn.open_table(table)
+        .map_err(backend)?
+        .retain(|_, value| {
+            let forget = serde_json::from_slice(value).is_ok_and(&gone);
+            forgotten += usize::from(forget);
+            !forget
+        })
+        .map_err(backend)?;
+    Ok(forgotten)
+}
+
+/// Commits `txn` when it changed something; else aborts it (no flush for
+/// a call that only read).
+fn finish(txn: WriteTransaction, changed: bool) -> Result<(), StorageError> {
+    match changed {
+        true => txn.commit().map_err(backend),
+        false => txn.abort().map_err(backend),
     }
 }
 

@@ -3,8 +3,11 @@
 
 use std::sync::Arc;
 
-use super::{failed, Postgres};
+use std::collections::HashSet;
+
+use super::{failed, to_db, Postgres};
 use crate::domain::{AgentName, AgentRecord};
+use crate::storage::gates::{firsts, NonceSpend, Nonces};
 use crate::storage::stored::StoredAgent;
 use crate::storage::{backend, AgentStore, StorageError};
 
@@ -104,5 +107,55 @@ impl AgentStore for PostgresAgentStore {
             Ok(removed)
         })?;
         Ok(removed > 0)
+    }
+}
+
+/// A spend is one upsert that takes a nonce only where its row is absent
+/// or expired (the server decides on the row it locked).
+impl Nonces for PostgresAgentStore {
+    fn spend(&self, spends: &[NonceSpend], now: u64) -> Result<Vec<bool>, StorageError> {
+        let firsts = firsts(spends, |s| (&s.scope, &s.nonce));
+        // In key order: spenders of the same nonces lock them in one order.
+        let mut lead: Vec<&NonceSpend> = spends
+            .iter()
+            .zip(&firsts)
+            .filter_map(|(spend, first)| first.then_some(spend))
+            .collect();
+        lead.sort_by(|a, b| (&a.scope, &a.nonce).cmp(&(&b.scope, &b.nonce)));
+        let scopes: Vec<&str> = lead.iter().map(|s| s.scope.as_str()).collect();
+        let nonces: Vec<&str> = lead.iter().map(|s| s.nonce.as_str()).collect();
+        let expiries: Vec<i64> = lead.iter().map(|s| to_db(s.expires_at)).collect();
+        let spent: HashSet<(String, String)> = self.db.run(async {
+            let mut client = self.db.client().await?;
+            let txn = self.db.begin(&mut client).await?;
+            let spend = txn
+                .prepare_cached(
+                    "INSERT INTO spent_nonces AS n (scope, nonce, expires_at)
+                     SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[])
+                     ON CONFLICT (scope, nonce) DO UPDATE SET expires_at = EXCLUDED.expires_at
+                     WHERE n.expires_at <= $4
+                     RETURNING scope, nonce",
+                )
+                .await
+                .map_err(backend)?;
+            let rows = txn
+                .query(&spend, &[&scopes, &nonces, &expiries, &to_db(now)])
+                .await
+                .map_err(backend)?;
+            txn.commit().await.map_err(backend)?;
+            Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+        })?;
+        let spent = spends.iter().zip(firsts).map(|(spend, first)| {
+            first && spent.contains(&(spend.scope.clone(), spend.nonce.clone()))
+        });
+        Ok(spent.collect())
+    }
+
+    fn forget_spent(&self, now: u64) -> Result<usize, StorageError> {
+        self.db.delete_in_slices(
+            "DELETE FROM spent_nonces WHERE (scope, nonce) IN (
+                 SELECT scope, nonce FROM spent_nonces WHERE expires_at <= $1 LIMIT $2)",
+            now,
+        )
     }
 }

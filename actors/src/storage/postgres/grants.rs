@@ -1,14 +1,16 @@
 //! Grants and idempotency records ([`GrantStore`]) in PostgreSQL: one row
 //! per grant, one per idempotency slot (its answer sealed, as on redb),
-//! each commit one transaction of three set-wise statements.
+//! each commit one transaction of three set-wise statements. A slot
+//! claimed and running ([`IdempotencySlots`]) is the same row without an
+//! answer yet, expiring at its claim's `until`.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use std::collections::BTreeMap;
-
-use super::{to_db, Postgres};
+use super::{from_db, to_db, Postgres};
 use crate::domain::{now_unix, CompletedMint, Grant};
 use crate::sealing::Sealer;
+use crate::storage::gates::{firsts, slot_state, HeldSlot, IdempotencySlots, SlotClaim, SlotState};
 use crate::storage::stored::{parsed_grant, StoredCompleted};
 use crate::storage::{backend, GrantChanges, GrantStore, StorageError};
 
@@ -35,7 +37,8 @@ impl GrantStore for PostgresGrantStore {
                 .map_err(backend)?;
             let slots = client
                 .query(
-                    "SELECT slot, completed FROM idempotency WHERE expires_at > $1",
+                    "SELECT slot, completed FROM idempotency
+                     WHERE expires_at > $1 AND completed IS NOT NULL",
                     &[&now],
                 )
                 .await
@@ -60,31 +63,14 @@ impl GrantStore for PostgresGrantStore {
         Ok((grants, completed))
     }
 
-    /// A slice at a time, each its own call: however many records piled
-    /// up, no call outlasts the call timeout.
     fn forget_expired(&self, now: u64) -> Result<usize, StorageError> {
-        const SLICE: i64 = 5_000;
-        let mut forgotten = 0;
-        loop {
-            let slice = self.db.run(async {
-                let mut client = self.db.client().await?;
-                let txn = self.db.begin(&mut client).await?;
-                let slice = txn
-                    .execute(
-                        "DELETE FROM idempotency WHERE slot IN (
-                             SELECT slot FROM idempotency WHERE expires_at <= $1 LIMIT $2)",
-                        &[&to_db(now), &SLICE],
-                    )
-                    .await
-                    .map_err(backend)?;
-                txn.commit().await.map_err(backend)?;
-                Ok(slice)
-            })?;
-            forgotten += usize::try_from(slice).unwrap_or(usize::MAX);
-            if slice < SLICE.unsigned_abs() {
-                return Ok(forgotten);
-            }
-        }
+        // Answers and lapsed claims alike: a claim's row expires at its
+        // `until`.
+        self.db.delete_in_slices(
+            "DELETE FROM idempotency WHERE slot IN (
+                 SELECT slot FROM idempotency WHERE expires_at <= $1 LIMIT $2)",
+            now,
+        )
     }
 
     fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError> {
@@ -152,6 +138,124 @@ impl GrantStore for PostgresGrantStore {
                 .await
                 .map_err(backend)?;
             }
+            txn.commit().await.map_err(backend)
+        })
+    }
+}
+
+/// A claim is one upsert that takes a slot only where its row is absent or
+/// expired (the server decides on the row it locked); the slots it did not
+/// take are read back to say why.
+impl IdempotencySlots for PostgresGrantStore {
+    fn claim(&self, claims: &[SlotClaim], now: u64) -> Result<Vec<SlotState>, StorageError> {
+        let firsts = firsts(claims, |c| &c.slot);
+        // In slot order: brokers claiming the same slots lock them in the
+        // same order, so never wait on each other in a circle.
+        let mut lead: Vec<&SlotClaim> = claims
+            .iter()
+            .zip(&firsts)
+            .filter_map(|(claim, first)| first.then_some(claim))
+            .collect();
+        lead.sort_by(|a, b| a.slot.cmp(&b.slot));
+        let slots: Vec<&str> = lead.iter().map(|c| c.slot.as_str()).collect();
+        let fingerprints: Vec<&str> = lead.iter().map(|c| c.fingerprint.as_str()).collect();
+        let claim_ids: Vec<&str> = lead.iter().map(|c| c.claim_id.as_str()).collect();
+        let untils: Vec<i64> = lead.iter().map(|c| to_db(c.until)).collect();
+        let (claimed, others) = self.db.run(async {
+            let mut client = self.db.client().await?;
+            let txn = self.db.begin(&mut client).await?;
+            let claim = txn
+                .prepare_cached(
+                    "INSERT INTO idempotency AS i (slot, completed, expires_at, fingerprint, claim_id)
+                     SELECT slot, NULL, until, fingerprint, claim_id
+                     FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[])
+                         AS c(slot, fingerprint, claim_id, until)
+                     ON CONFLICT (slot) DO UPDATE
+                     SET completed = NULL, expires_at = EXCLUDED.expires_at,
+                         fingerprint = EXCLUDED.fingerprint, claim_id = EXCLUDED.claim_id
+                     WHERE i.expires_at <= $5
+                     RETURNING slot",
+                )
+                .await
+                .map_err(backend)?;
+            let claimed: HashSet<String> = txn
+                .query(&claim, &[&slots, &fingerprints, &claim_ids, &untils, &to_db(now)])
+                .await
+                .map_err(backend)?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let others: Vec<&str> = slots
+                .iter()
+                .copied()
+                .filter(|slot| !claimed.contains(*slot))
+                .collect();
+            let others = match others.is_empty() {
+                true => Vec::new(),
+                false => txn
+                    .query(
+                        "SELECT slot, completed, fingerprint, expires_at FROM idempotency
+                         WHERE slot = ANY($1::TEXT[])",
+                        &[&others],
+                    )
+                    .await
+                    .map_err(backend)?,
+            };
+            txn.commit().await.map_err(backend)?;
+            Ok((claimed, others))
+        })?;
+        let mut held = HashMap::new();
+        for row in others {
+            let slot: String = row.get(0);
+            let answer: Option<serde_json::Value> = row.get(1);
+            let slot_held = match answer {
+                Some(answer) => {
+                    let stored: StoredCompleted =
+                        serde_json::from_value(answer).map_err(backend)?;
+                    HeldSlot::Done(stored.open(&slot, &self.sealer)?)
+                }
+                None => HeldSlot::InFlight {
+                    fingerprint: row.get::<_, Option<String>>(2).unwrap_or_default(),
+                    until: from_db(row.get(3)),
+                },
+            };
+            held.insert(slot, slot_held);
+        }
+        for claim in lead.iter().filter(|c| claimed.contains(&c.slot)) {
+            let running = HeldSlot::InFlight {
+                fingerprint: claim.fingerprint.clone(),
+                until: claim.until,
+            };
+            held.insert(claim.slot.clone(), running);
+        }
+        // A slot that was busy when claimed but is no longer by the time
+        // it was read (freed, lapsed) is still answered in flight: retry.
+        let states = claims.iter().zip(firsts).map(|(claim, first)| {
+            match first && claimed.contains(&claim.slot) {
+                true => SlotState::Claimed,
+                false => {
+                    slot_state(held.get(&claim.slot), claim, now).unwrap_or(SlotState::InFlight)
+                }
+            }
+        });
+        Ok(states.collect())
+    }
+
+    fn free(&self, claims: &[(String, String)]) -> Result<(), StorageError> {
+        let (slots, claim_ids): (Vec<&str>, Vec<&str>) = claims
+            .iter()
+            .map(|(slot, claim_id)| (slot.as_str(), claim_id.as_str()))
+            .unzip();
+        self.db.run(async {
+            let mut client = self.db.client().await?;
+            let txn = self.db.begin(&mut client).await?;
+            txn.execute(
+                "DELETE FROM idempotency WHERE completed IS NULL
+                 AND (slot, claim_id) IN (SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[]))",
+                &[&slots, &claim_ids],
+            )
+            .await
+            .map_err(backend)?;
             txn.commit().await.map_err(backend)
         })
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::{failed, from_db, to_db, Postgres};
 use crate::domain::{AuditRecord, ChainHead};
+use crate::storage::gates::{take_in_order, GrantUses, UseTake, UseTaken};
 use crate::storage::{backend, follows, page, AuditLedger, StorageError, UseDelta};
 
 /// Set in `audit_meta` once the grant store's counts were folded in.
@@ -27,6 +28,37 @@ impl PostgresLedger {
 }
 
 const HEAD: &str = "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1";
+
+/// Adds `deltas[i]` to grant `ids[i]`'s uses, never below 0.
+async fn change_uses(
+    txn: &deadpool_postgres::Transaction<'_>,
+    ids: &[&str],
+    deltas: &[i64],
+) -> Result<(), StorageError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    // Summed per grant first (a row changes once per statement), and in
+    // id order (writers lock rows in one order, never in a circle).
+    let change = txn
+        .prepare_cached(
+            "WITH u AS (
+                 SELECT id, SUM(delta)::BIGINT AS delta
+                 FROM UNNEST($1::TEXT[], $2::BIGINT[]) AS t(id, delta) GROUP BY id
+             )
+             INSERT INTO audit_grant_uses AS g (grant_id, uses)
+             SELECT id, GREATEST(delta, 0) FROM u ORDER BY id
+             ON CONFLICT (grant_id) DO UPDATE
+             SET uses = GREATEST(g.uses + (
+                 SELECT delta FROM u WHERE u.id = EXCLUDED.grant_id), 0)",
+        )
+        .await
+        .map_err(backend)?;
+    txn.execute(&change, &[&ids, &deltas])
+        .await
+        .map_err(backend)?;
+    Ok(())
+}
 
 impl AuditLedger for PostgresLedger {
     fn head(&self) -> Result<ChainHead, StorageError> {
@@ -77,23 +109,7 @@ impl AuditLedger for PostgresLedger {
             txn.execute(&insert.await.map_err(backend)?, &[&seqs, &hashes, &records])
                 .await
                 .map_err(failed)?;
-            if !ids.is_empty() {
-                // Summed per grant first: a row changes once per statement.
-                let change = prepared(
-                    "WITH u AS (
-                         SELECT id, SUM(delta)::BIGINT AS delta
-                         FROM UNNEST($1::TEXT[], $2::BIGINT[]) AS t(id, delta) GROUP BY id
-                     )
-                     INSERT INTO audit_grant_uses AS g (grant_id, uses)
-                     SELECT id, GREATEST(delta, 0) FROM u
-                     ON CONFLICT (grant_id) DO UPDATE
-                     SET uses = GREATEST(g.uses + (
-                         SELECT delta FROM u WHERE u.id = EXCLUDED.grant_id), 0)",
-                );
-                txn.execute(&change.await.map_err(backend)?, &[&ids, &deltas])
-                    .await
-                    .map_err(backend)?;
-            }
+            change_uses(&txn, &ids, &deltas).await?;
             txn.commit().await.map_err(failed)
         })
     }
@@ -177,5 +193,64 @@ impl AuditLedger for PostgresLedger {
             .iter()
             .map(|row| serde_json::from_slice(row.get(0)).map_err(backend));
         page(scanned, after, limit, keep)
+    }
+}
+
+/// A take locks the rows of the grants it names (made at 0 if absent, in
+/// id order) and decides on the counts it locked: brokers taking at once
+/// wait for each other, never decide on the same count.
+impl GrantUses for PostgresLedger {
+    fn take(&self, takes: &[UseTake]) -> Result<Vec<UseTaken>, StorageError> {
+        let mut ids: Vec<&str> = takes.iter().map(|t| t.grant_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let taken = self.db.run(async {
+            let mut client = self.db.client().await?;
+            let txn = self.db.begin(&mut client).await?;
+            let (make, lock) = tokio::try_join!(
+                txn.prepare_cached(
+                    "INSERT INTO audit_grant_uses (grant_id, uses)
+                     SELECT id, 0 FROM UNNEST($1::TEXT[]) AS t(id) ORDER BY id
+                     ON CONFLICT (grant_id) DO NOTHING",
+                ),
+                txn.prepare_cached(
+                    "SELECT grant_id, uses FROM audit_grant_uses
+                     WHERE grant_id = ANY($1::TEXT[]) ORDER BY grant_id FOR UPDATE",
+                ),
+            )
+            .map_err(backend)?;
+            txn.execute(&make, &[&ids]).await.map_err(backend)?;
+            let rows = txn.query(&lock, &[&ids]).await.map_err(backend)?;
+            let mut held: HashMap<String, u64> = rows
+                .iter()
+                .map(|row| (row.get(0), from_db(row.get(1))))
+                .collect();
+            let taken = take_in_order(takes, &mut held);
+            let (ids, uses): (Vec<&str>, Vec<i64>) = held
+                .iter()
+                .map(|(id, uses)| (id.as_str(), to_db(*uses)))
+                .unzip();
+            txn.execute(
+                "UPDATE audit_grant_uses AS g SET uses = u.uses
+                 FROM UNNEST($1::TEXT[], $2::BIGINT[]) AS u(id, uses) WHERE g.grant_id = u.id",
+                &[&ids, &uses],
+            )
+            .await
+            .map_err(backend)?;
+            txn.commit().await.map_err(backend)?;
+            Ok(taken)
+        })?;
+        Ok(taken)
+    }
+
+    fn give_back(&self, grant_ids: &[String]) -> Result<(), StorageError> {
+        let ids: Vec<&str> = grant_ids.iter().map(String::as_str).collect();
+        let deltas = vec![-1; ids.len()];
+        self.db.run(async {
+            let mut client = self.db.client().await?;
+            let txn = self.db.begin(&mut client).await?;
+            change_uses(&txn, &ids, &deltas).await?;
+            txn.commit().await.map_err(backend)
+        })
     }
 }

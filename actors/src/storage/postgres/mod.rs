@@ -1,8 +1,9 @@
 //! PostgreSQL, the backend brokers share (feature `postgres`): the same
-//! contract as redb ([`super`]), for the audit ledger ([`ledger`]), the
-//! agent registry ([`agents`]), grants with their idempotency records
-//! ([`grants`]) and the key ring ([`key_ring`]). Each call or batch is
-//! one transaction on a pooled connection.
+//! contract as redb ([`super`]), for the audit ledger ([`ledger`], with
+//! the grant uses it counts), the agent registry ([`agents`], with spent
+//! nonces), grants with their idempotency records and claims ([`grants`])
+//! and the key ring ([`key_ring`]). Each call or batch is one transaction
+//! on a pooled connection.
 //!
 //! tokio-postgres is asynchronous and the stores' callers are not (actors'
 //! blocking commit threads, start-up, the CLI): the pool runs on a small
@@ -267,6 +268,31 @@ impl Postgres {
 
     /// A live connection from the pool (made anew if none is free and
     /// the pool is not full).
+    /// Runs `delete` (`$1`: now, `$2`: at most how many rows) until it
+    /// deletes fewer than a slice, each slice its own fenced transaction
+    /// and call: however many rows piled up, no call outlasts the call
+    /// timeout. How many rows went.
+    pub(crate) fn delete_in_slices(&self, delete: &str, now: u64) -> Result<usize, StorageError> {
+        const SLICE: i64 = 5_000;
+        let mut deleted = 0;
+        loop {
+            let slice = self.run(async {
+                let mut client = self.client().await?;
+                let txn = self.begin(&mut client).await?;
+                let slice = txn
+                    .execute(delete, &[&to_db(now), &SLICE])
+                    .await
+                    .map_err(backend)?;
+                txn.commit().await.map_err(backend)?;
+                Ok(slice)
+            })?;
+            deleted += usize::try_from(slice).unwrap_or(usize::MAX);
+            if slice < SLICE.unsigned_abs() {
+                return Ok(deleted);
+            }
+        }
+    }
+
     pub(crate) async fn client(&self) -> Result<Object, StorageError> {
         self.pool.get().await.map_err(|e| match e {
             deadpool_postgres::PoolError::Backend(e) => backend(e),
@@ -446,6 +472,21 @@ const MIGRATIONS: &[(i32, &str)] = &[
              saved_at TIMESTAMPTZ NOT NULL DEFAULT now()
          );
          ALTER TABLE broker_writer ADD COLUMN token TEXT NOT NULL DEFAULT '';",
+    ),
+    (
+        5,
+        // A slot claimed and running holds no answer yet: its claim is the
+        // row, until `expires_at` ([`crate::storage::gates`]).
+        "ALTER TABLE idempotency ALTER COLUMN completed DROP NOT NULL,
+             ADD COLUMN fingerprint TEXT,
+             ADD COLUMN claim_id TEXT;
+         CREATE TABLE spent_nonces (
+             scope TEXT NOT NULL,
+             nonce TEXT NOT NULL,
+             expires_at BIGINT NOT NULL,
+             PRIMARY KEY (scope, nonce)
+         );
+         CREATE INDEX spent_nonces_expires_at ON spent_nonces (expires_at);",
     ),
 ];
 
