@@ -22,16 +22,18 @@ use crate::store_contract::sealer;
 
 const STORMERS: usize = 8;
 
-/// Runs `ask(i)` on `STORMERS` threads released at once; their answers.
-fn storm<T: Send>(ask: impl Fn(usize) -> T + Sync) -> Vec<T> {
+/// Runs `ask(i, store)` on `STORMERS` threads released at once, each
+/// with a store `open` opened before the start; their answers.
+fn storm<S, T: Send>(open: impl Fn() -> S + Sync, ask: impl Fn(usize, S) -> T + Sync) -> Vec<T> {
     let start = Barrier::new(STORMERS);
     std::thread::scope(|threads| {
         let running: Vec<_> = (0..STORMERS)
             .map(|i| {
-                let (start, ask) = (&start, &ask);
+                let (start, open, ask) = (&start, &open, &ask);
                 threads.spawn(move || {
+                    let store = open();
                     start.wait();
-                    ask(i)
+                    ask(i, store)
                 })
             })
             .collect();
@@ -95,8 +97,7 @@ fn grant_use_contract(open: OpenUses) {
 /// count handed out once.
 fn grant_use_storm(open: OpenUses) {
     open().1.fold_grant_uses(&[]).unwrap();
-    let answers = storm(|_| {
-        let (uses, _) = open();
+    let answers = storm(open, |_, (uses, _)| {
         let mut taken = Vec::new();
         for _ in 0..40 {
             let batch = uses.take(&vec![take("storm", Some(100)); 5]).unwrap();
@@ -179,7 +180,7 @@ fn idempotency_contract(open: OpenSlots) {
         [Conflict]
     );
     let (_, answers) = store.load().unwrap();
-    assert_eq!(answers, vec![("a".to_owned(), mint)]);
+    assert_eq!(answers, vec![("a".to_owned(), mint.clone())]);
     assert_eq!(
         store.forget_expired(now + 10).unwrap(),
         1,
@@ -191,35 +192,104 @@ fn idempotency_contract(open: OpenSlots) {
     );
     let lapsed = [claim("a", "f", "c11", now + 160)];
     assert_eq!(states_of(&*slots, &lapsed, now + 100), [Claimed]);
+
+    // A commit forgets only what expired: a slot claimed since is kept.
+    assert_eq!(
+        states_of(&*slots, &[claim("k", "f", "c14", now + 60)], now),
+        [Claimed]
+    );
+    let forget = GrantChanges {
+        forgotten: vec!["k".into()],
+        ..GrantChanges::default()
+    };
+    store.commit(&forget).unwrap();
+    assert_eq!(
+        states_of(&*slots, &[claim("k", "f", "c15", now + 60)], now),
+        [InFlight]
+    );
+    // An answer ends its claim, even one that would outlive the answer.
+    assert_eq!(
+        states_of(&*slots, &[claim("e", "f", "c16", now + 900)], now),
+        [Claimed]
+    );
+    let answer = |expires_at| CompletedMint {
+        expires_at,
+        ..mint.clone()
+    };
+    let answered = GrantChanges {
+        completed: vec![("e".into(), answer(now + 50))],
+        ..GrantChanges::default()
+    };
+    store.commit(&answered).unwrap();
+    assert_eq!(
+        states_of(&*slots, &[claim("e", "g", "c17", now + 90)], now + 60),
+        [Claimed]
+    );
+    // A claim that would lapse at once is refused, and claims nothing.
+    let refused = slots.claim(&[claim("n", "f", "c18", now)], now);
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(
+        states_of(&*slots, &[claim("n", "f", "c19", now + 60)], now),
+        [Claimed]
+    );
+    // An answer that does not open (another sealing key) is never
+    // replayed, nor does it fail the batch: its slot is taken.
+    let sealed_by_one = GrantChanges {
+        completed: vec![("u".into(), answer(now + 50))],
+        ..GrantChanges::default()
+    };
+    store.commit(&sealed_by_one).unwrap();
+    drop((slots, store));
+    let (other_key, _) = open(sealer(2));
+    let asked = [
+        claim("u", "f", "c20", now + 60),
+        claim("m", "f", "c21", now + 60),
+    ];
+    assert_eq!(states_of(&*other_key, &asked, now), [Conflict, Claimed]);
 }
 
 fn states_of(slots: &dyn IdempotencySlots, claims: &[SlotClaim], at: u64) -> Vec<SlotState> {
     slots.claim(claims, at).unwrap()
 }
 
-/// A storm of claims on the same slots: each claimed once; freed, once
-/// again.
+/// A storm of claims on the same slots, whose earlier claims lapsed (the
+/// rows exist: claims renew them), with lapsed claims forgotten alongside:
+/// each claimed once; freed, once again.
 fn idempotency_storm(open: OpenSlots) {
-    let until = now_unix() + 60;
+    let now = now_unix();
+    let lapsing: Vec<SlotClaim> = ["x", "y", "z"]
+        .iter()
+        .map(|slot| claim(slot, "f", "before", now + 1))
+        .collect();
+    open(sealer(1)).0.claim(&lapsing, now).unwrap();
+    let (at, until) = (now + 5, now + 60);
     let round = |round: usize| {
-        let answers = storm(|i| {
-            let (slots, _) = open(sealer(1));
-            let mut won = Vec::new();
-            for n in 0..10 {
-                let batch: Vec<SlotClaim> = ["x", "y", "z"]
-                    .iter()
-                    .map(|slot| claim(slot, "f", &format!("{round}-{i}-{n}-{slot}"), until))
-                    .collect();
-                let states = slots.claim(&batch, now_unix()).unwrap();
-                for (claim, state) in batch.into_iter().zip(states) {
-                    assert_ne!(state, SlotState::Conflict, "same request");
-                    if state == SlotState::Claimed {
-                        won.push((claim.slot, claim.claim_id));
+        let answers = storm(
+            || open(sealer(1)),
+            |i, (slots, store)| {
+                let mut won = Vec::new();
+                if i == 0 {
+                    for _ in 0..10 {
+                        store.forget_expired(at).unwrap();
+                    }
+                    return won;
+                }
+                for n in 0..10 {
+                    let batch: Vec<SlotClaim> = ["x", "y", "z"]
+                        .iter()
+                        .map(|slot| claim(slot, "f", &format!("{round}-{i}-{n}-{slot}"), until))
+                        .collect();
+                    let states = slots.claim(&batch, at).unwrap();
+                    for (claim, state) in batch.into_iter().zip(states) {
+                        assert_ne!(state, SlotState::Conflict, "same request");
+                        if state == SlotState::Claimed {
+                            won.push((claim.slot, claim.claim_id));
+                        }
                     }
                 }
-            }
-            won
-        });
+                won
+            },
+        );
         let mut won: Vec<(String, String)> = answers.into_iter().flatten().collect();
         won.sort();
         let slots: Vec<&str> = won.iter().map(|(slot, _)| slot.as_str()).collect();
@@ -269,19 +339,30 @@ fn nonce_contract(open: OpenNonces) {
     assert_eq!(kept, [false]);
 }
 
-/// A storm of spends of the same nonces, in different orders: each spent
-/// once.
+/// A storm of spends of the same nonces, in different orders, whose
+/// earlier spends expired (the rows exist: spends renew them), with
+/// expired spends forgotten alongside: each spent once.
 fn nonce_storm(open: OpenNonces) {
-    let later = now_unix() + 60;
-    let answers = storm(|i| {
-        let nonces = open();
+    let now = now_unix();
+    let expiring: Vec<NonceSpend> = (0..50)
+        .map(|n| spend("storm", &n.to_string(), now + 1))
+        .collect();
+    open().spend(&expiring, now).unwrap();
+    let (at, later) = (now + 5, now + 60);
+    let answers = storm(open, |i, nonces| {
         let mut won = Vec::new();
+        if i == 0 {
+            for _ in 0..10 {
+                nonces.forget_spent(at).unwrap();
+            }
+            return won;
+        }
         for chunk in 0..5 {
             let batch: Vec<NonceSpend> = (0..10)
                 .map(|n| (chunk * 10 + (n + i) % 10).to_string())
                 .map(|nonce| spend("storm", &nonce, later))
                 .collect();
-            let spent = nonces.spend(&batch, now_unix()).unwrap();
+            let spent = nonces.spend(&batch, at).unwrap();
             let firsts = batch.into_iter().zip(spent).filter(|(_, spent)| *spent);
             won.extend(firsts.map(|(s, _)| s.nonce));
         }
@@ -340,9 +421,14 @@ mod postgres {
     use agentkeys_actors::storage::postgres::ledger::PostgresLedger;
     use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings, Schema};
 
-    /// The schema on a pool of its own (as another broker has).
+    /// The schema on a pool of its own (as another broker has), patient:
+    /// storms wait on each other's locks, beside every other test.
     fn database(url: &str, schema: &str) -> Arc<Postgres> {
-        let settings = PostgresSettings::new(url).in_schema(schema);
+        let settings = PostgresSettings {
+            connect_timeout: std::time::Duration::from_secs(5),
+            call_timeout: std::time::Duration::from_secs(5),
+            ..PostgresSettings::new(url).in_schema(schema)
+        };
         Postgres::open(&settings, Schema::Migrate).unwrap()
     }
 
@@ -373,5 +459,42 @@ mod postgres {
         let nonces = || Arc::new(PostgresAgentStore::new(database(&url, &schema))) as _;
         nonce_contract(&nonces);
         nonce_storm(&nonces);
+    }
+
+    /// A purge that finds a lapsed slot or spend which another broker is
+    /// renewing (its transaction still open) leaves it: deleting it once
+    /// renewed would let the slot be claimed, or the nonce spent, twice.
+    #[test]
+    fn a_purge_never_forgets_what_another_is_renewing() {
+        let Some(url) = url("PostgreSQL purge against a renewal") else {
+            return;
+        };
+        let schema = fresh_schema();
+        let store = PostgresGrantStore::new(database(&url, &schema), sealer(1));
+        let nonces = PostgresAgentStore::new(database(&url, &schema));
+        let (now, at, later) = (now_unix(), now_unix() + 5, now_unix() + 60);
+        store
+            .claim(&[claim("x", "f", "old", now + 1)], now)
+            .unwrap();
+        nonces.spend(&[spend("p", "n", now + 1)], now).unwrap();
+        let renew = format!(
+            "BEGIN;
+             UPDATE \"{schema}\".idempotency SET expires_at = {later}, claim_id = 'new';
+             UPDATE \"{schema}\".spent_nonces SET expires_at = {later};
+             SELECT pg_sleep(0.5);
+             COMMIT;"
+        );
+        let renewing = {
+            let url = url.clone();
+            std::thread::spawn(move || crate::helpers::psql(&url, &renew))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(store.forget_expired(at).unwrap(), 0);
+        assert_eq!(nonces.forget_spent(at).unwrap(), 0);
+        renewing.join().unwrap();
+        let claimed = store.claim(&[claim("x", "f", "c", later)], at).unwrap();
+        assert_eq!(claimed, [SlotState::InFlight], "the renewed claim holds");
+        let spent = nonces.spend(&[spend("p", "n", later)], at).unwrap();
+        assert_eq!(spent, [false], "the renewed spend holds");
     }
 }

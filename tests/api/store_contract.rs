@@ -123,7 +123,7 @@ fn grant_contract(open: &dyn Fn(Sealer) -> Arc<dyn GrantStore>) {
                 completed: vec![
                     ("slot-1".into(), completed("ONE-JWT", later)),
                     ("slot-old".into(), completed("OLD-JWT", 1)),
-                    ("slot-gone".into(), completed("GONE-JWT", later)),
+                    ("slot-gone".into(), completed("GONE-JWT", 2)),
                 ],
                 forgotten: Vec::new(),
             })
@@ -137,7 +137,8 @@ fn grant_contract(open: &dyn Fn(Sealer) -> Arc<dyn GrantStore>) {
                     ("slot-2".into(), completed("FIRST", later)),
                     ("slot-2".into(), completed("TWO-JWT", later)),
                 ],
-                forgotten: vec!["slot-gone".into(), "never-there".into()],
+                // Forgotten only once expired: slot-1 lives on.
+                forgotten: vec!["slot-gone".into(), "never-there".into(), "slot-1".into()],
             })
             .unwrap();
         let revoked = Grant {

@@ -89,18 +89,60 @@ pub enum SlotState {
 /// What a slot holds, as the store read it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HeldSlot {
-    InFlight { fingerprint: String, until: u64 },
+    InFlight {
+        fingerprint: String,
+        until: u64,
+    },
     Done(CompletedMint),
+    /// An answer that does not open (another sealing key, a damaged
+    /// record): it cannot be replayed, and holds its slot until it expires.
+    Unreadable {
+        expires_at: u64,
+    },
+}
+
+impl HeldSlot {
+    /// A stored answer, expiring at `expires_at`, as `open` reads it; one
+    /// that does not open is logged and held as [`Self::Unreadable`] (it
+    /// must not fail every claim of the batch).
+    pub fn answer(
+        slot: &str,
+        expires_at: u64,
+        open: impl FnOnce() -> Result<CompletedMint, StorageError>,
+    ) -> Self {
+        match open() {
+            Ok(mint) => Self::Done(mint),
+            Err(e) => {
+                tracing::warn!(error = %e, slot, "a stored replay answer does not open");
+                Self::Unreadable { expires_at }
+            }
+        }
+    }
+}
+
+/// Refuses a batch with a claim that would lapse the moment it is made
+/// (`until` not after `now`): it would be claimed for nobody.
+pub fn holding_past(claims: &[SlotClaim], now: u64) -> Result<(), StorageError> {
+    match claims.iter().find(|claim| claim.until <= now) {
+        Some(claim) => Err(super::backend(format!(
+            "a claim of slot {} until {} is not after now ({now})",
+            claim.slot, claim.until
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Idempotency slots claimed in the store. A finished request's answer is
 /// written by [`super::GrantStore::commit`] (`completed`), which ends its
-/// claim; [`super::GrantStore::load`] never returns a claim, and
-/// [`super::GrantStore::forget_expired`] forgets lapsed ones too.
+/// claim, and which forgets a slot only once it expired (never one
+/// claimed or answered since); [`super::GrantStore::load`] never returns
+/// a claim, and [`super::GrantStore::forget_expired`] forgets lapsed ones
+/// too.
 pub trait IdempotencySlots: Send + Sync + 'static {
     /// Claims each slot for its request, in order, at `now`, in one
     /// transaction: a slot is claimed only when it holds nothing live (no
-    /// unexpired answer, no claim before its `until`).
+    /// unexpired answer, no claim before its `until`). Every `until` must
+    /// be after `now` ([`holding_past`]).
     fn claim(&self, claims: &[SlotClaim], now: u64) -> Result<Vec<SlotState>, StorageError>;
     /// Frees each `(slot, claim_id)` still claimed by that claim (its mint
     /// failed: a retry may run); a slot completed or claimed by another
@@ -123,6 +165,7 @@ pub fn slot_state(held: Option<&HeldSlot>, claim: &SlotClaim, now: u64) -> Optio
                 false => SlotState::Conflict,
             })
         }
+        HeldSlot::Unreadable { expires_at } if *expires_at > now => Some(SlotState::Conflict),
         _ => None,
     }
 }

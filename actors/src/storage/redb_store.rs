@@ -8,7 +8,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, Wr
 use serde::de::DeserializeOwned;
 
 use super::gates::{
-    firsts, slot_state, HeldSlot, IdempotencySlots, NonceSpend, Nonces, SlotClaim, SlotState,
+    firsts, holding_past, slot_state, HeldSlot, IdempotencySlots, NonceSpend, Nonces, SlotClaim,
+    SlotState,
 };
 use super::stored::{parsed_grant, StoredAgent, StoredCompleted};
 use super::{backend, AgentStore, GrantChanges, GrantStore, StorageError};
@@ -351,8 +352,25 @@ impl GrantStore for RedbGrantStore {
                     .insert(slot.as_str(), bytes.as_slice())
                     .map_err(backend)?;
             }
+            // Only what expired (as on every backend: a slot answered
+            // since is not this commit's to forget).
+            let now = now_unix();
             for slot in &changes.forgotten {
-                completed.remove(slot.as_str()).map_err(backend)?;
+                let answer = completed.get(slot.as_str()).map_err(backend)?;
+                let expired = answer.is_some_and(|answer| {
+                    serde_json::from_slice::<StoredCompleted>(answer.value())
+                        .is_ok_and(|stored| stored.expires_at <= now)
+                });
+                if expired {
+                    completed.remove(slot.as_str()).map_err(backend)?;
+                }
+            }
+            // An answer ends its slot's claim.
+            if !changes.completed.is_empty() {
+                let mut running = txn.open_table(CLAIMS).map_err(backend)?;
+                for (slot, _) in &changes.completed {
+                    running.remove(slot.as_str()).map_err(backend)?;
+                }
             }
         }
         txn.commit().map_err(backend)?;
@@ -369,6 +387,7 @@ impl GrantStore for RedbGrantStore {
 /// time, so none decides on a slot another is changing.
 impl IdempotencySlots for RedbGrantStore {
     fn claim(&self, claims: &[SlotClaim], now: u64) -> Result<Vec<SlotState>, StorageError> {
+        holding_past(claims, now)?;
         let txn = self.db.begin_write().map_err(backend)?;
         let mut states = Vec::with_capacity(claims.len());
         {
@@ -425,7 +444,9 @@ impl RedbGrantStore {
         if let Some(value) = completed.get(slot).map_err(backend)? {
             let stored: StoredCompleted = serde_json::from_slice(value.value()).map_err(backend)?;
             if stored.expires_at > now {
-                return Ok(Some(HeldSlot::Done(stored.open(slot, &self.sealer)?)));
+                let expires_at = stored.expires_at;
+                let open = || stored.open(slot, &self.sealer);
+                return Ok(Some(HeldSlot::answer(slot, expires_at, open)));
             }
         }
         Ok(
@@ -470,7 +491,7 @@ fn forget_where<T: DeserializeOwned>(
 
 /// Commits `txn` when it changed something; else aborts it (no flush for
 /// a call that only read).
-fn finish(txn: WriteTransaction, changed: bool) -> Result<(), StorageError> {
+pub(crate) fn finish(txn: WriteTransaction, changed: bool) -> Result<(), StorageError> {
     match changed {
         true => txn.commit().map_err(backend),
         false => txn.abort().map_err(backend),

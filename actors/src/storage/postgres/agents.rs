@@ -153,8 +153,9 @@ impl Nonces for PostgresAgentStore {
 
     fn forget_spent(&self, now: u64) -> Result<usize, StorageError> {
         self.db.delete_in_slices(
-            "DELETE FROM spent_nonces WHERE (scope, nonce) IN (
-                 SELECT scope, nonce FROM spent_nonces WHERE expires_at <= $1 LIMIT $2)",
+            "DELETE FROM spent_nonces WHERE expires_at <= $1 AND (scope, nonce) IN (
+                 SELECT scope, nonce FROM spent_nonces WHERE expires_at <= $1 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)",
             now,
         )
     }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use super::{from_db, to_db, Postgres};
 use crate::domain::{now_unix, CompletedMint, Grant};
 use crate::sealing::Sealer;
-use crate::storage::gates::{firsts, slot_state, HeldSlot, IdempotencySlots, SlotClaim, SlotState};
+use crate::storage::gates::{
+    firsts, holding_past, slot_state, HeldSlot, IdempotencySlots, SlotClaim, SlotState,
+};
 use crate::storage::stored::{parsed_grant, StoredCompleted};
 use crate::storage::{backend, GrantChanges, GrantStore, StorageError};
 
@@ -67,8 +69,9 @@ impl GrantStore for PostgresGrantStore {
         // Answers and lapsed claims alike: a claim's row expires at its
         // `until`.
         self.db.delete_in_slices(
-            "DELETE FROM idempotency WHERE slot IN (
-                 SELECT slot FROM idempotency WHERE expires_at <= $1 LIMIT $2)",
+            "DELETE FROM idempotency WHERE expires_at <= $1 AND slot IN (
+                 SELECT slot FROM idempotency WHERE expires_at <= $1 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)",
             now,
         )
     }
@@ -99,7 +102,8 @@ impl GrantStore for PostgresGrantStore {
             answers.push(serde_json::to_value(&stored).map_err(backend)?);
             expiries.push(to_db(mint.expires_at));
         }
-        let forgotten: Vec<&str> = changes.forgotten.iter().map(String::as_str).collect();
+        let mut forgotten: Vec<&str> = changes.forgotten.iter().map(String::as_str).collect();
+        forgotten.sort_unstable();
         self.db.run(async {
             let mut client = self.db.client().await?;
             let txn = self.db.begin(&mut client).await?;
@@ -131,9 +135,11 @@ impl GrantStore for PostgresGrantStore {
                     .map_err(backend)?;
             }
             if !forgotten.is_empty() {
+                // Only what expired: a slot claimed or answered since
+                // (by another broker) is not this commit's to forget.
                 txn.execute(
-                    "DELETE FROM idempotency WHERE slot = ANY($1::TEXT[])",
-                    &[&forgotten],
+                    "DELETE FROM idempotency WHERE slot = ANY($1::TEXT[]) AND expires_at <= $2",
+                    &[&forgotten, &to_db(now_unix())],
                 )
                 .await
                 .map_err(backend)?;
@@ -148,6 +154,7 @@ impl GrantStore for PostgresGrantStore {
 /// take are read back to say why.
 impl IdempotencySlots for PostgresGrantStore {
     fn claim(&self, claims: &[SlotClaim], now: u64) -> Result<Vec<SlotState>, StorageError> {
+        holding_past(claims, now)?;
         let firsts = firsts(claims, |c| &c.slot);
         // In slot order: brokers claiming the same slots lock them in the
         // same order, so never wait on each other in a circle.
@@ -209,11 +216,11 @@ impl IdempotencySlots for PostgresGrantStore {
             let slot: String = row.get(0);
             let answer: Option<serde_json::Value> = row.get(1);
             let slot_held = match answer {
-                Some(answer) => {
+                Some(answer) => HeldSlot::answer(&slot, from_db(row.get(3)), || {
                     let stored: StoredCompleted =
                         serde_json::from_value(answer).map_err(backend)?;
-                    HeldSlot::Done(stored.open(&slot, &self.sealer)?)
-                }
+                    stored.open(&slot, &self.sealer)
+                }),
                 None => HeldSlot::InFlight {
                     fingerprint: row.get::<_, Option<String>>(2).unwrap_or_default(),
                     until: from_db(row.get(3)),

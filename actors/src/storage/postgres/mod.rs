@@ -266,9 +266,9 @@ impl Postgres {
         Ok(txn)
     }
 
-    /// A live connection from the pool (made anew if none is free and
-    /// the pool is not full).
-    /// Runs `delete` (`$1`: now, `$2`: at most how many rows) until it
+    /// Runs `delete` (`$1`: now, `$2`: at most how many rows; rows locked
+    /// by others skipped, and each row's expiry checked again on the row
+    /// deleted, which another may have renewed meanwhile) until it
     /// deletes fewer than a slice, each slice its own fenced transaction
     /// and call: however many rows piled up, no call outlasts the call
     /// timeout. How many rows went.
@@ -293,6 +293,8 @@ impl Postgres {
         }
     }
 
+    /// A live connection from the pool (made anew if none is free and
+    /// the pool is not full).
     pub(crate) async fn client(&self) -> Result<Object, StorageError> {
         self.pool.get().await.map_err(|e| match e {
             deadpool_postgres::PoolError::Backend(e) => backend(e),
