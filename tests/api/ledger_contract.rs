@@ -8,10 +8,20 @@ use std::sync::Arc;
 
 use agentkeys_actors::audit::{AuditRecord, Outcome, GENESIS_HASH};
 use agentkeys_actors::storage::redb_ledger::RedbLedger;
-use agentkeys_actors::storage::{AuditLedger, StorageError};
+use agentkeys_actors::storage::{Appended, AuditLedger, StorageError};
 
 /// `count` records chained after (`after`, `prev`), and their JSON.
 fn chained(after: u64, count: u64, prev: &str) -> (Vec<AuditRecord>, Vec<Vec<u8>>) {
+    chained_by("r", after, count, prev)
+}
+
+/// The same, as writer `writer` made them (its own request ids).
+fn chained_by(
+    writer: &str,
+    after: u64,
+    count: u64,
+    prev: &str,
+) -> (Vec<AuditRecord>, Vec<Vec<u8>>) {
     let mut prev = prev.to_owned();
     let mut records = Vec::new();
     for seq in after + 1..=after + count {
@@ -29,7 +39,7 @@ fn chained(after: u64, count: u64, prev: &str) -> (Vec<AuditRecord>, Vec<Vec<u8>
             service: Some("s3".into()),
             scope_path: Some("contract/".into()),
             jti: Some(format!("jti-{seq}")),
-            request_id: format!("r-{seq}"),
+            request_id: format!("{writer}-{seq}"),
             client_request_id: None,
             prev_hash: prev.clone(),
             hash: String::new(),
@@ -78,15 +88,16 @@ fn contract(open: &dyn Fn() -> Arc<dyn AuditLedger>) {
         "stops at the limit"
     );
 
-    // A batch that does not follow the head writes nothing, its uses
-    // neither: a seq taken, a gap, or another chain.
-    let (again, again_json) = chained(2, 1, &first[1].hash);
+    // A batch that cannot follow the head writes nothing, its uses
+    // neither: chained after a head the ledger never held (a gap, another
+    // chain, a fork of it).
     let (gap, gap_json) = chained(4, 1, &first[2].hash);
     let (fork, fork_json) = chained(3, 1, GENESIS_HASH);
+    let (forked, forked_json) = chained(2, 1, &first[2].hash);
     for (batch, json) in [
-        (&again, &again_json),
         (&gap, &gap_json),
         (&fork, &fork_json),
+        (&forked, &forked_json),
     ] {
         let refused = ledger.append(batch, json, &uses(&[("g1", 1)]));
         assert!(
@@ -118,38 +129,61 @@ fn contract(open: &dyn Fn() -> Arc<dyn AuditLedger>) {
     );
     let (second, second_json) = chained(3, 2, &head.hash);
     let back = uses(&[("g1", -1), ("g3", -5), ("g4", 1)]);
-    ledger.append(&second, &second_json, &back).unwrap();
+    let appended = ledger.append(&second, &second_json, &back).unwrap();
+    assert_eq!(appended, Appended::AsSent);
     assert_eq!(
         ledger.grant_uses().unwrap(),
         expected(&[("g1", 4), ("g2", 1), ("g3", 0), ("g4", 1)])
     );
 
-    // Two writers racing for the same next batch: exactly one lands.
-    let (next, next_json) = chained(5, 2, &second[1].hash);
-    let race = std::thread::scope(|scope| {
-        let writers: Vec<_> = (0..2)
-            .map(|_| {
-                let (ledger, next, next_json) = (ledger.clone(), &next, &next_json);
-                scope.spawn(move || ledger.append(next, next_json, &uses(&[("g5", 1)])))
-            })
-            .collect();
-        let outcomes: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
-        outcomes
-    });
-    assert_eq!(race.iter().filter(|o| o.is_ok()).count(), 1, "{race:?}");
-    assert!(race
-        .iter()
-        .any(|o| matches!(o, Err(StorageError::Conflict))));
-    let uses_now = ledger.grant_uses().unwrap().unwrap();
-    assert_eq!(uses_now.get("g5"), Some(&1), "the loser's use not counted");
+    // A batch chained after a head on the chain but behind its end
+    // (another writer appended since) is linked after the end: the same
+    // events, new seqs and hashes.
+    let (behind, behind_json) = chained_by("late", 3, 1, &head.hash);
+    let appended = ledger.append(&behind, &behind_json, &uses(&[("g1", 1)]));
+    let Ok(Appended::Rechained(relinked)) = appended else {
+        panic!("{appended:?}");
+    };
+    assert_eq!((relinked[0].seq, relinked[0].ts), (6, behind[0].ts));
+    assert_eq!(relinked[0].prev_hash, second[1].hash);
+    assert_eq!(relinked[0].request_id, "late-4");
+    assert_eq!(relinked[0].hash, relinked[0].computed_hash());
+    assert_eq!(ledger.read_after(5, 10).unwrap(), relinked);
 
-    // Durable: a new opening finds it all.
+    // Two writers racing from the same head: both land, one after the
+    // other, each use counted once.
+    let head = ledger.head().unwrap();
+    let race: Vec<_> = std::thread::scope(|scope| {
+        let writers: Vec<_> = ["w1", "w2"]
+            .map(|writer| {
+                let (next, json) = chained_by(writer, head.seq, 2, &head.hash);
+                let ledger = ledger.clone();
+                scope.spawn(move || ledger.append(&next, &json, &uses(&[("g5", 1)])))
+            })
+            .into_iter()
+            .collect();
+        writers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let rechained = race
+        .iter()
+        .filter(|o| matches!(o, Ok(Appended::Rechained(_))));
+    assert_eq!(rechained.count(), 1, "{race:?}");
+    assert!(
+        race.iter().any(|o| matches!(o, Ok(Appended::AsSent))),
+        "{race:?}"
+    );
+    let uses_now = ledger.grant_uses().unwrap().unwrap();
+    assert_eq!(uses_now.get("g5"), Some(&2));
+    assert_eq!(uses_now.get("g1"), Some(&5));
+
+    // Durable: a new opening finds it all, one chain.
     drop(ledger);
     let reopened = open();
-    assert_eq!(reopened.head().unwrap().seq, 7);
+    assert_eq!(reopened.head().unwrap().seq, 10);
     let all = reopened.read_after(0, 100).unwrap();
-    assert_eq!(all.len(), 7);
+    assert_eq!(all.len(), 10);
     assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
+    assert!(all.iter().all(|r| r.hash == r.computed_hash()));
     assert_eq!(reopened.grant_uses().unwrap().unwrap(), uses_now);
 }
 
@@ -192,46 +226,53 @@ pub mod postgres {
         let schema = fresh_schema();
         contract(&|| Arc::new(open_ledger(&url, &schema).unwrap()));
         // Two brokers on one database, each its own connections, racing
-        // for the same batch: from an empty ledger (no head row to meet
-        // at) and from a full one. One lands; the other is refused.
+        // from the same head, many times: from an empty ledger (no head
+        // row to meet at) and from a full one. Every batch lands, one
+        // chain.
         for schema in [fresh_schema(), schema.clone()] {
             let brokers = [
                 open_ledger(&url, &schema).unwrap(),
                 open_ledger(&url, &schema).unwrap(),
             ];
-            let head = brokers[0].head().unwrap();
-            let (next, json) = chained(head.seq, 2, &head.hash);
-            let start = std::sync::Barrier::new(2);
-            let race: Vec<_> = std::thread::scope(|scope| {
-                let racers: Vec<_> = brokers
-                    .iter()
-                    .map(|broker| {
-                        let (start, next, json) = (&start, &next, &json);
-                        scope.spawn(move || {
-                            start.wait();
-                            broker.append(next, json, &uses(&[("raced", 1)]))
+            brokers[0].fold_grant_uses(&[]).unwrap();
+            let raced = |broker: &PostgresLedger| {
+                let counts = broker.grant_uses().unwrap().unwrap();
+                counts.get("raced").copied().unwrap_or(0)
+            };
+            let (start, raced_before) = (brokers[0].head().unwrap(), raced(&brokers[0]));
+            for _ in 0..10 {
+                let head = brokers[0].head().unwrap();
+                let gate = std::sync::Barrier::new(2);
+                let race: Vec<_> = std::thread::scope(|scope| {
+                    let racers: Vec<_> = brokers
+                        .iter()
+                        .enumerate()
+                        .map(|(i, broker)| {
+                            let (gate, head) = (&gate, &head);
+                            scope.spawn(move || {
+                                let writer = format!("b{i}");
+                                let (next, json) = chained_by(&writer, head.seq, 2, &head.hash);
+                                gate.wait();
+                                broker.append(&next, &json, &uses(&[("raced", 1)]))
+                            })
                         })
-                    })
-                    .collect();
-                racers.into_iter().map(|r| r.join().unwrap()).collect()
-            });
-            assert_eq!(race.iter().filter(|o| o.is_ok()).count(), 1, "{race:?}");
-            assert!(race
-                .iter()
-                .any(|o| matches!(o, Err(StorageError::Conflict))));
-            assert_eq!(brokers[1].head().unwrap().seq, head.seq + 2);
+                        .collect();
+                    racers.into_iter().map(|r| r.join().unwrap()).collect()
+                });
+                assert!(race.iter().all(Result::is_ok), "{race:?}");
+                assert!(
+                    race.iter().any(|o| matches!(o, Ok(Appended::AsSent))),
+                    "{race:?}"
+                );
+                assert_eq!(brokers[1].head().unwrap().seq, head.seq + 4);
+            }
+            let all = brokers[1].read_after(start.seq, 100).unwrap();
+            assert_eq!(all.len(), 40);
+            assert_eq!(all[0].prev_hash, start.hash);
+            assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
+            assert!(all.iter().all(|r| r.hash == r.computed_hash()));
+            assert_eq!(raced(&brokers[1]), raced_before + 20, "each use once");
         }
-        // The second sees the first's chain, and a batch the first already
-        // wrote is refused to it.
-        let one = open_ledger(&url, &schema).unwrap();
-        let two = open_ledger(&url, &schema).unwrap();
-        let head = one.head().unwrap();
-        assert_eq!(two.head().unwrap(), head);
-        let (next, json) = chained(head.seq, 1, &head.hash);
-        one.append(&next, &json, &[]).unwrap();
-        let late = two.append(&next, &json, &[]);
-        assert!(matches!(late, Err(StorageError::Conflict)), "{late:?}");
-        assert_eq!(two.head().unwrap().seq, head.seq + 1);
     }
 
     /// Brokers that start at once migrate the schema once, and a bad
@@ -294,9 +335,9 @@ pub mod postgres {
     }
 
     /// The AuditActor on a ledger another writer appended to (a replica,
-    /// or a commit whose answer was lost): the batch that collides fails
-    /// (its mint answers audit_unavailable), and the next one chains from
-    /// the ledger's head, so the chain goes on unforked.
+    /// or a commit whose answer was lost): the ledger links its batch
+    /// after the other's records, and the actor chains on from there, so
+    /// the chain goes on unforked and nothing is refused.
     #[actix_web::test]
     async fn the_audit_actor_chains_from_the_ledgers_head_after_a_failed_commit() {
         use actix::Actor;
@@ -328,26 +369,26 @@ pub mod postgres {
         // Another broker on the same database writes record 2.
         let other = open_ledger(&url, &schema).unwrap();
         let ours = other.read_after(0, 1).unwrap();
-        let (theirs, json) = chained(1, 1, &ours[0].hash);
+        let (theirs, json) = chained_by("other", 1, 1, &ours[0].hash);
         other.append(&theirs, &json, &[]).unwrap();
-        let collided = record("r-2").await.unwrap();
-        assert!(collided.is_err(), "{collided:?}");
-        assert_eq!(record("r-3").await.unwrap(), Ok(3), "chained after theirs");
+        assert_eq!(record("r-2").await.unwrap(), Ok(3), "linked after theirs");
+        assert_eq!(record("r-3").await.unwrap(), Ok(4), "chained on from it");
         let all = ledger.read_after(0, 10).unwrap();
-        assert_eq!(all.len(), 3);
+        assert_eq!(all.len(), 4);
         assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
         assert!(all.iter().all(|r| r.hash == r.computed_hash()));
-        assert_eq!(all[2].request_id, "r-3");
+        let ids: Vec<&str> = all.iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(ids, ["r-1", "other-2", "r-2", "r-3"]);
 
         // A ledger that ends before what this broker wrote (a restored
         // database): never chained from, which would fork the chain the
         // sinks already hold. Mints fail until an operator looks.
         psql(
             &url,
-            &format!("DELETE FROM \"{schema}\".audit_records WHERE seq = 3"),
+            &format!("DELETE FROM \"{schema}\".audit_records WHERE seq = 4"),
         );
         assert!(record("r-4").await.unwrap().is_err());
         assert!(record("r-5").await.unwrap().is_err(), "still refused");
-        assert_eq!(ledger.head().unwrap().seq, 2);
+        assert_eq!(ledger.head().unwrap().seq, 3);
     }
 }

@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use crate::domain::{now_unix, ErrorCode};
 pub use crate::domain::{AuditRecord, ChainHead, MintEvent, Outcome, GENESIS_HASH};
 use crate::group_commit::GroupCommit;
-use crate::storage::{AuditLedger, StorageError, UseDelta};
+use crate::storage::{Appended, AuditLedger, StorageError, UseDelta};
 pub use worker::{SinkStatus, SinkWorker};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -255,7 +255,7 @@ pub struct LedgerBatch {
 
 impl GroupCommit for AuditActor {
     type Batch = LedgerBatch;
-    type Written = Result<(), LedgerFailure>;
+    type Written = Result<Appended, LedgerFailure>;
     const STORE: &'static str = "ledger";
 
     fn committing(&mut self) -> &mut bool {
@@ -296,11 +296,13 @@ impl GroupCommit for AuditActor {
         })
     }
 
-    fn lost(reason: String) -> Result<(), LedgerFailure> {
+    fn lost(reason: String) -> Result<Appended, LedgerFailure> {
         Err(LedgerFailure { reason, head: None })
     }
 
-    fn writer(&self) -> impl FnOnce(&LedgerBatch) -> Result<(), LedgerFailure> + Send + 'static {
+    fn writer(
+        &self,
+    ) -> impl FnOnce(&LedgerBatch) -> Result<Appended, LedgerFailure> + Send + 'static {
         let ledger = self.ledger.clone();
         move |batch| {
             ledger
@@ -317,7 +319,7 @@ impl GroupCommit for AuditActor {
     fn committed(
         &mut self,
         batch: LedgerBatch,
-        written: Result<(), LedgerFailure>,
+        written: Result<Appended, LedgerFailure>,
         ctx: &mut Context<Self>,
     ) {
         let LedgerBatch {
@@ -331,13 +333,52 @@ impl GroupCommit for AuditActor {
         let written = match written {
             Err(LedgerFailure {
                 head: Some(found), ..
-            }) if found == head => Ok(()),
+            }) if found == head => Ok(Appended::AsSent),
             written => written,
         };
-        if let Err(LedgerFailure {
+        let appended = match written {
+            Ok(appended) => appended,
+            Err(failure) => return self.failed(failure, replies),
+        };
+        let (records, replies, head) = match appended {
+            Appended::AsSent => (records, replies, head),
+            // Another writer appended since this broker's head: the ledger
+            // linked the batch after it.
+            Appended::Rechained(relinked) => {
+                let seqs = relinked.iter().map(|record| record.seq);
+                let replies = seqs.zip(replies).map(|(seq, (_, reply))| (seq, reply));
+                let replies = replies.collect();
+                let head = relinked.last().map_or(head, |last| ChainHead {
+                    seq: last.seq,
+                    hash: last.hash.clone(),
+                });
+                (Arc::new(relinked), replies, head)
+            }
+        };
+        self.head = head;
+        // Handed over now, so every sink gets batches in order.
+        let quorum = fan_out(&self.sinks, &self.settings, records);
+        ctx.spawn(
+            async move {
+                let quorum = quorum.await;
+                for (seq, reply) in replies {
+                    let _ = reply.send(quorum.clone().map(|()| seq));
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl AuditActor {
+    /// A batch the ledger does not hold: its callers are answered at once,
+    /// and the next batch chains from what the ledger holds, never from
+    /// behind it.
+    fn failed(&mut self, failure: LedgerFailure, replies: Vec<(u64, Reply)>) {
+        let LedgerFailure {
             reason,
             head: found,
-        }) = written
+        } = failure;
         {
             tracing::error!(%reason, "audit ledger commit failed");
             match found {
@@ -364,20 +405,7 @@ impl GroupCommit for AuditActor {
             for (_, reply) in replies {
                 let _ = reply.send(Err(failed.clone()));
             }
-            return;
         }
-        self.head = head;
-        // Handed over now, so every sink gets batches in order.
-        let quorum = fan_out(&self.sinks, &self.settings, records);
-        ctx.spawn(
-            async move {
-                let quorum = quorum.await;
-                for (seq, reply) in replies {
-                    let _ = reply.send(quorum.clone().map(|()| seq));
-                }
-            }
-            .into_actor(self),
-        );
     }
 }
 

@@ -160,6 +160,24 @@ impl AuditRecord {
         (record, json)
     }
 
+    /// This record's event linked anew, as record number `seq` after
+    /// `prev_hash` (its time kept): a batch chained after a head that
+    /// another writer has since gone past.
+    pub fn rechained(&self, seq: u64, prev_hash: String) -> (Self, Vec<u8>) {
+        let event = MintEvent {
+            outcome: Some(self.outcome),
+            omni_account: self.omni_account.clone(),
+            agent: self.agent.clone(),
+            grant_id: self.grant_id.clone(),
+            service: self.service.clone(),
+            scope_path: self.scope_path.clone(),
+            jti: self.jti.clone(),
+            request_id: self.request_id.clone(),
+            client_request_id: self.client_request_id.clone(),
+        };
+        Self::chain(event, seq, self.ts, prev_hash)
+    }
+
     /// SHA-256 over the canonical JSON of every field but `hash`
     /// (which is empty while hashing), so anyone can re-verify the chain.
     pub fn computed_hash(&self) -> String {

@@ -151,18 +151,23 @@ pub type UseDelta = (String, i64);
 pub trait AuditLedger: Send + Sync + 'static {
     /// Where the chain ends: the newest record's seq and hash.
     fn head(&self) -> Result<ChainHead, StorageError>;
-    /// Durably appends `batch` (consecutive records, `encoded[i]` being
-    /// `batch[i]`'s JSON as hashed) and applies `uses` to the grants' use
-    /// counts (never below 0; each grant named once), all in one
-    /// transaction. `Conflict`, and nothing written, unless the batch
-    /// starts right after the stored head and chains from its hash
-    /// (another writer got there first).
+    /// Durably appends `batch` (consecutive records its writer chained
+    /// after the head it knew, `encoded[i]` being `batch[i]`'s JSON as
+    /// hashed) and applies `uses` to the grants' use counts (never below
+    /// 0; each grant named once), all in one transaction, in which the
+    /// stored head is read with other appends waiting: the sequence and
+    /// the head are assigned there. A batch that follows the stored head
+    /// lands as it is; one whose writer's head is on the stored chain but
+    /// behind its end (another writer appended since) is chained anew
+    /// after the end ([`Appended::Rechained`]); any other (a head the
+    /// store never held: a fork, or a ledger restored to before it) is a
+    /// `Conflict`, and nothing is written.
     fn append(
         &self,
         batch: &[AuditRecord],
         encoded: &[Vec<u8>],
         uses: &[UseDelta],
-    ) -> Result<(), StorageError>;
+    ) -> Result<Appended, StorageError>;
     /// Each grant's uses as the ledger holds them; `None` until the grant
     /// store's earlier counts were folded in ([`Self::fold_grant_uses`]).
     fn grant_uses(&self) -> Result<Option<HashMap<String, u64>>, StorageError>;
@@ -217,6 +222,99 @@ pub(crate) fn page(
         }
     }
     Ok((records, scanned_to))
+}
+
+/// How an appended batch landed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// As its writer chained it.
+    AsSent,
+    /// After what another writer appended since the head its writer knew:
+    /// the same events and times, linked anew (new seqs and hashes), as
+    /// stored.
+    Rechained(Vec<AuditRecord>),
+}
+
+/// A batch as an append writes it, after the stored head.
+pub(crate) struct Placed {
+    appended: Appended,
+    /// The relinked records' JSON, when the batch was linked anew.
+    relinked: Option<Vec<Vec<u8>>>,
+}
+
+impl Placed {
+    /// Where `batch` goes after `head`, the stored head: as it is when it
+    /// follows it. Otherwise `Ok(Err(seq))`: the batch's writer chained it
+    /// after record `seq`, behind `head` — [`Self::after`] with that
+    /// record's stored hash decides. `Conflict` when it cannot go after
+    /// `head` at all.
+    pub(crate) fn at(
+        head: &ChainHead,
+        batch: &[AuditRecord],
+    ) -> Result<Result<Self, u64>, StorageError> {
+        if follows(head, batch) {
+            return Ok(Ok(Self {
+                appended: Appended::AsSent,
+                relinked: None,
+            }));
+        }
+        let first = batch.first().ok_or(StorageError::Conflict)?;
+        let from = ChainHead {
+            seq: first.seq.checked_sub(1).ok_or(StorageError::Conflict)?,
+            hash: first.prev_hash.clone(),
+        };
+        match from.seq < head.seq && follows(&from, batch) {
+            true => Ok(Err(from.seq)),
+            false => Err(StorageError::Conflict),
+        }
+    }
+
+    /// `batch` linked anew after `head`, when `stored` (the stored hash of
+    /// the record its writer chained it after; `None`: the genesis) is the
+    /// hash its writer chained it from; else `Conflict` (a fork).
+    pub(crate) fn after(
+        head: &ChainHead,
+        batch: &[AuditRecord],
+        stored: Option<String>,
+    ) -> Result<Self, StorageError> {
+        let stored = stored.unwrap_or_else(|| ChainHead::genesis().hash);
+        if batch.first().is_none_or(|first| first.prev_hash != stored) {
+            return Err(StorageError::Conflict);
+        }
+        let mut prev = head.clone();
+        let (records, json) = batch
+            .iter()
+            .map(|record| {
+                let (linked, json) = record.rechained(prev.seq + 1, prev.hash.clone());
+                prev = ChainHead {
+                    seq: linked.seq,
+                    hash: linked.hash.clone(),
+                };
+                (linked, json)
+            })
+            .unzip();
+        Ok(Self {
+            appended: Appended::Rechained(records),
+            relinked: Some(json),
+        })
+    }
+
+    /// The records to write, each with its JSON: `batch` and `encoded`
+    /// as sent, or as relinked.
+    pub(crate) fn rows<'a>(
+        &'a self,
+        batch: &'a [AuditRecord],
+        encoded: &'a [Vec<u8>],
+    ) -> (&'a [AuditRecord], &'a [Vec<u8>]) {
+        match (&self.appended, &self.relinked) {
+            (Appended::Rechained(records), Some(json)) => (records, json),
+            _ => (batch, encoded),
+        }
+    }
+
+    pub(crate) fn appended(self) -> Appended {
+        self.appended
+    }
 }
 
 /// Whether `batch` may follow `head`: it starts at the next seq, chains

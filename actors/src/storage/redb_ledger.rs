@@ -3,6 +3,9 @@
 //! Every record is here before any anchor sink sees it, so anchor sinks can
 //! always catch up from it.
 //!
+//! redb runs one write transaction at a time, so the head an append reads
+//! is the one it writes after.
+//!
 //! The same transaction counts grant uses: the record of a released JWT
 //! with a grant takes one, the record of one withheld after its record was
 //! held gives it back. A grant use is thus durable exactly when the record
@@ -16,8 +19,8 @@ use redb::{
 };
 
 use super::gates::{take_in_order, GrantUses, UseTake, UseTaken};
-use super::redb_store::open_database;
-use super::{backend, follows, page, AuditLedger, StorageError, UseDelta};
+use super::redb_store::{finish, open_database};
+use super::{backend, page, Appended, AuditLedger, Placed, StorageError, UseDelta};
 use crate::domain::{AuditRecord, ChainHead};
 
 /// seq → JSON of the record.
@@ -69,20 +72,29 @@ impl AuditLedger for RedbLedger {
         batch: &[AuditRecord],
         encoded: &[Vec<u8>],
         uses: &[UseDelta],
-    ) -> Result<(), StorageError> {
+    ) -> Result<Appended, StorageError> {
         let txn = self.db.begin_write().map_err(backend)?;
-        {
+        let appended = {
             let mut table = txn.open_table(RECORDS).map_err(backend)?;
+            let head = head_of(&table)?;
             // Never overwrite a record, nor fork the chain.
-            if !follows(&head_of(&table)?, batch) {
-                return Err(StorageError::Conflict);
-            }
-            for (record, json) in batch.iter().zip(encoded) {
+            let placed = match Placed::at(&head, batch)? {
+                Ok(placed) => placed,
+                Err(from) => {
+                    let stored = table.get(from).map_err(backend)?;
+                    let stored = stored.map(|r| decode(r.value())).transpose()?;
+                    Placed::after(&head, batch, stored.map(|record| record.hash))?
+                }
+            };
+            let (records, encoded) = placed.rows(batch, encoded);
+            for (record, json) in records.iter().zip(encoded) {
                 table.insert(record.seq, json.as_slice()).map_err(backend)?;
             }
-        }
+            placed.appended()
+        };
         change_uses(&txn, uses)?;
-        txn.commit().map_err(backend)
+        txn.commit().map_err(backend)?;
+        Ok(appended)
     }
 
     fn grant_uses(&self) -> Result<Option<HashMap<String, u64>>, StorageError> {
@@ -184,11 +196,16 @@ impl GrantUses for RedbLedger {
             }
             taken
         };
-        txn.commit().map_err(backend)?;
+        // Nothing taken: no durable commit (a flush).
+        let changed = taken.iter().any(|t| matches!(t, UseTaken::Taken { .. }));
+        finish(txn, changed)?;
         Ok(taken)
     }
 
     fn give_back(&self, grant_ids: &[String]) -> Result<(), StorageError> {
+        if grant_ids.is_empty() {
+            return Ok(());
+        }
         let txn = self.db.begin_write().map_err(backend)?;
         let deltas: Vec<UseDelta> = grant_ids.iter().map(|id| (id.clone(), -1)).collect();
         change_uses(&txn, &deltas)?;

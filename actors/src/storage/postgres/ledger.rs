@@ -1,10 +1,11 @@
 //! The audit ledger ([`AuditLedger`]) in PostgreSQL. Each batch is one
-//! transaction: the writer's fence and the head read, the records
-//! inserted in one statement, the use counts changed. A batch that does
-//! not follow the head it read (another broker wrote first) is a
-//! `Conflict` and writes nothing; two brokers that read the same head and
-//! race meet at the next `seq`'s primary key, where the loser's
-//! transaction fails (`Conflict`) and writes nothing either.
+//! transaction: the writer's fence, the chain's lock (appends to one
+//! schema run one at a time) and the head read, in one round trip; the
+//! records inserted in one statement; the use counts changed. A batch
+//! chained after a head another writer has since gone past is linked
+//! anew after the head read; one that cannot follow it at all is a
+//! `Conflict` and writes nothing. The next `seq`'s primary key stays a
+//! last guard.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use super::{failed, from_db, to_db, Postgres};
 use crate::domain::{AuditRecord, ChainHead};
 use crate::storage::gates::{take_in_order, GrantUses, UseTake, UseTaken};
-use crate::storage::{backend, follows, page, AuditLedger, StorageError, UseDelta};
+use crate::storage::{backend, page, Appended, AuditLedger, Placed, StorageError, UseDelta};
 
 /// Set in `audit_meta` once the grant store's counts were folded in.
 const USES_FOLDED: &str = "grant_uses_folded";
@@ -28,6 +29,11 @@ impl PostgresLedger {
 }
 
 const HEAD: &str = "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1";
+
+/// Held by an append from before its head read to its commit: appends to
+/// one schema's chain run one at a time (the key is the schema's).
+const CHAIN_LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('agentkeys-broker chain ' || current_schema(), 0))";
 
 /// Adds `deltas[i]` to grant `ids[i]`'s uses, never below 0.
 async fn change_uses(
@@ -77,40 +83,61 @@ impl AuditLedger for PostgresLedger {
         batch: &[AuditRecord],
         encoded: &[Vec<u8>],
         uses: &[UseDelta],
-    ) -> Result<(), StorageError> {
-        let seqs: Vec<i64> = batch.iter().map(|r| to_db(r.seq)).collect();
-        let hashes: Vec<&str> = batch.iter().map(|r| r.hash.as_str()).collect();
-        let records: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+    ) -> Result<Appended, StorageError> {
         let (ids, deltas): (Vec<&str>, Vec<i64>) =
             uses.iter().map(|(id, delta)| (id.as_str(), *delta)).unzip();
         self.db.run(async {
             let mut client = self.db.client().await?;
             let txn = client.transaction().await.map_err(backend)?;
-            // Prepared once per connection: a batch costs its statements'
-            // round trips, not a parse each.
-            let prepared = |sql| txn.prepare_cached(sql);
+            // The chain's lock, then the head: other appends wait from
+            // here to the commit, so the head read is the one written
+            // after. Prepared once per connection: a batch costs its
+            // statements' round trips, not a parse each.
             let head = async {
-                let head = prepared(HEAD).await.map_err(backend)?;
-                txn.query_opt(&head, &[]).await.map_err(backend)
+                let (lock, head) =
+                    tokio::try_join!(txn.prepare_cached(CHAIN_LOCK), txn.prepare_cached(HEAD))
+                        .map_err(backend)?;
+                let (_, head) =
+                    tokio::try_join!(biased; txn.execute(&lock, &[]), txn.query_opt(&head, &[]))
+                        .map_err(backend)?;
+                Ok(head)
             };
-            // The writer's fence and the head in one round trip.
-            let ((), head) = tokio::try_join!(biased; self.db.fence(&txn), head)?;
+            // The writer's fence, the lock and the head in one round trip.
+            let head = self.db.fence_then(&txn, head).await?;
             let head = head.map_or_else(ChainHead::genesis, |row| ChainHead {
                 seq: from_db(row.get(0)),
                 hash: row.get(1),
             });
-            if !follows(&head, batch) {
-                return Err(StorageError::Conflict);
-            }
-            let insert = prepared(
-                "INSERT INTO audit_records (seq, hash, record)
-                 SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BYTEA[])",
-            );
-            txn.execute(&insert.await.map_err(backend)?, &[&seqs, &hashes, &records])
+            let placed = match Placed::at(&head, batch)? {
+                Ok(placed) => placed,
+                Err(from) => {
+                    let stored = txn
+                        .query_opt(
+                            "SELECT hash FROM audit_records WHERE seq = $1",
+                            &[&to_db(from)],
+                        )
+                        .await
+                        .map_err(backend)?;
+                    Placed::after(&head, batch, stored.map(|row| row.get(0)))?
+                }
+            };
+            let (records, encoded) = placed.rows(batch, encoded);
+            let seqs: Vec<i64> = records.iter().map(|r| to_db(r.seq)).collect();
+            let hashes: Vec<&str> = records.iter().map(|r| r.hash.as_str()).collect();
+            let encoded: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+            let insert = txn
+                .prepare_cached(
+                    "INSERT INTO audit_records (seq, hash, record)
+                     SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BYTEA[])",
+                )
+                .await
+                .map_err(backend)?;
+            txn.execute(&insert, &[&seqs, &hashes, &encoded])
                 .await
                 .map_err(failed)?;
             change_uses(&txn, &ids, &deltas).await?;
-            txn.commit().await.map_err(failed)
+            txn.commit().await.map_err(failed)?;
+            Ok(placed.appended())
         })
     }
 

@@ -18,6 +18,7 @@
 //!   drop its session) is superseded: its writes fail, so it releases
 //!   nothing more, and it does not take the lock again.
 
+use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -196,8 +197,20 @@ impl Postgres {
     /// transaction of a superseded broker fails here, before it writes.
     /// Its two statements go in one round trip.
     pub(crate) async fn fence(&self, txn: &Transaction<'_>) -> Result<(), StorageError> {
+        self.fence_then(txn, async { Ok(()) }).await
+    }
+
+    /// [`Self::fence`], and `then` (whose statements the server runs after
+    /// the fence's, in the same round trip): so every transaction takes
+    /// the fence's lock before any lock `then` takes, and none waits for
+    /// another in a circle.
+    pub(crate) async fn fence_then<T>(
+        &self,
+        txn: &Transaction<'_>,
+        then: impl Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
         let Some(claim) = self.claim.get() else {
-            return Ok(());
+            return then.await;
         };
         let (wait, read) = tokio::try_join!(
             txn.prepare_cached(FENCE_WAIT),
@@ -205,11 +218,17 @@ impl Postgres {
         )
         .map_err(backend)?;
         let key: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&claim.fence_key];
-        // In this order (biased): the server runs the read after the wait.
-        let (_, token) =
-            tokio::try_join!(biased; txn.execute(&wait, &key), txn.query_opt(&read, &[]))
-                .map_err(backend)?;
-        ours(token.map(|row| row.get(0)), &claim.token)
+        // In this order (biased): the server runs the read after the wait,
+        // and `then` after both (its statements are sent after theirs,
+        // which are sent at their first poll).
+        let fenced = async {
+            let (_, token) =
+                tokio::try_join!(biased; txn.execute(&wait, &key), txn.query_opt(&read, &[]))
+                    .map_err(backend)?;
+            ours(token.map(|row| row.get(0)), &claim.token)
+        };
+        let ((), then) = tokio::try_join!(biased; fenced, then)?;
+        Ok(then)
     }
 
     /// Whether this broker still writes the schema (readiness).
