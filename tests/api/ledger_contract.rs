@@ -90,14 +90,18 @@ fn contract(open: &dyn Fn() -> Arc<dyn AuditLedger>) {
 
     // A batch that cannot follow the head writes nothing, its uses
     // neither: chained after a head the ledger never held (a gap, another
-    // chain, a fork of it).
+    // chain, a fork of it), or one the ledger holds already (whole, or its
+    // last record), which is never written twice.
     let (gap, gap_json) = chained(4, 1, &first[2].hash);
     let (fork, fork_json) = chained(3, 1, GENESIS_HASH);
     let (forked, forked_json) = chained(2, 1, &first[2].hash);
+    let (again, again_json) = chained(2, 1, &first[1].hash);
     for (batch, json) in [
         (&gap, &gap_json),
         (&fork, &fork_json),
         (&forked, &forked_json),
+        (&first, &encoded),
+        (&again, &again_json),
     ] {
         let refused = ledger.append(batch, json, &uses(&[("g1", 1)]));
         assert!(
@@ -339,7 +343,7 @@ pub mod postgres {
     /// after the other's records, and the actor chains on from there, so
     /// the chain goes on unforked and nothing is refused.
     #[actix_web::test]
-    async fn the_audit_actor_chains_from_the_ledgers_head_after_a_failed_commit() {
+    async fn the_audit_actor_chains_on_after_another_writers_records() {
         use actix::Actor;
         use agentkeys_actors::audit::{
             AuditActor, AuditSettings, MintEvent, Quorum, Record, UseChange,

@@ -16,6 +16,7 @@ pub mod evm;
 pub mod jsonl;
 pub mod merkle;
 pub mod proof;
+mod settle;
 pub mod verify;
 mod worker;
 
@@ -31,6 +32,7 @@ use crate::domain::{now_unix, ErrorCode};
 pub use crate::domain::{AuditRecord, ChainHead, MintEvent, Outcome, GENESIS_HASH};
 use crate::group_commit::GroupCommit;
 use crate::storage::{Appended, AuditLedger, StorageError, UseDelta};
+pub use settle::LedgerFailure;
 pub use worker::{SinkStatus, SinkWorker};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -42,6 +44,11 @@ pub enum AuditError {
     /// The ledger holds the record; a required sink does not.
     #[error("audit sink {sink} failed: {reason}")]
     SinkFailed { sink: String, reason: String },
+    /// The ledger's commit failed, and whether the record landed all the
+    /// same could not be told (the ledger could not be read back): the
+    /// grant use the record took stays taken.
+    #[error("audit ledger failed, the record may be held: {0}")]
+    Unsettled(String),
     /// Another broker claimed the ledger's database: this one writes
     /// nothing more (readiness says so).
     #[error("another broker took over this database; this one writes nothing more")]
@@ -53,10 +60,14 @@ impl AuditError {
         ErrorCode::AuditUnavailable
     }
 
-    /// True when the ledger holds the record all the same (and with it the
-    /// grant use the record took).
-    pub fn ledger_holds_it(&self) -> bool {
-        matches!(self, Self::SinkFailed { .. })
+    /// Whether the ledger holds the record all the same (and with it the
+    /// grant use the record took); `None`: nobody can tell.
+    pub fn ledger_holds_it(&self) -> Option<bool> {
+        match self {
+            Self::SinkFailed { .. } => Some(true),
+            Self::Unsettled(_) => None,
+            Self::Ledger(_) | Self::Superseded => Some(false),
+        }
     }
 }
 
@@ -198,15 +209,6 @@ pub struct AuditSettings {
 
 type Reply = oneshot::Sender<Result<u64, AuditError>>;
 
-/// A ledger commit that failed, and where the ledger's chain ends after
-/// it (when it could be read): a commit whose answer was lost may have
-/// landed, and another writer may have appended, so the next batch chains
-/// from what the ledger holds, not from what this actor last wrote.
-pub struct LedgerFailure {
-    reason: String,
-    head: Option<ChainHead>,
-}
-
 pub struct AuditActor {
     settings: AuditSettings,
     /// The primary: every record is committed here first.
@@ -297,7 +299,7 @@ impl GroupCommit for AuditActor {
     }
 
     fn lost(reason: String) -> Result<Appended, LedgerFailure> {
-        Err(LedgerFailure { reason, head: None })
+        Err(LedgerFailure::unknown(reason))
     }
 
     fn writer(
@@ -305,12 +307,8 @@ impl GroupCommit for AuditActor {
     ) -> impl FnOnce(&LedgerBatch) -> Result<Appended, LedgerFailure> + Send + 'static {
         let ledger = self.ledger.clone();
         move |batch| {
-            ledger
-                .append(&batch.records, &batch.encoded, &batch.uses)
-                .map_err(|e| LedgerFailure {
-                    reason: e.to_string(),
-                    head: ledger.head().ok(),
-                })
+            let appended = ledger.append(&batch.records, &batch.encoded, &batch.uses);
+            appended.or_else(|e| settle::settle(&*ledger, &batch.records, &batch.head, e))
         }
     }
 
@@ -328,14 +326,6 @@ impl GroupCommit for AuditActor {
             head,
             ..
         } = batch;
-        // A commit whose answer was lost but which landed: the ledger ends
-        // at this batch's own last record (its hash covers its contents).
-        let written = match written {
-            Err(LedgerFailure {
-                head: Some(found), ..
-            }) if found == head => Ok(Appended::AsSent),
-            written => written,
-        };
         let appended = match written {
             Ok(appended) => appended,
             Err(failure) => return self.failed(failure, replies),
@@ -371,13 +361,14 @@ impl GroupCommit for AuditActor {
 }
 
 impl AuditActor {
-    /// A batch the ledger does not hold: its callers are answered at once,
-    /// and the next batch chains from what the ledger holds, never from
-    /// behind it.
+    /// A batch the ledger does not hold, or may: its callers are answered
+    /// at once, and the next batch chains from what the ledger holds,
+    /// never from behind it.
     fn failed(&mut self, failure: LedgerFailure, replies: Vec<(u64, Reply)>) {
         let LedgerFailure {
             reason,
             head: found,
+            maybe_written,
         } = failure;
         {
             tracing::error!(%reason, "audit ledger commit failed");
@@ -401,7 +392,10 @@ impl AuditActor {
                 ),
                 _ => {}
             }
-            let failed = AuditError::Ledger(reason);
+            let failed = match maybe_written {
+                true => AuditError::Unsettled(reason),
+                false => AuditError::Ledger(reason),
+            };
             for (_, reply) in replies {
                 let _ = reply.send(Err(failed.clone()));
             }

@@ -160,10 +160,22 @@ impl AuditRecord {
         (record, json)
     }
 
+    /// Whether `other` records the same event at the same time, wherever
+    /// each was linked (seq and hashes aside).
+    pub fn same_event(&self, other: &Self) -> bool {
+        let linked_as_other = Self {
+            seq: other.seq,
+            prev_hash: other.prev_hash.clone(),
+            hash: other.hash.clone(),
+            ..self.clone()
+        };
+        linked_as_other == *other
+    }
+
     /// This record's event linked anew, as record number `seq` after
     /// `prev_hash` (its time kept): a batch chained after a head that
     /// another writer has since gone past.
-    pub fn rechained(&self, seq: u64, prev_hash: String) -> (Self, Vec<u8>) {
+    pub(crate) fn rechained(&self, seq: u64, prev_hash: String) -> (Self, Vec<u8>) {
         let event = MintEvent {
             outcome: Some(self.outcome),
             omni_account: self.omni_account.clone(),

@@ -348,7 +348,7 @@ impl MintFlow {
         // unknown (the record's ask timed out, its commit may still land).
         let held = match &audited {
             Ok(_) => Some(true),
-            Err(MintError::AuditUnavailable(e)) => Some(e.ledger_holds_it()),
+            Err(MintError::AuditUnavailable(e)) => e.ledger_holds_it(),
             Err(_) => None,
         };
         let signed = signed

@@ -269,16 +269,26 @@ impl Placed {
         }
     }
 
-    /// `batch` linked anew after `head`, when `stored` (the stored hash of
-    /// the record its writer chained it after; `None`: the genesis) is the
-    /// hash its writer chained it from; else `Conflict` (a fork).
+    /// `batch` linked anew after `head`, given the stored hashes of the
+    /// record its writer chained it after (`at_from`) and of the next one
+    /// (`at_next`): only when the first is the hash the batch was chained
+    /// from (record 0 being the genesis), and the next is not the batch's
+    /// own first record (a batch the ledger holds already is never
+    /// written twice); else `Conflict`.
     pub(crate) fn after(
         head: &ChainHead,
         batch: &[AuditRecord],
-        stored: Option<String>,
+        at_from: Option<String>,
+        at_next: Option<String>,
     ) -> Result<Self, StorageError> {
-        let stored = stored.unwrap_or_else(|| ChainHead::genesis().hash);
-        if batch.first().is_none_or(|first| first.prev_hash != stored) {
+        let Some(first) = batch.first() else {
+            return Err(StorageError::Conflict);
+        };
+        let at_from = match first.seq {
+            1 => Some(ChainHead::genesis().hash),
+            _ => at_from,
+        };
+        if at_from.as_ref() != Some(&first.prev_hash) || at_next.as_ref() == Some(&first.hash) {
             return Err(StorageError::Conflict);
         }
         let mut prev = head.clone();

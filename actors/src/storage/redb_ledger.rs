@@ -81,9 +81,14 @@ impl AuditLedger for RedbLedger {
             let placed = match Placed::at(&head, batch)? {
                 Ok(placed) => placed,
                 Err(from) => {
-                    let stored = table.get(from).map_err(backend)?;
-                    let stored = stored.map(|r| decode(r.value())).transpose()?;
-                    Placed::after(&head, batch, stored.map(|record| record.hash))?
+                    let hash_at = |seq: u64| -> Result<Option<String>, StorageError> {
+                        let stored = table.get(seq).map_err(backend)?;
+                        Ok(stored
+                            .map(|r| decode(r.value()))
+                            .transpose()?
+                            .map(|r| r.hash))
+                    };
+                    Placed::after(&head, batch, hash_at(from)?, hash_at(from + 1)?)?
                 }
             };
             let (records, encoded) = placed.rows(batch, encoded);

@@ -31,9 +31,10 @@ impl PostgresLedger {
 const HEAD: &str = "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1";
 
 /// Held by an append from before its head read to its commit: appends to
-/// one schema's chain run one at a time (the key is the schema's).
-const CHAIN_LOCK: &str =
-    "SELECT pg_advisory_xact_lock(hashtextextended('agentkeys-broker chain ' || current_schema(), 0))";
+/// one chain run one at a time. Keyed by the records table itself (the
+/// one the statements resolve), never by a name that could differ.
+const CHAIN_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended(
+     'agentkeys-broker chain ' || 'audit_records'::regclass::oid::text, 0))";
 
 /// Adds `deltas[i]` to grant `ids[i]`'s uses, never below 0.
 async fn change_uses(
@@ -112,13 +113,17 @@ impl AuditLedger for PostgresLedger {
                 Ok(placed) => placed,
                 Err(from) => {
                     let stored = txn
-                        .query_opt(
-                            "SELECT hash FROM audit_records WHERE seq = $1",
+                        .query(
+                            "SELECT seq, hash FROM audit_records WHERE seq IN ($1::BIGINT, $1::BIGINT + 1)",
                             &[&to_db(from)],
                         )
                         .await
                         .map_err(backend)?;
-                    Placed::after(&head, batch, stored.map(|row| row.get(0)))?
+                    let hash_at = |seq: u64| {
+                        let row = stored.iter().find(|row| from_db(row.get(0)) == seq);
+                        row.map(|row| row.get(1))
+                    };
+                    Placed::after(&head, batch, hash_at(from), hash_at(from + 1))?
                 }
             };
             let (records, encoded) = placed.rows(batch, encoded);
