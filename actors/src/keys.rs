@@ -12,6 +12,7 @@
 //! signs from its creation; a retired one still verifies the sessions it
 //! signed until they expire.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -33,7 +34,7 @@ use crate::kms::{Kms, KmsError};
 use crate::sealing::{Sealer, SealingError};
 use crate::storage::file_key_ring::FileKeyRing;
 pub use crate::storage::file_key_ring::KEYRING_FILE;
-use crate::storage::{KeyRingStore, StorageError};
+use crate::storage::{KeyRingAsItIs, KeyRingStore, StorageError};
 use crate::token::{Token, TokenError, TokenKey};
 
 /// What [`KeyError::Invalid`] names when the stored ring is not valid.
@@ -46,7 +47,10 @@ const MAX_OIDC_KEYS: usize = 5;
 pub enum KeyError {
     #[error("key ring: {0}")]
     Storage(#[from] StorageError),
-    #[error("the key ring was changed by another writer since this broker read it; restart to read it again")]
+    #[error(
+        "the key ring was changed by another writer since this broker read it; it has read it \
+         again: rotate again if a new key is still wanted"
+    )]
     ChangedMeanwhile,
     #[error("{0} is not valid")]
     Invalid(String),
@@ -119,9 +123,10 @@ impl SignError {
 impl KeyError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::TooManyKeys | Self::AlreadyAdopted | Self::RotatedMeanwhile => {
-                ErrorCode::Conflict
-            }
+            Self::TooManyKeys
+            | Self::AlreadyAdopted
+            | Self::RotatedMeanwhile
+            | Self::ChangedMeanwhile => ErrorCode::Conflict,
             Self::AdoptNeeded | Self::NothingToAdopt(_) => ErrorCode::BadRequest,
             // A key the operator named that cannot be used; or the token
             // or KMS that did not answer.
@@ -519,6 +524,45 @@ impl KeyRing {
             ring.persist()?;
         }
         Ok(ring)
+    }
+
+    /// Reads the stored ring again when another writer changed it since
+    /// this one read or wrote it (a rotation was refused as
+    /// `ChangedMeanwhile`; on a shared database, another broker rotated):
+    /// whether it did. Writes nothing: a stored ring this broker would have
+    /// to add keys to (a kind missing, a configured key not in it) is
+    /// refused, and the ring stays as it was.
+    pub fn reload(&mut self, now: u64) -> Result<bool, KeyError> {
+        let Some((stored, revision)) = self.store.load()? else {
+            return Err(KeyError::Invalid(format!("{THE_RING} (no longer stored)")));
+        };
+        if revision == self.revision {
+            return Ok(false);
+        }
+        let stored: StoredRing =
+            serde_json::from_value(stored).map_err(|_| KeyError::Invalid(THE_RING.into()))?;
+        let as_it_is = Arc::new(KeyRingAsItIs(self.store.clone()));
+        let home = self.home.clone();
+        let mut fresh = Self::load(as_it_is, self.policy, now, &self.sealer, home)?;
+        let stored_kids: HashSet<&str> = (stored.oidc.iter())
+            .chain(&stored.session)
+            .chain(&stored.receipt)
+            .map(|key| key.kid.as_str())
+            .collect();
+        if let Some(made) = fresh
+            .describe()
+            .iter()
+            .find(|k| !stored_kids.contains(k.kid.as_str()))
+        {
+            return Err(KeyError::Invalid(format!(
+                "{THE_RING} as stored lacks a key this broker needs ({} {})",
+                made.kind, made.kid
+            )));
+        }
+        fresh.store = self.store.clone();
+        fresh.revision = revision;
+        *self = fresh;
+        Ok(true)
     }
 
     fn add_receipt(&mut self, der: &[u8], stored: StoredKey) -> Result<(), KeyError> {
@@ -1330,5 +1374,38 @@ mod tests {
         assert_eq!(ours.signing_session().kid, session);
         let stored = KeyRing::load_or_generate(dir.path(), POLICY, 1003, &sealer()).unwrap();
         assert_eq!(stored.signing_receipt().kid, stored_by_them);
+        // Read again, ours serves and signs with their key, and its next
+        // rotation lands on top of theirs.
+        assert!(ours.reload(1003).unwrap());
+        assert!(!ours.reload(1003).unwrap(), "nothing changed since");
+        assert_eq!(ours.signing_receipt().kid, stored_by_them);
+        let ours_now = ours.rotate_receipt(1004).unwrap().kid;
+        let stored = KeyRing::load_or_generate(dir.path(), POLICY, 1005, &sealer()).unwrap();
+        let kids: Vec<String> = stored.describe().into_iter().map(|k| k.kid).collect();
+        assert!(
+            kids.contains(&stored_by_them) && kids.contains(&ours_now),
+            "{kids:?}"
+        );
+    }
+
+    /// A stored ring this broker would have to add keys to is never read
+    /// in (it would serve or sign with keys not stored).
+    #[test]
+    fn a_ring_read_again_must_hold_every_key_it_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ours = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let before = ours.describe();
+        let path = dir.path().join(KEYRING_FILE);
+        let mut stored: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        stored["receipt"] = serde_json::json!([]);
+        stored["revision"] = serde_json::json!(7);
+        fs::write(&path, stored.to_string()).unwrap();
+        let refused = ours.reload(1001);
+        assert!(matches!(refused, Err(KeyError::Invalid(_))), "{refused:?}");
+        assert_eq!(ours.describe(), before);
+        let after: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(after, stored, "nothing written");
     }
 }

@@ -508,7 +508,7 @@ impl Handler<RotateKey> for SignerActor {
         let _one_at_a_time = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
         let write = || self.keys.write().unwrap_or_else(|p| p.into_inner());
         let now = now_unix();
-        match (msg.kind, msg.adopt) {
+        let rotated = match (msg.kind, msg.adopt) {
             (KeyKind::Oidc, adopt) => {
                 let plan = self.ring().plan_oidc_rotation(now, adopt)?;
                 let next = plan.make()?;
@@ -517,7 +517,16 @@ impl Handler<RotateKey> for SignerActor {
             (_, Some(_)) => Err(KeyError::NothingToAdopt("a session or receipt key")),
             (KeyKind::Session, None) => write().rotate_session(now),
             (KeyKind::Receipt, None) => write().rotate_receipt(now),
+        };
+        // Another writer changed the stored ring: read it again, so its
+        // keys are served and signed with, and the next rotation lands.
+        if let Err(KeyError::ChangedMeanwhile) = &rotated {
+            match write().reload(now) {
+                Ok(_) => tracing::warn!("the key ring was changed by another writer: read again"),
+                Err(e) => tracing::error!(error = %e, "the key ring could not be read again"),
+            }
         }
+        rotated
     }
 }
 

@@ -588,6 +588,32 @@ pub fn stolen_key_ring(app: &TestApp) -> agentkeys_actors::keys::KeyRing {
     .expect("the key ring loads")
 }
 
+/// The broker's key ring as another writer of its store has it (another
+/// broker on its database, a tool): read from, and written to, the store
+/// itself, while the broker runs.
+pub fn key_ring_of_another_writer(app: &TestApp) -> agentkeys_actors::keys::KeyRing {
+    use agentkeys_actors::keys::KeyRing;
+    let sealer = agentkeys_actors::sealing::Sealer::load(
+        &app.settings.secrets.sealing_key_file,
+        app.data_dir(),
+    )
+    .expect("the sealing key loads");
+    let (policy, now) = (
+        app.settings.rotation_policy(),
+        agentkeys_actors::domain::now_unix(),
+    );
+    #[cfg(feature = "postgres")]
+    if let Some(db) = TestDatabase::for_data_dir(app.data_dir()) {
+        use agentkeys_actors::storage::postgres::key_ring::PostgresKeyRing;
+        use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings, Schema};
+        let settings = PostgresSettings::new(&db.url).in_schema(&db.schema);
+        let db = Postgres::open(&settings, Schema::Migrate).expect("the database opens");
+        let store = std::sync::Arc::new(PostgresKeyRing::new(db));
+        return KeyRing::load(store, policy, now, &sealer, None).expect("the key ring loads");
+    }
+    KeyRing::load_or_generate(app.data_dir(), policy, now, &sealer).expect("the key ring loads")
+}
+
 /// Signs `claims` with the broker's current session key: what a thief of
 /// that key could do.
 pub fn forge_session(app: &TestApp, claims: &agentkeys_actors::signer::SessionClaims) -> String {

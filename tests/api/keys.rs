@@ -118,6 +118,47 @@ async fn a_rotated_oidc_key_is_published_first_signs_later_and_the_old_one_leave
     assert!(oidc[1]["retires_at"].is_null());
 }
 
+/// Another writer of the broker's key ring (another broker on its
+/// database, a tool) rotated: the broker's own rotation is refused once
+/// (409, nothing overwritten), the broker reads the ring again, serves the
+/// other's key, and its next rotation lands beside it.
+#[actix_web::test]
+async fn a_ring_another_writer_changed_is_read_again() {
+    let app = spawn_app_with(|s| s.grants.required = false).await;
+    let mut theirs = crate::helpers::key_ring_of_another_writer(&app);
+    let their_kid = theirs.rotate_oidc(now_unix(), None).unwrap().kid;
+    assert!(!published(&app).await.contains(&their_kid), "not read yet");
+    let admin = Some(app.admin_token.as_str());
+    let oidc = json!({ "key": "oidc" });
+    let rotate = || app.post("/v1/admin/keys/rotate", admin, &oidc);
+    let refused = rotate().await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    assert_eq!(refused.body["error"], "conflict");
+    assert!(
+        refused.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("read it again"),
+        "{}",
+        refused.body
+    );
+    assert!(published(&app).await.contains(&their_kid), "read again");
+    let rotated = rotate().await;
+    assert_eq!(rotated.status, StatusCode::CREATED, "{}", rotated.body);
+    let ours = rotated.body["kid"].as_str().unwrap().to_owned();
+    let stored = crate::helpers::stored_key_ring(app.data_dir());
+    let stored_kids: Vec<&str> = stored["oidc"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert!(
+        stored_kids.contains(&their_kid.as_str()) && stored_kids.contains(&ours.as_str()),
+        "{stored_kids:?}"
+    );
+}
+
 #[actix_web::test]
 async fn a_rotated_session_key_signs_new_sessions_and_old_ones_keep_working() {
     let app = spawn_app_with(|s| s.grants.required = false).await;
