@@ -12,7 +12,7 @@
 //! signs from its creation; a retired one still verifies the sessions it
 //! signed until they expire.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -34,7 +34,7 @@ use crate::kms::{Kms, KmsError};
 use crate::sealing::{Sealer, SealingError};
 use crate::storage::file_key_ring::FileKeyRing;
 pub use crate::storage::file_key_ring::KEYRING_FILE;
-use crate::storage::{KeyRingAsItIs, KeyRingStore, StorageError};
+use crate::storage::{KeyRingSnapshot, KeyRingStore, StorageError};
 use crate::token::{Token, TokenError, TokenKey};
 
 /// What [`KeyError::Invalid`] names when the stored ring is not valid.
@@ -48,8 +48,8 @@ pub enum KeyError {
     #[error("key ring: {0}")]
     Storage(#[from] StorageError),
     #[error(
-        "the key ring was changed by another writer since this broker read it; it has read it \
-         again: rotate again if a new key is still wanted"
+        "the key ring was changed by another writer since this broker read it; nothing was \
+         written: try again"
     )]
     ChangedMeanwhile,
     #[error("{0} is not valid")]
@@ -407,6 +407,11 @@ pub struct KeyRing {
     /// Every receipt key ever made: receipts are checked for as long as
     /// their grants are kept.
     receipt: Vec<Arc<Es256Key>>,
+    /// OIDC keys this broker first saw when it read the ring again, and
+    /// when each may sign here: not before this broker has published it
+    /// for the lead time (verifiers cache the JWKS), whatever the stored
+    /// schedule says.
+    first_signs: HashMap<String, u64>,
 }
 
 impl KeyRing {
@@ -434,6 +439,19 @@ impl KeyRing {
         sealer: &Sealer,
         home: Option<OidcKeyHome>,
     ) -> Result<Self, KeyError> {
+        Self::load_with(store, policy, now, sealer, home, HashMap::new())
+    }
+
+    /// [`Self::load`], OIDC keys signing here no earlier than
+    /// `first_signs` says (see [`Self::reread`]).
+    fn load_with(
+        store: Arc<dyn KeyRingStore>,
+        policy: RotationPolicy,
+        now: u64,
+        sealer: &Sealer,
+        home: Option<OidcKeyHome>,
+        first_signs: HashMap<String, u64>,
+    ) -> Result<Self, KeyError> {
         let (mut stored, revision): (StoredRing, u64) = match store.load()? {
             Some((ring, revision)) => (
                 serde_json::from_value(ring).map_err(|_| KeyError::Invalid(THE_RING.into()))?,
@@ -451,6 +469,7 @@ impl KeyRing {
             oidc: Vec::new(),
             session: Vec::new(),
             receipt: Vec::new(),
+            first_signs,
         };
         let unsealed = stored
             .oidc
@@ -463,8 +482,12 @@ impl KeyRing {
         let after_retire = policy.oidc_publish_after_retire_seconds;
         let published: Vec<bool> = (0..stored.oidc.len())
             .map(|i| {
-                let next = stored.oidc.get(i + 1).map(|k| k.activates_at);
-                next.is_none_or(|retired| now < retired + after_retire)
+                let next = stored.oidc.get(i + 1);
+                let retired = next.map(|k| {
+                    let first_signs = ring.first_signs.get(&k.kid).copied();
+                    k.activates_at.max(first_signs.unwrap_or(0))
+                });
+                retired.is_none_or(|retired| now < retired + after_retire)
             })
             .collect();
         let unpublished = published.contains(&false);
@@ -526,43 +549,107 @@ impl KeyRing {
         Ok(ring)
     }
 
-    /// Reads the stored ring again when another writer changed it since
+    /// The stored ring, read again when another writer changed it since
     /// this one read or wrote it (a rotation was refused as
-    /// `ChangedMeanwhile`; on a shared database, another broker rotated):
-    /// whether it did. Writes nothing: a stored ring this broker would have
-    /// to add keys to (a kind missing, a configured key not in it) is
-    /// refused, and the ring stays as it was.
-    pub fn reload(&mut self, now: u64) -> Result<bool, KeyError> {
-        let Some((stored, revision)) = self.store.load()? else {
+    /// `ChangedMeanwhile`): `None` when it did not. Writes nothing, and
+    /// needs no write lock (signatures go on meanwhile). Refused, and this
+    /// ring kept: a ring at an older revision (restored), one holding a
+    /// private key that is not sealed (written without the sealing key),
+    /// one lacking a key this broker would have to make, or one without a
+    /// key this broker still signs or verifies with. OIDC keys new to this
+    /// broker sign here only once it has published them for the lead time.
+    pub fn reread(&self, now: u64) -> Result<Option<Self>, KeyError> {
+        let Some((ring, revision)) = self.store.load()? else {
             return Err(KeyError::Invalid(format!("{THE_RING} (no longer stored)")));
         };
         if revision == self.revision {
-            return Ok(false);
+            return Ok(None);
+        }
+        let refused = |why: String| Err(KeyError::Invalid(format!("{THE_RING} as stored {why}")));
+        if revision < self.revision {
+            return refused(format!(
+                "is at revision {revision}, older than this broker's {} (restored?)",
+                self.revision
+            ));
         }
         let stored: StoredRing =
-            serde_json::from_value(stored).map_err(|_| KeyError::Invalid(THE_RING.into()))?;
-        let as_it_is = Arc::new(KeyRingAsItIs(self.store.clone()));
-        let home = self.home.clone();
-        let mut fresh = Self::load(as_it_is, self.policy, now, &self.sealer, home)?;
-        let stored_kids: HashSet<&str> = (stored.oidc.iter())
-            .chain(&stored.session)
-            .chain(&stored.receipt)
-            .map(|key| key.kid.as_str())
+            serde_json::from_value(ring.clone()).map_err(|_| KeyError::Invalid(THE_RING.into()))?;
+        let keys = || {
+            stored
+                .oidc
+                .iter()
+                .chain(&stored.session)
+                .chain(&stored.receipt)
+        };
+        if let Some(plain) = keys().find(|k| k.sealed_pkcs8.is_none() && Held::of(k).is_none()) {
+            return refused(format!("holds an unsealed private key ({})", plain.kid));
+        }
+        // OIDC keys new here sign from the lead time on, and the keys
+        // before them stay published until that much later.
+        let lead = self.policy.oidc_lead_seconds;
+        let first_signs = stored
+            .oidc
+            .iter()
+            .filter_map(|key| {
+                let known = self.oidc.iter().any(|ours| ours.kid == key.kid);
+                let at = match known {
+                    true => self.first_signs.get(&key.kid).copied()?,
+                    false => now + lead,
+                };
+                (at > key.activates_at).then(|| (key.kid.clone(), at))
+            })
             .collect();
-        if let Some(made) = fresh
-            .describe()
+        let snapshot = Arc::new(KeyRingSnapshot { ring, revision });
+        let home = self.home.clone();
+        let mut fresh =
+            Self::load_with(snapshot, self.policy, now, &self.sealer, home, first_signs)?;
+        let stored_kids: HashSet<&str> = keys().map(|key| key.kid.as_str()).collect();
+        let served = fresh.describe();
+        if let Some(made) = served
             .iter()
             .find(|k| !stored_kids.contains(k.kid.as_str()))
         {
-            return Err(KeyError::Invalid(format!(
-                "{THE_RING} as stored lacks a key this broker needs ({} {})",
+            return refused(format!(
+                "lacks a key this broker needs ({} {})",
                 made.kind, made.kid
-            )));
+            ));
+        }
+        let served: HashSet<&str> = served.iter().map(|k| k.kid.as_str()).collect();
+        if let Some(dropped) = self.in_use(now).find(|kid| !served.contains(kid)) {
+            return refused(format!(
+                "drops the key {dropped}, which this broker still uses: restart it to take the \
+                 stored ring as it is"
+            ));
         }
         fresh.store = self.store.clone();
         fresh.revision = revision;
-        *self = fresh;
-        Ok(true)
+        Ok(Some(fresh))
+    }
+
+    /// Takes `fresh` (from [`Self::reread`]) unless this ring has moved
+    /// past it meanwhile; whether it did.
+    pub fn adopt(&mut self, fresh: Self) -> bool {
+        let newer = fresh.revision > self.revision;
+        if newer {
+            *self = fresh;
+        }
+        newer
+    }
+
+    /// [`Self::reread`], then [`Self::adopt`].
+    pub fn reload(&mut self, now: u64) -> Result<bool, KeyError> {
+        Ok(self.reread(now)?.is_some_and(|fresh| self.adopt(fresh)))
+    }
+
+    /// The kids of every key this ring signs or verifies with at `now`:
+    /// the OIDC key signing, the session keys still verifying, every
+    /// receipt key.
+    fn in_use(&self, now: u64) -> impl Iterator<Item = &str> {
+        let oidc = std::iter::once(self.signing_oidc(now).kid.as_str());
+        let session = self.session.iter().map(|k| k.kid.as_str());
+        let session = session.filter(move |kid| self.verifying_session(kid, now).is_some());
+        let receipt = self.receipt.iter().map(|k| k.kid.as_str());
+        oidc.chain(session).chain(receipt)
     }
 
     fn add_receipt(&mut self, der: &[u8], stored: StoredKey) -> Result<(), KeyError> {
@@ -740,8 +827,15 @@ impl KeyRing {
         self.oidc
             .iter()
             .rev()
-            .find(|k| k.activates_at <= now)
+            .find(|k| self.oidc_signs_from(k) <= now)
             .unwrap_or(&self.oidc[0])
+    }
+
+    /// When `key` signs here: its stored activation, or later for a key
+    /// this broker published only when it read the ring again.
+    fn oidc_signs_from(&self, key: &Es256Key) -> u64 {
+        let first_signs = self.first_signs.get(&key.kid).copied();
+        key.activates_at.max(first_signs.unwrap_or(0))
     }
 
     /// The receipt key that signs now: the newest one.
@@ -778,7 +872,7 @@ impl KeyRing {
     }
 
     fn oidc_published_until(&self, index: usize) -> Option<u64> {
-        Self::retires_at(&self.oidc, index, |k| k.activates_at)
+        Self::retires_at(&self.oidc, index, |k| self.oidc_signs_from(k))
             .map(|retired| retired + self.policy.oidc_publish_after_retire_seconds)
     }
 
@@ -797,8 +891,8 @@ impl KeyRing {
         let oidc = (0..self.oidc.len()).map(|i| KeyInfo {
             kind: "oidc",
             kid: self.oidc[i].kid.clone(),
-            activates_at: self.oidc[i].activates_at,
-            retires_at: Self::retires_at(&self.oidc, i, |k| k.activates_at),
+            activates_at: self.oidc_signs_from(&self.oidc[i]),
+            retires_at: Self::retires_at(&self.oidc, i, |k| self.oidc_signs_from(k)),
             usable_until: self.oidc_published_until(i),
         });
         let session = (0..self.session.len()).map(|i| {
@@ -1386,6 +1480,105 @@ mod tests {
             kids.contains(&stored_by_them) && kids.contains(&ours_now),
             "{kids:?}"
         );
+    }
+
+    /// The stored ring as JSON, changed by `change` and written at a
+    /// later revision, as another writer of the file would.
+    fn rewrite_ring(dir: &Path, change: impl FnOnce(&mut serde_json::Value)) {
+        let path = dir.join(KEYRING_FILE);
+        let mut stored: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        change(&mut stored);
+        let revision = stored["revision"].as_u64().unwrap_or(1);
+        stored["revision"] = serde_json::json!(revision + 5);
+        fs::write(&path, stored.to_string()).unwrap();
+    }
+
+    /// What another writer may have done that is never read in: plant an
+    /// unsealed key, drop a key this broker still signs with, or go back
+    /// to an older revision. The ring stays as it was each time.
+    #[test]
+    fn a_ring_read_again_is_refused_when_it_cannot_be_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ours = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let before = ours.describe();
+        let planted = tempfile::tempdir().unwrap();
+        KeyRing::load_or_generate(planted.path(), POLICY, 1000, &sealer()).unwrap();
+        let mut plain: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(planted.path().join(KEYRING_FILE)).unwrap())
+                .unwrap();
+        let sealed_elsewhere = plain["oidc"][0].clone();
+        let key = plain["oidc"][0].take();
+        let opened: StoredKey = serde_json::from_value(key).unwrap();
+        let (der, mut opened) = opened.open("oidc", &sealer()).unwrap();
+        opened.sealed_pkcs8 = None;
+        opened.pkcs8 = Some(STANDARD.encode(der));
+        opened.activates_at = 1000;
+        let planted_key = serde_json::to_value(&opened).unwrap();
+        rewrite_ring(dir.path(), |ring| {
+            ring["oidc"].as_array_mut().unwrap().push(planted_key);
+        });
+        let refused = ours.reload(1001);
+        assert!(
+            matches!(&refused, Err(KeyError::Invalid(why)) if why.contains("unsealed")),
+            "{refused:?}"
+        );
+        let signing = ours.signing_oidc(1001).kid.clone();
+        // Sealed, but without the key that signs here.
+        rewrite_ring(dir.path(), |ring| {
+            ring["oidc"] = serde_json::json!([sealed_elsewhere]);
+        });
+        let refused = ours.reload(1001);
+        assert!(
+            matches!(&refused, Err(KeyError::Invalid(why)) if why.contains("drops")),
+            "{refused:?}"
+        );
+        let mut older: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.path().join(KEYRING_FILE)).unwrap())
+                .unwrap();
+        older["revision"] = serde_json::json!(0);
+        fs::write(dir.path().join(KEYRING_FILE), older.to_string()).unwrap();
+        let refused = ours.reload(1001);
+        assert!(
+            matches!(&refused, Err(KeyError::Invalid(why)) if why.contains("older")),
+            "{refused:?}"
+        );
+        assert_eq!(ours.describe(), before);
+        assert_eq!(ours.signing_oidc(1001).kid, signing);
+    }
+
+    /// An OIDC key first seen when the ring is read again signs here only
+    /// once this broker has published it for the lead time, whatever its
+    /// stored schedule; the key before it signs (and stays published) until
+    /// then.
+    #[test]
+    fn a_key_read_in_late_waits_out_the_lead_time_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ours = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let mut theirs = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let old = ours.signing_oidc(1000).kid.clone();
+        let new = theirs.rotate_oidc(1000, None).unwrap().kid;
+        assert_eq!(
+            theirs.signing_oidc(1100).kid,
+            new,
+            "their schedule: from 1100"
+        );
+        assert!(ours.reload(1500).unwrap());
+        assert_eq!(
+            ours.signing_oidc(1500).kid,
+            old,
+            "not published here long enough"
+        );
+        assert_eq!(ours.signing_oidc(1599).kid, old);
+        assert_eq!(ours.signing_oidc(1600).kid, new);
+        let published = |at| kids(&ours.jwks(at));
+        assert_eq!(published(1500), [old.clone(), new.clone()]);
+        assert_eq!(
+            published(1649),
+            [old.clone(), new.clone()],
+            "the old one until 1600 + 50"
+        );
+        assert_eq!(published(1650), [new]);
     }
 
     /// A stored ring this broker would have to add keys to is never read

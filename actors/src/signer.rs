@@ -518,12 +518,22 @@ impl Handler<RotateKey> for SignerActor {
             (KeyKind::Session, None) => write().rotate_session(now),
             (KeyKind::Receipt, None) => write().rotate_receipt(now),
         };
-        // Another writer changed the stored ring: read it again, so its
-        // keys are served and signed with, and the next rotation lands.
+        // Another writer changed the stored ring: read it again (under the
+        // read lock: signatures go on), so its keys are served and the next
+        // rotation lands; or say why it cannot be.
         if let Err(KeyError::ChangedMeanwhile) = &rotated {
-            match write().reload(now) {
-                Ok(_) => tracing::warn!("the key ring was changed by another writer: read again"),
-                Err(e) => tracing::error!(error = %e, "the key ring could not be read again"),
+            let reread = self.ring().reread(now);
+            match reread {
+                Ok(Some(fresh)) => {
+                    if write().adopt(fresh) {
+                        tracing::warn!("the key ring was changed by another writer: read again");
+                    }
+                }
+                Ok(None) => {}
+                Err(refused) => {
+                    tracing::error!(error = %refused, "the key ring changed by another writer was not read in");
+                    return Err(refused);
+                }
             }
         }
         rotated

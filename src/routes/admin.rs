@@ -8,6 +8,7 @@ use agentkeys_actors::auth::{
 use agentkeys_actors::domain::{AgentIdentity, AgentName, ErrorCode, OmniAccount};
 use agentkeys_actors::grant::receipt::check_receipts;
 use agentkeys_actors::grant::{GetGrant, GrantSpec, ListGrants, RevokeGrant};
+use agentkeys_actors::keys::KeyError;
 use agentkeys_actors::signer::{DescribeKeys, KeyKind, PublishedReceiptKeys, RotateKey};
 use serde::Deserialize;
 use serde_json::json;
@@ -295,21 +296,30 @@ async fn rotate_key(
     state: web::Data<BrokerState>,
     body: web::Json<Rotation>,
 ) -> Result<HttpResponse, ApiError> {
-    let key = state
+    let rotated = state
         .actors
         .signer
         .call(RotateKey {
             kind: body.key,
             adopt: body.adopt.clone(),
         })
-        .await?
-        .map_err(ApiError::from)?;
+        .await?;
+    // A ring another writer changed was read again: its schedule too
+    // reaches the cached sessions.
+    if let Ok(_) | Err(KeyError::ChangedMeanwhile) = &rotated {
+        tell_cached_sessions(&state).await;
+    }
+    let key = rotated.map_err(ApiError::from)?;
     tracing::info!(kind = key.kind, kid = %key.kid, activates_at = key.activates_at, "key rotated");
-    // Cached sessions are cut off when their key retires. The AuthActor
-    // also learns each key's retirement from every fresh verification, so
-    // a rotation that reaches it late (or not at all) delays nothing but
-    // the cut-off of sessions verified before it, which expire within the
-    // session TTL anyway; it never refuses a valid session.
+    Ok(HttpResponse::Created().json(key))
+}
+
+/// Cached sessions are cut off when their key retires. The AuthActor also
+/// learns each key's retirement from every fresh verification, so a
+/// schedule that reaches it late (or not at all) delays nothing but the
+/// cut-off of sessions verified before it, which expire within the session
+/// TTL anyway; it never refuses a valid session.
+async fn tell_cached_sessions(state: &BrokerState) {
     let told = match state.actors.signer.call(DescribeKeys).await {
         Ok(schedule) => {
             let changed = SessionKeysChanged(schedule);
@@ -320,7 +330,6 @@ async fn rotate_key(
     if let Err(busy) = told {
         tracing::warn!(error = %busy, "the new key schedule reaches cached sessions late");
     }
-    Ok(HttpResponse::Created().json(key))
 }
 
 #[derive(Deserialize)]

@@ -118,31 +118,51 @@ async fn a_rotated_oidc_key_is_published_first_signs_later_and_the_old_one_leave
     assert!(oidc[1]["retires_at"].is_null());
 }
 
-/// Another writer of the broker's key ring (another broker on its
-/// database, a tool) rotated: the broker's own rotation is refused once
-/// (409, nothing overwritten), the broker reads the ring again, serves the
-/// other's key, and its next rotation lands beside it.
+/// Another writer of the broker's key ring (a tool writing its file or
+/// row) rotated: the broker's own rotation is refused once (409, nothing
+/// overwritten), the broker reads the ring again and publishes the other's
+/// key at once, signs with it once it has published it for the lead time,
+/// and its next rotation lands beside it.
 #[actix_web::test]
 async fn a_ring_another_writer_changed_is_read_again() {
-    let app = spawn_app_with(|s| s.grants.required = false).await;
+    let app = spawn_app_with(|s| {
+        s.grants.required = false;
+        s.oidc.jwks_max_age_seconds = 1;
+        s.oidc.rotation_lead_seconds = 2;
+    })
+    .await;
+    let agent = app.register_agent("reader").await;
+    let session = app.login(&agent).await;
     let mut theirs = crate::helpers::key_ring_of_another_writer(&app);
     let their_kid = theirs.rotate_oidc(now_unix(), None).unwrap().kid;
     assert!(!published(&app).await.contains(&their_kid), "not read yet");
     let admin = Some(app.admin_token.as_str());
     let oidc = json!({ "key": "oidc" });
     let rotate = || app.post("/v1/admin/keys/rotate", admin, &oidc);
+    let refused_at = now_unix();
     let refused = rotate().await;
     assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
     assert_eq!(refused.body["error"], "conflict");
-    assert!(
-        refused.body["message"]
-            .as_str()
-            .unwrap()
-            .contains("read it again"),
-        "{}",
-        refused.body
-    );
+    let message = refused.body["message"].as_str().unwrap();
+    assert!(message.contains("changed by another writer"), "{message}");
     assert!(published(&app).await.contains(&their_kid), "read again");
+    let keys = app.get("/v1/admin/keys", admin).await.body;
+    let schedule = keys["keys"].as_array().unwrap().iter();
+    let theirs = schedule
+        .clone()
+        .find(|k| k["kid"] == their_kid.as_str())
+        .unwrap();
+    let signs_at = theirs["activates_at"].as_u64().unwrap();
+    assert!(
+        signs_at >= refused_at + 2,
+        "published here for the lead time first"
+    );
+    sleep_until(signs_at).await;
+    let minted = mint(&app, &session).await;
+    let jwt = minted["jwt"].as_str().unwrap();
+    assert_eq!(kid_of(jwt), their_kid, "their key signs here");
+    let issuer = &app.settings.oidc.issuer;
+    verify_against_jwks(jwt, &app.jwks().await, issuer, "sts.amazonaws.com").unwrap();
     let rotated = rotate().await;
     assert_eq!(rotated.status, StatusCode::CREATED, "{}", rotated.body);
     let ours = rotated.body["kid"].as_str().unwrap().to_owned();

@@ -90,8 +90,8 @@ fn contract(open: &dyn Fn() -> Arc<dyn AuditLedger>) {
 
     // A batch that cannot follow the head writes nothing, its uses
     // neither: chained after a head the ledger never held (a gap, another
-    // chain, a fork of it), or one the ledger holds already (whole, or its
-    // last record), which is never written twice.
+    // chain, a fork of it), or one the ledger holds already as sent
+    // (whole, or its last record), which is not written again.
     let (gap, gap_json) = chained(4, 1, &first[2].hash);
     let (fork, fork_json) = chained(3, 1, GENESIS_HASH);
     let (forked, forked_json) = chained(2, 1, &first[2].hash);

@@ -481,9 +481,11 @@ impl Handler<Record> for AuditActor {
         self.pending.push((msg.0, msg.1, reply));
         self.commit_next(ctx);
         Box::pin(async move {
+            // Its answer was dropped (the actor stopped): the record may
+            // be held all the same.
             durable.await.unwrap_or_else(|_| {
-                let lost = "the commit was lost before the record was written";
-                Err(AuditError::Ledger(lost.into()))
+                let lost = "the answer was lost (the broker is stopping)";
+                Err(AuditError::Unsettled(lost.into()))
             })
         })
     }

@@ -73,7 +73,7 @@ fn settle_within(
     let Some(first) = batch.first() else {
         return unwritten(None);
     };
-    let Ok(head) = ledger.head() else {
+    let Ok(head) = ledger.settled_head() else {
         return Err(LedgerFailure::unknown(reason));
     };
     // Landed as sent (its last record's hash covers all of it).
@@ -99,25 +99,34 @@ fn settle_within(
         Ok(_) => return unwritten(None),
         Err(_) => return Err(LedgerFailure::unknown(reason)),
     }
-    let span = usize::try_from(head.seq - from).unwrap_or(usize::MAX);
     let is_first = |record: &AuditRecord| first.same_event(record);
-    let Ok((found, scanned_to)) = ledger.read_matching(from, 1, span.min(max_scan), &is_first)
-    else {
-        return Err(LedgerFailure::unknown(reason));
-    };
-    match found.first() {
-        Some(start) => match ledger.read_after(start.seq - 1, batch.len()) {
+    let (mut after, last_looked) = (from, from.saturating_add(max_scan as u64).min(head.seq));
+    while after < last_looked {
+        let budget = usize::try_from(last_looked - after).unwrap_or(usize::MAX);
+        let Ok((found, scanned_to)) = ledger.read_matching(after, 1, budget, &is_first) else {
+            return Err(LedgerFailure::unknown(reason));
+        };
+        let Some(start) = found.first() else {
+            after = scanned_to.max(after + 1).min(last_looked);
+            break;
+        };
+        // The whole batch from there, or look on (an event like its first
+        // record's, from another writer).
+        match ledger.read_after(start.seq - 1, batch.len()) {
             Ok(stored)
                 if stored.len() == batch.len()
                     && stored.iter().zip(batch).all(|(s, b)| b.same_event(s)) =>
             {
-                Ok(Appended::Rechained(stored))
+                return Ok(Appended::Rechained(stored));
             }
-            _ => Err(LedgerFailure::unknown(reason)),
-        },
+            Ok(_) => after = start.seq,
+            Err(_) => return Err(LedgerFailure::unknown(reason)),
+        }
+    }
+    match after >= head.seq {
         // Read back to the head: not there.
-        None if scanned_to >= head.seq => unwritten(Some(head)),
-        None => Err(LedgerFailure {
+        true => unwritten(Some(head)),
+        false => Err(LedgerFailure {
             head: Some(head),
             ..LedgerFailure::unknown(reason)
         }),
@@ -203,7 +212,38 @@ mod tests {
         let failed = settle(&ledger, &fork, &last_of(&fork), lost()).unwrap_err();
         assert_eq!((failed.head, failed.maybe_written), (None, false));
         // Refused outright: nothing written, nothing to go on with.
-        let refused = settle(&ledger, &never, &last_of(&never), StorageError::Conflict);
-        assert_eq!(refused.unwrap_err().head, None);
+        for refusal in [StorageError::Conflict, StorageError::Superseded] {
+            let refused = settle(&ledger, &never, &last_of(&never), refusal).unwrap_err();
+            assert_eq!((refused.head, refused.maybe_written), (None, false));
+        }
+        // Chained after a head the ledger has not reached (restored
+        // behind it): not written, and the actor is shown where it ends.
+        let ahead = ChainHead {
+            seq: 40,
+            hash: "a".repeat(64),
+        };
+        let (beyond, _) = batch(&ahead, &["g1"]);
+        let failed = settle(&ledger, &beyond, &last_of(&beyond), lost()).unwrap_err();
+        assert_eq!(failed.head, Some(ledger.head().unwrap()));
+        assert!(!failed.maybe_written);
+    }
+
+    /// Another writer's record that looks like the batch's first (the same
+    /// event, the same second) is looked past: the batch itself is found.
+    #[test]
+    fn a_record_like_the_batchs_first_is_looked_past() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = RedbLedger::open(&dir.path().join("audit.redb"), 1 << 20).unwrap();
+        let genesis = ChainHead::genesis();
+        let (ours, ours_json) = batch(&genesis, &["same", "ours"]);
+        let (first, json) = batch(&genesis, &["x"]);
+        ledger.append(&first, &json, &[]).unwrap();
+        let (lookalike, json) = batch(&last_of(&first), &["same", "theirs"]);
+        ledger.append(&lookalike, &json, &[]).unwrap();
+        let Appended::Rechained(stored) = ledger.append(&ours, &ours_json, &[]).unwrap() else {
+            panic!("linked after the other's");
+        };
+        let settled = settle(&ledger, &ours, &last_of(&ours), lost());
+        assert_eq!(settled, Ok(Appended::Rechained(stored)));
     }
 }

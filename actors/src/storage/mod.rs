@@ -123,6 +123,23 @@ pub trait KeyRingStore: Send + Sync + 'static {
     fn save(&self, ring: &serde_json::Value, revision: u64) -> Result<u64, StorageError>;
 }
 
+/// One stored ring, as read at its revision: loading from it reads that
+/// snapshot (never the store again), and saving writes nothing.
+pub struct KeyRingSnapshot {
+    pub ring: serde_json::Value,
+    pub revision: u64,
+}
+
+impl KeyRingStore for KeyRingSnapshot {
+    fn load(&self) -> Result<Option<(serde_json::Value, u64)>, StorageError> {
+        Ok(Some((self.ring.clone(), self.revision)))
+    }
+
+    fn save(&self, _: &serde_json::Value, revision: u64) -> Result<u64, StorageError> {
+        Ok(revision)
+    }
+}
+
 /// A key ring read as it is: loading changes nothing stored, whatever the
 /// key module would write back (an auditor's run, `audit verify`), and a
 /// ring that is not there is `NotFound` (never one made up in memory).
@@ -189,6 +206,13 @@ pub trait AuditLedger: Send + Sync + 'static {
     /// Up to `limit` records with `seq > after`, in order.
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError> {
         Ok(self.read_matching(after, limit, limit, &|_| true)?.0)
+    }
+    /// The head once every append in flight has ended, committed or not
+    /// (one whose answer was lost may still be committing on a database
+    /// server): what a failed append is settled against. An embedded
+    /// store's appends end before they answer: its head.
+    fn settled_head(&self) -> Result<ChainHead, StorageError> {
+        self.head()
     }
     /// The `seq` of the newest record (0: none).
     fn last_seq(&self) -> Result<u64, StorageError> {
@@ -273,8 +297,9 @@ impl Placed {
     /// record its writer chained it after (`at_from`) and of the next one
     /// (`at_next`): only when the first is the hash the batch was chained
     /// from (record 0 being the genesis), and the next is not the batch's
-    /// own first record (a batch the ledger holds already is never
-    /// written twice); else `Conflict`.
+    /// own first record (a batch the ledger holds as sent is not written
+    /// again; one it holds linked anew is not recognised here, and
+    /// nothing appends a batch twice); else `Conflict`.
     pub(crate) fn after(
         head: &ChainHead,
         batch: &[AuditRecord],

@@ -146,6 +146,23 @@ impl AuditLedger for PostgresLedger {
         })
     }
 
+    /// The head read once the chain's lock is free: an append whose
+    /// answer was lost holds it until the server has ended it.
+    fn settled_head(&self) -> Result<ChainHead, StorageError> {
+        let row = self.db.run(async {
+            let mut client = self.db.client().await?;
+            let txn = client.transaction().await.map_err(backend)?;
+            txn.execute(CHAIN_LOCK, &[]).await.map_err(backend)?;
+            let head = txn.query_opt(HEAD, &[]).await.map_err(backend)?;
+            txn.commit().await.map_err(backend)?;
+            Ok(head)
+        })?;
+        Ok(row.map_or_else(ChainHead::genesis, |row| ChainHead {
+            seq: from_db(row.get(0)),
+            hash: row.get(1),
+        }))
+    }
+
     /// The head answers, and this broker still writes the schema.
     fn check(&self) -> Result<(), StorageError> {
         self.head()?;
