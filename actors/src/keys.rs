@@ -12,7 +12,7 @@
 //! signs from its creation; a retired one still verifies the sessions it
 //! signed until they expire.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -48,7 +48,7 @@ pub enum KeyError {
     #[error("key ring: {0}")]
     Storage(#[from] StorageError),
     #[error(
-        "the key ring was changed by another writer since this broker read it; nothing was \
+        "the key ring was changed by another writer since this broker read it; the ring was not \
          written: try again"
     )]
     ChangedMeanwhile,
@@ -407,11 +407,6 @@ pub struct KeyRing {
     /// Every receipt key ever made: receipts are checked for as long as
     /// their grants are kept.
     receipt: Vec<Arc<Es256Key>>,
-    /// OIDC keys this broker first saw when it read the ring again, and
-    /// when each may sign here: not before this broker has published it
-    /// for the lead time (verifiers cache the JWKS), whatever the stored
-    /// schedule says.
-    first_signs: HashMap<String, u64>,
 }
 
 impl KeyRing {
@@ -439,19 +434,6 @@ impl KeyRing {
         sealer: &Sealer,
         home: Option<OidcKeyHome>,
     ) -> Result<Self, KeyError> {
-        Self::load_with(store, policy, now, sealer, home, HashMap::new())
-    }
-
-    /// [`Self::load`], OIDC keys signing here no earlier than
-    /// `first_signs` says (see [`Self::reread`]).
-    fn load_with(
-        store: Arc<dyn KeyRingStore>,
-        policy: RotationPolicy,
-        now: u64,
-        sealer: &Sealer,
-        home: Option<OidcKeyHome>,
-        first_signs: HashMap<String, u64>,
-    ) -> Result<Self, KeyError> {
         let (mut stored, revision): (StoredRing, u64) = match store.load()? {
             Some((ring, revision)) => (
                 serde_json::from_value(ring).map_err(|_| KeyError::Invalid(THE_RING.into()))?,
@@ -469,25 +451,30 @@ impl KeyRing {
             oidc: Vec::new(),
             session: Vec::new(),
             receipt: Vec::new(),
-            first_signs,
         };
-        let unsealed = stored
-            .oidc
-            .iter()
-            .chain(&stored.session)
-            .chain(&stored.receipt)
-            .any(|k| k.sealed_pkcs8.is_none() && Held::of(k).is_none());
+        let keys = || {
+            stored
+                .oidc
+                .iter()
+                .chain(&stored.session)
+                .chain(&stored.receipt)
+        };
+        let unsealed = keys().any(|k| k.sealed_pkcs8.is_none() && Held::of(k).is_none());
+        // A ring from before sealing holds no sealed key; one that holds
+        // both had a key put in by someone without the sealing key.
+        if unsealed && keys().any(|k| k.sealed_pkcs8.is_some()) {
+            return Err(KeyError::Invalid(format!(
+                "{THE_RING} (it holds sealed and unsealed private keys: one was put in without \
+                 the sealing key; find out how before starting)"
+            )));
+        }
         // OIDC keys whose publication ended are not looked for: an operator
         // may delete them from the token or KMS once they left the JWKS.
         let after_retire = policy.oidc_publish_after_retire_seconds;
         let published: Vec<bool> = (0..stored.oidc.len())
             .map(|i| {
-                let next = stored.oidc.get(i + 1);
-                let retired = next.map(|k| {
-                    let first_signs = ring.first_signs.get(&k.kid).copied();
-                    k.activates_at.max(first_signs.unwrap_or(0))
-                });
-                retired.is_none_or(|retired| now < retired + after_retire)
+                let next = stored.oidc.get(i + 1).map(|k| k.activates_at);
+                next.is_none_or(|retired| now < retired + after_retire)
             })
             .collect();
         let unpublished = published.contains(&false);
@@ -551,13 +538,18 @@ impl KeyRing {
 
     /// The stored ring, read again when another writer changed it since
     /// this one read or wrote it (a rotation was refused as
-    /// `ChangedMeanwhile`): `None` when it did not. Writes nothing, and
-    /// needs no write lock (signatures go on meanwhile). Refused, and this
-    /// ring kept: a ring at an older revision (restored), one holding a
-    /// private key that is not sealed (written without the sealing key),
-    /// one lacking a key this broker would have to make, or one without a
-    /// key this broker still signs or verifies with. OIDC keys new to this
-    /// broker sign here only once it has published them for the lead time.
+    /// `ChangedMeanwhile`): `None` when it did not. Needs no write lock
+    /// (signatures go on meanwhile). Keys new to this broker are
+    /// rescheduled, and the ring saved so (from the revision read): an
+    /// OIDC key signs only once this broker has published it for the lead
+    /// time (verifiers cache the JWKS), the key before it staying
+    /// published that much longer; a session key takes over only now, so
+    /// the one before verifies its sessions for the overlap from now.
+    /// Refused, and this ring kept: a ring at an older revision
+    /// (restored), one holding a private key that is not sealed (written
+    /// without the sealing key), one lacking a key this broker would have
+    /// to make, or one without a key this broker still signs or verifies
+    /// with.
     pub fn reread(&self, now: u64) -> Result<Option<Self>, KeyError> {
         let Some((ring, revision)) = self.store.load()? else {
             return Err(KeyError::Invalid(format!("{THE_RING} (no longer stored)")));
@@ -572,43 +564,38 @@ impl KeyRing {
                 self.revision
             ));
         }
-        let stored: StoredRing =
-            serde_json::from_value(ring.clone()).map_err(|_| KeyError::Invalid(THE_RING.into()))?;
-        let keys = || {
-            stored
-                .oidc
-                .iter()
-                .chain(&stored.session)
-                .chain(&stored.receipt)
+        let mut stored: StoredRing =
+            serde_json::from_value(ring).map_err(|_| KeyError::Invalid(THE_RING.into()))?;
+        let all = |stored: &StoredRing| -> Vec<StoredKey> {
+            let keys = stored.oidc.iter().chain(&stored.session);
+            keys.chain(&stored.receipt).cloned().collect()
         };
-        if let Some(plain) = keys().find(|k| k.sealed_pkcs8.is_none() && Held::of(k).is_none()) {
+        if let Some(plain) = all(&stored)
+            .iter()
+            .find(|k| k.sealed_pkcs8.is_none() && Held::of(k).is_none())
+        {
             return refused(format!("holds an unsealed private key ({})", plain.kid));
         }
-        // OIDC keys new here sign from the lead time on, and the keys
-        // before them stay published until that much later.
-        let lead = self.policy.oidc_lead_seconds;
-        let first_signs = stored
-            .oidc
-            .iter()
-            .filter_map(|key| {
-                let known = self.oidc.iter().any(|ours| ours.kid == key.kid);
-                let at = match known {
-                    true => self.first_signs.get(&key.kid).copied()?,
-                    false => now + lead,
-                };
-                (at > key.activates_at).then(|| (key.kid.clone(), at))
-            })
-            .collect();
+        let mut rescheduled = false;
+        let mut reschedule = |keys: &mut [StoredKey], ours: &[&str], from: u64| {
+            for key in keys.iter_mut().filter(|k| !ours.contains(&k.kid.as_str())) {
+                if key.activates_at < from {
+                    key.activates_at = from;
+                    rescheduled = true;
+                }
+            }
+        };
+        let ours: Vec<&str> = self.oidc.iter().map(|k| k.kid.as_str()).collect();
+        reschedule(&mut stored.oidc, &ours, now + self.policy.oidc_lead_seconds);
+        let ours: Vec<&str> = self.session.iter().map(|k| k.kid.as_str()).collect();
+        reschedule(&mut stored.session, &ours, now);
+        let stored_kids: HashSet<String> = all(&stored).into_iter().map(|k| k.kid).collect();
+        let ring = serde_json::to_value(&stored).expect("the key ring serializes");
         let snapshot = Arc::new(KeyRingSnapshot { ring, revision });
         let home = self.home.clone();
-        let mut fresh =
-            Self::load_with(snapshot, self.policy, now, &self.sealer, home, first_signs)?;
-        let stored_kids: HashSet<&str> = keys().map(|key| key.kid.as_str()).collect();
+        let mut fresh = Self::load(snapshot, self.policy, now, &self.sealer, home)?;
         let served = fresh.describe();
-        if let Some(made) = served
-            .iter()
-            .find(|k| !stored_kids.contains(k.kid.as_str()))
-        {
+        if let Some(made) = served.iter().find(|k| !stored_kids.contains(&k.kid)) {
             return refused(format!(
                 "lacks a key this broker needs ({} {})",
                 made.kind, made.kid
@@ -623,6 +610,9 @@ impl KeyRing {
         }
         fresh.store = self.store.clone();
         fresh.revision = revision;
+        if rescheduled {
+            fresh.persist()?;
+        }
         Ok(Some(fresh))
     }
 
@@ -642,10 +632,14 @@ impl KeyRing {
     }
 
     /// The kids of every key this ring signs or verifies with at `now`:
-    /// the OIDC key signing, the session keys still verifying, every
-    /// receipt key.
+    /// the OIDC keys that have signed and are still published (their
+    /// tokens are out), the session keys still verifying, every receipt
+    /// key.
     fn in_use(&self, now: u64) -> impl Iterator<Item = &str> {
-        let oidc = std::iter::once(self.signing_oidc(now).kid.as_str());
+        let oidc = (0..self.oidc.len())
+            .filter(move |&i| self.oidc[i].activates_at <= now)
+            .filter(move |&i| self.oidc_published_until(i).is_none_or(|until| now < until))
+            .map(|i| self.oidc[i].kid.as_str());
         let session = self.session.iter().map(|k| k.kid.as_str());
         let session = session.filter(move |kid| self.verifying_session(kid, now).is_some());
         let receipt = self.receipt.iter().map(|k| k.kid.as_str());
@@ -827,15 +821,8 @@ impl KeyRing {
         self.oidc
             .iter()
             .rev()
-            .find(|k| self.oidc_signs_from(k) <= now)
+            .find(|k| k.activates_at <= now)
             .unwrap_or(&self.oidc[0])
-    }
-
-    /// When `key` signs here: its stored activation, or later for a key
-    /// this broker published only when it read the ring again.
-    fn oidc_signs_from(&self, key: &Es256Key) -> u64 {
-        let first_signs = self.first_signs.get(&key.kid).copied();
-        key.activates_at.max(first_signs.unwrap_or(0))
     }
 
     /// The receipt key that signs now: the newest one.
@@ -872,7 +859,7 @@ impl KeyRing {
     }
 
     fn oidc_published_until(&self, index: usize) -> Option<u64> {
-        Self::retires_at(&self.oidc, index, |k| self.oidc_signs_from(k))
+        Self::retires_at(&self.oidc, index, |k| k.activates_at)
             .map(|retired| retired + self.policy.oidc_publish_after_retire_seconds)
     }
 
@@ -891,8 +878,8 @@ impl KeyRing {
         let oidc = (0..self.oidc.len()).map(|i| KeyInfo {
             kind: "oidc",
             kid: self.oidc[i].kid.clone(),
-            activates_at: self.oidc_signs_from(&self.oidc[i]),
-            retires_at: Self::retires_at(&self.oidc, i, |k| self.oidc_signs_from(k)),
+            activates_at: self.oidc[i].activates_at,
+            retires_at: Self::retires_at(&self.oidc, i, |k| k.activates_at),
             usable_until: self.oidc_published_until(i),
         });
         let session = (0..self.session.len()).map(|i| {
@@ -1400,7 +1387,12 @@ mod tests {
         );
         // Write the ring back the way older versions did: plain PKCS#8.
         let mut legacy = ring.stored.clone();
-        for (kind, keys) in [("oidc", &mut legacy.oidc), ("session", &mut legacy.session)] {
+        let kinds = [
+            ("oidc", &mut legacy.oidc),
+            ("session", &mut legacy.session),
+            ("receipt", &mut legacy.receipt),
+        ];
+        for (kind, keys) in kinds {
             for key in keys.iter_mut() {
                 let what = StoredKey::sealed_as(kind, &key.kid);
                 let der = sealer()
@@ -1578,7 +1570,54 @@ mod tests {
             [old.clone(), new.clone()],
             "the old one until 1600 + 50"
         );
-        assert_eq!(published(1650), [new]);
+        assert_eq!(published(1650), std::slice::from_ref(&new));
+        // Saved so: a restart within the window keeps it.
+        let restarted = KeyRing::load_or_generate(dir.path(), POLICY, 1610, &sealer()).unwrap();
+        assert_eq!(kids(&restarted.jwks(1610)), [old.clone(), new.clone()]);
+        assert_eq!(restarted.signing_oidc(1599).kid, old);
+        assert_eq!(restarted.signing_oidc(1610).kid, new);
+    }
+
+    /// A session key new to this broker takes over only when it is read
+    /// in: the one this broker signed sessions with until then verifies
+    /// them for the overlap from then.
+    #[test]
+    fn a_session_key_read_in_late_takes_over_from_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ours = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let mut theirs = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let signed_here = ours.signing_session().kid.clone();
+        let new = theirs.rotate_session(1001).unwrap().kid;
+        assert!(
+            theirs.verifying_session(&signed_here, 1031).is_none(),
+            "theirs: until 1031"
+        );
+        assert!(ours.reload(1100).unwrap());
+        assert_eq!(ours.signing_session().kid, new);
+        assert!(ours.verifying_session(&signed_here, 1129).is_some());
+        assert!(ours.verifying_session(&signed_here, 1130).is_none());
+    }
+
+    /// A ring holding sealed and unsealed private keys had one put in
+    /// without the sealing key: it is never loaded.
+    #[test]
+    fn a_ring_mixing_sealed_and_plain_keys_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let path = dir.path().join(KEYRING_FILE);
+        let mut stored: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        let key: StoredKey = serde_json::from_value(stored["receipt"][0].clone()).unwrap();
+        let (der, mut plain) = key.open("receipt", &sealer()).unwrap();
+        (plain.sealed_pkcs8, plain.pkcs8) = (None, Some(STANDARD.encode(der)));
+        stored["receipt"][0] = serde_json::to_value(&plain).unwrap();
+        fs::write(&path, stored.to_string()).unwrap();
+        let refused = KeyRing::load_or_generate(dir.path(), POLICY, 1001, &sealer());
+        assert!(
+            matches!(&refused, Err(KeyError::Invalid(why)) if why.contains("without the sealing key")),
+            "{:?}",
+            refused.err()
+        );
     }
 
     /// A stored ring this broker would have to add keys to is never read
@@ -1595,7 +1634,10 @@ mod tests {
         stored["revision"] = serde_json::json!(7);
         fs::write(&path, stored.to_string()).unwrap();
         let refused = ours.reload(1001);
-        assert!(matches!(refused, Err(KeyError::Invalid(_))), "{refused:?}");
+        assert!(
+            matches!(&refused, Err(KeyError::Invalid(why)) if why.contains("lacks")),
+            "{refused:?}"
+        );
         assert_eq!(ours.describe(), before);
         let after: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();

@@ -522,7 +522,7 @@ impl Handler<RotateKey> for SignerActor {
         // read lock: signatures go on), so its keys are served and the next
         // rotation lands; or say why it cannot be.
         if let Err(KeyError::ChangedMeanwhile) = &rotated {
-            let reread = self.ring().reread(now);
+            let reread = self.ring().reread(now_unix());
             match reread {
                 Ok(Some(fresh)) => {
                     if write().adopt(fresh) {

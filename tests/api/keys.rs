@@ -133,9 +133,13 @@ async fn a_ring_another_writer_changed_is_read_again() {
     .await;
     let agent = app.register_agent("reader").await;
     let session = app.login(&agent).await;
+    let old = kid_of(mint(&app, &session).await["jwt"].as_str().unwrap());
     let mut theirs = crate::helpers::key_ring_of_another_writer(&app);
-    let their_kid = theirs.rotate_oidc(now_unix(), None).unwrap().kid;
+    let rotated = theirs.rotate_oidc(now_unix(), None).unwrap();
+    let their_kid = rotated.kid;
     assert!(!published(&app).await.contains(&their_kid), "not read yet");
+    // Past the time their schedule says it signs from.
+    sleep_until(rotated.activates_at + 1).await;
     let admin = Some(app.admin_token.as_str());
     let oidc = json!({ "key": "oidc" });
     let rotate = || app.post("/v1/admin/keys/rotate", admin, &oidc);
@@ -146,6 +150,8 @@ async fn a_ring_another_writer_changed_is_read_again() {
     let message = refused.body["message"].as_str().unwrap();
     assert!(message.contains("changed by another writer"), "{message}");
     assert!(published(&app).await.contains(&their_kid), "read again");
+    let still = kid_of(mint(&app, &session).await["jwt"].as_str().unwrap());
+    assert_eq!(still, old, "not published here for the lead time yet");
     let keys = app.get("/v1/admin/keys", admin).await.body;
     let schedule = keys["keys"].as_array().unwrap().iter();
     let theirs = schedule

@@ -107,7 +107,7 @@ fn settle_within(
             return Err(LedgerFailure::unknown(reason));
         };
         let Some(start) = found.first() else {
-            after = scanned_to.max(after + 1).min(last_looked);
+            after = scanned_to.min(last_looked);
             break;
         };
         // The whole batch from there, or look on (an event like its first

@@ -125,9 +125,9 @@ pub trait KeyRingStore: Send + Sync + 'static {
 
 /// One stored ring, as read at its revision: loading from it reads that
 /// snapshot (never the store again), and saving writes nothing.
-pub struct KeyRingSnapshot {
-    pub ring: serde_json::Value,
-    pub revision: u64,
+pub(crate) struct KeyRingSnapshot {
+    pub(crate) ring: serde_json::Value,
+    pub(crate) revision: u64,
 }
 
 impl KeyRingStore for KeyRingSnapshot {
