@@ -39,6 +39,10 @@ use crate::token::{Token, TokenError, TokenKey};
 
 /// What [`KeyError::Invalid`] names when the stored ring is not valid.
 const THE_RING: &str = "the key ring";
+/// How long after it read a ring again a broker may take to swap it in
+/// (a token's or KMS's keys are looked up first): keys it reschedules
+/// start no earlier.
+const RESCHEDULE_MARGIN_SECONDS: u64 = 5;
 /// Published OIDC keys at most (current, pending and retiring): the JWKS
 /// stays small, and a runaway rotation loop is refused.
 const MAX_OIDC_KEYS: usize = 5;
@@ -48,8 +52,8 @@ pub enum KeyError {
     #[error("key ring: {0}")]
     Storage(#[from] StorageError),
     #[error(
-        "the key ring was changed by another writer since this broker read it; the ring was not \
-         written: try again"
+        "the key ring was changed by another writer since this broker read it; this change was \
+         not written: try again"
     )]
     ChangedMeanwhile,
     #[error("{0} is not valid")]
@@ -540,11 +544,13 @@ impl KeyRing {
     /// this one read or wrote it (a rotation was refused as
     /// `ChangedMeanwhile`): `None` when it did not. Needs no write lock
     /// (signatures go on meanwhile). Keys new to this broker are
-    /// rescheduled, and the ring saved so (from the revision read): an
-    /// OIDC key signs only once this broker has published it for the lead
-    /// time (verifiers cache the JWKS), the key before it staying
-    /// published that much longer; a session key takes over only now, so
-    /// the one before verifies its sessions for the overlap from now.
+    /// rescheduled, and the ring saved so (from the revision read): a
+    /// pending OIDC key signs only once this broker has published it for
+    /// the lead time (verifiers cache the JWKS), the key before it staying
+    /// published that much longer (one already signing elsewhere keeps its
+    /// schedule, as a restart would take it); a session key takes over
+    /// only now, so the one before verifies its sessions for the overlap
+    /// from now.
     /// Refused, and this ring kept: a ring at an older revision
     /// (restored), one holding a private key that is not sealed (written
     /// without the sealing key), one lacking a key this broker would have
@@ -576,19 +582,32 @@ impl KeyRing {
         {
             return refused(format!("holds an unsealed private key ({})", plain.kid));
         }
+        // From a little after now: the ring is swapped in once loaded (a
+        // token's or KMS's keys are looked up first).
+        let from = now + RESCHEDULE_MARGIN_SECONDS;
         let mut rescheduled = false;
-        let mut reschedule = |keys: &mut [StoredKey], ours: &[&str], from: u64| {
-            for key in keys.iter_mut().filter(|k| !ours.contains(&k.kid.as_str())) {
-                if key.activates_at < from {
-                    key.activates_at = from;
-                    rescheduled = true;
-                }
-            }
-        };
+        // Pending OIDC keys new here (nobody signs with them yet) wait out
+        // the lead time from now, in order; one already signing elsewhere
+        // keeps its schedule, as a restart would take it.
         let ours: Vec<&str> = self.oidc.iter().map(|k| k.kid.as_str()).collect();
-        reschedule(&mut stored.oidc, &ours, now + self.policy.oidc_lead_seconds);
+        let mut earliest = from + self.policy.oidc_lead_seconds;
+        for key in stored.oidc.iter_mut() {
+            let new_pending = !ours.contains(&key.kid.as_str()) && key.activates_at > now;
+            if new_pending && key.activates_at < earliest {
+                key.activates_at = earliest;
+                rescheduled = true;
+            }
+            earliest = earliest.max(key.activates_at + 1);
+        }
+        // Session keys new here take over from now: the one before verifies
+        // the sessions this broker signed with it for the overlap from now.
         let ours: Vec<&str> = self.session.iter().map(|k| k.kid.as_str()).collect();
-        reschedule(&mut stored.session, &ours, now);
+        for key in stored.session.iter_mut() {
+            if !ours.contains(&key.kid.as_str()) && key.activates_at < from {
+                key.activates_at = from;
+                rescheduled = true;
+            }
+        }
         let stored_kids: HashSet<String> = all(&stored).into_iter().map(|k| k.kid).collect();
         let ring = serde_json::to_value(&stored).expect("the key ring serializes");
         let snapshot = Arc::new(KeyRingSnapshot { ring, revision });
@@ -639,7 +658,8 @@ impl KeyRing {
         let oidc = (0..self.oidc.len())
             .filter(move |&i| self.oidc[i].activates_at <= now)
             .filter(move |&i| self.oidc_published_until(i).is_none_or(|until| now < until))
-            .map(|i| self.oidc[i].kid.as_str());
+            .map(|i| self.oidc[i].kid.as_str())
+            .chain(std::iter::once(self.signing_oidc(now).kid.as_str()));
         let session = self.session.iter().map(|k| k.kid.as_str());
         let session = session.filter(move |kid| self.verifying_session(kid, now).is_some());
         let receipt = self.receipt.iter().map(|k| k.kid.as_str());
@@ -1476,7 +1496,7 @@ mod tests {
 
     /// The stored ring as JSON, changed by `change` and written at a
     /// later revision, as another writer of the file would.
-    fn rewrite_ring(dir: &Path, change: impl FnOnce(&mut serde_json::Value)) {
+    fn rewrite_ring(dir: &Path, change: impl FnOnce(&mut serde_json::Value)) -> String {
         let path = dir.join(KEYRING_FILE);
         let mut stored: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
@@ -1484,6 +1504,7 @@ mod tests {
         let revision = stored["revision"].as_u64().unwrap_or(1);
         stored["revision"] = serde_json::json!(revision + 5);
         fs::write(&path, stored.to_string()).unwrap();
+        stored.to_string()
     }
 
     /// What another writer may have done that is never read in: plant an
@@ -1507,20 +1528,23 @@ mod tests {
         opened.pkcs8 = Some(STANDARD.encode(der));
         opened.activates_at = 1000;
         let planted_key = serde_json::to_value(&opened).unwrap();
-        rewrite_ring(dir.path(), |ring| {
+        let written = rewrite_ring(dir.path(), |ring| {
             ring["oidc"].as_array_mut().unwrap().push(planted_key);
         });
         let refused = ours.reload(1001);
+        let file = || fs::read_to_string(dir.path().join(KEYRING_FILE)).unwrap();
+        assert_eq!(file(), written, "nothing written");
         assert!(
             matches!(&refused, Err(KeyError::Invalid(why)) if why.contains("unsealed")),
             "{refused:?}"
         );
         let signing = ours.signing_oidc(1001).kid.clone();
         // Sealed, but without the key that signs here.
-        rewrite_ring(dir.path(), |ring| {
+        let written = rewrite_ring(dir.path(), |ring| {
             ring["oidc"] = serde_json::json!([sealed_elsewhere]);
         });
         let refused = ours.reload(1001);
+        assert_eq!(file(), written, "nothing written");
         assert!(
             matches!(&refused, Err(KeyError::Invalid(why)) if why.contains("drops")),
             "{refused:?}"
@@ -1539,10 +1563,11 @@ mod tests {
         assert_eq!(ours.signing_oidc(1001).kid, signing);
     }
 
-    /// An OIDC key first seen when the ring is read again signs here only
-    /// once this broker has published it for the lead time, whatever its
-    /// stored schedule; the key before it signs (and stays published) until
-    /// then.
+    /// A pending OIDC key first seen when the ring is read again signs
+    /// here only once this broker has published it for the lead time (from
+    /// a margin after now), whatever its stored schedule; the key before it
+    /// signs, and stays published, until then; the schedule is saved. One
+    /// already signing elsewhere keeps its schedule (as a restart takes it).
     #[test]
     fn a_key_read_in_late_waits_out_the_lead_time_here() {
         let dir = tempfile::tempdir().unwrap();
@@ -1550,32 +1575,36 @@ mod tests {
         let mut theirs = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
         let old = ours.signing_oidc(1000).kid.clone();
         let new = theirs.rotate_oidc(1000, None).unwrap().kid;
+        assert_eq!(theirs.signing_oidc(1100).kid, new, "their schedule: 1100");
+        assert!(ours.reload(1050).unwrap());
+        // 1050 + the margin + the lead.
         assert_eq!(
-            theirs.signing_oidc(1100).kid,
-            new,
-            "their schedule: from 1100"
-        );
-        assert!(ours.reload(1500).unwrap());
-        assert_eq!(
-            ours.signing_oidc(1500).kid,
+            ours.signing_oidc(1154).kid,
             old,
             "not published here long enough"
         );
-        assert_eq!(ours.signing_oidc(1599).kid, old);
-        assert_eq!(ours.signing_oidc(1600).kid, new);
+        assert_eq!(ours.signing_oidc(1155).kid, new);
         let published = |at| kids(&ours.jwks(at));
-        assert_eq!(published(1500), [old.clone(), new.clone()]);
+        assert_eq!(published(1050), [old.clone(), new.clone()]);
         assert_eq!(
-            published(1649),
+            published(1204),
             [old.clone(), new.clone()],
-            "the old one until 1600 + 50"
+            "until 1155 + 50"
         );
-        assert_eq!(published(1650), std::slice::from_ref(&new));
-        // Saved so: a restart within the window keeps it.
-        let restarted = KeyRing::load_or_generate(dir.path(), POLICY, 1610, &sealer()).unwrap();
-        assert_eq!(kids(&restarted.jwks(1610)), [old.clone(), new.clone()]);
-        assert_eq!(restarted.signing_oidc(1599).kid, old);
-        assert_eq!(restarted.signing_oidc(1610).kid, new);
+        assert_eq!(published(1205), std::slice::from_ref(&new));
+        // Saved so: a restart inside the window keeps it.
+        let restarted = KeyRing::load_or_generate(dir.path(), POLICY, 1120, &sealer()).unwrap();
+        assert_eq!(kids(&restarted.jwks(1120)), [old.clone(), new.clone()]);
+        assert_eq!(restarted.signing_oidc(1120).kid, old);
+        assert_eq!(restarted.signing_oidc(1155).kid, new);
+
+        // Already signing elsewhere: kept as stored.
+        let dir = tempfile::tempdir().unwrap();
+        let mut ours = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let mut theirs = KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let new = theirs.rotate_oidc(1000, None).unwrap().kid;
+        assert!(ours.reload(1120).unwrap());
+        assert_eq!(ours.signing_oidc(1120).kid, new);
     }
 
     /// A session key new to this broker takes over only when it is read
@@ -1594,8 +1623,9 @@ mod tests {
         );
         assert!(ours.reload(1100).unwrap());
         assert_eq!(ours.signing_session().kid, new);
-        assert!(ours.verifying_session(&signed_here, 1129).is_some());
-        assert!(ours.verifying_session(&signed_here, 1130).is_none());
+        // 1100 + the margin + the overlap.
+        assert!(ours.verifying_session(&signed_here, 1134).is_some());
+        assert!(ours.verifying_session(&signed_here, 1135).is_none());
     }
 
     /// A ring holding sealed and unsealed private keys had one put in

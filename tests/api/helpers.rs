@@ -590,18 +590,18 @@ pub fn stolen_key_ring(app: &TestApp) -> agentkeys_actors::keys::KeyRing {
 
 /// The broker's key ring as another writer of its store has it (another
 /// broker on its database, a tool): read from, and written to, the store
-/// itself, while the broker runs.
-pub fn key_ring_of_another_writer(app: &TestApp) -> agentkeys_actors::keys::KeyRing {
+/// itself, while the broker runs, rotating by `policy`.
+pub fn key_ring_of_another_writer(
+    app: &TestApp,
+    policy: agentkeys_actors::keys::RotationPolicy,
+) -> agentkeys_actors::keys::KeyRing {
     use agentkeys_actors::keys::KeyRing;
     let sealer = agentkeys_actors::sealing::Sealer::load(
         &app.settings.secrets.sealing_key_file,
         app.data_dir(),
     )
     .expect("the sealing key loads");
-    let (policy, now) = (
-        app.settings.rotation_policy(),
-        agentkeys_actors::domain::now_unix(),
-    );
+    let now = agentkeys_actors::domain::now_unix();
     #[cfg(feature = "postgres")]
     if let Some(db) = TestDatabase::for_data_dir(app.data_dir()) {
         use agentkeys_actors::storage::postgres::key_ring::PostgresKeyRing;

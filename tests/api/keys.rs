@@ -128,18 +128,21 @@ async fn a_ring_another_writer_changed_is_read_again() {
     let app = spawn_app_with(|s| {
         s.grants.required = false;
         s.oidc.jwks_max_age_seconds = 1;
-        s.oidc.rotation_lead_seconds = 2;
+        s.oidc.rotation_lead_seconds = 1;
     })
     .await;
     let agent = app.register_agent("reader").await;
     let session = app.login(&agent).await;
     let old = kid_of(mint(&app, &session).await["jwt"].as_str().unwrap());
-    let mut theirs = crate::helpers::key_ring_of_another_writer(&app);
+    // Theirs signs 2 s after it rotates, by their schedule.
+    let policy = agentkeys_actors::keys::RotationPolicy {
+        oidc_lead_seconds: 2,
+        ..app.settings.rotation_policy()
+    };
+    let mut theirs = crate::helpers::key_ring_of_another_writer(&app, policy);
     let rotated = theirs.rotate_oidc(now_unix(), None).unwrap();
     let their_kid = rotated.kid;
     assert!(!published(&app).await.contains(&their_kid), "not read yet");
-    // Past the time their schedule says it signs from.
-    sleep_until(rotated.activates_at + 1).await;
     let admin = Some(app.admin_token.as_str());
     let oidc = json!({ "key": "oidc" });
     let rotate = || app.post("/v1/admin/keys/rotate", admin, &oidc);
@@ -150,6 +153,8 @@ async fn a_ring_another_writer_changed_is_read_again() {
     let message = refused.body["message"].as_str().unwrap();
     assert!(message.contains("changed by another writer"), "{message}");
     assert!(published(&app).await.contains(&their_kid), "read again");
+    // Past the time their schedule says it signs from.
+    sleep_until(rotated.activates_at + 1).await;
     let still = kid_of(mint(&app, &session).await["jwt"].as_str().unwrap());
     assert_eq!(still, old, "not published here for the lead time yet");
     let keys = app.get("/v1/admin/keys", admin).await.body;
@@ -160,7 +165,7 @@ async fn a_ring_another_writer_changed_is_read_again() {
         .unwrap();
     let signs_at = theirs["activates_at"].as_u64().unwrap();
     assert!(
-        signs_at >= refused_at + 2,
+        signs_at >= refused_at + 6,
         "published here for the lead time first"
     );
     sleep_until(signs_at).await;
