@@ -472,6 +472,21 @@ impl KeyRing {
                  the sealing key; find out how before starting)"
             )));
         }
+        // A key is in exactly one place: memory, a token, or KMS.
+        let places = |k: &StoredKey| {
+            let material = k.pkcs8.is_some() || k.sealed_pkcs8.is_some();
+            [material, k.token_label.is_some(), k.kms_key_id.is_some()]
+                .iter()
+                .filter(|held| **held)
+                .count()
+        };
+        if let Some(key) = keys().find(|k| places(k) > 1) {
+            return Err(KeyError::Invalid(format!(
+                "{THE_RING} (its key {} names more than one place it is held: private material, \
+                 a token or KMS; find out how before starting)",
+                key.kid
+            )));
+        }
         // OIDC keys whose publication ended are not looked for: an operator
         // may delete them from the token or KMS once they left the JWKS.
         let after_retire = policy.oidc_publish_after_retire_seconds;
@@ -1626,6 +1641,25 @@ mod tests {
         // 1100 + the margin + the overlap.
         assert!(ours.verifying_session(&signed_here, 1134).is_some());
         assert!(ours.verifying_session(&signed_here, 1135).is_none());
+    }
+
+    /// A key naming a token or KMS besides private material (which would
+    /// the broker sign with?) is never loaded.
+    #[test]
+    fn a_key_held_in_two_places_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
+        let path = dir.path().join(KEYRING_FILE);
+        let mut stored: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        stored["oidc"][0]["token_label"] = serde_json::json!("agentkeys-oidc");
+        fs::write(&path, stored.to_string()).unwrap();
+        let refused = KeyRing::load_or_generate(dir.path(), POLICY, 1001, &sealer());
+        assert!(
+            matches!(&refused, Err(KeyError::Invalid(why)) if why.contains("more than one place")),
+            "{:?}",
+            refused.err()
+        );
     }
 
     /// A ring holding sealed and unsealed private keys had one put in
