@@ -1643,45 +1643,43 @@ mod tests {
         assert!(ours.verifying_session(&signed_here, 1135).is_none());
     }
 
-    /// A key naming a token or KMS besides private material (which would
-    /// the broker sign with?) is never loaded.
-    #[test]
-    fn a_key_held_in_two_places_is_refused() {
+    /// Why a ring made at 1000, then changed by `change` as stored, is
+    /// refused at the next start (it must be).
+    fn refused_at_start(change: impl FnOnce(&mut serde_json::Value)) -> String {
         let dir = tempfile::tempdir().unwrap();
         KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
         let path = dir.path().join(KEYRING_FILE);
         let mut stored: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
-        stored["oidc"][0]["token_label"] = serde_json::json!("agentkeys-oidc");
+        change(&mut stored);
         fs::write(&path, stored.to_string()).unwrap();
-        let refused = KeyRing::load_or_generate(dir.path(), POLICY, 1001, &sealer());
-        assert!(
-            matches!(&refused, Err(KeyError::Invalid(why)) if why.contains("more than one place")),
-            "{:?}",
-            refused.err()
-        );
+        match KeyRing::load_or_generate(dir.path(), POLICY, 1001, &sealer()) {
+            Err(KeyError::Invalid(why)) => why,
+            other => panic!("not refused: {:?}", other.err()),
+        }
+    }
+
+    /// A key naming a token or KMS besides private material (which would
+    /// the broker sign with?) is never loaded.
+    #[test]
+    fn a_key_held_in_two_places_is_refused() {
+        let why = refused_at_start(|stored| {
+            stored["oidc"][0]["token_label"] = serde_json::json!("agentkeys-oidc");
+        });
+        assert!(why.contains("more than one place"), "{why}");
     }
 
     /// A ring holding sealed and unsealed private keys had one put in
     /// without the sealing key: it is never loaded.
     #[test]
     fn a_ring_mixing_sealed_and_plain_keys_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        KeyRing::load_or_generate(dir.path(), POLICY, 1000, &sealer()).unwrap();
-        let path = dir.path().join(KEYRING_FILE);
-        let mut stored: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
-        let key: StoredKey = serde_json::from_value(stored["receipt"][0].clone()).unwrap();
-        let (der, mut plain) = key.open("receipt", &sealer()).unwrap();
-        (plain.sealed_pkcs8, plain.pkcs8) = (None, Some(STANDARD.encode(der)));
-        stored["receipt"][0] = serde_json::to_value(&plain).unwrap();
-        fs::write(&path, stored.to_string()).unwrap();
-        let refused = KeyRing::load_or_generate(dir.path(), POLICY, 1001, &sealer());
-        assert!(
-            matches!(&refused, Err(KeyError::Invalid(why)) if why.contains("without the sealing key")),
-            "{:?}",
-            refused.err()
-        );
+        let why = refused_at_start(|stored| {
+            let key: StoredKey = serde_json::from_value(stored["receipt"][0].clone()).unwrap();
+            let (der, mut plain) = key.open("receipt", &sealer()).unwrap();
+            (plain.sealed_pkcs8, plain.pkcs8) = (None, Some(STANDARD.encode(der)));
+            stored["receipt"][0] = serde_json::to_value(&plain).unwrap();
+        });
+        assert!(why.contains("without the sealing key"), "{why}");
     }
 
     /// A stored ring this broker would have to add keys to is never read
