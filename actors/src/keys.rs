@@ -218,6 +218,19 @@ struct StoredRing {
     receipt: Vec<StoredKey>,
 }
 
+impl StoredRing {
+    /// Every key of every kind.
+    fn keys(&self) -> impl Iterator<Item = &StoredKey> {
+        self.oidc.iter().chain(&self.session).chain(&self.receipt)
+    }
+
+    /// A private key in memory, not sealed (a ring from before sealing, or
+    /// one put in without the sealing key).
+    fn is_plain(key: &StoredKey) -> bool {
+        key.sealed_pkcs8.is_none() && Held::of(key).is_none()
+    }
+}
+
 /// The `typ` of grant receipts: never a JWT a verifier of the broker's
 /// OIDC tokens would take for a credential.
 pub const RECEIPT_TYP: &str = "agentkeys-grant-receipt+jwt";
@@ -456,14 +469,8 @@ impl KeyRing {
             session: Vec::new(),
             receipt: Vec::new(),
         };
-        let keys = || {
-            stored
-                .oidc
-                .iter()
-                .chain(&stored.session)
-                .chain(&stored.receipt)
-        };
-        let unsealed = keys().any(|k| k.sealed_pkcs8.is_none() && Held::of(k).is_none());
+        let keys = || stored.keys();
+        let unsealed = keys().any(StoredRing::is_plain);
         // A ring from before sealing holds no sealed key; one that holds
         // both had a key put in by someone without the sealing key.
         if unsealed && keys().any(|k| k.sealed_pkcs8.is_some()) {
@@ -587,14 +594,7 @@ impl KeyRing {
         }
         let mut stored: StoredRing =
             serde_json::from_value(ring).map_err(|_| KeyError::Invalid(THE_RING.into()))?;
-        let all = |stored: &StoredRing| -> Vec<StoredKey> {
-            let keys = stored.oidc.iter().chain(&stored.session);
-            keys.chain(&stored.receipt).cloned().collect()
-        };
-        if let Some(plain) = all(&stored)
-            .iter()
-            .find(|k| k.sealed_pkcs8.is_none() && Held::of(k).is_none())
-        {
+        if let Some(plain) = stored.keys().find(|k| StoredRing::is_plain(k)) {
             return refused(format!("holds an unsealed private key ({})", plain.kid));
         }
         // From a little after now: the ring is swapped in once loaded (a
@@ -623,7 +623,7 @@ impl KeyRing {
                 rescheduled = true;
             }
         }
-        let stored_kids: HashSet<String> = all(&stored).into_iter().map(|k| k.kid).collect();
+        let stored_kids: HashSet<String> = stored.keys().map(|k| k.kid.clone()).collect();
         let ring = serde_json::to_value(&stored).expect("the key ring serializes");
         let snapshot = Arc::new(KeyRingSnapshot { ring, revision });
         let home = self.home.clone();

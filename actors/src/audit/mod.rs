@@ -338,10 +338,7 @@ impl GroupCommit for AuditActor {
                 let seqs = relinked.iter().map(|record| record.seq);
                 let replies = seqs.zip(replies).map(|(seq, (_, reply))| (seq, reply));
                 let replies = replies.collect();
-                let head = relinked.last().map_or(head, |last| ChainHead {
-                    seq: last.seq,
-                    hash: last.hash.clone(),
-                });
+                let head = relinked.last().map_or(head, ChainHead::of);
                 (Arc::new(relinked), replies, head)
             }
         };

@@ -149,21 +149,14 @@ mod tests {
                     ..MintEvent::default()
                 };
                 let (record, json) = AuditRecord::chain(event, prev.seq + 1, 7, prev.hash.clone());
-                prev = ChainHead {
-                    seq: record.seq,
-                    hash: record.hash.clone(),
-                };
+                prev = ChainHead::of(&record);
                 (record, json)
             })
             .unzip()
     }
 
     fn last_of(records: &[AuditRecord]) -> ChainHead {
-        let last = records.last().unwrap();
-        ChainHead {
-            seq: last.seq,
-            hash: last.hash.clone(),
-        }
+        ChainHead::of(records.last().unwrap())
     }
 
     fn lost() -> StorageError {

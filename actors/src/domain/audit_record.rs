@@ -209,6 +209,14 @@ pub struct ChainHead {
 }
 
 impl ChainHead {
+    /// The head `record` is, once stored: where the next one chains from.
+    pub fn of(record: &AuditRecord) -> Self {
+        Self {
+            seq: record.seq,
+            hash: record.hash.clone(),
+        }
+    }
+
     pub fn genesis() -> Self {
         Self {
             seq: 0,

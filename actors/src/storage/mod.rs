@@ -321,10 +321,7 @@ impl Placed {
             .iter()
             .map(|record| {
                 let (linked, json) = record.rechained(prev.seq + 1, prev.hash.clone());
-                prev = ChainHead {
-                    seq: linked.seq,
-                    hash: linked.hash.clone(),
-                };
+                prev = ChainHead::of(&linked);
                 (linked, json)
             })
             .unzip();

@@ -50,13 +50,7 @@ impl RedbLedger {
 /// The head a table of records ends at.
 fn head_of(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<ChainHead, StorageError> {
     Ok(match table.last().map_err(backend)? {
-        Some((_, value)) => {
-            let last = decode(value.value())?;
-            ChainHead {
-                seq: last.seq,
-                hash: last.hash,
-            }
-        }
+        Some((_, value)) => ChainHead::of(&decode(value.value())?),
         None => ChainHead::genesis(),
     })
 }

@@ -1,13 +1,12 @@
 //! The agent registry ([`AgentStore`]) in PostgreSQL: one row per agent,
 //! its stored shape as JSONB (what operators can query), shared with redb.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
-use std::collections::HashSet;
-
-use super::{failed, to_db, Postgres};
+use super::{failed, firsts_in_key_order, to_db, Postgres};
 use crate::domain::{AgentName, AgentRecord};
-use crate::storage::gates::{firsts, NonceSpend, Nonces};
+use crate::storage::gates::{NonceSpend, Nonces};
 use crate::storage::stored::StoredAgent;
 use crate::storage::{backend, AgentStore, StorageError};
 
@@ -114,14 +113,7 @@ impl AgentStore for PostgresAgentStore {
 /// or expired (the server decides on the row it locked).
 impl Nonces for PostgresAgentStore {
     fn spend(&self, spends: &[NonceSpend], now: u64) -> Result<Vec<bool>, StorageError> {
-        let firsts = firsts(spends, |s| (&s.scope, &s.nonce));
-        // In key order: spenders of the same nonces lock them in one order.
-        let mut lead: Vec<&NonceSpend> = spends
-            .iter()
-            .zip(&firsts)
-            .filter_map(|(spend, first)| first.then_some(spend))
-            .collect();
-        lead.sort_by(|a, b| (&a.scope, &a.nonce).cmp(&(&b.scope, &b.nonce)));
+        let (firsts, lead) = firsts_in_key_order(spends, |s| (&s.scope, &s.nonce));
         let scopes: Vec<&str> = lead.iter().map(|s| s.scope.as_str()).collect();
         let nonces: Vec<&str> = lead.iter().map(|s| s.nonce.as_str()).collect();
         let expiries: Vec<i64> = lead.iter().map(|s| to_db(s.expires_at)).collect();

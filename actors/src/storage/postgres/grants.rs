@@ -7,11 +7,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::{from_db, to_db, Postgres};
+use super::{firsts_in_key_order, from_db, to_db, Postgres};
 use crate::domain::{now_unix, CompletedMint, Grant};
 use crate::sealing::Sealer;
 use crate::storage::gates::{
-    firsts, holding_past, slot_state, HeldSlot, IdempotencySlots, SlotClaim, SlotState,
+    holding_past, slot_state, HeldSlot, IdempotencySlots, SlotClaim, SlotState,
 };
 use crate::storage::stored::{parsed_grant, StoredCompleted};
 use crate::storage::{backend, GrantChanges, GrantStore, StorageError};
@@ -155,15 +155,7 @@ impl GrantStore for PostgresGrantStore {
 impl IdempotencySlots for PostgresGrantStore {
     fn claim(&self, claims: &[SlotClaim], now: u64) -> Result<Vec<SlotState>, StorageError> {
         holding_past(claims, now)?;
-        let firsts = firsts(claims, |c| &c.slot);
-        // In slot order: brokers claiming the same slots lock them in the
-        // same order, so never wait on each other in a circle.
-        let mut lead: Vec<&SlotClaim> = claims
-            .iter()
-            .zip(&firsts)
-            .filter_map(|(claim, first)| first.then_some(claim))
-            .collect();
-        lead.sort_by(|a, b| a.slot.cmp(&b.slot));
+        let (firsts, lead) = firsts_in_key_order(claims, |c| &c.slot);
         let slots: Vec<&str> = lead.iter().map(|c| c.slot.as_str()).collect();
         let fingerprints: Vec<&str> = lead.iter().map(|c| c.fingerprint.as_str()).collect();
         let claim_ids: Vec<&str> = lead.iter().map(|c| c.claim_id.as_str()).collect();

@@ -67,16 +67,34 @@ async fn change_uses(
     Ok(())
 }
 
+/// The head `HEAD` read (no row: the genesis).
+fn head_of(row: Option<tokio_postgres::Row>) -> ChainHead {
+    row.map_or_else(ChainHead::genesis, |row| ChainHead {
+        seq: from_db(row.get(0)),
+        hash: row.get(1),
+    })
+}
+
+/// The chain's lock, then the head, in one round trip: other appends wait
+/// from here to the end of `txn`, so the head read is the one written
+/// after, and no append still ending is missed. Prepared once per
+/// connection: a batch costs its statements' round trips, not a parse
+/// each.
+async fn locked_head(txn: &deadpool_postgres::Transaction<'_>) -> Result<ChainHead, StorageError> {
+    let (lock, head) = tokio::try_join!(txn.prepare_cached(CHAIN_LOCK), txn.prepare_cached(HEAD))
+        .map_err(backend)?;
+    let (_, head) = tokio::try_join!(biased; txn.execute(&lock, &[]), txn.query_opt(&head, &[]))
+        .map_err(backend)?;
+    Ok(head_of(head))
+}
+
 impl AuditLedger for PostgresLedger {
     fn head(&self) -> Result<ChainHead, StorageError> {
         let row = self.db.run(async {
             let reader = self.db.client().await?;
             reader.query_opt(HEAD, &[]).await.map_err(backend)
         })?;
-        Ok(row.map_or_else(ChainHead::genesis, |row| ChainHead {
-            seq: from_db(row.get(0)),
-            hash: row.get(1),
-        }))
+        Ok(head_of(row))
     }
 
     fn append(
@@ -90,25 +108,9 @@ impl AuditLedger for PostgresLedger {
         self.db.run(async {
             let mut client = self.db.client().await?;
             let txn = client.transaction().await.map_err(backend)?;
-            // The chain's lock, then the head: other appends wait from
-            // here to the commit, so the head read is the one written
-            // after. Prepared once per connection: a batch costs its
-            // statements' round trips, not a parse each.
-            let head = async {
-                let (lock, head) =
-                    tokio::try_join!(txn.prepare_cached(CHAIN_LOCK), txn.prepare_cached(HEAD))
-                        .map_err(backend)?;
-                let (_, head) =
-                    tokio::try_join!(biased; txn.execute(&lock, &[]), txn.query_opt(&head, &[]))
-                        .map_err(backend)?;
-                Ok(head)
-            };
-            // The writer's fence, the lock and the head in one round trip.
-            let head = self.db.fence_then(&txn, head).await?;
-            let head = head.map_or_else(ChainHead::genesis, |row| ChainHead {
-                seq: from_db(row.get(0)),
-                hash: row.get(1),
-            });
+            // The writer's fence, the chain's lock and the head in one
+            // round trip.
+            let head = self.db.fence_then(&txn, locked_head(&txn)).await?;
             let placed = match Placed::at(&head, batch)? {
                 Ok(placed) => placed,
                 Err(from) => {
@@ -149,18 +151,13 @@ impl AuditLedger for PostgresLedger {
     /// The head read once the chain's lock is free: an append whose
     /// answer was lost holds it until the server has ended it.
     fn settled_head(&self) -> Result<ChainHead, StorageError> {
-        let row = self.db.run(async {
+        self.db.run(async {
             let mut client = self.db.client().await?;
             let txn = client.transaction().await.map_err(backend)?;
-            txn.execute(CHAIN_LOCK, &[]).await.map_err(backend)?;
-            let head = txn.query_opt(HEAD, &[]).await.map_err(backend)?;
+            let head = locked_head(&txn).await?;
             txn.commit().await.map_err(backend)?;
             Ok(head)
-        })?;
-        Ok(row.map_or_else(ChainHead::genesis, |row| ChainHead {
-            seq: from_db(row.get(0)),
-            hash: row.get(1),
-        }))
+        })
     }
 
     /// The head answers, and this broker still writes the schema.

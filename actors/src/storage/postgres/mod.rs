@@ -577,6 +577,24 @@ async fn migrate(client: &mut Object, schema: Option<&str>) -> Result<(), Storag
     txn.commit().await.map_err(backend)
 }
 
+/// Which entries of `items` are the first of their key (a batch may name
+/// a slot or a nonce twice; only its first entry may win it), and those
+/// entries in key order: brokers deciding on the same keys lock their
+/// rows in one order, so never wait on each other in a circle.
+pub(crate) fn firsts_in_key_order<'a, T, K: Ord + std::hash::Hash>(
+    items: &'a [T],
+    key: impl Fn(&'a T) -> K,
+) -> (Vec<bool>, Vec<&'a T>) {
+    let firsts = crate::storage::gates::firsts(items, &key);
+    let mut lead: Vec<&T> = items
+        .iter()
+        .zip(&firsts)
+        .filter_map(|(item, first)| first.then_some(item))
+        .collect();
+    lead.sort_by_key(|item| key(item));
+    (firsts, lead)
+}
+
 /// A failed statement: `Conflict` when a unique key was taken (another
 /// writer got there first).
 pub(crate) fn failed(e: tokio_postgres::Error) -> StorageError {
