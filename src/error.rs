@@ -32,6 +32,7 @@ impl ApiError {
             ErrorCode::Overloaded
                 | ErrorCode::AuditUnavailable
                 | ErrorCode::SignerUnavailable
+                | ErrorCode::StorageUnavailable
                 | ErrorCode::IdempotencyInFlight
         )
         .then_some(OVERLOADED_RETRY_AFTER_SECONDS);
@@ -99,9 +100,10 @@ impl ResponseError for ApiError {
             ErrorCode::IdempotencyConflict => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ErrorCode::AuditUnavailable | ErrorCode::SignerUnavailable | ErrorCode::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorCode::AuditUnavailable
+            | ErrorCode::SignerUnavailable
+            | ErrorCode::StorageUnavailable
+            | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -190,6 +190,9 @@ pub struct PostgresStorage {
     /// The CA certificates (PEM) the database's certificate must chain to;
     /// set, every connection is TLS and verified.
     pub ca_file: Option<PathBuf>,
+    /// Several brokers share the schema as replicas behind one load
+    /// balancer: the database decides grant uses and idempotency.
+    pub replicas: bool,
 }
 
 impl Default for PostgresStorage {
@@ -202,6 +205,7 @@ impl Default for PostgresStorage {
             connect_timeout_ms: 500,
             call_timeout_ms: 800,
             ca_file: None,
+            replicas: false,
         }
     }
 }
@@ -218,6 +222,7 @@ impl std::fmt::Debug for PostgresStorage {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("call_timeout_ms", &self.call_timeout_ms)
             .field("ca_file", &self.ca_file)
+            .field("replicas", &self.replicas)
             .finish()
     }
 }

@@ -340,6 +340,7 @@ fn start_actors(
         grants: grant_store,
         ledger,
         key_ring: _,
+        shared,
     } = stores;
     let head = ledger.head()?;
     let held_uses = held_grant_uses(ledger.as_ref(), grant_store.as_ref())?;
@@ -411,6 +412,10 @@ fn start_actors(
         grant_store,
         &held_uses,
     )?;
+    let grants = match shared {
+        Some(gates) => grants.deciding_with(gates),
+        None => grants,
+    };
 
     // Everything that can fail has: the actors start.
     let auth = auth.start();

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use agentkeys_actors::grant::SharedGates;
 use agentkeys_actors::sealing::Sealer;
 use agentkeys_actors::storage::file_key_ring::{FileKeyRing, KEYRING_FILE};
 use agentkeys_actors::storage::redb_ledger::RedbLedger;
@@ -26,6 +27,9 @@ pub struct Stores {
     pub grants: Arc<dyn GrantStore>,
     pub ledger: Arc<dyn AuditLedger>,
     pub key_ring: Arc<dyn KeyRingStore>,
+    /// What decides the shared gates when brokers run as replicas
+    /// (`storage.postgres.replicas`); `None`: this broker's memory.
+    pub shared: Option<SharedGates>,
 }
 
 impl Stores {
@@ -64,6 +68,7 @@ impl Stores {
                     )?),
                     ledger: Arc::new(RedbLedger::open(&file(LEDGER_FILE), cache)?),
                     key_ring: Arc::new(FileKeyRing::in_dir(&settings.storage.data_dir)),
+                    shared: None,
                 })
             }
             StorageBackend::Postgres => postgres(settings, sealer, migrate),
@@ -96,7 +101,8 @@ fn postgres(settings: &Settings, sealer: &Sealer, migrate: bool) -> Result<Store
     } else {
         Schema::AsItIs
     };
-    let db = Postgres::open(&postgres_settings(settings)?, schema)?;
+    let pg = postgres_settings(settings)?;
+    let db = Postgres::open(&pg, schema)?;
     let database: Arc<dyn KeyRingStore> = Arc::new(PostgresKeyRing::new(db.clone()));
     let key_ring = match migrate {
         true => Arc::new(KeyRingMovingIn {
@@ -105,11 +111,18 @@ fn postgres(settings: &Settings, sealer: &Sealer, migrate: bool) -> Result<Store
         }),
         false => database,
     };
+    let grants = Arc::new(PostgresGrantStore::new(db.clone(), sealer.clone()));
+    let ledger = Arc::new(PostgresLedger::new(db.clone()));
+    let shared = pg.replicas.then(|| SharedGates {
+        uses: ledger.clone(),
+        slots: grants.clone(),
+    });
     Ok(Stores {
-        agents: Arc::new(PostgresAgentStore::new(db.clone())),
-        grants: Arc::new(PostgresGrantStore::new(db.clone(), sealer.clone())),
-        ledger: Arc::new(PostgresLedger::new(db)),
+        agents: Arc::new(PostgresAgentStore::new(db)),
+        grants,
+        ledger,
         key_ring,
+        shared,
     })
 }
 
@@ -202,6 +215,7 @@ fn postgres_settings(
         connect_timeout: Duration::from_millis(pg.connect_timeout_ms),
         call_timeout: Duration::from_millis(pg.call_timeout_ms),
         ca_file: pg.ca_file.clone(),
+        replicas: pg.replicas,
     })
 }
 

@@ -64,7 +64,11 @@ impl ClientError {
             Self::Refused { code, .. } => match code.as_str() {
                 "unauthorized" | "forbidden" => 3,
                 "grant_denied" | "grant_exhausted" | "idempotency_conflict" => 4,
-                "rate_limited" | "overloaded" | "audit_unavailable" | "idempotency_in_flight" => 5,
+                "rate_limited"
+                | "overloaded"
+                | "audit_unavailable"
+                | "storage_unavailable"
+                | "idempotency_in_flight" => 5,
                 _ => 1,
             },
             Self::Transport(_) => 5,

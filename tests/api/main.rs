@@ -35,6 +35,8 @@ mod postgres_backend;
 mod process;
 mod proof;
 mod rate_limit;
+#[cfg(feature = "postgres")]
+mod replicas;
 mod restart;
 mod secrets_in_logs;
 mod shutdown;

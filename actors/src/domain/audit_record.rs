@@ -26,6 +26,7 @@ pub enum Outcome {
     RequestTimeout,
     AuditUnavailable,
     SignerUnavailable,
+    StorageUnavailable,
     Overloaded,
     Error,
 }
@@ -46,6 +47,7 @@ impl From<ErrorCode> for Outcome {
             ErrorCode::RequestTimeout => Self::RequestTimeout,
             ErrorCode::AuditUnavailable => Self::AuditUnavailable,
             ErrorCode::SignerUnavailable => Self::SignerUnavailable,
+            ErrorCode::StorageUnavailable => Self::StorageUnavailable,
             ErrorCode::Overloaded => Self::Overloaded,
             ErrorCode::NotFound | ErrorCode::Conflict | ErrorCode::Internal => Self::Error,
         }
@@ -54,7 +56,7 @@ impl From<ErrorCode> for Outcome {
 
 impl Outcome {
     /// Every outcome, in declaration order (`ALL[o as usize] == o`).
-    pub const ALL: [Outcome; 15] = [
+    pub const ALL: [Outcome; 16] = [
         Self::Ok,
         Self::Replayed,
         Self::AuthFailed,
@@ -68,6 +70,7 @@ impl Outcome {
         Self::RequestTimeout,
         Self::AuditUnavailable,
         Self::SignerUnavailable,
+        Self::StorageUnavailable,
         Self::Overloaded,
         Self::Error,
     ];
@@ -88,6 +91,7 @@ impl Outcome {
             Self::RequestTimeout => "request_timeout",
             Self::AuditUnavailable => "audit_unavailable",
             Self::SignerUnavailable => "signer_unavailable",
+            Self::StorageUnavailable => "storage_unavailable",
             Self::Overloaded => "overloaded",
             Self::Error => "error",
         }

@@ -31,6 +31,7 @@ pub enum ErrorCode {
     RequestTimeout,
     AuditUnavailable,
     SignerUnavailable,
+    StorageUnavailable,
     Overloaded,
     Internal,
 }
@@ -52,6 +53,7 @@ impl ErrorCode {
             Self::RequestTimeout => "request_timeout",
             Self::AuditUnavailable => "audit_unavailable",
             Self::SignerUnavailable => "signer_unavailable",
+            Self::StorageUnavailable => "storage_unavailable",
             Self::Overloaded => "overloaded",
             Self::Internal => "internal",
         }

@@ -1,9 +1,12 @@
-//! What one grant commit writes, and how it settles.
+//! What one grant commit writes (and, with replicas, asks the store),
+//! and how it settles.
 
 use actix::Context;
 
 use super::idempotency::Slot;
+use super::shared::{Asked, StoreAsks};
 use super::{CommitReply, GrantActor, GrantError};
+use crate::domain::now_unix;
 use crate::domain::Grant;
 use crate::group_commit::GroupCommit;
 use crate::storage::{GrantChanges, StorageError};
@@ -17,11 +20,21 @@ pub struct GrantBatch {
     /// Grants that go live once this commit holds them.
     created: Vec<Grant>,
     waiting: Vec<CommitReply>,
+    /// Asked of the store after the changes are written (so a key's claim
+    /// finds the answer this commit keeps).
+    asks: StoreAsks,
+}
+
+/// What a batch's write answered.
+pub struct Written {
+    committed: Result<(), StorageError>,
+    /// `None`: nothing was asked.
+    asked: Option<Asked>,
 }
 
 impl GroupCommit for GrantActor {
     type Batch = GrantBatch;
-    type Written = Result<(), StorageError>;
+    type Written = Written;
     const STORE: &'static str = "grants";
 
     fn committing(&mut self) -> &mut bool {
@@ -33,7 +46,8 @@ impl GroupCommit for GrantActor {
             && self.created.is_empty()
             && self.dirty_slots.is_empty()
             && self.forgotten_slots.is_empty()
-            && self.waiting.is_empty();
+            && self.waiting.is_empty()
+            && self.store_asks.is_empty();
         if nothing {
             return None;
         }
@@ -61,28 +75,48 @@ impl GroupCommit for GrantActor {
             slot_ids,
             created,
             waiting: std::mem::take(&mut self.waiting),
+            asks: self.take_store_asks(),
         })
     }
 
-    fn lost(reason: String) -> Result<(), StorageError> {
-        Err(StorageError::Backend(reason.into()))
+    fn lost(reason: String) -> Written {
+        Written {
+            committed: Err(StorageError::Backend(reason.clone().into())),
+            asked: Some(Asked::failed(StorageError::Backend(reason.into()))),
+        }
     }
 
-    fn writer(&self) -> impl FnOnce(&GrantBatch) -> Result<(), StorageError> + Send + 'static {
+    fn writer(&self) -> impl FnOnce(&GrantBatch) -> Written + Send + 'static {
         let store = self.store.clone();
-        move |batch| store.commit(&batch.changes)
+        let shared = self.shared.clone();
+        move |batch| {
+            let changes = &batch.changes;
+            let unchanged = changes.grants.is_empty()
+                && changes.completed.is_empty()
+                && changes.forgotten.is_empty();
+            let committed = match unchanged {
+                true => Ok(()),
+                false => store.commit(changes),
+            };
+            let asked = shared.filter(|_| !batch.asks.is_empty()).map(|gates| {
+                match &committed {
+                    // Failed already: the mints waiting learn it at once.
+                    Err(e) => Asked::failed(StorageError::Backend(e.to_string().into())),
+                    Ok(()) => batch.asks.ask(&gates, now_unix()),
+                }
+            });
+            Written { committed, asked }
+        }
     }
 
     /// Created grants go live; a failed commit's changes are written again
     /// with the next one (but not its created grants: their creator was
     /// told they were not created).
-    fn committed(
-        &mut self,
-        batch: GrantBatch,
-        written: Result<(), StorageError>,
-        _: &mut Context<Self>,
-    ) {
-        let result = match written {
+    fn committed(&mut self, batch: GrantBatch, written: Written, ctx: &mut Context<Self>) {
+        if let Some(asked) = written.asked {
+            self.store_answered(batch.asks, asked, ctx);
+        }
+        let result = match written.committed {
             Ok(()) => {
                 for grant in batch.created {
                     self.insert_grant(grant);

@@ -29,7 +29,12 @@ pub struct Complete {
 
 /// An idempotency key's state.
 pub(super) enum Slot {
-    InFlight { fingerprint: String, since: u64 },
+    InFlight {
+        fingerprint: String,
+        since: u64,
+        /// The store's claim on the key, once made (replicas).
+        claim_id: Option<String>,
+    },
     Done(Arc<CompletedMint>),
 }
 
@@ -53,9 +58,9 @@ impl GrantActor {
                 }
                 return Ok(Some(mint.clone()));
             }
-            Some(Slot::InFlight { fingerprint, since })
-                if now.saturating_sub(*since) < self.settings.in_flight_limit.as_secs() =>
-            {
+            Some(Slot::InFlight {
+                fingerprint, since, ..
+            }) if now.saturating_sub(*since) < self.settings.in_flight_limit.as_secs() => {
                 if *fingerprint == claim.fingerprint {
                     return Err(GrantError::IdempotencyInFlight);
                 }
@@ -68,14 +73,23 @@ impl GrantActor {
             Slot::InFlight {
                 fingerprint: claim.fingerprint.clone(),
                 since: now,
+                claim_id: None,
             },
         );
         Ok(None)
     }
 
-    pub(super) fn free_slot(&mut self, slot: &str) {
-        if matches!(self.slots.get(slot), Some(Slot::InFlight { .. })) {
-            self.slots.remove(slot);
+    /// Frees a key marked in flight, and its claim in the store if made.
+    pub(super) fn free_slot(&mut self, slot: &str, ctx: &mut Context<Self>) {
+        if !matches!(self.slots.get(slot), Some(Slot::InFlight { .. })) {
+            return;
+        }
+        if let Some(Slot::InFlight {
+            claim_id: Some(claim_id),
+            ..
+        }) = self.slots.remove(slot)
+        {
+            self.free_in_store(slot.to_owned(), claim_id, ctx);
         }
     }
 

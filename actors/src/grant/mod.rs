@@ -16,6 +16,7 @@ mod grants;
 mod idempotency;
 pub mod receipt;
 mod reserve;
+mod shared;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub use commit::GrantBatch;
 pub use grants::{CreateGrant, GetGrant, GrantSpec, ListGrants, RevokeAgentGrants, RevokeGrant};
 pub use idempotency::{Complete, IdempotencySlot};
 pub use reserve::{DefaultIntent, GrantDecision, GrantUse, Release, Reservation, Reserve};
+pub use shared::SharedGates;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum GrantError {
@@ -48,6 +50,10 @@ pub enum GrantError {
     IdempotencyInFlight,
     #[error("grant storage failed: {0}")]
     Storage(String),
+    /// The store that decides grant uses and keys for replicas did not
+    /// answer (the cause is logged, not shown).
+    #[error("the database that decides grant uses and Idempotency-Keys did not answer")]
+    Unavailable(String),
     #[error("the request waited too long for the grant actor")]
     QueuedTooLong,
     /// A mint that named no intent, where none can be chosen for it.
@@ -64,6 +70,7 @@ impl GrantError {
             Self::IdempotencyConflict => ErrorCode::IdempotencyConflict,
             Self::IdempotencyInFlight => ErrorCode::IdempotencyInFlight,
             Self::Storage(_) => ErrorCode::Internal,
+            Self::Unavailable(_) => ErrorCode::StorageUnavailable,
             Self::QueuedTooLong => ErrorCode::Overloaded,
             Self::NoDefaultIntent(_) => ErrorCode::BadRequest,
         }
@@ -119,6 +126,11 @@ pub struct GrantActor {
     waiting: Vec<CommitReply>,
     /// One commit at a time keeps writes in order.
     committing: bool,
+    /// With replicas, the stores that decide limited grants' uses and
+    /// keys ([`shared`]); `None`: this actor decides (one broker).
+    shared: Option<SharedGates>,
+    /// What the next batch asks them.
+    store_asks: shared::StoreAsks,
 }
 
 impl GrantActor {
@@ -160,6 +172,8 @@ impl GrantActor {
             forgotten_slots: HashSet::new(),
             waiting: Vec::new(),
             committing: false,
+            shared: None,
+            store_asks: shared::StoreAsks::default(),
         };
         for mut grant in grants {
             // The ledger's count is exact; a stored row can only be higher
@@ -172,6 +186,12 @@ impl GrantActor {
             actor.slots.insert(slot, Slot::Done(Arc::new(mint)));
         }
         Ok(actor)
+    }
+
+    /// Lets `gates` decide what replicas share (`storage.postgres.replicas`).
+    pub fn deciding_with(mut self, gates: SharedGates) -> Self {
+        self.shared = Some(gates);
+        self
     }
 
     /// A receiver that resolves once everything changed so far is durable.
@@ -387,6 +407,7 @@ mod tests {
         );
         let release = Release {
             grant_id: decision.grant_id,
+            counted_by_store: false,
             idempotency: None,
         };
         grants.send(release).await.unwrap();

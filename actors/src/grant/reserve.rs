@@ -6,11 +6,12 @@
 
 use std::sync::Arc;
 
-use actix::{Handler, Message};
+use actix::{ActorResponse, Handler, Message};
 
 use super::{Complete, GrantActor, GrantError, IdempotencySlot};
 use crate::backpressure::Handle;
 use crate::domain::{now_unix, CompletedMint, Grant, Intent, Principal, ScopePath, ServiceName};
+use crate::storage::gates::UseTake;
 
 /// The gate's answer for an allowed mint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +22,30 @@ pub struct GrantDecision {
     pub not_after: Option<u64>,
     /// The JWT's lifetime may not exceed this.
     pub max_ttl_seconds: Option<u64>,
+    /// The store counted the use already (replicas): the mint's record
+    /// must not count it again, and a failed mint gives it back there.
+    pub counted_by_store: bool,
+}
+
+impl GrantDecision {
+    /// A mint in the caller's own scope: no grant, no use.
+    fn own_scope() -> Self {
+        Self {
+            grant_id: None,
+            not_after: None,
+            max_ttl_seconds: None,
+            counted_by_store: false,
+        }
+    }
+}
+
+/// What deciding a reservation found.
+pub(super) enum Decided {
+    /// Allowed, its use (if any) taken in memory.
+    Now(GrantDecision),
+    /// A limited grant matched, and the store decides its uses (replicas):
+    /// the use still to take there.
+    Ask(UseTake),
 }
 
 /// Reserve's answer: go ahead, or send back the earlier answer.
@@ -51,6 +76,7 @@ impl GrantUse {
             grants,
             release: Some(Release {
                 grant_id: decision.grant_id.clone(),
+                counted_by_store: decision.counted_by_store,
                 idempotency,
             }),
         }
@@ -59,6 +85,11 @@ impl GrantUse {
     /// The grant the use was taken from, if any.
     pub fn grant_id(&self) -> Option<&str> {
         self.release.as_ref()?.grant_id.as_deref()
+    }
+
+    /// Whether the store counted the use already (replicas).
+    pub fn counted_by_store(&self) -> bool {
+        self.release.as_ref().is_some_and(|r| r.counted_by_store)
     }
 
     /// The mint's outcome is unknown (its record, and with it the use, may
@@ -71,6 +102,7 @@ impl GrantUse {
         {
             self.grants.tell(Release {
                 grant_id: None,
+                counted_by_store: false,
                 idempotency: Some(claim),
             });
         }
@@ -83,6 +115,7 @@ impl GrantUse {
         let Some(Release {
             grant_id,
             idempotency: Some(claim),
+            ..
         }) = self.release.take()
         else {
             return;
@@ -113,6 +146,7 @@ impl Drop for GrantUse {
             Some(Release {
                 grant_id: None,
                 idempotency: None,
+                ..
             })
             | None => {}
             // The use must come back and the key be freed even past a
@@ -152,6 +186,8 @@ pub struct DefaultIntent {
 #[rtype(result = "()")]
 pub struct Release {
     pub grant_id: Option<String>,
+    /// The use is the store's to give back (replicas).
+    pub counted_by_store: bool,
     pub idempotency: Option<IdempotencySlot>,
 }
 
@@ -184,12 +220,15 @@ impl Handler<DefaultIntent> for GrantActor {
 }
 
 impl GrantActor {
-    /// The most specific live grant of `principal` covering `intent` that
-    /// has a use left. A grant belongs to one agent: same account and name.
+    /// The most specific live grant of `principal` covering `intent`, not
+    /// in `tried`, that has a use left (one broker: in memory; replicas:
+    /// the store decides, so any). A grant belongs to one agent: same
+    /// account and name.
     pub(super) fn matching_grant(
         &self,
         principal: &Principal,
         intent: &Intent,
+        tried: &[String],
     ) -> Result<String, GrantError> {
         let now = now_unix();
         let live: Vec<&Grant> = self
@@ -203,8 +242,9 @@ impl GrantActor {
         if live.is_empty() {
             return Err(GrantError::Denied);
         }
+        let store_decides = self.shared.is_some();
         live.into_iter()
-            .filter(|g| g.has_uses_left())
+            .filter(|g| !tried.contains(&g.id) && (store_decides || g.has_uses_left()))
             .max_by_key(|g| {
                 (
                     g.scope_path.as_str().trim_end_matches('/').len(),
@@ -213,6 +253,52 @@ impl GrantActor {
             })
             .map(|g| g.id.clone())
             .ok_or(GrantError::Exhausted)
+    }
+
+    /// Decides `msg`'s intent (the owner's namespace, or a grant not in
+    /// `tried`) and takes its use in memory, unless the store decides it.
+    pub(super) fn decide(
+        &mut self,
+        msg: &Reserve,
+        tried: &[String],
+    ) -> Result<Decided, GrantError> {
+        let own_scope = msg
+            .own_scope
+            .as_ref()
+            .is_some_and(|namespace| msg.intent.scope_path.is_within(namespace));
+        if own_scope {
+            return Ok(Decided::Now(GrantDecision::own_scope()));
+        }
+        let id = self.matching_grant(&msg.principal, &msg.intent, tried)?;
+        let store_decides = self.shared.is_some();
+        let grant = self.grants.get_mut(&id).expect("matched grants exist");
+        if let (true, Some(max_uses)) = (store_decides, grant.max_uses) {
+            let take = UseTake {
+                grant_id: id,
+                max_uses: Some(max_uses),
+            };
+            return Ok(Decided::Ask(take));
+        }
+        grant.uses += 1;
+        Ok(Decided::Now(GrantDecision {
+            grant_id: Some(id),
+            not_after: grant.expires_at,
+            max_ttl_seconds: grant.max_ttl_seconds,
+            counted_by_store: false,
+        }))
+    }
+
+    /// The decision for a use the store took from `grant_id`, which it
+    /// counts at `uses`; `None` when the grant is no longer live here.
+    pub(super) fn counted_decision(&mut self, grant_id: &str, uses: u64) -> Option<GrantDecision> {
+        let grant = self.grants.get_mut(grant_id)?;
+        grant.uses = uses;
+        grant.is_live(now_unix()).then(|| GrantDecision {
+            grant_id: Some(grant.id.clone()),
+            not_after: grant.expires_at,
+            max_ttl_seconds: grant.max_ttl_seconds,
+            counted_by_store: true,
+        })
     }
 
     /// Gives a reserved use back (in memory: a use is durable only with
@@ -225,65 +311,48 @@ impl GrantActor {
 }
 
 impl Handler<Reserve> for GrantActor {
-    type Result = Result<Reservation, GrantError>;
+    type Result = ActorResponse<Self, Result<Reservation, GrantError>>;
 
-    /// Replay, or match + take a use now.
-    fn handle(&mut self, msg: Reserve, _: &mut Self::Context) -> Self::Result {
+    /// Replay, or match + take a use now; with replicas, ask the store
+    /// first when a key is to be claimed or a limited grant's use taken.
+    fn handle(&mut self, msg: Reserve, ctx: &mut Self::Context) -> Self::Result {
         if std::time::Instant::now() >= msg.deadline {
-            return Err(GrantError::QueuedTooLong);
+            return ActorResponse::reply(Err(GrantError::QueuedTooLong));
         }
         if let Some(claim) = &msg.idempotency {
             match self.claim_slot(claim) {
-                Ok(Some(done)) => return Ok(Reservation::Replay(done)),
+                Ok(Some(done)) => return ActorResponse::reply(Ok(Reservation::Replay(done))),
                 Ok(None) => {}
-                Err(e) => return Err(e),
+                Err(e) => return ActorResponse::reply(Err(e)),
             }
         }
-        let own_scope = msg
-            .own_scope
-            .as_ref()
-            .is_some_and(|namespace| msg.intent.scope_path.is_within(namespace));
-        let grant_id = if own_scope {
-            None
-        } else {
-            match self.matching_grant(&msg.principal, &msg.intent) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    if let Some(claim) = &msg.idempotency {
-                        self.free_slot(&claim.slot);
-                    }
-                    return Err(e);
-                }
+        let store_claims = self.shared.is_some() && msg.idempotency.is_some();
+        match self.decide(&msg, &[]) {
+            Ok(Decided::Now(decision)) if !store_claims => {
+                ActorResponse::reply(Ok(Reservation::Granted(decision)))
             }
-        };
-        let Some(id) = grant_id else {
-            let decision = GrantDecision {
-                grant_id: None,
-                not_after: None,
-                max_ttl_seconds: None,
-            };
-            return Ok(Reservation::Granted(decision));
-        };
-        let grant = self.grants.get_mut(&id).expect("matched grants exist");
-        grant.uses += 1;
-        let decision = GrantDecision {
-            grant_id: Some(id.clone()),
-            not_after: grant.expires_at,
-            max_ttl_seconds: grant.max_ttl_seconds,
-        };
-        Ok(Reservation::Granted(decision))
+            Ok(decided) => self.ask_store(msg, decided, ctx),
+            Err(e) => {
+                if let Some(claim) = &msg.idempotency {
+                    self.free_slot(&claim.slot, ctx);
+                }
+                ActorResponse::reply(Err(e))
+            }
+        }
     }
 }
 
 impl Handler<Release> for GrantActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Release, _: &mut Self::Context) {
-        if let Some(id) = &msg.grant_id {
-            self.return_use(id);
+    fn handle(&mut self, msg: Release, ctx: &mut Self::Context) {
+        match (&msg.grant_id, msg.counted_by_store) {
+            (Some(id), true) => self.give_back_to_store(id, ctx),
+            (Some(id), false) => self.return_use(id),
+            (None, _) => {}
         }
         if let Some(claim) = &msg.idempotency {
-            self.free_slot(&claim.slot);
+            self.free_slot(&claim.slot, ctx);
         }
     }
 }

@@ -191,7 +191,12 @@ impl MintFlow {
             Ok(Allowed::Fresh(fresh)) => {
                 let (grant_id, jti) = (&fresh.claims.agentkeys_grant_id, &fresh.claims.jti);
                 let attempt = attempt.releasing(grant_id.clone(), jti);
-                let takes = grant_id.clone().map_or(UseChange::None, UseChange::Take);
+                // A use the store counted already (replicas) is not the
+                // record's to count.
+                let takes = match (grant_id, fresh.grant_use.counted_by_store()) {
+                    (Some(id), false) => UseChange::Take(id.clone()),
+                    _ => UseChange::None,
+                };
                 let recorded = self.record(attempt.ended(Outcome::Ok), takes);
                 // Once the record may be durable, a failure's record names
                 // the JWT withheld (and gives its use back if it was held).
@@ -403,8 +408,13 @@ impl MintFlow {
 /// on disk by the refusal's record (the answer) when the ledger holds the
 /// record that took it, and in memory by the guard; kept taken in memory
 /// too when nobody knows (so memory never allows what the ledger may
-/// already count).
+/// already count). A use the store counted (replicas) no record counts:
+/// the guard gives it back there, whatever became of the record.
 fn withhold(grant_use: GrantUse, error: MintError, held: Option<bool>) -> (MintError, UseChange) {
+    if grant_use.counted_by_store() {
+        drop(grant_use);
+        return (error, UseChange::None);
+    }
     match held {
         Some(true) => {
             let taken = grant_use.grant_id().map(str::to_owned);

@@ -65,7 +65,7 @@ fn advice(code: &str, message: &str, retry_after: Option<u64>, grants: Option<&s
             "{message}. The account's mint budget is spent for now: retry after {} seconds.",
             retry_after.unwrap_or(1)
         ),
-        "overloaded" | "audit_unavailable" | "idempotency_in_flight" => format!(
+        "overloaded" | "audit_unavailable" | "storage_unavailable" | "idempotency_in_flight" => format!(
             "{message}. The broker cannot mint right now: retry after {} seconds.",
             retry_after.unwrap_or(5)
         ),

@@ -69,6 +69,9 @@ pub struct PostgresSettings {
     /// The CA certificates (PEM) the server's certificate must chain to;
     /// set, every connection is TLS ([`tls`]).
     pub ca_file: Option<PathBuf>,
+    /// Several brokers write the schema as replicas (the database decides
+    /// every shared gate); `false`: one broker writes it ([`writer`]).
+    pub replicas: bool,
 }
 
 impl std::fmt::Debug for PostgresSettings {
@@ -80,6 +83,7 @@ impl std::fmt::Debug for PostgresSettings {
             .field("connect_timeout", &self.connect_timeout)
             .field("call_timeout", &self.call_timeout)
             .field("ca_file", &self.ca_file)
+            .field("replicas", &self.replicas)
             .finish_non_exhaustive()
     }
 }
@@ -95,6 +99,7 @@ impl PostgresSettings {
             connect_timeout: Duration::from_millis(500),
             call_timeout: Duration::from_millis(800),
             ca_file: None,
+            replicas: false,
         }
     }
 
@@ -135,14 +140,16 @@ pub struct Postgres {
     /// This broker's claim, once it claimed the schema ([`writer`]): every
     /// write checks it is still the current one.
     claim: OnceLock<writer::Claim>,
+    /// Whether this broker writes the schema as one of its replicas.
+    replicas: bool,
 }
 
 /// What [`Postgres::open`] may do to the schema.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Schema {
     /// Take the writer lock (refused while another broker holds it), then
-    /// migrate, then claim the schema: the one broker that writes it
-    /// ([`writer`]).
+    /// migrate, then claim the schema: the one broker that writes it, or
+    /// one of its replicas with [`PostgresSettings::replicas`] ([`writer`]).
     Claim,
     /// Make it if absent and apply the migrations it lacks, claiming
     /// nothing (a tool, a test of the stores).
@@ -191,6 +198,7 @@ impl Postgres {
             tls,
             schema: settings.schema.clone(),
             claim: OnceLock::new(),
+            replicas: settings.replicas,
         };
         // Which database, and the system's own reason (the client's error
         // alone says only that connecting failed).

@@ -1,22 +1,27 @@
-//! One broker writes a schema. Until replicas arbitrate every gate in the
-//! database, a broker decides grant uses, idempotency and sessions in its
-//! own memory, so a second broker on the same schema would release what
-//! the first already counted. Two things keep it to one:
+//! Who writes a schema: one broker, or replicas that let the database
+//! decide every shared gate (`storage.postgres.replicas`). One broker
+//! decides grant uses, idempotency and sessions in its own memory, so a
+//! second broker on the same schema would release what the first already
+//! counted. Two things keep it to one, or to replicas only:
 //!
 //! - **The writer lock**, a session advisory lock on a connection of its
-//!   own, taken before any migration and held for the broker's life: a
-//!   second broker is refused at start, having changed nothing, and told
-//!   who holds it. A broker that loses the connection (the database
+//!   own, taken before any migration and held for the broker's life:
+//!   exclusively by a lone broker, shared by replicas. A second lone
+//!   broker, or a lone broker beside replicas (or a replica beside a lone
+//!   broker), is refused at start, having changed nothing, and told who
+//!   holds it. A broker that loses the connection (the database
 //!   restarted) takes the lock again as soon as it can.
-//! - **The claim token**, a fencing token: the broker that takes the lock
-//!   writes a fresh random token (and raises the epoch operators read),
-//!   holding the fence lock exclusively; every write transaction first
-//!   takes the fence lock shared and checks that the token is still its
-//!   own. A claim thus waits for the writes that read the old token, and
-//!   any that come after see the new one. A broker that lost its lock while
-//!   another claimed the schema (a partition long enough for the server to
-//!   drop its session) is superseded: its writes fail, so it releases
-//!   nothing more, and it does not take the lock again.
+//! - **The claim token**, a fencing token: a lone broker that takes the
+//!   lock writes a fresh random token (and raises the epoch operators
+//!   read), holding the fence lock exclusively; the first replica writes
+//!   one that names replicas, and the next ones adopt it. Every write
+//!   transaction first takes the fence lock shared and checks that the
+//!   token is still its own. A claim thus waits for the writes that read
+//!   the old token, and any that come after see the new one. A broker
+//!   that lost its lock while another claimed the schema (a partition long
+//!   enough for the server to drop its session) is superseded: its writes
+//!   fail, so it releases nothing more, and it does not take the lock
+//!   again.
 
 use std::future::Future;
 use std::sync::{Arc, Weak};
@@ -52,6 +57,9 @@ const FENCE_WAIT: &str = "SELECT pg_advisory_xact_lock_shared($1)";
 /// snapshot is taken when it starts, so this one sees a claim that
 /// committed while the lock was waited for).
 const FENCE_READ: &str = "SELECT token FROM broker_writer";
+
+/// How a replicas' claim token starts: the next replica adopts it.
+const REPLICAS_TOKEN: &str = "replicas:";
 
 /// This broker's claim on the schema.
 pub(super) struct Claim {
@@ -115,10 +123,11 @@ impl Postgres {
             .await
             .map_err(backend)?;
         let (writer_key, fence_key): (i64, i64) = (keys.get(0), keys.get(1));
-        match client
-            .execute("SELECT pg_advisory_lock($1)", &[&writer_key])
-            .await
-        {
+        let take = match self.replicas {
+            true => "SELECT pg_advisory_lock_shared($1)",
+            false => "SELECT pg_advisory_lock($1)",
+        };
+        match client.execute(take, &[&writer_key]).await {
             Ok(_) => Ok(Some(Lock {
                 client,
                 connection,
@@ -129,13 +138,14 @@ impl Postgres {
         }
     }
 
-    /// Makes this the one broker that writes the schema, `lock` taken and
-    /// the schema migrated: writes a fresh token, which every write checks
-    /// from now on. The lock is held, and taken again after a lost
-    /// connection, until `self` is dropped.
+    /// Makes this the one broker that writes the schema, or one of its
+    /// replicas, `lock` taken and the schema migrated: writes a fresh
+    /// token (a replica adopts the replicas' token, when the schema has
+    /// one), which every write checks from now on. The lock is held, and
+    /// taken again after a lost connection, until `self` is dropped.
     pub(super) fn claim(self: &Arc<Self>, mut lock: Lock) -> Result<(), StorageError> {
-        let token = random_hex(16);
-        self.run_within(LOCK_WAIT * 2, async {
+        let replicas = self.replicas;
+        let token = self.run_within(LOCK_WAIT * 2, async {
             let txn = lock.client.transaction().await.map_err(backend)?;
             txn.execute("SELECT pg_advisory_xact_lock($1)", &[&lock.fence_key])
                 .await
@@ -145,16 +155,30 @@ impl Postgres {
                     ),
                     false => backend(e),
                 })?;
+            let stored = txn.query_opt(FENCE_READ, &[]).await.map_err(backend)?;
+            let stored: Option<String> = stored.map(|row| row.get(0));
+            if let Some(adopted) = stored.filter(|t| replicas && t.starts_with(REPLICAS_TOKEN)) {
+                txn.commit().await.map_err(backend)?;
+                return Ok(adopted);
+            }
+            let (token, claimed_by) = match replicas {
+                true => (
+                    format!("{REPLICAS_TOKEN}{}", random_hex(16)),
+                    format!("replicas, the first {}", this_broker()),
+                ),
+                false => (random_hex(16), this_broker()),
+            };
             txn.execute(
                 "INSERT INTO broker_writer (epoch, claimed_by, token) VALUES (1, $1, $2)
                  ON CONFLICT (only_row) DO UPDATE
                  SET epoch = broker_writer.epoch + 1, claimed_at = now(),
                      claimed_by = EXCLUDED.claimed_by, token = EXCLUDED.token",
-                &[&this_broker(), &token],
+                &[&claimed_by, &token],
             )
             .await
             .map_err(backend)?;
-            txn.commit().await.map_err(backend)
+            txn.commit().await.map_err(backend)?;
+            Ok(token)
         })?;
         let fence_key = lock.fence_key;
         self.claim
@@ -187,9 +211,14 @@ impl Postgres {
             ),
             _ => String::new(),
         };
+        let this = match self.replicas {
+            true => "a replica",
+            false => "a second broker",
+        };
         backend(format!(
-            "another broker writes this database's schema{holder}: stop it first, or give this \
-             broker a schema of its own (storage.postgres.schema)"
+            "another broker writes this database's schema{holder}, and {this} may not join it: \
+             stop it first, give this broker a schema of its own (storage.postgres.schema), or \
+             set storage.postgres.replicas alike on every broker of the schema"
         ))
     }
 

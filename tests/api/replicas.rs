@@ -1,0 +1,163 @@
+//! Brokers as replicas on one PostgreSQL schema
+//! (`storage.postgres.replicas`): the database, not either broker's
+//! memory, decides grant uses and Idempotency-Keys, so requests spread
+//! over replicas get what one broker would give.
+
+use std::collections::{HashMap, HashSet};
+
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::{on_postgres, psql, spawn_app_with, TestApp};
+use crate::ledger_contract::postgres::{fresh_schema, url};
+
+fn intent() -> Value {
+    json!({ "service": "s3", "scope_path": "replicas/" })
+}
+
+/// A replica on `schema`; with `first`'s sealing key and admin token when
+/// it joins another (every replica of a schema shares both).
+async fn replica(url: &str, schema: &str, first: Option<&TestApp>) -> TestApp {
+    let (url, schema) = (url.to_owned(), schema.to_owned());
+    let shared = first.map(|app| {
+        let settings = &app.settings;
+        let token = (settings.admin.token_file.clone())
+            .unwrap_or_else(|| settings.storage.data_dir.join("admin.token"));
+        (settings.secrets.sealing_key_file.clone(), token)
+    });
+    spawn_app_with(move |s| {
+        on_postgres(s, &url, Some(schema), None);
+        if let Some(pg) = s.storage.postgres.as_mut() {
+            pg.replicas = true;
+        }
+        if let Some((sealing_key, admin_token)) = shared {
+            s.secrets.sealing_key_file = sealing_key;
+            s.admin.token_file = Some(admin_token);
+        }
+    })
+    .await
+}
+
+/// Two replicas on a fresh schema, an agent registered and granted
+/// `max_uses` on the first before the second starts, and its session.
+async fn two_replicas(test: &str, max_uses: Option<u64>) -> Option<(TestApp, TestApp, String)> {
+    let url = url(test)?;
+    let schema = fresh_schema();
+    let first = replica(&url, &schema, None).await;
+    let agent = first.register_agent("spread").await;
+    first.grant(&agent, "s3", "replicas/", max_uses).await;
+    let second = replica(&url, &schema, Some(&first)).await;
+    let session = first.login(&agent).await;
+    Some((first, second, session))
+}
+
+/// The `i`th of `replicas`, round-robin.
+fn pick<'a>(replicas: &'a [&'a TestApp], i: usize) -> &'a TestApp {
+    replicas[i % replicas.len()]
+}
+
+#[actix_web::test]
+async fn a_storm_spread_over_replicas_releases_exactly_the_grants_uses() {
+    const USES: u64 = 7;
+    let Some((first, second, session)) = two_replicas("replica storm", Some(USES)).await else {
+        return;
+    };
+    let replicas = [&first, &second];
+    let body = intent();
+    let storm = (0..60).map(|i| pick(&replicas, i).mint(&session, &body));
+    let replies = join_all(storm).await;
+    let mut by_status: HashMap<StatusCode, usize> = HashMap::new();
+    for reply in &replies {
+        *by_status.entry(reply.status).or_default() += 1;
+        if reply.status != StatusCode::OK {
+            assert_eq!(reply.error_code(), "grant_exhausted", "{}", reply.body);
+        }
+    }
+    assert_eq!(by_status[&StatusCode::OK] as u64, USES, "{by_status:?}");
+    let jtis: HashSet<&str> = (replies.iter())
+        .filter_map(|r| r.body["jti"].as_str())
+        .collect();
+    assert_eq!(jtis.len() as u64, USES, "distinct JWTs");
+
+    // One chain holds every attempt, from both replicas, and verifies.
+    let outcomes = first.audit_outcomes().await;
+    assert_eq!(outcomes.len(), 60, "{outcomes:?}");
+    let oks = outcomes.iter().filter(|o| *o == "ok").count() as u64;
+    assert_eq!(oks, USES);
+    let verified = first.admin("GET", "/v1/admin/audit/verify", None).await;
+    assert_eq!(verified.body["ok"], true, "{}", verified.body);
+    // The database counts each use once (taken, never counted again by
+    // its record).
+    let database = first.settings.storage.postgres.as_ref().unwrap();
+    let schema = database.schema.as_deref().unwrap();
+    let uses = psql(
+        &database.url,
+        &format!("SELECT sum(uses) FROM {schema}.audit_grant_uses"),
+    );
+    assert_eq!(uses, USES.to_string());
+}
+
+#[actix_web::test]
+async fn a_retry_on_another_replica_replays_or_conflicts_as_on_one() {
+    let Some((first, second, session)) = two_replicas("replica idempotency", None).await else {
+        return;
+    };
+    let minted = first.mint_with_key(&session, "key-1", &intent()).await;
+    assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);
+    let replayed = second.mint_with_key(&session, "key-1", &intent()).await;
+    assert_eq!(replayed.status, StatusCode::OK, "{}", replayed.body);
+    assert_eq!(
+        replayed.body["jti"], minted.body["jti"],
+        "the same JWT again"
+    );
+    let other = json!({ "service": "s3", "scope_path": "replicas/other/" });
+    let conflict = second.mint_with_key(&session, "key-1", &other).await;
+    assert_eq!(conflict.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(conflict.error_code(), "idempotency_conflict");
+
+    // The same key sent to both at once, many times: one JWT per key; a
+    // request that did not get it waited (409), never minted another.
+    let replicas = [&first, &second];
+    let body = intent();
+    for round in 0..10 {
+        let key = format!("race-{round}");
+        let race = (0..6).map(|i| pick(&replicas, i).mint_with_key(&session, &key, &body));
+        let replies = join_all(race).await;
+        let jtis: HashSet<&str> = (replies.iter())
+            .filter(|r| r.status == StatusCode::OK)
+            .filter_map(|r| r.body["jti"].as_str())
+            .collect();
+        assert_eq!(jtis.len(), 1, "round {round}: {jtis:?}");
+        for reply in replies.iter().filter(|r| r.status != StatusCode::OK) {
+            assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
+            assert_eq!(reply.error_code(), "idempotency_in_flight");
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_lone_broker_and_replicas_never_share_a_schema() {
+    let Some(url) = url("replicas and a lone broker") else {
+        return;
+    };
+    let schema = fresh_schema();
+    let first = replica(&url, &schema, None).await;
+    let open = |replicas: bool| {
+        use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings, Schema};
+        let settings = PostgresSettings {
+            replicas,
+            ..PostgresSettings::new(&url).in_schema(&schema)
+        };
+        Postgres::open(&settings, Schema::Claim)
+    };
+    let lone = open(false)
+        .err()
+        .expect("a lone broker is refused beside replicas");
+    assert!(lone.to_string().contains("another broker writes"), "{lone}");
+    let joined = open(true).expect("a replica joins");
+    drop(joined);
+    // The replica that joined wrote nothing new: the first still writes.
+    let agent = first.register_agent("still-writing").await;
+    first.grant(&agent, "s3", "replicas/", None).await;
+}
