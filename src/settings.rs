@@ -193,6 +193,9 @@ pub struct PostgresStorage {
     /// Several brokers share the schema as replicas behind one load
     /// balancer: the database decides grant uses and idempotency.
     pub replicas: bool,
+    /// Replicas: how often each reads the agents and grants again (what
+    /// another replica changed reaches this one within it).
+    pub refresh_ms: u64,
 }
 
 impl Default for PostgresStorage {
@@ -206,6 +209,7 @@ impl Default for PostgresStorage {
             call_timeout_ms: 800,
             ca_file: None,
             replicas: false,
+            refresh_ms: 1000,
         }
     }
 }
@@ -223,6 +227,7 @@ impl std::fmt::Debug for PostgresStorage {
             .field("call_timeout_ms", &self.call_timeout_ms)
             .field("ca_file", &self.ca_file)
             .field("replicas", &self.replicas)
+            .field("refresh_ms", &self.refresh_ms)
             .finish()
     }
 }
@@ -769,6 +774,18 @@ impl Settings {
                     "storage.postgres: twice call_timeout_ms must be below actors.send_timeout_ms, and connect_timeout_ms below call_timeout_ms",
                 )
             }
+            (StorageBackend::Postgres, Some(pg)) if pg.replicas && pg.refresh_ms == 0 => {
+                return invalid("storage.postgres.refresh_ms must be above 0")
+            }
+            // Every replica would send its own anchors: until they elect
+            // one anchoring leader, the chain is anchored by a lone broker.
+            (StorageBackend::Postgres, Some(pg))
+                if pg.replicas && self.resolved_sinks().iter().any(|s| s.anchors_on_chain()) =>
+            {
+                return invalid(
+                    "storage.postgres.replicas: an evm sink with rpc_url would anchor from every replica; anchor to a chain from a lone broker (or run the sink without rpc_url)",
+                )
+            }
             (StorageBackend::Redb, Some(_)) => {
                 return invalid("[storage.postgres] is set but storage.backend is not \"postgres\"")
             }
@@ -866,6 +883,13 @@ impl Settings {
 
     pub fn send_timeout(&self) -> Duration {
         Duration::from_millis(self.actors.send_timeout_ms)
+    }
+
+    /// How often a replica reads the agents and grants again; `None` for
+    /// a lone broker (its memory is the truth).
+    pub fn replica_refresh(&self) -> Option<Duration> {
+        let pg = self.storage.postgres.as_ref().filter(|pg| pg.replicas)?;
+        Some(Duration::from_millis(pg.refresh_ms.max(1)))
     }
 
     /// The audit sinks, their files resolved in the data directory.

@@ -379,6 +379,7 @@ fn start_actors(
             keys: key_schedule,
             wallet_chain_ids: settings.auth.wallet_chain_ids.clone(),
             open_signup: settings.auth.open_signup,
+            refresh_every: settings.replica_refresh(),
         },
         agents,
         signer.clone(),
@@ -408,6 +409,7 @@ fn start_actors(
             // of them bound how long one can still be running.
             in_flight_limit: settings.send_timeout() * 12,
             purge_interval: Duration::from_secs(settings.idempotency.purge_interval_seconds.max(1)),
+            refresh_every: settings.replica_refresh(),
         },
         grant_store,
         &held_uses,

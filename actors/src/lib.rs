@@ -59,6 +59,7 @@ pub mod keys;
 pub mod kms;
 pub mod mint;
 pub mod rate_limit;
+pub mod refresh;
 pub mod sealing;
 pub mod signer;
 pub mod storage;

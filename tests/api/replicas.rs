@@ -4,6 +4,8 @@
 //! over replicas get what one broker would give.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use reqwest::StatusCode;
@@ -11,6 +13,9 @@ use serde_json::{json, Value};
 
 use crate::helpers::{on_postgres, psql, spawn_app_with, TestApp};
 use crate::ledger_contract::postgres::{fresh_schema, url};
+
+/// How often the test replicas read agents and grants again.
+const REFRESH_MS: u64 = 200;
 
 fn intent() -> Value {
     json!({ "service": "s3", "scope_path": "replicas/" })
@@ -30,6 +35,7 @@ async fn replica(url: &str, schema: &str, first: Option<&TestApp>) -> TestApp {
         on_postgres(s, &url, Some(schema), None);
         if let Some(pg) = s.storage.postgres.as_mut() {
             pg.replicas = true;
+            pg.refresh_ms = REFRESH_MS;
         }
         if let Some((sealing_key, admin_token)) = shared {
             s.secrets.sealing_key_file = sealing_key;
@@ -160,4 +166,62 @@ async fn a_lone_broker_and_replicas_never_share_a_schema() {
     // The replica that joined wrote nothing new: the first still writes.
     let agent = first.register_agent("still-writing").await;
     first.grant(&agent, "s3", "replicas/", None).await;
+}
+
+/// Asks `check` until it holds, for at most 5 s (many refreshes): how
+/// long it took.
+async fn within_refreshes<F: Future<Output = bool>>(what: &str, check: impl Fn() -> F) -> Duration {
+    let began = Instant::now();
+    while !check().await {
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "{what} never reached the other replica"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    began.elapsed()
+}
+
+#[actix_web::test]
+async fn what_one_replica_changes_reaches_the_other() {
+    let Some(url) = url("replica refresh") else {
+        return;
+    };
+    let schema = fresh_schema();
+    let first = replica(&url, &schema, None).await;
+    let second = replica(&url, &schema, Some(&first)).await;
+
+    // Registered and granted on the first, after the second started.
+    let agent = first.register_agent("late").await;
+    within_refreshes("a registration", || async {
+        second.try_login(&agent).await.status == StatusCode::OK
+    })
+    .await;
+    let session = second.login(&agent).await;
+    let refused = second.mint(&session, &intent()).await;
+    assert_eq!(refused.error_code(), "grant_denied", "{}", refused.body);
+    let grant = first.grant(&agent, "s3", "replicas/", None).await;
+    within_refreshes("a grant", || async {
+        second.mint(&session, &intent()).await.status == StatusCode::OK
+    })
+    .await;
+
+    // Revoked on the first: refused on the second.
+    assert_eq!(first.revoke(&grant).await.status, StatusCode::OK);
+    within_refreshes("a revoke", || async {
+        second.mint(&session, &intent()).await.error_code() == "grant_denied"
+    })
+    .await;
+
+    // Disabled on the first: the second refuses its session.
+    first.grant(&agent, "s3", "replicas/", None).await;
+    let disable = json!({ "enabled": false });
+    let disabled = first
+        .admin("PATCH", "/v1/admin/agents/late", Some(&disable))
+        .await;
+    assert_eq!(disabled.status, StatusCode::OK, "{}", disabled.body);
+    within_refreshes("a disable", || async {
+        second.mint(&session, &intent()).await.status == StatusCode::FORBIDDEN
+    })
+    .await;
 }

@@ -127,6 +127,17 @@ impl SinkConfig {
         }
     }
 
+    /// Whether it sends anchors to a chain (an evm sink with `rpc_url`).
+    pub fn anchors_on_chain(&self) -> bool {
+        matches!(
+            self,
+            Self::Evm {
+                rpc_url: Some(_),
+                ..
+            }
+        )
+    }
+
     /// Anchoring is periodic, so an anchor is never required.
     pub fn required(&self) -> bool {
         match self {

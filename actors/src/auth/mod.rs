@@ -132,6 +132,8 @@ pub struct AuthSettings {
     pub wallet_chain_ids: Vec<u64>,
     /// A wallet no agent has may sign in and become its own account.
     pub open_signup: bool,
+    /// Replicas: how often the registry is read again from the store.
+    pub refresh_every: Option<Duration>,
 }
 
 /// Session clocks may differ this much between the broker that issued a
@@ -171,6 +173,12 @@ pub struct AuthActor {
     verified: HashMap<[u8; 32], VerifiedSession>,
     /// Session key id → until when it verifies (`None`: no successor yet).
     session_keys: HashMap<String, Option<u64>>,
+    /// Registry writes begun and ended here, so a read of the store that
+    /// raced one is dropped ([`crate::refresh`]).
+    writes_begun: u64,
+    writes_ended: u64,
+    /// The registry is being read again.
+    reading: bool,
 }
 
 impl AuthActor {
@@ -192,6 +200,9 @@ impl AuthActor {
             started_at: now_unix(),
             verified: HashMap::new(),
             session_keys: HashMap::new(),
+            writes_begun: 0,
+            writes_ended: 0,
+            reading: false,
         };
         actor.learn_session_keys(&actor.settings.keys.clone());
         for agent in actor.store.load_all()? {
@@ -219,6 +230,41 @@ impl Actor for AuthActor {
         ctx.run_interval(self.settings.nonce_ttl, |actor, _| {
             actor.purge_expired_nonces()
         });
+        if let Some(every) = self.settings.refresh_every {
+            crate::refresh::refresh_every(ctx, every);
+        }
+    }
+}
+
+impl crate::refresh::Refreshed for AuthActor {
+    type Loaded = Vec<AgentRecord>;
+    const WHAT: &'static str = "agents";
+
+    fn reader(&self) -> impl FnOnce() -> Result<Vec<AgentRecord>, StorageError> + Send + 'static {
+        let store = self.store.clone();
+        move || store.load_all()
+    }
+
+    fn changes_begun(&self) -> u64 {
+        self.writes_begun
+    }
+
+    fn changing(&self) -> bool {
+        self.writes_begun != self.writes_ended || !self.reserved.is_empty()
+    }
+
+    /// The store's registry: agents added, changed or removed elsewhere
+    /// are so here (a session's agent is looked up at every request).
+    fn adopt(&mut self, loaded: Vec<AgentRecord>) {
+        self.agents.clear();
+        self.names_by_identity.clear();
+        for agent in loaded {
+            self.add_live(agent);
+        }
+    }
+
+    fn reading(&mut self) -> &mut bool {
+        &mut self.reading
     }
 }
 
@@ -259,6 +305,7 @@ mod tests {
             keys,
             wallet_chain_ids: vec![1],
             open_signup: false,
+            refresh_every: None,
         }
     }
 

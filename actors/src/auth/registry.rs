@@ -99,6 +99,7 @@ impl Handler<RegisterAgent> for AuthActor {
         }
         self.reserved.insert(name_key.clone());
         self.reserved.insert(identity_key.clone());
+        self.writes_begun += 1;
         let record = AgentRecord::new(msg.name, msg.identity, msg.owner, msg.enabled, now_unix());
         let store = self.store.clone();
         let written = record.clone();
@@ -106,6 +107,7 @@ impl Handler<RegisterAgent> for AuthActor {
             async move { tokio::task::spawn_blocking(move || store.insert(&written)).await }
                 .into_actor(self)
                 .map(move |result, actor, _| {
+                    actor.writes_ended += 1;
                     actor.reserved.remove(&name_key);
                     actor.reserved.remove(&identity_key);
                     result.map_err(AuthError::from)??;
@@ -142,12 +144,14 @@ impl Handler<SetAgentEnabled> for AuthActor {
             enabled: msg.enabled,
             ..current.clone()
         };
+        self.writes_begun += 1;
         let store = self.store.clone();
         let written = updated.clone();
         Box::pin(
             async move { tokio::task::spawn_blocking(move || store.replace(&written)).await }
                 .into_actor(self)
                 .map(move |result, actor, _| {
+                    actor.writes_ended += 1;
                     result.map_err(AuthError::from)??;
                     // Removed (or replaced by a new registration) while the
                     // write ran: the removal stands.
@@ -211,12 +215,14 @@ impl Handler<RemoveAgent> for AuthActor {
             return Box::pin(actix::fut::ready(Err(AuthError::NotFound)));
         };
         self.names_by_identity.remove(&removed.identity);
+        self.writes_begun += 1;
         let store = self.store.clone();
         let name = msg.name.clone();
         Box::pin(
             async move { tokio::task::spawn_blocking(move || store.remove(&name)).await }
                 .into_actor(self)
                 .map(move |result, actor, _| {
+                    actor.writes_ended += 1;
                     let outcome = result.map_err(AuthError::from)?;
                     if let Err(e) = outcome {
                         let free = !actor.agents.contains_key(&removed.name)

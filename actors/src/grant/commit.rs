@@ -54,6 +54,7 @@ impl GroupCommit for GrantActor {
         let grant_ids: Vec<String> = self.dirty_grants.drain().collect();
         let slot_ids: Vec<String> = self.dirty_slots.drain().collect();
         let created = std::mem::take(&mut self.created);
+        self.writing_grants = !grant_ids.is_empty() || !created.is_empty();
         let changes = GrantChanges {
             grants: grant_ids
                 .iter()
@@ -113,6 +114,7 @@ impl GroupCommit for GrantActor {
     /// with the next one (but not its created grants: their creator was
     /// told they were not created).
     fn committed(&mut self, batch: GrantBatch, written: Written, ctx: &mut Context<Self>) {
+        self.writing_grants = false;
         if let Some(asked) = written.asked {
             self.store_answered(batch.asks, asked, ctx);
         }

@@ -95,6 +95,7 @@ impl Handler<CreateGrant> for GrantActor {
             return Box::pin(actix::fut::ready(Err(taken)));
         }
         self.created.push(grant.clone());
+        self.grant_changes += 1;
         let durable = self.durable(ctx);
         Box::pin(async move { committed(durable.await).map(|()| grant) }.into_actor(self))
     }
@@ -111,6 +112,7 @@ impl Handler<RevokeGrant> for GrantActor {
         grant.revoked = true;
         let revoked = grant.clone();
         self.dirty_grants.insert(msg.id);
+        self.grant_changes += 1;
         let durable = self.durable(ctx);
         Box::pin(async move { committed(durable.await).map(|()| revoked) }.into_actor(self))
     }
@@ -134,6 +136,7 @@ impl Handler<RevokeAgentGrants> for GrantActor {
                 if grant.agent == msg.agent && !grant.revoked {
                     grant.revoked = true;
                     self.dirty_grants.insert(id.clone());
+                    self.grant_changes += 1;
                     revoked += 1;
                 }
             }

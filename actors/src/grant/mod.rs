@@ -95,6 +95,8 @@ pub struct GrantSettings {
     pub in_flight_limit: Duration,
     /// How often expired idempotency records are purged.
     pub purge_interval: Duration,
+    /// Replicas: how often the grants are read again from the store.
+    pub refresh_every: Option<Duration>,
 }
 
 type CommitReply = oneshot::Sender<Result<(), GrantError>>;
@@ -131,6 +133,13 @@ pub struct GrantActor {
     shared: Option<SharedGates>,
     /// What the next batch asks them.
     store_asks: shared::StoreAsks,
+    /// Grant changes begun here (created, revoked), so a read of the
+    /// store that raced one is dropped ([`crate::refresh`]).
+    grant_changes: u64,
+    /// A commit writing grants is under way.
+    writing_grants: bool,
+    /// The grants are being read again.
+    reading: bool,
 }
 
 impl GrantActor {
@@ -174,6 +183,9 @@ impl GrantActor {
             committing: false,
             shared: None,
             store_asks: shared::StoreAsks::default(),
+            grant_changes: 0,
+            writing_grants: false,
+            reading: false,
         };
         for mut grant in grants {
             // The ledger's count is exact; a stored row can only be higher
@@ -214,6 +226,44 @@ impl Actor for GrantActor {
         ctx.run_interval(self.settings.purge_interval, |actor, ctx| {
             actor.purge_expired_slots(ctx)
         });
+        if let Some(every) = self.settings.refresh_every {
+            crate::refresh::refresh_every(ctx, every);
+        }
+    }
+}
+
+impl crate::refresh::Refreshed for GrantActor {
+    type Loaded = Vec<Grant>;
+    const WHAT: &'static str = "grants";
+
+    fn reader(&self) -> impl FnOnce() -> Result<Vec<Grant>, StorageError> + Send + 'static {
+        let store = self.store.clone();
+        move || store.load_grants()
+    }
+
+    fn changes_begun(&self) -> u64 {
+        self.grant_changes
+    }
+
+    fn changing(&self) -> bool {
+        !self.dirty_grants.is_empty() || !self.created.is_empty() || self.writing_grants
+    }
+
+    /// The store's grants, each with the uses this copy counted if more
+    /// (a use of a grant without a limit is counted with its record).
+    fn adopt(&mut self, loaded: Vec<Grant>) {
+        let mut grants = std::mem::take(&mut self.grants);
+        self.by_account.clear();
+        for mut grant in loaded {
+            if let Some(held) = grants.remove(&grant.id) {
+                grant.uses = grant.uses.max(held.uses);
+            }
+            self.insert_grant(grant);
+        }
+    }
+
+    fn reading(&mut self) -> &mut bool {
+        &mut self.reading
     }
 }
 
@@ -296,6 +346,7 @@ mod tests {
             idempotency_retention: Duration::from_secs(60),
             in_flight_limit,
             purge_interval: Duration::from_secs(60),
+            refresh_every: None,
         }
     }
 

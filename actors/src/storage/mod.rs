@@ -101,6 +101,10 @@ pub trait GrantStore: Send + Sync + 'static {
     /// All grants and the idempotency records still worth keeping.
     #[allow(clippy::type_complexity)]
     fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError>;
+    /// All grants (a replica reading them again).
+    fn load_grants(&self) -> Result<Vec<Grant>, StorageError> {
+        Ok(self.load()?.0)
+    }
     /// Writes `changes` durably and atomically.
     fn commit(&self, changes: &GrantChanges) -> Result<(), StorageError>;
     /// Durably removes every idempotency answer expired at `now` (at

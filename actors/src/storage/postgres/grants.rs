@@ -29,28 +29,34 @@ impl PostgresGrantStore {
 }
 
 impl GrantStore for PostgresGrantStore {
-    fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError> {
-        let now = to_db(now_unix());
-        let (grants, slots) = self.db.run(async {
+    fn load_grants(&self) -> Result<Vec<Grant>, StorageError> {
+        let rows = self.db.run(async {
             let client = self.db.client().await?;
-            let grants = client
+            client
                 .query("SELECT grant_record FROM grants ORDER BY id", &[])
                 .await
-                .map_err(backend)?;
-            let slots = client
+                .map_err(backend)
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| parsed_grant(row.get(0), "the grants table"))
+            .collect())
+    }
+
+    fn load(&self) -> Result<(Vec<Grant>, Vec<(String, CompletedMint)>), StorageError> {
+        let grants = self.load_grants()?;
+        let now = to_db(now_unix());
+        let slots = self.db.run(async {
+            let client = self.db.client().await?;
+            client
                 .query(
                     "SELECT slot, completed FROM idempotency
                      WHERE expires_at > $1 AND completed IS NOT NULL",
                     &[&now],
                 )
                 .await
-                .map_err(backend)?;
-            Ok::<_, StorageError>((grants, slots))
+                .map_err(backend)
         })?;
-        let grants = grants
-            .into_iter()
-            .filter_map(|row| parsed_grant(row.get(0), "the grants table"))
-            .collect();
         let mut completed = Vec::new();
         for row in slots {
             let slot: String = row.get(0);
