@@ -28,6 +28,7 @@ pub mod body_deadline;
 pub mod commands;
 pub mod error;
 pub mod listen;
+pub mod replica;
 pub mod routes;
 pub mod session_auth;
 pub mod settings;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agentkeys_actors::audit::config::SinkConfig;
 use agentkeys_actors::audit::Quorum;
-use agentkeys_actors::keys::RotationPolicy;
+use agentkeys_actors::keys::{RotationPolicy, RESCHEDULE_MARGIN_SECONDS};
 use serde::Deserialize;
 
 /// Everything an operator can tune. Unknown keys are an error, so a typo
@@ -952,6 +952,12 @@ impl Settings {
             oidc_publish_after_retire_seconds: self.mint.max_ttl_seconds
                 + self.oidc.retired_key_margin_seconds,
             session_overlap_seconds: self.auth.session_ttl_seconds,
+            // Replicas read the ring again every refresh: a new session
+            // key signs only once each has had two reads and the reread's
+            // margin to learn it.
+            session_lead_seconds: self.replica_refresh().map_or(0, |every| {
+                2 * every.as_secs().max(1) + RESCHEDULE_MARGIN_SECONDS
+            }),
         }
     }
 

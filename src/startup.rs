@@ -91,6 +91,10 @@ pub struct BrokerState {
     pub max_body_bytes: usize,
     /// The scope an owner may grant inside.
     pub owner_namespace: Namespace,
+    /// One of several replicas on one database: the stored key ring
+    /// changes under it routinely (another replica's rotation, or its
+    /// reread's schedule), so a rotation starts from it as stored.
+    pub replica: bool,
 }
 
 /// A built broker: listeners bound, actors running, servers not yet polled.
@@ -113,6 +117,9 @@ impl Application {
         // clean error, not actors torn down half-started.
         let listeners = Listeners::bind(&settings.server)?;
         let actors = build_actors(&settings)?;
+        if let Some(every) = settings.replica_refresh() {
+            crate::replica::reread_key_ring_every(actors.clone(), every);
+        }
         let mint = MintFlow::new(actors.clone(), mint_policy(&settings));
         let admin_token = AdminToken::load_or_create(
             settings.admin.token_file.as_deref(),
@@ -127,6 +134,7 @@ impl Application {
             jwks_max_age_seconds: settings.oidc.jwks_max_age_seconds,
             max_body_bytes: settings.server.max_body_bytes,
             owner_namespace: settings.owner_namespace(),
+            replica: settings.replica_refresh().is_some(),
         });
         tls::watch(
             listeners.certificates(),
@@ -341,6 +349,7 @@ fn start_actors(
         ledger,
         key_ring: _,
         shared,
+        sign_in,
     } = stores;
     let head = ledger.head()?;
     let held_uses = held_grant_uses(ledger.as_ref(), grant_store.as_ref())?;
@@ -384,6 +393,10 @@ fn start_actors(
         agents,
         signer.clone(),
     )?;
+    let auth = match sign_in {
+        Some(shared) => auth.as_replica(shared),
+        None => auth,
+    };
 
     let (login_per_second, login_burst) = settings.login_rate_per_ip();
     let (unauthenticated_per_second, unauthenticated_burst) =

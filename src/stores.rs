@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use agentkeys_actors::auth::Replicated;
 use agentkeys_actors::grant::SharedGates;
 use agentkeys_actors::sealing::Sealer;
 use agentkeys_actors::storage::file_key_ring::{FileKeyRing, KEYRING_FILE};
@@ -30,6 +31,9 @@ pub struct Stores {
     /// What decides the shared gates when brokers run as replicas
     /// (`storage.postgres.replicas`); `None`: this broker's memory.
     pub shared: Option<SharedGates>,
+    /// Where replicas spend proof and login nonces, and the key their
+    /// login challenges are sealed with; `None`: this broker's memory.
+    pub sign_in: Option<Replicated>,
 }
 
 impl Stores {
@@ -69,6 +73,7 @@ impl Stores {
                     ledger: Arc::new(RedbLedger::open(&file(LEDGER_FILE), cache)?),
                     key_ring: Arc::new(FileKeyRing::in_dir(&settings.storage.data_dir)),
                     shared: None,
+                    sign_in: None,
                 })
             }
             StorageBackend::Postgres => postgres(settings, sealer, migrate),
@@ -117,12 +122,18 @@ fn postgres(settings: &Settings, sealer: &Sealer, migrate: bool) -> Result<Store
         uses: ledger.clone(),
         slots: grants.clone(),
     });
+    let agents = Arc::new(PostgresAgentStore::new(db));
+    let sign_in = pg.replicas.then(|| Replicated {
+        nonces: agents.clone(),
+        sealer: sealer.clone(),
+    });
     Ok(Stores {
-        agents: Arc::new(PostgresAgentStore::new(db)),
+        agents,
         grants,
         ledger,
         key_ring,
         shared,
+        sign_in,
     })
 }
 

@@ -42,7 +42,7 @@ const THE_RING: &str = "the key ring";
 /// How long after it read a ring again a broker may take to swap it in
 /// (a token's or KMS's keys are looked up first): keys it reschedules
 /// start no earlier.
-const RESCHEDULE_MARGIN_SECONDS: u64 = 5;
+pub const RESCHEDULE_MARGIN_SECONDS: u64 = 5;
 /// Published OIDC keys at most (current, pending and retiring): the JWKS
 /// stays small, and a runaway rotation loop is refused.
 const MAX_OIDC_KEYS: usize = 5;
@@ -159,6 +159,10 @@ pub struct RotationPolicy {
     pub oidc_publish_after_retire_seconds: u64,
     /// A retired session key verifies this long (the session TTL).
     pub session_overlap_seconds: u64,
+    /// A new session key signs this long after the rotation: 0 for one
+    /// broker; for replicas, longer than they take to read the ring again,
+    /// so every replica verifies a session before any issues one.
+    pub session_lead_seconds: u64,
 }
 
 /// A key as stored: its PKCS#8 sealed (bound to its kind and kid).
@@ -957,7 +961,8 @@ impl KeyRing {
     pub fn rotate_session(&mut self, now: u64) -> Result<KeyInfo, KeyError> {
         self.change(|ring| {
             ring.forget_expired(now);
-            let activates_at = ring.signing_session().activates_at.max(now);
+            let lead = ring.policy.session_lead_seconds;
+            let activates_at = ring.signing_session().activates_at.max(now + lead);
             ring.rotate_in_session(activates_at)
         })?;
         Ok(self
@@ -1237,6 +1242,7 @@ mod tests {
         oidc_lead_seconds: 100,
         oidc_publish_after_retire_seconds: 50,
         session_overlap_seconds: 30,
+        session_lead_seconds: 0,
     };
 
     fn sealer() -> Sealer {

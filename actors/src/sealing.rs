@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use aws_lc_rs::aead::{Aad, Nonce, RandomizedNonceKey, AES_256_GCM, NONCE_LEN};
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 
 use crate::keys::write_secret_file;
@@ -133,6 +133,34 @@ impl Sealer {
 
     /// `plain` sealed as text, bound to `what` (the place it is stored).
     pub fn seal(&self, what: &str, plain: &[u8]) -> Result<String, SealingError> {
+        Ok(format!(
+            "{SEALED_V1}{}",
+            STANDARD.encode(self.seal_bytes(what, plain)?)
+        ))
+    }
+
+    /// The plain bytes of a value sealed for `what`.
+    pub fn open(&self, what: &str, sealed: &str) -> Result<Vec<u8>, SealingError> {
+        let bytes = sealed
+            .strip_prefix(SEALED_V1)
+            .and_then(|b64| STANDARD.decode(b64).ok());
+        self.open_bytes(what, bytes)
+    }
+
+    /// `plain` sealed for `what` as a token a client carries back
+    /// unchanged (URL-safe base64, no prefix): a login challenge that any
+    /// replica holding the sealing key can open, so none keeps it.
+    pub fn seal_token(&self, what: &str, plain: &[u8]) -> Result<String, SealingError> {
+        Ok(URL_SAFE_NO_PAD.encode(self.seal_bytes(what, plain)?))
+    }
+
+    /// The plain bytes of a token sealed for `what`.
+    pub fn open_token(&self, what: &str, token: &str) -> Result<Vec<u8>, SealingError> {
+        self.open_bytes(what, URL_SAFE_NO_PAD.decode(token).ok())
+    }
+
+    /// The random nonce, then the ciphertext and its tag.
+    fn seal_bytes(&self, what: &str, plain: &[u8]) -> Result<Vec<u8>, SealingError> {
         let mut in_out = plain.to_vec();
         let nonce = self
             .key
@@ -140,18 +168,13 @@ impl Sealer {
             .map_err(|_| SealingError::Seal)?;
         let mut sealed = nonce.as_ref().to_vec();
         sealed.extend_from_slice(&in_out);
-        Ok(format!("{SEALED_V1}{}", STANDARD.encode(sealed)))
+        Ok(sealed)
     }
 
-    /// The plain bytes of a value sealed for `what`.
-    pub fn open(&self, what: &str, sealed: &str) -> Result<Vec<u8>, SealingError> {
+    fn open_bytes(&self, what: &str, bytes: Option<Vec<u8>>) -> Result<Vec<u8>, SealingError> {
         let refused =
             || SealingError::DoesNotOpen(what.split(' ').next().unwrap_or(what).to_owned());
-        let bytes = sealed
-            .strip_prefix(SEALED_V1)
-            .and_then(|b64| STANDARD.decode(b64).ok())
-            .filter(|b| b.len() >= NONCE_LEN)
-            .ok_or_else(refused)?;
+        let bytes = bytes.filter(|b| b.len() >= NONCE_LEN).ok_or_else(refused)?;
         let (nonce, ciphertext) = bytes.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| refused())?;
         let mut in_out = ciphertext.to_vec();
@@ -187,6 +210,21 @@ fn new_key() -> Result<[u8; 32], SealingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sealed_token_is_url_safe_and_opens_only_in_its_place() {
+        let sealer = Sealer::from_bytes(&[1; 32]).unwrap();
+        let token = sealer.seal_token("login device ab", &[0xfb; 40]).unwrap();
+        let url_safe = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        assert!(token.chars().all(url_safe), "{token}");
+        assert_eq!(
+            sealer.open_token("login device ab", &token).unwrap(),
+            [0xfb; 40]
+        );
+        assert!(sealer.open_token("login device cd", &token).is_err());
+        let other = Sealer::from_bytes(&[2; 32]).unwrap();
+        assert!(other.open_token("login device ab", &token).is_err());
+    }
 
     #[test]
     fn a_sealed_value_opens_only_with_its_key_and_in_its_place() {

@@ -246,12 +246,21 @@ pub struct RotateKey {
     /// OIDC only: the token label or KMS key to use (see
     /// [`crate::keys::OidcPlan::make`]).
     pub adopt: Option<String>,
+    /// Read the stored ring first (replicas: the others change it
+    /// routinely), so only a change made meanwhile refuses the rotation.
+    pub read_first: bool,
 }
 
 /// Every key in the ring with its schedule.
 #[derive(Message)]
 #[rtype(result = "Vec<KeyInfo>")]
 pub struct DescribeKeys;
+
+/// Read the stored key ring again and serve it if another writer (a
+/// replica's rotation) changed it: whether it did.
+#[derive(Message)]
+#[rtype(result = "Result<bool, KeyError>")]
+pub struct RereadKeyRing;
 
 /// Does the signing OIDC key's signer answer? A throwaway signature over a
 /// fixed message (no JWT) when the key is on a token or in KMS; memory
@@ -507,6 +516,9 @@ impl Handler<RotateKey> for SignerActor {
     fn handle(&mut self, msg: RotateKey, _: &mut Self::Context) -> Self::Result {
         let _one_at_a_time = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
         let write = || self.keys.write().unwrap_or_else(|p| p.into_inner());
+        if msg.read_first {
+            self.read_again()?;
+        }
         let now = now_unix();
         let rotated = match (msg.kind, msg.adopt) {
             (KeyKind::Oidc, adopt) => {
@@ -518,25 +530,49 @@ impl Handler<RotateKey> for SignerActor {
             (KeyKind::Session, None) => write().rotate_session(now),
             (KeyKind::Receipt, None) => write().rotate_receipt(now),
         };
-        // Another writer changed the stored ring: read it again (under the
-        // read lock: signatures go on), so its keys are served and the next
-        // rotation lands; or say why it cannot be.
+        // Another writer changed the stored ring: read it again, so its
+        // keys are served and the next rotation lands; or say why it
+        // cannot be.
         if let Err(KeyError::ChangedMeanwhile) = &rotated {
-            let reread = self.ring().reread(now_unix());
-            match reread {
-                Ok(Some(fresh)) => {
-                    if write().adopt(fresh) {
-                        tracing::warn!("the key ring was changed by another writer: read again");
-                    }
-                }
-                Ok(None) => {}
-                Err(refused) => {
-                    tracing::error!(error = %refused, "the key ring changed by another writer was not read in");
-                    return Err(refused);
-                }
-            }
+            self.read_again()?;
         }
         rotated
+    }
+}
+
+impl SignerActor {
+    /// Reads the stored ring again (under the read lock: signatures go on)
+    /// and serves it if another writer changed it: whether it did.
+    fn read_again(&self) -> Result<bool, KeyError> {
+        // The read lock ends with this statement: adopting takes the write
+        // lock.
+        let reread = self.ring().reread(now_unix());
+        match reread {
+            Ok(Some(fresh)) => {
+                let adopted = (self.keys.write())
+                    .unwrap_or_else(|p| p.into_inner())
+                    .adopt(fresh);
+                if adopted {
+                    tracing::warn!("the key ring was changed by another writer: read again");
+                }
+                Ok(adopted)
+            }
+            Ok(None) => Ok(false),
+            Err(refused) => {
+                tracing::error!(error = %refused, "the key ring changed by another writer was not read in");
+                Err(refused)
+            }
+        }
+    }
+}
+
+impl Handler<RereadKeyRing> for SignerActor {
+    type Result = Result<bool, KeyError>;
+
+    /// One rotation or reread at a time.
+    fn handle(&mut self, _: RereadKeyRing, _: &mut Self::Context) -> Self::Result {
+        let _one_at_a_time = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
+        self.read_again()
     }
 }
 

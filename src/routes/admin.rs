@@ -2,9 +2,7 @@
 
 use actix_web::{delete, get, patch, post, web, HttpResponse};
 use agentkeys_actors::audit::{ProveRecord, ReadRecords, VerifyAudit};
-use agentkeys_actors::auth::{
-    ListAgents, LookupAgent, RegisterAgent, SessionKeysChanged, SetAgentEnabled,
-};
+use agentkeys_actors::auth::{ListAgents, LookupAgent, RegisterAgent, SetAgentEnabled};
 use agentkeys_actors::domain::{AgentIdentity, AgentName, ErrorCode, OmniAccount};
 use agentkeys_actors::grant::receipt::check_receipts;
 use agentkeys_actors::grant::{GetGrant, GrantSpec, ListGrants, RevokeGrant};
@@ -300,6 +298,7 @@ async fn rotate_key(
         .actors
         .signer
         .call(RotateKey {
+            read_first: state.replica,
             kind: body.key,
             adopt: body.adopt.clone(),
         })
@@ -307,29 +306,11 @@ async fn rotate_key(
     // A ring another writer changed was read again: its schedule too
     // reaches the cached sessions.
     if let Ok(_) | Err(KeyError::ChangedMeanwhile) = &rotated {
-        tell_cached_sessions(&state).await;
+        crate::replica::tell_cached_sessions(&state.actors).await;
     }
     let key = rotated.map_err(ApiError::from)?;
     tracing::info!(kind = key.kind, kid = %key.kid, activates_at = key.activates_at, "key rotated");
     Ok(HttpResponse::Created().json(key))
-}
-
-/// Cached sessions are cut off when their key retires. The AuthActor also
-/// learns each key's retirement from every fresh verification, so a
-/// schedule that reaches it late (or not at all) delays nothing but the
-/// cut-off of sessions verified before it, which expire within the session
-/// TTL anyway; it never refuses a valid session.
-async fn tell_cached_sessions(state: &BrokerState) {
-    let told = match state.actors.signer.call(DescribeKeys).await {
-        Ok(schedule) => {
-            let changed = SessionKeysChanged(schedule);
-            state.actors.auth.ask(changed).await
-        }
-        Err(busy) => Err(busy),
-    };
-    if let Err(busy) = told {
-        tracing::warn!(error = %busy, "the new key schedule reaches cached sessions late");
-    }
 }
 
 #[derive(Deserialize)]

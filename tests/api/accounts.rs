@@ -41,12 +41,12 @@ pub fn omni(identity_type: &str, value: &str) -> String {
     hex::encode(Sha256::digest(format!("agentkeys{identity_type}{value}")))
 }
 
-async fn start(app: &TestApp, address: &str, chain_id: u64) -> Reply {
+pub async fn start(app: &TestApp, address: &str, chain_id: u64) -> Reply {
     let body = json!({ "address": address, "chain_id": chain_id });
     app.post("/v1/auth/wallet/start", None, &body).await
 }
 
-async fn verify(app: &TestApp, request_id: &Value, signature: &str) -> Reply {
+pub async fn verify(app: &TestApp, request_id: &Value, signature: &str) -> Reply {
     let body = json!({ "request_id": request_id, "signature": signature });
     app.post("/v1/auth/wallet/verify", None, &body).await
 }

@@ -38,11 +38,16 @@ fn proof_for(
     .format()
 }
 
-fn proof(key: &SigningKey, session: &str, body: &str, timestamp: u64, nonce: &str) -> String {
+pub fn proof(key: &SigningKey, session: &str, body: &str, timestamp: u64, nonce: &str) -> String {
     proof_for(ISSUER, key, session, body, timestamp, nonce)
 }
 
-async fn mint_with_proof(app: &TestApp, session: &str, body: &str, proof: Option<&str>) -> Reply {
+pub async fn mint_with_proof(
+    app: &TestApp,
+    session: &str,
+    body: &str,
+    proof: Option<&str>,
+) -> Reply {
     let headers: Vec<_> = proof
         .map(|proof| ("Agentkeys-Proof", proof))
         .into_iter()

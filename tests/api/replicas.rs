@@ -11,8 +11,12 @@ use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{on_postgres, psql, spawn_app_with, TestApp};
+use ed25519_dalek::Signer;
+
+use crate::accounts::{add_wallet_agent, start, verify, Wallet};
+use crate::helpers::{on_postgres, psql, spawn_app_with, TestAgent, TestApp};
 use crate::ledger_contract::postgres::{fresh_schema, url};
+use crate::proof::{mint_with_proof, proof};
 
 /// How often the test replicas read agents and grants again.
 const REFRESH_MS: u64 = 200;
@@ -47,7 +51,10 @@ async fn replica(url: &str, schema: &str, first: Option<&TestApp>) -> TestApp {
 
 /// Two replicas on a fresh schema, an agent registered and granted
 /// `max_uses` on the first before the second starts, and its session.
-async fn two_replicas(test: &str, max_uses: Option<u64>) -> Option<(TestApp, TestApp, String)> {
+async fn two_replicas(
+    test: &str,
+    max_uses: Option<u64>,
+) -> Option<(TestApp, TestApp, TestAgent, String)> {
     let url = url(test)?;
     let schema = fresh_schema();
     let first = replica(&url, &schema, None).await;
@@ -55,7 +62,7 @@ async fn two_replicas(test: &str, max_uses: Option<u64>) -> Option<(TestApp, Tes
     first.grant(&agent, "s3", "replicas/", max_uses).await;
     let second = replica(&url, &schema, Some(&first)).await;
     let session = first.login(&agent).await;
-    Some((first, second, session))
+    Some((first, second, agent, session))
 }
 
 /// The `i`th of `replicas`, round-robin.
@@ -66,7 +73,7 @@ fn pick<'a>(replicas: &'a [&'a TestApp], i: usize) -> &'a TestApp {
 #[actix_web::test]
 async fn a_storm_spread_over_replicas_releases_exactly_the_grants_uses() {
     const USES: u64 = 7;
-    let Some((first, second, session)) = two_replicas("replica storm", Some(USES)).await else {
+    let Some((first, second, _, session)) = two_replicas("replica storm", Some(USES)).await else {
         return;
     };
     let replicas = [&first, &second];
@@ -106,7 +113,7 @@ async fn a_storm_spread_over_replicas_releases_exactly_the_grants_uses() {
 
 #[actix_web::test]
 async fn a_retry_on_another_replica_replays_or_conflicts_as_on_one() {
-    let Some((first, second, session)) = two_replicas("replica idempotency", None).await else {
+    let Some((first, second, _, session)) = two_replicas("replica idempotency", None).await else {
         return;
     };
     let minted = first.mint_with_key(&session, "key-1", &intent()).await;
@@ -224,4 +231,163 @@ async fn what_one_replica_changes_reaches_the_other() {
         second.mint(&session, &intent()).await.status == StatusCode::FORBIDDEN
     })
     .await;
+}
+
+#[actix_web::test]
+async fn a_proof_used_on_one_replica_is_refused_on_every_other() {
+    let Some((first, second, agent, session)) = two_replicas("replica proofs", None).await else {
+        return;
+    };
+    let body = intent().to_string();
+    let now = agentkeys_actors::domain::now_unix();
+    let used = proof(&agent.key, &session, &body, now, "used-once-1");
+    let minted = mint_with_proof(&first, &session, &body, Some(&used)).await;
+    assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);
+    let replayed = mint_with_proof(&second, &session, &body, Some(&used)).await;
+    assert_eq!(
+        replayed.status,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        replayed.body
+    );
+
+    // One proof sent to both at once, many times: it mints once.
+    let replicas = [&first, &second];
+    for round in 0..10 {
+        let copy = proof(
+            &agent.key,
+            &session,
+            &body,
+            now,
+            &format!("raced-nonce-{round}"),
+        );
+        let race =
+            (0..4).map(|i| mint_with_proof(pick(&replicas, i), &session, &body, Some(&copy)));
+        let replies = join_all(race).await;
+        let minted = replies
+            .iter()
+            .filter(|r| r.status == StatusCode::OK)
+            .count();
+        assert_eq!(minted, 1, "round {round}");
+        for reply in replies.iter().filter(|r| r.status != StatusCode::OK) {
+            assert_eq!(reply.error_code(), "unauthorized", "{}", reply.body);
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_challenge_from_one_replica_verifies_once_on_any() {
+    let Some((first, second, agent, _)) = two_replicas("replica sign-in", None).await else {
+        return;
+    };
+    // A device key: challenged by the first, verified by the second.
+    let key = json!({ "public_key": agent.public_key_hex() });
+    let challenge = first.post("/v1/auth/challenge", None, &key).await;
+    assert_eq!(challenge.status, StatusCode::OK, "{}", challenge.body);
+    let message = challenge.body["message"].as_str().unwrap();
+    let signature = hex::encode(agent.key.sign(message.as_bytes()).to_bytes());
+    let answer = |nonce: &Value| json!({ "public_key": agent.public_key_hex(), "nonce": nonce, "signature": signature });
+    let verified = second
+        .post("/v1/auth/verify", None, &answer(&challenge.body["nonce"]))
+        .await;
+    assert_eq!(verified.status, StatusCode::OK, "{}", verified.body);
+    let again = first
+        .post("/v1/auth/verify", None, &answer(&challenge.body["nonce"]))
+        .await;
+    assert_eq!(again.status, StatusCode::UNAUTHORIZED, "{}", again.body);
+    // A nonce no replica sealed (one character changed) is refused.
+    let mut forged = challenge.body["nonce"].as_str().unwrap().to_owned();
+    let last = if forged.ends_with('A') { "B" } else { "A" };
+    forged.replace_range(forged.len() - 1.., last);
+    let refused = second
+        .post("/v1/auth/verify", None, &answer(&json!(forged)))
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{}", refused.body);
+
+    // A wallet: started on the second, verified on the first, once.
+    let wallet = Wallet::new(9);
+    add_wallet_agent(&first, &wallet, None).await;
+    within_refreshes("a wallet agent", || async {
+        let started = start(&second, &wallet.address, 1).await;
+        let message = started.body["siwe_message"].as_str().unwrap().to_owned();
+        let signature = format!("0x{}", hex::encode(wallet.sign(&message).0));
+        let signed_in = verify(&first, &started.body["request_id"], &signature).await;
+        if signed_in.status != StatusCode::OK {
+            return false;
+        }
+        let replayed = verify(&second, &started.body["request_id"], &signature).await;
+        assert_eq!(
+            replayed.status,
+            StatusCode::UNAUTHORIZED,
+            "{}",
+            replayed.body
+        );
+        true
+    })
+    .await;
+}
+
+/// The kids `app` lists of `kind`.
+async fn kids(app: &TestApp, kind: &str) -> Vec<String> {
+    let keys = app.admin("GET", "/v1/admin/keys", None).await;
+    (keys.body["keys"].as_array().unwrap().iter())
+        .filter(|k| k["kind"] == kind)
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[actix_web::test]
+async fn a_key_rotated_on_one_replica_is_served_and_verified_by_every_replica() {
+    let Some((first, second, agent, _)) = two_replicas("replica rotation", None).await else {
+        return;
+    };
+    let first = &first;
+    let rotate = |key: &'static str| async move {
+        let body = json!({ "key": key });
+        first
+            .admin("POST", "/v1/admin/keys/rotate", Some(&body))
+            .await
+    };
+    let oidc = rotate("oidc").await;
+    assert_eq!(oidc.status, StatusCode::CREATED, "{}", oidc.body);
+    let kid = oidc.body["kid"].as_str().unwrap().to_owned();
+    within_refreshes("an OIDC key", || async {
+        let published = second.get("/.well-known/jwks.json", None).await;
+        assert_eq!(published.status, StatusCode::OK, "{}", published.body);
+        let kids = published.body["keys"].as_array().unwrap().iter();
+        kids.map(|k| k["kid"].as_str())
+            .any(|k| k == Some(kid.as_str()))
+    })
+    .await;
+
+    // A new session key: every replica knows it before any signs with it.
+    let session_key = rotate("session").await;
+    assert_eq!(
+        session_key.status,
+        StatusCode::CREATED,
+        "{}",
+        session_key.body
+    );
+    let kid = session_key.body["kid"].as_str().unwrap().to_owned();
+    let activates_at = session_key.body["activates_at"].as_u64().unwrap();
+    assert!(
+        activates_at > agentkeys_actors::domain::now_unix(),
+        "it signs later"
+    );
+    within_refreshes("a session key", || async {
+        kids(&second, "session").await.contains(&kid)
+    })
+    .await;
+    while agentkeys_actors::domain::now_unix() <= activates_at {
+        actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+    }
+    let session = first.login(&agent).await;
+    let header = jsonwebtoken::decode_header(&session).unwrap();
+    assert_eq!(
+        header.kid.as_deref(),
+        Some(kid.as_str()),
+        "signed with the new key"
+    );
+    let minted = second.mint(&session, &intent()).await;
+    assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);
 }

@@ -9,7 +9,9 @@
 
 mod proof;
 mod registry;
+mod sealed_login;
 mod session;
+mod spent;
 mod wallet;
 
 use std::collections::{HashMap, HashSet};
@@ -34,6 +36,7 @@ pub use registry::{
 pub use session::{
     BearerToken, Challenge, IssueChallenge, Session, SessionKeysChanged, VerifyLogin, VerifySession,
 };
+pub use spent::Replicated;
 pub use wallet::{IssueWalletChallenge, VerifyWalletLogin, WalletChallenge, WalletSession};
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,12 @@ pub enum AuthError {
     Lost(#[from] tokio::task::JoinError),
     #[error("the login message could not be made")]
     Message(#[from] agentkeys_wire::signed::WireError),
+    /// A replica's login challenge could not be sealed.
+    #[error("the login challenge could not be sealed")]
+    Sealing(#[source] crate::sealing::SealingError),
+    /// The store replicas spend nonces in did not answer.
+    #[error("the database that spends nonces did not answer")]
+    Unspendable(#[source] StorageError),
 }
 
 impl AuthError {
@@ -73,9 +82,12 @@ impl AuthError {
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::NotFound => ErrorCode::NotFound,
             Self::Overloaded(_) => ErrorCode::Overloaded,
-            Self::Storage(_) | Self::Signing(_) | Self::Lost(_) | Self::Message(_) => {
-                ErrorCode::Internal
-            }
+            Self::Unspendable(_) => ErrorCode::StorageUnavailable,
+            Self::Storage(_)
+            | Self::Signing(_)
+            | Self::Lost(_)
+            | Self::Message(_)
+            | Self::Sealing(_) => ErrorCode::Internal,
         }
     }
 }
@@ -179,6 +191,10 @@ pub struct AuthActor {
     writes_ended: u64,
     /// The registry is being read again.
     reading: bool,
+    /// With replicas, where nonces are spent and how login challenges
+    /// are sealed ([`spent`], [`sealed_login`]).
+    replicated: Option<Replicated>,
+    pending_spends: spent::PendingSpends,
 }
 
 impl AuthActor {
@@ -203,6 +219,8 @@ impl AuthActor {
             writes_begun: 0,
             writes_ended: 0,
             reading: false,
+            replicated: None,
+            pending_spends: spent::PendingSpends::default(),
         };
         actor.learn_session_keys(&actor.settings.keys.clone());
         for agent in actor.store.load_all()? {
@@ -285,6 +303,7 @@ mod tests {
         oidc_lead_seconds: 10,
         oidc_publish_after_retire_seconds: 10,
         session_overlap_seconds: 900,
+        session_lead_seconds: 0,
     };
 
     fn sealer() -> crate::sealing::Sealer {

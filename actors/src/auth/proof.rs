@@ -9,6 +9,7 @@ use super::{AuthActor, AuthError};
 use crate::backpressure::Overloaded;
 use crate::domain::{now_unix, AgentIdentity, Principal};
 use crate::signer::{VerifyDeviceSignature, VerifyWalletSignature};
+use crate::storage::gates::NonceSpend;
 
 /// A device's proof that it holds the key behind a session, as the
 /// `Agentkeys-Proof` header carries it (format in the wire crate).
@@ -35,7 +36,8 @@ impl Handler<CheckProof> for AuthActor {
     /// taken (so two copies in flight cannot both pass) and the signature
     /// checked on the pool: a proof that verifies keeps its nonce, one that
     /// does not gives it back, so bogus proofs cost their agent nothing
-    /// but the rate it already spent.
+    /// but the rate it already spent. With replicas, a proof that verifies
+    /// spends its nonce in the store too, once across every replica.
     fn handle(&mut self, msg: CheckProof, _: &mut Self::Context) -> Self::Result {
         let refuse = |why| -> Self::Result {
             Box::pin(actix::fut::ready(Err(AuthError::Unauthorized(why))))
@@ -58,7 +60,8 @@ impl Handler<CheckProof> for AuthActor {
         // (a window of under a second, for a proof that is also bound to
         // its session, body and broker); refusing that second too would
         // refuse every client for the first second after each start.
-        if msg.proof.timestamp < self.started_at {
+        // (Replicas spend nonces in the store, which remembers them.)
+        if msg.proof.timestamp < self.started_at && self.replicated.is_none() {
             return refuse("proof of possession predates the broker's start; sign a fresh one");
         }
         let message = ProofMessage::new(
@@ -114,14 +117,29 @@ impl Handler<CheckProof> for AuthActor {
                 _ => Ok(Err(crate::signer::SignerError::BadSignature)),
             }
         };
-        Box::pin(checked.into_actor(self).map(move |checked, actor, _| {
+        let forget_at = msg.proof.timestamp + skew + 1;
+        Box::pin(checked.into_actor(self).then(move |checked, actor, ctx| {
             let verified = matches!(checked, Ok(Ok(())));
             if !verified {
                 if let Some(taken) = actor.seen_proofs.get_mut(&account) {
                     taken.remove(&nonce);
                 }
             }
-            checked?.map_err(|_| AuthError::Unauthorized("proof of possession does not verify"))
+            let spend = NonceSpend {
+                scope: format!("proof {account}"),
+                nonce,
+                expires_at: forget_at,
+            };
+            let spent = verified.then(|| actor.spend_in_store(spend, ctx)).flatten();
+            async move {
+                checked?
+                    .map_err(|_| AuthError::Unauthorized("proof of possession does not verify"))?;
+                match spent {
+                    Some(spent) => spent.await,
+                    None => Ok(()),
+                }
+            }
+            .into_actor(actor)
         }))
     }
 }

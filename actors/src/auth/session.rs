@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use agentkeys_wire::signed::LoginMessage;
 
-use super::{AuthActor, AuthError, PendingLogin, SESSION_CLOCK_ALLOWANCE_SECONDS};
+use super::{sealed_login, AuthActor, AuthError, PendingLogin, SESSION_CLOCK_ALLOWANCE_SECONDS};
 use crate::backpressure::Overloaded;
 use crate::domain::{
     now_unix, random_hex, AgentIdentity, AgentName, AgentRecord, DevicePublicKey, OmniAccount,
@@ -233,16 +233,23 @@ impl AuthActor {
 impl Handler<IssueChallenge> for AuthActor {
     type Result = Result<Challenge, AuthError>;
 
-    /// Stores the nonce with the exact message the device must sign.
+    /// Stores the nonce with the exact message the device must sign (a
+    /// replica seals it into the nonce instead: see [`sealed_login`]).
     fn handle(&mut self, msg: IssueChallenge, _: &mut Self::Context) -> Self::Result {
-        if self.nonces.len() >= self.settings.max_pending_nonces {
-            self.purge_expired_nonces();
-            if self.nonces.len() >= self.settings.max_pending_nonces {
-                return Err(Overloaded("login nonce store").into());
-            }
-        }
-        let nonce = random_hex(24);
         let expires_at = now_unix() + self.settings.nonce_ttl.as_secs();
+        let nonce = match &self.replicated {
+            Some(shared) => sealed_login::device_nonce(&shared.sealer, &msg.public_key, expires_at)
+                .map_err(AuthError::Sealing)?,
+            None => {
+                if self.nonces.len() >= self.settings.max_pending_nonces {
+                    self.purge_expired_nonces();
+                    if self.nonces.len() >= self.settings.max_pending_nonces {
+                        return Err(Overloaded("login nonce store").into());
+                    }
+                }
+                random_hex(24)
+            }
+        };
         let message = LoginMessage::new(
             &self.settings.issuer,
             &msg.public_key.to_hex(),
@@ -251,14 +258,15 @@ impl Handler<IssueChallenge> for AuthActor {
         )
         .map_err(AuthError::from)?
         .text();
-        self.nonces.insert(
-            nonce.clone(),
-            PendingLogin {
-                identity: AgentIdentity::DeviceKey(msg.public_key),
+        if self.replicated.is_none() {
+            let identity = AgentIdentity::DeviceKey(msg.public_key);
+            let pending = PendingLogin {
+                identity,
                 message: message.clone(),
                 expires_at,
-            },
-        );
+            };
+            self.nonces.insert(nonce.clone(), pending);
+        }
         Ok(Challenge {
             nonce,
             message,
@@ -270,10 +278,23 @@ impl Handler<IssueChallenge> for AuthActor {
 impl Handler<VerifyLogin> for AuthActor {
     type Result = ResponseFuture<Result<Session, AuthError>>;
 
-    /// The nonce is spent by any attempt, right or wrong.
-    fn handle(&mut self, msg: VerifyLogin, _: &mut Self::Context) -> Self::Result {
-        let pending = self.nonces.remove(&msg.nonce);
+    /// The nonce is spent by any attempt, right or wrong (a replica's in
+    /// the store, once across every replica).
+    fn handle(&mut self, msg: VerifyLogin, ctx: &mut Self::Context) -> Self::Result {
+        let pending = match &self.replicated {
+            Some(shared) => sealed_login::open_device(
+                &shared.sealer,
+                &self.settings.issuer,
+                &msg.public_key,
+                &msg.nonce,
+            ),
+            None => self.nonces.remove(&msg.nonce),
+        };
         let identity = AgentIdentity::DeviceKey(msg.public_key);
+        let pending = pending.filter(|p| p.identity == identity && p.expires_at > now_unix());
+        let spent = pending
+            .as_ref()
+            .and_then(|p| self.spend_login(&msg.nonce, p.expires_at, ctx));
         let agent = self
             .names_by_identity
             .get(&identity)
@@ -282,9 +303,11 @@ impl Handler<VerifyLogin> for AuthActor {
         let signer = self.signer.clone();
         let settings = self.settings.clone();
         Box::pin(async move {
-            let pending = pending
-                .filter(|p| p.identity == identity && p.expires_at > now_unix())
-                .ok_or(AuthError::Unauthorized("unknown, used or expired nonce"))?;
+            let pending =
+                pending.ok_or(AuthError::Unauthorized("unknown, used or expired nonce"))?;
+            if let Some(spent) = spent {
+                spent.await?;
+            }
             signer
                 .call(VerifyDeviceSignature {
                     key: msg.public_key,

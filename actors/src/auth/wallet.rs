@@ -10,6 +10,7 @@ use serde::Serialize;
 use agentkeys_wire::wallet::{EvmAddress, WalletLoginMessage, WalletSignature};
 
 use super::registry::{LookupAgent, RegisterAgent};
+use super::sealed_login::WalletChallengeFields;
 use super::session::{issue_session, role_of};
 use super::{AuthActor, AuthError, PendingLogin};
 use crate::backpressure::Overloaded;
@@ -68,6 +69,26 @@ impl Handler<IssueWalletChallenge> for AuthActor {
                 "chain_id is not one this broker accepts",
             ));
         }
+        let now = now_unix();
+        let ttl = self.settings.nonce_ttl.as_secs();
+        if let Some(shared) = &self.replicated {
+            let mut nonce = [0u8; 16];
+            hex::decode_to_slice(random_hex(16), &mut nonce).expect("32 hex digits");
+            let fields = WalletChallengeFields {
+                address: msg.address,
+                chain_id: msg.chain_id,
+                issued_at: now,
+                nonce,
+            };
+            let request_id = fields.seal(&shared.sealer).map_err(AuthError::Sealing)?;
+            let message =
+                fields
+                    .message(&self.settings.issuer, ttl)
+                    .ok_or(AuthError::BadRequest(
+                        "no sign-in message can be written for this address",
+                    ))?;
+            return Ok(challenge(request_id, ttl, &message, hex::encode(nonce)));
+        }
         if self.nonces.len() >= self.settings.max_pending_nonces {
             self.purge_expired_nonces();
             if self.nonces.len() >= self.settings.max_pending_nonces {
@@ -75,8 +96,6 @@ impl Handler<IssueWalletChallenge> for AuthActor {
             }
         }
         let (request_id, nonce) = (random_hex(16), random_hex(16));
-        let now = now_unix();
-        let ttl = self.settings.nonce_ttl.as_secs();
         let message = WalletLoginMessage::new(
             &self.settings.issuer,
             msg.address,
@@ -85,31 +104,49 @@ impl Handler<IssueWalletChallenge> for AuthActor {
             now,
             now + ttl,
         )?;
-        let siwe_message = message.text();
         self.nonces.insert(
             request_id.clone(),
             PendingLogin {
                 identity: AgentIdentity::Wallet(msg.address),
-                message: siwe_message.clone(),
+                message: message.text(),
                 expires_at: now + ttl,
             },
         );
-        Ok(WalletChallenge {
-            request_id,
-            expires_in_seconds: ttl,
-            siwe_message,
-            nonce,
-            expires_at_iso: message.expires_at_iso().unwrap_or_default(),
-        })
+        Ok(challenge(request_id, ttl, &message, nonce))
+    }
+}
+
+/// The answer for a challenge of `message` under `request_id`.
+fn challenge(
+    request_id: String,
+    ttl: u64,
+    message: &WalletLoginMessage,
+    nonce: String,
+) -> WalletChallenge {
+    WalletChallenge {
+        request_id,
+        expires_in_seconds: ttl,
+        siwe_message: message.text(),
+        nonce,
+        expires_at_iso: message.expires_at_iso().unwrap_or_default(),
     }
 }
 
 impl Handler<VerifyWalletLogin> for AuthActor {
     type Result = ResponseFuture<Result<WalletSession, AuthError>>;
 
-    /// The message is spent by any attempt, right or wrong.
+    /// The message is spent by any attempt, right or wrong (a replica's in
+    /// the store, once across every replica).
     fn handle(&mut self, msg: VerifyWalletLogin, ctx: &mut Self::Context) -> Self::Result {
-        let pending = self.nonces.remove(&msg.request_id);
+        let (issuer, ttl) = (&self.settings.issuer, self.settings.nonce_ttl.as_secs());
+        let pending = match &self.replicated {
+            Some(shared) => WalletChallengeFields::open(&shared.sealer, &msg.request_id)
+                .and_then(|fields| fields.pending(issuer, ttl)),
+            None => self.nonces.remove(&msg.request_id),
+        };
+        let pending = pending.filter(|p| p.expires_at > now_unix());
+        let spent =
+            (pending.as_ref()).and_then(|p| self.spend_login(&msg.request_id, p.expires_at, ctx));
         let known = pending
             .as_ref()
             .and_then(|p| self.names_by_identity.get(&p.identity))
@@ -117,12 +154,12 @@ impl Handler<VerifyWalletLogin> for AuthActor {
             .cloned();
         let (signer, settings, auth) = (self.signer.clone(), self.settings.clone(), ctx.address());
         Box::pin(async move {
-            let pending =
-                pending
-                    .filter(|p| p.expires_at > now_unix())
-                    .ok_or(AuthError::Unauthorized(
-                        "unknown, used or expired request_id",
-                    ))?;
+            let pending = pending.ok_or(AuthError::Unauthorized(
+                "unknown, used or expired request_id",
+            ))?;
+            if let Some(spent) = spent {
+                spent.await?;
+            }
             let AgentIdentity::Wallet(wallet) = pending.identity else {
                 return Err(AuthError::Unauthorized(
                     "unknown, used or expired request_id",
