@@ -1,30 +1,61 @@
-//! What a replica does besides serving (`storage.postgres.replicas`):
-//! reads the key ring again, so a rotation on any replica reaches this
-//! one's JWKS, signer and session cache within `storage.postgres.refresh_ms`
-//! (a pending OIDC key new here is published for the lead time before it
-//! signs: the ring's reread reschedules it so).
+//! What a replica does besides serving (`storage.postgres.replicas`),
+//! every `storage.postgres.refresh_ms`:
+//!
+//! - reads the key ring again, so a rotation on any replica reaches this
+//!   one's JWKS, signer and session cache (a pending OIDC key new here is
+//!   published for the lead time before it signs: the ring's reread
+//!   reschedules it so);
+//! - counts the replicas alive (the holders of the schema's writer lock)
+//!   and keeps its even share of every rate budget.
 
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentkeys_actors::auth::SessionKeysChanged;
+use agentkeys_actors::rate_limit::ShareBudgets;
 use agentkeys_actors::signer::{DescribeKeys, RereadKeyRing};
+use agentkeys_actors::storage::Membership;
 use agentkeys_actors::system::Actors;
 
-/// Reads the key ring again every `every`, for the life of the system.
-pub fn reread_key_ring_every(actors: Actors, every: Duration) {
+/// Keeps this replica up with the others every `every`, for the life of
+/// the system.
+pub fn keep_up(actors: Actors, membership: Arc<dyn Membership>, every: Duration) {
     actix_web::rt::spawn(async move {
         let mut ticks = actix_web::rt::time::interval(every);
         loop {
             ticks.tick().await;
-            match actors.signer.call(RereadKeyRing).await {
-                Ok(Ok(true)) => tell_cached_sessions(&actors).await,
-                Ok(Ok(false)) => {}
-                // Logged by the signer; this replica keeps its ring.
-                Ok(Err(_)) => {}
-                Err(busy) => tracing::warn!(error = %busy, "the key ring was not read again"),
-            }
+            reread_key_ring(&actors).await;
+            share_budgets(&actors, &membership).await;
         }
     });
+}
+
+async fn reread_key_ring(actors: &Actors) {
+    match actors.signer.call(RereadKeyRing).await {
+        Ok(Ok(true)) => tell_cached_sessions(actors).await,
+        Ok(Ok(false)) => {}
+        // Logged by the signer; this replica keeps its ring.
+        Ok(Err(_)) => {}
+        Err(busy) => tracing::warn!(error = %busy, "the key ring was not read again"),
+    }
+}
+
+/// A replica that cannot count the others keeps the share it has.
+async fn share_budgets(actors: &Actors, membership: &Arc<dyn Membership>) {
+    let membership = membership.clone();
+    let counted = tokio::task::spawn_blocking(move || membership.live_brokers()).await;
+    let replicas = match counted {
+        Ok(Ok(alive)) => NonZeroU32::new(alive).unwrap_or(NonZeroU32::MIN),
+        Ok(Err(e)) => {
+            let e = agentkeys_actors::error_text::with_causes(&e);
+            return tracing::warn!(error = %e, "could not count the replicas alive");
+        }
+        Err(e) => return tracing::warn!(error = %e, "the count of replicas was lost"),
+    };
+    if let Err(busy) = actors.rate_limit.ask(ShareBudgets { replicas }).await {
+        tracing::warn!(error = %busy, "the rate budgets were not shared anew");
+    }
 }
 
 /// Cached sessions are cut off when their key retires. The AuthActor also

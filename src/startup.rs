@@ -117,9 +117,6 @@ impl Application {
         // clean error, not actors torn down half-started.
         let listeners = Listeners::bind(&settings.server)?;
         let actors = build_actors(&settings)?;
-        if let Some(every) = settings.replica_refresh() {
-            crate::replica::reread_key_ring_every(actors.clone(), every);
-        }
         let mint = MintFlow::new(actors.clone(), mint_policy(&settings));
         let admin_token = AdminToken::load_or_create(
             settings.admin.token_file.as_deref(),
@@ -348,9 +345,12 @@ fn start_actors(
         grants: grant_store,
         ledger,
         key_ring: _,
-        shared,
-        sign_in,
+        replica,
     } = stores;
+    let (gates, sign_in, membership) = match replica {
+        Some(r) => (Some(r.gates), Some(r.sign_in), Some(r.membership)),
+        None => (None, None, None),
+    };
     let head = ledger.head()?;
     let held_uses = held_grant_uses(ledger.as_ref(), grant_store.as_ref())?;
     let retry = Duration::from_secs(audit_settings.retry_interval_seconds.max(1));
@@ -427,7 +427,7 @@ fn start_actors(
         grant_store,
         &held_uses,
     )?;
-    let grants = match shared {
+    let grants = match gates {
         Some(gates) => grants.deciding_with(gates),
         None => grants,
     };
@@ -450,13 +450,17 @@ fn start_actors(
     .start();
 
     let timeout = settings.send_timeout();
-    Ok(Actors {
+    let actors = Actors {
         auth: Handle::new(auth, "auth", timeout),
         rate_limit: Handle::new(rate_limit, "rate_limit", timeout),
         grants: Handle::new(grants, "grants", timeout),
         audit: Handle::new(audit, "audit", timeout),
         signer,
-    })
+    };
+    if let (Some(membership), Some(every)) = (membership, settings.replica_refresh()) {
+        crate::replica::keep_up(actors.clone(), membership, every);
+    }
+    Ok(actors)
 }
 
 /// Each grant's uses as the audit ledger holds them. A data directory from

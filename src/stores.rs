@@ -12,7 +12,7 @@ use agentkeys_actors::storage::file_key_ring::{FileKeyRing, KEYRING_FILE};
 use agentkeys_actors::storage::redb_ledger::RedbLedger;
 use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
 use agentkeys_actors::storage::{
-    AgentStore, AuditLedger, GrantStore, KeyRingAsItIs, KeyRingStore, StorageError,
+    AgentStore, AuditLedger, GrantStore, KeyRingAsItIs, KeyRingStore, Membership, StorageError,
 };
 
 use crate::settings::{Settings, StorageBackend};
@@ -28,12 +28,21 @@ pub struct Stores {
     pub grants: Arc<dyn GrantStore>,
     pub ledger: Arc<dyn AuditLedger>,
     pub key_ring: Arc<dyn KeyRingStore>,
-    /// What decides the shared gates when brokers run as replicas
-    /// (`storage.postgres.replicas`); `None`: this broker's memory.
-    pub shared: Option<SharedGates>,
-    /// Where replicas spend proof and login nonces, and the key their
-    /// login challenges are sealed with; `None`: this broker's memory.
-    pub sign_in: Option<Replicated>,
+    /// What replicas share beyond the stores above
+    /// (`storage.postgres.replicas`); `None`: one broker, whose memory
+    /// decides.
+    pub replica: Option<ReplicaStores>,
+}
+
+/// What brokers running as replicas on one database decide with.
+pub struct ReplicaStores {
+    /// Limited grants' uses and Idempotency-Keys.
+    pub gates: SharedGates,
+    /// Proof and login nonces, and the key login challenges are sealed
+    /// with.
+    pub sign_in: Replicated,
+    /// Who is alive, to split the rate budgets.
+    pub membership: Arc<dyn Membership>,
 }
 
 impl Stores {
@@ -72,8 +81,7 @@ impl Stores {
                     )?),
                     ledger: Arc::new(RedbLedger::open(&file(LEDGER_FILE), cache)?),
                     key_ring: Arc::new(FileKeyRing::in_dir(&settings.storage.data_dir)),
-                    shared: None,
-                    sign_in: None,
+                    replica: None,
                 })
             }
             StorageBackend::Postgres => postgres(settings, sealer, migrate),
@@ -118,22 +126,24 @@ fn postgres(settings: &Settings, sealer: &Sealer, migrate: bool) -> Result<Store
     };
     let grants = Arc::new(PostgresGrantStore::new(db.clone(), sealer.clone()));
     let ledger = Arc::new(PostgresLedger::new(db.clone()));
-    let shared = pg.replicas.then(|| SharedGates {
-        uses: ledger.clone(),
-        slots: grants.clone(),
-    });
-    let agents = Arc::new(PostgresAgentStore::new(db));
-    let sign_in = pg.replicas.then(|| Replicated {
-        nonces: agents.clone(),
-        sealer: sealer.clone(),
+    let agents = Arc::new(PostgresAgentStore::new(db.clone()));
+    let replica = pg.replicas.then(|| ReplicaStores {
+        gates: SharedGates {
+            uses: ledger.clone(),
+            slots: grants.clone(),
+        },
+        sign_in: Replicated {
+            nonces: agents.clone(),
+            sealer: sealer.clone(),
+        },
+        membership: db,
     });
     Ok(Stores {
         agents,
         grants,
         ledger,
         key_ring,
-        shared,
-        sign_in,
+        replica,
     })
 }
 

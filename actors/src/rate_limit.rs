@@ -68,6 +68,15 @@ pub fn whole_seconds_up(wait: Duration) -> Duration {
     Duration::from_secs(up.max(1))
 }
 
+/// Replicas on one database (`storage.postgres.replicas`) split every
+/// budget evenly among those alive: this one keeps `1/replicas` of each
+/// rate and of each burst (rounded up).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ShareBudgets {
+    pub replicas: NonZeroU32,
+}
+
 /// How many accounts and addresses the limiters hold now.
 #[derive(Message)]
 #[rtype(result = "usize")]
@@ -98,6 +107,8 @@ pub struct RateLimitSettings {
 
 pub struct RateLimitActor {
     settings: RateLimitSettings,
+    /// Replicas sharing the budgets (1: this broker alone).
+    replicas: NonZeroU32,
     limiter: DefaultKeyedRateLimiter<OmniAccount>,
     agent_limiter: Option<DefaultKeyedRateLimiter<OmniAccount>>,
     login_limiter: DefaultKeyedRateLimiter<IpAddr>,
@@ -107,16 +118,29 @@ pub struct RateLimitActor {
 
 impl RateLimitActor {
     pub fn new(settings: RateLimitSettings) -> Self {
-        let quota = Quota::per_second(settings.per_second).allow_burst(settings.burst);
-        let login_quota =
-            Quota::per_second(settings.login_per_second).allow_burst(settings.login_burst);
-        let unauthenticated_quota = Quota::per_second(settings.unauthenticated_per_second)
-            .allow_burst(settings.unauthenticated_burst);
-        let agent_limiter = settings.per_agent.map(|(per_second, burst)| {
-            RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst))
-        });
+        Self::sharing(settings, NonZeroU32::MIN)
+    }
+
+    /// Limiters holding `1/replicas` of each budget, every key fresh.
+    fn sharing(settings: RateLimitSettings, replicas: NonZeroU32) -> Self {
+        let share = |per_second: NonZeroU32, burst: NonZeroU32| {
+            let period = Duration::from_secs_f64(replicas.get() as f64 / per_second.get() as f64);
+            let burst = NonZeroU32::new(burst.get().div_ceil(replicas.get()));
+            Quota::with_period(period)
+                .unwrap_or_else(|| Quota::per_second(per_second))
+                .allow_burst(burst.unwrap_or(NonZeroU32::MIN))
+        };
+        let quota = share(settings.per_second, settings.burst);
+        let login_quota = share(settings.login_per_second, settings.login_burst);
+        let unauthenticated_quota = share(
+            settings.unauthenticated_per_second,
+            settings.unauthenticated_burst,
+        );
+        let agent_limiter = (settings.per_agent)
+            .map(|(per_second, burst)| RateLimiter::keyed(share(per_second, burst)));
         Self {
             settings,
+            replicas,
             limiter: RateLimiter::keyed(quota),
             agent_limiter,
             login_limiter: RateLimiter::keyed(login_quota),
@@ -183,6 +207,22 @@ impl Handler<CheckRate> for RateLimitActor {
     }
 }
 
+impl Handler<ShareBudgets> for RateLimitActor {
+    type Result = ();
+
+    /// When the replicas alive changed: every key starts afresh on its
+    /// new share (a burst more at most, once per change).
+    fn handle(&mut self, msg: ShareBudgets, _: &mut Self::Context) {
+        if msg.replicas != self.replicas {
+            tracing::info!(
+                replicas = msg.replicas,
+                "rate budgets split among the replicas alive"
+            );
+            *self = Self::sharing(self.settings.clone(), msg.replicas);
+        }
+    }
+}
+
 impl Handler<TrackedKeys> for RateLimitActor {
     type Result = usize;
 
@@ -235,6 +275,39 @@ mod tests {
             unauthenticated_burst: one(1),
             sweep_interval: Duration::from_secs(60),
         }
+    }
+
+    /// Replicas keep an even share of each burst (rounded up), and
+    /// every key starts afresh when the count changes.
+    #[actix::test]
+    async fn replicas_alive_share_each_burst() {
+        let addr = RateLimitActor::new(RateLimitSettings {
+            burst: one(5),
+            ..settings()
+        })
+        .start();
+        let burst = |seed: u8| {
+            let addr = addr.clone();
+            async move {
+                let mut taken = 0;
+                while taken < 10 {
+                    let check = CheckRate {
+                        account: account(seed),
+                        agent: account(seed),
+                    };
+                    if addr.send(check).await.unwrap().is_err() {
+                        break;
+                    }
+                    taken += 1;
+                }
+                taken
+            }
+        };
+        assert_eq!(burst(1).await, 5, "alone: the whole burst");
+        addr.send(ShareBudgets { replicas: one(2) }).await.unwrap();
+        assert_eq!(burst(1).await, 3, "afresh, on half the burst rounded up");
+        addr.send(ShareBudgets { replicas: one(3) }).await.unwrap();
+        assert_eq!(burst(2).await, 2);
     }
 
     #[actix::test]

@@ -28,6 +28,16 @@ fn intent() -> Value {
 /// A replica on `schema`; with `first`'s sealing key and admin token when
 /// it joins another (every replica of a schema shares both).
 async fn replica(url: &str, schema: &str, first: Option<&TestApp>) -> TestApp {
+    replica_with(url, schema, first, |_| {}).await
+}
+
+/// [`replica`], with settings `tweak` adjusted.
+async fn replica_with(
+    url: &str,
+    schema: &str,
+    first: Option<&TestApp>,
+    tweak: impl FnOnce(&mut agentkeys_broker::settings::Settings),
+) -> TestApp {
     let (url, schema) = (url.to_owned(), schema.to_owned());
     let shared = first.map(|app| {
         let settings = &app.settings;
@@ -45,6 +55,7 @@ async fn replica(url: &str, schema: &str, first: Option<&TestApp>) -> TestApp {
             s.secrets.sealing_key_file = sealing_key;
             s.admin.token_file = Some(admin_token);
         }
+        tweak(s);
     })
     .await
 }
@@ -390,4 +401,37 @@ async fn a_key_rotated_on_one_replica_is_served_and_verified_by_every_replica() 
     );
     let minted = second.mint(&session, &intent()).await;
     assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);
+}
+
+#[actix_web::test]
+async fn the_replicas_alive_split_an_accounts_rate_budget() {
+    let Some(url) = url("replica rate budgets") else {
+        return;
+    };
+    // Six at once per account, one more a minute: what a storm gets is
+    // the burst.
+    let budget = |s: &mut agentkeys_broker::settings::Settings| {
+        s.rate_limit.per_second = 1;
+        s.rate_limit.burst = 6;
+    };
+    let schema = fresh_schema();
+    let first = replica_with(&url, &schema, None, budget).await;
+    let agent = first.register_agent("budgeted").await;
+    first.grant(&agent, "s3", "replicas/", None).await;
+    let second = replica_with(&url, &schema, Some(&first), budget).await;
+    let session = first.login(&agent).await;
+    // Both have counted two replicas alive (a few refreshes).
+    actix_web::rt::time::sleep(Duration::from_millis(4 * REFRESH_MS)).await;
+    let replicas = [&first, &second];
+    let body = intent();
+    let storm = (0..20).map(|i| pick(&replicas, i).mint(&session, &body));
+    let replies = join_all(storm).await;
+    let minted = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    assert_eq!(minted, 6, "the account's burst, three from each replica");
+    for reply in replies.iter().filter(|r| r.status != StatusCode::OK) {
+        assert_eq!(reply.error_code(), "rate_limited", "{}", reply.body);
+    }
 }

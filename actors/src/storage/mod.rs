@@ -162,6 +162,13 @@ impl KeyRingStore for KeyRingAsItIs {
     }
 }
 
+/// The brokers alive on one database: replicas split what they do not
+/// decide in it (the rate budgets) among those alive.
+pub trait Membership: Send + Sync + 'static {
+    /// How many brokers hold the database now (at least 1: this one).
+    fn live_brokers(&self) -> Result<u32, StorageError>;
+}
+
 /// A change to a grant's uses that rides a ledger batch: `+1` or `-1`.
 pub type UseDelta = (String, i64);
 

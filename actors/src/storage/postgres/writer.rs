@@ -65,6 +65,7 @@ const REPLICAS_TOKEN: &str = "replicas:";
 pub(super) struct Claim {
     token: String,
     fence_key: i64,
+    writer_key: i64,
 }
 
 /// The writer lock, held by a connection of its own.
@@ -73,6 +74,7 @@ pub(super) struct Lock {
     /// Ends when the connection does, and the lock with it.
     connection: JoinHandle<Result<(), tokio_postgres::Error>>,
     fence_key: i64,
+    writer_key: i64,
 }
 
 /// Who this broker is, for the message a second one gets.
@@ -132,6 +134,7 @@ impl Postgres {
                 client,
                 connection,
                 fence_key,
+                writer_key,
             })),
             Err(e) if waited_too_long(&e) => Ok(None),
             Err(e) => Err(backend(e)),
@@ -180,9 +183,13 @@ impl Postgres {
             txn.commit().await.map_err(backend)?;
             Ok(token)
         })?;
-        let fence_key = lock.fence_key;
+        let (fence_key, writer_key) = (lock.fence_key, lock.writer_key);
         self.claim
-            .set(Claim { token, fence_key })
+            .set(Claim {
+                token,
+                fence_key,
+                writer_key,
+            })
             .map_err(|_| backend("this database was claimed already"))?;
         self.runtime.spawn(hold(Arc::downgrade(self), lock));
         Ok(())
@@ -268,6 +275,34 @@ impl Postgres {
         let client = self.client().await?;
         let token = client.query_opt(FENCE_READ, &[]).await.map_err(backend)?;
         ours(token.map(|row| row.get(0)), &claim.token)
+    }
+}
+
+impl crate::storage::Membership for Postgres {
+    /// The brokers holding the schema's writer lock now (replicas hold it
+    /// shared): a broker's session, and its lock, end when it dies or the
+    /// server drops its connection.
+    fn live_brokers(&self) -> Result<u32, StorageError> {
+        let Some(claim) = self.claim.get() else {
+            return Ok(1);
+        };
+        // An advisory lock on a bigint key is listed as its two halves.
+        let key = claim.writer_key as u64;
+        let (high, low) = ((key >> 32) as u32, key as u32);
+        let holders = self.run(async {
+            let client = self.client().await?;
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+                     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                       AND l.classid = $1 AND l.objid = $2 AND d.datname = current_database()",
+                    &[&high, &low],
+                )
+                .await
+                .map_err(backend)?;
+            Ok::<i64, StorageError>(row.get(0))
+        })?;
+        Ok(u32::try_from(holders.max(1)).unwrap_or(u32::MAX))
     }
 }
 
