@@ -8,6 +8,8 @@
 #                                   prints `export AGENTKEYS_TEST_POSTGRES_URL=…` and
 #                                   `…_CA=` (TLS is on offer, its CA made here)
 #   harness/postgres.sh stop DIR    stop it (DIR stays; remove it yourself)
+#   harness/postgres.sh restart DIR start it again as it was started
+#                                   (same port, same data), stopped or not
 #
 #   eval "$(harness/postgres.sh start /tmp/pg)"
 #   cargo test --workspace --all-features
@@ -18,7 +20,7 @@ source harness/lib.sh
 
 command=${1:-}
 dir=${2:-}
-[ -n "$command" ] && [ -n "$dir" ] || fail "usage: harness/postgres.sh start|stop DIR"
+[ -n "$command" ] && [ -n "$dir" ] || fail "usage: harness/postgres.sh start|stop|restart DIR"
 
 bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
 [ -n "$bin" ] && [ -x "$bin/initdb" ] || fail "no PostgreSQL server binaries (apt-get install postgresql)"
@@ -68,7 +70,12 @@ case "$command" in
   stop)
     as_postgres "$bin/pg_ctl" --pgdata "$dir/data" --wait --silent --mode fast stop
     ;;
+  restart)
+    # pg_ctl restart takes the options of the last start (postmaster.opts).
+    as_postgres "$bin/pg_ctl" --pgdata "$dir/data" --log "$dir/server.log" --wait --silent \
+      --mode fast restart
+    ;;
   *)
-    fail "usage: harness/postgres.sh start|stop DIR"
+    fail "usage: harness/postgres.sh start|stop|restart DIR"
     ;;
 esac

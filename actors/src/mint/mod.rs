@@ -212,6 +212,15 @@ impl MintFlow {
         self.metrics.count(outcome);
         match released {
             Ok(response) => Ok(response),
+            // The database the gates share is away: the refusal's record
+            // (on the same database) would keep the caller waiting for
+            // nothing; it rides the next commit instead.
+            Err((attempt, error, give_back)) if error.code() == ErrorCode::StorageUnavailable => {
+                let flow = self.clone();
+                let refused = attempt.refused(&error);
+                actix::spawn(async move { flow.record_refusal(refused, give_back).await });
+                Err(error)
+            }
             Err((attempt, error, give_back)) => {
                 self.record_refusal(attempt.refused(&error), give_back)
                     .await;
