@@ -23,6 +23,9 @@
 #   STORAGE=postgres harness/mint-load.sh     # state in a throwaway PostgreSQL of
 #                                             # its own (harness/postgres.sh; Debian
 #                                             # package postgresql) instead of redb
+#   STORAGE=postgres REPLICAS=2 harness/mint-load.sh  # that many brokers as replicas
+#                                             # on it (storage.postgres.replicas), the
+#                                             # connections split evenly among them
 #
 # Exits 1 when any mint was answered other than 200 (unless EXPECT_REFUSALS
 # is set) and, always, when the first mint after the run is not a 200.
@@ -37,6 +40,8 @@ RATE=${RATE:-1000000}
 SINKS=${SINKS:-default}
 SIGNER=${SIGNER:-file}
 STORAGE=${STORAGE:-redb}
+REPLICAS=${REPLICAS:-0}
+[ "$REPLICAS" = 0 ] || [ "$STORAGE" = postgres ] || { echo "REPLICAS needs STORAGE=postgres" >&2; exit 2; }
 
 command -v wrk >/dev/null || { echo "wrk is required (Debian package wrk)" >&2; exit 2; }
 # BROKER: another build of the broker to measure (say, the previous
@@ -52,10 +57,10 @@ limit=$("$BROKER" load crypto --seconds 4 |
   python3 -c 'import json, sys; print(round(json.load(sys.stdin)["verify_and_sign_per_second"]))')
 
 work=$(mktemp -d)
-broker_pid=""
+broker_pids=()
 pg_dir=""
 cleanup() {
-  if [ -n "$broker_pid" ]; then kill -TERM "$broker_pid" 2>/dev/null || true; wait "$broker_pid" 2>/dev/null || true; fi
+  for pid in "${broker_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
   if [ -n "$pg_dir" ]; then bash harness/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true; rm -rf "$pg_dir"; fi
   rm -rf "$work"
 }
@@ -119,27 +124,41 @@ database_ticks() {
   echo "$total"
 }
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-url="http://127.0.0.1:$port"
-AGENTKEYS__SERVER__BIND="127.0.0.1:$port" \
-AGENTKEYS__STORAGE__DATA_DIR="$work/data" \
-AGENTKEYS__SECRETS__SEALING_KEY_FILE="$work/sealing.key" \
-AGENTKEYS__RATE_LIMIT__PER_SECOND="$RATE" \
-AGENTKEYS__RATE_LIMIT__BURST="$RATE" \
-AGENTKEYS__RATE_LIMIT__LOGIN_PER_SECOND_PER_IP="$RATE" \
-AGENTKEYS__RATE_LIMIT__LOGIN_BURST_PER_IP="$RATE" \
-  "$BROKER" serve --config "$work/broker.toml" >"$work/broker.log" 2>&1 &
-broker_pid=$!
-
-for _ in $(seq 100); do
-  curl -fs "$url/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
+# One broker, or $REPLICAS replicas of one schema (one sealing key, one
+# admin token), each on a port of its own.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+(umask 077; openssl rand -hex 32 >"$work/admin.token")
+urls=()
+for i in $(seq "$(( REPLICAS > 0 ? REPLICAS : 1 ))"); do
+  port=$(free_port)
+  urls+=("http://127.0.0.1:$port")
+  replica_env=()
+  [ "$REPLICAS" = 0 ] || replica_env=(AGENTKEYS__STORAGE__POSTGRES__REPLICAS=true)
+  env "${replica_env[@]}" \
+  AGENTKEYS__SERVER__BIND="127.0.0.1:$port" \
+  AGENTKEYS__STORAGE__DATA_DIR="$work/data$i" \
+  AGENTKEYS__SECRETS__SEALING_KEY_FILE="$work/sealing.key" \
+  AGENTKEYS__ADMIN__TOKEN_FILE="$work/admin.token" \
+  AGENTKEYS__RATE_LIMIT__PER_SECOND="$RATE" \
+  AGENTKEYS__RATE_LIMIT__BURST="$RATE" \
+  AGENTKEYS__RATE_LIMIT__LOGIN_PER_SECOND_PER_IP="$RATE" \
+  AGENTKEYS__RATE_LIMIT__LOGIN_BURST_PER_IP="$RATE" \
+    "$BROKER" serve --config "$work/broker.toml" >"$work/broker$i.log" 2>&1 &
+  broker_pids+=($!)
+  for _ in $(seq 100); do
+    curl -fs "${urls[-1]}/readyz" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  curl -fs "${urls[-1]}/readyz" >/dev/null || { echo "broker $i did not become ready" >&2; cat "$work/broker$i.log" >&2; exit 1; }
 done
-curl -fs "$url/readyz" >/dev/null || { echo "broker did not become ready" >&2; cat "$work/broker.log" >&2; exit 1; }
+url=${urls[0]}
+broker_pid=${broker_pids[0]}
 
 "$BROKER" load prepare --broker-url "$url" \
-  --admin-token-file "$work/data/admin.token" --agents "$AGENTS" --grant "s3:load/" \
+  --admin-token-file "$work/admin.token" --agents "$AGENTS" --grant "s3:load/" \
   --out "$work/tokens.txt"
+# Replicas read the agents and grants made on the first again each second.
+[ "$REPLICAS" -le 1 ] || sleep 2
 
 body='{"service":"s3","scope_path":"load/jobs/"}'
 if [ -n "${TARGET_RATE:-}" ]; then
@@ -155,11 +174,29 @@ if [ -n "${TARGET_RATE:-}" ]; then
   refused=$(awk '/^ *\[[0-9]+\]/ && $1 != "[200]" { n += $2 } END { print n + 0 }' "$work/hey.txt")
   grep -q 'Error distribution' "$work/hey.txt" && refused=$((refused + 1))
 else
-  echo "# $(nproc) cores; crypto limit $limit /s; audit sinks: $SINKS; OIDC signer: $SIGNER; storage: $STORAGE; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
-  cpu_before=$(cpu_ticks "$broker_pid") db_before=$(database_ticks)
-  MINT_BODY="$body" TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
-    -s harness/mint.lua "$url/v1/mint-oidc-jwt" | tee "$work/wrk.txt"
-  cpu_after=$(cpu_ticks "$broker_pid") db_after=$(database_ticks)
+  brokers="one broker"; [ "$REPLICAS" = 0 ] || brokers="$REPLICAS replicas, $((CONNECTIONS / ${#urls[@]})) connections each"
+  echo "# $(nproc) cores; crypto limit $limit /s; audit sinks: $SINKS; OIDC signer: $SIGNER; storage: $STORAGE; $brokers; $AGENTS agents, each with a grant for s3 load/; wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
+  brokers_ticks() { local total=0 pid; for pid in "${broker_pids[@]}"; do total=$((total + $(cpu_ticks "$pid"))); done; echo "$total"; }
+  cpu_before=$(brokers_ticks) db_before=$(database_ticks)
+  # One wrk per broker, the connections split evenly; their figures summed.
+  wrk_pids=()
+  for i in "${!urls[@]}"; do
+    MINT_BODY="$body" TOKENS="$work/tokens.txt" wrk -t"$THREADS" -c"$((CONNECTIONS / ${#urls[@]}))" -d"$DURATION" --latency \
+      -s harness/mint.lua "${urls[$i]}/v1/mint-oidc-jwt" >"$work/wrk$i.txt" &
+    wrk_pids+=($!)
+  done
+  wait "${wrk_pids[@]}"
+  if [ "${#urls[@]}" = 1 ]; then
+    cp "$work/wrk0.txt" "$work/wrk.txt"
+  else
+    for i in "${!urls[@]}"; do sed "s/^/replica $((i + 1)): /" "$work/wrk$i.txt"; done
+    # The sum: mints/s and every answer count.
+    cat "$work"/wrk[0-9]*.txt | awk '/^mints\/s/ { m += $4 } /^answers / { key = $0; sub(/ [0-9]+$/, "", key); n[key] += $NF }
+      /^  Socket errors:/ { print }
+      END { printf "mints/s sum = %d\n", m; for (k in n) printf "%s %d\n", k, n[k] }' >"$work/wrk.txt"
+  fi
+  cat "$work/wrk.txt"
+  cpu_after=$(brokers_ticks) db_after=$(database_ticks)
   awk -v limit="$limit" '/^mints\/s/ { printf "fraction of the crypto limit: %.0f%% (%d of %d /s)\n", 100 * $4 / limit, $4, limit }' "$work/wrk.txt"
   # The broker's own CPU per answer (user + system, all threads): steadier
   # than mints/s when the machine's speed drifts.

@@ -4,9 +4,12 @@
 //! relinked or removed, or a grant created or revoked, on another replica
 //! reaches this one within that interval and one read. A read that raced
 //! a change of this actor's own (under way, or made after the read began)
-//! is dropped, never applied: the next one sees the change.
+//! is dropped, never applied: the next one sees the change. A copy that
+//! could not be read again for [`stale_after`] is stale: the actor then
+//! refuses what it would decide from it (503 storage_unavailable) rather
+//! than let a revoke or a disable made elsewhere go unseen.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, WrapFuture};
 
@@ -29,6 +32,20 @@ pub trait Refreshed: Actor<Context = Context<Self>> {
     fn adopt(&mut self, loaded: Self::Loaded);
     /// Whether a read is under way (the actor keeps the flag).
     fn reading(&mut self) -> &mut bool;
+    /// When a read last succeeded (the actor keeps it).
+    fn read_at(&mut self) -> &mut Instant;
+}
+
+/// A copy read again every `every` is stale once no read succeeded for
+/// ten of them (and at least 10 s: a database restart is not a reason).
+pub fn stale_after(every: Duration) -> Duration {
+    (every * 10).max(Duration::from_secs(10))
+}
+
+/// Whether a copy last read at `read_at`, read again every `every`
+/// (`None`: never, it is the truth), is stale.
+pub fn is_stale(read_at: Instant, every: Option<Duration>) -> bool {
+    every.is_some_and(|every| read_at.elapsed() > stale_after(every))
 }
 
 /// Reads the store again every `every`, one read at a time.
@@ -37,13 +54,18 @@ pub fn refresh_every<A: Refreshed>(ctx: &mut Context<A>, every: Duration) {
 }
 
 fn refresh<A: Refreshed>(actor: &mut A, ctx: &mut Context<A>) {
-    if std::mem::replace(actor.reading(), true) {
+    // A read begun while a change of its own is being written could see
+    // the store from before it, and end after it is live here.
+    if actor.changing() || std::mem::replace(actor.reading(), true) {
         return;
     }
     let begun = actor.changes_begun();
     let read = tokio::task::spawn_blocking(actor.reader());
     ctx.spawn(read.into_actor(actor).map(move |read, actor, _| {
         *actor.reading() = false;
+        if let Ok(Ok(_)) = &read {
+            *actor.read_at() = Instant::now();
+        }
         match read {
             Ok(Ok(loaded)) if actor.changes_begun() == begun && !actor.changing() => {
                 actor.adopt(loaded)
@@ -57,4 +79,25 @@ fn refresh<A: Refreshed>(actor: &mut A, ctx: &mut Context<A>) {
             Err(e) => tracing::warn!(error = %e, store = A::WHAT, "the read was cancelled"),
         }
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_is_stale_after_ten_refreshes_and_never_under_ten_seconds() {
+        assert_eq!(stale_after(Duration::from_secs(2)), Duration::from_secs(20));
+        assert_eq!(
+            stale_after(Duration::from_millis(200)),
+            Duration::from_secs(10)
+        );
+        let long_ago = Instant::now() - Duration::from_secs(11);
+        assert!(is_stale(long_ago, Some(Duration::from_millis(200))));
+        assert!(!is_stale(long_ago, Some(Duration::from_secs(2))));
+        assert!(
+            !is_stale(long_ago, None),
+            "one broker's memory is the truth"
+        );
+    }
 }

@@ -68,6 +68,9 @@ pub enum AuthError {
     /// A replica's login challenge could not be sealed.
     #[error("the login challenge could not be sealed")]
     Sealing(#[source] crate::sealing::SealingError),
+    /// This replica could not read the registry again for too long.
+    #[error("this replica's copy of the agents is stale: the database has not answered")]
+    Stale,
     /// The store replicas spend nonces in did not answer.
     #[error("the database that spends nonces did not answer")]
     Unspendable(#[source] StorageError),
@@ -82,7 +85,7 @@ impl AuthError {
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::NotFound => ErrorCode::NotFound,
             Self::Overloaded(_) => ErrorCode::Overloaded,
-            Self::Unspendable(_) => ErrorCode::StorageUnavailable,
+            Self::Unspendable(_) | Self::Stale => ErrorCode::StorageUnavailable,
             Self::Storage(_)
             | Self::Signing(_)
             | Self::Lost(_)
@@ -191,6 +194,8 @@ pub struct AuthActor {
     writes_ended: u64,
     /// The registry is being read again.
     reading: bool,
+    /// When it was last read (replicas: [`crate::refresh`]).
+    read_at: std::time::Instant,
     /// With replicas, where nonces are spent and how login challenges
     /// are sealed ([`spent`], [`sealed_login`]).
     replicated: Option<Replicated>,
@@ -219,6 +224,7 @@ impl AuthActor {
             writes_begun: 0,
             writes_ended: 0,
             reading: false,
+            read_at: std::time::Instant::now(),
             replicated: None,
             pending_spends: spent::PendingSpends::default(),
         };
@@ -246,7 +252,8 @@ impl Actor for AuthActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.settings.mailbox_capacity);
         ctx.run_interval(self.settings.nonce_ttl, |actor, _| {
-            actor.purge_expired_nonces()
+            actor.purge_expired_nonces();
+            actor.forget_spent_nonces();
         });
         if let Some(every) = self.settings.refresh_every {
             crate::refresh::refresh_every(ctx, every);
@@ -283,6 +290,10 @@ impl crate::refresh::Refreshed for AuthActor {
 
     fn reading(&mut self) -> &mut bool {
         &mut self.reading
+    }
+
+    fn read_at(&mut self) -> &mut std::time::Instant {
+        &mut self.read_at
     }
 }
 

@@ -18,6 +18,11 @@ use crate::storage::StorageError;
 
 type SpendReply = oneshot::Sender<Result<bool, StorageError>>;
 
+/// A spend is remembered this long past the moment its nonce stops being
+/// accepted: a copy checked just before that moment is spent by a batch
+/// that may run a few seconds later, and must still find it.
+const SPEND_MARGIN_SECONDS: u64 = 60;
+
 /// What replicas share for sign-in: the store nonces are spent in, and
 /// the sealing key their login challenges are sealed with
 /// ([`super::sealed_login`]).
@@ -48,6 +53,10 @@ impl AuthActor {
     ) -> Option<impl std::future::Future<Output = Result<(), AuthError>>> {
         self.replicated.as_ref()?;
         let (reply, answer) = oneshot::channel();
+        let spend = NonceSpend {
+            expires_at: spend.expires_at + SPEND_MARGIN_SECONDS,
+            ..spend
+        };
         self.pending_spends.spends.push((spend, reply));
         self.commit_next(ctx);
         Some(async move {
@@ -85,6 +94,24 @@ impl AuthActor {
                 other => other,
             })
         })
+    }
+
+    /// Forgets the spends that expired (replicas), off the actor's thread.
+    pub(super) fn forget_spent_nonces(&mut self) {
+        let Some(shared) = &self.replicated else {
+            return;
+        };
+        let nonces = shared.nonces.clone();
+        tokio::task::spawn_blocking(
+            move || match nonces.forget_spent(crate::domain::now_unix()) {
+                Ok(0) => {}
+                Ok(forgotten) => tracing::debug!(forgotten, "expired nonce spends forgotten"),
+                Err(e) => tracing::warn!(
+                    error = %crate::error_text::with_causes(&e),
+                    "expired nonce spends not forgotten; the next purge tries again"
+                ),
+            },
+        );
     }
 
     /// Signs in as a replica (`storage.postgres.replicas`): nonces spent

@@ -54,6 +54,9 @@ pub enum GrantError {
     /// answer (the cause is logged, not shown).
     #[error("the database that decides grant uses and Idempotency-Keys did not answer")]
     Unavailable(String),
+    /// This replica could not read the grants again for too long.
+    #[error("this replica's copy of the grants is stale: the database has not answered")]
+    Stale,
     #[error("the request waited too long for the grant actor")]
     QueuedTooLong,
     /// A mint that named no intent, where none can be chosen for it.
@@ -70,7 +73,7 @@ impl GrantError {
             Self::IdempotencyConflict => ErrorCode::IdempotencyConflict,
             Self::IdempotencyInFlight => ErrorCode::IdempotencyInFlight,
             Self::Storage(_) => ErrorCode::Internal,
-            Self::Unavailable(_) => ErrorCode::StorageUnavailable,
+            Self::Unavailable(_) | Self::Stale => ErrorCode::StorageUnavailable,
             Self::QueuedTooLong => ErrorCode::Overloaded,
             Self::NoDefaultIntent(_) => ErrorCode::BadRequest,
         }
@@ -140,6 +143,8 @@ pub struct GrantActor {
     writing_grants: bool,
     /// The grants are being read again.
     reading: bool,
+    /// When they were last read (replicas: [`crate::refresh`]).
+    read_at: std::time::Instant,
 }
 
 impl GrantActor {
@@ -186,6 +191,7 @@ impl GrantActor {
             grant_changes: 0,
             writing_grants: false,
             reading: false,
+            read_at: std::time::Instant::now(),
         };
         for mut grant in grants {
             // The ledger's count is exact; a stored row can only be higher
@@ -264,6 +270,10 @@ impl crate::refresh::Refreshed for GrantActor {
 
     fn reading(&mut self) -> &mut bool {
         &mut self.reading
+    }
+
+    fn read_at(&mut self) -> &mut std::time::Instant {
+        &mut self.read_at
     }
 }
 
@@ -418,10 +428,11 @@ mod tests {
             .unwrap()
             .start();
         grants.send(create_one_use_grant()).await.unwrap().unwrap();
-        assert!(matches!(
-            grants.send(keyed()).await.unwrap(),
-            Ok(Reservation::Granted(..))
-        ));
+        let Ok(Reservation::Granted(taken)) = grants.send(keyed()).await.unwrap() else {
+            panic!("the one use is granted");
+        };
+        // Its Release lost: the key stays in flight, the use taken.
+        std::mem::forget(taken);
         assert_eq!(
             grants.send(keyed()).await.unwrap().err(),
             Some(GrantError::IdempotencyInFlight),
@@ -447,20 +458,24 @@ mod tests {
         let grant = grants.send(create_one_use_grant()).await.unwrap().unwrap();
         store.written.lock().unwrap().clear();
 
-        let Ok(Reservation::Granted(decision)) = grants.send(reserve()).await.unwrap() else {
+        let Ok(Reservation::Granted(taken)) = grants.send(reserve()).await.unwrap() else {
             panic!("the one use is granted");
         };
-        assert_eq!(decision.grant_id.as_deref(), Some(grant.id.as_str()));
+        assert_eq!(
+            taken.decision().grant_id.as_deref(),
+            Some(grant.id.as_str())
+        );
         assert_eq!(
             grants.send(reserve()).await.unwrap().err(),
             Some(GrantError::Exhausted),
             "the use is taken at once"
         );
         let release = Release {
-            grant_id: decision.grant_id,
+            grant_id: taken.decision().grant_id.clone(),
             counted_by_store: false,
             idempotency: None,
         };
+        std::mem::forget(taken);
         grants.send(release).await.unwrap();
         assert!(
             matches!(
@@ -495,6 +510,40 @@ mod tests {
         );
     }
 
+    /// An answer that reaches nobody (its asker gave up, or its
+    /// connection was cut, while the store decided: replicas) gives its
+    /// use and its key back, in the store too. Real redb stores decide.
+    #[actix::test]
+    async fn a_reservation_nobody_receives_gives_its_use_and_key_back() {
+        use crate::storage::redb_ledger::RedbLedger;
+        use crate::storage::redb_store::RedbGrantStore;
+        let dir = tempfile::tempdir().unwrap();
+        let sealer = crate::sealing::Sealer::ephemeral().unwrap();
+        let store = RedbGrantStore::open(&dir.path().join("grants.redb"), 1 << 20, sealer);
+        let store = Arc::new(store.unwrap());
+        let ledger = Arc::new(RedbLedger::open(&dir.path().join("audit.redb"), 1 << 20).unwrap());
+        let gates = SharedGates {
+            uses: ledger,
+            slots: store.clone(),
+        };
+        let settings = settings(Duration::from_secs(60));
+        let actor = GrantActor::new(settings, store, &HashMap::new()).unwrap();
+        let grants = actor.deciding_with(gates).start();
+        grants.send(create_one_use_grant()).await.unwrap().unwrap();
+        let unread = grants.send(keyed());
+        // Handled (one mailbox, in order), and waiting for the store.
+        grants.send(ListGrants { agent: None }).await.unwrap();
+        drop(unread);
+        actix::clock::sleep(Duration::from_millis(300)).await;
+        assert!(
+            matches!(
+                grants.send(keyed()).await.unwrap(),
+                Ok(Reservation::Granted(_))
+            ),
+            "the use and the key came back"
+        );
+    }
+
     /// The guard promise: a use taken for a mint that fails, on whatever
     /// path, comes back when the mint drops it, and its key is freed; a
     /// use kept for a released JWT stays taken.
@@ -505,10 +554,7 @@ mod tests {
         let handle = Handle::new(grants.clone(), "grants", Duration::from_secs(5));
         grants.send(create_one_use_grant()).await.unwrap().unwrap();
         let take = |reserved: Result<Reservation, GrantError>| match reserved {
-            Ok(Reservation::Granted(decision)) => {
-                let slot = keyed().idempotency;
-                GrantUse::taken(handle.clone(), &decision, slot)
-            }
+            Ok(Reservation::Granted(taken)) => GrantUse::taken(handle.clone(), taken),
             other => panic!("the one use is granted, got {other:?}"),
         };
 
@@ -536,10 +582,10 @@ mod tests {
         let grants = start(Arc::new(FlakyStore::default()));
         let handle = Handle::new(grants.clone(), "grants", Duration::from_secs(5));
         grants.send(create_one_use_grant()).await.unwrap().unwrap();
-        let Ok(Reservation::Granted(decision)) = grants.send(keyed()).await.unwrap() else {
+        let Ok(Reservation::Granted(taken)) = grants.send(keyed()).await.unwrap() else {
             panic!("the one use is granted");
         };
-        GrantUse::taken(handle, &decision, keyed().idempotency).keep_taken();
+        GrantUse::taken(handle, taken).keep_taken();
         assert_eq!(
             grants.send(keyed()).await.unwrap().err(),
             Some(GrantError::Exhausted),

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use actix::{ActorResponse, Handler, Message};
+use actix::{ActorResponse, Addr, AsyncContext, Context, Handler, Message};
 
 use super::{Complete, GrantActor, GrantError, IdempotencySlot};
 use crate::backpressure::Handle;
@@ -51,8 +51,61 @@ pub(super) enum Decided {
 /// Reserve's answer: go ahead, or send back the earlier answer.
 #[derive(Debug)]
 pub enum Reservation {
-    Granted(GrantDecision),
+    Granted(Taken),
     Replay(Arc<CompletedMint>),
+}
+
+/// A use taken and a key marked in flight, as the actor answers them: an
+/// answer that reaches nobody (its asker gave up, or its connection was
+/// cut, while the actor or the store decided) is dropped, and gives them
+/// back, so no use stays taken for nobody. The mint turns it into its
+/// [`GrantUse`].
+pub struct Taken {
+    actor: Addr<GrantActor>,
+    decision: GrantDecision,
+    release: Option<Release>,
+}
+
+impl Taken {
+    /// What the gate allowed.
+    pub fn decision(&self) -> &GrantDecision {
+        &self.decision
+    }
+}
+
+impl std::fmt::Debug for Taken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Taken").field(&self.decision).finish()
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take().filter(Release::gives_anything) {
+            // Past a full mailbox too.
+            self.actor.do_send(release);
+        }
+    }
+}
+
+impl GrantActor {
+    /// The answer for an allowed mint of `idempotency`'s key.
+    pub(super) fn granted(
+        decision: GrantDecision,
+        idempotency: Option<IdempotencySlot>,
+        ctx: &Context<Self>,
+    ) -> Reservation {
+        let release = Release {
+            grant_id: decision.grant_id.clone(),
+            counted_by_store: decision.counted_by_store,
+            idempotency,
+        };
+        Reservation::Granted(Taken {
+            actor: ctx.address(),
+            decision,
+            release: Some(release),
+        })
+    }
 }
 
 /// A grant use taken for one mint, with its Idempotency-Key marked in
@@ -66,19 +119,11 @@ pub struct GrantUse {
 }
 
 impl GrantUse {
-    /// The use `decision` took (if any) and the key it marked in flight.
-    pub fn taken(
-        grants: Handle<GrantActor>,
-        decision: &GrantDecision,
-        idempotency: Option<IdempotencySlot>,
-    ) -> Self {
+    /// The mint takes over what the gate took.
+    pub fn taken(grants: Handle<GrantActor>, mut taken: Taken) -> Self {
         Self {
             grants,
-            release: Some(Release {
-                grant_id: decision.grant_id.clone(),
-                counted_by_store: decision.counted_by_store,
-                idempotency,
-            }),
+            release: taken.release.take(),
         }
     }
 
@@ -142,16 +187,10 @@ impl GrantUse {
 
 impl Drop for GrantUse {
     fn drop(&mut self) {
-        match self.release.take() {
-            Some(Release {
-                grant_id: None,
-                idempotency: None,
-                ..
-            })
-            | None => {}
-            // The use must come back and the key be freed even past a
-            // full mailbox.
-            Some(release) => self.grants.tell(release),
+        // The use must come back and the key be freed even past a full
+        // mailbox.
+        if let Some(release) = self.release.take().filter(Release::gives_anything) {
+            self.grants.tell(release);
         }
     }
 }
@@ -189,6 +228,13 @@ pub struct Release {
     /// The use is the store's to give back (replicas).
     pub counted_by_store: bool,
     pub idempotency: Option<IdempotencySlot>,
+}
+
+impl Release {
+    /// Whether there is a use to give back or a key to free.
+    fn gives_anything(&self) -> bool {
+        self.grant_id.is_some() || self.idempotency.is_some()
+    }
 }
 
 impl Handler<DefaultIntent> for GrantActor {
@@ -319,6 +365,9 @@ impl Handler<Reserve> for GrantActor {
         if std::time::Instant::now() >= msg.deadline {
             return ActorResponse::reply(Err(GrantError::QueuedTooLong));
         }
+        if crate::refresh::is_stale(self.read_at, self.settings.refresh_every) {
+            return ActorResponse::reply(Err(GrantError::Stale));
+        }
         if let Some(claim) = &msg.idempotency {
             match self.claim_slot(claim) {
                 Ok(Some(done)) => return ActorResponse::reply(Ok(Reservation::Replay(done))),
@@ -329,7 +378,7 @@ impl Handler<Reserve> for GrantActor {
         let store_claims = self.shared.is_some() && msg.idempotency.is_some();
         match self.decide(&msg, &[]) {
             Ok(Decided::Now(decision)) if !store_claims => {
-                ActorResponse::reply(Ok(Reservation::Granted(decision)))
+                ActorResponse::reply(Ok(Self::granted(decision, msg.idempotency, ctx)))
             }
             Ok(decided) => self.ask_store(msg, decided, ctx),
             Err(e) => {

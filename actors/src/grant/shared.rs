@@ -293,7 +293,8 @@ impl GrantActor {
         }
         let take = match &asking.decided {
             Decided::Now(decision) => {
-                let _ = (asking.reply).send(Ok(Reservation::Granted(decision.clone())));
+                let granted = Self::granted(decision.clone(), asking.reserve.idempotency, ctx);
+                let _ = asking.reply.send(Ok(granted));
                 return;
             }
             Decided::Ask(take) => take.clone(),
@@ -301,7 +302,8 @@ impl GrantActor {
         match taken_uses {
             Some(uses) => match self.counted_decision(&take.grant_id, uses) {
                 Some(decision) => {
-                    let _ = asking.reply.send(Ok(Reservation::Granted(decision)));
+                    let granted = Self::granted(decision, asking.reserve.idempotency, ctx);
+                    let _ = asking.reply.send(Ok(granted));
                 }
                 // Revoked or expired meanwhile.
                 None => {
@@ -317,7 +319,8 @@ impl GrantActor {
                 asking.claim_held = made;
                 match self.decide(&asking.reserve, &asking.tried) {
                     Ok(Decided::Now(decision)) => {
-                        let _ = asking.reply.send(Ok(Reservation::Granted(decision)));
+                        let granted = Self::granted(decision, asking.reserve.idempotency, ctx);
+                        let _ = asking.reply.send(Ok(granted));
                     }
                     Ok(ask) => {
                         asking.decided = ask;

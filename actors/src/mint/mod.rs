@@ -306,19 +306,19 @@ impl MintFlow {
         let reserve = self.actors.grants.ask(Reserve {
             principal: principal.clone(),
             intent: intent.clone(),
-            idempotency: idempotency.clone(),
+            idempotency,
             own_scope: (!self.policy.grants_required)
                 .then(|| self.policy.namespace.of(&principal.owner)),
             // Well inside the ask's timeout: a Reserve handled after the
             // caller gave up must take nothing.
             deadline: Instant::now() + self.actors.grants.timeout() / 2,
         });
-        let decision = match timed(&self.metrics.grant, reserve).await?? {
+        let taken = match timed(&self.metrics.grant, reserve).await?? {
             Reservation::Replay(done) => return Ok(Allowed::Replay(done)),
-            Reservation::Granted(decision) => decision,
+            Reservation::Granted(taken) => taken,
         };
-        let grants = self.actors.grants.clone();
-        let grant_use = GrantUse::taken(grants, &decision, idempotency);
+        let decision = taken.decision().clone();
+        let grant_use = GrantUse::taken(self.actors.grants.clone(), taken);
         let ttl = request.ttl_seconds;
         let claims = self
             .policy
