@@ -46,32 +46,8 @@ for _ in $(seq 150); do curl -fs -o /dev/null "$admin_url/readyz" && break; slee
 ok "broker at 127.0.0.1:$broker_port, admin at $admin_url"
 
 step "nginx with docs/deploy/nginx.conf"
-sed -e "s#server 127.0.0.1:8080;#server 127.0.0.1:$broker_port;#" \
-    -e "s#listen 443 ssl;#listen 127.0.0.1:$nginx_port ssl;#" \
-    -e "s#server_name broker.example.com;#server_name localhost;#" \
-    -e "s#/etc/ssl/agentkeys/#$tls/#g" \
-    docs/deploy/nginx.conf >"$work/agentkeys.conf"
-grep -q "127.0.0.1:$broker_port" "$work/agentkeys.conf" && grep -q "$tls/fullchain.pem" "$work/agentkeys.conf" \
-  || fail "docs/deploy/nginx.conf no longer has the values this harness replaces"
-mkdir -p "$work/nginx"
-cat >"$work/nginx.conf" <<CONF
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 256; }
-http {
-  access_log $work/nginx/access.log;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  include $work/agentkeys.conf;
-}
-CONF
-nginx -t -c "$work/nginx.conf" -e "$work/nginx/error.log" 2>"$work/nginx-test.log" || { cat "$work/nginx-test.log"; fail "nginx refuses the config"; }
-nginx -c "$work/nginx.conf" -e "$work/nginx/error.log" -g 'daemon off;' &
-pids+=($!)
+start_nginx "$nginx_port" "$tls" "127.0.0.1:$broker_port"
 through() { curl -s --cacert "$tls/ca.pem" "$@"; }
-for _ in $(seq 150); do through -f -o /dev/null "$public_url/readyz" && break; sleep 0.1; done
-through -f -o /dev/null "$public_url/readyz" || fail "nginx does not pass /readyz"
 ok "nginx at $public_url"
 
 step "public paths pass, admin paths and metrics do not"

@@ -51,3 +51,45 @@ make_tls() {
     -days 2 -extfile "$dir/san.cnf" -out "$dir/leaf.pem" 2>/dev/null
   cat "$dir/leaf.pem" "$dir/ca.pem" >"$dir/fullchain.pem"
 }
+
+# start_nginx PORT TLS_DIR UPSTREAM...: nginx (in $work/nginx, added to
+# pids) on 127.0.0.1:PORT before the brokers at UPSTREAM... (host:port),
+# with docs/deploy/nginx.conf as shipped but for its ports, name and
+# certificate paths (TLS_DIR from make_tls); each request's method, path,
+# status and upstream logged to $work/nginx/access.log. Waits until it
+# passes /readyz.
+start_nginx() {
+  local port=$1 tls=$2 servers="" upstream
+  shift 2
+  for upstream in "$@"; do servers+="server $upstream max_fails=1 fail_timeout=5s;\n    "; done
+  sed -e "s#server 127.0.0.1:8080;#${servers%\\n    }#" \
+      -e "s#listen 443 ssl;#listen 127.0.0.1:$port ssl;#" \
+      -e "s#server_name broker.example.com;#server_name localhost;#" \
+      -e "s#/etc/ssl/agentkeys/#$tls/#g" \
+      docs/deploy/nginx.conf >"$work/agentkeys.conf"
+  grep -q "server $1 " "$work/agentkeys.conf" && grep -q "$tls/fullchain.pem" "$work/agentkeys.conf" \
+    || fail "docs/deploy/nginx.conf no longer has the values this harness replaces"
+  mkdir -p "$work/nginx"
+  cat >"$work/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  log_format upstream '\$request_method \$uri \$status \$upstream_addr';
+  access_log $work/nginx/access.log upstream;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  include $work/agentkeys.conf;
+}
+CONF
+  nginx -t -c "$work/nginx.conf" -e "$work/nginx/error.log" 2>"$work/nginx-test.log" \
+    || { cat "$work/nginx-test.log"; fail "nginx refuses the config"; }
+  nginx -c "$work/nginx.conf" -e "$work/nginx/error.log" -g 'daemon off;' &
+  pids+=($!)
+  for _ in $(seq 150); do
+    curl -fs --cacert "$tls/ca.pem" -o /dev/null "https://localhost:$port/readyz" && return 0
+    sleep 0.1
+  done
+  fail "nginx does not pass /readyz"
+}

@@ -108,30 +108,7 @@ start_replica 2
 start_replica 3
 wait_for "http://127.0.0.1:${admin_port[2]}/readyz"
 wait_for "http://127.0.0.1:${admin_port[3]}/readyz"
-sed -e "s#server 127.0.0.1:8080;#server 127.0.0.1:${port[1]} max_fails=1 fail_timeout=5s;\n    server 127.0.0.1:${port[2]} max_fails=1 fail_timeout=5s;\n    server 127.0.0.1:${port[3]} max_fails=1 fail_timeout=5s;#" \
-    -e "s#listen 443 ssl;#listen 127.0.0.1:$nginx_port ssl;#" \
-    -e "s#server_name broker.example.com;#server_name localhost;#" \
-    -e "s#/etc/ssl/agentkeys/#$tls/#g" \
-    docs/deploy/nginx.conf >"$work/agentkeys.conf"
-grep -q "127.0.0.1:${port[3]}" "$work/agentkeys.conf" || fail "docs/deploy/nginx.conf no longer has the values this harness replaces"
-mkdir -p "$work/nginx"
-cat >"$work/nginx.conf" <<CONF
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  log_format upstream '\$request_method \$uri \$status \$upstream_addr';
-  access_log $work/nginx/access.log upstream;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  include $work/agentkeys.conf;
-}
-CONF
-nginx -t -c "$work/nginx.conf" -e "$work/nginx/error.log" 2>"$work/nginx-test.log" || { cat "$work/nginx-test.log"; fail "nginx refuses the config"; }
-nginx -c "$work/nginx.conf" -e "$work/nginx/error.log" -g 'daemon off;' &
-pids+=($!)
-wait_for "$public_url/readyz"
+start_nginx "$nginx_port" "$tls" "127.0.0.1:${port[1]}" "127.0.0.1:${port[2]}" "127.0.0.1:${port[3]}"
 holders=$(psql_ "SELECT claimed_by FROM replicas.broker_writer")
 ok "replicas at ${port[1]}, ${port[2]}, ${port[3]} behind $public_url; the schema: $holders"
 

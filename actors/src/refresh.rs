@@ -30,10 +30,34 @@ pub trait Refreshed: Actor<Context = Context<Self>> {
     fn changing(&self) -> bool;
     /// Takes `loaded` as the truth.
     fn adopt(&mut self, loaded: Self::Loaded);
-    /// Whether a read is under way (the actor keeps the flag).
-    fn reading(&mut self) -> &mut bool;
-    /// When a read last succeeded (the actor keeps it).
-    fn read_at(&mut self) -> &mut Instant;
+    /// Where its reads stand (the actor keeps it).
+    fn reads(&mut self) -> &mut Reads;
+}
+
+/// Where an actor's reads of the store stand.
+#[derive(Debug)]
+pub struct Reads {
+    /// A read is under way.
+    reading: bool,
+    /// When a read last succeeded.
+    read_at: Instant,
+}
+
+impl Default for Reads {
+    fn default() -> Self {
+        Self {
+            reading: false,
+            read_at: Instant::now(),
+        }
+    }
+}
+
+impl Reads {
+    /// Whether the copy, read again every `every` (`None`: never, it is
+    /// the truth), is stale.
+    pub fn stale(&self, every: Option<Duration>) -> bool {
+        is_stale(self.read_at, every)
+    }
 }
 
 /// A copy read again every `every` is stale once no read succeeded for
@@ -44,7 +68,7 @@ pub fn stale_after(every: Duration) -> Duration {
 
 /// Whether a copy last read at `read_at`, read again every `every`
 /// (`None`: never, it is the truth), is stale.
-pub fn is_stale(read_at: Instant, every: Option<Duration>) -> bool {
+fn is_stale(read_at: Instant, every: Option<Duration>) -> bool {
     every.is_some_and(|every| read_at.elapsed() > stale_after(every))
 }
 
@@ -56,15 +80,15 @@ pub fn refresh_every<A: Refreshed>(ctx: &mut Context<A>, every: Duration) {
 fn refresh<A: Refreshed>(actor: &mut A, ctx: &mut Context<A>) {
     // A read begun while a change of its own is being written could see
     // the store from before it, and end after it is live here.
-    if actor.changing() || std::mem::replace(actor.reading(), true) {
+    if actor.changing() || std::mem::replace(&mut actor.reads().reading, true) {
         return;
     }
     let begun = actor.changes_begun();
     let read = tokio::task::spawn_blocking(actor.reader());
     ctx.spawn(read.into_actor(actor).map(move |read, actor, _| {
-        *actor.reading() = false;
+        actor.reads().reading = false;
         if let Ok(Ok(_)) = &read {
-            *actor.read_at() = Instant::now();
+            actor.reads().read_at = Instant::now();
         }
         match read {
             Ok(Ok(loaded)) if actor.changes_begun() == begun && !actor.changing() => {

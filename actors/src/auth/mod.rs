@@ -192,10 +192,9 @@ pub struct AuthActor {
     /// raced one is dropped ([`crate::refresh`]).
     writes_begun: u64,
     writes_ended: u64,
-    /// The registry is being read again.
-    reading: bool,
-    /// When it was last read (replicas: [`crate::refresh`]).
-    read_at: std::time::Instant,
+    /// Replicas: where the reads of the registry stand
+    /// ([`crate::refresh`]).
+    reads: crate::refresh::Reads,
     /// With replicas, where nonces are spent and how login challenges
     /// are sealed ([`spent`], [`sealed_login`]).
     replicated: Option<Replicated>,
@@ -223,8 +222,7 @@ impl AuthActor {
             session_keys: HashMap::new(),
             writes_begun: 0,
             writes_ended: 0,
-            reading: false,
-            read_at: std::time::Instant::now(),
+            reads: crate::refresh::Reads::default(),
             replicated: None,
             pending_spends: spent::PendingSpends::default(),
         };
@@ -288,12 +286,8 @@ impl crate::refresh::Refreshed for AuthActor {
         }
     }
 
-    fn reading(&mut self) -> &mut bool {
-        &mut self.reading
-    }
-
-    fn read_at(&mut self) -> &mut std::time::Instant {
-        &mut self.read_at
+    fn reads(&mut self) -> &mut crate::refresh::Reads {
+        &mut self.reads
     }
 }
 

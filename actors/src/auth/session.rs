@@ -338,7 +338,7 @@ impl Handler<VerifySession> for AuthActor {
     /// A remembered session is checked against the registry only; a new
     /// one has its signature checked on the pool first.
     fn handle(&mut self, msg: VerifySession, _: &mut Self::Context) -> Self::Result {
-        if crate::refresh::is_stale(self.read_at, self.settings.refresh_every) {
+        if self.reads.stale(self.settings.refresh_every) {
             return Box::pin(actix::fut::ready(Err(AuthError::Stale)));
         }
         let BearerToken {

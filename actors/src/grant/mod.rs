@@ -141,10 +141,8 @@ pub struct GrantActor {
     grant_changes: u64,
     /// A commit writing grants is under way.
     writing_grants: bool,
-    /// The grants are being read again.
-    reading: bool,
-    /// When they were last read (replicas: [`crate::refresh`]).
-    read_at: std::time::Instant,
+    /// Replicas: where the reads of the grants stand ([`crate::refresh`]).
+    reads: crate::refresh::Reads,
 }
 
 impl GrantActor {
@@ -190,8 +188,7 @@ impl GrantActor {
             store_asks: shared::StoreAsks::default(),
             grant_changes: 0,
             writing_grants: false,
-            reading: false,
-            read_at: std::time::Instant::now(),
+            reads: crate::refresh::Reads::default(),
         };
         for mut grant in grants {
             // The ledger's count is exact; a stored row can only be higher
@@ -268,12 +265,8 @@ impl crate::refresh::Refreshed for GrantActor {
         }
     }
 
-    fn reading(&mut self) -> &mut bool {
-        &mut self.reading
-    }
-
-    fn read_at(&mut self) -> &mut std::time::Instant {
-        &mut self.read_at
+    fn reads(&mut self) -> &mut crate::refresh::Reads {
+        &mut self.reads
     }
 }
 

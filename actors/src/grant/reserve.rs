@@ -365,7 +365,7 @@ impl Handler<Reserve> for GrantActor {
         if std::time::Instant::now() >= msg.deadline {
             return ActorResponse::reply(Err(GrantError::QueuedTooLong));
         }
-        if crate::refresh::is_stale(self.read_at, self.settings.refresh_every) {
+        if self.reads.stale(self.settings.refresh_every) {
             return ActorResponse::reply(Err(GrantError::Stale));
         }
         if let Some(claim) = &msg.idempotency {
