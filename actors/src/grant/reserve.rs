@@ -28,6 +28,16 @@ pub struct GrantDecision {
 }
 
 impl GrantDecision {
+    /// A use of `grant`, counted already by the store or not.
+    fn under(grant: &Grant, counted_by_store: bool) -> Self {
+        Self {
+            grant_id: Some(grant.id.clone()),
+            not_after: grant.expires_at,
+            max_ttl_seconds: grant.max_ttl_seconds,
+            counted_by_store,
+        }
+    }
+
     /// A mint in the caller's own scope: no grant, no use.
     fn own_scope() -> Self {
         Self {
@@ -326,12 +336,7 @@ impl GrantActor {
             return Ok(Decided::Ask(take));
         }
         grant.uses += 1;
-        Ok(Decided::Now(GrantDecision {
-            grant_id: Some(id),
-            not_after: grant.expires_at,
-            max_ttl_seconds: grant.max_ttl_seconds,
-            counted_by_store: false,
-        }))
+        Ok(Decided::Now(GrantDecision::under(grant, false)))
     }
 
     /// The decision for a use the store took from `grant_id`, which it
@@ -339,12 +344,9 @@ impl GrantActor {
     pub(super) fn counted_decision(&mut self, grant_id: &str, uses: u64) -> Option<GrantDecision> {
         let grant = self.grants.get_mut(grant_id)?;
         grant.uses = uses;
-        grant.is_live(now_unix()).then(|| GrantDecision {
-            grant_id: Some(grant.id.clone()),
-            not_after: grant.expires_at,
-            max_ttl_seconds: grant.max_ttl_seconds,
-            counted_by_store: true,
-        })
+        grant
+            .is_live(now_unix())
+            .then(|| GrantDecision::under(grant, true))
     }
 
     /// Gives a reserved use back (in memory: a use is durable only with
