@@ -15,7 +15,12 @@
 #     keep serving without a refusal;
 #  6. PostgreSQL restarted under load: 503 while it is away, then served
 #     again without restarting a broker;
-#  7. a replica cut off from PostgreSQL (in its own network namespace,
+#  7. audit anchors to an AgentKeysAudit contract on a local chain (anvil):
+#     one replica sends them, every replica holds the same ones; kill -9
+#     of the one that sends, and another goes on from the contract's last
+#     anchor (contiguous, none sent twice); the killed one, restarted,
+#     adopts the anchors it missed;
+#  8. a replica cut off from PostgreSQL (in its own network namespace,
 #     its link dropped: a hang, not a refusal) answers 503 within the
 #     send timeout, never hangs a client, and recovers when the link
 #     returns (needs root for the namespace: skipped, saying so, without).
@@ -27,6 +32,9 @@ cd "$(dirname "$0")/.."
 source harness/lib.sh
 
 command -v nginx >/dev/null || fail "nginx is not installed (Debian: apt-get install nginx-light)"
+anvil=${ANVIL:-anvil} cast=${CAST:-cast}
+command -v "$anvil" >/dev/null && command -v "$cast" >/dev/null \
+  || fail "anvil and cast are needed (npm install @foundry-rs/anvil @foundry-rs/cast; or set ANVIL and CAST)"
 with_scratch
 chmod 755 "$work"
 # More to stop at exit than processes: the database and the namespace.
@@ -66,6 +74,29 @@ ca="$tls/ca.pem"
 admin_token=$(cat "$work/admin.token")
 ok "PostgreSQL $(psql_ 'SHOW server_version'), schema replicas"
 
+step "a local chain and the audit contract every replica anchors to"
+anvil_port=$(free_port)
+"$anvil" --host 127.0.0.1 --port "$anvil_port" --silent >"$work/anvil.log" 2>&1 &
+pids+=($!)
+rpc="http://127.0.0.1:$anvil_port"
+anchorer=0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266 # anvil's first account, unlocked
+for _ in $(seq 100); do "$cast" chain-id --rpc-url "$rpc" >/dev/null 2>&1 && break; sleep 0.1; done
+bytecode=$(json '["bytecode"]' <contracts/AgentKeysAudit.json)
+contract=$("$cast" send --unlocked --from "$anchorer" --json --rpc-url "$rpc" \
+  --create "$bytecode" "constructor(address,uint64)" "$anchorer" 0 | json '["contractAddress"]')
+# The shipped config, its evm sink anchoring to the contract every second.
+python3 - "$work/replicas.toml" "$rpc" "$anchorer" "$contract" <<'PY'
+import sys
+path, rpc, sender, contract = sys.argv[1:]
+shipped = open("config/default.toml").read()
+stub = 'kind = "evm"\nanchors_path = "evm-anchors.jsonl"\ninterval_seconds = 10\n'
+assert stub in shipped, "config/default.toml's evm sink"
+anchoring = ('kind = "evm"\nanchors_path = "evm-anchors.jsonl"\ninterval_seconds = 1\n'
+             f'rpc_url = "{rpc}"\nfrom = "{sender}"\ncontract = "{contract}"\nconfirmations = 1\n')
+open(path, "w").write(shipped.replace(stub, anchoring))
+PY
+ok "anvil at $rpc, AgentKeysAudit at $contract"
+
 nginx_port=$(free_port)
 public_url="https://localhost:$nginx_port"
 declare -a port admin_port
@@ -91,7 +122,7 @@ start_replica() {
     AGENTKEYS__RATE_LIMIT__PER_SECOND=5000 \
     AGENTKEYS__RATE_LIMIT__BURST=5000 \
     AGENTKEYS__LOG__FILTER=info \
-    "$@" "$broker_bin" serve --config config/default.toml >>"$work/r$i.log" 2>&1 &
+    "$@" "$broker_bin" serve --config "$work/replicas.toml" >>"$work/r$i.log" 2>&1 &
   pids+=($!)
   replica_pid[$i]=$!
 }
@@ -223,7 +254,76 @@ back=$(burst "$public_url" --body "$body" --count 30 --workers 6)
 [ "$(json '["statuses"]' <<<"$back")" = "{'200': 30}" ] || fail "after the restart: $back"
 ok "while away: $(json '["codes"]' <<<"$restart") (slowest $(json '["slowest"]' <<<"$restart") s); after: 30 of 30, no broker restarted"
 
-step "7. a replica cut off from PostgreSQL by a network partition"
+step "7. audit anchors: one replica sends them, every replica holds them"
+# leader: the replica that says it sends (agentkeys_audit_anchoring_lead).
+leader() {
+  local i found=""
+  for i in "$@"; do
+    curl -s "http://127.0.0.1:${admin_port[$i]}/metrics" | grep -qx 'agentkeys_audit_anchoring_lead 1' \
+      && found+="$i "
+  done
+  echo "$found"
+}
+# anchored_to SEQ I...: until the contract and replicas I... hold anchors
+# up to SEQ, contiguous from 1; 30 s at most.
+anchored_to() {
+  local seq=$1
+  shift
+  for _ in $(seq 300); do
+    [ "$("$cast" call --rpc-url "$rpc" "$contract" 'lastSeq()(uint64)')" = "$seq" ] \
+      && python3 - "$seq" "$@" <<'PY' && return 0
+import json, sys, os
+seq, replicas = int(sys.argv[1]), sys.argv[2:]
+work = os.environ["work"]
+held = []
+for i in replicas:
+    lines = open(f"{work}/r{i}/evm-anchors.jsonl").read().splitlines()
+    anchors = [json.loads(line) for line in lines]
+    nxt = 1
+    for a in anchors:
+        assert a["from_seq"] == nxt, (i, a)
+        nxt = a["to_seq"] + 1
+    if nxt != seq + 1:
+        sys.exit(1)
+    held.append([(a["from_seq"], a["to_seq"], a["tx_hash"]) for a in anchors])
+assert all(h == held[0] for h in held), "replicas hold different anchors"
+PY
+    sleep 0.1
+  done
+  fail "anchors never reached $seq on replicas $*"
+}
+export work
+burst "$public_url" --body "$body" --count 30 --workers 6 >/dev/null
+head=$(psql_ "SELECT max(seq) FROM replicas.audit_records")
+anchored_to "$head" 1 2 3
+sender=$(leader 1 2 3)
+[ "$(wc -w <<<"$sender")" = 1 ] || fail "replicas that say they send anchors: '$sender'"
+sender=${sender% }
+anchors=$(wc -l <"$work/r1/evm-anchors.jsonl")
+[ "$("$cast" nonce --rpc-url "$rpc" "$anchorer")" = $((1 + anchors)) ] || fail "an anchor was sent twice or reverted"
+ok "records 1..$head in $anchors anchors on chain, sent by replica $sender alone, the same in every replica's anchors file"
+burst "$public_url" --body "$body" --seconds 4 --workers 8 >/dev/null &
+load=$!
+sleep 1.5
+kill -KILL "${replica_pid[$sender]}"
+wait "$load"
+survivors=$(for i in 1 2 3; do [ "$i" != "$sender" ] && printf '%s ' "$i"; done)
+burst "$public_url" --body "$body" --count 10 --workers 2 >/dev/null
+head=$(psql_ "SELECT max(seq) FROM replicas.audit_records")
+# shellcheck disable=SC2086
+anchored_to "$head" $survivors
+# shellcheck disable=SC2086
+taken_over=$(leader $survivors)
+[ "$(wc -w <<<"$taken_over")" = 1 ] || fail "replicas that say they send anchors after the kill: '$taken_over'"
+anchors=$(wc -l <"$work/r${taken_over% }/evm-anchors.jsonl")
+[ "$("$cast" nonce --rpc-url "$rpc" "$anchorer")" = $((1 + anchors)) ] || fail "an anchor was sent twice or reverted"
+ok "replica $sender killed mid-burst: replica ${taken_over% } went on; records 1..$head in $anchors contiguous anchors, none sent twice"
+start_replica "$sender"
+wait_for "http://127.0.0.1:${admin_port[$sender]}/readyz"
+anchored_to "$head" 1 2 3
+ok "replica $sender restarted: it holds the same $anchors anchors"
+
+step "8. a replica cut off from PostgreSQL by a network partition"
 if [ "$(id -u)" != 0 ] || ! command -v ip >/dev/null; then
   printf 'SKIPPED: the partition needs root and iproute2 (a network namespace)\n'
   [ -z "${CI:-}" ] || fail "CI must run the partition"

@@ -777,13 +777,15 @@ impl Settings {
             (StorageBackend::Postgres, Some(pg)) if pg.replicas && pg.refresh_ms == 0 => {
                 return invalid("storage.postgres.refresh_ms must be above 0")
             }
-            // Every replica would send its own anchors: until they elect
-            // one anchoring leader, the chain is anchored by a lone broker.
+            // Replicas take turns sending anchors and each goes on from
+            // the contract's last: plain-data anchors leave no last one.
             (StorageBackend::Postgres, Some(pg))
-                if pg.replicas && self.resolved_sinks().iter().any(|s| s.anchors_on_chain()) =>
+                if pg.replicas
+                    && (self.resolved_sinks().iter())
+                        .any(|s| s.anchors_on_chain() && !s.anchors_through_contract()) =>
             {
                 return invalid(
-                    "storage.postgres.replicas: an evm sink with rpc_url would anchor from every replica; anchor to a chain from a lone broker (or run the sink without rpc_url)",
+                    "storage.postgres.replicas: an evm sink with rpc_url needs `contract` (an AgentKeysAudit contract): replicas take turns anchoring and each goes on after the contract's last anchor",
                 )
             }
             (StorageBackend::Redb, Some(_)) => {

@@ -266,7 +266,8 @@ pub fn build_actors(settings: &Settings) -> Result<Actors, StartupError> {
     // their files, and claim the schema before any state is read.
     let home = oidc_key_home(settings)?;
     let stores = Stores::open(settings, &sealer)?;
-    let sinks = open_sinks(&settings.resolved_sinks(), &sealer);
+    let anchoring = stores.replica.as_ref().map(|replica| &replica.anchoring);
+    let sinks = open_sinks(&settings.resolved_sinks(), &sealer, anchoring);
     let sinks = sinks.map_err(StartupError::AuditSinks)?;
     let keys = load_key_ring(settings, &sealer, stores.key_ring.clone(), home)?;
     start_actors(settings, keys, sinks, stores)

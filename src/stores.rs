@@ -12,7 +12,8 @@ use agentkeys_actors::storage::file_key_ring::{FileKeyRing, KEYRING_FILE};
 use agentkeys_actors::storage::redb_ledger::RedbLedger;
 use agentkeys_actors::storage::redb_store::{RedbAgentStore, RedbGrantStore};
 use agentkeys_actors::storage::{
-    AgentStore, AuditLedger, GrantStore, KeyRingAsItIs, KeyRingStore, Membership, StorageError,
+    AgentStore, AuditLedger, GrantStore, KeyRingAsItIs, KeyRingStore, Leadership, Membership,
+    StorageError,
 };
 
 use crate::settings::{Settings, StorageBackend};
@@ -43,6 +44,8 @@ pub struct ReplicaStores {
     pub sign_in: Replicated,
     /// Who is alive, to split the rate budgets.
     pub membership: Arc<dyn Membership>,
+    /// Which replica sends the audit anchors.
+    pub anchoring: Arc<dyn Leadership>,
 }
 
 impl Stores {
@@ -136,7 +139,8 @@ fn postgres(settings: &Settings, sealer: &Sealer, migrate: bool) -> Result<Store
             nonces: agents.clone(),
             sealer: sealer.clone(),
         },
-        membership: db,
+        membership: db.clone(),
+        anchoring: db,
     });
     Ok(Stores {
         agents,

@@ -14,18 +14,28 @@ use crate::helpers::{spawn_app_with, TestApp};
 use crate::local_server::LocalServer;
 
 /// anvil's first prefunded, unlocked development account.
-const DEV_ACCOUNT: &str = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266";
+pub(crate) const DEV_ACCOUNT: &str = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266";
 
-fn start_anvil() -> Option<LocalServer> {
+pub(crate) fn start_anvil() -> Option<LocalServer> {
     start_anvil_at(crate::process::free_port())
 }
 
 fn start_anvil_at(port: u16) -> Option<LocalServer> {
+    start_anvil_with(port, &[])
+}
+
+/// anvil mining a block every `seconds` instead of one per transaction:
+/// transactions sent meanwhile wait in its pool together.
+pub(crate) fn start_anvil_mining_every(seconds: u32) -> Option<LocalServer> {
+    let every = seconds.to_string();
+    start_anvil_with(crate::process::free_port(), &["--block-time", &every])
+}
+
+fn start_anvil_with(port: u16, more: &[&str]) -> Option<LocalServer> {
     let args = |port: u16| {
         let port = port.to_string();
-        ["--host", "127.0.0.1", "--port", &port, "--silent"]
-            .map(String::from)
-            .to_vec()
+        let args = ["--host", "127.0.0.1", "--port", &port, "--silent"];
+        args.iter().chain(more).map(|a| a.to_string()).collect()
     };
     let install = "install @foundry-rs/anvil";
     LocalServer::start(port, "ANVIL", "anvil", args, "EVM anchor", install)
@@ -49,7 +59,7 @@ fn verify_proof(proof: &Value, file: &std::path::Path, url: &str, flags: &[&str]
 /// Foundry's cast (npm package `@foundry-rs/cast`, `CAST` in CI): its
 /// trimmed stdout, or its stderr as the error (the npm wrapper can exit 0
 /// after an `Error:`).
-fn cast(args: &[&str]) -> Result<String, String> {
+pub(crate) fn cast(args: &[&str]) -> Result<String, String> {
     let binary = std::env::var("CAST").unwrap_or_else(|_| "cast".into());
     let output = Command::new(&binary)
         .args(args)
@@ -137,7 +147,7 @@ async fn send_to_self(url: &str, account: &str, data: &str) -> String {
 
 /// The verify report once the evm sink holds record `seq` (or after ten
 /// seconds, for the caller's assertions to say what is missing).
-async fn report_once_held(app: &TestApp, seq: u64) -> Value {
+pub(crate) async fn report_once_held(app: &TestApp, seq: u64) -> Value {
     report_once_mined_and_held(app, None, seq).await
 }
 
@@ -200,7 +210,7 @@ async fn one_mint_unanchored(app: &TestApp, scope: &str) -> Value {
 
 /// The AgentKeysAudit contract deployed by anvil's first account from its
 /// checked-in bytecode, `anchorer` allowed: its address (lowercase).
-fn deploy_contract(url: &str, anchorer: &str) -> String {
+pub(crate) fn deploy_contract(url: &str, anchorer: &str) -> String {
     let built = concat!(env!("CARGO_MANIFEST_DIR"), "/contracts/AgentKeysAudit.json");
     let built: Value = serde_json::from_str(&std::fs::read_to_string(built).unwrap()).unwrap();
     let bytecode = built["bytecode"].as_str().unwrap();
@@ -226,7 +236,7 @@ fn deploy_contract(url: &str, anchorer: &str) -> String {
     deployed["contractAddress"].as_str().unwrap().to_lowercase()
 }
 
-async fn rpc_ready(url: &str) -> bool {
+pub(crate) async fn rpc_ready(url: &str) -> bool {
     let client = reqwest::Client::new();
     let ask = json!({ "jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": [] });
     for _ in 0..100 {

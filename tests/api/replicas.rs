@@ -435,3 +435,170 @@ async fn the_replicas_alive_split_an_accounts_rate_budget() {
         assert_eq!(reply.error_code(), "rate_limited", "{}", reply.body);
     }
 }
+
+/// The anchors in `app`'s anchors file: (from_seq, to_seq, tx_hash).
+fn anchors_of(app: &TestApp) -> Vec<(u64, u64, String)> {
+    let path = app.data_file("evm-anchors.jsonl");
+    let anchors = agentkeys_actors::audit::evm::read_anchors(&path).unwrap();
+    let anchors = anchors.into_iter();
+    anchors
+        .map(|a| (a.from_seq, a.to_seq, a.tx_hash.unwrap_or_default()))
+        .collect()
+}
+
+/// Whether `anchors` run from record 1 to `to` without a gap or overlap.
+fn contiguous(anchors: &[(u64, u64, String)], to: u64) -> bool {
+    let mut next = 1;
+    for (from, last, _) in anchors {
+        if *from != next || last < from {
+            return false;
+        }
+        next = last + 1;
+    }
+    next == to + 1
+}
+
+async fn mint_three(app: &TestApp, session: &str) {
+    for _ in 0..3 {
+        let minted = app.mint(session, &intent()).await;
+        assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);
+    }
+}
+
+/// Waits (at most 30 s) until `app`'s evm sink holds anchors up to `seq`.
+async fn anchored_to(app: &TestApp, seq: u64) {
+    let began = Instant::now();
+    loop {
+        let report = app
+            .get("/v1/admin/audit/verify", Some(&app.admin_token))
+            .await;
+        let live = &report.body["sinks"]["evm"]["live"];
+        if live["held_seq"] == seq {
+            return;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "never anchored up to {seq}: {live}"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Replicas take turns anchoring to one contract: the replica that leads
+/// sends, the other adopts its anchors (sending none), and when the
+/// leader stops the other goes on right after the contract's last
+/// anchor. Every anchor sent is one the contract took: none reverted.
+#[actix_web::test]
+async fn one_replica_sends_the_anchors_and_another_goes_on_when_it_stops() {
+    use crate::evm_anchor::{cast, deploy_contract, rpc_ready, DEV_ACCOUNT};
+    let Some(url) = url("replicas anchoring") else {
+        return;
+    };
+    // Blocks every 2 s: both replicas are due to anchor while the
+    // leader's anchor waits to be mined, so both would send without a lead.
+    let Some(anvil) = crate::evm_anchor::start_anvil_mining_every(2) else {
+        return;
+    };
+    let rpc = anvil.url.clone();
+    assert!(rpc_ready(&rpc).await, "anvil did not answer");
+    let contract = deploy_contract(&rpc, DEV_ACCOUNT);
+    let sinks = json!([{ "kind": "evm", "interval_seconds": 1, "rpc_url": rpc,
+        "from": DEV_ACCOUNT, "contract": contract, "confirmations": 1 }]);
+    let anchoring = |s: &mut agentkeys_broker::settings::Settings| {
+        s.audit.retry_interval_seconds = 1;
+        s.audit.sinks = serde_json::from_value(sinks.clone()).unwrap();
+    };
+    let schema = fresh_schema();
+    let mut first = replica_with(&url, &schema, None, anchoring).await;
+    let agent = first.register_agent("anchored").await;
+    first.grant(&agent, "s3", "replicas/", None).await;
+    let session = first.login(&agent).await;
+    mint_three(&first, &session).await;
+    anchored_to(&first, 3).await;
+    let second = replica_with(&url, &schema, Some(&first), anchoring).await;
+    mint_three(&second, &session).await;
+    anchored_to(&first, 6).await;
+    anchored_to(&second, 6).await;
+    let sent_by_first = anchors_of(&first);
+    assert!(contiguous(&sent_by_first, 6), "{sent_by_first:?}");
+    assert_eq!(
+        anchors_of(&second),
+        sent_by_first,
+        "the second replica holds the first's anchors, the same transactions"
+    );
+
+    first.stop();
+    mint_three(&second, &session).await;
+    anchored_to(&second, 9).await;
+    let anchors = anchors_of(&second);
+    assert!(contiguous(&anchors, 9), "{anchors:?}");
+    assert_eq!(anchors[..sent_by_first.len()], sent_by_first[..]);
+    let on_chain = ["call", "--rpc-url", &rpc, &contract, "lastSeq()(uint64)"];
+    assert_eq!(cast(&on_chain).unwrap(), "9");
+    // The account sent the contract's deployment and one transaction per
+    // anchor held: no anchor was sent twice, none reverted.
+    let sent = cast(&["nonce", "--rpc-url", &rpc, DEV_ACCOUNT]).unwrap();
+    assert_eq!(sent, (1 + anchors.len()).to_string(), "{anchors:?}");
+    let metrics = second
+        .send_to("GET", &second.url("/metrics"), None, &[], None)
+        .await;
+    let metrics = String::from_utf8(metrics.raw).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "agentkeys_audit_anchoring_lead 1"),
+        "the second replica says it leads"
+    );
+}
+
+/// The anchoring lead is one broker's at a time: taken by whoever asks
+/// first, kept while its connection answers, and taken by another once
+/// its holder is gone (stopped, or its connection cut by the server).
+#[test]
+fn the_anchoring_lead_is_one_brokers_at_a_time() {
+    use agentkeys_actors::storage::postgres::{Postgres, PostgresSettings, Schema};
+    use agentkeys_actors::storage::Leadership;
+    let Some(url) = url("replicas anchoring lead") else {
+        return;
+    };
+    let schema = fresh_schema();
+    let open = || {
+        Postgres::open(
+            &PostgresSettings::new(&url).in_schema(&schema),
+            Schema::Migrate,
+        )
+    };
+    let (first, second) = (open().unwrap(), open().unwrap());
+    assert!(first.lead(), "nobody leads: the first to ask does");
+    assert!(!second.lead(), "one leader at a time");
+    assert!(first.lead(), "the leader keeps the lead");
+    assert!(!second.lead());
+
+    // The server ends the leader's session (a restart, a cut network):
+    // the leader finds out at its next check, and the other takes over.
+    let cut = format!(
+        "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l
+         JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.granted
+           AND a.application_name = 'agentkeys-broker/{schema}'"
+    );
+    assert_eq!(psql(&url, &cut), "1", "the lead's one session");
+    let until = |who: &Postgres| {
+        let began = Instant::now();
+        while !who.lead() {
+            assert!(
+                began.elapsed() < Duration::from_secs(5),
+                "nobody took the lead"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    until(&second);
+    assert!(!first.lead(), "the old leader knows it no longer leads");
+
+    // The leader stops: its lock ends with its connection.
+    drop(second);
+    until(&first);
+    let third = open().unwrap();
+    assert!(!third.lead());
+}

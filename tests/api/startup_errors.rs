@@ -14,13 +14,15 @@ fn one_line_failure(output: &Output) -> (i32, String) {
     (output.status.code().unwrap_or(-1), stderr)
 }
 
-/// `serve` with a config file of `text`: its exit code and its one line.
+/// `serve` with a config file of `text`: its exit code and its one line
+/// (only errors are logged: a start that goes further warns on the way).
 fn serve_with_config(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("broker.toml");
     std::fs::write(&config, text).unwrap();
     // The file alone says where state is kept.
     let output = off_test_database(&mut broker_command(&dir.path().join("data"), 0))
+        .env("AGENTKEYS__LOG__FILTER", "error")
         .args(["--config", config.to_str().unwrap()])
         .output()
         .unwrap();
@@ -65,6 +67,29 @@ fn a_configuration_error_exits_3() {
     let (code, stderr) = one_line_failure(&no_port);
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("server.bind"), "{stderr}");
+}
+
+/// Replicas take turns anchoring and go on from the contract's last
+/// anchor: an on-chain anchor without a contract is refused with them.
+#[cfg(all(feature = "postgres", feature = "audit-evm"))]
+#[test]
+fn replicas_anchor_only_through_a_contract() {
+    let config = |contract: &str| {
+        format!(
+            "[storage]\nbackend = \"postgres\"\n[storage.postgres]\n\
+             url = \"postgres://broker@127.0.0.1:1/broker\"\nreplicas = true\n\
+             [[audit.sinks]]\nkind = \"evm\"\nrpc_url = \"http://127.0.0.1:1\"\n\
+             from = \"0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266\"\n{contract}"
+        )
+    };
+    let (code, stderr) = serve_with_config(&config(""));
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("needs `contract`"), "{stderr}");
+    // With a contract the settings hold: the start fails later, at the
+    // database nobody listens for.
+    let contract = "contract = \"0x5fbdb2315678afecb367f032d93f642f64180aa3\"";
+    let (code, stderr) = serve_with_config(&config(contract));
+    assert_eq!(code, 4, "{stderr}");
 }
 
 #[test]

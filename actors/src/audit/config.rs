@@ -17,7 +17,7 @@ use super::evm::EvmAnchorSink;
 use super::jsonl::JsonlSink;
 use super::{AuditSink, SinkWorker};
 use crate::sealing::Sealer;
-use crate::storage::AuditLedger;
+use crate::storage::{AuditLedger, Leadership};
 
 /// One anchor sink. Relative paths are under the data directory.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -133,6 +133,17 @@ impl SinkConfig {
             self,
             Self::Evm {
                 rpc_url: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// Whether its anchors are calls of an AgentKeysAudit contract.
+    pub fn anchors_through_contract(&self) -> bool {
+        matches!(
+            self,
+            Self::Evm {
+                contract: Some(_),
                 ..
             }
         )
@@ -259,7 +270,13 @@ impl SinkConfig {
         Ok(Some(chain.expecting_chain(*chain_id)))
     }
 
-    pub(super) fn open(&self, sealer: &Sealer) -> std::io::Result<Box<dyn AuditSink>> {
+    /// Opens the sink; an on-chain anchor sends only while `lead` says
+    /// this replica leads (`None`: a lone broker).
+    pub(super) fn open(
+        &self,
+        sealer: &Sealer,
+        lead: Option<&Arc<dyn Leadership>>,
+    ) -> std::io::Result<Box<dyn AuditSink>> {
         Ok(match self {
             Self::Jsonl {
                 path,
@@ -283,7 +300,7 @@ impl SinkConfig {
                 let interval = Duration::from_secs(*interval_seconds);
                 let sink = EvmAnchorSink::open(anchors_path, interval)?;
                 #[cfg(not(feature = "audit-evm"))]
-                let _ = sealer;
+                let _ = (sealer, lead);
                 #[cfg(feature = "audit-evm")]
                 let sink = match self.chain(Some(sealer)).map_err(std::io::Error::other)? {
                     Some(chain) => {
@@ -296,6 +313,10 @@ impl SinkConfig {
                             sink.held_seq(),
                             sink.anchored_block().max(*start_block),
                         )?;
+                        let on_chain = match lead {
+                            Some(lead) => on_chain.led_by(lead.clone()),
+                            None => on_chain,
+                        };
                         sink.on_chain(on_chain)
                     }
                     None => sink,
@@ -321,10 +342,15 @@ pub type OpenedSink = (SinkConfig, Box<dyn AuditSink>);
 
 /// Opens every (resolved) sink, an evm sink's key with `sealer`: before
 /// any actor starts, so a sink that cannot open stops the start cleanly.
-pub fn open_sinks(sinks: &[SinkConfig], sealer: &Sealer) -> std::io::Result<Vec<OpenedSink>> {
+/// Among replicas, on-chain anchors are sent by the one `lead` elects.
+pub fn open_sinks(
+    sinks: &[SinkConfig],
+    sealer: &Sealer,
+    lead: Option<&Arc<dyn Leadership>>,
+) -> std::io::Result<Vec<OpenedSink>> {
     sinks
         .iter()
-        .map(|config| Ok((config.clone(), config.open(sealer)?)))
+        .map(|config| Ok((config.clone(), config.open(sealer, lead)?)))
         .collect()
 }
 

@@ -169,6 +169,16 @@ pub trait Membership: Send + Sync + 'static {
     fn live_brokers(&self) -> Result<u32, StorageError>;
 }
 
+/// One broker at a time among replicas does what must never be done
+/// twice at once: send audit anchors to a chain.
+pub trait Leadership: Send + Sync + 'static {
+    /// Whether this broker leads now: it takes the lead when nobody holds
+    /// it, and lets go of it as soon as it cannot tell that it still holds
+    /// it (the database away), so two brokers never both believe they lead
+    /// for longer than one call.
+    fn lead(&self) -> bool;
+}
+
 /// A change to a grant's uses that rides a ledger batch: `+1` or `-1`.
 pub type UseDelta = (String, i64);
 

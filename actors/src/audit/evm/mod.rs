@@ -224,12 +224,20 @@ impl AuditSink for EvmAnchorSink {
 
     /// On chain, an anchor is held once its transaction is deep enough
     /// ([`OnChain::step`]); the stub holds it at once.
+    /// Anchors the contract held already are written one after another.
     fn flush_due(&mut self) -> Result<u64, String> {
         let due = self.due();
         #[cfg(feature = "audit-evm")]
-        if let Some(chain) = &mut self.chain {
-            if let Some((anchor, count)) = chain.step(&self.pending, due)? {
-                self.written(anchor, count)?;
+        if self.chain.is_some() {
+            loop {
+                let due = self.due();
+                let Some(chain) = self.chain.as_mut() else {
+                    break;
+                };
+                match chain.step(&self.pending, due)? {
+                    Some((anchor, count)) => self.written(anchor, count)?,
+                    None => break,
+                }
             }
             return Ok(self.anchored_seq);
         }

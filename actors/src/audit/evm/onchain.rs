@@ -17,8 +17,17 @@
 //!   above the fee ceiling;
 //! - **reverted** when it was mined and failed: reported, and nothing is
 //!   sent for `resend_after` (a refusal must not burn gas every second).
+//!
+//! Among replicas only the one that leads ([`Leadership`]) sends or
+//! outbids; every replica adopts the contract's anchors as they come, so
+//! each holds the whole chain of anchors, and a replica that takes the
+//! lead goes on right after the contract's last anchor. Anchors the
+//! contract holds already (a leader taking over, a sink whose anchors
+//! file was lost) are adopted one after another without waiting a look
+//! between them.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alloy::primitives::TxHash;
@@ -26,6 +35,7 @@ use alloy::primitives::TxHash;
 use super::chain::{AnchorChain, ChainError, TxState};
 use super::{anchor_of, root_of, Anchor, Unheld};
 use crate::domain::now_unix;
+use crate::storage::Leadership;
 
 /// How often a sink with something to do asks the chain.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
@@ -43,6 +53,8 @@ pub struct OnChain {
     next_look: Option<Instant>,
     /// Whether the endpoint was seen serving the expected chain.
     chain_checked: bool,
+    /// Who may send, among replicas; `None`: this broker alone anchors.
+    lead: Option<Arc<dyn Leadership>>,
 }
 
 /// The anchor sent (or adopted) and not yet held.
@@ -51,6 +63,8 @@ struct InFlight {
     anchor: Anchor,
     tx: TxHash,
     sent_at: Instant,
+    /// Found on chain rather than sent by this sink.
+    adopted: bool,
 }
 
 impl OnChain {
@@ -80,6 +94,7 @@ impl OnChain {
                     anchor,
                     tx,
                     sent_at: Instant::now(),
+                    adopted: false,
                 })
             });
         Ok(Self {
@@ -91,7 +106,22 @@ impl OnChain {
             since_block,
             next_look: None,
             chain_checked: false,
+            lead: None,
         })
+    }
+
+    /// Sends only while `lead` says this replica leads; adopts the
+    /// contract's anchors meanwhile.
+    pub fn led_by(self, lead: Arc<dyn Leadership>) -> Self {
+        Self {
+            lead: Some(lead),
+            ..self
+        }
+    }
+
+    /// Whether this sink may send now (asks the database among replicas).
+    fn leads(&self) -> bool {
+        self.lead.as_ref().is_none_or(|lead| lead.lead())
     }
 
     /// One look: follows the anchor in flight, or sends one when `due`.
@@ -102,7 +132,10 @@ impl OnChain {
         pending: &[Unheld],
         due: bool,
     ) -> Result<Option<(Anchor, usize)>, String> {
-        if self.in_flight.is_none() && !due {
+        // A replica looks for the leader's anchors whenever it has records
+        // to see anchored.
+        let watching = self.lead.is_some() && !pending.is_empty();
+        if self.in_flight.is_none() && !due && !watching {
             return Ok(None);
         }
         if self.next_look.is_some_and(|at| Instant::now() < at) {
@@ -115,7 +148,7 @@ impl OnChain {
         }
         match self.in_flight.take() {
             Some(flight) => self.follow(flight, pending),
-            None => self.start(pending).map(|()| None),
+            None => self.start(pending, due),
         }
     }
 
@@ -171,12 +204,19 @@ impl OnChain {
                     tx = %flight.tx,
                     block = mined.block,
                     gas_used = mined.gas_used,
+                    adopted = flight.adopted,
                     "anchor held"
                 );
                 self.since_block = mined.block;
+                // The contract may hold the next one already: look now.
+                if flight.adopted {
+                    self.next_look = None;
+                }
                 Ok(Some((anchor, count)))
             }
-            TxState::Pending(waiting) if flight.sent_at.elapsed() >= self.resend_after => {
+            TxState::Pending(waiting)
+                if flight.sent_at.elapsed() >= self.resend_after && self.leads() =>
+            {
                 let data = flight
                     .anchor
                     .chain_data()
@@ -191,14 +231,14 @@ impl OnChain {
                 };
                 tracing::warn!(range, old = %flight.tx, new = %tx, nonce = waiting.nonce,
                     "anchor transaction not mined in time: replaced with higher fees");
-                self.keep_in_flight(flight.anchor, tx)
+                self.keep_in_flight(flight.anchor, tx, false)
                     .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))?;
                 Ok(None)
             }
             TxState::Unknown if flight.sent_at.elapsed() >= self.resend_after => {
                 tracing::warn!(range, tx = %flight.tx,
                     "anchor transaction dropped or reorganised away: anchoring again");
-                self.start(pending).map(|()| None)
+                self.start(pending, true)
             }
             // Not deep enough, waiting, or not yet seen by this node.
             TxState::Mined(_) | TxState::Pending(_) | TxState::Unknown => {
@@ -208,15 +248,17 @@ impl OnChain {
         }
     }
 
-    /// Sends an anchor of every pending record, unless the contract holds
-    /// one for them already: then that one is followed instead.
-    fn start(&mut self, pending: &[Unheld]) -> Result<(), String> {
+    /// Adopts the contract's anchor of the first pending records when it
+    /// holds one (held at once when deep enough); else, when `due` and
+    /// this sink leads, sends an anchor of every pending record.
+    fn start(&mut self, pending: &[Unheld], due: bool) -> Result<Option<(Anchor, usize)>, String> {
         let Some(&(first, ..)) = pending.first() else {
-            return Ok(());
+            return Ok(None);
         };
         if let Some(last) = self.chain.last_seq().map_err(|e| self.text(e))? {
             if last >= first {
-                return self.adopt(pending, first);
+                let adopted = self.adopt(pending, first)?;
+                return self.follow(adopted, pending);
             }
             if last + 1 != first {
                 return Err(format!(
@@ -226,18 +268,22 @@ impl OnChain {
                 ));
             }
         }
+        if !due || !self.leads() {
+            return Ok(None);
+        }
         let contract = self.chain.contract().map(|c| c.to_string().to_lowercase());
         let anchor = anchor_of(pending, pending.len(), contract);
         let data = anchor.chain_data().ok_or("an unknown anchor format")?;
         let tx = self.chain.send(&data, None).map_err(|e| self.text(e))?;
         tracing::info!(from_seq = anchor.from_seq, to_seq = anchor.to_seq, tx = %tx, "anchor sent");
-        self.keep_in_flight(anchor, tx)
-            .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))
+        self.keep_in_flight(anchor, tx, false)
+            .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))?;
+        Ok(None)
     }
 
-    /// Follows the contract's anchor from `first`, once checked against
-    /// the records: the same range boundary and root.
-    fn adopt(&mut self, pending: &[Unheld], first: u64) -> Result<(), String> {
+    /// The contract's anchor from `first`, once checked against the
+    /// records (the same range boundary and root), kept as in flight.
+    fn adopt(&mut self, pending: &[Unheld], first: u64) -> Result<InFlight, String> {
         let held = self
             .chain
             .anchored_from(first, self.since_block)
@@ -255,14 +301,18 @@ impl OnChain {
             .as_deref()
             .and_then(|h| h.parse().ok())
             .ok_or_else(|| format!("the contract's anchor of {range} names no transaction"))?;
-        tracing::warn!(range, tx = %tx, "anchor found on chain, adopted");
-        self.keep_in_flight(held, tx)
-            .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))
+        match self.lead {
+            Some(_) => tracing::debug!(range, tx = %tx, "anchor found on chain, adopted"),
+            None => tracing::warn!(range, tx = %tx, "anchor found on chain, adopted"),
+        }
+        self.keep_in_flight(held, tx, true)
+            .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))?;
+        Ok(self.in_flight.take().expect("kept just now"))
     }
 
     /// `anchor`, sent in `tx`, is the one in flight: durably, before
     /// anything waits on it.
-    fn keep_in_flight(&mut self, anchor: Anchor, tx: TxHash) -> std::io::Result<()> {
+    fn keep_in_flight(&mut self, anchor: Anchor, tx: TxHash, adopted: bool) -> std::io::Result<()> {
         let anchor = Anchor {
             tx_hash: Some(tx.to_string()),
             ..anchor
@@ -273,6 +323,7 @@ impl OnChain {
             anchor,
             tx,
             sent_at: Instant::now(),
+            adopted,
         });
         Ok(())
     }

@@ -24,6 +24,7 @@
 pub mod agents;
 pub mod grants;
 pub mod key_ring;
+mod lead;
 pub mod ledger;
 mod writer;
 
@@ -142,7 +143,12 @@ pub struct Postgres {
     claim: OnceLock<writer::Claim>,
     /// Whether this broker writes the schema as one of its replicas.
     replicas: bool,
+    /// The anchoring lead's lock, while this broker holds it ([`lead`]).
+    lead: std::sync::Mutex<Option<lead::LeadLock>>,
 }
+
+/// The task driving a connection of its own ([`Postgres::connect_alone`]).
+pub(crate) type Connected = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
 
 /// What [`Postgres::open`] may do to the schema.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,6 +205,7 @@ impl Postgres {
             schema: settings.schema.clone(),
             claim: OnceLock::new(),
             replicas: settings.replicas,
+            lead: std::sync::Mutex::new(None),
         };
         // Which database, and the system's own reason (the client's error
         // alone says only that connecting failed).
@@ -299,6 +306,22 @@ impl Postgres {
                 return Ok(deleted);
             }
         }
+    }
+
+    /// A connection of its own, outside the pool, for a session lock that
+    /// lives as long as it does; with the task that drives it, which ends
+    /// when the connection does.
+    pub(crate) async fn connect_alone(
+        &self,
+    ) -> Result<(tokio_postgres::Client, Connected), StorageError> {
+        // A server that takes the connection and never answers: refused
+        // as the pool refuses it.
+        let connecting = self.config.connect(self.tls.clone());
+        let (client, connection) = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| backend("no answer to the connection in time"))?
+            .map_err(backend)?;
+        Ok((client, self.runtime.spawn(connection)))
     }
 
     /// A live connection from the pool (made anew if none is free and

@@ -28,7 +28,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::Transaction;
-use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
@@ -72,7 +71,7 @@ pub(super) struct Claim {
 pub(super) struct Lock {
     client: Client,
     /// Ends when the connection does, and the lock with it.
-    connection: JoinHandle<Result<(), tokio_postgres::Error>>,
+    connection: super::Connected,
     fence_key: i64,
     writer_key: i64,
 }
@@ -102,14 +101,7 @@ impl Postgres {
 
     /// [`Self::take_writer_lock`]; `Ok(None)` when another holds it.
     async fn try_writer_lock(&self) -> Result<Option<Lock>, StorageError> {
-        // A server that takes the connection and never answers: refused
-        // as the pool refuses it.
-        let connecting = self.config.connect(self.tls.clone());
-        let (client, connection) = tokio::time::timeout(self.connect_timeout, connecting)
-            .await
-            .map_err(|_| backend("no answer to the connection in time"))?
-            .map_err(backend)?;
-        let connection = self.runtime.spawn(connection);
+        let (client, connection) = self.connect_alone().await?;
         // Only this connection waits this long: every other call keeps the
         // call timeout.
         let wait = LOCK_WAIT.as_millis();
