@@ -495,14 +495,7 @@ pub fn stored_key_ring(data_dir: &Path) -> serde_json::Value {
 /// connection goes in PG* variables, so the password is in no process's
 /// arguments.
 pub fn psql(url: &str, sql: &str) -> String {
-    let url = reqwest::Url::parse(url).expect("a postgres:// URL");
-    let ran = std::process::Command::new("psql")
-        .args(["-Atc", sql])
-        .env("PGHOST", url.host_str().unwrap_or("127.0.0.1"))
-        .env("PGPORT", url.port().unwrap_or(5432).to_string())
-        .env("PGUSER", url.username())
-        .env("PGPASSWORD", url.password().unwrap_or_default())
-        .env("PGDATABASE", url.path().trim_start_matches('/'))
+    let ran = psql_command(url, sql)
         .output()
         .expect("psql (the PostgreSQL client) runs");
     assert!(
@@ -511,6 +504,20 @@ pub fn psql(url: &str, sql: &str) -> String {
         String::from_utf8_lossy(&ran.stderr)
     );
     String::from_utf8_lossy(&ran.stdout).trim().to_owned()
+}
+
+/// psql running `sql` on `url`, not started yet (see [`psql`]).
+pub fn psql_command(url: &str, sql: &str) -> std::process::Command {
+    let url = reqwest::Url::parse(url).expect("a postgres:// URL");
+    let mut command = std::process::Command::new("psql");
+    command
+        .args(["-Atc", sql])
+        .env("PGHOST", url.host_str().unwrap_or("127.0.0.1"))
+        .env("PGPORT", url.port().unwrap_or(5432).to_string())
+        .env("PGUSER", url.username())
+        .env("PGPASSWORD", url.password().unwrap_or_default())
+        .env("PGDATABASE", url.path().trim_start_matches('/'));
+    command
 }
 
 impl Drop for TestApp {

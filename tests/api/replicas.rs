@@ -244,6 +244,56 @@ async fn what_one_replica_changes_reaches_the_other() {
     .await;
 }
 
+/// A replica that cannot read agents and grants again (here: their tables
+/// locked by another session, so every read waits past its deadline) goes
+/// on deciding from its copy for at most 10 s, then refuses with 503
+/// `storage_unavailable` rather than decide from a stale copy, and serves
+/// again once it reads them.
+#[actix_web::test]
+async fn a_replica_that_cannot_read_again_refuses_rather_than_decide_from_a_stale_copy() {
+    let Some((first, _second, _agent, session)) = two_replicas("replica staleness", None).await
+    else {
+        return;
+    };
+    let url = url("replica staleness").unwrap();
+    let schema = &first.settings.storage.postgres.as_ref().unwrap().schema;
+    let schema = schema.as_deref().unwrap();
+    let minted = first.mint(&session, &intent()).await;
+    assert_eq!(minted.status, StatusCode::OK, "{}", minted.body);
+    // Writes to the ledger go on; only the reads of agents and grants wait.
+    let lock = format!(
+        "BEGIN; LOCK TABLE {schema}.agents, {schema}.grants IN ACCESS EXCLUSIVE MODE; \
+         SELECT pg_sleep(14); COMMIT;"
+    );
+    let mut locker = crate::helpers::psql_command(&url, &lock).spawn().unwrap();
+    let locked = Instant::now();
+    let mut last_ok = Duration::ZERO;
+    let refused = loop {
+        let reply = first.mint(&session, &intent()).await;
+        if reply.status != StatusCode::OK {
+            break reply;
+        }
+        last_ok = locked.elapsed();
+        assert!(last_ok < Duration::from_secs(13), "never refused");
+        actix_web::rt::time::sleep(Duration::from_millis(250)).await;
+    };
+    let refused_at = locked.elapsed();
+    let why = &refused.body;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{why}");
+    assert_eq!(refused.error_code(), "storage_unavailable", "{why}");
+    assert!(
+        refused_at >= Duration::from_secs(9),
+        "the copy decides for 10 s (max(10 × refresh_ms, 10 s)), refused after {refused_at:?}"
+    );
+    let served = last_ok >= Duration::from_secs(8);
+    assert!(served, "the copy decided until {last_ok:?}");
+    assert!(locker.wait().unwrap().success());
+    within_refreshes("a read again", || async {
+        first.mint(&session, &intent()).await.status == StatusCode::OK
+    })
+    .await;
+}
+
 #[actix_web::test]
 async fn a_proof_used_on_one_replica_is_refused_on_every_other() {
     let Some((first, second, agent, session)) = two_replicas("replica proofs", None).await else {
