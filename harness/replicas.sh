@@ -76,7 +76,9 @@ ok "PostgreSQL $(psql_ 'SHOW server_version'), schema replicas"
 
 step "a local chain and the audit contract every replica anchors to"
 anvil_port=$(free_port)
-"$anvil" --host 127.0.0.1 --port "$anvil_port" --silent >"$work/anvil.log" 2>&1 &
+# A block a second, not one per transaction: anchors wait in the pool as
+# on a real chain, so two replicas sending at once would both get in.
+"$anvil" --host 127.0.0.1 --port "$anvil_port" --block-time 1 --silent >"$work/anvil.log" 2>&1 &
 pids+=($!)
 rpc="http://127.0.0.1:$anvil_port"
 anchorer=0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266 # anvil's first account, unlocked

@@ -213,6 +213,11 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Age of the oldest record an audit sink took but does not hold yet (an anchor's records wait for the next anchor), per sink.",
     ),
     (
+        "agentkeys_audit_anchoring_lead",
+        Kind::Gauge,
+        "Replicas: 1 on the replica that sends the audit anchors to the chain, 0 on one that asked and does not.",
+    ),
+    (
         "agentkeys_audit_head_seq",
         Kind::Gauge,
         "Sequence number of the audit ledger's last record.",

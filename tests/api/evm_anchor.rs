@@ -236,6 +236,24 @@ pub(crate) fn deploy_contract(url: &str, anchorer: &str) -> String {
     deployed["contractAddress"].as_str().unwrap().to_lowercase()
 }
 
+/// The first transaction of `account` waiting in anvil's pool at `url`:
+/// its hash and its fees (max fee, tip) in wei.
+pub(crate) fn waiting_in_pool(url: &str, account: &str) -> Option<(String, (u128, u128))> {
+    let pool = cast(&["rpc", "txpool_content", "--rpc-url", url]).unwrap();
+    let pool: Value = serde_json::from_str(&pool).unwrap();
+    let pending = pool["pending"].as_object()?;
+    let (_, txs) = pending
+        .iter()
+        .find(|(a, _)| a.eq_ignore_ascii_case(account))?;
+    let (_, tx) = txs.as_object()?.iter().next()?;
+    let wei = |field: &str| {
+        let hex = tx[field].as_str()?.trim_start_matches("0x");
+        u128::from_str_radix(hex, 16).ok()
+    };
+    let fees = (wei("maxFeePerGas")?, wei("maxPriorityFeePerGas")?);
+    Some((tx["hash"].as_str()?.to_owned(), fees))
+}
+
 pub(crate) async fn rpc_ready(url: &str) -> bool {
     let client = reqwest::Client::new();
     let ask = json!({ "jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": [] });
@@ -757,23 +775,7 @@ async fn a_signed_anchor_waits_for_confirmations_and_is_sent_again_after_a_reorg
         app.mint(&session, &body).await.status,
         reqwest::StatusCode::OK
     );
-    let waiting = || {
-        let pool = cast(&[["rpc", "txpool_content"].as_slice(), &rpc].concat()).unwrap();
-        let pool: Value = serde_json::from_str(&pool).unwrap();
-        let mine = pool["pending"].as_object().and_then(|pending| {
-            let (_, txs) = pending
-                .iter()
-                .find(|(a, _)| a.eq_ignore_ascii_case(&anchorer))?;
-            let (_, tx) = txs.as_object()?.iter().next()?;
-            let wei = |field: &str| {
-                let hex = tx[field].as_str()?.trim_start_matches("0x");
-                u128::from_str_radix(hex, 16).ok()
-            };
-            let fees = (wei("maxFeePerGas")?, wei("maxPriorityFeePerGas")?);
-            Some((tx["hash"].as_str()?.to_owned(), fees))
-        });
-        mine
-    };
+    let waiting = || waiting_in_pool(&url, &anchorer);
     let nonce_of = |tx: &str| cast(&[["tx", tx, "nonce"].as_slice(), &rpc].concat()).unwrap();
     let sent_by_anchorer = || {
         let count = ["nonce", anchorer.as_str(), "--block", "latest"];

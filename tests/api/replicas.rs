@@ -266,6 +266,13 @@ async fn a_replica_that_cannot_read_again_refuses_rather_than_decide_from_a_stal
          SELECT pg_sleep(14); COMMIT;"
     );
     let mut locker = crate::helpers::psql_command(&url, &lock).spawn().unwrap();
+    let held = format!(
+        "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND granted
+           AND relation = '{schema}.agents'::regclass"
+    );
+    while psql(&url, &held) != "1" {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let locked = Instant::now();
     let mut last_ok = Duration::ZERO;
     let refused = loop {
@@ -589,15 +596,75 @@ async fn one_replica_sends_the_anchors_and_another_goes_on_when_it_stops() {
     // anchor held: no anchor was sent twice, none reverted.
     let sent = cast(&["nonce", "--rpc-url", &rpc, DEV_ACCOUNT]).unwrap();
     assert_eq!(sent, (1 + anchors.len()).to_string(), "{anchors:?}");
-    let metrics = second
-        .send_to("GET", &second.url("/metrics"), None, &[], None)
-        .await;
-    let metrics = String::from_utf8(metrics.raw).unwrap();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "agentkeys_audit_anchoring_lead 1"),
-        "the second replica says it leads"
+}
+
+/// A lead that stops while its anchor waits unmined leaves it in the
+/// database: the next lead follows that transaction, and outbids it in
+/// its own nonce when it waits too long, instead of sending another
+/// behind it (which the contract would refuse once the first is mined).
+#[actix_web::test]
+async fn the_next_lead_outbids_the_anchor_the_last_one_left_waiting() {
+    use crate::evm_anchor::{cast, deploy_contract, rpc_ready, waiting_in_pool, DEV_ACCOUNT};
+    let Some(url) = url("replicas anchor handed over") else {
+        return;
+    };
+    let Some(anvil) = crate::evm_anchor::start_anvil() else {
+        return;
+    };
+    let rpc = anvil.url.clone();
+    assert!(rpc_ready(&rpc).await, "anvil did not answer");
+    let contract = deploy_contract(&rpc, DEV_ACCOUNT);
+    let sinks = json!([{ "kind": "evm", "interval_seconds": 1, "rpc_url": rpc,
+        "from": DEV_ACCOUNT, "contract": contract, "confirmations": 1,
+        "resend_after_seconds": 2 }]);
+    let anchoring = |s: &mut agentkeys_broker::settings::Settings| {
+        s.audit.retry_interval_seconds = 1;
+        s.audit.sinks = serde_json::from_value(sinks.clone()).unwrap();
+    };
+    let schema = fresh_schema();
+    let mut first = replica_with(&url, &schema, None, anchoring).await;
+    let agent = first.register_agent("handed-over").await;
+    first.grant(&agent, "s3", "replicas/", None).await;
+    let session = first.login(&agent).await;
+    let automine = |on: &str| cast(&["rpc", "evm_setAutomine", on, "--rpc-url", &rpc]);
+    automine("false").unwrap();
+    mint_three(&first, &session).await;
+    let began = Instant::now();
+    let (left, _) = loop {
+        if let Some(waiting) = waiting_in_pool(&rpc, DEV_ACCOUNT) {
+            break waiting;
+        }
+        assert!(began.elapsed() < Duration::from_secs(20), "no anchor sent");
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    };
+    first.stop();
+
+    let second = replica_with(&url, &schema, Some(&first), anchoring).await;
+    let began = Instant::now();
+    let outbid = loop {
+        match waiting_in_pool(&rpc, DEV_ACCOUNT) {
+            Some((hash, _)) if hash != left => break hash,
+            _ => {}
+        }
+        if began.elapsed() > Duration::from_secs(20) {
+            let report = second.get("/v1/admin/audit/verify", Some(&second.admin_token));
+            let live = &report.await.body["sinks"]["evm"]["live"];
+            panic!("the anchor left waiting was never outbid: {live}");
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    };
+    automine("true").unwrap();
+    cast(&["rpc", "evm_mine", "--rpc-url", &rpc]).unwrap();
+    anchored_to(&second, 3).await;
+    assert_eq!(
+        anchors_of(&second),
+        vec![(1, 3, outbid)],
+        "the replacement of the anchor left waiting is held"
+    );
+    let sent = cast(&["nonce", "--rpc-url", &rpc, DEV_ACCOUNT]).unwrap();
+    assert_eq!(
+        sent, "2",
+        "the deployment and one anchor: nothing sent behind it"
     );
 }
 

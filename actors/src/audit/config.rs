@@ -231,6 +231,10 @@ impl SinkConfig {
                 ..
             } => Err("evm sink: max_fee_per_gas_gwei must be at least 1".into()),
             Self::Evm {
+                resend_after_seconds: 0,
+                ..
+            } => Err("evm sink: resend_after_seconds must be at least 1".into()),
+            Self::Evm {
                 required: true,
                 max_lag_seconds,
                 interval_seconds,
@@ -314,7 +318,7 @@ impl SinkConfig {
                             sink.anchored_block().max(*start_block),
                         )?;
                         let on_chain = match lead {
-                            Some(lead) => on_chain.led_by(lead.clone()),
+                            Some(lead) => on_chain.led_by(lead.clone(), self.name()),
                             None => on_chain,
                         };
                         sink.on_chain(on_chain)

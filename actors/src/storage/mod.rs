@@ -170,13 +170,18 @@ pub trait Membership: Send + Sync + 'static {
 }
 
 /// One broker at a time among replicas does what must never be done
-/// twice at once: send audit anchors to a chain.
+/// twice at once: send audit anchors to a chain. What the lead has in
+/// flight is kept where the next lead finds it.
 pub trait Leadership: Send + Sync + 'static {
     /// Whether this broker leads now: it takes the lead when nobody holds
     /// it, and lets go of it as soon as it cannot tell that it still holds
     /// it (the database away), so two brokers never both believe they lead
     /// for longer than one call.
     fn lead(&self) -> bool;
+    /// The anchor (JSON) the lead last kept in flight for sink `sink`.
+    fn in_flight(&self, sink: &str) -> Result<Option<serde_json::Value>, StorageError>;
+    /// Keeps `anchor` as the lead's anchor in flight for sink `sink`.
+    fn keep_in_flight(&self, sink: &str, anchor: &serde_json::Value) -> Result<(), StorageError>;
 }
 
 /// A change to a grant's uses that rides a ledger batch: `+1` or `-1`.

@@ -374,7 +374,9 @@ impl AnchorChain {
         let provider = &self.provider;
         let answer = self
             .runtime
-            .run(async move { provider.call(call).await })
+            // Mined state only: a node's pending state counts anchors
+            // still waiting in its pool, which the logs do not have yet.
+            .run(async move { provider.call(call).latest().await })
             .map_err(rpc("eth_call lastSeq()"))?;
         lastSeqCall::abi_decode_returns(&answer)
             .map(Some)

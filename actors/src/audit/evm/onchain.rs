@@ -19,9 +19,11 @@
 //!   sent for `resend_after` (a refusal must not burn gas every second).
 //!
 //! Among replicas only the one that leads ([`Leadership`]) sends or
-//! outbids; every replica adopts the contract's anchors as they come, so
-//! each holds the whole chain of anchors, and a replica that takes the
-//! lead goes on right after the contract's last anchor. Anchors the
+//! outbids, and it keeps its anchor in flight in the database too; every
+//! replica adopts the contract's anchors as they come, so each holds the
+//! whole chain of anchors. A replica that takes the lead first follows
+//! the anchor the one before left in flight (outbidding it if stuck),
+//! then goes on right after the contract's last anchor. Anchors the
 //! contract holds already (a leader taking over, a sink whose anchors
 //! file was lost) are adopted one after another without waiting a look
 //! between them.
@@ -54,7 +56,19 @@ pub struct OnChain {
     /// Whether the endpoint was seen serving the expected chain.
     chain_checked: bool,
     /// Who may send, among replicas; `None`: this broker alone anchors.
-    lead: Option<Arc<dyn Leadership>>,
+    lead: Option<Lead>,
+    /// The last anchor held was the contract's: the next may be too, so
+    /// the contract is asked again at once.
+    catching_up: bool,
+}
+
+/// This sink's part in the replicas' anchoring lead.
+struct Lead {
+    by: Arc<dyn Leadership>,
+    /// The sink's name, under which the lead keeps its anchor in flight.
+    sink: String,
+    /// Whether this replica led when last asked.
+    led: bool,
 }
 
 /// The anchor sent (or adopted) and not yet held.
@@ -107,21 +121,55 @@ impl OnChain {
             next_look: None,
             chain_checked: false,
             lead: None,
+            catching_up: false,
         })
     }
 
-    /// Sends only while `lead` says this replica leads; adopts the
-    /// contract's anchors meanwhile.
-    pub fn led_by(self, lead: Arc<dyn Leadership>) -> Self {
+    /// Sends only while `lead` says this replica leads, keeping what it
+    /// has in flight there under `sink`; adopts the contract's anchors
+    /// meanwhile.
+    pub fn led_by(self, lead: Arc<dyn Leadership>, sink: &str) -> Self {
         Self {
-            lead: Some(lead),
+            lead: Some(Lead {
+                by: lead,
+                sink: sink.to_owned(),
+                led: false,
+            }),
             ..self
         }
     }
 
     /// Whether this sink may send now (asks the database among replicas).
-    fn leads(&self) -> bool {
-        self.lead.as_ref().is_none_or(|lead| lead.lead())
+    fn leads(&mut self) -> bool {
+        let Some(lead) = &mut self.lead else {
+            return true;
+        };
+        lead.led = lead.by.lead();
+        lead.led
+    }
+
+    /// The anchor the replica that led before left in flight, when it
+    /// covers the first pending record: this replica, now leading, follows
+    /// it instead of sending another behind it.
+    fn left_by_the_last_lead(&self, first: u64) -> Result<Option<InFlight>, String> {
+        let Some(lead) = &self.lead else {
+            return Ok(None);
+        };
+        let kept = lead.by.in_flight(&lead.sink).map_err(|e| e.to_string())?;
+        let anchor = kept.and_then(|kept| serde_json::from_value::<Anchor>(kept).ok());
+        Ok(anchor
+            .filter(|anchor| anchor.from_seq == first)
+            .and_then(|anchor| {
+                let tx = anchor.tx_hash.as_deref()?.parse().ok()?;
+                tracing::warn!(from_seq = anchor.from_seq, to_seq = anchor.to_seq, tx = %tx,
+                    "following the anchor the replica that led before left in flight");
+                Some(InFlight {
+                    anchor,
+                    tx,
+                    sent_at: Instant::now(),
+                    adopted: false,
+                })
+            }))
     }
 
     /// One look: follows the anchor in flight, or sends one when `due`.
@@ -133,8 +181,8 @@ impl OnChain {
         due: bool,
     ) -> Result<Option<(Anchor, usize)>, String> {
         // A replica looks for the leader's anchors whenever it has records
-        // to see anchored.
-        let watching = self.lead.is_some() && !pending.is_empty();
+        // to see anchored; so does a sink adopting the contract's anchors.
+        let watching = (self.lead.is_some() || self.catching_up) && !pending.is_empty();
         if self.in_flight.is_none() && !due && !watching {
             return Ok(None);
         }
@@ -142,6 +190,11 @@ impl OnChain {
             return Ok(None);
         }
         self.next_look = Some(Instant::now() + LOOK_EVERY);
+        // The lead asks at each look whether it still leads: one that lost
+        // it stops sending (and says so) within a look.
+        if self.lead.as_ref().is_some_and(|lead| lead.led) {
+            self.leads();
+        }
         if !self.chain_checked {
             self.chain.check_chain_id().map_err(|e| self.text(e))?;
             self.chain_checked = true;
@@ -211,12 +264,17 @@ impl OnChain {
                 // The contract may hold the next one already: look now.
                 if flight.adopted {
                     self.next_look = None;
+                    self.catching_up = true;
                 }
                 Ok(Some((anchor, count)))
             }
-            TxState::Pending(waiting)
-                if flight.sent_at.elapsed() >= self.resend_after && self.leads() =>
-            {
+            TxState::Pending(waiting) if flight.sent_at.elapsed() >= self.resend_after => {
+                // Only the lead outbids: another replica's transaction is
+                // the lead's to replace.
+                if !self.leads() {
+                    self.in_flight = Some(flight);
+                    return Ok(None);
+                }
                 let data = flight
                     .anchor
                     .chain_data()
@@ -231,10 +289,12 @@ impl OnChain {
                 };
                 tracing::warn!(range, old = %flight.tx, new = %tx, nonce = waiting.nonce,
                     "anchor transaction not mined in time: replaced with higher fees");
-                self.keep_in_flight(flight.anchor, tx, false)
-                    .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))?;
+                self.keep_in_flight(flight.anchor, tx, false)?;
                 Ok(None)
             }
+            // The contract's anchor whose transaction this node does not
+            // know (yet): asked again at the next look.
+            TxState::Unknown if flight.adopted => Ok(None),
             TxState::Unknown if flight.sent_at.elapsed() >= self.resend_after => {
                 tracing::warn!(range, tx = %flight.tx,
                     "anchor transaction dropped or reorganised away: anchoring again");
@@ -260,6 +320,7 @@ impl OnChain {
                 let adopted = self.adopt(pending, first)?;
                 return self.follow(adopted, pending);
             }
+            self.catching_up = false;
             if last + 1 != first {
                 return Err(format!(
                     "the contract takes an anchor from {} on (its lastSeq is {last}), but this sink holds anchors up to {}: a reorganisation deeper than `confirmations` took anchors back (docs/audit.md, \"When the contract is behind\")",
@@ -268,16 +329,23 @@ impl OnChain {
                 ));
             }
         }
-        if !due || !self.leads() {
+        // A lead asked at this look already (see `step`).
+        let led = self.lead.as_ref().is_some_and(|lead| lead.led);
+        if !due || !(led || self.leads()) {
             return Ok(None);
+        }
+        if !led {
+            if let Some(left) = self.left_by_the_last_lead(first)? {
+                self.in_flight = Some(left);
+                return Ok(None);
+            }
         }
         let contract = self.chain.contract().map(|c| c.to_string().to_lowercase());
         let anchor = anchor_of(pending, pending.len(), contract);
         let data = anchor.chain_data().ok_or("an unknown anchor format")?;
         let tx = self.chain.send(&data, None).map_err(|e| self.text(e))?;
         tracing::info!(from_seq = anchor.from_seq, to_seq = anchor.to_seq, tx = %tx, "anchor sent");
-        self.keep_in_flight(anchor, tx, false)
-            .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))?;
+        self.keep_in_flight(anchor, tx, false)?;
         Ok(None)
     }
 
@@ -305,27 +373,33 @@ impl OnChain {
             Some(_) => tracing::debug!(range, tx = %tx, "anchor found on chain, adopted"),
             None => tracing::warn!(range, tx = %tx, "anchor found on chain, adopted"),
         }
-        self.keep_in_flight(held, tx, true)
-            .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))?;
+        self.keep_in_flight(held, tx, true)?;
         Ok(self.in_flight.take().expect("kept just now"))
     }
 
     /// `anchor`, sent in `tx`, is the one in flight: durably, before
     /// anything waits on it.
-    fn keep_in_flight(&mut self, anchor: Anchor, tx: TxHash, adopted: bool) -> std::io::Result<()> {
+    /// The lead's own anchor goes to the database too, for the next lead;
+    /// one it could not keep there is followed all the same.
+    fn keep_in_flight(&mut self, anchor: Anchor, tx: TxHash, adopted: bool) -> Result<(), String> {
         let anchor = Anchor {
             tx_hash: Some(tx.to_string()),
             ..anchor
         };
-        let bytes = serde_json::to_vec(&anchor).map_err(std::io::Error::other)?;
-        crate::data_dir::replace_owner_only(&self.in_flight_path, &bytes)?;
+        let json = serde_json::to_value(&anchor).map_err(|e| e.to_string())?;
+        crate::data_dir::replace_owner_only(&self.in_flight_path, json.to_string().as_bytes())
+            .map_err(|e| format!("{}: {e}", self.in_flight_path.display()))?;
         self.in_flight = Some(InFlight {
             anchor,
             tx,
             sent_at: Instant::now(),
             adopted,
         });
-        Ok(())
+        match &self.lead {
+            Some(lead) if !adopted => (lead.by.keep_in_flight(&lead.sink, &json))
+                .map_err(|e| format!("the anchor in flight was not kept in the database: {e}")),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -1,12 +1,19 @@
 //! The anchoring lead among replicas: a session advisory lock keyed by
-//! the schema, taken with `pg_try_advisory_lock` on a connection of its
-//! own. The broker holding it sends anchors; the others only adopt what
-//! the chain holds. It ends with its session: a leader that dies or is
-//! cut off lets go once the server notices (at once for a closed
-//! connection; within about 8 s of silence, the server's keepalives).
-//! A leader checks its connection before each anchor it sends, and steps
-//! down when the check fails or takes longer than a call may.
+//! the schema, tried with `pg_try_advisory_lock` on a connection of its
+//! own, kept open between tries (a follower asks about once a second
+//! while an anchor is due: one statement, not a new connection). The
+//! broker holding it sends anchors; the others only adopt what the chain
+//! holds. It ends with its session: a leader that dies or is cut off lets
+//! go once the server notices (at once for a closed connection; within
+//! about 8 s of silence, the server's keepalives). A leader checks its
+//! connection each time it asks, and steps down when the check fails or
+//! takes longer than a call may.
+//!
+//! The lead keeps its anchor in flight in `anchors_in_flight`, so a
+//! replica that takes over follows (and outbids) that transaction rather
+//! than send another behind it.
 
+use std::future::Future;
 use std::sync::PoisonError;
 
 use tokio_postgres::Client;
@@ -18,55 +25,121 @@ use crate::storage::{backend, Leadership, StorageError};
 const LEAD_KEY: &str = "SELECT hashtextextended('agentkeys-broker anchoring lead ' || s, 0)
                         FROM coalesce($1, current_schema()) AS s";
 
-/// The lead, held by a connection of its own.
-pub(crate) struct LeadLock {
+/// The lead's connection, and whether its session holds the lock.
+pub(crate) struct LeadSession {
     client: Client,
     /// Ends when the connection does, and the lock with it.
     connection: Connected,
+    key: i64,
+    holds: bool,
 }
 
 impl Postgres {
-    /// Keeps `held` if its connection still answers; else takes the lock
-    /// on a new connection if nobody holds it.
-    async fn keep_or_take(&self, held: Option<LeadLock>) -> Result<Option<LeadLock>, StorageError> {
-        if let Some(lock) = held {
-            if !lock.connection.is_finished() && lock.client.simple_query("SELECT 1").await.is_ok()
-            {
-                return Ok(Some(lock));
+    /// `work` within the call timeout, on the pool's runtime; unlike
+    /// [`Postgres::run`], a timeout leaves the pool alone (the lead's
+    /// connection is not the pool's).
+    fn run_apart<T: Send>(
+        &self,
+        work: impl Future<Output = Result<T, StorageError>> + Send,
+    ) -> Result<T, StorageError> {
+        let deadline = self.call_timeout;
+        self.runtime.run(async move {
+            tokio::time::timeout(deadline, work)
+                .await
+                .unwrap_or_else(|_| Err(backend("PostgreSQL did not answer in time")))
+        })
+    }
+
+    /// `session` asked again: the lock kept (its connection answers) or
+    /// tried for; a new connection when there was none or it ended.
+    async fn ask_lead(&self, session: Option<LeadSession>) -> Result<LeadSession, StorageError> {
+        let mut session = match session.filter(|s| !s.connection.is_finished()) {
+            Some(session) => session,
+            None => {
+                let (client, connection) = self.connect_alone().await?;
+                let key = (client.query_one(LEAD_KEY, &[&self.schema]).await)
+                    .map_err(backend)?
+                    .get(0);
+                LeadSession {
+                    client,
+                    connection,
+                    key,
+                    holds: false,
+                }
             }
-            tracing::warn!("lost the anchoring lead's connection: another replica may lead now");
-            return Ok(None);
+        };
+        if session.holds {
+            session
+                .client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(backend)?;
+        } else {
+            let tried = session
+                .client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&session.key])
+                .await
+                .map_err(backend)?;
+            session.holds = tried.get(0);
         }
-        let (client, connection) = self.connect_alone().await?;
-        let key: i64 = client
-            .query_one(LEAD_KEY, &[&self.schema])
-            .await
-            .map_err(backend)?
-            .get(0);
-        let taken: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-            .await
-            .map_err(backend)?
-            .get(0);
-        Ok(taken.then_some(LeadLock { client, connection }))
+        Ok(session)
     }
 }
 
 impl Leadership for Postgres {
     fn lead(&self) -> bool {
-        let mut lead = self.lead.lock().unwrap_or_else(PoisonError::into_inner);
-        let led = lead.is_some();
-        // A check cut off by the call timeout drops the lock it held.
-        let held = lead.take();
-        *lead = self.run(self.keep_or_take(held)).unwrap_or_else(|e| {
-            tracing::debug!(error = %e, "the anchoring lead could not be checked");
-            None
-        });
-        let leads = lead.is_some();
-        if leads && !led {
-            tracing::info!("took the anchoring lead: this replica sends the audit anchors");
+        let mut session = self.lead.lock().unwrap_or_else(PoisonError::into_inner);
+        let led = session.as_ref().is_some_and(|s| s.holds);
+        // A check that fails or is cut off drops the connection, and the
+        // lock with it.
+        let asked = session.take();
+        *session = match self.run_apart(self.ask_lead(asked)) {
+            Ok(asked) => Some(asked),
+            Err(e) => {
+                tracing::debug!(error = %e, "the anchoring lead could not be asked for");
+                None
+            }
+        };
+        let leads = session.as_ref().is_some_and(|s| s.holds);
+        match (led, leads) {
+            (false, true) => {
+                tracing::info!("took the anchoring lead: this replica sends the audit anchors")
+            }
+            (true, false) => {
+                tracing::warn!("lost the anchoring lead: another replica may send anchors now")
+            }
+            _ => {}
         }
         metrics::gauge!("agentkeys_audit_anchoring_lead").set(f64::from(u8::from(leads)));
         leads
+    }
+
+    fn in_flight(&self, sink: &str) -> Result<Option<serde_json::Value>, StorageError> {
+        self.run(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT anchor FROM anchors_in_flight WHERE sink = $1",
+                    &[&sink],
+                )
+                .await
+                .map_err(backend)?;
+            Ok(row.map(|row| row.get(0)))
+        })
+    }
+
+    fn keep_in_flight(&self, sink: &str, anchor: &serde_json::Value) -> Result<(), StorageError> {
+        self.run(async {
+            let mut client = self.client().await?;
+            let txn = self.begin(&mut client).await?;
+            txn.execute(
+                "INSERT INTO anchors_in_flight (sink, anchor) VALUES ($1, $2)
+                 ON CONFLICT (sink) DO UPDATE SET anchor = EXCLUDED.anchor, saved_at = now()",
+                &[&sink, anchor],
+            )
+            .await
+            .map_err(backend)?;
+            txn.commit().await.map_err(backend)
+        })
     }
 }

@@ -144,7 +144,7 @@ pub struct Postgres {
     /// Whether this broker writes the schema as one of its replicas.
     replicas: bool,
     /// The anchoring lead's lock, while this broker holds it ([`lead`]).
-    lead: std::sync::Mutex<Option<lead::LeadLock>>,
+    lead: std::sync::Mutex<Option<lead::LeadSession>>,
 }
 
 /// The task driving a connection of its own ([`Postgres::connect_alone`]).
@@ -520,6 +520,16 @@ const MIGRATIONS: &[(i32, &str)] = &[
              PRIMARY KEY (scope, nonce)
          );
          CREATE INDEX spent_nonces_expires_at ON spent_nonces (expires_at);",
+    ),
+    (
+        6,
+        // The anchor the replicas' anchoring lead has in flight, per sink,
+        // for the next lead to follow ([`lead`]).
+        "CREATE TABLE anchors_in_flight (
+             sink TEXT PRIMARY KEY,
+             anchor JSONB NOT NULL,
+             saved_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         );",
     ),
 ];
 
