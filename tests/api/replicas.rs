@@ -13,7 +13,10 @@ use serde_json::{json, Value};
 
 use ed25519_dalek::Signer;
 
+use agentkeys_broker::settings::Settings;
+
 use crate::accounts::{add_wallet_agent, start, verify, Wallet};
+use crate::evm_anchor::{cast, deploy_contract, rpc_ready, DEV_ACCOUNT};
 use crate::helpers::{on_postgres, psql, spawn_app_with, TestAgent, TestApp};
 use crate::ledger_contract::postgres::{fresh_schema, url};
 use crate::proof::{mint_with_proof, proof};
@@ -515,6 +518,44 @@ fn contiguous(anchors: &[(u64, u64, String)], to: u64) -> bool {
     next == to + 1
 }
 
+/// A local chain (anvil) with the AgentKeysAudit contract deployed,
+/// which replicas anchor to.
+struct AuditChain {
+    /// Stopped when dropped.
+    _anvil: crate::local_server::LocalServer,
+    rpc: String,
+    contract: String,
+}
+
+impl AuditChain {
+    /// On `anvil` (`None`: anvil is not installed, said already).
+    async fn start(anvil: Option<crate::local_server::LocalServer>) -> Option<Self> {
+        let anvil = anvil?;
+        let rpc = anvil.url.clone();
+        assert!(rpc_ready(&rpc).await, "anvil did not answer");
+        let contract = deploy_contract(&rpc, DEV_ACCOUNT);
+        Some(Self {
+            _anvil: anvil,
+            rpc,
+            contract,
+        })
+    }
+
+    /// Settings whose one sink anchors to the contract every second, one
+    /// block deep, with `more` of the sink's settings.
+    fn anchoring(&self, more: Value) -> impl Fn(&mut Settings) + Clone {
+        let mut sink = json!({ "kind": "evm", "interval_seconds": 1, "rpc_url": self.rpc,
+            "from": DEV_ACCOUNT, "contract": self.contract, "confirmations": 1 });
+        sink.as_object_mut()
+            .unwrap()
+            .extend(more.as_object().unwrap().clone());
+        move |s: &mut Settings| {
+            s.audit.retry_interval_seconds = 1;
+            s.audit.sinks = serde_json::from_value(json!([sink.clone()])).unwrap();
+        }
+    }
+}
+
 async fn mint_three(app: &TestApp, session: &str) {
     for _ in 0..3 {
         let minted = app.mint(session, &intent()).await;
@@ -547,26 +588,19 @@ async fn anchored_to(app: &TestApp, seq: u64) {
 /// anchor. Every anchor sent is one the contract took: none reverted.
 #[actix_web::test]
 async fn one_replica_sends_the_anchors_and_another_goes_on_when_it_stops() {
-    use crate::evm_anchor::{cast, deploy_contract, rpc_ready, DEV_ACCOUNT};
     let Some(url) = url("replicas anchoring") else {
         return;
     };
     // Blocks every 2 s: both replicas are due to anchor while the
     // leader's anchor waits to be mined, so both would send without a lead.
-    let Some(anvil) = crate::evm_anchor::start_anvil_mining_every(2) else {
+    let Some(chain) = AuditChain::start(crate::evm_anchor::start_anvil_mining_every(2)).await
+    else {
         return;
     };
-    let rpc = anvil.url.clone();
-    assert!(rpc_ready(&rpc).await, "anvil did not answer");
-    let contract = deploy_contract(&rpc, DEV_ACCOUNT);
-    let sinks = json!([{ "kind": "evm", "interval_seconds": 1, "rpc_url": rpc,
-        "from": DEV_ACCOUNT, "contract": contract, "confirmations": 1 }]);
-    let anchoring = |s: &mut agentkeys_broker::settings::Settings| {
-        s.audit.retry_interval_seconds = 1;
-        s.audit.sinks = serde_json::from_value(sinks.clone()).unwrap();
-    };
+    let (rpc, contract) = (&chain.rpc, &chain.contract);
+    let anchoring = chain.anchoring(json!({}));
     let schema = fresh_schema();
-    let mut first = replica_with(&url, &schema, None, anchoring).await;
+    let mut first = replica_with(&url, &schema, None, anchoring.clone()).await;
     let agent = first.register_agent("anchored").await;
     first.grant(&agent, "s3", "replicas/", None).await;
     let session = first.login(&agent).await;
@@ -590,11 +624,11 @@ async fn one_replica_sends_the_anchors_and_another_goes_on_when_it_stops() {
     let anchors = anchors_of(&second);
     assert!(contiguous(&anchors, 9), "{anchors:?}");
     assert_eq!(anchors[..sent_by_first.len()], sent_by_first[..]);
-    let on_chain = ["call", "--rpc-url", &rpc, &contract, "lastSeq()(uint64)"];
+    let on_chain = ["call", "--rpc-url", rpc, contract, "lastSeq()(uint64)"];
     assert_eq!(cast(&on_chain).unwrap(), "9");
     // The account sent the contract's deployment and one transaction per
     // anchor held: no anchor was sent twice, none reverted.
-    let sent = cast(&["nonce", "--rpc-url", &rpc, DEV_ACCOUNT]).unwrap();
+    let sent = cast(&["nonce", "--rpc-url", rpc, DEV_ACCOUNT]).unwrap();
     assert_eq!(sent, (1 + anchors.len()).to_string(), "{anchors:?}");
 }
 
@@ -604,34 +638,26 @@ async fn one_replica_sends_the_anchors_and_another_goes_on_when_it_stops() {
 /// behind it (which the contract would refuse once the first is mined).
 #[actix_web::test]
 async fn the_next_lead_outbids_the_anchor_the_last_one_left_waiting() {
-    use crate::evm_anchor::{cast, deploy_contract, rpc_ready, waiting_in_pool, DEV_ACCOUNT};
+    use crate::evm_anchor::waiting_in_pool;
     let Some(url) = url("replicas anchor handed over") else {
         return;
     };
-    let Some(anvil) = crate::evm_anchor::start_anvil() else {
+    let Some(chain) = AuditChain::start(crate::evm_anchor::start_anvil()).await else {
         return;
     };
-    let rpc = anvil.url.clone();
-    assert!(rpc_ready(&rpc).await, "anvil did not answer");
-    let contract = deploy_contract(&rpc, DEV_ACCOUNT);
-    let sinks = json!([{ "kind": "evm", "interval_seconds": 1, "rpc_url": rpc,
-        "from": DEV_ACCOUNT, "contract": contract, "confirmations": 1,
-        "resend_after_seconds": 2 }]);
-    let anchoring = |s: &mut agentkeys_broker::settings::Settings| {
-        s.audit.retry_interval_seconds = 1;
-        s.audit.sinks = serde_json::from_value(sinks.clone()).unwrap();
-    };
+    let rpc = &chain.rpc;
+    let anchoring = chain.anchoring(json!({ "resend_after_seconds": 2 }));
     let schema = fresh_schema();
-    let mut first = replica_with(&url, &schema, None, anchoring).await;
+    let mut first = replica_with(&url, &schema, None, anchoring.clone()).await;
     let agent = first.register_agent("handed-over").await;
     first.grant(&agent, "s3", "replicas/", None).await;
     let session = first.login(&agent).await;
-    let automine = |on: &str| cast(&["rpc", "evm_setAutomine", on, "--rpc-url", &rpc]);
+    let automine = |on: &str| cast(&["rpc", "evm_setAutomine", on, "--rpc-url", rpc]);
     automine("false").unwrap();
     mint_three(&first, &session).await;
     let began = Instant::now();
     let (left, _) = loop {
-        if let Some(waiting) = waiting_in_pool(&rpc, DEV_ACCOUNT) {
+        if let Some(waiting) = waiting_in_pool(rpc, DEV_ACCOUNT) {
             break waiting;
         }
         assert!(began.elapsed() < Duration::from_secs(20), "no anchor sent");
@@ -642,7 +668,7 @@ async fn the_next_lead_outbids_the_anchor_the_last_one_left_waiting() {
     let second = replica_with(&url, &schema, Some(&first), anchoring).await;
     let began = Instant::now();
     let outbid = loop {
-        match waiting_in_pool(&rpc, DEV_ACCOUNT) {
+        match waiting_in_pool(rpc, DEV_ACCOUNT) {
             Some((hash, _)) if hash != left => break hash,
             _ => {}
         }
@@ -654,14 +680,14 @@ async fn the_next_lead_outbids_the_anchor_the_last_one_left_waiting() {
         actix_web::rt::time::sleep(Duration::from_millis(100)).await;
     };
     automine("true").unwrap();
-    cast(&["rpc", "evm_mine", "--rpc-url", &rpc]).unwrap();
+    cast(&["rpc", "evm_mine", "--rpc-url", rpc]).unwrap();
     anchored_to(&second, 3).await;
     assert_eq!(
         anchors_of(&second),
         vec![(1, 3, outbid)],
         "the replacement of the anchor left waiting is held"
     );
-    let sent = cast(&["nonce", "--rpc-url", &rpc, DEV_ACCOUNT]).unwrap();
+    let sent = cast(&["nonce", "--rpc-url", rpc, DEV_ACCOUNT]).unwrap();
     assert_eq!(
         sent, "2",
         "the deployment and one anchor: nothing sent behind it"

@@ -81,6 +81,21 @@ struct InFlight {
     adopted: bool,
 }
 
+impl InFlight {
+    /// `anchor`, which `who` sent and left in flight, followed from now.
+    fn left_by(anchor: Anchor, who: &str) -> Option<Self> {
+        let tx = anchor.tx_hash.as_deref()?.parse().ok()?;
+        tracing::info!(from_seq = anchor.from_seq, to_seq = anchor.to_seq, tx = %tx, left_by = who,
+            "following an anchor left in flight");
+        Some(Self {
+            anchor,
+            tx,
+            sent_at: Instant::now(),
+            adopted: false,
+        })
+    }
+}
+
 impl OnChain {
     /// Follows the anchor a previous run left in flight at
     /// `in_flight_path`, unless the anchors file already holds it
@@ -100,17 +115,7 @@ impl OnChain {
         };
         let in_flight = left
             .filter(|anchor| anchor.to_seq > held_seq)
-            .and_then(|anchor| {
-                let tx = anchor.tx_hash.as_deref()?.parse().ok()?;
-                tracing::info!(from_seq = anchor.from_seq, to_seq = anchor.to_seq, tx = %tx,
-                    "following the anchor the last run left in flight");
-                Some(InFlight {
-                    anchor,
-                    tx,
-                    sent_at: Instant::now(),
-                    adopted: false,
-                })
-            });
+            .and_then(|anchor| InFlight::left_by(anchor, "the last run"));
         Ok(Self {
             chain,
             confirmations: confirmations.max(1),
@@ -159,17 +164,7 @@ impl OnChain {
         let anchor = kept.and_then(|kept| serde_json::from_value::<Anchor>(kept).ok());
         Ok(anchor
             .filter(|anchor| anchor.from_seq == first)
-            .and_then(|anchor| {
-                let tx = anchor.tx_hash.as_deref()?.parse().ok()?;
-                tracing::warn!(from_seq = anchor.from_seq, to_seq = anchor.to_seq, tx = %tx,
-                    "following the anchor the replica that led before left in flight");
-                Some(InFlight {
-                    anchor,
-                    tx,
-                    sent_at: Instant::now(),
-                    adopted: false,
-                })
-            }))
+            .and_then(|anchor| InFlight::left_by(anchor, "the replica that led before")))
     }
 
     /// One look: follows the anchor in flight, or sends one when `due`.
