@@ -304,6 +304,40 @@ async fn a_replica_that_cannot_read_again_refuses_rather_than_decide_from_a_stal
     .await;
 }
 
+/// One device key is one agent, whichever replica registers it: a
+/// replica that has not read the other's registration yet is refused by
+/// the database (409, the public key named), and so is a second name for
+/// a wallet.
+#[actix_web::test]
+async fn an_identity_registered_on_one_replica_is_refused_on_another_not_yet_told() {
+    let Some(url) = url("replica identities") else {
+        return;
+    };
+    let schema = fresh_schema();
+    let first = replica(&url, &schema, None).await;
+    // Reads agents again only after a minute: it never learns of the
+    // first's registrations within this test.
+    let slow = |s: &mut Settings| s.storage.postgres.as_mut().unwrap().refresh_ms = 60_000;
+    let second = replica_with(&url, &schema, Some(&first), slow).await;
+    let agent = first.register_agent("first-name").await;
+    let again = json!({ "name": "second-name", "public_key": agent.public_key_hex() });
+    let refused = second.admin("POST", "/v1/admin/agents", Some(&again)).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    let said = refused.body["message"].as_str().unwrap_or_default();
+    assert!(said.contains("public_key"), "{}", refused.body);
+    let wallet = json!({ "name": "wallet-one", "wallet_address": Wallet::new(7).address });
+    let added = first.admin("POST", "/v1/admin/agents", Some(&wallet)).await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.body);
+    let renamed = json!({ "name": "wallet-two", "wallet_address": wallet["wallet_address"] });
+    let refused = second
+        .admin("POST", "/v1/admin/agents", Some(&renamed))
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    // The refused names are free: nothing was written for them.
+    let fresh = second.register_agent("second-name").await;
+    assert_ne!(fresh.public_key_hex(), agent.public_key_hex());
+}
+
 #[actix_web::test]
 async fn a_proof_used_on_one_replica_is_refused_on_every_other() {
     let Some((first, second, agent, session)) = two_replicas("replica proofs", None).await else {

@@ -111,6 +111,7 @@ impl From<StorageError> for AuthError {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::Conflict => Self::Conflict("name"),
+            StorageError::IdentityTaken => Self::Conflict("identity"),
             StorageError::NotFound => Self::NotFound,
             other @ (StorageError::Backend(_) | StorageError::Superseded) => Self::Storage(other),
         }

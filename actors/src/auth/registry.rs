@@ -5,6 +5,7 @@ use actix::{ActorFutureExt, Handler, Message, ResponseActFuture, WrapFuture};
 
 use super::{AuthActor, AuthError};
 use crate::domain::{now_unix, AgentIdentity, AgentName, AgentRecord, OmniAccount};
+use crate::storage::StorageError;
 
 /// Add an agent to the registry (durable before it answers).
 #[derive(Message)]
@@ -82,15 +83,16 @@ impl Handler<RegisterAgent> for AuthActor {
             msg.identity.identity_type(),
             msg.identity.identity_value()
         );
+        let identity_field = match msg.identity {
+            AgentIdentity::DeviceKey(_) => "public_key",
+            AgentIdentity::Wallet(_) => "wallet_address",
+        };
         let conflict = if self.agents.contains_key(&msg.name) || self.reserved.contains(&name_key) {
             Some("name")
         } else if self.names_by_identity.contains_key(&msg.identity)
             || self.reserved.contains(&identity_key)
         {
-            Some(match msg.identity {
-                AgentIdentity::DeviceKey(_) => "public_key",
-                AgentIdentity::Wallet(_) => "wallet_address",
-            })
+            Some(identity_field)
         } else {
             None
         };
@@ -110,7 +112,12 @@ impl Handler<RegisterAgent> for AuthActor {
                     actor.writes_ended += 1;
                     actor.reserved.remove(&name_key);
                     actor.reserved.remove(&identity_key);
-                    result.map_err(AuthError::from)??;
+                    // Registered by another replica since this one read
+                    // the agents: the database refused it.
+                    result.map_err(AuthError::from)?.map_err(|e| match e {
+                        StorageError::IdentityTaken => AuthError::Conflict(identity_field),
+                        other => other.into(),
+                    })?;
                     actor.add_live(record.clone());
                     Ok(record)
                 }),

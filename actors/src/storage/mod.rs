@@ -20,6 +20,11 @@ use crate::domain::{AgentName, AgentRecord, AuditRecord, ChainHead, CompletedMin
 pub enum StorageError {
     #[error("already exists")]
     Conflict,
+    /// Another agent holds the same identity (a device key or a wallet
+    /// registered under another name): the database says so when several
+    /// brokers register at once.
+    #[error("the identity is registered already")]
+    IdentityTaken,
     #[error("no such record")]
     NotFound,
     /// Another broker claimed this database's schema since this one did:

@@ -30,6 +30,16 @@ fn record(value: serde_json::Value) -> Result<AgentRecord, StorageError> {
         .record()
 }
 
+/// An insert refused by the unique index on device keys or wallets:
+/// another broker registered the identity under another name.
+fn identity_taken(e: tokio_postgres::Error) -> StorageError {
+    let index = e.as_db_error().and_then(|db| db.constraint());
+    match index {
+        Some("agents_public_key" | "agents_wallet") => StorageError::IdentityTaken,
+        _ => failed(e),
+    }
+}
+
 impl AgentStore for PostgresAgentStore {
     fn load_all(&self) -> Result<Vec<AgentRecord>, StorageError> {
         let rows = self.db.run(async {
@@ -54,7 +64,7 @@ impl AgentStore for PostgresAgentStore {
                     &[&agent.name.as_str(), &value],
                 )
                 .await
-                .map_err(failed)?;
+                .map_err(identity_taken)?;
             txn.commit().await.map_err(backend)?;
             Ok(inserted)
         })?;

@@ -524,12 +524,15 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (
         6,
         // The anchor the replicas' anchoring lead has in flight, per sink,
-        // for the next lead to follow ([`lead`]).
+        // for the next lead to follow ([`lead`]); one agent per device key
+        // and per wallet, whichever broker registers it ([`agents`]).
         "CREATE TABLE anchors_in_flight (
              sink TEXT PRIMARY KEY,
              anchor JSONB NOT NULL,
              saved_at TIMESTAMPTZ NOT NULL DEFAULT now()
-         );",
+         );
+         CREATE UNIQUE INDEX agents_public_key ON agents ((agent->>'public_key'));
+         CREATE UNIQUE INDEX agents_wallet ON agents ((agent->>'wallet'));",
     ),
 ];
 
