@@ -181,6 +181,13 @@ impl Token {
             source,
         };
         let pkcs11 = Pkcs11::new(&settings.module).map_err(module)?;
+        // The module stays loaded for the process's life: the last handle
+        // on it is dropped by whichever thread lets go of the key ring
+        // last, a signer thread that may still be unloading it
+        // (dlclose, its static destructors) while the main thread exits
+        // and runs them too. We finalize it on stop (`close`); only the
+        // process's exit unloads it, once.
+        std::mem::forget(pkcs11.clone());
         initialize(&pkcs11).map_err(module)?;
         let label = settings.token_label.trim().to_owned();
         let pin = AuthPin::from(settings.pin.clone());
