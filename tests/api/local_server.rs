@@ -2,11 +2,14 @@
 //! `kms`): started on a loopback port, required in CI, skipped loudly
 //! elsewhere.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
 use crate::process::tool_missing;
 
-/// A local server a test needs (anvil, moto), killed on drop.
+/// A local server a test needs (anvil, moto), killed on drop: in a
+/// process group of its own, so a launcher's children (npm's anvil is a
+/// Node script that runs the real binary) are signalled and killed too.
 pub struct LocalServer {
     child: Child,
     pub url: String,
@@ -29,6 +32,7 @@ impl LocalServer {
             .args(args(port))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn();
         match child {
             Ok(child) => Some(Self {
@@ -46,10 +50,11 @@ impl LocalServer {
         }
     }
 
-    /// Sends `signal` (`-STOP`, `-CONT`) to the server.
+    /// Sends `signal` (`-STOP`, `-CONT`) to the server's process group.
     pub fn signal(&self, signal: &str) {
+        let group = format!("-{}", self.child.id());
         let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
+            .args([signal, "--", &group])
             .status()
             .unwrap();
         assert!(status.success());
@@ -58,6 +63,8 @@ impl LocalServer {
 
 impl Drop for LocalServer {
     fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -746,10 +746,11 @@ fn the_anchoring_lead_is_one_brokers_at_a_time() {
         )
     };
     let (first, second) = (open().unwrap(), open().unwrap());
-    assert!(first.lead(), "nobody leads: the first to ask does");
-    assert!(!second.lead(), "one leader at a time");
-    assert!(first.lead(), "the leader keeps the lead");
-    assert!(!second.lead());
+    let term = first.lead();
+    assert!(term.is_some(), "nobody leads: the first to ask does");
+    assert_eq!(second.lead(), None, "one leader at a time");
+    assert_eq!(first.lead(), term, "the leader keeps the lead, in its term");
+    assert_eq!(second.lead(), None);
 
     // The server ends the leader's session (a restart, a cut network):
     // the leader finds out at its next check, and the other takes over.
@@ -762,7 +763,7 @@ fn the_anchoring_lead_is_one_brokers_at_a_time() {
     assert_eq!(psql(&url, &cut), "1", "the lead's one session");
     let until = |who: &Postgres| {
         let began = Instant::now();
-        while !who.lead() {
+        while who.lead().is_none() {
             assert!(
                 began.elapsed() < Duration::from_secs(5),
                 "nobody took the lead"
@@ -771,11 +772,17 @@ fn the_anchoring_lead_is_one_brokers_at_a_time() {
         }
     };
     until(&second);
-    assert!(!first.lead(), "the old leader knows it no longer leads");
+    assert_eq!(
+        first.lead(),
+        None,
+        "the old leader knows it no longer leads"
+    );
 
-    // The leader stops: its lock ends with its connection.
+    // The leader stops: its lock ends with its connection. The lead taken
+    // again is a new term.
     drop(second);
     until(&first);
+    assert_ne!(first.lead(), term);
     let third = open().unwrap();
-    assert!(!third.lead());
+    assert_eq!(third.lead(), None);
 }

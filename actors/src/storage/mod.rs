@@ -178,11 +178,12 @@ pub trait Membership: Send + Sync + 'static {
 /// twice at once: send audit anchors to a chain. What the lead has in
 /// flight is kept where the next lead finds it.
 pub trait Leadership: Send + Sync + 'static {
-    /// Whether this broker leads now: it takes the lead when nobody holds
-    /// it, and lets go of it as soon as it cannot tell that it still holds
-    /// it (the database away), so two brokers never both believe they lead
-    /// for longer than one call.
-    fn lead(&self) -> bool;
+    /// Whether this broker leads now, and in which term: it takes the
+    /// lead when nobody holds it (a new term each time it takes it, again
+    /// or anew), and lets go of it as soon as it cannot tell that it still
+    /// holds it (the database away), so two brokers never both believe
+    /// they lead for longer than one call. `None`: it does not lead.
+    fn lead(&self) -> Option<u64>;
     /// The anchor (JSON) the lead last kept in flight for sink `sink`.
     fn in_flight(&self, sink: &str) -> Result<Option<serde_json::Value>, StorageError>;
     /// Keeps `anchor` as the lead's anchor in flight for sink `sink`.

@@ -67,8 +67,12 @@ struct Lead {
     by: Arc<dyn Leadership>,
     /// The sink's name, under which the lead keeps its anchor in flight.
     sink: String,
-    /// Whether this replica led when last asked.
-    led: bool,
+    /// The lead's term when this replica last asked (`None`: it did not
+    /// lead): a new term each time the lock is taken, again or anew.
+    term: Option<u64>,
+    /// The term in which the anchor the last lead left in flight was
+    /// looked at: once per term, before this replica sends anything.
+    looked_left_in: Option<u64>,
 }
 
 /// The anchor sent (or adopted) and not yet held.
@@ -138,7 +142,8 @@ impl OnChain {
             lead: Some(Lead {
                 by: lead,
                 sink: sink.to_owned(),
-                led: false,
+                term: None,
+                looked_left_in: None,
             }),
             ..self
         }
@@ -149,22 +154,44 @@ impl OnChain {
         let Some(lead) = &mut self.lead else {
             return true;
         };
-        lead.led = lead.by.lead();
-        lead.led
+        lead.term = lead.by.lead();
+        lead.term.is_some()
     }
 
-    /// The anchor the replica that led before left in flight, when it
-    /// covers the first pending record: this replica, now leading, follows
-    /// it instead of sending another behind it.
-    fn left_by_the_last_lead(&self, first: u64) -> Result<Option<InFlight>, String> {
+    /// The anchor the replica that led before left in flight, once per
+    /// term of this replica's lead, when it anchors the first pending
+    /// records (checked as an adopted anchor is: the range's boundary and
+    /// the root): this replica follows it instead of sending another
+    /// behind it. Until the look succeeds, nothing is sent.
+    fn left_by_the_last_lead(&mut self, pending: &[Unheld]) -> Result<Option<InFlight>, String> {
         let Some(lead) = &self.lead else {
             return Ok(None);
         };
+        if lead.looked_left_in == lead.term {
+            return Ok(None);
+        }
         let kept = lead.by.in_flight(&lead.sink).map_err(|e| e.to_string())?;
         let anchor = kept.and_then(|kept| serde_json::from_value::<Anchor>(kept).ok());
-        Ok(anchor
-            .filter(|anchor| anchor.from_seq == first)
-            .and_then(|anchor| InFlight::left_by(anchor, "the replica that led before")))
+        let anchor =
+            anchor.filter(|anchor| pending.first().is_some_and(|(f, ..)| *f == anchor.from_seq));
+        let anchor = match anchor {
+            Some(anchor) => {
+                let range = format!("{}..={}", anchor.from_seq, anchor.to_seq);
+                let count = count_of(pending, &anchor).ok_or_else(|| {
+                    format!("the anchor left in flight ({range}) covers records not read yet")
+                })?;
+                let same = root_of(pending, count) == anchor.root;
+                if !same {
+                    tracing::error!(range, "the anchor left in flight has another root than the ledger's records: not followed");
+                }
+                same.then_some(anchor)
+            }
+            None => None,
+        };
+        if let Some(lead) = &mut self.lead {
+            lead.looked_left_in = lead.term;
+        }
+        Ok(anchor.and_then(|anchor| InFlight::left_by(anchor, "the replica that led before")))
     }
 
     /// One look: follows the anchor in flight, or sends one when `due`.
@@ -187,7 +214,7 @@ impl OnChain {
         self.next_look = Some(Instant::now() + LOOK_EVERY);
         // The lead asks at each look whether it still leads: one that lost
         // it stops sending (and says so) within a look.
-        if self.lead.as_ref().is_some_and(|lead| lead.led) {
+        if self.lead.as_ref().is_some_and(|lead| lead.term.is_some()) {
             self.leads();
         }
         if !self.chain_checked {
@@ -287,10 +314,17 @@ impl OnChain {
                 self.keep_in_flight(flight.anchor, tx, false)?;
                 Ok(None)
             }
-            // The contract's anchor whose transaction this node does not
-            // know (yet): asked again at the next look.
-            TxState::Unknown if flight.adopted => Ok(None),
-            TxState::Unknown if flight.sent_at.elapsed() >= self.resend_after => {
+            // The contract's anchor whose transaction this node no longer
+            // knows (replaced, reorganised away): let go of, so the next
+            // look adopts whatever the contract holds then.
+            TxState::Unknown if flight.adopted && flight.sent_at.elapsed() >= self.resend_after => {
+                tracing::warn!(range, tx = %flight.tx,
+                    "the adopted anchor's transaction is unknown to the node: looking at the contract again");
+                Ok(None)
+            }
+            TxState::Unknown
+                if !flight.adopted && flight.sent_at.elapsed() >= self.resend_after =>
+            {
                 tracing::warn!(range, tx = %flight.tx,
                     "anchor transaction dropped or reorganised away: anchoring again");
                 self.start(pending, true)
@@ -324,16 +358,13 @@ impl OnChain {
                 ));
             }
         }
-        // A lead asked at this look already (see `step`).
-        let led = self.lead.as_ref().is_some_and(|lead| lead.led);
-        if !due || !(led || self.leads()) {
+        // Asked right before the send (the RPCs above take time).
+        if !due || !self.leads() {
             return Ok(None);
         }
-        if !led {
-            if let Some(left) = self.left_by_the_last_lead(first)? {
-                self.in_flight = Some(left);
-                return Ok(None);
-            }
+        if let Some(left) = self.left_by_the_last_lead(pending)? {
+            self.in_flight = Some(left);
+            return Ok(None);
         }
         let contract = self.chain.contract().map(|c| c.to_string().to_lowercase());
         let anchor = anchor_of(pending, pending.len(), contract);

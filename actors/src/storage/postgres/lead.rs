@@ -14,6 +14,7 @@
 //! than send another behind it.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::PoisonError;
 
 use tokio_postgres::Client;
@@ -25,13 +26,17 @@ use crate::storage::{backend, Leadership, StorageError};
 const LEAD_KEY: &str = "SELECT hashtextextended('agentkeys-broker anchoring lead ' || s, 0)
                         FROM coalesce($1, current_schema()) AS s";
 
-/// The lead's connection, and whether its session holds the lock.
+/// Numbers the terms of this process's leads.
+static TERMS: AtomicU64 = AtomicU64::new(0);
+
+/// The lead's connection, and the term its session holds the lock in.
 pub(crate) struct LeadSession {
     client: Client,
     /// Ends when the connection does, and the lock with it.
     connection: Connected,
     key: i64,
-    holds: bool,
+    /// `None`: the lock is not this session's.
+    term: Option<u64>,
 }
 
 impl Postgres {
@@ -64,11 +69,11 @@ impl Postgres {
                     client,
                     connection,
                     key,
-                    holds: false,
+                    term: None,
                 }
             }
         };
-        if session.holds {
+        if session.term.is_some() {
             session
                 .client
                 .simple_query("SELECT 1")
@@ -80,16 +85,17 @@ impl Postgres {
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&session.key])
                 .await
                 .map_err(backend)?;
-            session.holds = tried.get(0);
+            let taken: bool = tried.get(0);
+            session.term = taken.then(|| TERMS.fetch_add(1, Ordering::Relaxed) + 1);
         }
         Ok(session)
     }
 }
 
 impl Leadership for Postgres {
-    fn lead(&self) -> bool {
+    fn lead(&self) -> Option<u64> {
         let mut session = self.lead.lock().unwrap_or_else(PoisonError::into_inner);
-        let led = session.as_ref().is_some_and(|s| s.holds);
+        let led = session.as_ref().and_then(|s| s.term);
         // A check that fails or is cut off drops the connection, and the
         // lock with it.
         let asked = session.take();
@@ -100,17 +106,20 @@ impl Leadership for Postgres {
                 None
             }
         };
-        let leads = session.as_ref().is_some_and(|s| s.holds);
-        match (led, leads) {
-            (false, true) => {
-                tracing::info!("took the anchoring lead: this replica sends the audit anchors")
+        let leads = session.as_ref().and_then(|s| s.term);
+        if leads != led {
+            match leads {
+                Some(term) => tracing::info!(
+                    term,
+                    "took the anchoring lead: this replica sends the audit anchors"
+                ),
+                None => {
+                    tracing::warn!("lost the anchoring lead: another replica may send anchors now")
+                }
             }
-            (true, false) => {
-                tracing::warn!("lost the anchoring lead: another replica may send anchors now")
-            }
-            _ => {}
         }
-        metrics::gauge!("agentkeys_audit_anchoring_lead").set(f64::from(u8::from(leads)));
+        let gauge = f64::from(u8::from(leads.is_some()));
+        metrics::gauge!("agentkeys_audit_anchoring_lead").set(gauge);
         leads
     }
 
