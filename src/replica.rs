@@ -1,10 +1,10 @@
 //! What a replica does besides serving (`storage.postgres.replicas`),
 //! every `storage.postgres.refresh_ms`:
 //!
-//! - reads the key ring again, so a rotation on any replica reaches this
-//!   one's JWKS, signer and session cache (a pending OIDC key new here is
-//!   published for the lead time before it signs: the ring's reread
-//!   reschedules it so);
+//! - reads the key ring again (on a blocking thread, never a signing
+//!   one), so a rotation on any replica reaches this one's JWKS, signer
+//!   and session cache (a pending OIDC key new here is published for the
+//!   lead time before it signs: the ring's reread reschedules it so);
 //! - counts the replicas alive (the holders of the schema's writer lock)
 //!   and keeps its even share of every rate budget.
 
@@ -15,24 +15,39 @@ use std::time::Duration;
 use agentkeys_actors::auth::SessionKeysChanged;
 use agentkeys_actors::rate_limit::ShareBudgets;
 use agentkeys_actors::signer::{DescribeKeys, RereadKeyRing};
-use agentkeys_actors::storage::Membership;
+use agentkeys_actors::storage::{KeyRingStore, Membership};
 use agentkeys_actors::system::Actors;
 
 /// Keeps this replica up with the others every `every`, for the life of
 /// the system.
-pub fn keep_up(actors: Actors, membership: Arc<dyn Membership>, every: Duration) {
+pub fn keep_up(
+    actors: Actors,
+    membership: Arc<dyn Membership>,
+    key_ring: Arc<dyn KeyRingStore>,
+    every: Duration,
+) {
     actix_web::rt::spawn(async move {
         let mut ticks = actix_web::rt::time::interval(every);
         loop {
             ticks.tick().await;
-            reread_key_ring(&actors).await;
+            reread_key_ring(&actors, &key_ring).await;
             share_budgets(&actors, &membership).await;
         }
     });
 }
 
-async fn reread_key_ring(actors: &Actors) {
-    match actors.signer.call(RereadKeyRing).await {
+/// A replica that cannot read the ring keeps the one it serves.
+async fn reread_key_ring(actors: &Actors, key_ring: &Arc<dyn KeyRingStore>) {
+    let store = key_ring.clone();
+    let stored = match tokio::task::spawn_blocking(move || store.load()).await {
+        Ok(Ok(stored)) => stored,
+        Ok(Err(e)) => {
+            let e = agentkeys_actors::error_text::with_causes(&e);
+            return tracing::warn!(error = %e, "the key ring could not be read again");
+        }
+        Err(e) => return tracing::warn!(error = %e, "the key ring's reread was lost"),
+    };
+    match actors.signer.call(RereadKeyRing { stored }).await {
         Ok(Ok(true)) => tell_cached_sessions(actors).await,
         Ok(Ok(false)) => {}
         // Logged by the signer; this replica keeps its ring.

@@ -345,7 +345,7 @@ fn start_actors(
         agents,
         grants: grant_store,
         ledger,
-        key_ring: _,
+        key_ring,
         replica,
     } = stores;
     let (gates, sign_in, membership) = match replica {
@@ -459,7 +459,7 @@ fn start_actors(
         signer,
     };
     if let (Some(membership), Some(every)) = (membership, settings.replica_refresh()) {
-        crate::replica::keep_up(actors.clone(), membership, every);
+        crate::replica::keep_up(actors.clone(), membership, key_ring, every);
     }
     Ok(actors)
 }

@@ -583,7 +583,17 @@ impl KeyRing {
     /// to make, or one without a key this broker still signs or verifies
     /// with.
     pub fn reread(&self, now: u64) -> Result<Option<Self>, KeyError> {
-        let Some((ring, revision)) = self.store.load()? else {
+        self.reread_stored(self.store.load()?, now)
+    }
+
+    /// [`Self::reread`] with the ring as stored, read by the caller (off
+    /// the signing threads).
+    pub fn reread_stored(
+        &self,
+        stored: Option<(serde_json::Value, u64)>,
+        now: u64,
+    ) -> Result<Option<Self>, KeyError> {
+        let Some((ring, revision)) = stored else {
             return Err(KeyError::Invalid(format!("{THE_RING} (no longer stored)")));
         };
         if revision == self.revision {

@@ -256,11 +256,15 @@ pub struct RotateKey {
 #[rtype(result = "Vec<KeyInfo>")]
 pub struct DescribeKeys;
 
-/// Read the stored key ring again and serve it if another writer (a
-/// replica's rotation) changed it: whether it did.
+/// Serve the key ring as stored if another writer (a replica's rotation)
+/// changed it: whether it did. The caller reads the store, so no signing
+/// thread waits on the database.
 #[derive(Message)]
 #[rtype(result = "Result<bool, KeyError>")]
-pub struct RereadKeyRing;
+pub struct RereadKeyRing {
+    /// What the key ring store's `load` answered.
+    pub stored: Option<(serde_json::Value, u64)>,
+}
 
 /// Does the signing OIDC key's signer answer? A throwaway signature over a
 /// fixed message (no JWT) when the key is on a token or in KMS; memory
@@ -541,12 +545,18 @@ impl Handler<RotateKey> for SignerActor {
 }
 
 impl SignerActor {
-    /// Reads the stored ring again (under the read lock: signatures go on)
-    /// and serves it if another writer changed it: whether it did.
+    /// Reads the stored ring again (a rotation's own read: rare) and
+    /// serves it if another writer changed it: whether it did.
     fn read_again(&self) -> Result<bool, KeyError> {
-        // The read lock ends with this statement: adopting takes the write
-        // lock.
+        // The read lock ends with this statement.
         let reread = self.ring().reread(now_unix());
+        self.adopt(reread)
+    }
+
+    /// Serves the ring read again (under the read lock, which must be let
+    /// go of first: adopting takes the write lock) if another writer
+    /// changed it: whether it did.
+    fn adopt(&self, reread: Result<Option<KeyRing>, KeyError>) -> Result<bool, KeyError> {
         match reread {
             Ok(Some(fresh)) => {
                 let adopted = (self.keys.write())
@@ -570,9 +580,11 @@ impl Handler<RereadKeyRing> for SignerActor {
     type Result = Result<bool, KeyError>;
 
     /// One rotation or reread at a time.
-    fn handle(&mut self, _: RereadKeyRing, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: RereadKeyRing, _: &mut Self::Context) -> Self::Result {
         let _one_at_a_time = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
-        self.read_again()
+        // The read lock ends with this statement.
+        let reread = self.ring().reread_stored(msg.stored, now_unix());
+        self.adopt(reread)
     }
 }
 
