@@ -189,6 +189,17 @@ impl EvmAnchorSink {
         !self.pending.is_empty() && self.last_anchor.elapsed() >= self.interval
     }
 
+    /// One look of the chain ([`OnChain::step`]), due or not as the
+    /// pending records are now.
+    #[cfg(feature = "audit-evm")]
+    fn step_on_chain(&mut self) -> Result<Option<(Anchor, usize)>, String> {
+        let due = self.due();
+        match &mut self.chain {
+            Some(chain) => chain.step(&self.pending, due),
+            None => Ok(None),
+        }
+    }
+
     /// Writes `anchor` (of the first `count` pending records) to the
     /// anchors file, durably, and lets go of those records.
     fn written(&mut self, anchor: Anchor, count: usize) -> Result<(), String> {
@@ -229,15 +240,8 @@ impl AuditSink for EvmAnchorSink {
         let due = self.due();
         #[cfg(feature = "audit-evm")]
         if self.chain.is_some() {
-            loop {
-                let due = self.due();
-                let Some(chain) = self.chain.as_mut() else {
-                    break;
-                };
-                match chain.step(&self.pending, due)? {
-                    Some((anchor, count)) => self.written(anchor, count)?,
-                    None => break,
-                }
+            while let Some((anchor, count)) = self.step_on_chain()? {
+                self.written(anchor, count)?;
             }
             return Ok(self.anchored_seq);
         }

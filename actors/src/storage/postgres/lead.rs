@@ -13,7 +13,6 @@
 //! replica that takes over follows (and outbids) that transaction rather
 //! than send another behind it.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::PoisonError;
 
@@ -40,21 +39,6 @@ pub(crate) struct LeadSession {
 }
 
 impl Postgres {
-    /// `work` within the call timeout, on the pool's runtime; unlike
-    /// [`Postgres::run`], a timeout leaves the pool alone (the lead's
-    /// connection is not the pool's).
-    fn run_apart<T: Send>(
-        &self,
-        work: impl Future<Output = Result<T, StorageError>> + Send,
-    ) -> Result<T, StorageError> {
-        let deadline = self.call_timeout;
-        self.runtime.run(async move {
-            tokio::time::timeout(deadline, work)
-                .await
-                .unwrap_or_else(|_| Err(backend("PostgreSQL did not answer in time")))
-        })
-    }
-
     /// `session` asked again: the lock kept (its connection answers) or
     /// tried for; a new connection when there was none or it ended.
     async fn ask_lead(&self, session: Option<LeadSession>) -> Result<LeadSession, StorageError> {
@@ -99,7 +83,10 @@ impl Leadership for Postgres {
         // A check that fails or is cut off drops the connection, and the
         // lock with it.
         let asked = session.take();
-        *session = match self.run_apart(self.ask_lead(asked)) {
+        // The lead's connection is not the pool's: a timeout leaves the
+        // pool alone.
+        let asked = self.run_until(self.call_timeout, self.ask_lead(asked), || {});
+        *session = match asked {
             Ok(asked) => Some(asked),
             Err(e) => {
                 tracing::debug!(error = %e, "the anchoring lead could not be asked for");

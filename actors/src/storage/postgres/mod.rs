@@ -256,12 +256,25 @@ impl Postgres {
         deadline: Duration,
         work: impl Future<Output = Result<T, StorageError>> + Send,
     ) -> Result<T, StorageError> {
+        self.run_until(deadline, work, || {
+            self.pool.retain(|_, _| false);
+        })
+    }
+
+    /// `work` on the pool's runtime, given up after `deadline`; then
+    /// `cut_off` runs, once the cut-off work (and the connection it held)
+    /// is dropped.
+    fn run_until<T: Send>(
+        &self,
+        deadline: Duration,
+        work: impl Future<Output = Result<T, StorageError>> + Send,
+        cut_off: impl FnOnce() + Send,
+    ) -> Result<T, StorageError> {
         self.runtime.run(async {
-            // Its own statement: the cut-off call's connection is back in
-            // the pool before the pool is emptied.
+            // Its own statement: the work is dropped before `cut_off`.
             let outcome = tokio::time::timeout(deadline, work).await;
             outcome.unwrap_or_else(|_| {
-                self.pool.retain(|_, _| false);
+                cut_off();
                 Err(backend(format!(
                     "PostgreSQL did not answer within {} ms",
                     deadline.as_millis()
