@@ -121,6 +121,7 @@ impl SinkWorker {
             .spawn(move || {
                 let mut worker = Worker {
                     accepted: sink.held_seq(),
+                    ledger_failed: false,
                     sink,
                     ledger,
                     status: worker_status,
@@ -212,6 +213,9 @@ struct Worker {
     /// Highest seq handed to the sink successfully (a buffering sink may
     /// hold less durably), so nothing is sent twice or skipped.
     accepted: u64,
+    /// The status's error is the ledger's (a catch-up could not read it),
+    /// not the sink's: the next read that succeeds clears it.
+    ledger_failed: bool,
 }
 
 impl Worker {
@@ -272,11 +276,18 @@ impl Worker {
     fn catch_up(&mut self, until: u64) -> Result<(), String> {
         while self.accepted < until {
             let want = CATCH_UP_CHUNK.min((until - self.accepted).try_into().unwrap_or(usize::MAX));
-            let records = self.ledger.read_after(self.accepted, want).map_err(|e| {
-                let e = e.to_string();
-                self.status.set_error(Some(e.clone()));
-                e
-            })?;
+            let records = match self.ledger.read_after(self.accepted, want) {
+                Ok(records) => records,
+                Err(e) => {
+                    let e = e.to_string();
+                    self.status.set_error(Some(e.clone()));
+                    self.ledger_failed = true;
+                    return Err(e);
+                }
+            };
+            if std::mem::take(&mut self.ledger_failed) {
+                self.status.set_error(None);
+            }
             if records.is_empty() {
                 break;
             }
@@ -304,8 +315,11 @@ mod tests {
     use std::sync::mpsc::{channel, Receiver, Sender};
 
     use super::*;
+    use std::collections::HashMap;
+
     use crate::audit::{ChainHead, MintEvent};
     use crate::storage::redb_ledger::RedbLedger;
+    use crate::storage::{Appended, StorageError, UseDelta};
 
     /// Holds its first append until told to go on; reports every append.
     struct GatedSink {
@@ -338,6 +352,87 @@ mod tests {
             .map(|seq| AuditRecord::chain(MintEvent::default(), seq, 0, String::new()).0)
             .collect();
         Arc::new(records)
+    }
+
+    /// The real ledger, whose reads fail while `failing` is set.
+    struct FailingReads {
+        ledger: RedbLedger,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    impl AuditLedger for FailingReads {
+        fn head(&self) -> Result<ChainHead, StorageError> {
+            self.ledger.head()
+        }
+        fn append(
+            &self,
+            batch: &[AuditRecord],
+            encoded: &[Vec<u8>],
+            uses: &[UseDelta],
+        ) -> Result<Appended, StorageError> {
+            self.ledger.append(batch, encoded, uses)
+        }
+        fn grant_uses(&self) -> Result<Option<HashMap<String, u64>>, StorageError> {
+            self.ledger.grant_uses()
+        }
+        fn fold_grant_uses(&self, base: &[(String, u64)]) -> Result<(), StorageError> {
+            self.ledger.fold_grant_uses(base)
+        }
+        fn read_matching(
+            &self,
+            after: u64,
+            limit: usize,
+            max_scan: usize,
+            keep: &dyn Fn(&AuditRecord) -> bool,
+        ) -> Result<(Vec<AuditRecord>, u64), StorageError> {
+            if self.failing.load(Ordering::Acquire) {
+                return Err(crate::storage::backend("the ledger is away"));
+            }
+            self.ledger.read_matching(after, limit, max_scan, keep)
+        }
+    }
+
+    fn waits_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "never {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_ledger_read_that_failed_is_no_sink_error_once_a_read_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(FailingReads {
+            ledger: RedbLedger::open(&dir.path().join("ledger.redb"), 1 << 20).unwrap(),
+            failing: true.into(),
+        });
+        let (appends, _appended) = channel();
+        let sink = GatedSink {
+            held: 0,
+            entered: channel().0,
+            gate: None,
+            appends,
+        };
+        let config = SinkConfig::Jsonl {
+            name: Some("idle".into()),
+            required: false,
+            path: dir.path().join("unused.jsonl"),
+            max_bytes: u64::MAX,
+            keep: 1,
+        };
+        let worker = SinkWorker::start(
+            config,
+            Box::new(sink),
+            ledger.clone(),
+            Duration::from_millis(10),
+            16,
+        )
+        .unwrap();
+        let last_error = || worker.status().report(0).last_error;
+        waits_for("told of the failed read", || last_error().is_some());
+        ledger.failing.store(false, Ordering::Release);
+        waits_for("cleared by a read that succeeds", || last_error().is_none());
     }
 
     #[test]
