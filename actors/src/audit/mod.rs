@@ -128,6 +128,17 @@ impl UseChange {
 #[rtype(result = "Result<u64, AuditError>")]
 pub struct Record(pub MintEvent, pub UseChange);
 
+/// A refusal's record while the ledger is away: nobody waits for it, and
+/// it starts no commit of its own (one more would hold the next mint past
+/// the send timeout, behind a commit waiting out its deadline). It rides
+/// the next mint's commit, or one started after [`RECORD_LATER_WITHIN`].
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RecordLater(pub MintEvent, pub UseChange);
+
+/// How long a [`RecordLater`] waits for a mint's commit to ride.
+pub const RECORD_LATER_WITHIN: Duration = Duration::from_millis(500);
+
 /// Up to `limit` ledger records after `after`, in order.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<AuditRecord>, AuditError>")]
@@ -485,6 +496,17 @@ impl Handler<Record> for AuditActor {
                 Err(AuditError::Unsettled(lost.into()))
             })
         })
+    }
+}
+
+impl Handler<RecordLater> for AuditActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RecordLater, ctx: &mut Self::Context) {
+        // Nobody waits: the answer's receiver is dropped at once.
+        let (reply, _) = oneshot::channel();
+        self.pending.push((msg.0, msg.1, reply));
+        ctx.run_later(RECORD_LATER_WITHIN, |actor, ctx| actor.commit_next(ctx));
     }
 }
 

@@ -46,4 +46,14 @@ impl MintError {
             Self::Encoding(_) => ErrorCode::Internal,
         }
     }
+
+    /// The database the gates share, or the audit ledger, did not answer:
+    /// the refusal's own record would wait on it again (a call timeout
+    /// more), so it rides a later commit and the caller is answered now.
+    pub fn storage_away(&self) -> bool {
+        match self {
+            Self::AuditUnavailable(e) => e.ledger_holds_it() != Some(true),
+            other => other.code() == ErrorCode::StorageUnavailable,
+        }
+    }
 }

@@ -31,7 +31,7 @@ pub use agentkeys_wire::answers::Minted;
 pub use error::MintError;
 pub use request::{MintPolicy, MintRequest, MintResponse, RequestIds};
 
-use crate::audit::{MintEvent, Outcome, Record, UseChange};
+use crate::audit::{MintEvent, Outcome, Record, RecordLater, UseChange};
 use crate::auth::{AuthError, BearerToken, CheckProof, VerifySession};
 use crate::domain::{now_unix, sha256_hex, CompletedMint, ErrorCode, Intent, Principal};
 use crate::grant::{DefaultIntent, GrantUse, IdempotencySlot, Reservation, Reserve};
@@ -212,13 +212,13 @@ impl MintFlow {
         self.metrics.count(outcome);
         match released {
             Ok(response) => Ok(response),
-            // The database the gates share is away: the refusal's record
-            // (on the same database) would keep the caller waiting for
-            // nothing; it rides the next commit instead.
-            Err((attempt, error, give_back)) if error.code() == ErrorCode::StorageUnavailable => {
-                let flow = self.clone();
+            // The database the gates share, or the ledger, is away: the
+            // refusal's record (on the same database) would keep the
+            // caller waiting past the send timeout for nothing; it rides
+            // a later commit instead.
+            Err((attempt, error, give_back)) if error.storage_away() => {
                 let refused = attempt.refused(&error);
-                actix::spawn(async move { flow.record_refusal(refused, give_back).await });
+                self.actors.audit.tell(RecordLater(refused, give_back));
                 Err(error)
             }
             Err((attempt, error, give_back)) => {
