@@ -102,21 +102,28 @@ impl TestDatabase {
         })
     }
 
-    /// The variables [`Self::env`] sets: backend, URL, schema, CA file.
-    pub const ENV: [&'static str; 4] = [
+    /// The variables [`Self::env`] sets: backend, URL, schema, the
+    /// [`TEST_BUDGETS`], CA file.
+    pub const ENV: [&'static str; 7] = [
         "AGENTKEYS__STORAGE__BACKEND",
         "AGENTKEYS__STORAGE__POSTGRES__URL",
         "AGENTKEYS__STORAGE__POSTGRES__SCHEMA",
+        "AGENTKEYS__STORAGE__POSTGRES__CONNECT_TIMEOUT_MS",
+        "AGENTKEYS__STORAGE__POSTGRES__CALL_TIMEOUT_MS",
+        "AGENTKEYS__ACTORS__SEND_TIMEOUT_MS",
         "AGENTKEYS__STORAGE__POSTGRES__CA_FILE",
     ];
 
     /// The same as environment variables, for a broker process.
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        let [backend, url, schema, ca_file] = Self::ENV;
+        let [backend, url, schema, connect, call, send, ca_file] = Self::ENV;
         let mut env = vec![
             (backend, "postgres".into()),
             (url, self.url.clone()),
             (schema, self.schema.clone()),
+            (connect, TEST_BUDGETS.connect_ms.to_string()),
+            (call, TEST_BUDGETS.call_ms.to_string()),
+            (send, TEST_BUDGETS.send_ms.to_string()),
         ];
         if let Some(ca) = &self.ca_file {
             env.push((ca_file, ca.to_string_lossy().into_owned()));
@@ -125,8 +132,27 @@ impl TestDatabase {
     }
 }
 
+/// The time budgets of a test broker on PostgreSQL, in milliseconds.
+pub struct Budgets {
+    pub connect_ms: u64,
+    pub call_ms: u64,
+    pub send_ms: u64,
+}
+
+/// Wider than the shipped defaults (500 / 800 / 2000), which are for a
+/// release build with cores to spare: here a debug build shares two cores
+/// with the whole suite and the server, and a cold TLS connection alone
+/// has taken longer than 500 ms, failing a mint that had nothing to do
+/// with time. Tests of the budgets themselves read them from the settings.
+pub const TEST_BUDGETS: Budgets = Budgets {
+    connect_ms: 2_000,
+    call_ms: 3_000,
+    send_ms: 8_000,
+};
+
 /// Keeps `settings` on the PostgreSQL at `url`, in `schema` when given,
-/// over TLS verified against `ca_file` when given.
+/// over TLS verified against `ca_file` when given, with the
+/// [`TEST_BUDGETS`].
 pub fn on_postgres(
     settings: &mut Settings,
     url: &str,
@@ -138,8 +164,11 @@ pub fn on_postgres(
         url: url.to_owned(),
         schema,
         ca_file,
+        connect_timeout_ms: TEST_BUDGETS.connect_ms,
+        call_timeout_ms: TEST_BUDGETS.call_ms,
         ..PostgresStorage::default()
     });
+    settings.actors.send_timeout_ms = settings.actors.send_timeout_ms.max(TEST_BUDGETS.send_ms);
 }
 
 /// Keeps a test broker on redb whatever backend the suite runs on: for
