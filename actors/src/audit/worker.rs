@@ -264,8 +264,7 @@ impl Worker {
         let outcome = self.sink.append(records);
         metrics::histogram!("agentkeys_audit_sink_write_seconds", "sink" => self.status.name.clone())
             .record(started.elapsed().as_secs_f64());
-        self.status.record(&outcome);
-        self.note_unheld();
+        self.note(&outcome);
         outcome.map(|_| {
             self.accepted = records.last().map_or(self.accepted, |r| r.seq);
         })
@@ -300,11 +299,16 @@ impl Worker {
     /// A buffering sink writes what is due; its held seq moves on.
     fn flush(&mut self) {
         let flushed = self.sink.flush_due();
-        self.status.record(&flushed);
-        self.note_unheld();
+        self.note(&flushed);
     }
 
-    fn note_unheld(&self) {
+    /// The sink's own outcome in the status; an error of its own is no
+    /// longer the ledger's, which a read would clear.
+    fn note(&mut self, outcome: &Result<u64, String>) {
+        self.status.record(outcome);
+        if outcome.is_err() {
+            self.ledger_failed = false;
+        }
         let oldest = self.sink.oldest_unheld_ts().unwrap_or(0);
         self.status.oldest_unheld.store(oldest, Ordering::Release);
     }
@@ -390,6 +394,92 @@ mod tests {
             }
             self.ledger.read_matching(after, limit, max_scan, keep)
         }
+    }
+
+    /// Takes every record and holds none; its first flush fails (an
+    /// anchor refused), later ones succeed.
+    struct FlushFailsOnce {
+        taken: Arc<AtomicU64>,
+        flushed: bool,
+    }
+
+    impl AuditSink for FlushFailsOnce {
+        fn held_seq(&self) -> u64 {
+            0
+        }
+
+        fn append(&mut self, batch: &[AuditRecord]) -> Result<u64, String> {
+            let last = batch.last().map_or(0, |r| r.seq);
+            self.taken.store(last, Ordering::Release);
+            Ok(0)
+        }
+
+        fn flush_due(&mut self) -> Result<u64, String> {
+            match std::mem::replace(&mut self.flushed, true) {
+                false => Err("the anchor was refused".into()),
+                true => Ok(0),
+            }
+        }
+    }
+
+    #[test]
+    fn a_sinks_own_error_stands_when_a_ledger_read_succeeds_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = RedbLedger::open(&dir.path().join("ledger.redb"), 1 << 20).unwrap();
+        let mut head = ChainHead::genesis();
+        let (mut records, mut encoded) = (Vec::new(), Vec::new());
+        for seq in 1..=3 {
+            let (record, json) = AuditRecord::chain(MintEvent::default(), seq, 0, head.hash);
+            head.hash = record.hash.clone();
+            records.push(record);
+            encoded.push(json);
+        }
+        ledger.append(&records, &encoded, &[]).unwrap();
+        let ledger = Arc::new(FailingReads {
+            ledger,
+            failing: true.into(),
+        });
+        let taken = Arc::new(AtomicU64::new(0));
+        let sink = FlushFailsOnce {
+            taken: taken.clone(),
+            flushed: false,
+        };
+        let config = SinkConfig::Jsonl {
+            name: Some("refused".into()),
+            required: false,
+            path: dir.path().join("unused.jsonl"),
+            max_bytes: u64::MAX,
+            keep: 1,
+        };
+        // No idle retries: each read is a job's catch-up.
+        let worker = SinkWorker::start(
+            config,
+            Box::new(sink),
+            ledger.clone(),
+            Duration::from_secs(600),
+            16,
+        )
+        .unwrap();
+        let job = |seq: usize| Arc::new(vec![records[seq - 1].clone()]);
+        let error_says = |what: &str| {
+            let error = worker.status().report(0).last_error;
+            error.is_some_and(|e| e.contains(what))
+        };
+        // Record 2 needs record 1 read first: the read fails.
+        worker.submit(job(2));
+        waits_for("the failed read", || error_says("the ledger is away"));
+        // Record 1 needs no read; the sink's flush fails.
+        worker.submit(job(1));
+        waits_for("the sink's own error", || error_says("refused"));
+        // Record 3 needs record 2 read: the read succeeds.
+        ledger.failing.store(false, Ordering::Release);
+        worker.submit(job(3));
+        waits_for("record 3 taken", || taken.load(Ordering::Acquire) == 3);
+        assert!(
+            error_says("refused"),
+            "{:?}",
+            worker.status().report(0).last_error
+        );
     }
 
     fn waits_for(what: &str, done: impl Fn() -> bool) {
