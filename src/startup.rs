@@ -11,7 +11,7 @@ use actix_web::dev::Service;
 use actix_web::HttpMessage;
 use actix_web::{web, App, HttpServer};
 use agentkeys_actors::audit::config::{open_sinks, start_sinks, OpenedSink};
-use agentkeys_actors::audit::{AuditActor, AuditSettings as AuditActorSettings};
+use agentkeys_actors::audit::{AuditActor, AuditSettings as AuditActorSettings, Flush};
 use agentkeys_actors::auth::{self, AuthActor};
 use agentkeys_actors::backpressure::Handle;
 use agentkeys_actors::domain::{now_unix, Namespace, ServiceName};
@@ -104,6 +104,8 @@ pub struct Application {
     servers: Vec<Server>,
     /// Closed once the servers have stopped.
     signer: SignerPool,
+    /// Flushed once the servers have stopped.
+    audit: Handle<AuditActor>,
 }
 
 impl Application {
@@ -150,6 +152,7 @@ impl Application {
             admin_port,
             servers,
             signer: state.actors.signer.clone(),
+            audit: state.actors.audit.clone(),
         })
     }
 
@@ -163,10 +166,17 @@ impl Application {
         self.admin_port
     }
 
-    /// Serves until SIGINT/SIGTERM, then drains requests in flight.
-    /// The signing pool lets go of its token last, when no request is left.
+    /// Serves until SIGINT/SIGTERM, then drains requests in flight and
+    /// commits the audit records nobody waited for (refusals while the
+    /// ledger was away). The signing pool lets go of its token last, when
+    /// no request is left.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let served = futures_util::future::try_join_all(self.servers).await;
+        if self.audit.ask(Flush).await.is_err() {
+            tracing::warn!(
+                "audit records left uncommitted at stop: the ledger did not answer in time"
+            );
+        }
         self.signer.close();
         served.map(drop)
     }

@@ -108,12 +108,21 @@ impl<A: Actor> Handle<A> {
         M: Message + Send + 'static,
         M::Result: Send,
     {
-        if let Err(actix::prelude::SendError::Full(msg)) = self.addr.try_send(msg) {
-            tracing::warn!(
-                actor = self.name,
-                "mailbox full; a must-deliver message queued past it"
-            );
-            self.addr.do_send(msg);
+        match self.addr.try_send(msg) {
+            Ok(()) => {}
+            Err(actix::prelude::SendError::Full(msg)) => {
+                tracing::warn!(
+                    actor = self.name,
+                    "mailbox full; a must-deliver message queued past it"
+                );
+                self.addr.do_send(msg);
+            }
+            Err(actix::prelude::SendError::Closed(_)) => {
+                tracing::error!(
+                    actor = self.name,
+                    "stopped; a must-deliver message was lost"
+                );
+            }
         }
     }
 }

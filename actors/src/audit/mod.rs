@@ -14,6 +14,7 @@
 pub mod config;
 pub mod evm;
 pub mod jsonl;
+mod later;
 pub mod merkle;
 pub mod proof;
 mod settle;
@@ -32,6 +33,7 @@ use crate::domain::{now_unix, ErrorCode};
 pub use crate::domain::{AuditRecord, ChainHead, MintEvent, Outcome, GENESIS_HASH};
 use crate::group_commit::GroupCommit;
 use crate::storage::{Appended, AuditLedger, StorageError, UseDelta};
+pub use later::{Flush, RecordLater, RECORD_LATER_WITHIN};
 pub use settle::LedgerFailure;
 pub use worker::{SinkStatus, SinkWorker};
 
@@ -128,17 +130,6 @@ impl UseChange {
 #[rtype(result = "Result<u64, AuditError>")]
 pub struct Record(pub MintEvent, pub UseChange);
 
-/// A refusal's record while the ledger is away: nobody waits for it, and
-/// it starts no commit of its own (one more would hold the next mint past
-/// the send timeout, behind a commit waiting out its deadline). It rides
-/// the next mint's commit, or one started after [`RECORD_LATER_WITHIN`].
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct RecordLater(pub MintEvent, pub UseChange);
-
-/// How long a [`RecordLater`] waits for a mint's commit to ride.
-pub const RECORD_LATER_WITHIN: Duration = Duration::from_millis(500);
-
 /// Up to `limit` ledger records after `after`, in order.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<AuditRecord>, AuditError>")]
@@ -233,6 +224,8 @@ pub struct AuditActor {
     pending: Vec<(MintEvent, UseChange, Reply)>,
     /// One ledger commit at a time keeps the chain in order.
     committing: bool,
+    /// Records nobody waits for, and when they are committed ([`later`]).
+    unwaited: later::Unwaited,
 }
 
 impl AuditActor {
@@ -250,6 +243,7 @@ impl AuditActor {
             head,
             pending: Vec::new(),
             committing: false,
+            unwaited: later::Unwaited::default(),
         }
     }
 }
@@ -264,6 +258,9 @@ pub struct LedgerBatch {
     uses: Vec<UseDelta>,
     replies: Vec<(u64, Reply)>,
     head: ChainHead,
+    /// The events of the records nobody waits for, queued again if the
+    /// batch surely did not land.
+    unwaited: Vec<(MintEvent, UseChange)>,
 }
 
 impl GroupCommit for AuditActor {
@@ -275,12 +272,23 @@ impl GroupCommit for AuditActor {
         &mut self.committing
     }
 
-    /// Chains up to `max_batch` waiting events after the head.
+    /// Chains up to `max_batch` waiting events after the head, then
+    /// records nobody waits for while there is room and the ledger
+    /// answers.
     fn next_batch(&mut self) -> Option<LedgerBatch> {
+        let max_batch = self.settings.max_batch.max(1);
+        let unwaited = self
+            .unwaited
+            .ride(max_batch.saturating_sub(self.pending.len()));
+        for (event, use_change) in &unwaited {
+            let (nobody, _) = oneshot::channel();
+            self.pending
+                .push((event.clone(), use_change.clone(), nobody));
+        }
         if self.pending.is_empty() {
             return None;
         }
-        let take = self.pending.len().min(self.settings.max_batch.max(1));
+        let take = self.pending.len().min(max_batch);
         let ts = now_unix();
         let mut head = self.head.clone();
         let mut records = Vec::with_capacity(take);
@@ -306,6 +314,7 @@ impl GroupCommit for AuditActor {
             uses: uses.into_iter().filter(|(_, delta)| *delta != 0).collect(),
             replies,
             head,
+            unwaited,
         })
     }
 
@@ -335,12 +344,19 @@ impl GroupCommit for AuditActor {
             records,
             replies,
             head,
+            unwaited,
             ..
         } = batch;
         let appended = match written {
             Ok(appended) => appended,
-            Err(failure) => return self.failed(failure, replies),
+            Err(failure) => {
+                self.unwaited.failed(unwaited, failure.maybe_written);
+                self.failed(failure, replies);
+                return self.answer_flushes();
+            }
         };
+        self.unwaited.answered();
+        self.answer_flushes();
         let (records, replies, head) = match appended {
             Appended::AsSent => (records, replies, head),
             // Another writer appended since this broker's head: the ledger
@@ -496,17 +512,6 @@ impl Handler<Record> for AuditActor {
                 Err(AuditError::Unsettled(lost.into()))
             })
         })
-    }
-}
-
-impl Handler<RecordLater> for AuditActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: RecordLater, ctx: &mut Self::Context) {
-        // Nobody waits: the answer's receiver is dropped at once.
-        let (reply, _) = oneshot::channel();
-        self.pending.push((msg.0, msg.1, reply));
-        ctx.run_later(RECORD_LATER_WITHIN, |actor, ctx| actor.commit_next(ctx));
     }
 }
 

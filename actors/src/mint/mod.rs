@@ -216,7 +216,11 @@ impl MintFlow {
             // refusal's record (on the same database) would keep the
             // caller waiting past the send timeout for nothing; it rides
             // a later commit instead.
-            Err((attempt, error, give_back)) if error.storage_away() => {
+            // (A use to give back is never left to a record nobody waits
+            // for; none is, when the ledger does not hold the record.)
+            Err((attempt, error, give_back))
+                if error.storage_away() && matches!(give_back, UseChange::None) =>
+            {
                 let refused = attempt.refused(&error);
                 self.actors.audit.tell(RecordLater(refused, give_back));
                 Err(error)
