@@ -884,6 +884,78 @@ async fn a_signed_anchor_waits_for_confirmations_and_is_sent_again_after_a_reorg
     assert!(held, "{found}");
 }
 
+/// An anchor left in flight is held only if its transaction carries it:
+/// one whose kept transaction hash names another transaction (a file, or
+/// among replicas a database row, changed behind the broker's back) is
+/// not held once that transaction is mined; the records are anchored
+/// anew.
+#[actix_web::test]
+async fn an_anchor_left_in_flight_is_held_only_if_its_transaction_carries_it() {
+    let Some(anvil) = start_anvil() else {
+        return;
+    };
+    let url = anvil.url.clone();
+    assert!(rpc_ready(&url).await, "anvil did not answer");
+    let rpc = ["--rpc-url", url.as_str()];
+    let contract = deploy_contract(&url, DEV_ACCOUNT);
+    let automine = |on: &str| cast(&[["rpc", "evm_setAutomine", on].as_slice(), &rpc].concat());
+    automine("false").unwrap();
+    let sink = json!([{ "kind": "evm", "interval_seconds": 1, "rpc_url": url,
+        "from": DEV_ACCOUNT, "contract": contract, "confirmations": 1,
+        "resend_after_seconds": 600 }]);
+    let app = spawn_app_with(|s| {
+        s.audit.retry_interval_seconds = 1;
+        s.audit.sinks = serde_json::from_value(sink).unwrap();
+    })
+    .await;
+    let agent = app.register_agent("decoyed").await;
+    app.grant(&agent, "s3", "decoy/", None).await;
+    let session = app.login(&agent).await;
+    let body = json!({ "service": "s3", "scope_path": "decoy/" });
+    assert_eq!(
+        app.mint(&session, &body).await.status,
+        reqwest::StatusCode::OK
+    );
+    let mut in_pool = None;
+    for _ in 0..100 {
+        in_pool = waiting_in_pool(&url, DEV_ACCOUNT);
+        if in_pool.is_some() {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (sent, _) = in_pool.expect("the anchor waits in the pool");
+
+    let anchors = app.data_file("evm-anchors.jsonl");
+    let kept = agentkeys_actors::audit::evm::in_flight_path(&anchors);
+    let mut decoy = String::new();
+    let app = app.restart_after(|_| {
+        // The anchor's transaction leaves the pool; another from the same
+        // account is mined, and the kept anchor made to name it.
+        let dropped = cast(&[["rpc", "anvil_dropTransaction", &sent].as_slice(), &rpc].concat());
+        dropped.unwrap();
+        let other = json!({ "from": DEV_ACCOUNT, "to": DEV_ACCOUNT, "data": "0xdeadbeef" });
+        let other = other.to_string();
+        let hash = cast(&[["rpc", "eth_sendTransaction", &other].as_slice(), &rpc].concat());
+        decoy = hash.unwrap().trim_matches('"').to_owned();
+        cast(&[["rpc", "evm_mine"].as_slice(), &rpc].concat()).unwrap();
+        let mut anchor: Value = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+        assert_eq!(anchor["tx_hash"], sent.as_str(), "{anchor}");
+        anchor["tx_hash"] = decoy.clone().into();
+        std::fs::write(&kept, anchor.to_string()).unwrap();
+    });
+    automine("true").unwrap();
+    let report = report_once_mined_and_held(&app, Some(&url), 1).await;
+    assert_eq!(report["sinks"]["evm"]["held_seq"], 1, "{report}");
+    let anchors = std::fs::read_to_string(&anchors).unwrap();
+    let held: Value = serde_json::from_str(anchors.lines().next().unwrap()).unwrap();
+    assert_ne!(held["tx_hash"], decoy.as_str(), "the decoy is not held");
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["sinks"]["evm"]["on_chain"], 1, "{report}");
+    let last = cast(&[["call"].as_slice(), &rpc, &[&contract, "lastSeq()(uint64)"]].concat());
+    assert_eq!(last.unwrap(), "1", "anchored anew");
+}
+
 /// No anchor offers more per gas than `max_fee_per_gas_gwei`: above it the
 /// sink waits, says why, and sends nothing.
 #[actix_web::test]

@@ -271,8 +271,15 @@ impl TestApp {
     }
 
     /// Stops and starts again on the same data directory.
-    pub fn restart(mut self) -> TestApp {
+    pub fn restart(self) -> TestApp {
+        self.restart_after(|_| {})
+    }
+
+    /// Stops, lets `meanwhile` change what the stopped broker left, and
+    /// starts again on the same data directory.
+    pub fn restart_after(mut self, meanwhile: impl FnOnce(&TestApp)) -> TestApp {
         self.stop();
+        meanwhile(&self);
         let mut next = start(self.settings.clone());
         next._data_dir = self._data_dir.take();
         next

@@ -254,6 +254,16 @@ impl OnChain {
                 ))
             }
             TxState::Mined(mined) if mined.depth >= self.confirmations => {
+                // A hash kept in a file or the database may name any
+                // transaction: only one that carries the anchor is held.
+                let data = flight.anchor.chain_data();
+                let data = data.ok_or("an unknown anchor format")?;
+                if let Err(why) = mined.carries(self.chain.from(), Some(self.chain.to()), &data) {
+                    return Err(format!(
+                        "the transaction of the anchor in flight ({range}), {}, {why}: not held; planning again",
+                        flight.tx
+                    ));
+                }
                 // Its records are pending until held (the worker replays
                 // them from the ledger after a restart).
                 let Some(count) = count_of(pending, &flight.anchor) else {
