@@ -444,22 +444,8 @@ mod tests {
             taken: taken.clone(),
             flushed: false,
         };
-        let config = SinkConfig::Jsonl {
-            name: Some("refused".into()),
-            required: false,
-            path: dir.path().join("unused.jsonl"),
-            max_bytes: u64::MAX,
-            keep: 1,
-        };
         // No idle retries: each read is a job's catch-up.
-        let worker = SinkWorker::start(
-            config,
-            Box::new(sink),
-            ledger.clone(),
-            Duration::from_secs(600),
-            16,
-        )
-        .unwrap();
+        let worker = optional_worker(Box::new(sink), ledger.clone(), Duration::from_secs(600));
         let job = |seq: usize| Arc::new(vec![records[seq - 1].clone()]);
         let error_says = |what: &str| {
             let error = worker.status().report(0).last_error;
@@ -480,6 +466,22 @@ mod tests {
             "{:?}",
             worker.status().report(0).last_error
         );
+    }
+
+    /// `sink` on a worker of its own, no mint waiting for it.
+    fn optional_worker(
+        sink: Box<dyn AuditSink>,
+        ledger: Arc<dyn AuditLedger>,
+        retry_interval: Duration,
+    ) -> SinkWorker {
+        let config = SinkConfig::Jsonl {
+            name: Some("optional".into()),
+            required: false,
+            path: "unused.jsonl".into(),
+            max_bytes: u64::MAX,
+            keep: 1,
+        };
+        SinkWorker::start(config, sink, ledger, retry_interval, 16).unwrap()
     }
 
     fn waits_for(what: &str, done: impl Fn() -> bool) {
@@ -504,21 +506,7 @@ mod tests {
             gate: None,
             appends,
         };
-        let config = SinkConfig::Jsonl {
-            name: Some("idle".into()),
-            required: false,
-            path: dir.path().join("unused.jsonl"),
-            max_bytes: u64::MAX,
-            keep: 1,
-        };
-        let worker = SinkWorker::start(
-            config,
-            Box::new(sink),
-            ledger.clone(),
-            Duration::from_millis(10),
-            16,
-        )
-        .unwrap();
+        let worker = optional_worker(Box::new(sink), ledger.clone(), Duration::from_millis(10));
         let last_error = || worker.status().report(0).last_error;
         waits_for("told of the failed read", || last_error().is_some());
         ledger.failing.store(false, Ordering::Release);
