@@ -256,13 +256,18 @@ impl OnChain {
             TxState::Mined(mined) if mined.depth >= self.confirmations => {
                 // A hash kept in a file or the database may name any
                 // transaction: only one that carries the anchor is held.
-                let data = flight.anchor.chain_data();
-                let data = data.ok_or("an unknown anchor format")?;
-                if let Err(why) = mined.carries(self.chain.from(), Some(self.chain.to()), &data) {
-                    return Err(format!(
-                        "the transaction of the anchor in flight ({range}), {}, {why}: not held; planning again",
-                        flight.tx
-                    ));
+                // (An adopted one the contract's own log named; another
+                // account the contract allows may have sent it.)
+                if !flight.adopted {
+                    let data = flight.anchor.chain_data();
+                    let data = data.ok_or("an unknown anchor format")?;
+                    let carried = mined.carries(self.chain.from(), Some(self.chain.to()), &data);
+                    if let Err(why) = carried {
+                        return Err(format!(
+                            "the transaction of the anchor in flight ({range}), {}, {why}: not held; planning again",
+                            flight.tx
+                        ));
+                    }
                 }
                 // Its records are pending until held (the worker replays
                 // them from the ledger after a restart).
