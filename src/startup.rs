@@ -97,6 +97,10 @@ pub struct BrokerState {
     pub replica: bool,
 }
 
+/// How long a stop waits for the audit records nobody waited for
+/// (refusals while the ledger was away) to be committed.
+const FLUSH_AT_STOP: Duration = Duration::from_secs(10);
+
 /// A built broker: listeners bound, actors running, servers not yet polled.
 pub struct Application {
     port: u16,
@@ -172,7 +176,8 @@ impl Application {
     /// no request is left.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let served = futures_util::future::try_join_all(self.servers).await;
-        if self.audit.ask(Flush).await.is_err() {
+        let flushed = tokio::time::timeout(FLUSH_AT_STOP, self.audit.ask_unbounded(Flush));
+        if !matches!(flushed.await, Ok(Ok(()))) {
             tracing::warn!(
                 "audit records left uncommitted at stop: the ledger did not answer in time"
             );

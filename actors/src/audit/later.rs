@@ -1,9 +1,11 @@
-//! Records nobody waits for. A refusal's record while the ledger is away
-//! ([`RecordLater`]) never starts a commit of its own that would hold
-//! the next mint behind a commit waiting out its deadline: it rides the
-//! next commit that starts while the ledger answers, a failed commit
-//! that surely did not land queues it again, and a stop ([`Flush`])
-//! commits what is left.
+//! Records nobody waits for. A refusal's record while the ledger (or the
+//! database the gates share) is away ([`RecordLater`]) is never put in a
+//! commit that could hold a mint behind it while the database is silent:
+//! it waits until the ledger answers (a commit lands, or a check made
+//! every half second while such records wait answers), and rides the
+//! next commit. A failed commit that surely did not land queues it again;
+//! one that may have landed does not (never written twice). A stop
+//! ([`Flush`]) commits what is left.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -14,8 +16,8 @@ use tokio::sync::oneshot;
 use super::{AuditActor, MintEvent, UseChange};
 use crate::group_commit::GroupCommit;
 
-/// How long a [`RecordLater`] waits for a mint's commit to ride, and how
-/// often the ledger is asked again while it is away.
+/// How long a [`RecordLater`] waits before the ledger is checked, and how
+/// often it is checked again while it does not answer.
 pub const RECORD_LATER_WITHIN: Duration = Duration::from_millis(500);
 
 /// Most records nobody waits for kept while the ledger is away; beyond,
@@ -37,10 +39,9 @@ pub struct Flush;
 #[derive(Default)]
 pub(super) struct Unwaited {
     queue: VecDeque<(MintEvent, UseChange)>,
-    /// The last commit failed: they ride no commit until one lands or
-    /// the ledger answers a check.
-    ledger_away: bool,
-    /// A commit (or a check) for them is scheduled.
+    /// The ledger answered a check since they last rode a commit.
+    ready: bool,
+    /// A check (and the commit after it) is scheduled.
     scheduled: bool,
     /// The broker stops: they ride the next commit whatever the ledger.
     flushing: bool,
@@ -51,7 +52,13 @@ pub(super) struct Unwaited {
 
 impl Unwaited {
     fn push(&mut self, record: (MintEvent, UseChange)) {
-        if self.queue.len() >= MOST_UNWAITED {
+        self.queue.push_back(record);
+        self.bound();
+    }
+
+    /// Drops the oldest beyond [`MOST_UNWAITED`], and says so.
+    fn bound(&mut self) {
+        while self.queue.len() > MOST_UNWAITED {
             self.queue.pop_front();
             self.dropped += 1;
             if self.dropped % 1000 == 1 {
@@ -62,23 +69,22 @@ impl Unwaited {
                 );
             }
         }
-        self.queue.push_back(record);
     }
 
-    /// Up to `room` of them for the next batch, unless the ledger is away.
+    /// Up to `room` of them for the next batch, once the ledger answered.
     pub(super) fn ride(&mut self, room: usize) -> Vec<(MintEvent, UseChange)> {
-        if self.ledger_away && !self.flushing {
+        if !self.ready && !self.flushing {
             return Vec::new();
         }
+        self.ready = false;
         let riding = room.min(self.queue.len());
         self.queue.drain(..riding).collect()
     }
 
-    /// A batch did not land, with `riding` of them in it: queued again
-    /// first unless it may have landed (never written twice) or the
-    /// broker stops.
+    /// A batch did not land, with `riding` of them in it: queued again,
+    /// first, unless it may have landed or the broker stops.
     pub(super) fn failed(&mut self, riding: Vec<(MintEvent, UseChange)>, maybe_written: bool) {
-        self.ledger_away = true;
+        self.ready = false;
         if riding.is_empty() {
             return;
         }
@@ -93,11 +99,16 @@ impl Unwaited {
         for record in riding.into_iter().rev() {
             self.queue.push_front(record);
         }
+        self.bound();
     }
 
-    /// A batch landed: the ledger answers.
-    pub(super) fn answered(&mut self) {
-        self.ledger_away = false;
+    /// A commit landed: the ledger answers.
+    pub(super) fn landed(&mut self) {
+        self.ready = true;
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
     }
 }
 
@@ -126,30 +137,27 @@ impl Handler<Flush> for AuditActor {
 }
 
 impl AuditActor {
-    /// After [`RECORD_LATER_WITHIN`], a commit of the records nobody waits
-    /// for; while the ledger is away, only once it answers a check (mints
-    /// that come meanwhile start their own commits at once, unhindered).
-    /// One scheduled at a time.
-    fn commit_later(&mut self, ctx: &mut Context<Self>) {
-        if self.unwaited.scheduled {
+    /// After [`RECORD_LATER_WITHIN`], while records nobody waits for are
+    /// queued: the ledger is checked (on a blocking thread; mints that
+    /// come meanwhile start their commits at once, unhindered), then they
+    /// ride the next commit, or the check is made again later. One
+    /// scheduled at a time.
+    pub(super) fn commit_later(&mut self, ctx: &mut Context<Self>) {
+        if self.unwaited.scheduled || self.unwaited.is_empty() {
             return;
         }
         self.unwaited.scheduled = true;
         ctx.run_later(RECORD_LATER_WITHIN, |actor, ctx| {
-            if actor.unwaited.queue.is_empty() || !actor.unwaited.ledger_away {
-                actor.unwaited.scheduled = false;
-                return actor.commit_next(ctx);
-            }
             let ledger = actor.ledger.clone();
             let checked = tokio::task::spawn_blocking(move || ledger.check());
             ctx.spawn(checked.into_actor(actor).map(|checked, actor, ctx| {
                 actor.unwaited.scheduled = false;
-                if matches!(checked, Ok(Ok(()))) {
-                    actor.unwaited.answered();
-                }
-                match actor.unwaited.ledger_away {
-                    true => actor.commit_later(ctx),
-                    false => actor.commit_next(ctx),
+                match checked {
+                    Ok(Ok(())) => {
+                        actor.unwaited.ready = true;
+                        actor.commit_next(ctx);
+                    }
+                    _ => actor.commit_later(ctx),
                 }
             }));
         });
@@ -158,7 +166,7 @@ impl AuditActor {
     /// Answers the [`Flush`]es once nothing is pending or committing.
     pub(super) fn answer_flushes(&mut self) {
         let idle = self.pending.is_empty() && !self.committing;
-        if idle && self.unwaited.queue.is_empty() {
+        if idle && self.unwaited.is_empty() {
             for done in self.unwaited.flushed.drain(..) {
                 let _ = done.send(());
             }
@@ -168,42 +176,92 @@ impl AuditActor {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
+    use std::time::Instant;
 
-    use actix::Actor;
+    use actix::{Actor, Addr};
 
     use super::*;
+    use crate::audit::faulty_ledger::FaultyLedger;
     use crate::audit::{AuditSettings, Outcome, Quorum};
     use crate::domain::ChainHead;
-    use crate::storage::redb_ledger::RedbLedger;
     use crate::storage::AuditLedger;
 
-    #[actix::test]
-    async fn a_flush_answers_once_what_nobody_waits_for_is_committed() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Arc::new(RedbLedger::open(&dir.path().join("ledger.redb"), 1 << 20).unwrap());
+    fn audit_over(ledger: Arc<FaultyLedger>) -> Addr<AuditActor> {
         let settings = AuditSettings {
             mailbox_capacity: 16,
             max_batch: 8,
             quorum: Quorum::AllRequired,
             sink_timeout: Duration::from_secs(1),
         };
-        let audit = AuditActor::new(settings, ledger.clone(), ChainHead::genesis(), Vec::new());
-        let audit = audit.start();
-        let refused = MintEvent {
+        AuditActor::new(settings, ledger, ChainHead::genesis(), Vec::new()).start()
+    }
+
+    fn refused() -> RecordLater {
+        let event = MintEvent {
             outcome: Some(Outcome::AuditUnavailable),
             request_id: "refused".into(),
             ..MintEvent::default()
         };
-        audit
-            .send(RecordLater(refused, UseChange::None))
-            .await
-            .unwrap();
-        assert_eq!(
-            ledger.head().unwrap().seq,
-            0,
-            "it waits for a commit to ride"
-        );
+        RecordLater(event, UseChange::None)
+    }
+
+    /// The request ids the ledger holds, once it holds one (10 s at most).
+    async fn once_held(ledger: &FaultyLedger) -> Vec<String> {
+        let began = Instant::now();
+        while ledger.head().unwrap().seq == 0 && began.elapsed() < Duration::from_secs(10) {
+            actix::clock::sleep(Duration::from_millis(20)).await;
+        }
+        let held = ledger.read_after(0, 10).unwrap();
+        held.into_iter().map(|r| r.request_id).collect()
+    }
+
+    #[actix::test]
+    async fn a_refusal_starts_no_commit_until_the_ledger_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        ledger.checks_fail.store(true, Ordering::Release);
+        ledger.appends_fail.store(true, Ordering::Release);
+        let audit = audit_over(ledger.clone());
+        audit.send(refused()).await.unwrap();
+        // Three checks' time: each check fails, and no commit is tried.
+        actix::clock::sleep(RECORD_LATER_WITHIN * 3 + Duration::from_millis(100)).await;
+        assert_eq!(ledger.appends.load(Ordering::Acquire), 0);
+        ledger.checks_fail.store(false, Ordering::Release);
+        ledger.appends_fail.store(false, Ordering::Release);
+        assert_eq!(once_held(&ledger).await, ["refused"]);
+        assert_eq!(ledger.appends.load(Ordering::Acquire), 1);
+    }
+
+    #[actix::test]
+    async fn a_refusal_in_a_commit_that_surely_did_not_land_is_committed_later_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        // Checks answer; appends fail, and the head read back says the
+        // batch is not there.
+        ledger.appends_fail.store(true, Ordering::Release);
+        let audit = audit_over(ledger.clone());
+        audit.send(refused()).await.unwrap();
+        let began = Instant::now();
+        while ledger.appends.load(Ordering::Acquire) < 2 {
+            assert!(
+                began.elapsed() < Duration::from_secs(10),
+                "never tried again"
+            );
+            actix::clock::sleep(Duration::from_millis(20)).await;
+        }
+        ledger.appends_fail.store(false, Ordering::Release);
+        assert_eq!(once_held(&ledger).await, ["refused"]);
+    }
+
+    #[actix::test]
+    async fn a_flush_answers_once_what_nobody_waits_for_is_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        let audit = audit_over(ledger.clone());
+        audit.send(refused()).await.unwrap();
+        assert_eq!(ledger.head().unwrap().seq, 0, "it waits for a check");
         audit.send(Flush).await.unwrap();
         let held = ledger.read_after(0, 10).unwrap();
         assert_eq!(held.len(), 1, "committed before the flush answered");

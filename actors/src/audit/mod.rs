@@ -13,6 +13,8 @@
 
 pub mod config;
 pub mod evm;
+#[cfg(test)]
+mod faulty_ledger;
 pub mod jsonl;
 mod later;
 pub mod merkle;
@@ -352,10 +354,12 @@ impl GroupCommit for AuditActor {
             Err(failure) => {
                 self.unwaited.failed(unwaited, failure.maybe_written);
                 self.failed(failure, replies);
+                self.commit_later(ctx);
                 return self.answer_flushes();
             }
         };
-        self.unwaited.answered();
+        // The ledger answers: records nobody waits for ride the next one.
+        self.unwaited.landed();
         self.answer_flushes();
         let (records, replies, head) = match appended {
             Appended::AsSent => (records, replies, head),

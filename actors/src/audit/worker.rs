@@ -319,11 +319,9 @@ mod tests {
     use std::sync::mpsc::{channel, Receiver, Sender};
 
     use super::*;
-    use std::collections::HashMap;
-
+    use crate::audit::faulty_ledger::FaultyLedger;
     use crate::audit::{ChainHead, MintEvent};
     use crate::storage::redb_ledger::RedbLedger;
-    use crate::storage::{Appended, StorageError, UseDelta};
 
     /// Holds its first append until told to go on; reports every append.
     struct GatedSink {
@@ -356,44 +354,6 @@ mod tests {
             .map(|seq| AuditRecord::chain(MintEvent::default(), seq, 0, String::new()).0)
             .collect();
         Arc::new(records)
-    }
-
-    /// The real ledger, whose reads fail while `failing` is set.
-    struct FailingReads {
-        ledger: RedbLedger,
-        failing: std::sync::atomic::AtomicBool,
-    }
-
-    impl AuditLedger for FailingReads {
-        fn head(&self) -> Result<ChainHead, StorageError> {
-            self.ledger.head()
-        }
-        fn append(
-            &self,
-            batch: &[AuditRecord],
-            encoded: &[Vec<u8>],
-            uses: &[UseDelta],
-        ) -> Result<Appended, StorageError> {
-            self.ledger.append(batch, encoded, uses)
-        }
-        fn grant_uses(&self) -> Result<Option<HashMap<String, u64>>, StorageError> {
-            self.ledger.grant_uses()
-        }
-        fn fold_grant_uses(&self, base: &[(String, u64)]) -> Result<(), StorageError> {
-            self.ledger.fold_grant_uses(base)
-        }
-        fn read_matching(
-            &self,
-            after: u64,
-            limit: usize,
-            max_scan: usize,
-            keep: &dyn Fn(&AuditRecord) -> bool,
-        ) -> Result<(Vec<AuditRecord>, u64), StorageError> {
-            if self.failing.load(Ordering::Acquire) {
-                return Err(crate::storage::backend("the ledger is away"));
-            }
-            self.ledger.read_matching(after, limit, max_scan, keep)
-        }
     }
 
     /// Takes every record and holds none; its first flush fails (an
@@ -435,10 +395,8 @@ mod tests {
             encoded.push(json);
         }
         ledger.append(&records, &encoded, &[]).unwrap();
-        let ledger = Arc::new(FailingReads {
-            ledger,
-            failing: true.into(),
-        });
+        let ledger = Arc::new(FaultyLedger::over(ledger));
+        ledger.reads_fail.store(true, Ordering::Release);
         let taken = Arc::new(AtomicU64::new(0));
         let sink = FlushFailsOnce {
             taken: taken.clone(),
@@ -458,7 +416,7 @@ mod tests {
         worker.submit(job(1));
         waits_for("the sink's own error", || error_says("refused"));
         // Record 3 needs record 2 read: the read succeeds.
-        ledger.failing.store(false, Ordering::Release);
+        ledger.reads_fail.store(false, Ordering::Release);
         worker.submit(job(3));
         waits_for("record 3 taken", || taken.load(Ordering::Acquire) == 3);
         assert!(
@@ -495,10 +453,8 @@ mod tests {
     #[test]
     fn a_ledger_read_that_failed_is_no_sink_error_once_a_read_succeeds() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Arc::new(FailingReads {
-            ledger: RedbLedger::open(&dir.path().join("ledger.redb"), 1 << 20).unwrap(),
-            failing: true.into(),
-        });
+        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        ledger.reads_fail.store(true, Ordering::Release);
         let (appends, _appended) = channel();
         let sink = GatedSink {
             held: 0,
@@ -509,7 +465,7 @@ mod tests {
         let worker = optional_worker(Box::new(sink), ledger.clone(), Duration::from_millis(10));
         let last_error = || worker.status().report(0).last_error;
         waits_for("told of the failed read", || last_error().is_some());
-        ledger.failing.store(false, Ordering::Release);
+        ledger.reads_fail.store(false, Ordering::Release);
         waits_for("cleared by a read that succeeds", || last_error().is_none());
     }
 
