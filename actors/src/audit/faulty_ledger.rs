@@ -12,6 +12,8 @@ pub struct FaultyLedger {
     pub ledger: RedbLedger,
     pub reads_fail: AtomicBool,
     pub appends_fail: AtomicBool,
+    /// Appends refused as a fork would be.
+    pub appends_conflict: AtomicBool,
     pub checks_fail: AtomicBool,
     /// Appends tried, failed or not.
     pub appends: AtomicUsize,
@@ -29,6 +31,7 @@ impl FaultyLedger {
             ledger,
             reads_fail: false.into(),
             appends_fail: false.into(),
+            appends_conflict: false.into(),
             checks_fail: false.into(),
             appends: 0.into(),
         }
@@ -55,6 +58,9 @@ impl AuditLedger for FaultyLedger {
     ) -> Result<Appended, StorageError> {
         self.appends.fetch_add(1, Ordering::AcqRel);
         Self::away(&self.appends_fail)?;
+        if self.appends_conflict.load(Ordering::Acquire) {
+            return Err(StorageError::Conflict);
+        }
         self.ledger.append(batch, encoded, uses)
     }
 

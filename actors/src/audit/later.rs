@@ -13,12 +13,16 @@ use std::time::Duration;
 use actix::{ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseFuture, WrapFuture};
 use tokio::sync::oneshot;
 
-use super::{AuditActor, MintEvent, UseChange};
+use super::{AuditActor, LedgerFailure, MintEvent, UseChange};
 use crate::group_commit::GroupCommit;
 
 /// How long a [`RecordLater`] waits before the ledger is checked, and how
 /// often it is checked again while it does not answer.
 pub const RECORD_LATER_WITHIN: Duration = Duration::from_millis(500);
+
+/// After commits that failed with them in, the wait doubles, up to
+/// [`RECORD_LATER_WITHIN`] times 2 to this power (32 s).
+const MOST_BACKOFF: u32 = 6;
 
 /// Most records nobody waits for kept while the ledger is away; beyond,
 /// the oldest are dropped (and said so).
@@ -39,8 +43,14 @@ pub struct Flush;
 #[derive(Default)]
 pub(super) struct Unwaited {
     queue: VecDeque<(MintEvent, UseChange)>,
-    /// The ledger answered a check since they last rode a commit.
+    /// The ledger answered (a commit landed, or a check) since a batch
+    /// was last made.
     ready: bool,
+    /// Commits that failed so far: a check that began before one is
+    /// stale when it ends.
+    failures: u64,
+    /// Commits that failed in a row with some of them in it.
+    backoff: u32,
     /// A check (and the commit after it) is scheduled.
     scheduled: bool,
     /// The broker stops: they ride the next commit whatever the ledger.
@@ -82,20 +92,25 @@ impl Unwaited {
     }
 
     /// A batch did not land, with `riding` of them in it: queued again,
-    /// first, unless it may have landed or the broker stops.
-    pub(super) fn failed(&mut self, riding: Vec<(MintEvent, UseChange)>, maybe_written: bool) {
+    /// first, and tried later the more it fails; not when it may have
+    /// landed (never written twice), when the ledger holds a chain this
+    /// broker may not go on with (a fork, another broker's schema: it
+    /// would fail every time), or when the broker stops.
+    pub(super) fn failed(&mut self, riding: Vec<(MintEvent, UseChange)>, failure: &LedgerFailure) {
         self.ready = false;
+        self.failures += 1;
         if riding.is_empty() {
             return;
         }
-        if maybe_written || self.flushing {
+        if failure.maybe_written || failure.head.is_none() || self.flushing {
             tracing::error!(
                 count = riding.len(),
-                maybe_written,
+                maybe_written = failure.maybe_written,
                 "records of refused attempts not committed, and not tried again"
             );
             return;
         }
+        self.backoff = (self.backoff + 1).min(MOST_BACKOFF);
         for record in riding.into_iter().rev() {
             self.queue.push_front(record);
         }
@@ -105,6 +120,12 @@ impl Unwaited {
     /// A commit landed: the ledger answers.
     pub(super) fn landed(&mut self) {
         self.ready = true;
+        self.backoff = 0;
+    }
+
+    /// How long until the next check.
+    fn wait(&self) -> Duration {
+        RECORD_LATER_WITHIN * (1 << self.backoff)
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -117,7 +138,10 @@ impl Handler<RecordLater> for AuditActor {
 
     fn handle(&mut self, msg: RecordLater, ctx: &mut Context<Self>) {
         self.unwaited.push((msg.0, msg.1));
-        self.commit_later(ctx);
+        match self.unwaited.flushing {
+            true => self.commit_next(ctx),
+            false => self.commit_later(ctx),
+        }
     }
 }
 
@@ -137,23 +161,25 @@ impl Handler<Flush> for AuditActor {
 }
 
 impl AuditActor {
-    /// After [`RECORD_LATER_WITHIN`], while records nobody waits for are
-    /// queued: the ledger is checked (on a blocking thread; mints that
-    /// come meanwhile start their commits at once, unhindered), then they
-    /// ride the next commit, or the check is made again later. One
-    /// scheduled at a time.
+    /// After [`RECORD_LATER_WITHIN`] (longer after failed commits), while
+    /// records nobody waits for are queued: the ledger is checked (on a
+    /// blocking thread; mints that come meanwhile start their commits at
+    /// once, unhindered), then they ride the next commit, or the check is
+    /// made again later. A check during which a commit failed counts for
+    /// nothing. One scheduled at a time.
     pub(super) fn commit_later(&mut self, ctx: &mut Context<Self>) {
         if self.unwaited.scheduled || self.unwaited.is_empty() {
             return;
         }
         self.unwaited.scheduled = true;
-        ctx.run_later(RECORD_LATER_WITHIN, |actor, ctx| {
+        ctx.run_later(self.unwaited.wait(), |actor, ctx| {
             let ledger = actor.ledger.clone();
+            let failures = actor.unwaited.failures;
             let checked = tokio::task::spawn_blocking(move || ledger.check());
-            ctx.spawn(checked.into_actor(actor).map(|checked, actor, ctx| {
+            ctx.spawn(checked.into_actor(actor).map(move |checked, actor, ctx| {
                 actor.unwaited.scheduled = false;
                 match checked {
-                    Ok(Ok(())) => {
+                    Ok(Ok(())) if actor.unwaited.failures == failures => {
                         actor.unwaited.ready = true;
                         actor.commit_next(ctx);
                     }
@@ -253,6 +279,33 @@ mod tests {
         }
         ledger.appends_fail.store(false, Ordering::Release);
         assert_eq!(once_held(&ledger).await, ["refused"]);
+        actix::clock::sleep(RECORD_LATER_WITHIN * 3).await;
+        assert_eq!(ledger.head().unwrap().seq, 1, "committed once");
+    }
+
+    #[actix::test]
+    async fn a_refusal_a_forked_ledger_refused_is_not_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        ledger.appends_conflict.store(true, Ordering::Release);
+        let audit = audit_over(ledger.clone());
+        audit.send(refused()).await.unwrap();
+        // The check answers, the commit is refused; then two more waits.
+        actix::clock::sleep(RECORD_LATER_WITHIN * 5).await;
+        assert_eq!(ledger.appends.load(Ordering::Acquire), 1);
+    }
+
+    #[actix::test]
+    async fn a_flush_answers_even_when_the_ledger_does_not_take_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        ledger.appends_fail.store(true, Ordering::Release);
+        let audit = audit_over(ledger.clone());
+        audit.send(refused()).await.unwrap();
+        let flushed = tokio::time::timeout(Duration::from_secs(5), audit.send(Flush));
+        assert!(matches!(flushed.await, Ok(Ok(()))), "the flush answered");
+        assert_eq!(ledger.appends.load(Ordering::Acquire), 1, "tried once");
+        assert_eq!(ledger.head().unwrap().seq, 0);
     }
 
     #[actix::test]

@@ -352,7 +352,7 @@ impl GroupCommit for AuditActor {
         let appended = match written {
             Ok(appended) => appended,
             Err(failure) => {
-                self.unwaited.failed(unwaited, failure.maybe_written);
+                self.unwaited.failed(unwaited, &failure);
                 self.failed(failure, replies);
                 self.commit_later(ctx);
                 return self.answer_flushes();
