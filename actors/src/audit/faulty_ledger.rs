@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Mutex;
 
 use crate::domain::{AuditRecord, ChainHead};
 use crate::storage::redb_ledger::RedbLedger;
@@ -15,6 +17,9 @@ pub struct FaultyLedger {
     /// Appends refused as a fork would be.
     pub appends_conflict: AtomicBool,
     pub checks_fail: AtomicBool,
+    /// The next check says it began, then waits to be let go (or for the
+    /// sender to be dropped).
+    pub check_gate: Mutex<Option<(Sender<()>, Receiver<()>)>>,
     /// Appends tried, failed or not.
     pub appends: AtomicUsize,
 }
@@ -33,6 +38,7 @@ impl FaultyLedger {
             appends_fail: false.into(),
             appends_conflict: false.into(),
             checks_fail: false.into(),
+            check_gate: Mutex::new(None),
             appends: 0.into(),
         }
     }
@@ -84,6 +90,11 @@ impl AuditLedger for FaultyLedger {
     }
 
     fn check(&self) -> Result<(), StorageError> {
+        let gate = self.check_gate.lock().unwrap().take();
+        if let Some((began, go)) = gate {
+            let _ = began.send(());
+            let _ = go.recv();
+        }
         Self::away(&self.checks_fail)?;
         self.ledger.check()
     }

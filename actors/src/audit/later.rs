@@ -284,6 +284,38 @@ mod tests {
     }
 
     #[actix::test]
+    async fn a_check_that_spans_a_failed_commit_counts_for_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        let (began, checking) = std::sync::mpsc::channel();
+        let (go, gate) = std::sync::mpsc::channel();
+        *ledger.check_gate.lock().unwrap() = Some((began, gate));
+        let audit = audit_over(ledger.clone());
+        audit.send(refused()).await.unwrap();
+        let checking = tokio::task::spawn_blocking(move || checking.recv());
+        checking.await.unwrap().unwrap();
+        // While the check runs, a mint's commit fails.
+        ledger.appends_fail.store(true, Ordering::Release);
+        let mint = MintEvent {
+            outcome: Some(Outcome::Ok),
+            request_id: "mint".into(),
+            ..MintEvent::default()
+        };
+        let recorded = audit.send(crate::audit::Record(mint, UseChange::None));
+        assert!(recorded.await.unwrap().is_err());
+        assert_eq!(ledger.appends.load(Ordering::Acquire), 1);
+        // The check then answers: it began before the failure, so no
+        // commit of the refusal starts on its word. (The next check is
+        // held, so only that rule can keep the count.)
+        let (next_began, _) = std::sync::mpsc::channel();
+        let (_hold_next, next_gate) = std::sync::mpsc::channel();
+        *ledger.check_gate.lock().unwrap() = Some((next_began, next_gate));
+        go.send(()).unwrap();
+        actix::clock::sleep(RECORD_LATER_WITHIN * 2).await;
+        assert_eq!(ledger.appends.load(Ordering::Acquire), 1);
+    }
+
+    #[actix::test]
     async fn a_refusal_a_forked_ledger_refused_is_not_tried_again() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
