@@ -254,6 +254,23 @@ pub(crate) fn waiting_in_pool(url: &str, account: &str) -> Option<(String, (u128
     Some((tx["hash"].as_str()?.to_owned(), fees))
 }
 
+/// [`waiting_in_pool`], asked every 100 ms until a transaction waits or
+/// `within` has passed.
+pub(crate) async fn waiting_in_pool_within(
+    url: &str,
+    account: &str,
+    within: Duration,
+) -> Option<(String, (u128, u128))> {
+    let began = std::time::Instant::now();
+    loop {
+        let waiting = waiting_in_pool(url, account);
+        if waiting.is_some() || began.elapsed() >= within {
+            return waiting;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub(crate) async fn rpc_ready(url: &str) -> bool {
     let client = reqwest::Client::new();
     let ask = json!({ "jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": [] });
@@ -828,14 +845,7 @@ async fn a_signed_anchor_waits_for_confirmations_and_is_sent_again_after_a_reorg
         app.mint(&session, &body).await.status,
         reqwest::StatusCode::OK
     );
-    let mut in_pool = None;
-    for _ in 0..100 {
-        in_pool = waiting();
-        if in_pool.is_some() {
-            break;
-        }
-        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
-    }
+    let in_pool = waiting_in_pool_within(&url, &anchorer, Duration::from_secs(10)).await;
     let (unmined, _) = in_pool.expect("the anchor waits in the pool");
     let nonce = nonce_of(&unmined);
     let app = app.restart();
@@ -916,14 +926,7 @@ async fn an_anchor_left_in_flight_is_held_only_if_its_transaction_carries_it() {
         app.mint(&session, &body).await.status,
         reqwest::StatusCode::OK
     );
-    let mut in_pool = None;
-    for _ in 0..100 {
-        in_pool = waiting_in_pool(&url, DEV_ACCOUNT);
-        if in_pool.is_some() {
-            break;
-        }
-        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
-    }
+    let in_pool = waiting_in_pool_within(&url, DEV_ACCOUNT, Duration::from_secs(10)).await;
     let (sent, _) = in_pool.expect("the anchor waits in the pool");
 
     let anchors = app.data_file("evm-anchors.jsonl");

@@ -672,7 +672,7 @@ async fn one_replica_sends_the_anchors_and_another_goes_on_when_it_stops() {
 /// behind it (which the contract would refuse once the first is mined).
 #[actix_web::test]
 async fn the_next_lead_outbids_the_anchor_the_last_one_left_waiting() {
-    use crate::evm_anchor::waiting_in_pool;
+    use crate::evm_anchor::{waiting_in_pool, waiting_in_pool_within};
     let Some(url) = url("replicas anchor handed over") else {
         return;
     };
@@ -689,14 +689,8 @@ async fn the_next_lead_outbids_the_anchor_the_last_one_left_waiting() {
     let automine = |on: &str| cast(&["rpc", "evm_setAutomine", on, "--rpc-url", rpc]);
     automine("false").unwrap();
     mint_three(&first, &session).await;
-    let began = Instant::now();
-    let (left, _) = loop {
-        if let Some(waiting) = waiting_in_pool(rpc, DEV_ACCOUNT) {
-            break waiting;
-        }
-        assert!(began.elapsed() < Duration::from_secs(20), "no anchor sent");
-        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
-    };
+    let waiting = waiting_in_pool_within(rpc, DEV_ACCOUNT, Duration::from_secs(20)).await;
+    let (left, _) = waiting.expect("no anchor sent");
     first.stop();
 
     let second = replica_with(&url, &schema, Some(&first), anchoring).await;
