@@ -1,14 +1,33 @@
 //! A real redb ledger whose reads, appends or checks fail on demand, for
-//! tests of what the audit does while its ledger is away.
+//! tests of what the audit does while its ledger is away; and records
+//! chained for a ledger.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Mutex;
 
-use crate::domain::{AuditRecord, ChainHead};
+use crate::domain::{AuditRecord, ChainHead, MintEvent};
 use crate::storage::redb_ledger::RedbLedger;
 use crate::storage::{backend, Appended, AuditLedger, StorageError, UseDelta};
+
+/// Records of `events` chained after `after`, made at `ts`, with the JSON
+/// each is hashed (and stored) as.
+pub fn chained(
+    after: &ChainHead,
+    ts: u64,
+    events: impl IntoIterator<Item = MintEvent>,
+) -> (Vec<AuditRecord>, Vec<Vec<u8>>) {
+    let mut prev = after.clone();
+    events
+        .into_iter()
+        .map(|event| {
+            let (record, json) = AuditRecord::chain(event, prev.seq + 1, ts, prev.hash.clone());
+            prev = ChainHead::of(&record);
+            (record, json)
+        })
+        .unzip()
+}
 
 pub struct FaultyLedger {
     pub ledger: RedbLedger,

@@ -214,14 +214,20 @@ mod tests {
     use crate::domain::ChainHead;
     use crate::storage::AuditLedger;
 
-    fn audit_over(ledger: Arc<FaultyLedger>) -> Addr<AuditActor> {
+    /// An AuditActor on a fresh [`FaultyLedger`] (its faults set before
+    /// anything is sent take effect as if set before the start).
+    fn audit_on_a_faulty_ledger() -> (tempfile::TempDir, Arc<FaultyLedger>, Addr<AuditActor>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
         let settings = AuditSettings {
             mailbox_capacity: 16,
             max_batch: 8,
             quorum: Quorum::AllRequired,
             sink_timeout: Duration::from_secs(1),
         };
-        AuditActor::new(settings, ledger, ChainHead::genesis(), Vec::new()).start()
+        let head = ChainHead::genesis();
+        let audit = AuditActor::new(settings, ledger.clone(), head, Vec::new()).start();
+        (dir, ledger, audit)
     }
 
     fn refused() -> RecordLater {
@@ -245,11 +251,9 @@ mod tests {
 
     #[actix::test]
     async fn a_refusal_starts_no_commit_until_the_ledger_answers() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        let (_dir, ledger, audit) = audit_on_a_faulty_ledger();
         ledger.checks_fail.store(true, Ordering::Release);
         ledger.appends_fail.store(true, Ordering::Release);
-        let audit = audit_over(ledger.clone());
         audit.send(refused()).await.unwrap();
         // Three checks' time: each check fails, and no commit is tried.
         actix::clock::sleep(RECORD_LATER_WITHIN * 3 + Duration::from_millis(100)).await;
@@ -262,12 +266,10 @@ mod tests {
 
     #[actix::test]
     async fn a_refusal_in_a_commit_that_surely_did_not_land_is_committed_later_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        let (_dir, ledger, audit) = audit_on_a_faulty_ledger();
         // Checks answer; appends fail, and the head read back says the
         // batch is not there.
         ledger.appends_fail.store(true, Ordering::Release);
-        let audit = audit_over(ledger.clone());
         audit.send(refused()).await.unwrap();
         let began = Instant::now();
         while ledger.appends.load(Ordering::Acquire) < 2 {
@@ -285,12 +287,10 @@ mod tests {
 
     #[actix::test]
     async fn a_check_that_spans_a_failed_commit_counts_for_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        let (_dir, ledger, audit) = audit_on_a_faulty_ledger();
         let (began, checking) = std::sync::mpsc::channel();
         let (go, gate) = std::sync::mpsc::channel();
         *ledger.check_gate.lock().unwrap() = Some((began, gate));
-        let audit = audit_over(ledger.clone());
         audit.send(refused()).await.unwrap();
         let checking = tokio::task::spawn_blocking(move || checking.recv());
         checking.await.unwrap().unwrap();
@@ -317,10 +317,8 @@ mod tests {
 
     #[actix::test]
     async fn a_refusal_a_forked_ledger_refused_is_not_tried_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        let (_dir, ledger, audit) = audit_on_a_faulty_ledger();
         ledger.appends_conflict.store(true, Ordering::Release);
-        let audit = audit_over(ledger.clone());
         audit.send(refused()).await.unwrap();
         // The check answers, the commit is refused; then two more waits.
         actix::clock::sleep(RECORD_LATER_WITHIN * 5).await;
@@ -329,10 +327,8 @@ mod tests {
 
     #[actix::test]
     async fn a_flush_answers_even_when_the_ledger_does_not_take_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
+        let (_dir, ledger, audit) = audit_on_a_faulty_ledger();
         ledger.appends_fail.store(true, Ordering::Release);
-        let audit = audit_over(ledger.clone());
         audit.send(refused()).await.unwrap();
         let flushed = tokio::time::timeout(Duration::from_secs(5), audit.send(Flush));
         assert!(matches!(flushed.await, Ok(Ok(()))), "the flush answered");
@@ -342,9 +338,7 @@ mod tests {
 
     #[actix::test]
     async fn a_flush_answers_once_what_nobody_waits_for_is_committed() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Arc::new(FaultyLedger::in_dir(dir.path()));
-        let audit = audit_over(ledger.clone());
+        let (_dir, ledger, audit) = audit_on_a_faulty_ledger();
         audit.send(refused()).await.unwrap();
         assert_eq!(ledger.head().unwrap().seq, 0, "it waits for a check");
         audit.send(Flush).await.unwrap();

@@ -179,7 +179,8 @@ impl RecordProof {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{MintEvent, GENESIS_HASH};
+    use crate::audit::faulty_ledger::chained;
+    use crate::audit::{ChainHead, MintEvent};
     use crate::storage::redb_ledger::RedbLedger;
 
     /// An anchor over more records than one read takes: every record
@@ -190,18 +191,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ledger = RedbLedger::open(&dir.path().join("audit.redb"), 1 << 20).unwrap();
         let total = READ_CHUNK as u64 * 2 + 5;
-        let mut prev = GENESIS_HASH.to_owned();
-        let (mut records, mut encoded) = (Vec::new(), Vec::new());
-        for seq in 1..=total {
-            let event = MintEvent {
-                request_id: format!("r-{seq}"),
-                ..MintEvent::default()
-            };
-            let (record, json) = AuditRecord::chain(event, seq, 1, prev);
-            prev = record.hash.clone();
-            records.push(record);
-            encoded.push(json);
-        }
+        let events = (1..=total).map(|seq| MintEvent {
+            request_id: format!("r-{seq}"),
+            ..MintEvent::default()
+        });
+        let (records, encoded) = chained(&ChainHead::genesis(), 1, events);
         ledger.append(&records, &encoded, &[]).unwrap();
         let leaves: Vec<[u8; 32]> = records[..total as usize - 1]
             .iter()

@@ -136,23 +136,17 @@ fn settle_within(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::faulty_ledger::chained;
     use crate::domain::{MintEvent, Outcome};
     use crate::storage::redb_ledger::RedbLedger;
 
     fn batch(after: &ChainHead, ids: &[&str]) -> (Vec<AuditRecord>, Vec<Vec<u8>>) {
-        let mut prev = after.clone();
-        ids.iter()
-            .map(|id| {
-                let event = MintEvent {
-                    outcome: Some(Outcome::Ok),
-                    request_id: (*id).into(),
-                    ..MintEvent::default()
-                };
-                let (record, json) = AuditRecord::chain(event, prev.seq + 1, 7, prev.hash.clone());
-                prev = ChainHead::of(&record);
-                (record, json)
-            })
-            .unzip()
+        let events = ids.iter().map(|id| MintEvent {
+            outcome: Some(Outcome::Ok),
+            request_id: (*id).into(),
+            ..MintEvent::default()
+        });
+        chained(after, 7, events)
     }
 
     fn last_of(records: &[AuditRecord]) -> ChainHead {

@@ -319,7 +319,7 @@ mod tests {
     use std::sync::mpsc::{channel, Receiver, Sender};
 
     use super::*;
-    use crate::audit::faulty_ledger::FaultyLedger;
+    use crate::audit::faulty_ledger::{chained, FaultyLedger};
     use crate::audit::{ChainHead, MintEvent};
     use crate::storage::redb_ledger::RedbLedger;
 
@@ -386,14 +386,8 @@ mod tests {
     fn a_sinks_own_error_stands_when_a_ledger_read_succeeds_again() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = RedbLedger::open(&dir.path().join("ledger.redb"), 1 << 20).unwrap();
-        let mut head = ChainHead::genesis();
-        let (mut records, mut encoded) = (Vec::new(), Vec::new());
-        for seq in 1..=3 {
-            let (record, json) = AuditRecord::chain(MintEvent::default(), seq, 0, head.hash);
-            head.hash = record.hash.clone();
-            records.push(record);
-            encoded.push(json);
-        }
+        let events = (1..=3).map(|_| MintEvent::default());
+        let (records, encoded) = chained(&ChainHead::genesis(), 0, events);
         ledger.append(&records, &encoded, &[]).unwrap();
         let ledger = Arc::new(FaultyLedger::over(ledger));
         ledger.reads_fail.store(true, Ordering::Release);
