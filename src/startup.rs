@@ -206,18 +206,6 @@ fn http_server(
     let mut server = HttpServer::new(move || {
         let proxies = proxies.clone();
         App::new()
-            .wrap_fn(|request, service| {
-                let route = request.match_pattern().unwrap_or_else(|| "unmatched".into());
-                let started = std::time::Instant::now();
-                let answer = service.call(request);
-                async move {
-                    let response = answer.await?;
-                    let status = response.status().as_u16().to_string();
-                    metrics::counter!("agentkeys_http_requests_total", "route" => route.clone(), "status" => status).increment(1);
-                    metrics::histogram!("agentkeys_http_request_seconds", "route" => route).record(started.elapsed().as_secs_f64());
-                    Ok(response)
-                }
-            })
             .wrap_fn(move |mut request, service| {
                 let payload = request.take_payload();
                 request.set_payload(body_deadline::with_deadline(payload, body_timeout));

@@ -75,6 +75,8 @@ async fn metrics_show_outcomes_stages_depth_batches_and_lag() {
     assert_eq!(value(requests), 3.0, "{text}");
     let denied = "agentkeys_http_requests_total{route=\"/v1/mint-oidc-jwt\",status=\"403\"}";
     assert_eq!(value(denied), 1.0, "{text}");
+    let latency = "agentkeys_http_request_seconds_count{route=\"/v1/mint-oidc-jwt\"}";
+    assert_eq!(value(latency), 4.0, "{text}");
 
     // Refused sessions are counted, not recorded.
     for _ in 0..2 {

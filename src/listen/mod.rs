@@ -4,6 +4,7 @@
 
 pub mod client_address;
 pub mod request_context;
+pub mod route_metrics;
 pub mod tls;
 
 use std::net::TcpListener;

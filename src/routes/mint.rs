@@ -181,7 +181,8 @@ async fn parse(
     })
 }
 
-#[tracing::instrument(skip_all, fields(outcome))]
+// The outcome goes into the request's span (`request_context`), whose log
+// lines name it.
 #[post("/v1/mint-oidc-jwt")]
 async fn mint_oidc_jwt(
     state: web::Data<BrokerState>,

@@ -80,7 +80,7 @@ fn attribute<'a>(attributes: &'a Value, key: &str) -> Option<&'a str> {
 }
 
 /// Spans of a quiet broker (it logs only warnings) reach the collector
-/// with their request id, method and route, the last ones sent when SIGTERM
+/// with their request id, method, route and outcome, the last ones sent when SIGTERM
 /// stops it (the batch would otherwise wait a minute), and carry no token.
 #[actix_web::test]
 async fn request_spans_reach_an_otlp_collector_on_sigterm_with_no_secret() {
@@ -142,6 +142,7 @@ async fn request_spans_reach_an_otlp_collector_on_sigterm_with_no_secret() {
         attribute(&span["attributes"], "route"),
         Some("/v1/mint-oidc-jwt")
     );
+    assert_eq!(attribute(&span["attributes"], "outcome"), Some("ok"));
     assert_eq!(
         attribute(&resource, "service.name"),
         Some("agentkeys-broker")
