@@ -23,6 +23,8 @@
 #   STORAGE=postgres harness/mint-load.sh     # state in a throwaway PostgreSQL of
 #                                             # its own (harness/postgres.sh; Debian
 #                                             # package postgresql) instead of redb
+#   METRICS=out.prom harness/mint-load.sh     # the (first) broker's /metrics after the run
+#                                             # (batch sizes, stage and commit latency)
 #   STORAGE=postgres REPLICAS=2 harness/mint-load.sh  # that many brokers as replicas
 #                                             # on it (storage.postgres.replicas), the
 #                                             # connections split evenly among them
@@ -220,6 +222,8 @@ if [ "$refused" -gt 0 ] && [ -z "${EXPECT_REFUSALS:-}" ]; then
   echo "FAIL: $refused mints were not answered 200 (set EXPECT_REFUSALS=1 for an overload run)" >&2
   failed=1
 fi
+
+[ -z "${METRICS:-}" ] || curl -fs "$url/metrics" >"$METRICS" || echo "WARN: /metrics did not answer" >&2
 
 # After the run: the broker's peak memory, and one mint right away (recovery).
 echo "broker peak RSS: $(awk '/VmHWM/ { print $2, $3 }' "/proc/$broker_pid/status")"
