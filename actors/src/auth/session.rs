@@ -124,7 +124,7 @@ impl BearerToken {
 
     /// The SHA-256 in lowercase hex: how the token is named anywhere else.
     pub fn sha256_hex(&self) -> String {
-        hex::encode(self.sha256)
+        crate::domain::lower_hex(&self.sha256)
     }
 }
 

@@ -73,7 +73,7 @@ impl OmniAccount {
         hasher.update(b"agentkeys");
         hasher.update(identity_type.as_bytes());
         hasher.update(identity_value.as_bytes());
-        Self(hex::encode(hasher.finalize()))
+        Self(super::lower_hex(&hasher.finalize()))
     }
 
     /// The account of a device key: type `ed25519`, value the lowercase hex key.
