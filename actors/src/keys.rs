@@ -255,11 +255,16 @@ impl Es256Key {
     /// (a receipt key's `typ` is [`RECEIPT_TYP`]).
     pub fn sign(&self, claims: &impl Serialize) -> Result<String, SignError> {
         let payload = serde_json::to_vec(claims).map_err(|e| SignError::Failed(e.to_string()))?;
+        self.sign_payload(&payload)
+    }
+
+    /// An ES256 JWT whose payload is `payload`, JSON serialised already.
+    pub fn sign_payload(&self, payload: &[u8]) -> Result<String, SignError> {
         let mut jwt =
             String::with_capacity(self.encoded_header.len() + payload.len() * 4 / 3 + 100);
         jwt.push_str(&self.encoded_header);
         jwt.push('.');
-        URL_SAFE_NO_PAD.encode_string(&payload, &mut jwt);
+        URL_SAFE_NO_PAD.encode_string(payload, &mut jwt);
         let signature = self.signer.sign(jwt.as_bytes())?;
         jwt.push('.');
         URL_SAFE_NO_PAD.encode_string(&signature, &mut jwt);

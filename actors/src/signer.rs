@@ -181,10 +181,24 @@ pub struct OidcClaims {
     pub aws_tags: AwsSessionTags,
 }
 
+/// OIDC claims as the JWT's payload, serialised by whoever made them: the
+/// signer signs them as they are, and the claims' many strings are freed
+/// on the thread that allocated them (a string freed on another thread is
+/// one its allocator's cache never gets back, on every mint).
+pub struct OidcPayload(Vec<u8>);
+
+impl OidcPayload {
+    pub fn of(claims: &OidcClaims) -> Result<Self, SignerError> {
+        let json = crate::domain::json_bytes(claims, 1024)
+            .map_err(|e| SignerError::Signing(e.to_string()))?;
+        Ok(Self(json))
+    }
+}
+
 /// Sign OIDC claims with the current ES256 key.
 #[derive(Message)]
 #[rtype(result = "Result<String, SignerError>")]
-pub struct SignOidc(pub OidcClaims);
+pub struct SignOidc(pub OidcPayload);
 
 /// Sign session claims with the Ed25519 session key.
 #[derive(Message)]
@@ -370,7 +384,7 @@ impl Handler<SignOidc> for SignerActor {
     /// slow token never holds up a rotation or the readers behind it.
     fn handle(&mut self, msg: SignOidc, _: &mut Self::Context) -> Self::Result {
         let key = Arc::clone(self.ring().signing_oidc(now_unix()));
-        let signed = key.sign(&msg.0);
+        let signed = key.sign_payload(&msg.0 .0);
         if key.is_external() {
             self.health.saw(signed.as_ref().map(drop));
         }

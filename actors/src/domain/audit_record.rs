@@ -154,7 +154,8 @@ impl AuditRecord {
             prev_hash,
             hash: String::new(),
         };
-        let mut json = serde_json::to_vec(&record).expect("records serialize");
+        // Room for the hash put in below.
+        let mut json = super::json_bytes(&record, 768).expect("records serialize");
         record.hash = sha256_hex(&json);
         let closing = br#""}"#;
         debug_assert!(json.ends_with(br#","hash":""}"#));

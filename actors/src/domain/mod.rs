@@ -88,6 +88,15 @@ pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
     lower_hex(&Sha256::digest(bytes.as_ref()))
 }
 
+/// `value` as JSON in a buffer of `capacity` bytes to begin with. A mint's
+/// JSON (its claims, its record, its answer) is 0.5-2 KiB: written into a
+/// buffer grown from empty, it would be copied some nine times on the way.
+pub fn json_bytes(value: &impl serde::Serialize, capacity: usize) -> serde_json::Result<Vec<u8>> {
+    let mut json = Vec::with_capacity(capacity);
+    serde_json::to_writer(&mut json, value)?;
+    Ok(json)
+}
+
 /// Fresh random bytes from the OS generator, hex encoded (nonces, ids).
 pub fn random_hex(len: usize) -> String {
     let mut buf = vec![0u8; len];

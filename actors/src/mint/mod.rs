@@ -33,10 +33,12 @@ pub use request::{MintPolicy, MintRequest, MintResponse, RequestIds};
 
 use crate::audit::{MintEvent, Outcome, Record, RecordLater, UseChange};
 use crate::auth::{AuthError, BearerToken, CheckProof, VerifySession};
-use crate::domain::{now_unix, sha256_hex, CompletedMint, ErrorCode, Intent, Principal};
+use crate::domain::{
+    json_bytes, now_unix, sha256_hex, CompletedMint, ErrorCode, Intent, Principal,
+};
 use crate::grant::{DefaultIntent, GrantUse, IdempotencySlot, Reservation, Reserve};
 use crate::rate_limit::{CheckRate, CheckUnauthenticated};
-use crate::signer::{Admitted, OidcClaims, SignOidc};
+use crate::signer::{Admitted, OidcClaims, OidcPayload, SignOidc};
 use crate::system::Actors;
 use attempt::Attempt;
 use measure::{timed, MintMetrics};
@@ -350,16 +352,12 @@ impl MintFlow {
             grant_use,
             signer,
         } = fresh;
-        let (jti, expiration) = (claims.jti.clone(), claims.exp);
-        let (grant_id, omni_account) = (
-            claims.agentkeys_grant_id.clone(),
-            claims.agentkeys_actor_omni.clone(),
-        );
-        let (wallet, owner_omni_account) = (
-            claims.agentkeys_user_wallet.clone(),
-            claims.agentkeys_owner_omni.clone(),
-        );
-        let sign = timed(&self.metrics.sign, signer.call(SignOidc(claims)));
+        let payload = match OidcPayload::of(&claims) {
+            Ok(payload) => payload,
+            // Nothing was recorded or signed yet: the use is not held.
+            Err(e) => return Err(withhold(grant_use, MintError::Signing(e), Some(false))),
+        };
+        let sign = timed(&self.metrics.sign, signer.call(SignOidc(payload)));
         let audit = timed(&self.metrics.audit, recorded);
         let (signed, audited) = tokio::join!(sign, audit);
         // Whether the ledger holds the record, and with it the use; `None`:
@@ -378,14 +376,14 @@ impl MintFlow {
         };
         let minted = Minted {
             jwt,
-            wallet,
-            expiration,
-            jti,
-            omni_account,
-            owner_omni_account,
-            grant_id,
+            wallet: claims.agentkeys_user_wallet,
+            expiration: claims.exp,
+            jti: claims.jti,
+            omni_account: claims.agentkeys_actor_omni,
+            owner_omni_account: claims.agentkeys_owner_omni,
+            grant_id: claims.agentkeys_grant_id,
         };
-        let body = match serde_json::to_vec(&minted) {
+        let body = match json_bytes(&minted, minted.jwt.len() + 512) {
             Ok(body) => body,
             Err(e) => return Err(withhold(grant_use, e.into(), held)),
         };
