@@ -9,6 +9,13 @@ use agentkeys_broker::startup::{Application, StartupError};
 use agentkeys_broker::telemetry;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+/// A mint's memory is made on one thread and freed on another (an HTTP
+/// worker, the actors, the signers, the commits), which jemalloc serves
+/// from its thread caches where glibc's malloc takes its slow path.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Credential broker for AI agents: a pure OIDC JWT signer with one mint path.
 #[derive(Parser)]
 #[command(
