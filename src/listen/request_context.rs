@@ -90,10 +90,12 @@ where
     .instrument(span)
 }
 
-/// A new request id: 16 hex digits, unique within the process and unlikely
-/// to repeat across processes. An id names a request in logs and records;
-/// it guards nothing, so it comes from a generator seeded once per thread
-/// (splitmix64) instead of the system's, which costs a draw per request.
+/// A new request id: 16 hex digits, never repeated by a thread (a
+/// permutation of a counter), and unlikely to repeat across threads and
+/// processes (each thread's start is drawn at random). An id names a request
+/// in logs and records; it guards nothing, and it can be predicted, so it
+/// comes from a generator seeded once per thread (splitmix64) instead of
+/// the system's, which costs a draw per request.
 fn new_request_id() -> String {
     thread_local! {
         static NEXT: Cell<u64> = Cell::new(random_u64());

@@ -101,7 +101,19 @@ pub fn json_bytes(value: &impl serde::Serialize, capacity: usize) -> serde_json:
 /// Fresh random bytes from the OS generator, hex encoded (nonces, ids).
 pub fn random_hex(len: usize) -> String {
     let mut buf = vec![0u8; len];
-    fill_random(&mut buf);
+    aws_lc_rs::rand::fill(&mut buf).expect("the system random generator failed");
+    lower_hex(&buf)
+}
+
+/// A minted JWT's `jti`: 16 random bytes in hex, taken from a per-thread
+/// pool of the system generator's bytes. A draw from aws-lc costs about
+/// as much whatever its size, and every mint asks for one. A `jti` names a
+/// JWT and guards nothing; nonces, tokens and keys draw directly
+/// ([`random_hex`]), since drawn-ahead bytes outlive a VM snapshot's
+/// restore, which aws-lc would reseed after.
+pub fn pooled_jti() -> String {
+    let mut buf = [0u8; 16];
+    fill_from_pool(&mut buf);
     lower_hex(&buf)
 }
 
@@ -112,19 +124,14 @@ thread_local! {
     static DRAWN: RefCell<(Box<[u8; POOL]>, usize)> = RefCell::new((Box::new([0; POOL]), POOL));
 }
 
-/// Fills `out` from the system generator (aws-lc's), drawn 4 KiB at a time
-/// per thread for short asks: a draw costs about as much whatever its size,
-/// and a mint asks for a 16-byte `jti`. Bytes handed out are wiped from
-/// the pool.
-fn fill_random(out: &mut [u8]) {
-    let draw =
-        |into: &mut [u8]| aws_lc_rs::rand::fill(into).expect("the system random generator failed");
-    if out.len() > 64 {
-        return draw(out);
-    }
+/// Fills `out` (at most [`POOL`] bytes) from this thread's pool, drawn
+/// from the system generator 4 KiB at a time. Bytes handed out are wiped
+/// from the pool.
+fn fill_from_pool(out: &mut [u8]) {
+    assert!(out.len() <= POOL, "the pool serves short asks");
     DRAWN.with_borrow_mut(|(pool, used)| {
         if *used + out.len() > POOL {
-            draw(&mut pool[..]);
+            aws_lc_rs::rand::fill(&mut pool[..]).expect("the system random generator failed");
             *used = 0;
         }
         let taken = &mut pool[*used..*used + out.len()];
@@ -146,7 +153,7 @@ pub fn lower_hex(bytes: &[u8]) -> String {
 /// A random number from the OS generator (jitter, not secrets).
 pub fn random_u64() -> u64 {
     let mut buf = [0u8; 8];
-    fill_random(&mut buf);
+    aws_lc_rs::rand::fill(&mut buf).expect("the system random generator failed");
     u64::from_le_bytes(buf)
 }
 
@@ -354,17 +361,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn random_bytes_from_the_pool_never_repeat_and_leave_no_copy() {
+    fn pooled_jtis_never_repeat_and_leave_no_copy() {
         let mut seen = std::collections::HashSet::new();
         // Past one pool's worth, so it is drawn again at least once.
         for _ in 0..600 {
-            assert!(seen.insert(random_hex(16)), "a repeated id");
+            let jti = pooled_jti();
+            assert_eq!(jti.len(), 32, "{jti}");
+            assert!(seen.insert(jti), "a repeated jti");
         }
         let wiped = DRAWN.with_borrow(|(pool, used)| pool[..*used].iter().all(|b| *b == 0));
         assert!(wiped, "bytes handed out stay in the pool");
-        let mut long = [0u8; 100];
-        fill_random(&mut long);
-        assert!(long.iter().any(|b| *b != 0), "a long ask is filled too");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! policy and the grant; the audience one this broker issues for.
 
 use super::MintPolicy;
-use crate::domain::{now_unix, random_hex, Intent, InvalidInput, Principal};
+use crate::domain::{now_unix, pooled_jti, Intent, InvalidInput, Principal};
 use crate::grant::GrantDecision;
 use crate::signer::{AwsSessionTags, OidcClaims};
 
@@ -56,7 +56,7 @@ impl MintPolicy {
             iat: now,
             nbf: now,
             exp: expiration,
-            jti: random_hex(16),
+            jti: pooled_jti(),
             agentkeys_actor_omni: omni.to_owned(),
             agentkeys_owner_omni: owner.to_owned(),
             agentkeys_agent: principal.agent.as_str().to_owned(),
