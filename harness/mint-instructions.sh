@@ -55,16 +55,17 @@ burst() {
     --body '{"service":"s3","scope_path":"load/jobs/"}' --count "$1" --workers "$WORKERS" --timeout 60
 }
 burst "$WARMUP" >/dev/null
-callgrind_control --instr=on "$broker" >/dev/null 2>&1
+callgrind_control --instr=on "$broker" >/dev/null || fail "callgrind did not start counting"
 answers=$(burst "$MINTS")
-callgrind_control --instr=off "$broker" >/dev/null 2>&1
+callgrind_control --instr=off "$broker" >/dev/null || fail "callgrind did not stop counting"
 kill -TERM "$broker"
 wait "$broker" || true
 pids=()
 
 ok_count=$(echo "$answers" | json '["statuses"].get("200", 0)')
 [ "$ok_count" = "$MINTS" ] || fail "not every mint was answered 200: $answers"
-total=$(callgrind_annotate "$work/callgrind.out" | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+total=$(callgrind_annotate "$work/callgrind.out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+[[ "$total" =~ ^[0-9]+$ ]] && [ "$total" -gt 0 ] || fail "callgrind counted nothing (is valgrind's callgrind_annotate working?)"
 echo "# callgrind, config/default.toml, one agent, $MINTS mints from $WORKERS threads"
 echo "instructions per mint: $((total / MINTS))"
 echo "# the functions with most instructions, themselves and what they call (inclusive, % of all):"
