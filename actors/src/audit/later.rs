@@ -230,13 +230,17 @@ mod tests {
         (dir, ledger, audit)
     }
 
-    fn refused() -> RecordLater {
-        let event = MintEvent {
-            outcome: Some(Outcome::AuditUnavailable),
-            request_id: "refused".into(),
+    /// An attempt's record with `outcome`, named by `request_id`.
+    fn event(outcome: Outcome, request_id: &str) -> MintEvent {
+        MintEvent {
+            outcome: Some(outcome),
+            request_id: request_id.into(),
             ..MintEvent::default()
-        };
-        RecordLater(event, UseChange::None)
+        }
+    }
+
+    fn refused() -> RecordLater {
+        RecordLater(event(Outcome::AuditUnavailable, "refused"), UseChange::None)
     }
 
     /// The request ids the ledger holds, once it holds one (10 s at most).
@@ -296,11 +300,7 @@ mod tests {
         checking.await.unwrap().unwrap();
         // While the check runs, a mint's commit fails.
         ledger.appends_fail.store(true, Ordering::Release);
-        let mint = MintEvent {
-            outcome: Some(Outcome::Ok),
-            request_id: "mint".into(),
-            ..MintEvent::default()
-        };
+        let mint = event(Outcome::Ok, "mint");
         let recorded = audit.send(crate::audit::Record(mint, UseChange::None));
         assert!(recorded.await.unwrap().is_err());
         assert_eq!(ledger.appends.load(Ordering::Acquire), 1);
